@@ -1,0 +1,28 @@
+//! `chunkbus-client`: the wire types shared with the chunkbus server, name
+//! validation, and raw HTTP calls for producing and reading.
+//!
+//! The server and this crate use the same types, so the JSON on the wire has
+//! exactly one definition.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), chunkbus_client::ClientError> {
+//! use chunkbus_client::{Client, ProduceOptions};
+//!
+//! let client = Client::new("http://127.0.0.1:8080")?;
+//! let written = client
+//!     .produce("app", "first line\nsecond line\n", &ProduceOptions::default())
+//!     .await?;
+//! let read = client.read_chunk("app", written.chunk.as_deref().unwrap(), 0, 1 << 20).await?;
+//! assert_eq!(&read.data[..], b"first line\nsecond line\n");
+//! # Ok(()) }
+//! ```
+
+mod error;
+pub mod names;
+pub mod raw;
+pub mod wire;
+
+pub use error::ClientError;
+pub use names::{ChunkName, NameError};
+pub use raw::{Client, ProduceOptions, ReadChunk};
+pub use wire::{ChukchaChunk, ChunkInfo, ErrorBody, ProduceResponse};

@@ -1,0 +1,252 @@
+//! Raw calls: one HTTP request each, no batching and no retries.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::{StatusCode, Url};
+
+use crate::ClientError;
+use crate::names::{ChunkName, validate_category};
+use crate::wire::{ChunkInfo, ErrorBody, ProduceResponse};
+
+/// Header with the offset just past the returned bytes.
+pub const HEADER_NEXT_OFFSET: &str = "chunkbus-next-offset";
+/// Header saying whether the chunk is complete (`true`/`false`).
+pub const HEADER_COMPLETE: &str = "chunkbus-complete";
+/// Header with the number of bytes of the chunk the server holds.
+pub const HEADER_CHUNK_SIZE: &str = "chunkbus-chunk-size";
+
+/// A handle on one chunkbus server. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: Url,
+    http: reqwest::Client,
+}
+
+/// Options of a produce request.
+#[derive(Debug, Clone, Default)]
+pub struct ProduceOptions {
+    /// `sync=true|false`; `None` uses the server's default.
+    pub sync: Option<bool>,
+    /// Wait until this many other nodes hold the data.
+    pub min_replicas: Option<u32>,
+    /// Bound on the `min_replicas` wait.
+    pub timeout: Option<Duration>,
+}
+
+/// Lines read from a chunk.
+#[derive(Debug, Clone)]
+pub struct ReadChunk {
+    /// Whole lines, possibly empty.
+    pub data: Bytes,
+    /// Offset just past `data`: where the next read starts.
+    pub next_offset: u64,
+    /// True when the chunk will not grow any more.
+    pub complete: bool,
+    /// Bytes of the chunk the server holds.
+    pub chunk_size: u64,
+}
+
+impl Client {
+    /// A client for the server at `base` (e.g. `http://127.0.0.1:8080`).
+    pub fn new(base: &str) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| ClientError::BadUrl {
+                url: base.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Self::with_http(base, http)
+    }
+
+    /// A client that uses an existing `reqwest::Client` (for shared pools and settings).
+    pub fn with_http(base: &str, http: reqwest::Client) -> Result<Self, ClientError> {
+        let mut base = Url::parse(base).map_err(|e| ClientError::BadUrl {
+            url: base.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(ClientError::BadUrl {
+                url: base.to_string(),
+                reason: "the scheme must be http or https".into(),
+            });
+        }
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        Ok(Self { base, http })
+    }
+
+    /// The server's base URL.
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("http(s) URLs have path segments")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &Url,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = req.send().await.map_err(|source| ClientError::Transport {
+            url: url.to_string(),
+            source,
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        let message = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        Err(ClientError::Status { status, message })
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(
+        resp: reqwest::Response,
+        url: &Url,
+    ) -> Result<T, ClientError> {
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: url.to_string(),
+                source,
+            })?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
+            url: url.to_string(),
+            reason: format!("bad JSON: {e}"),
+        })
+    }
+
+    /// Appends newline-delimited `lines` to `category`.
+    pub async fn produce(
+        &self,
+        category: &str,
+        lines: impl Into<reqwest::Body>,
+        opts: &ProduceOptions,
+    ) -> Result<ProduceResponse, ClientError> {
+        validate_category(category)?;
+        let mut url = self.url(&["v1", "categories", category, "lines"]);
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(sync) = opts.sync {
+                q.append_pair("sync", if sync { "true" } else { "false" });
+            }
+            if let Some(n) = opts.min_replicas {
+                q.append_pair("min_replicas", &n.to_string());
+            }
+            if let Some(t) = opts.timeout {
+                q.append_pair("timeout", &format!("{}ms", t.as_millis()));
+            }
+        }
+        if url.query() == Some("") {
+            url.set_query(None);
+        }
+        let resp = self
+            .send(self.http.post(url.clone()).body(lines), &url)
+            .await?;
+        Self::json(resp, &url).await
+    }
+
+    /// Lists the categories the server knows, sorted.
+    pub async fn categories(&self) -> Result<Vec<String>, ClientError> {
+        let url = self.url(&["v1", "categories"]);
+        let resp = self.send(self.http.get(url.clone()), &url).await?;
+        Self::json(resp, &url).await
+    }
+
+    /// Lists the chunks of `category`, sorted by owner then index.
+    pub async fn chunks(&self, category: &str) -> Result<Vec<ChunkInfo>, ClientError> {
+        validate_category(category)?;
+        let url = self.url(&["v1", "categories", category, "chunks"]);
+        let resp = self.send(self.http.get(url.clone()), &url).await?;
+        Self::json(resp, &url).await
+    }
+
+    /// Reads whole lines of `chunk` from `offset`, at most `max_bytes` (a
+    /// single longer line comes back whole).
+    pub async fn read_chunk(
+        &self,
+        category: &str,
+        chunk: &str,
+        offset: u64,
+        max_bytes: u64,
+    ) -> Result<ReadChunk, ClientError> {
+        self.read_chunk_wait(category, chunk, offset, max_bytes, Duration::ZERO)
+            .await
+    }
+
+    /// Like [`Client::read_chunk`], but when there is nothing past `offset`
+    /// yet, the server holds the request for up to `wait` until data arrives.
+    pub async fn read_chunk_wait(
+        &self,
+        category: &str,
+        chunk: &str,
+        offset: u64,
+        max_bytes: u64,
+        wait: Duration,
+    ) -> Result<ReadChunk, ClientError> {
+        validate_category(category)?;
+        ChunkName::parse(chunk)?;
+        let mut url = self.url(&["v1", "categories", category, "chunks", chunk]);
+        url.query_pairs_mut()
+            .append_pair("offset", &offset.to_string())
+            .append_pair("max_bytes", &max_bytes.to_string())
+            .append_pair("wait", &format!("{}ms", wait.as_millis()));
+        let resp = self.send(self.http.get(url.clone()), &url).await?;
+        let next_offset = header_u64(&resp, HEADER_NEXT_OFFSET, &url)?;
+        let chunk_size = header_u64(&resp, HEADER_CHUNK_SIZE, &url)?;
+        let complete = header_str(&resp, HEADER_COMPLETE, &url)? == "true";
+        let data = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: url.to_string(),
+                source,
+            })?;
+        Ok(ReadChunk {
+            data,
+            next_offset,
+            complete,
+            chunk_size,
+        })
+    }
+
+    /// `GET /healthz`: true when the server answers `ok`.
+    pub async fn healthy(&self) -> bool {
+        let url = self.url(&["healthz"]);
+        matches!(self.http.get(url).send().await, Ok(r) if r.status() == StatusCode::OK)
+    }
+}
+
+fn header_str(resp: &reqwest::Response, name: &str, url: &Url) -> Result<String, ClientError> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .ok_or_else(|| ClientError::Protocol {
+            url: url.to_string(),
+            reason: format!("missing header {name}"),
+        })
+}
+
+fn header_u64(resp: &reqwest::Response, name: &str, url: &Url) -> Result<u64, ClientError> {
+    header_str(resp, name, url)?
+        .parse()
+        .map_err(|_| ClientError::Protocol {
+            url: url.to_string(),
+            reason: format!("header {name} is not a number"),
+        })
+}

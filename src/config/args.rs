@@ -1,0 +1,95 @@
+//! Command-line and config-file syntax (clap derive + serde).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use super::{ByteSize, HumanDuration, Percent, SyncSetting};
+
+/// chunkbus: a leaderless, peer-replicated chunk bus.
+#[derive(Debug, Parser)]
+#[command(name = "chunkbus", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands of the `chunkbus` binary.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node: accept lines over HTTP, store them in chunks, serve reads.
+    Serve(ServeArgs),
+}
+
+/// Flags of `chunkbus serve`. Each is also a `CHUNKBUS_*` environment
+/// variable and a key of the `--config` TOML file.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeArgs {
+    /// TOML file with any of these settings (keys spelled like the flags).
+    #[arg(long, env = "CHUNKBUS_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Directory for chunks and state [default: ./chunkbus-data].
+    #[arg(long, env = "CHUNKBUS_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// This node's name, 1-64 of [A-Za-z0-9_-] [default: the host name, made valid].
+    #[arg(long, env = "CHUNKBUS_NODE")]
+    pub node: Option<String>,
+
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "CHUNKBUS_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// Size at which a chunk is completed and a new one started [default: 64MiB].
+    #[arg(long, env = "CHUNKBUS_MAX_CHUNK_BYTES", value_name = "SIZE")]
+    pub max_chunk_bytes: Option<ByteSize>,
+
+    /// Age at which a non-empty open chunk is completed [default: 1m].
+    #[arg(long, env = "CHUNKBUS_ROTATE_AFTER", value_name = "DURATION")]
+    pub rotate_after: Option<HumanDuration>,
+
+    /// When writes reach stable storage: always (fdatasync before answering,
+    /// group-committed), never (page cache), or an interval like 100ms [default: always].
+    #[arg(long, env = "CHUNKBUS_SYNC", value_name = "always|never|INTERVAL")]
+    pub sync: Option<SyncSetting>,
+
+    /// Longest accepted line, without its newline [default: 1MiB].
+    #[arg(long, env = "CHUNKBUS_MAX_LINE_BYTES", value_name = "SIZE")]
+    pub max_line_bytes: Option<ByteSize>,
+
+    /// Largest accepted request body, after decoding [default: 64MiB].
+    #[arg(long, env = "CHUNKBUS_MAX_BODY_BYTES", value_name = "SIZE")]
+    pub max_body_bytes: Option<ByteSize>,
+
+    /// Request body bytes held in memory at once; past it writes get 503 [default: 512MiB].
+    #[arg(long, env = "CHUNKBUS_MAX_INFLIGHT_BYTES", value_name = "SIZE")]
+    pub max_inflight_bytes: Option<ByteSize>,
+
+    /// Disk usage of the data directory's file system above which writes get 503 [default: 90%].
+    #[arg(long, env = "CHUNKBUS_DISK_HIGH_WATER", value_name = "PERCENT")]
+    pub disk_high_water: Option<Percent>,
+}
+
+impl ServeArgs {
+    /// Fills every unset field from `file`.
+    pub fn or(self, file: ServeArgs) -> ServeArgs {
+        ServeArgs {
+            config: self.config,
+            data_dir: self.data_dir.or(file.data_dir),
+            node: self.node.or(file.node),
+            listen: self.listen.or(file.listen),
+            max_chunk_bytes: self.max_chunk_bytes.or(file.max_chunk_bytes),
+            rotate_after: self.rotate_after.or(file.rotate_after),
+            sync: self.sync.or(file.sync),
+            max_line_bytes: self.max_line_bytes.or(file.max_line_bytes),
+            max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
+            max_inflight_bytes: self.max_inflight_bytes.or(file.max_inflight_bytes),
+            disk_high_water: self.disk_high_water.or(file.disk_high_water),
+        }
+    }
+}

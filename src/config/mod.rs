@@ -1,0 +1,341 @@
+//! Configuration of `chunkbus serve`: one typed struct, validated once.
+//!
+//! Every setting can come from a flag, a `CHUNKBUS_*` environment variable or
+//! the TOML file named by `--config` (keys spelled like the flags, without the
+//! dashes in front: `max-chunk-bytes = "64MiB"`). Flags and environment
+//! variables win over the file, the file wins over the defaults. Unknown keys
+//! in the file are rejected.
+
+mod args;
+mod size;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use args::{Cli, Command, ServeArgs};
+pub use size::ByteSize;
+
+use crate::storage::{StorageOptions, SyncPolicy};
+
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./chunkbus-data";
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default size at which a chunk is rotated.
+pub const DEFAULT_MAX_CHUNK_BYTES: ByteSize = ByteSize::mib(64);
+/// Default age at which a non-empty open chunk is completed.
+pub const DEFAULT_ROTATE_AFTER: Duration = Duration::from_secs(60);
+/// Default longest line.
+pub const DEFAULT_MAX_LINE_BYTES: ByteSize = ByteSize::mib(1);
+/// Default largest (decoded) request body.
+pub const DEFAULT_MAX_BODY_BYTES: ByteSize = ByteSize::mib(64);
+/// Default bound on the bytes of request bodies held in memory at once.
+pub const DEFAULT_MAX_INFLIGHT_BYTES: ByteSize = ByteSize::mib(512);
+/// Default disk usage above which writes are shed with 503.
+pub const DEFAULT_DISK_HIGH_WATER_PERCENT: u8 = 90;
+/// Largest body the in-flight accounting can admit in one request.
+const MAX_BODY_BYTES_LIMIT: u64 = u32::MAX as u64;
+
+/// A problem with the configuration, reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML file is not valid or has unknown keys.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation (names the key and line).
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+/// `--sync`: when appended bytes reach stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncSetting(pub SyncPolicy);
+
+impl FromStr for SyncSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(Self(SyncPolicy::Always)),
+            "never" => Ok(Self(SyncPolicy::Never)),
+            other => humantime::parse_duration(other)
+                .map_err(|e| {
+                    format!("{other:?} is not 'always', 'never' or an interval like '100ms' ({e})")
+                })
+                .and_then(|d| {
+                    if d.is_zero() {
+                        Err("the sync interval must be longer than zero; use 'always'".into())
+                    } else {
+                        Ok(Self(SyncPolicy::Interval(d)))
+                    }
+                }),
+        }
+    }
+}
+
+/// A human duration (`250ms`, `10s`, `5m`) in flags and config files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_duration(s)
+            .map(Self)
+            .map_err(|e| format!("{s:?} is not a duration like 250ms, 10s or 5m ({e})"))
+    }
+}
+
+/// A percentage of the data directory's file system, `90%` or `90`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Percent(pub u8);
+
+impl FromStr for Percent {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let n: u8 = s
+            .trim()
+            .trim_end_matches('%')
+            .parse()
+            .map_err(|_| format!("{s:?} is not a percentage like 90%"))?;
+        if n == 0 || n > 100 {
+            return Err(format!("{s:?} must be between 1% and 100%"));
+        }
+        Ok(Self(n))
+    }
+}
+
+macro_rules! deserialize_from_str {
+    ($($t:ty),*) => {$(
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+deserialize_from_str!(SyncSetting, HumanDuration, Percent);
+
+/// The validated configuration of a node.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Where chunks and state live.
+    pub data_dir: PathBuf,
+    /// This node's name; it owns the chunks named `<node>-chunk*`.
+    pub node: String,
+    /// Address of the HTTP listener.
+    pub listen: SocketAddr,
+    /// Size at which an open chunk is completed and a new one started.
+    pub max_chunk_bytes: u64,
+    /// Age at which a non-empty open chunk is completed.
+    pub rotate_after: Duration,
+    /// When appended bytes are flushed to stable storage by default.
+    pub sync: SyncPolicy,
+    /// Longest accepted line, without its `\n`.
+    pub max_line_bytes: u64,
+    /// Largest accepted request body, after decoding.
+    pub max_body_bytes: u64,
+    /// Bound on request body bytes held in memory at once.
+    pub max_inflight_bytes: u64,
+    /// Disk usage (percent of the file system) above which writes get 503.
+    pub disk_high_water_percent: u8,
+}
+
+impl ServeConfig {
+    /// Merges flags/environment with the config file and the defaults, and validates.
+    pub fn resolve(args: ServeArgs) -> Result<Self, ConfigError> {
+        let args = match &args.config {
+            Some(path) => args.clone().or(load_file(path)?),
+            None => args,
+        };
+        let node = match args.node {
+            Some(node) => {
+                chunkbus_client::names::validate_node(&node)
+                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                node
+            }
+            None => default_node_name(),
+        };
+        let listen_raw = args.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_raw.parse().map_err(|_| {
+            ConfigError::Invalid(format!(
+                "--listen {listen_raw:?} is not an address like 127.0.0.1:8080 or [::1]:8080"
+            ))
+        })?;
+        let cfg = Self {
+            data_dir: args.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            node,
+            listen,
+            max_chunk_bytes: args.max_chunk_bytes.unwrap_or(DEFAULT_MAX_CHUNK_BYTES).0,
+            rotate_after: args.rotate_after.map_or(DEFAULT_ROTATE_AFTER, |d| d.0),
+            sync: args.sync.map_or(SyncPolicy::Always, |s| s.0),
+            max_line_bytes: args.max_line_bytes.unwrap_or(DEFAULT_MAX_LINE_BYTES).0,
+            max_body_bytes: args.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES).0,
+            max_inflight_bytes: args
+                .max_inflight_bytes
+                .unwrap_or(DEFAULT_MAX_INFLIGHT_BYTES)
+                .0,
+            disk_high_water_percent: args
+                .disk_high_water
+                .map_or(DEFAULT_DISK_HIGH_WATER_PERCENT, |p| p.0),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |s: String| Err(ConfigError::Invalid(s));
+        if self.max_chunk_bytes == 0 {
+            return invalid("--max-chunk-bytes must be larger than zero".into());
+        }
+        if self.rotate_after.is_zero() {
+            return invalid("--rotate-after must be longer than zero".into());
+        }
+        if self.max_line_bytes == 0 {
+            return invalid("--max-line-bytes must be larger than zero".into());
+        }
+        if self.max_body_bytes > MAX_BODY_BYTES_LIMIT {
+            return invalid(format!(
+                "--max-body-bytes {} is above the largest supported body, {}",
+                ByteSize(self.max_body_bytes),
+                ByteSize(MAX_BODY_BYTES_LIMIT)
+            ));
+        }
+        if self.max_line_bytes > self.max_body_bytes {
+            return invalid(format!(
+                "--max-line-bytes ({}) must not exceed --max-body-bytes ({})",
+                ByteSize(self.max_line_bytes),
+                ByteSize(self.max_body_bytes)
+            ));
+        }
+        if self.max_body_bytes > self.max_inflight_bytes {
+            return invalid(format!(
+                "--max-body-bytes ({}) must not exceed --max-inflight-bytes ({}): such a body could never be admitted",
+                ByteSize(self.max_body_bytes),
+                ByteSize(self.max_inflight_bytes)
+            ));
+        }
+        Ok(())
+    }
+
+    /// The storage layer's part of the configuration.
+    pub fn storage_options(&self) -> StorageOptions {
+        StorageOptions {
+            data_dir: self.data_dir.clone(),
+            node: self.node.clone(),
+            max_chunk_bytes: self.max_chunk_bytes,
+            rotate_after: self.rotate_after,
+            sync: self.sync,
+            disk_high_water_percent: self.disk_high_water_percent,
+        }
+    }
+}
+
+fn load_file(path: &Path) -> Result<ServeArgs, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// The host name, made into a valid node name.
+pub fn default_node_name() -> String {
+    let uname = rustix::system::uname();
+    let host = uname.nodename().to_string_lossy();
+    chunkbus_client::names::sanitize_node(&host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn serve_args(argv: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(argv).unwrap();
+        match cli.command {
+            Command::Serve(a) => a,
+        }
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let cfg = ServeConfig::resolve(serve_args(&["chunkbus", "serve"])).unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(cfg.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(cfg.sync, SyncPolicy::Always);
+        assert_eq!(cfg.max_chunk_bytes, 64 << 20);
+        assert!(chunkbus_client::names::validate_node(&cfg.node).is_ok());
+    }
+
+    #[test]
+    fn file_fills_in_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "node = \"filenode\"\nmax-chunk-bytes = \"1MiB\"\nsync = \"50ms\"\nrotate-after = \"5s\"\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let cfg = ServeConfig::resolve(serve_args(&[
+            "chunkbus", "serve", "--config", p, "--node", "flagnode",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.node, "flagnode");
+        assert_eq!(cfg.max_chunk_bytes, 1 << 20);
+        assert_eq!(cfg.sync, SyncPolicy::Interval(Duration::from_millis(50)));
+        assert_eq!(cfg.rotate_after, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "max-chunk-byte = 5\n").unwrap();
+        let err = ServeConfig::resolve(serve_args(&[
+            "chunkbus",
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("max-chunk-byte"), "{err}");
+    }
+
+    #[test]
+    fn inconsistent_limits_are_rejected() {
+        let err = ServeConfig::resolve(serve_args(&[
+            "chunkbus",
+            "serve",
+            "--max-line-bytes",
+            "2MiB",
+            "--max-body-bytes",
+            "1MiB",
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("--max-line-bytes"), "{err}");
+        assert!(Cli::try_parse_from(["chunkbus", "serve", "--sync", "sometimes"]).is_err());
+        assert!(Cli::try_parse_from(["chunkbus", "serve", "--node", "a/b"]).is_ok());
+        assert!(ServeConfig::resolve(serve_args(&["chunkbus", "serve", "--node", "a/b"])).is_err());
+    }
+}

@@ -1,0 +1,129 @@
+//! Every error the HTTP API can answer, and its status code, in one place.
+//!
+//! Status codes are chosen for how shippers react: Vector and Fluent Bit
+//! retry 408, 429 and 5xx and drop other 4xx, so a transient condition
+//! (load, disk pressure) is never a 4xx.
+
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chunkbus_client::{ErrorBody, NameError};
+
+use crate::storage::StorageError;
+
+/// Seconds a shed client is told to wait before retrying.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
+/// An error answer of the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: a bad name, parameter or body.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404: no such chunk or route.
+    #[error("{0}")]
+    NotFound(String),
+    /// 405: the route exists with other methods.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// 413: a line or body above its limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 415: unknown Content-Encoding or a body that does not decode.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 416: a read offset past the end.
+    #[error("{0}")]
+    RangeNotSatisfiable(String),
+    /// 503 + Retry-After: load shedding or disk pressure; retry later.
+    #[error("{0}")]
+    Overloaded(String),
+    /// 503 + Retry-After: the node is stopping.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 507: the disk is full.
+    #[error("{0}")]
+    InsufficientStorage(String),
+    /// 500: an I/O failure or a bug; the message says what failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The status code of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::Overloaded(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() && !matches!(self, ApiError::Overloaded(_)) {
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        }
+        let retry = matches!(self, ApiError::Overloaded(_) | ApiError::Unavailable(_));
+        let mut resp = (
+            status,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response();
+        if retry {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        resp
+    }
+}
+
+impl From<NameError> for ApiError {
+    fn from(e: NameError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        let msg = e.to_string();
+        match e {
+            StorageError::Name(_) | StorageError::NotLineBoundary { .. } => {
+                ApiError::BadRequest(msg)
+            }
+            StorageError::UnknownCategory(_) | StorageError::UnknownChunk { .. } => {
+                ApiError::NotFound(msg)
+            }
+            StorageError::OffsetPastEnd { .. } => ApiError::RangeNotSatisfiable(msg),
+            StorageError::HighWater { .. } => ApiError::Overloaded(msg),
+            StorageError::DiskFull(_) => ApiError::InsufficientStorage(msg),
+            StorageError::ShuttingDown => ApiError::Unavailable(msg),
+            StorageError::Locked { .. }
+            | StorageError::IndexExhausted { .. }
+            | StorageError::Io { .. } => ApiError::Internal(msg),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        ApiError::BadRequest(format!("invalid path: {}", e.body_text()))
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError::BadRequest(format!("invalid query string: {}", e.body_text()))
+    }
+}

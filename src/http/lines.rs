@@ -1,0 +1,130 @@
+//! Turning a decoded body into whole lines: JSON arrays become one compact
+//! line per element, a missing final newline is added, and every line is
+//! checked against `--max-line-bytes`.
+
+use axum::http::HeaderMap;
+use axum::http::header::CONTENT_TYPE;
+use serde_json::value::RawValue;
+
+use super::ApiError;
+use crate::config::ByteSize;
+
+/// True when the body must be read as a JSON array: Content-Type
+/// `application/json` and `[` as first non-blank byte.
+pub fn is_json_array(headers: &HeaderMap, body: &[u8]) -> bool {
+    let json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
+    json && body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'[')
+}
+
+/// One compact JSON line per element of the array in `body`.
+pub fn json_array_to_lines(body: &[u8]) -> Result<Vec<u8>, ApiError> {
+    let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the body is sent as application/json and starts with '[' but is not a valid JSON array: {e}"
+        ))
+    })?;
+    let mut out = Vec::with_capacity(body.len() + 1);
+    for item in items {
+        minify_into(item.get().as_bytes(), &mut out);
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+/// Copies valid JSON without insignificant whitespace. Strings are copied
+/// verbatim; a raw newline cannot occur in valid JSON strings.
+fn minify_into(json: &[u8], out: &mut Vec<u8>) {
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+            in_string = b == b'"';
+            out.push(b);
+        }
+    }
+}
+
+/// Checks line lengths, appends a final `\n` if missing, and counts lines.
+pub fn finish_lines(body: &mut Vec<u8>, max_line: u64) -> Result<u64, ApiError> {
+    if body.is_empty() {
+        return Ok(0);
+    }
+    if body.last() != Some(&b'\n') {
+        body.push(b'\n');
+    }
+    let mut start = 0usize;
+    let mut count = 0u64;
+    for end in memchr::memchr_iter(b'\n', body) {
+        count += 1;
+        let len = (end - start) as u64;
+        if len > max_line {
+            return Err(ApiError::TooLarge(format!(
+                "line {count} is {len} bytes long, above the limit of {} (--max-line-bytes); nothing was written",
+                ByteSize(max_line)
+            )));
+        }
+        start = end + 1;
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn json_arrays_become_compact_lines() {
+        let body = br#" [ {"a": 1, "b": "x y\n"} ,
+            [1, 2],
+            "s \"q\" ",
+            null ] "#;
+        let out = json_array_to_lines(body).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"a\":1,\"b\":\"x y\\n\"}\n[1,2]\n\"s \\\"q\\\" \"\nnull\n"
+        );
+        assert!(json_array_to_lines(b"[1,").is_err());
+        assert!(json_array_to_lines(b"[]").unwrap().is_empty());
+    }
+
+    #[test]
+    fn json_detection_needs_both_signals() {
+        let mut h = HeaderMap::new();
+        assert!(!is_json_array(&h, b"[1]"));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        assert!(is_json_array(&h, b" \n[1]"));
+        assert!(!is_json_array(&h, b"{\"a\":1}\n"));
+    }
+
+    #[test]
+    fn lines_are_counted_and_limited() {
+        let mut b = b"a\nbb\nccc".to_vec();
+        assert_eq!(finish_lines(&mut b, 3).unwrap(), 3);
+        assert_eq!(b, b"a\nbb\nccc\n");
+        let mut b = b"a\n\nbbbb\n".to_vec();
+        let err = finish_lines(&mut b, 3).unwrap_err().to_string();
+        assert!(err.contains("line 3") && err.contains("4 bytes"), "{err}");
+        let mut empty = Vec::new();
+        assert_eq!(finish_lines(&mut empty, 3).unwrap(), 0);
+    }
+}

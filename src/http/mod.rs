@@ -1,0 +1,106 @@
+//! The HTTP API: `/v1` routes, Chukcha-compatible routes, operations.
+//!
+//! Handlers are thin: they validate names and parameters (400 before
+//! anything touches the file system), call the storage layer and turn its
+//! answers into JSON. Every error goes through [`ApiError`], which owns the
+//! choice of status code. The contract is `docs/api.md`.
+
+mod body;
+mod chukcha;
+mod error;
+mod lines;
+mod ops;
+mod params;
+mod produce;
+mod read;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::routing::{get, post};
+use tokio_util::sync::CancellationToken;
+
+pub use body::Inflight;
+pub use error::ApiError;
+
+use crate::metrics::Metrics;
+use crate::storage::{Storage, SyncPolicy};
+
+/// Limits applied to requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest line, without its newline.
+    pub max_line_bytes: u64,
+    /// Largest body after decoding.
+    pub max_body_bytes: u64,
+    /// In-flight body bytes across all requests.
+    pub max_inflight_bytes: u64,
+}
+
+/// Everything a handler needs. Shared as `Arc<AppState>`.
+#[derive(Debug)]
+pub struct AppState {
+    /// The chunk store.
+    pub storage: Storage,
+    /// The node's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Request limits.
+    pub limits: Limits,
+    /// Memory budget of request bodies.
+    pub inflight: Inflight,
+    /// Cancelled when the node starts to stop; ends long polls early.
+    pub shutdown: CancellationToken,
+    /// When the node started.
+    pub started: Instant,
+}
+
+impl AppState {
+    /// Builds the state from its parts.
+    pub fn new(
+        storage: Storage,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let inflight = Inflight::new(limits.max_inflight_bytes, metrics.inflight_bytes.clone());
+        Arc::new(Self {
+            storage,
+            metrics,
+            limits,
+            inflight,
+            shutdown,
+            started: Instant::now(),
+        })
+    }
+
+    /// The server's default for `sync=`.
+    pub fn default_sync(&self) -> bool {
+        self.storage.options().sync == SyncPolicy::Always
+    }
+}
+
+/// Every route of a node.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/categories", get(read::categories))
+        .route("/v1/categories/{category}/lines", post(produce::produce))
+        .route("/v1/categories/{category}/chunks", get(read::chunks))
+        .route(
+            "/v1/categories/{category}/chunks/{chunk}",
+            get(read::read_chunk),
+        )
+        .route("/write", post(chukcha::write))
+        .route("/read", get(chukcha::read))
+        .route("/listChunks", get(chukcha::list_chunks))
+        .route("/listCategories", get(read::categories))
+        .route("/healthz", get(ops::healthz))
+        .route("/metrics", get(ops::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ops::track,
+        ))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .with_state(state)
+}

@@ -1,0 +1,128 @@
+//! `POST /v1/categories/{category}/lines` (and Chukcha's `/write`).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use bytes::Bytes;
+use chunkbus_client::ProduceResponse;
+use chunkbus_client::names::validate_category;
+use serde::Deserialize;
+
+use super::params::{parse_bool, parse_duration, parse_u64};
+use super::{ApiError, AppState, body, lines};
+
+/// Longest `timeout=` accepted for a `min_replicas` wait.
+const MAX_REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ProduceQuery {
+    sync: Option<String>,
+    min_replicas: Option<String>,
+    timeout: Option<String>,
+}
+
+/// Durability asked for by a produce request.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WriteOptions {
+    pub sync: Option<bool>,
+    pub min_replicas: u64,
+}
+
+pub(super) async fn produce(
+    State(st): State<Arc<AppState>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ProduceQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ProduceResponse>, ApiError> {
+    let Path(category) = path?;
+    let Query(q) = query?;
+    let opts = WriteOptions {
+        sync: q
+            .sync
+            .as_deref()
+            .map(|v| parse_bool("sync", v))
+            .transpose()?,
+        min_replicas: q
+            .min_replicas
+            .as_deref()
+            .map(|v| parse_u64("min_replicas", v))
+            .transpose()?
+            .unwrap_or(0),
+    };
+    if let Some(t) = q.timeout.as_deref() {
+        parse_duration("timeout", t, MAX_REPLICA_TIMEOUT)?;
+    }
+    ingest(&st, &category, &headers, body, opts).await.map(Json)
+}
+
+/// Validates, decodes and appends one request body.
+pub(super) async fn ingest(
+    st: &AppState,
+    category: &str,
+    headers: &HeaderMap,
+    body: Body,
+    opts: WriteOptions,
+) -> Result<ProduceResponse, ApiError> {
+    validate_category(category)?;
+    if opts.min_replicas > 0 {
+        return Err(ApiError::BadRequest(format!(
+            "min_replicas={} asks for more nodes than this node's 0 peers",
+            opts.min_replicas
+        )));
+    }
+    let disk = st.storage.disk();
+    if disk.over_high_water() {
+        st.metrics.shed_requests.inc();
+        return Err(ApiError::Overloaded(format!(
+            "disk usage is {}%, above the high-water mark of {}% (--disk-high-water); retry later",
+            disk.usage().used_percent,
+            disk.limit_percent()
+        )));
+    }
+    let encoding = body::encoding(headers)?;
+    let max = st.limits.max_body_bytes;
+    let mut reservation = st.inflight.reservation();
+    let raw = body::read_body(headers, body, max, &mut reservation)
+        .await
+        .inspect_err(|e| count_shed(st, e))?;
+    let mut data = body::decode(encoding, raw, max, &mut reservation)
+        .await
+        .inspect_err(|e| count_shed(st, e))?;
+    if lines::is_json_array(headers, &data) {
+        data = lines::json_array_to_lines(&data)?;
+    }
+    let count = lines::finish_lines(&mut data, st.limits.max_line_bytes)?;
+    if count == 0 {
+        return Ok(ProduceResponse {
+            chunk: None,
+            offset: 0,
+            next_offset: 0,
+            lines: 0,
+            replicas: None,
+        });
+    }
+    let sync = opts.sync.unwrap_or_else(|| st.default_sync());
+    let appended = st
+        .storage
+        .append(category, Bytes::from(data), count, sync)
+        .await?;
+    drop(reservation);
+    Ok(ProduceResponse {
+        chunk: Some(appended.chunk.to_string()),
+        offset: appended.offset,
+        next_offset: appended.next_offset,
+        lines: appended.lines,
+        replicas: None,
+    })
+}
+
+fn count_shed(st: &AppState, e: &ApiError) {
+    if matches!(e, ApiError::Overloaded(_)) {
+        st.metrics.shed_requests.inc();
+    }
+}

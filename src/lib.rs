@@ -1,0 +1,18 @@
+//! chunkbus: a leaderless, peer-replicated chunk bus.
+//!
+//! The library holds the whole server; `main.rs` only parses arguments and
+//! calls [`server::serve`].
+//!
+//! | module    | owns |
+//! |-----------|------|
+//! | [`config`]  | flags, environment, TOML file, validation |
+//! | [`storage`] | chunk files, rotation, recovery, group commit, waking readers |
+//! | [`http`]    | routes (`/v1`, Chukcha compatibility, operations), errors → status codes |
+//! | [`metrics`] | the Prometheus registry of a node |
+//! | [`server`]  | wiring: listener, storage, HTTP, signals, graceful shutdown |
+
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod storage;

@@ -1,0 +1,184 @@
+//! Prometheus metrics of a node, in one registry owned by the node (no
+//! globals, so several nodes can run in one test process).
+//!
+//! Names follow Prometheus conventions: `_total` counters, base units
+//! (bytes, seconds), one label set per family.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of per-category families.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CategoryLabels {
+    /// The category.
+    pub category: String,
+}
+
+/// Labels of HTTP request families.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// HTTP method.
+    pub method: String,
+    /// The matched route, e.g. `/v1/categories/{category}/lines`.
+    pub route: String,
+    /// Status code.
+    pub status: u16,
+}
+
+/// Labels of the HTTP latency histogram.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// HTTP method.
+    pub method: String,
+    /// The matched route.
+    pub route: String,
+}
+
+/// Every metric of a node. Cheap to share (`Arc<Metrics>`).
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// HTTP requests answered, by route and status.
+    pub http_requests: Family<RequestLabels, Counter>,
+    /// HTTP request latency, by route.
+    pub http_request_seconds: Family<RouteLabels, Histogram>,
+    /// Bytes appended, per category.
+    pub bytes_in: Family<CategoryLabels, Counter>,
+    /// Lines appended, per category.
+    pub lines_in: Family<CategoryLabels, Counter>,
+    /// Bytes served to readers, per category.
+    pub bytes_out: Family<CategoryLabels, Counter>,
+    /// Lines served to readers, per category.
+    pub lines_out: Family<CategoryLabels, Counter>,
+    /// Chunks completed (rotated), per category.
+    pub chunks_completed: Family<CategoryLabels, Counter>,
+    /// Latency of one fdatasync (which may cover many requests).
+    pub fsync_seconds: Histogram,
+    /// Requests covered by one group commit.
+    pub group_commit_requests: Histogram,
+    /// Request body bytes held in memory now.
+    pub inflight_bytes: Gauge,
+    /// Requests refused because of load or disk pressure.
+    pub shed_requests: Counter,
+    /// Bytes used on the data directory's file system.
+    pub disk_used_bytes: Gauge,
+    /// Size of the data directory's file system.
+    pub disk_total_bytes: Gauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Arc<Self> {
+        let latency = || Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        let mut m = Self {
+            registry: Registry::with_prefix("chunkbus"),
+            http_requests: Family::default(),
+            http_request_seconds: Family::new_with_constructor(latency),
+            bytes_in: Family::default(),
+            lines_in: Family::default(),
+            bytes_out: Family::default(),
+            lines_out: Family::default(),
+            chunks_completed: Family::default(),
+            fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            group_commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            inflight_bytes: Gauge::default(),
+            shed_requests: Counter::default(),
+            disk_used_bytes: Gauge::default(),
+            disk_total_bytes: Gauge::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "http_requests",
+            "HTTP requests answered",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "http_request_seconds",
+            "HTTP request latency",
+            m.http_request_seconds.clone(),
+        );
+        r.register("bytes_in", "Bytes appended to chunks", m.bytes_in.clone());
+        r.register("lines_in", "Lines appended to chunks", m.lines_in.clone());
+        r.register("bytes_out", "Bytes served to readers", m.bytes_out.clone());
+        r.register("lines_out", "Lines served to readers", m.lines_out.clone());
+        r.register(
+            "chunks_completed",
+            "Chunks completed by rotation",
+            m.chunks_completed.clone(),
+        );
+        r.register(
+            "fsync_seconds",
+            "Latency of one fdatasync of a chunk (one group commit)",
+            m.fsync_seconds.clone(),
+        );
+        r.register(
+            "group_commit_requests",
+            "Write requests made durable by one group commit",
+            m.group_commit_requests.clone(),
+        );
+        r.register(
+            "inflight_bytes",
+            "Request body bytes held in memory (bounded by --max-inflight-bytes)",
+            m.inflight_bytes.clone(),
+        );
+        r.register(
+            "shed_requests",
+            "Write requests refused with 503 because of load or disk pressure",
+            m.shed_requests.clone(),
+        );
+        r.register(
+            "disk_used_bytes",
+            "Bytes used on the data directory's file system",
+            m.disk_used_bytes.clone(),
+        );
+        r.register(
+            "disk_total_bytes",
+            "Size of the data directory's file system",
+            m.disk_total_bytes.clone(),
+        );
+        Arc::new(m)
+    }
+
+    /// The metrics in the OpenMetrics text format (read by Prometheus).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// The per-category counters, looked up once per category.
+    pub fn category(&self, category: &str) -> CategoryMetrics {
+        let l = CategoryLabels {
+            category: category.to_owned(),
+        };
+        CategoryMetrics {
+            bytes_in: self.bytes_in.get_or_create(&l).clone(),
+            lines_in: self.lines_in.get_or_create(&l).clone(),
+            bytes_out: self.bytes_out.get_or_create(&l).clone(),
+            lines_out: self.lines_out.get_or_create(&l).clone(),
+            chunks_completed: self.chunks_completed.get_or_create(&l).clone(),
+        }
+    }
+}
+
+/// Counters of one category (handles into the families of [`Metrics`]).
+#[derive(Debug, Clone)]
+pub struct CategoryMetrics {
+    /// Bytes appended.
+    pub bytes_in: Counter,
+    /// Lines appended.
+    pub lines_in: Counter,
+    /// Bytes read.
+    pub bytes_out: Counter,
+    /// Lines read.
+    pub lines_out: Counter,
+    /// Chunks completed.
+    pub chunks_completed: Counter,
+}

@@ -1,0 +1,102 @@
+//! Wiring of a node: storage, HTTP, signals and graceful shutdown.
+//!
+//! Shutdown order: stop accepting connections, let in-flight requests finish
+//! (long polls return at once), then stop the writers, which write and flush
+//! every accepted request before exiting.
+
+use std::net::SocketAddr;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServeConfig;
+use crate::http::{AppState, Limits, router};
+use crate::metrics::Metrics;
+use crate::storage::{Storage, StorageError};
+
+/// Why a node could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The storage could not be opened.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The HTTP server failed.
+    #[error("HTTP server failed: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+/// Binds `cfg.listen`, runs until SIGINT or SIGTERM, then shuts down cleanly.
+pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let shutdown = CancellationToken::new();
+    let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
+    let result = run(cfg, listener, shutdown).await;
+    signals.abort();
+    result
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the node with SIGKILL");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "stopping: finishing in-flight requests");
+    shutdown.cancel();
+}
+
+/// Runs a node on `listener` until `shutdown` is cancelled.
+///
+/// Prints `chunkbus listening on http://ADDR` on stdout once it accepts
+/// requests (scripts and tests wait for that line).
+pub async fn run(
+    cfg: ServeConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let metrics = Metrics::new();
+    let storage = Storage::open(cfg.storage_options(), metrics.clone()).await?;
+    let state = AppState::new(
+        storage.clone(),
+        metrics,
+        Limits {
+            max_line_bytes: cfg.max_line_bytes,
+            max_body_bytes: cfg.max_body_bytes,
+            max_inflight_bytes: cfg.max_inflight_bytes,
+        },
+        shutdown.clone(),
+    );
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tracing::info!(%addr, node = %cfg.node, sync = ?cfg.sync, "listening");
+    println!("chunkbus listening on http://{addr}");
+    let served = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    storage.shutdown().await;
+    served.map_err(ServeError::Http)
+}

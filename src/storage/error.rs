@@ -1,0 +1,100 @@
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chunkbus_client::NameError;
+
+/// Errors of the storage layer. Cheap to clone, so that one failed write can
+/// be reported to every request it carried.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StorageError {
+    /// A name failed validation; no path was built from it.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The category does not exist on this node.
+    #[error("category {0:?} does not exist on this node")]
+    UnknownCategory(String),
+    /// The chunk does not exist on this node.
+    #[error("chunk {chunk} of category {category:?} does not exist on this node")]
+    UnknownChunk {
+        /// Category.
+        category: String,
+        /// Chunk name.
+        chunk: String,
+    },
+    /// A read offset that does not start a line.
+    #[error("offset {offset} is not at the start of a line of chunk {chunk}")]
+    NotLineBoundary {
+        /// Chunk name.
+        chunk: String,
+        /// The offset asked for.
+        offset: u64,
+    },
+    /// A read offset past the bytes this node holds.
+    #[error("offset {offset} is past the end of chunk {chunk}, which holds {size} bytes here")]
+    OffsetPastEnd {
+        /// Chunk name.
+        chunk: String,
+        /// The offset asked for.
+        offset: u64,
+        /// Bytes held.
+        size: u64,
+    },
+    /// The file system is full (ENOSPC or quota); nothing of the write was kept.
+    #[error("the disk holding the data directory is full ({0}); nothing was written")]
+    DiskFull(Arc<io::Error>),
+    /// Disk usage is above `--disk-high-water`; writes are shed until it drops.
+    #[error(
+        "disk usage is {used_percent}%, above the high-water mark of {limit_percent}% (--disk-high-water); try again later"
+    )]
+    HighWater {
+        /// Current usage.
+        used_percent: u8,
+        /// Configured limit.
+        limit_percent: u8,
+    },
+    /// Another process holds the data directory.
+    #[error("data directory {dir} is in use by another chunkbus process{}; stop it or choose another --data-dir", pid.as_ref().map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// The pid written in the lock file, if readable.
+        pid: Option<String>,
+    },
+    /// The owner's chunk index space (9 digits) is used up in this category.
+    #[error("node {node} has used every chunk index of category {category:?}")]
+    IndexExhausted {
+        /// Category.
+        category: String,
+        /// Node.
+        node: String,
+    },
+    /// The node is stopping and takes no more writes.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// Any other I/O failure, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the storage was doing.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: Arc<io::Error>,
+    },
+}
+
+impl StorageError {
+    /// Wraps an I/O error; a full disk or exhausted quota becomes [`StorageError::DiskFull`].
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        if matches!(
+            source.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        ) {
+            return StorageError::DiskFull(Arc::new(source));
+        }
+        StorageError::Io {
+            context: context.into(),
+            source: Arc::new(source),
+        }
+    }
+}

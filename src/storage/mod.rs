@@ -1,0 +1,436 @@
+//! The chunk store: chunk files, rotation, recovery, group commit, waking
+//! readers. It talks to the file system only and imports no other module of
+//! the server but `metrics`.
+//!
+//! # On disk
+//!
+//! ```text
+//! <data>/.lock                          flock held by the running node (pid inside)
+//! <data>/<category>/                    one directory per category
+//! <data>/<category>/<node>-chunk<9 digits>   raw newline-delimited bytes, as posted
+//! ```
+//!
+//! # Invariants
+//!
+//! - Only the owner (`<node>`) appends to its chunks, through one writer task
+//!   per category; a request's lines land contiguously in one chunk.
+//! - A chunk's readable size always ends at a `\n`.
+//! - A complete chunk never receives another byte. Every chunk of this node
+//!   found at start-up is complete; the next write starts a new chunk.
+//! - Chunk files are created only for a write, never by a timer.
+//!
+//! # Durability
+//!
+//! With `sync` a request is answered after `fdatasync` of its chunk (and, for
+//! a new chunk, of the directory); concurrent requests share one fdatasync
+//! (see `syncer`). Without it, after `write(2)`: the bytes survive a process
+//! crash but not a power loss.
+//!
+//! # Crash
+//!
+//! A crash can leave a chunk with a torn last line; start-up cuts it back to
+//! the last `\n`. Lines of a request that was not answered may survive (a
+//! retry then duplicates them: delivery is at least once); lines of an
+//! answered request are never lost.
+
+mod category;
+pub mod disk;
+mod error;
+pub mod lock;
+mod read;
+mod recovery;
+mod syncer;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chunkbus_client::ChunkName;
+use chunkbus_client::names::validate_category;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use category::{ChunkMeta, ChunkStatus};
+pub use disk::{DiskMonitor, DiskUsage};
+pub use error::StorageError;
+
+use category::Category;
+use writer::{AppendRequest, Writer, WriterConfig, WriterMsg};
+
+use crate::metrics::Metrics;
+
+/// Bound of each category's write queue (requests, each bounded in bytes).
+const WRITER_QUEUE_MESSAGES: usize = 4096;
+/// Bound of each category's group-commit queue.
+const SYNC_QUEUE_JOBS: usize = 1024;
+
+/// When appended bytes reach stable storage by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// fdatasync before answering (group-committed).
+    Always,
+    /// Answer after `write(2)`; chunks are flushed when completed.
+    Never,
+    /// Answer after `write(2)`; flush open chunks at this interval.
+    Interval(Duration),
+}
+
+/// Settings of the storage layer.
+#[derive(Debug, Clone)]
+pub struct StorageOptions {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// This node's name (owner of `<node>-chunk*`).
+    pub node: String,
+    /// Rotate a chunk before it would grow past this.
+    pub max_chunk_bytes: u64,
+    /// Complete a non-empty open chunk this long after its first write.
+    pub rotate_after: Duration,
+    /// Default durability of appends.
+    pub sync: SyncPolicy,
+    /// Shed writes above this disk usage (percent).
+    pub disk_high_water_percent: u8,
+}
+
+/// Where an append landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The chunk written to.
+    pub chunk: ChunkName,
+    /// Where the first line starts.
+    pub offset: u64,
+    /// Just past the last `\n`.
+    pub next_offset: u64,
+    /// Lines written.
+    pub lines: u64,
+}
+
+/// Lines read from a chunk.
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    /// Whole lines.
+    pub data: Bytes,
+    /// Offset just past `data`.
+    pub next_offset: u64,
+    /// The chunk's state when it was read.
+    pub meta: ChunkMeta,
+}
+
+/// Handle on the chunk store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    opts: StorageOptions,
+    categories: RwLock<BTreeMap<String, Arc<Category>>>,
+    metrics: Arc<Metrics>,
+    disk: Arc<DiskMonitor>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+    _lock: lock::DirLock,
+}
+
+impl Storage {
+    /// Opens (creating if needed) the data directory, takes its lock,
+    /// recovers every chunk and starts the writer tasks.
+    pub async fn open(opts: StorageOptions, metrics: Arc<Metrics>) -> Result<Self, StorageError> {
+        let dir = opts.data_dir.clone();
+        let node = opts.node.clone();
+        let disk = Arc::new(DiskMonitor::new(opts.disk_high_water_percent));
+        let disk2 = disk.clone();
+        let (lock, recovered) = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                StorageError::io(format!("cannot create data directory {}", dir.display()), e)
+            })?;
+            let lock = lock::DirLock::acquire(&dir)?;
+            disk2.refresh(&dir).map_err(|e| {
+                StorageError::io(format!("cannot read disk usage of {}", dir.display()), e)
+            })?;
+            let recovered = recovery::scan(&dir, &node)?;
+            Ok::<_, StorageError>((lock, recovered))
+        })
+        .await
+        .map_err(|e| StorageError::io("start-up task failed", std::io::Error::other(e)))??;
+        let storage = Storage {
+            shared: Arc::new(Shared {
+                opts,
+                categories: RwLock::new(BTreeMap::new()),
+                metrics,
+                disk,
+                tasks: TaskTracker::new(),
+                cancel: CancellationToken::new(),
+                _lock: lock,
+            }),
+        };
+        let mut chunks = 0usize;
+        {
+            let mut cats = storage.shared.categories.write().unwrap();
+            for (name, rec) in recovered {
+                chunks += rec.chunks.len();
+                let cat = storage.start_category(name.clone(), rec.chunks, rec.next_index);
+                cats.insert(name, cat);
+            }
+            tracing::info!(
+                data_dir = %storage.shared.opts.data_dir.display(),
+                categories = cats.len(),
+                chunks,
+                "storage opened"
+            );
+        }
+        storage.start_disk_monitor();
+        Ok(storage)
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.shared.opts.node
+    }
+
+    /// The storage settings.
+    pub fn options(&self) -> &StorageOptions {
+        &self.shared.opts
+    }
+
+    /// The disk monitor (usage and high-water state).
+    pub fn disk(&self) -> &DiskMonitor {
+        &self.shared.disk
+    }
+
+    fn start_category(
+        &self,
+        name: String,
+        chunks: BTreeMap<ChunkName, ChunkMeta>,
+        next_index: u32,
+    ) -> Arc<Category> {
+        let s = &self.shared;
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE_MESSAGES);
+        let (sync_tx, sync_rx) = mpsc::channel(SYNC_QUEUE_JOBS);
+        let dir = s.opts.data_dir.join(&name);
+        let cat = Arc::new(Category::new(
+            name.clone(),
+            dir,
+            chunks,
+            tx,
+            s.metrics.category(&name),
+        ));
+        let writer = Writer::new(
+            cat.clone(),
+            WriterConfig {
+                node: s.opts.node.clone(),
+                max_chunk_bytes: s.opts.max_chunk_bytes,
+                rotate_after: s.opts.rotate_after,
+                sync: s.opts.sync,
+            },
+            next_index,
+            sync_tx,
+            s.disk.clone(),
+            s.opts.data_dir.clone(),
+        );
+        s.tasks.spawn(writer.run(rx, s.cancel.clone()));
+        s.tasks.spawn(syncer::run(sync_rx, s.metrics.clone()));
+        cat
+    }
+
+    fn start_disk_monitor(&self) {
+        let s = self.shared.clone();
+        let weak = Arc::downgrade(&self.shared);
+        let cancel = s.cancel.clone();
+        drop(s);
+        self.shared.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(disk::DISK_CHECK_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(s) = weak.upgrade() else { return };
+                let (disk, dir) = (s.disk.clone(), s.opts.data_dir.clone());
+                let metrics = s.metrics.clone();
+                drop(s);
+                let usage = tokio::task::spawn_blocking(move || disk.refresh(&dir)).await;
+                if let Ok(Ok(u)) = usage {
+                    metrics.disk_used_bytes.set(u.used_bytes as i64);
+                    metrics.disk_total_bytes.set(u.total_bytes as i64);
+                }
+            }
+        });
+    }
+
+    fn category(&self, name: &str) -> Result<Arc<Category>, StorageError> {
+        validate_category(name)?;
+        self.shared
+            .categories
+            .read()
+            .unwrap()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StorageError::UnknownCategory(name.to_owned()))
+    }
+
+    fn category_or_create(&self, name: &str) -> Result<Arc<Category>, StorageError> {
+        match self.category(name) {
+            Err(StorageError::UnknownCategory(_)) => {}
+            other => return other,
+        }
+        let mut cats = self.shared.categories.write().unwrap();
+        if let Some(cat) = cats.get(name) {
+            return Ok(cat.clone());
+        }
+        if self.shared.cancel.is_cancelled() {
+            return Err(StorageError::ShuttingDown);
+        }
+        // A rare, small blocking step (mkdir + fsync of the data dir) under
+        // the lock, so that two first writes cannot race.
+        let dir = self.shared.opts.data_dir.join(name);
+        std::fs::create_dir(&dir)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .and_then(|()| fsync_dir(&self.shared.opts.data_dir))
+            .map_err(|e| StorageError::io(format!("cannot create category {name:?}"), e))?;
+        tracing::info!(category = name, "category created");
+        let cat = self.start_category(name.to_owned(), BTreeMap::new(), 0);
+        cats.insert(name.to_owned(), cat.clone());
+        Ok(cat)
+    }
+
+    /// Appends `data` (whole lines, ending with `\n`, `lines` of them) to this
+    /// node's open chunk of `category`, creating the category if needed.
+    /// With `sync`, answers once the bytes are on stable storage.
+    pub async fn append(
+        &self,
+        category: &str,
+        data: Bytes,
+        lines: u64,
+        sync: bool,
+    ) -> Result<Appended, StorageError> {
+        debug_assert!(data.last() == Some(&b'\n'));
+        let disk = &self.shared.disk;
+        if disk.over_high_water() {
+            return Err(StorageError::HighWater {
+                used_percent: disk.usage().used_percent,
+                limit_percent: disk.limit_percent(),
+            });
+        }
+        let cat = self.category_or_create(category)?;
+        let (reply, rx) = oneshot::channel();
+        let msg = WriterMsg::Append(AppendRequest {
+            data,
+            lines,
+            sync,
+            reply,
+        });
+        cat.writer
+            .send(msg)
+            .await
+            .map_err(|_| StorageError::ShuttingDown)?;
+        rx.await.map_err(|_| StorageError::ShuttingDown)?
+    }
+
+    /// Completes this node's open chunk of `category` now, if it holds data.
+    pub async fn rotate(&self, category: &str) -> Result<(), StorageError> {
+        let cat = self.category(category)?;
+        let (done, rx) = oneshot::channel();
+        cat.writer
+            .send(WriterMsg::Rotate(done))
+            .await
+            .map_err(|_| StorageError::ShuttingDown)?;
+        rx.await.map_err(|_| StorageError::ShuttingDown)
+    }
+
+    /// Category names, sorted.
+    pub fn categories(&self) -> Vec<String> {
+        self.shared
+            .categories
+            .read()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Chunks of `category`, sorted by owner then index.
+    pub fn chunks(&self, category: &str) -> Result<Vec<ChunkStatus>, StorageError> {
+        Ok(self.category(category)?.list())
+    }
+
+    /// Reads whole lines of `chunk` from `offset` (see `read::read_lines`).
+    ///
+    /// With a non-zero `wait`, when there is nothing past `offset` and the
+    /// chunk is not complete, waits until an append or completion wakes it,
+    /// `wait` passes, or `stop` is cancelled.
+    pub async fn read(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        offset: u64,
+        max_bytes: u64,
+        wait: Duration,
+        stop: &CancellationToken,
+    ) -> Result<ReadResult, StorageError> {
+        let cat = self.category(category)?;
+        let unknown = || StorageError::UnknownChunk {
+            category: category.to_owned(),
+            chunk: chunk.to_string(),
+        };
+        let mut changes = cat.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut waited_out = wait.is_zero();
+        let meta = loop {
+            changes.borrow_and_update();
+            let meta = cat.meta(chunk).ok_or_else(unknown)?;
+            if offset != meta.size || meta.complete || waited_out {
+                break meta;
+            }
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { waited_out = true },
+                _ = tokio::time::sleep_until(deadline) => waited_out = true,
+                _ = stop.cancelled() => waited_out = true,
+            }
+        };
+        let path = cat.chunk_path(chunk);
+        let name = chunk.to_string();
+        let (data, next_offset) = tokio::task::spawn_blocking(move || {
+            read::read_lines(&path, &name, offset, meta.size, max_bytes)
+        })
+        .await
+        .map_err(|e| StorageError::io("read task failed", std::io::Error::other(e)))??;
+        cat.metrics.bytes_out.inc_by(data.len() as u64);
+        cat.metrics
+            .lines_out
+            .inc_by(memchr::memchr_iter(b'\n', &data).count() as u64);
+        Ok(ReadResult {
+            data,
+            next_offset,
+            meta,
+        })
+    }
+
+    /// Stops the writer tasks after they have written and flushed every
+    /// accepted request; waits for them.
+    pub async fn shutdown(&self) {
+        self.shared.cancel.cancel();
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+        tracing::info!("storage stopped; every accepted write is on disk");
+    }
+}
+
+/// fsyncs a directory so that entries created or renamed in it survive a crash.
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,129 @@
+//! Reading whole lines from a chunk file.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use bytes::Bytes;
+
+use super::StorageError;
+
+/// Reads whole lines of the chunk at `path` starting at `offset`.
+///
+/// `size` is the number of bytes known to hold whole lines. At most
+/// `max_bytes` are returned, except that a single line longer than that is
+/// returned whole. Returns the bytes and the offset just past them.
+pub(super) fn read_lines(
+    path: &Path,
+    chunk: &str,
+    offset: u64,
+    size: u64,
+    max_bytes: u64,
+) -> Result<(Bytes, u64), StorageError> {
+    if offset > size {
+        return Err(StorageError::OffsetPastEnd {
+            chunk: chunk.to_owned(),
+            offset,
+            size,
+        });
+    }
+    let io = |e| StorageError::io(format!("cannot read chunk {chunk}"), e);
+    let file = File::open(path).map_err(io)?;
+    // One extra byte in front tells whether `offset` starts a line.
+    let lead = u64::from(offset > 0);
+    let start = offset - lead;
+    let mut want = (size - offset).min(max_bytes.max(1));
+    let mut first_round = true;
+    loop {
+        let mut buf = vec![0u8; (lead + want) as usize];
+        file.read_exact_at(&mut buf, start).map_err(io)?;
+        if lead == 1 && buf[0] != b'\n' {
+            return Err(StorageError::NotLineBoundary {
+                chunk: chunk.to_owned(),
+                offset,
+            });
+        }
+        let body = &buf[lead as usize..];
+        if body.is_empty() {
+            return Ok((Bytes::new(), offset));
+        }
+        // Within max_bytes: as many whole lines as fit. Beyond it: exactly
+        // the one long line that did not fit.
+        let found = if first_round {
+            memchr::memrchr(b'\n', body)
+        } else {
+            memchr::memchr(b'\n', body)
+        };
+        first_round = false;
+        if let Some(last) = found {
+            let end = lead as usize + last + 1;
+            let next = offset + last as u64 + 1;
+            return Ok((Bytes::from(buf).slice(lead as usize..end), next));
+        }
+        // A single line longer than max_bytes: read on until its end. The
+        // bytes up to `size` always end with a newline, so this terminates.
+        if offset + want >= size {
+            return Err(StorageError::io(
+                format!("chunk {chunk} does not end with a newline"),
+                std::io::Error::from(std::io::ErrorKind::InvalidData),
+            ));
+        }
+        want = (want * 2).min(size - offset);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(content: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c");
+        std::fs::write(&p, content).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn returns_whole_lines_within_max_bytes() {
+        let data = b"aa\nbbbb\ncc\n";
+        let (_d, p) = setup(data);
+        let size = data.len() as u64;
+        let (b, next) = read_lines(&p, "c", 0, size, 100).unwrap();
+        assert_eq!((&b[..], next), (&data[..], size));
+        let (b, next) = read_lines(&p, "c", 0, size, 8).unwrap();
+        assert_eq!((&b[..], next), (&b"aa\nbbbb\n"[..], 8));
+        let (b, next) = read_lines(&p, "c", 3, size, 6).unwrap();
+        assert_eq!((&b[..], next), (&b"bbbb\n"[..], 8));
+        let (b, next) = read_lines(&p, "c", size, size, 6).unwrap();
+        assert_eq!((&b[..], next), (&b""[..], size));
+    }
+
+    #[test]
+    fn a_long_line_comes_back_whole() {
+        let mut data = vec![b'x'; 10_000];
+        data.push(b'\n');
+        data.extend_from_slice(b"y\n");
+        let (_d, p) = setup(&data);
+        let (b, next) = read_lines(&p, "c", 0, data.len() as u64, 10).unwrap();
+        assert_eq!(b.len(), 10_001);
+        assert_eq!(next, 10_001);
+    }
+
+    #[test]
+    fn rejects_bad_offsets() {
+        let data = b"aa\nbb\n";
+        let (_d, p) = setup(data);
+        assert!(matches!(
+            read_lines(&p, "c", 1, 6, 10),
+            Err(StorageError::NotLineBoundary { offset: 1, .. })
+        ));
+        assert!(matches!(
+            read_lines(&p, "c", 7, 6, 10),
+            Err(StorageError::OffsetPastEnd {
+                offset: 7,
+                size: 6,
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,197 @@
+//! Start-up: rebuild the in-memory view of the data directory.
+//!
+//! Every chunk file is checked to end with `\n`; a torn tail (a write cut
+//! short by a crash) is truncated back to the last whole line. Every chunk of
+//! this node found on disk is complete: the chunk that was open when the
+//! process stopped is never appended to again, and the next write starts a
+//! new chunk. One `pread` of one byte per chunk keeps start-up fast.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use chunkbus_client::ChunkName;
+use chunkbus_client::names::validate_category;
+use walkdir::WalkDir;
+
+use super::StorageError;
+use super::category::ChunkMeta;
+
+/// Block size of the backwards scan for the last `\n` of a torn chunk.
+const TAIL_SCAN_BYTES: u64 = 64 * 1024;
+
+/// What start-up found in one category directory.
+#[derive(Debug, Default)]
+pub(super) struct RecoveredCategory {
+    pub chunks: BTreeMap<ChunkName, ChunkMeta>,
+    /// Index of the next chunk this node will create.
+    pub next_index: u32,
+}
+
+/// Scans `data_dir`; returns every category with its chunks.
+pub(super) fn scan(
+    data_dir: &Path,
+    node: &str,
+) -> Result<BTreeMap<String, RecoveredCategory>, StorageError> {
+    let mut out: BTreeMap<String, RecoveredCategory> = BTreeMap::new();
+    let walk = WalkDir::new(data_dir)
+        .min_depth(1)
+        .max_depth(2)
+        .sort_by_file_name();
+    for entry in walk {
+        let entry = entry.map_err(|e| {
+            let path = e
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            StorageError::io(
+                format!("cannot scan data directory at {path}"),
+                e.into_io_error()
+                    .unwrap_or_else(|| std::io::Error::other("file system loop")),
+            )
+        })?;
+        let name = entry.file_name().to_string_lossy();
+        if entry.depth() == 1 {
+            if entry.file_type().is_dir() && validate_category(&name).is_ok() {
+                out.entry(name.into_owned()).or_default();
+            }
+            continue;
+        }
+        let Some(category) = entry
+            .path()
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+        else {
+            continue;
+        };
+        let Some(recovered) = out.get_mut(category) else {
+            continue;
+        };
+        if !entry.file_type().is_file() || name.starts_with('.') {
+            continue;
+        }
+        let Ok(chunk) = ChunkName::parse(&name) else {
+            tracing::warn!(path = %entry.path().display(), "ignoring a file that is not a chunk");
+            continue;
+        };
+        let size = cut_torn_tail(entry.path())?;
+        let own = chunk.owner == node;
+        if own {
+            recovered.next_index = recovered.next_index.max(chunk.index.saturating_add(1));
+        }
+        recovered.chunks.insert(
+            chunk,
+            ChunkMeta {
+                size,
+                // Replicas learn completeness from the owner.
+                complete: own,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Truncates `path` back to just past its last `\n`; returns the new size.
+pub(super) fn cut_torn_tail(path: &Path) -> Result<u64, StorageError> {
+    let ctx = |what: &str| format!("cannot {what} chunk {}", path.display());
+    let file = File::open(path).map_err(|e| StorageError::io(ctx("open"), e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| StorageError::io(ctx("stat"), e))?
+        .len();
+    let keep = whole_lines_len(&file, len).map_err(|e| StorageError::io(ctx("read"), e))?;
+    if keep != len {
+        tracing::warn!(path = %path.display(), size = len, kept = keep, "cutting a torn tail back to the last whole line");
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| StorageError::io(ctx("open for truncation"), e))?;
+        file.set_len(keep)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| StorageError::io(ctx("truncate"), e))?;
+    }
+    Ok(keep)
+}
+
+/// Length of the prefix of `file` (of `len` bytes) that ends with `\n`.
+fn whole_lines_len(file: &File, len: u64) -> std::io::Result<u64> {
+    if len == 0 {
+        return Ok(0);
+    }
+    // The common case, a clean file, costs one 1-byte read.
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len - 1)?;
+    if last[0] == b'\n' {
+        return Ok(len);
+    }
+    let mut end = len;
+    let mut buf = vec![0u8; TAIL_SCAN_BYTES as usize];
+    while end > 0 {
+        let start = end.saturating_sub(TAIL_SCAN_BYTES);
+        let block = &mut buf[..(end - start) as usize];
+        file.read_exact_at(block, start)?;
+        if let Some(pos) = memchr::memrchr(b'\n', block) {
+            return Ok(start + pos as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torn_tails_are_cut_to_the_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n-chunk000000000");
+        for (content, want) in [
+            (&b""[..], 0u64),
+            (b"a\n", 2),
+            (b"a\nbc", 2),
+            (b"partial", 0),
+            (b"a\nb\n\n", 5),
+        ] {
+            std::fs::write(&p, content).unwrap();
+            assert_eq!(cut_torn_tail(&p).unwrap(), want);
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), want);
+        }
+        // A torn line longer than one scan block.
+        let mut big = b"first\n".to_vec();
+        big.extend(std::iter::repeat_n(b'x', 3 * TAIL_SCAN_BYTES as usize));
+        std::fs::write(&p, &big).unwrap();
+        assert_eq!(cut_torn_tail(&p).unwrap(), 6);
+    }
+
+    #[test]
+    fn scan_finds_categories_and_completes_own_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = dir.path().join("app");
+        std::fs::create_dir(&cat).unwrap();
+        std::fs::create_dir(dir.path().join(".hidden")).unwrap();
+        std::fs::write(cat.join("me-chunk000000000"), b"1\n2\n").unwrap();
+        std::fs::write(cat.join("me-chunk000000003"), b"3\n4").unwrap();
+        std::fs::write(cat.join("peer-chunk000000007"), b"x\n").unwrap();
+        std::fs::write(cat.join("notes.txt"), b"?").unwrap();
+        let found = scan(dir.path(), "me").unwrap();
+        assert_eq!(found.keys().collect::<Vec<_>>(), ["app"]);
+        let app = &found["app"];
+        assert_eq!(app.next_index, 4);
+        let metas: Vec<_> = app
+            .chunks
+            .iter()
+            .map(|(n, m)| (n.to_string(), m.size, m.complete))
+            .collect();
+        assert_eq!(
+            metas,
+            [
+                ("me-chunk000000000".to_string(), 4, true),
+                ("me-chunk000000003".to_string(), 2, true),
+                ("peer-chunk000000007".to_string(), 2, false),
+            ]
+        );
+    }
+}

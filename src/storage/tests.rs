@@ -1,0 +1,327 @@
+//! Unit and property tests of the chunk store.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::*;
+
+fn opts(dir: &Path, max_chunk_bytes: u64) -> StorageOptions {
+    StorageOptions {
+        data_dir: dir.to_owned(),
+        node: "n1".into(),
+        max_chunk_bytes,
+        rotate_after: Duration::from_secs(3600),
+        sync: SyncPolicy::Always,
+        disk_high_water_percent: 100,
+    }
+}
+
+async fn read_all(s: &Storage, cat: &str, chunk: &ChunkName) -> Vec<u8> {
+    s.read(
+        cat,
+        chunk,
+        0,
+        u64::MAX >> 1,
+        Duration::ZERO,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+    .data
+    .to_vec()
+}
+
+fn lines(text: &str) -> (Bytes, u64) {
+    (
+        Bytes::from(text.to_owned()),
+        text.matches('\n').count() as u64,
+    )
+}
+
+#[tokio::test]
+async fn appends_are_contiguous_and_rotate_by_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(opts(dir.path(), 10), Metrics::new())
+        .await
+        .unwrap();
+    let (d, n) = lines("aaaa\n");
+    let a = s.append("app", d, n, true).await.unwrap();
+    assert_eq!(
+        (a.chunk.to_string().as_str(), a.offset, a.next_offset),
+        ("n1-chunk000000000", 0, 5)
+    );
+    let (d, n) = lines("bbbb\n");
+    let b = s.append("app", d, n, false).await.unwrap();
+    assert_eq!((b.offset, b.next_offset), (5, 10));
+    // Would pass 10 bytes: goes to a new chunk.
+    let (d, n) = lines("c\n");
+    let c = s.append("app", d, n, true).await.unwrap();
+    assert_eq!((c.chunk.index, c.offset), (1, 0));
+    // Bigger than a chunk on its own: a fresh chunk holds it whole.
+    let (d, n) = lines("0123456789abcdef\nx\n");
+    let big = s.append("app", d, n, true).await.unwrap();
+    assert_eq!((big.chunk.index, big.offset, big.lines), (2, 0, 2));
+    let list = s.chunks("app").unwrap();
+    let states: Vec<_> = list
+        .iter()
+        .map(|c| (c.name.index, c.meta.size, c.meta.complete))
+        .collect();
+    assert_eq!(states, [(0, 10, true), (1, 2, true), (2, 19, false)]);
+    assert_eq!(read_all(&s, "app", &a.chunk).await, b"aaaa\nbbbb\n");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn age_rotation_completes_and_wakes_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path(), 1 << 20);
+    o.rotate_after = Duration::from_millis(100);
+    let s = Storage::open(o, Metrics::new()).await.unwrap();
+    let (d, n) = lines("x\n");
+    let a = s.append("app", d, n, false).await.unwrap();
+    // A long-poll at the end returns when the timer completes the chunk.
+    let r = s
+        .read(
+            "app",
+            &a.chunk,
+            2,
+            100,
+            Duration::from_secs(30),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert!(r.meta.complete);
+    assert!(r.data.is_empty());
+    // The timer created no new, empty chunk.
+    assert_eq!(s.chunks("app").unwrap().len(), 1);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn long_poll_wakes_on_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(opts(dir.path(), 1 << 20), Metrics::new())
+        .await
+        .unwrap();
+    let (d, n) = lines("first\n");
+    let a = s.append("app", d, n, false).await.unwrap();
+    let reader = {
+        let s = s.clone();
+        let chunk = a.chunk.clone();
+        tokio::spawn(async move {
+            s.read(
+                "app",
+                &chunk,
+                6,
+                100,
+                Duration::from_secs(30),
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap()
+        })
+    };
+    // The reader is parked; this append wakes it.
+    let (d, n) = lines("second\n");
+    s.append("app", d, n, false).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&r.data[..], b"second\n");
+    assert_eq!(r.next_offset, 13);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn restart_completes_the_open_chunk_and_cuts_torn_tails() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(opts(dir.path(), 1 << 20), Metrics::new())
+        .await
+        .unwrap();
+    let (d, n) = lines("one\ntwo\n");
+    let a = s.append("app", d, n, true).await.unwrap();
+    s.shutdown().await;
+    drop(s);
+    // A crash in the middle of a write.
+    let path = dir.path().join("app").join(a.chunk.to_string());
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"thr").unwrap();
+    let s = Storage::open(opts(dir.path(), 1 << 20), Metrics::new())
+        .await
+        .unwrap();
+    let list = s.chunks("app").unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!((list[0].meta.size, list[0].meta.complete), (8, true));
+    let (d, n) = lines("four\n");
+    let b = s.append("app", d, n, true).await.unwrap();
+    assert_eq!((b.chunk.index, b.offset), (1, 0));
+    assert_eq!(std::fs::read(&path).unwrap(), b"one\ntwo\n");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn second_storage_on_a_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(opts(dir.path(), 1 << 20), Metrics::new())
+        .await
+        .unwrap();
+    let err = Storage::open(opts(dir.path(), 1 << 20), Metrics::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Locked { .. }), "{err}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_names_never_reach_the_file_system() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(opts(dir.path(), 1 << 20), Metrics::new())
+        .await
+        .unwrap();
+    for bad in ["..", "../x", "/etc", "a/b", "a\0b", ""] {
+        let (d, n) = lines("x\n");
+        let err = s.append(bad, d, n, false).await.unwrap_err();
+        assert!(matches!(err, StorageError::Name(_)), "{bad:?}: {err}");
+    }
+    let entries: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, [std::ffi::OsString::from(lock::LOCK_FILE)]);
+    s.shutdown().await;
+}
+
+/// One step of the property test.
+#[derive(Debug, Clone)]
+enum Op {
+    /// Append these lines (each without its newline) to a category.
+    Append {
+        cat: usize,
+        lines: Vec<String>,
+        sync: bool,
+    },
+    /// Complete the open chunk of a category.
+    Rotate { cat: usize },
+    /// Stop the store and open it again.
+    Restart,
+}
+
+const CATS: [&str; 2] = ["a", "b.c"];
+const MODEL_MAX_CHUNK_BYTES: u64 = 48;
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0..CATS.len(), prop::collection::vec("[a-z0-9 ]{0,20}", 1..4), any::<bool>())
+            .prop_map(|(cat, lines, sync)| Op::Append { cat, lines, sync }),
+        1 => (0..CATS.len()).prop_map(|cat| Op::Rotate { cat }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+/// The model: per category, the chunks in order (content, complete).
+#[derive(Debug, Default, Clone)]
+struct Model {
+    chunks: Vec<(Vec<u8>, bool)>,
+}
+
+impl Model {
+    fn open(&mut self) -> Option<&mut (Vec<u8>, bool)> {
+        self.chunks.last_mut().filter(|c| !c.1)
+    }
+
+    fn append(&mut self, data: &[u8]) -> (u32, u64) {
+        if let Some(open) = self.open()
+            && !open.0.is_empty()
+            && (open.0.len() + data.len()) as u64 > MODEL_MAX_CHUNK_BYTES
+        {
+            open.1 = true;
+        }
+        if self.open().is_none() {
+            self.chunks.push((Vec::new(), false));
+        }
+        let index = self.chunks.len() as u32 - 1;
+        let open = self.open().unwrap();
+        let offset = open.0.len() as u64;
+        open.0.extend_from_slice(data);
+        (index, offset)
+    }
+
+    fn complete_all(&mut self) {
+        for c in &mut self.chunks {
+            c.1 = true;
+        }
+    }
+}
+
+async fn check(s: &Storage, models: &[Model]) {
+    for (cat, model) in CATS.iter().zip(models) {
+        let got = match s.chunks(cat) {
+            Ok(list) => list,
+            Err(StorageError::UnknownCategory(_)) => Vec::new(),
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(got.len(), model.chunks.len(), "category {cat}");
+        for (i, (status, (content, complete))) in got.iter().zip(&model.chunks).enumerate() {
+            assert_eq!(status.name, ChunkName::new("n1", i as u32));
+            assert_eq!(status.meta.size, content.len() as u64);
+            assert_eq!(status.meta.complete, *complete, "chunk {i} of {cat}");
+            assert_eq!(read_all(s, cat, &status.name).await, *content);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn chunk_log_matches_model(ops in prop::collection::vec(op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let o = opts(dir.path(), MODEL_MAX_CHUNK_BYTES);
+            let mut s = Storage::open(o.clone(), Metrics::new()).await.unwrap();
+            let mut models = vec![Model::default(); CATS.len()];
+            for op in ops {
+                match op {
+                    Op::Append { cat, lines, sync } => {
+                        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+                        let (index, offset) = models[cat].append(text.as_bytes());
+                        let got = s
+                            .append(CATS[cat], Bytes::from(text.clone()), lines.len() as u64, sync)
+                            .await
+                            .unwrap();
+                        assert_eq!(got.chunk, ChunkName::new("n1", index));
+                        assert_eq!(got.offset, offset);
+                        assert_eq!(got.next_offset, offset + text.len() as u64);
+                    }
+                    Op::Rotate { cat } => {
+                        if let Some(open) = models[cat].open() {
+                            open.1 = true;
+                        }
+                        match s.rotate(CATS[cat]).await {
+                            Ok(()) | Err(StorageError::UnknownCategory(_)) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    Op::Restart => {
+                        s.shutdown().await;
+                        drop(s);
+                        for m in &mut models {
+                            m.complete_all();
+                        }
+                        s = Storage::open(o.clone(), Metrics::new()).await.unwrap();
+                    }
+                }
+                check(&s, &models).await;
+            }
+            s.shutdown().await;
+        });
+    }
+}
