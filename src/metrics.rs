@@ -64,6 +64,8 @@ pub struct Metrics {
     pub group_commit_requests: Histogram,
     /// Request body bytes held in memory now.
     pub inflight_bytes: Gauge,
+    /// Readers parked in a long poll.
+    pub read_waiters: Gauge,
     /// Requests refused because of load or disk pressure.
     pub shed_requests: Counter,
     /// Bytes used on the data directory's file system.
@@ -88,6 +90,7 @@ impl Metrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             group_commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             inflight_bytes: Gauge::default(),
+            read_waiters: Gauge::default(),
             shed_requests: Counter::default(),
             disk_used_bytes: Gauge::default(),
             disk_total_bytes: Gauge::default(),
@@ -126,6 +129,11 @@ impl Metrics {
             "inflight_bytes",
             "Request body bytes held in memory (bounded by --max-inflight-bytes)",
             m.inflight_bytes.clone(),
+        );
+        r.register(
+            "read_waiters",
+            "Readers parked in a long poll, waiting for an append",
+            m.read_waiters.clone(),
         );
         r.register(
             "shed_requests",

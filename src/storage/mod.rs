@@ -393,11 +393,14 @@ impl Storage {
             if offset != meta.size || meta.complete || waited_out {
                 break meta;
             }
+            let waiters = &self.shared.metrics.read_waiters;
+            waiters.inc();
             tokio::select! {
                 r = changes.changed() => if r.is_err() { waited_out = true },
                 _ = tokio::time::sleep_until(deadline) => waited_out = true,
                 _ = stop.cancelled() => waited_out = true,
             }
+            waiters.dec();
         };
         let path = cat.chunk_path(chunk);
         let name = chunk.to_string();

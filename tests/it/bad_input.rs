@@ -1,0 +1,293 @@
+//! Bad input gets a clear JSON error with the right status, and nothing is
+//! written: names, parameters, sizes, encodings, load and disk pressure.
+
+use std::time::Duration;
+
+use chunkbus_client::ErrorBody;
+use reqwest::StatusCode;
+
+use crate::harness::{TestNode, raw_request, tree, wait_for_metric};
+
+fn error_of(body: &str) -> String {
+    serde_json::from_str::<ErrorBody>(body)
+        .unwrap_or_else(|e| panic!("not a JSON error body {body:?}: {e}"))
+        .error
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_names_never_reach_the_file_system() {
+    let node = TestNode::start().await;
+    let long = "a".repeat(129);
+    let bad_categories = [
+        "..", "%2e%2e", "%2E%2E", ".", "%2e", "a%2Fb", "%2Fetc", "a%00b", "a%5Cb", ".hidden", "-x",
+        "a%20b", "%C3%A9", "%FF", &long,
+    ];
+    for cat in bad_categories {
+        for (method, target) in [
+            ("POST", format!("/v1/categories/{cat}/lines")),
+            ("GET", format!("/v1/categories/{cat}/chunks")),
+            (
+                "GET",
+                format!("/v1/categories/{cat}/chunks/t1-chunk000000000"),
+            ),
+            ("POST", format!("/write?category={cat}")),
+            ("GET", format!("/listChunks?category={cat}")),
+            (
+                "GET",
+                format!("/read?category={cat}&chunk=t1-chunk000000000&off=0&max_size=10"),
+            ),
+        ] {
+            let (status, body) = raw_request(node.addr, method, &target, b"x\n").await;
+            assert_eq!(status, 400, "{method} {target}: {body}");
+            assert!(!error_of(&body).is_empty());
+        }
+    }
+    let bad_chunks = [
+        "..",
+        "%2e%2e",
+        "t1-chunk1",
+        "t1-chunk0000000001",
+        "t1-chunkabcdefghi",
+        "..%2Ft1-chunk000000000",
+        "t1.x-chunk000000000",
+        "-chunk000000000",
+    ];
+    for chunk in bad_chunks {
+        let (status, body) = raw_request(
+            node.addr,
+            "GET",
+            &format!("/v1/categories/app/chunks/{chunk}"),
+            b"",
+        )
+        .await;
+        assert_eq!(status, 400, "{chunk}: {body}");
+        assert!(error_of(&body).contains("chunk"), "{body}");
+    }
+    // Literal dot segments are not normalised into another route.
+    let (status, _) = raw_request(node.addr, "POST", "/v1/categories/../lines", b"x\n").await;
+    assert_eq!(status, 400);
+    assert_eq!(tree(&node.dir), [".lock"]);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_parameters_are_400() {
+    let node = TestNode::start().await;
+    assert_eq!(node.post("app", "", "x\n").await.status(), StatusCode::OK);
+    for (method, target, words) in [
+        ("POST", "/v1/categories/app/lines?sync=maybe", "sync"),
+        (
+            "POST",
+            "/v1/categories/app/lines?min_replicas=x",
+            "min_replicas",
+        ),
+        ("POST", "/v1/categories/app/lines?min_replicas=1", "peers"),
+        ("POST", "/v1/categories/app/lines?timeout=soon", "timeout"),
+        ("POST", "/write?category=app&min_sync_replicas=1", "peers"),
+        ("POST", "/write", "category"),
+        (
+            "GET",
+            "/v1/categories/app/chunks/t1-chunk000000000?offset=-1",
+            "offset",
+        ),
+        (
+            "GET",
+            "/v1/categories/app/chunks/t1-chunk000000000?max_bytes=0",
+            "max_bytes",
+        ),
+        (
+            "GET",
+            "/v1/categories/app/chunks/t1-chunk000000000?max_bytes=16777217",
+            "16 MiB",
+        ),
+        (
+            "GET",
+            "/v1/categories/app/chunks/t1-chunk000000000?wait=forever",
+            "wait",
+        ),
+        (
+            "GET",
+            "/v1/categories/app/chunks/t1-chunk000000000?wait=1h",
+            "limit",
+        ),
+        ("GET", "/v1/categories/app/chunks?owner=a.b", "node"),
+        ("GET", "/v1/categories/app/chunks?after=x", "chunk"),
+        ("GET", "/v1/categories/app/chunks?limit=many", "limit"),
+        (
+            "GET",
+            "/read?category=app&chunk=t1-chunk000000000&max_size=20000000",
+            "max_size",
+        ),
+        ("GET", "/read?category=app", "chunk"),
+    ] {
+        let (status, body) = raw_request(node.addr, method, target, b"y\n").await;
+        assert_eq!(status, 400, "{method} {target}: {body}");
+        let e = error_of(&body);
+        assert!(e.contains(words), "{target}: {e}");
+    }
+    // None of the refused writes landed.
+    assert_eq!(node.files("app")[0].1, b"x\n");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_lines_and_bodies_are_413_and_write_nothing() {
+    let node = TestNode::start_with(|c| {
+        c.max_line_bytes = 100;
+        c.max_body_bytes = 1000;
+    })
+    .await;
+    let long_line = format!("ok\n{}\nok\n", "x".repeat(101));
+    let r = node.post("app", "", long_line).await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let e = r.json::<ErrorBody>().await.unwrap().error;
+    assert!(
+        e.contains("line 2") && e.contains("101 bytes") && e.contains("100B"),
+        "{e}"
+    );
+
+    let r = node.post("app", "", "y\n".repeat(501)).await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let e = r.json::<ErrorBody>().await.unwrap().error;
+    assert!(e.contains("--max-body-bytes") && e.contains("1000B"), "{e}");
+
+    // Without Content-Length (chunked transfer), the limit holds while reading.
+    let stream =
+        futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>("z\n".repeat(50))));
+    let r = node
+        .http
+        .post(node.url("/v1/categories/app/lines"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // A small gzip body that decodes past the limit.
+    let gz = {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(&b"q\n".repeat(10_000)).unwrap();
+        e.finish().unwrap()
+    };
+    let r = node
+        .http
+        .post(node.url("/v1/categories/app/lines"))
+        .header("content-encoding", "gzip")
+        .body(gz)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(node.files("app").is_empty());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_encodings_are_415_and_bad_json_is_400() {
+    let node = TestNode::start().await;
+    for (enc, body) in [
+        ("br", &b"x\n"[..]),
+        ("gzip", b"not gzip"),
+        ("zstd", b"not zstd"),
+        ("deflate", b"nope"),
+    ] {
+        let r = node
+            .http
+            .post(node.url("/v1/categories/app/lines"))
+            .header("content-encoding", enc)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{enc}");
+        let e = r.json::<ErrorBody>().await.unwrap().error;
+        assert!(
+            e.contains(if enc == "br" {
+                "Content-Encoding"
+            } else {
+                "not valid"
+            }),
+            "{e}"
+        );
+    }
+    let r = node
+        .http
+        .post(node.url("/v1/categories/app/lines"))
+        .header("content-type", "application/json")
+        .body("[{\"a\": 1}, {broken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(
+        r.json::<ErrorBody>()
+            .await
+            .unwrap()
+            .error
+            .contains("JSON array")
+    );
+    assert!(node.files("app").is_empty());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inflight_limit_sheds_with_503_and_retry_after() {
+    let node = TestNode::start_with(|c| {
+        c.max_body_bytes = 1 << 20;
+        c.max_inflight_bytes = 1 << 20;
+    })
+    .await;
+    // A slow request that has announced 600 KB holds that much of the budget.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let slow = {
+        let req = node
+            .http
+            .post(node.url("/v1/categories/app/lines"))
+            .header("content-length", "600000")
+            .body(reqwest::Body::wrap_stream(stream));
+        tokio::spawn(async move { req.send().await.unwrap() })
+    };
+    tx.send(Ok(b"a\n".repeat(1000))).await.unwrap();
+    wait_for_metric(&node, "chunkbus_inflight_bytes 600001").await;
+    let r = node.post("app", "", "b\n".repeat(250_000)).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let e = r.json::<ErrorBody>().await.unwrap().error;
+    assert!(e.contains("--max-inflight-bytes"), "{e}");
+    // The slow request completes; the budget is released.
+    tx.send(Ok(b"a\n".repeat(299_000))).await.unwrap();
+    drop(tx);
+    let done = tokio::time::timeout(Duration::from_secs(20), slow)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status(), StatusCode::OK);
+    wait_for_metric(&node, "chunkbus_inflight_bytes 0").await;
+    assert_eq!(node.post("app", "", "c\n").await.status(), StatusCode::OK);
+    assert_eq!(node.files("app")[0].1.len(), 600_002);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_above_high_water_sheds_with_503() {
+    let tmp = tempfile::tempdir().unwrap();
+    let st = rustix::fs::statvfs(tmp.path()).unwrap();
+    let used = st.f_blocks - st.f_bfree;
+    assert!(
+        used * 100 > st.f_blocks,
+        "this test needs a file system more than 1% used"
+    );
+    let mut cfg = crate::harness::config(tmp.path());
+    cfg.disk_high_water_percent = 1;
+    let node = TestNode::start_config(cfg).await;
+    let r = node.post("app", "", "x\n").await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let e = r.json::<ErrorBody>().await.unwrap().error;
+    assert!(e.contains("--disk-high-water"), "{e}");
+    assert!(node.files("app").is_empty());
+    node.stop().await;
+}

@@ -1,0 +1,288 @@
+//! Test harness: nodes on `127.0.0.1:0`, in-process ([`TestNode`]) or as the
+//! real binary ([`BinNode`]), and polling helpers with named deadlines.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use chunkbus::config::ServeConfig;
+use chunkbus::storage::SyncPolicy;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+/// How long a node may take to start.
+pub const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A node's configuration with test defaults (small, fast, on a temp dir).
+pub fn config(dir: &Path) -> ServeConfig {
+    ServeConfig {
+        data_dir: dir.to_owned(),
+        node: "t1".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_chunk_bytes: 64 << 20,
+        rotate_after: Duration::from_secs(3600),
+        sync: SyncPolicy::Always,
+        max_line_bytes: 1 << 20,
+        max_body_bytes: 8 << 20,
+        max_inflight_bytes: 64 << 20,
+        disk_high_water_percent: 100,
+    }
+}
+
+/// A node running in this process.
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), chunkbus::server::ServeError>>,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestNode {
+    /// A node with the test defaults on a fresh temp dir.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A node whose config `tweak` adjusts.
+    pub async fn start_with(tweak: impl FnOnce(&mut ServeConfig)) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path());
+        tweak(&mut cfg);
+        let mut node = Self::start_config(cfg).await;
+        node._tmp = Some(tmp);
+        node
+    }
+
+    /// A node with exactly `cfg` (its data dir is not removed afterwards).
+    pub async fn start_config(cfg: ServeConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let dir = cfg.data_dir.clone();
+        let task = tokio::spawn(chunkbus::server::run(cfg, listener, stop.clone()));
+        let node = Self {
+            addr,
+            http: reqwest::Client::new(),
+            stop,
+            task,
+            dir,
+            _tmp: None,
+        };
+        wait_healthy(&node.http, &node.url("/healthz")).await;
+        node
+    }
+
+    /// `http://ADDR{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops the node gracefully and waits for it.
+    pub async fn stop(self) -> Option<tempfile::TempDir> {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+        self._tmp
+    }
+
+    /// POSTs `body` to `/v1/categories/{cat}/lines{query}`.
+    pub async fn post(
+        &self,
+        cat: &str,
+        query: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/v1/categories/{cat}/lines{query}")))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// GETs `path` and returns the response.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// Concatenation of every chunk of `cat` as files on disk, in list order.
+    pub fn files(&self, cat: &str) -> Vec<(String, Vec<u8>)> {
+        chunk_files(&self.dir.join(cat))
+    }
+}
+
+/// Every chunk file of a category directory, sorted by name.
+pub fn chunk_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<_> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .map(|e| e.unwrap())
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    out.sort();
+    out
+}
+
+/// Polls `/healthz` until it answers, within [`START_DEADLINE`].
+pub async fn wait_healthy(http: &reqwest::Client, url: &str) {
+    let deadline = tokio::time::Instant::now() + START_DEADLINE;
+    loop {
+        if let Ok(r) = http.get(url).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node at {url} did not become healthy within {START_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The real `chunkbus` binary, running.
+pub struct BinNode {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl BinNode {
+    /// Runs `chunkbus serve --listen 127.0.0.1:0 --data-dir DIR ARGS...` and
+    /// waits for its "listening" line.
+    pub async fn start(dir: &Path, args: &[&str]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chunkbus"));
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--node",
+            "t1",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .args(args);
+        Self::spawn(cmd).await
+    }
+
+    /// Spawns `cmd` (which must run `chunkbus serve`) and waits for it to listen.
+    pub async fn spawn(mut cmd: Command) -> Self {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawn chunkbus");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(START_DEADLINE, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(rest) = line.strip_prefix("chunkbus listening on http://") {
+                    return rest.parse::<SocketAddr>().unwrap();
+                }
+            }
+            panic!("chunkbus exited before listening");
+        })
+        .await
+        .expect("chunkbus did not start in time");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child, addr }
+    }
+
+    /// `http://ADDR{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends `sig` to the process.
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id().unwrap() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// How long a condition may take to become true.
+pub const CONDITION_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `/metrics` until it contains the line `want`.
+pub async fn wait_for_metric(node: &TestNode, want: &str) {
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    loop {
+        let text = node.get("/metrics").await.text().await.unwrap();
+        if text.lines().any(|l| l == want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metric line {want:?} did not appear within {CONDITION_DEADLINE:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends one HTTP/1.1 request exactly as written (no URL normalisation, so
+/// `..` and `%2e%2e` reach the server) and returns status and body.
+pub async fn raw_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    body: &[u8],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {target} HTTP/1.1\r\nhost: test\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(CONDITION_DEADLINE, s.read_to_end(&mut resp))
+        .await
+        .expect("no answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Every entry under `dir`, relative, sorted (to prove nothing was created).
+pub fn tree(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .into_iter()
+        .map(|e| {
+            e.unwrap()
+                .path()
+                .strip_prefix(dir)
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect();
+    out.sort();
+    out
+}

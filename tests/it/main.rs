@@ -1,0 +1,9 @@
+//! Black-box tests of chunkbus through HTTP: in-process nodes on
+//! `127.0.0.1:0` for the API, the real binary for crashes and signals.
+
+mod api;
+mod bad_input;
+mod binary;
+mod chukcha;
+mod crash;
+mod harness;
