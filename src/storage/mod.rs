@@ -212,6 +212,7 @@ impl Storage {
         let s = &self.shared;
         let (tx, rx) = mpsc::channel(WRITER_QUEUE_MESSAGES);
         let (sync_tx, sync_rx) = mpsc::channel(SYNC_QUEUE_JOBS);
+        let (synced_tx, synced_rx) = mpsc::unbounded_channel();
         let dir = s.opts.data_dir.join(&name);
         let cat = Arc::new(Category::new(
             name.clone(),
@@ -230,11 +231,24 @@ impl Storage {
             },
             next_index,
             sync_tx,
+            synced_rx,
             s.disk.clone(),
             s.opts.data_dir.clone(),
+            s.metrics.clone(),
         );
         s.tasks.spawn(writer.run(rx, s.cancel.clone()));
-        s.tasks.spawn(syncer::run(sync_rx, s.metrics.clone()));
+        let (metrics, token) = (s.metrics.clone(), s.tasks.token());
+        let spawned = std::thread::Builder::new()
+            .name(format!("chunkbus-sync-{name}"))
+            .spawn(move || {
+                syncer::run(sync_rx, synced_tx, metrics);
+                drop(token);
+            });
+        if let Err(e) = spawned {
+            // Without a syncer, sync writes are answered with an error
+            // (their job cannot be queued); the node keeps serving the rest.
+            tracing::error!(category = %name, error = %e, "cannot start the group-commit thread");
+        }
         cat
     }
 

@@ -26,9 +26,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::category::{Category, ChunkMeta};
-use super::syncer::{Reply, SyncJob};
+use super::syncer::{Reply, SyncJob, Synced};
+use crate::metrics::Metrics;
 use super::{Appended, StorageError, SyncPolicy, fsync_dir};
 
+/// Runs up to this size are written on the async worker itself; larger
+/// ones go to the blocking pool.
+const INLINE_WRITE_MAX_BYTES: usize = 256 * 1024;
 /// Most queued messages handled in one round.
 const MAX_BATCH_MESSAGES: usize = 1024;
 
@@ -77,9 +81,13 @@ pub(crate) struct Writer {
     cfg: WriterConfig,
     next_index: u32,
     open: Option<OpenChunk>,
-    syncer: mpsc::Sender<SyncJob>,
+    /// Queue of the group-commit thread; `None` once shutting down.
+    syncer: Option<mpsc::Sender<SyncJob>>,
+    /// Jobs the group-commit thread has made durable, to answer.
+    synced: mpsc::UnboundedReceiver<Synced>,
     disk: Arc<super::disk::DiskMonitor>,
     data_dir: std::path::PathBuf,
+    metrics: Arc<Metrics>,
 }
 
 impl Writer {
@@ -88,17 +96,21 @@ impl Writer {
         cfg: WriterConfig,
         next_index: u32,
         syncer: mpsc::Sender<SyncJob>,
+        synced: mpsc::UnboundedReceiver<Synced>,
         disk: Arc<super::disk::DiskMonitor>,
         data_dir: std::path::PathBuf,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             cat,
             cfg,
             next_index,
             open: None,
-            syncer,
+            syncer: Some(syncer),
+            synced,
             disk,
             data_dir,
+            metrics,
         }
     }
 
@@ -118,6 +130,7 @@ impl Writer {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
+                Some(synced) = self.synced.recv() => synced.answer(&self.metrics),
                 n = rx.recv_many(&mut batch, MAX_BATCH_MESSAGES) => {
                     if n == 0 {
                         break;
@@ -134,6 +147,25 @@ impl Writer {
             self.handle(&mut batch).await;
         }
         self.flush_in_background().await;
+        // Let the group-commit thread finish, then answer what it synced.
+        self.syncer = None;
+        while let Some(synced) = self.synced.recv().await {
+            synced.answer(&self.metrics);
+        }
+    }
+
+    /// Hands a job to the group-commit thread, or fails its requests when
+    /// that thread is gone.
+    async fn queue_sync(&self, job: SyncJob) {
+        let sent = match &self.syncer {
+            Some(tx) => tx.send(job).await.map_err(|e| e.0),
+            None => Err(job),
+        };
+        if let Err(job) = sent {
+            for (reply, _) in job.replies {
+                let _ = reply.send(Err(StorageError::ShuttingDown));
+            }
+        }
     }
 
     async fn handle(&mut self, batch: &mut Vec<WriterMsg>) {
@@ -179,9 +211,15 @@ impl Writer {
         let start = open.size;
         let file = open.file.clone();
         let bufs: Vec<Bytes> = run.iter().map(|r| r.data.clone()).collect();
-        let written = tokio::task::spawn_blocking(move || write_all_at(&file, &bufs, start))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let total: usize = bufs.iter().map(Bytes::len).sum();
+        let written = if total <= INLINE_WRITE_MAX_BYTES {
+            // A small copy into the page cache: cheaper than two thread switches.
+            write_all_at(&file, &bufs, start)
+        } else {
+            tokio::task::spawn_blocking(move || write_all_at(&file, &bufs, start))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        };
         if let Err(e) = written {
             let err = StorageError::io(format!("cannot append to chunk {}", open.name), e);
             tracing::warn!(category = %self.cat.name, chunk = %open.name, error = %err, "append failed; cutting the chunk back");
@@ -236,11 +274,7 @@ impl Writer {
                 file: open.file.clone(),
                 replies: to_sync,
             };
-            if let Err(mpsc::error::SendError(job)) = self.syncer.send(job).await {
-                for (reply, _) in job.replies {
-                    let _ = reply.send(Err(StorageError::ShuttingDown));
-                }
-            }
+            self.queue_sync(job).await;
         }
     }
 
@@ -314,13 +348,11 @@ impl Writer {
         tracing::debug!(category = %self.cat.name, chunk = %open.name, size = open.size, "chunk completed");
         if open.dirty {
             // Complete chunks are flushed in the background whatever the sync policy.
-            let _ = self
-                .syncer
-                .send(SyncJob {
-                    file: open.file,
-                    replies: Vec::new(),
-                })
-                .await;
+            self.queue_sync(SyncJob {
+                file: open.file,
+                replies: Vec::new(),
+            })
+            .await;
         }
     }
 
@@ -328,13 +360,11 @@ impl Writer {
     async fn flush_in_background(&mut self) {
         if let Some(open) = self.open.as_mut().filter(|o| o.dirty) {
             open.dirty = false;
-            let _ = self
-                .syncer
-                .send(SyncJob {
-                    file: open.file.clone(),
-                    replies: Vec::new(),
-                })
-                .await;
+            let job = SyncJob {
+                file: open.file.clone(),
+                replies: Vec::new(),
+            };
+            self.queue_sync(job).await;
         }
     }
 }
