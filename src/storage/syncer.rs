@@ -83,7 +83,9 @@ pub(super) fn run(
                 result = Err(StorageError::io("cannot flush chunk to stable storage", e));
                 break;
             }
-            metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
+            metrics
+                .fsync_seconds
+                .observe(started.elapsed().as_secs_f64());
         }
         let synced = Synced {
             jobs: std::mem::take(&mut jobs),

@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::category::{Category, ChunkMeta};
 use super::syncer::{Reply, SyncJob, Synced};
-use crate::metrics::Metrics;
 use super::{Appended, StorageError, SyncPolicy, fsync_dir};
+use crate::metrics::Metrics;
 
 /// Runs up to this size are written on the async worker itself; larger
 /// ones go to the blocking pool.

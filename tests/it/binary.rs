@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use rustix::process::Signal;
 use tokio::process::Command;
 
-use crate::harness::{BinNode, chunk_files};
+use crate::harness::{BinNode, chunk_files, wait_for_metric_at};
 
 const EXIT_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -55,6 +55,7 @@ async fn sigterm_finishes_requests_and_exits_zero() {
         .get(node.url("/v1/categories/app/chunks/t1-chunk000000000?offset=4&wait=5m"))
         .send();
     let poll = tokio::spawn(poll);
+    wait_for_metric_at(&http, &node.url(""), "chunkbus_read_waiters 1").await;
     node.signal(Signal::TERM);
     let status = tokio::time::timeout(EXIT_DEADLINE, node.child.wait())
         .await

@@ -219,11 +219,18 @@ impl BinNode {
 /// How long a condition may take to become true.
 pub const CONDITION_DEADLINE: Duration = Duration::from_secs(20);
 
-/// Polls `/metrics` until it contains the line `want`.
-pub async fn wait_for_metric(node: &TestNode, want: &str) {
+/// Polls `/metrics` of the node at `base` until it has the line `want`.
+pub async fn wait_for_metric_at(http: &reqwest::Client, base: &str, want: &str) {
     let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
     loop {
-        let text = node.get("/metrics").await.text().await.unwrap();
+        let text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         if text.lines().any(|l| l == want) {
             return;
         }
@@ -233,6 +240,11 @@ pub async fn wait_for_metric(node: &TestNode, want: &str) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Polls `/metrics` of `node` until it has the line `want`.
+pub async fn wait_for_metric(node: &TestNode, want: &str) {
+    wait_for_metric_at(&node.http, &node.url(""), want).await;
 }
 
 /// Sends one HTTP/1.1 request exactly as written (no URL normalisation, so
