@@ -33,6 +33,9 @@ use crate::metrics::Metrics;
 /// Runs up to this size are written on the async worker itself; larger
 /// ones go to the blocking pool.
 const INLINE_WRITE_MAX_BYTES: usize = 256 * 1024;
+/// Without sync requests, an open chunk is flushed in the background each
+/// time this many bytes were written to it.
+const FLUSH_EVERY_BYTES: u64 = 16 << 20;
 /// Most queued messages handled in one round.
 const MAX_BATCH_MESSAGES: usize = 1024;
 
@@ -62,8 +65,8 @@ struct OpenChunk {
     size: u64,
     /// When the first byte went in; the chunk completes `rotate_after` later.
     first_write: Option<Instant>,
-    /// Written since the last background flush.
-    dirty: bool,
+    /// Bytes written since the last flush was queued.
+    unflushed_bytes: u64,
 }
 
 /// Settings the writer needs.
@@ -258,7 +261,7 @@ impl Writer {
             }
         }
         open.size = offset;
-        open.dirty = true;
+        open.unflushed_bytes += offset - start;
         open.first_write.get_or_insert_with(Instant::now);
         self.cat.metrics.bytes_in.inc_by(offset - start);
         self.cat.metrics.lines_in.inc_by(lines);
@@ -269,7 +272,11 @@ impl Writer {
                 complete: false,
             },
         );
-        if !to_sync.is_empty() {
+        if !to_sync.is_empty() || open.unflushed_bytes >= FLUSH_EVERY_BYTES {
+            // Requests that asked for sync; or, without them, a flush every
+            // few MiB so that the kernel writes back steadily instead of in
+            // large stalls (RocksDB's bytes_per_sync).
+            open.unflushed_bytes = 0;
             let job = SyncJob {
                 file: open.file.clone(),
                 replies: to_sync,
@@ -327,7 +334,7 @@ impl Writer {
             file: Arc::new(file),
             size: 0,
             first_write: None,
-            dirty: false,
+            unflushed_bytes: 0,
         });
         Ok(())
     }
@@ -346,7 +353,7 @@ impl Writer {
         );
         self.cat.metrics.chunks_completed.inc();
         tracing::debug!(category = %self.cat.name, chunk = %open.name, size = open.size, "chunk completed");
-        if open.dirty {
+        if open.unflushed_bytes > 0 {
             // Complete chunks are flushed in the background whatever the sync policy.
             self.queue_sync(SyncJob {
                 file: open.file,
@@ -358,8 +365,8 @@ impl Writer {
 
     /// Queues a flush of the open chunk if it was written since the last one.
     async fn flush_in_background(&mut self) {
-        if let Some(open) = self.open.as_mut().filter(|o| o.dirty) {
-            open.dirty = false;
+        if let Some(open) = self.open.as_mut().filter(|o| o.unflushed_bytes > 0) {
+            open.unflushed_bytes = 0;
             let job = SyncJob {
                 file: open.file.clone(),
                 replies: Vec::new(),
