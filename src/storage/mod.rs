@@ -228,13 +228,13 @@ impl Storage {
                 max_chunk_bytes: s.opts.max_chunk_bytes,
                 rotate_after: s.opts.rotate_after,
                 sync: s.opts.sync,
+                data_dir: s.opts.data_dir.clone(),
+                disk: s.disk.clone(),
+                metrics: s.metrics.clone(),
             },
             next_index,
             sync_tx,
             synced_rx,
-            s.disk.clone(),
-            s.opts.data_dir.clone(),
-            s.metrics.clone(),
         );
         s.tasks.spawn(writer.run(rx, s.cancel.clone()));
         let (metrics, token) = (s.metrics.clone(), s.tasks.token());

@@ -69,13 +69,16 @@ struct OpenChunk {
     unflushed_bytes: u64,
 }
 
-/// Settings the writer needs.
+/// Settings and shared handles the writer needs.
 #[derive(Debug, Clone)]
 pub(crate) struct WriterConfig {
     pub node: String,
     pub max_chunk_bytes: u64,
     pub rotate_after: Duration,
     pub sync: SyncPolicy,
+    pub data_dir: std::path::PathBuf,
+    pub disk: Arc<super::disk::DiskMonitor>,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug)]
@@ -88,9 +91,6 @@ pub(crate) struct Writer {
     syncer: Option<mpsc::Sender<SyncJob>>,
     /// Jobs the group-commit thread has made durable, to answer.
     synced: mpsc::UnboundedReceiver<Synced>,
-    disk: Arc<super::disk::DiskMonitor>,
-    data_dir: std::path::PathBuf,
-    metrics: Arc<Metrics>,
 }
 
 impl Writer {
@@ -100,9 +100,6 @@ impl Writer {
         next_index: u32,
         syncer: mpsc::Sender<SyncJob>,
         synced: mpsc::UnboundedReceiver<Synced>,
-        disk: Arc<super::disk::DiskMonitor>,
-        data_dir: std::path::PathBuf,
-        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             cat,
@@ -111,9 +108,6 @@ impl Writer {
             open: None,
             syncer: Some(syncer),
             synced,
-            disk,
-            data_dir,
-            metrics,
         }
     }
 
@@ -133,7 +127,7 @@ impl Writer {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                Some(synced) = self.synced.recv() => synced.answer(&self.metrics),
+                Some(synced) = self.synced.recv() => synced.answer(&self.cfg.metrics),
                 n = rx.recv_many(&mut batch, MAX_BATCH_MESSAGES) => {
                     if n == 0 {
                         break;
@@ -153,7 +147,7 @@ impl Writer {
         // Let the group-commit thread finish, then answer what it synced.
         self.syncer = None;
         while let Some(synced) = self.synced.recv().await {
-            synced.answer(&self.metrics);
+            synced.answer(&self.cfg.metrics);
         }
     }
 
@@ -299,8 +293,8 @@ impl Writer {
         let name = ChunkName::new(self.cfg.node.clone(), self.next_index);
         let path = self.cat.chunk_path(&name);
         let dir = self.cat.dir.clone();
-        let data_dir = self.data_dir.clone();
-        let disk = self.disk.clone();
+        let data_dir = self.cfg.data_dir.clone();
+        let disk = self.cfg.disk.clone();
         let file = tokio::task::spawn_blocking(move || {
             let file = OpenOptions::new()
                 .write(true)
