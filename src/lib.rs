@@ -9,10 +9,12 @@
 //! | [`storage`] | chunk files, rotation, recovery, group commit, waking readers |
 //! | [`http`]    | routes (`/v1`, Chukcha compatibility, operations), errors → status codes |
 //! | [`metrics`] | the Prometheus registry of a node |
+//! | [`replication`] | pulling every peer's chunks, `min_replicas`, lost owners |
 //! | [`server`]  | wiring: listener, storage, HTTP, signals, graceful shutdown |
 
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod replication;
 pub mod server;
 pub mod storage;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use chunkbus::config::{Cli, Command, ServeConfig};
+use chunkbus::config::{AdminCommand, Cli, Command, ServeConfig};
 
 /// mimalloc: request handling allocates many short-lived buffers; it cut
 /// allocator time measurably in `scripts/bench` compared with glibc malloc.
@@ -22,17 +22,42 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the async runtime: {e}"))
+    };
     let result = match cli.command {
         Command::Serve(args) => ServeConfig::resolve(args)
             .map_err(|e| e.to_string())
             .and_then(|cfg| {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-                rt.block_on(chunkbus::server::serve(cfg))
+                runtime()?
+                    .block_on(chunkbus::server::serve(cfg))
                     .map_err(|e| e.to_string())
             }),
+        Command::Admin(AdminCommand::ForgetNode { node, server }) => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let client = chunkbus_client::Client::new(&server).map_err(|e| e.to_string())?;
+                let report = client.forget_node(&node).await.map_err(|e| e.to_string())?;
+                println!(
+                    "{}: {} open chunk(s) completed on {server}",
+                    report.node, report.chunks_completed
+                );
+                let mut failed = false;
+                for (peer, outcome) in &report.peers {
+                    println!("  {peer}: {outcome}");
+                    failed |= outcome != "ok";
+                }
+                if failed {
+                    return Err(
+                        "some peers were not reached; run the command again once they are up"
+                            .to_owned(),
+                    );
+                }
+                Ok(())
+            })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

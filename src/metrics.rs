@@ -5,6 +5,7 @@
 //! (bytes, seconds), one label set per family.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -16,6 +17,22 @@ use prometheus_client::registry::Registry;
 /// Labels of per-category families.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CategoryLabels {
+    /// The category.
+    pub category: String,
+}
+
+/// Labels of per-peer families.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// The peer's node name.
+    pub peer: String,
+}
+
+/// Labels of per-peer, per-category families.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerCategoryLabels {
+    /// The peer's node name.
+    pub peer: String,
     /// The category.
     pub category: String,
 }
@@ -58,6 +75,8 @@ pub struct Metrics {
     pub lines_out: Family<CategoryLabels, Counter>,
     /// Chunks completed (rotated), per category.
     pub chunks_completed: Family<CategoryLabels, Counter>,
+    /// Bytes copied from other owners, per category.
+    pub bytes_replicated: Family<CategoryLabels, Counter>,
     /// Latency of one fdatasync (which may cover many requests).
     pub fsync_seconds: Histogram,
     /// Requests covered by one group commit.
@@ -68,6 +87,12 @@ pub struct Metrics {
     pub read_waiters: Gauge,
     /// Requests refused because of load or disk pressure.
     pub shed_requests: Counter,
+    /// 1 while a peer's change feed answers, 0 otherwise.
+    pub peer_connected: Family<PeerLabels, Gauge>,
+    /// Bytes of a peer's chunks not yet copied here, per category.
+    pub replication_lag_bytes: Family<PeerCategoryLabels, Gauge>,
+    /// How long this node has been behind a peer.
+    pub replication_lag_seconds: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     /// Bytes used on the data directory's file system.
     pub disk_used_bytes: Gauge,
     /// Size of the data directory's file system.
@@ -87,11 +112,15 @@ impl Metrics {
             bytes_out: Family::default(),
             lines_out: Family::default(),
             chunks_completed: Family::default(),
+            bytes_replicated: Family::default(),
             fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             group_commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             inflight_bytes: Gauge::default(),
             read_waiters: Gauge::default(),
             shed_requests: Counter::default(),
+            peer_connected: Family::default(),
+            replication_lag_bytes: Family::default(),
+            replication_lag_seconds: Family::default(),
             disk_used_bytes: Gauge::default(),
             disk_total_bytes: Gauge::default(),
         };
@@ -114,6 +143,11 @@ impl Metrics {
             "chunks_completed",
             "Chunks completed by rotation",
             m.chunks_completed.clone(),
+        );
+        r.register(
+            "bytes_replicated",
+            "Bytes copied from other owners' chunks",
+            m.bytes_replicated.clone(),
         );
         r.register(
             "fsync_seconds",
@@ -139,6 +173,21 @@ impl Metrics {
             "shed_requests",
             "Write requests refused with 503 because of load or disk pressure",
             m.shed_requests.clone(),
+        );
+        r.register(
+            "peer_connected",
+            "1 while the peer's change feed answers",
+            m.peer_connected.clone(),
+        );
+        r.register(
+            "replication_lag_bytes",
+            "Bytes of the peer's chunks not yet copied here",
+            m.replication_lag_bytes.clone(),
+        );
+        r.register(
+            "replication_lag_seconds",
+            "How long this node has been behind the peer",
+            m.replication_lag_seconds.clone(),
         );
         r.register(
             "disk_used_bytes",
@@ -172,6 +221,7 @@ impl Metrics {
             bytes_out: self.bytes_out.get_or_create(&l).clone(),
             lines_out: self.lines_out.get_or_create(&l).clone(),
             chunks_completed: self.chunks_completed.get_or_create(&l).clone(),
+            bytes_replicated: self.bytes_replicated.get_or_create(&l).clone(),
         }
     }
 }
@@ -189,4 +239,6 @@ pub struct CategoryMetrics {
     pub lines_out: Counter,
     /// Chunks completed.
     pub chunks_completed: Counter,
+    /// Bytes copied from other owners.
+    pub bytes_replicated: Counter,
 }

@@ -9,10 +9,12 @@ use std::net::SocketAddr;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::ServeConfig;
 use crate::http::{AppState, Limits, router};
 use crate::metrics::Metrics;
+use crate::replication::{Replication, ReplicationConfig};
 use crate::storage::{Storage, StorageError};
 
 /// Why a node could not start or run.
@@ -78,9 +80,24 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let metrics = Metrics::new();
     let storage = Storage::open(cfg.storage_options(), metrics.clone()).await?;
+    let replication = Replication::new(
+        storage.clone(),
+        ReplicationConfig {
+            peers: cfg.peers.clone(),
+            wait: cfg.replication_wait,
+            peer_timeout: cfg.peer_timeout,
+            owner_lost_after: cfg.owner_lost_after,
+        },
+        metrics.clone(),
+    );
+    let pullers = TaskTracker::new();
+    let stop_pullers = CancellationToken::new();
+    replication.start(&pullers, &stop_pullers);
+    pullers.close();
     let state = AppState::new(
         storage.clone(),
         metrics,
+        replication,
         Limits {
             max_line_bytes: cfg.max_line_bytes,
             max_body_bytes: cfg.max_body_bytes,
@@ -92,11 +109,13 @@ pub async fn run(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    tracing::info!(%addr, node = %cfg.node, sync = ?cfg.sync, "listening");
+    tracing::info!(%addr, node = %cfg.node, sync = ?cfg.sync, peers = cfg.peers.len(), "listening");
     println!("chunkbus listening on http://{addr}");
     let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
+    stop_pullers.cancel();
+    pullers.wait().await;
     storage.shutdown().await;
     served.map_err(ServeError::Http)
 }

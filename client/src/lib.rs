@@ -25,4 +25,7 @@ pub mod wire;
 pub use error::ClientError;
 pub use names::{ChunkName, NameError};
 pub use raw::{Client, ProduceOptions, ReadChunk};
-pub use wire::{ChukchaChunk, ChunkInfo, ErrorBody, ProduceResponse};
+pub use wire::{
+    ChukchaChunk, ChunkInfo, DiskStatus, ErrorBody, ForgetReport, NodeStatus, PeerStatus,
+    ProduceResponse,
+};

@@ -224,6 +224,22 @@ impl Client {
         })
     }
 
+    /// `GET /v1/status`.
+    pub async fn status(&self) -> Result<crate::NodeStatus, ClientError> {
+        let url = self.url(&["v1", "status"]);
+        let resp = self.send(self.http.get(url.clone()), &url).await?;
+        Self::json(resp, &url).await
+    }
+
+    /// `POST /v1/admin/forget-node/{node}`: completes a permanently lost
+    /// node's open chunks on every node.
+    pub async fn forget_node(&self, node: &str) -> Result<crate::ForgetReport, ClientError> {
+        crate::names::validate_node(node)?;
+        let url = self.url(&["v1", "admin", "forget-node", node]);
+        let resp = self.send(self.http.post(url.clone()), &url).await?;
+        Self::json(resp, &url).await
+    }
+
     /// `GET /healthz`: true when the server answers `ok`.
     pub async fn healthy(&self) -> bool {
         let url = self.url(&["healthz"]);

@@ -54,3 +54,65 @@ pub struct ErrorBody {
     /// What was wrong and, where there is one, what limit applied.
     pub error: String,
 }
+
+/// `GET /v1/status`: the node at a glance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// This node's name.
+    pub node: String,
+    /// chunkbus version.
+    pub version: String,
+    /// Seconds since the node started.
+    pub uptime_seconds: u64,
+    /// Every peer and how far behind this node's copy of it is.
+    pub peers: Vec<PeerStatus>,
+    /// Categories held here, sorted.
+    pub categories: Vec<String>,
+    /// The data directory's file system.
+    pub disk: DiskStatus,
+}
+
+/// Replication state of one peer, seen from this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// The peer's node name.
+    pub name: String,
+    /// Its `host:port`.
+    pub address: String,
+    /// True while its changes feed answers.
+    pub connected: bool,
+    /// Since when `connected` has had its value (RFC 3339), if it changed yet.
+    pub since: Option<String>,
+    /// Last error talking to it, while disconnected.
+    pub last_error: Option<String>,
+    /// Bytes of its chunks it holds and this node does not yet.
+    pub lag_bytes: u64,
+    /// How long this node has been behind it (0 when caught up).
+    pub lag_seconds: f64,
+    /// `lag_bytes` per category (only categories that lag).
+    pub categories: std::collections::BTreeMap<String, u64>,
+}
+
+/// Disk usage of the data directory's file system.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// Bytes used.
+    pub used_bytes: u64,
+    /// Bytes in all.
+    pub total_bytes: u64,
+    /// Percent used.
+    pub used_percent: u8,
+    /// `--disk-high-water`, in percent.
+    pub high_water_percent: u8,
+}
+
+/// Answer of `POST /v1/admin/forget-node/{node}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetReport {
+    /// The forgotten node.
+    pub node: String,
+    /// Chunks completed on the node that was asked.
+    pub chunks_completed: usize,
+    /// Per peer: `ok` or the error it answered.
+    pub peers: std::collections::BTreeMap<String, String>,
+}

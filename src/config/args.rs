@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use super::{ByteSize, HumanDuration, Percent, SyncSetting};
+use super::{ByteSize, HumanDuration, PeerList, Percent, SyncSetting};
 
 /// chunkbus: a leaderless, peer-replicated chunk bus.
 #[derive(Debug, Parser)]
@@ -21,6 +21,24 @@ pub struct Cli {
 pub enum Command {
     /// Run a node: accept lines over HTTP, store them in chunks, serve reads.
     Serve(ServeArgs),
+    /// Administer a cluster.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// `chunkbus admin ...`.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Declare a node permanently lost: its open chunks become complete on
+    /// every node, so that readers can finish them. Bytes it had not yet
+    /// replicated are given up.
+    ForgetNode {
+        /// The lost node's name.
+        node: String,
+        /// Any live node of the cluster.
+        #[arg(long, env = "CHUNKBUS_SERVER", default_value = "http://127.0.0.1:8080")]
+        server: String,
+    },
 }
 
 /// Flags of `chunkbus serve`. Each is also a `CHUNKBUS_*` environment
@@ -73,6 +91,22 @@ pub struct ServeArgs {
     /// Disk usage of the data directory's file system above which writes get 503 [default: 90%].
     #[arg(long, env = "CHUNKBUS_DISK_HIGH_WATER", value_name = "PERCENT")]
     pub disk_high_water: Option<Percent>,
+
+    /// The cluster: name=host:port,... (may include this node) [default: none, a single node].
+    #[arg(long, env = "CHUNKBUS_PEERS", value_name = "NAME=HOST:PORT,...")]
+    pub peers: Option<PeerList>,
+
+    /// Complete an unreachable peer's open chunks here after this long [default: never].
+    #[arg(long, env = "CHUNKBUS_OWNER_LOST_AFTER", value_name = "DURATION")]
+    pub owner_lost_after: Option<HumanDuration>,
+
+    /// Longest wait of one replication long poll [default: 30s].
+    #[arg(long, env = "CHUNKBUS_REPLICATION_WAIT", value_name = "DURATION")]
+    pub replication_wait: Option<HumanDuration>,
+
+    /// How long a peer may take to answer beyond a long poll's wait [default: 10s].
+    #[arg(long, env = "CHUNKBUS_PEER_TIMEOUT", value_name = "DURATION")]
+    pub peer_timeout: Option<HumanDuration>,
 }
 
 impl ServeArgs {
@@ -90,6 +124,10 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             max_inflight_bytes: self.max_inflight_bytes.or(file.max_inflight_bytes),
             disk_high_water: self.disk_high_water.or(file.disk_high_water),
+            peers: self.peers.or(file.peers),
+            owner_lost_after: self.owner_lost_after.or(file.owner_lost_after),
+            replication_wait: self.replication_wait.or(file.replication_wait),
+            peer_timeout: self.peer_timeout.or(file.peer_timeout),
         }
     }
 }

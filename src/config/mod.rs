@@ -7,6 +7,7 @@
 //! in the file are rejected.
 
 mod args;
+mod peers;
 mod size;
 
 use std::net::SocketAddr;
@@ -14,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-pub use args::{Cli, Command, ServeArgs};
+pub use args::{AdminCommand, Cli, Command, ServeArgs};
+pub use peers::{Peer, PeerList};
 pub use size::ByteSize;
 
 use crate::storage::{StorageOptions, SyncPolicy};
@@ -35,6 +37,10 @@ pub const DEFAULT_MAX_BODY_BYTES: ByteSize = ByteSize::mib(64);
 pub const DEFAULT_MAX_INFLIGHT_BYTES: ByteSize = ByteSize::mib(512);
 /// Default disk usage above which writes are shed with 503.
 pub const DEFAULT_DISK_HIGH_WATER_PERCENT: u8 = 90;
+/// Default longest wait of a replication long poll.
+pub const DEFAULT_REPLICATION_WAIT: Duration = Duration::from_secs(30);
+/// Default time a peer may take to answer beyond a long poll's wait.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest body the in-flight accounting can admit in one request.
 const MAX_BODY_BYTES_LIMIT: u64 = u32::MAX as u64;
 
@@ -155,6 +161,15 @@ pub struct ServeConfig {
     pub max_inflight_bytes: u64,
     /// Disk usage (percent of the file system) above which writes get 503.
     pub disk_high_water_percent: u8,
+    /// The other nodes of the cluster (this node excluded).
+    pub peers: Vec<Peer>,
+    /// Declare a peer lost (complete its open chunks here) after it has been
+    /// unreachable this long; `None`: never.
+    pub owner_lost_after: Option<Duration>,
+    /// Longest wait of one replication long poll.
+    pub replication_wait: Duration,
+    /// Time a peer may take to answer, beyond a long poll's wait.
+    pub peer_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -194,7 +209,15 @@ impl ServeConfig {
             disk_high_water_percent: args
                 .disk_high_water
                 .map_or(DEFAULT_DISK_HIGH_WATER_PERCENT, |p| p.0),
+            peers: Vec::new(),
+            owner_lost_after: args.owner_lost_after.map(|d| d.0),
+            replication_wait: args
+                .replication_wait
+                .map_or(DEFAULT_REPLICATION_WAIT, |d| d.0),
+            peer_timeout: args.peer_timeout.map_or(DEFAULT_PEER_TIMEOUT, |d| d.0),
         };
+        let mut cfg = cfg;
+        cfg.peers = others(&cfg.node, listen, args.peers.unwrap_or_default())?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -247,6 +270,32 @@ impl ServeConfig {
     }
 }
 
+/// The peers other than `node`; refuses a list that names `node` with an
+/// address other than the one it listens on.
+fn others(node: &str, listen: SocketAddr, peers: PeerList) -> Result<Vec<Peer>, ConfigError> {
+    let mut out = Vec::new();
+    for p in peers.0 {
+        if p.name != node {
+            out.push(p);
+            continue;
+        }
+        let same = match p.addr.parse::<SocketAddr>() {
+            Ok(a) => a == listen || (listen.ip().is_unspecified() && a.port() == listen.port()),
+            Err(_) => p
+                .addr
+                .rsplit_once(':')
+                .is_some_and(|(_, port)| port == listen.port().to_string()),
+        };
+        if !same {
+            return Err(ConfigError::Invalid(format!(
+                "--peers names this node ({node}) with address {}, but it listens on {listen}",
+                p.addr
+            )));
+        }
+    }
+    Ok(out)
+}
+
 fn load_file(path: &Path) -> Result<ServeArgs, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
@@ -274,6 +323,7 @@ mod tests {
         let cli = Cli::try_parse_from(argv).unwrap();
         match cli.command {
             Command::Serve(a) => a,
+            Command::Admin(_) => unreachable!("tests parse serve"),
         }
     }
 
@@ -337,5 +387,29 @@ mod tests {
         assert!(Cli::try_parse_from(["chunkbus", "serve", "--sync", "sometimes"]).is_err());
         assert!(Cli::try_parse_from(["chunkbus", "serve", "--node", "a/b"]).is_ok());
         assert!(ServeConfig::resolve(serve_args(&["chunkbus", "serve", "--node", "a/b"])).is_err());
+    }
+
+    #[test]
+    fn peers_exclude_this_node_and_check_its_address() {
+        let base = [
+            "chunkbus",
+            "serve",
+            "--node",
+            "eu1",
+            "--listen",
+            "127.0.0.1:8080",
+            "--peers",
+        ];
+        let ok = [&base[..], &["eu1=127.0.0.1:8080,eu2=127.0.0.1:8081"]].concat();
+        let cfg = ServeConfig::resolve(serve_args(&ok)).unwrap();
+        assert_eq!(cfg.peers.len(), 1);
+        assert_eq!(cfg.peers[0].name, "eu2");
+        let wrong = [&base[..], &["eu1=127.0.0.1:9999,eu2=127.0.0.1:8081"]].concat();
+        let err = ServeConfig::resolve(serve_args(&wrong))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("names this node"), "{err}");
+        let twice = [&base[..], &["eu2=127.0.0.1:1,eu2=127.0.0.1:2"]].concat();
+        assert!(Cli::try_parse_from(twice).is_err());
     }
 }

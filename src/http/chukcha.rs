@@ -18,6 +18,9 @@ use super::produce::{WriteOptions, ingest};
 use super::read::{chunk_response, list, parse_max_bytes, read as read_lines};
 use super::{ApiError, AppState};
 
+/// Chukcha waits this long for `min_sync_replicas`.
+const CHUKCHA_REPLICA_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn required<'a>(name: &str, v: &'a Option<String>) -> Result<&'a str, ApiError> {
     v.as_deref()
         .ok_or_else(|| ApiError::BadRequest(format!("query parameter {name} is required")))
@@ -47,6 +50,7 @@ pub(super) async fn write(
     let opts = WriteOptions {
         sync: None,
         min_replicas,
+        timeout: CHUKCHA_REPLICA_TIMEOUT,
     };
     ingest(&st, category, &headers, body, opts).await.map(Json)
 }

@@ -8,7 +8,7 @@ use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use chunkbus_client::{ErrorBody, NameError};
+use chunkbus_client::{ErrorBody, NameError, ProduceResponse};
 
 use crate::storage::StorageError;
 
@@ -42,6 +42,15 @@ pub enum ApiError {
     /// 503 + Retry-After: the node is stopping.
     #[error("{0}")]
     Unavailable(String),
+    /// 504: `min_replicas` not reached in time; the data IS stored here
+    /// and will still replicate, so the body says where.
+    #[error("{message}")]
+    ReplicasTimeout {
+        /// The sentence.
+        message: String,
+        /// Where the lines were stored, with `replicas` confirmed.
+        written: ProduceResponse,
+    },
     /// 507: the disk is full.
     #[error("{0}")]
     InsufficientStorage(String),
@@ -61,6 +70,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::Overloaded(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ReplicasTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -74,13 +84,20 @@ impl IntoResponse for ApiError {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         }
         let retry = matches!(self, ApiError::Overloaded(_) | ApiError::Unavailable(_));
-        let mut resp = (
-            status,
-            Json(ErrorBody {
-                error: self.to_string(),
-            }),
-        )
-            .into_response();
+        let mut resp = match self {
+            ApiError::ReplicasTimeout { message, written } => {
+                let mut body = serde_json::to_value(written).unwrap_or_default();
+                body["error"] = serde_json::Value::String(message);
+                (status, Json(body)).into_response()
+            }
+            other => (
+                status,
+                Json(ErrorBody {
+                    error: other.to_string(),
+                }),
+            )
+                .into_response(),
+        };
         if retry {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
@@ -99,9 +116,10 @@ impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
         let msg = e.to_string();
         match e {
-            StorageError::Name(_) | StorageError::NotLineBoundary { .. } => {
-                ApiError::BadRequest(msg)
-            }
+            StorageError::Name(_)
+            | StorageError::NotLineBoundary { .. }
+            | StorageError::OwnChunk { .. }
+            | StorageError::ReplicaGap { .. } => ApiError::BadRequest(msg),
             StorageError::UnknownCategory(_) | StorageError::UnknownChunk { .. } => {
                 ApiError::NotFound(msg)
             }

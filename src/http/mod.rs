@@ -5,9 +5,11 @@
 //! answers into JSON. Every error goes through [`ApiError`], which owns the
 //! choice of status code. The contract is `docs/api.md`.
 
+mod admin;
 mod body;
 mod chukcha;
 mod error;
+mod internal;
 mod lines;
 mod ops;
 mod params;
@@ -25,6 +27,7 @@ pub use body::Inflight;
 pub use error::ApiError;
 
 use crate::metrics::Metrics;
+use crate::replication::Replication;
 use crate::storage::{Storage, SyncPolicy};
 
 /// Limits applied to requests.
@@ -45,6 +48,8 @@ pub struct AppState {
     pub storage: Storage,
     /// The node's metrics.
     pub metrics: Arc<Metrics>,
+    /// Replication (peers, their progress).
+    pub replication: Arc<Replication>,
     /// Request limits.
     pub limits: Limits,
     /// Memory budget of request bodies.
@@ -60,6 +65,7 @@ impl AppState {
     pub fn new(
         storage: Storage,
         metrics: Arc<Metrics>,
+        replication: Arc<Replication>,
         limits: Limits,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -67,6 +73,7 @@ impl AppState {
         Arc::new(Self {
             storage,
             metrics,
+            replication,
             limits,
             inflight,
             shutdown,
@@ -94,6 +101,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/read", get(chukcha::read))
         .route("/listChunks", get(chukcha::list_chunks))
         .route("/listCategories", get(read::categories))
+        .route("/v1/status", get(admin::status))
+        .route("/v1/admin/forget-node/{node}", post(admin::forget_node))
+        .route("/v1/internal/changes", post(internal::changes))
+        .route("/v1/internal/forget/{node}", post(internal::forget))
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -25,11 +25,15 @@ pub(super) struct ProduceQuery {
     timeout: Option<String>,
 }
 
+/// `timeout=` of a `min_replicas` wait when the request does not say.
+pub(super) const DEFAULT_REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Durability asked for by a produce request.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct WriteOptions {
     pub sync: Option<bool>,
     pub min_replicas: u64,
+    pub timeout: std::time::Duration,
 }
 
 pub(super) async fn produce(
@@ -53,10 +57,13 @@ pub(super) async fn produce(
             .map(|v| parse_u64("min_replicas", v))
             .transpose()?
             .unwrap_or(0),
+        timeout: q
+            .timeout
+            .as_deref()
+            .map(|t| parse_duration("timeout", t, MAX_REPLICA_TIMEOUT))
+            .transpose()?
+            .unwrap_or(DEFAULT_REPLICA_TIMEOUT),
     };
-    if let Some(t) = q.timeout.as_deref() {
-        parse_duration("timeout", t, MAX_REPLICA_TIMEOUT)?;
-    }
     ingest(&st, &category, &headers, body, opts).await.map(Json)
 }
 
@@ -69,9 +76,10 @@ pub(super) async fn ingest(
     opts: WriteOptions,
 ) -> Result<ProduceResponse, ApiError> {
     validate_category(category)?;
-    if opts.min_replicas > 0 {
+    let peers = st.replication.peer_count() as u64;
+    if opts.min_replicas > peers {
         return Err(ApiError::BadRequest(format!(
-            "min_replicas={} asks for more nodes than this node's 0 peers",
+            "min_replicas={} asks for more nodes than this node's {peers} peers",
             opts.min_replicas
         )));
     }
@@ -112,13 +120,39 @@ pub(super) async fn ingest(
         .append(category, Bytes::from(data), count, sync)
         .await?;
     drop(reservation);
-    Ok(ProduceResponse {
+    let mut written = ProduceResponse {
         chunk: Some(appended.chunk.to_string()),
         offset: appended.offset,
         next_offset: appended.next_offset,
         lines: appended.lines,
         replicas: None,
-    })
+    };
+    if opts.min_replicas == 0 {
+        return Ok(written);
+    }
+    let want = opts.min_replicas as u32;
+    let have = st
+        .replication
+        .progress
+        .wait(
+            category,
+            &appended.chunk,
+            appended.next_offset,
+            want,
+            opts.timeout,
+        )
+        .await;
+    written.replicas = Some(have);
+    if have < want {
+        return Err(ApiError::ReplicasTimeout {
+            message: format!(
+                "only {have} of the {want} replicas asked for (min_replicas) confirmed within {}; the lines are stored on this node and will still replicate",
+                humantime::format_duration(opts.timeout)
+            ),
+            written,
+        });
+    }
+    Ok(written)
 }
 
 fn count_shed(st: &AppState, e: &ApiError) {

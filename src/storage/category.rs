@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use chunkbus_client::ChunkName;
 use tokio::sync::{mpsc, watch};
 
+use super::state::CategoryState;
 use super::writer::WriterMsg;
 use crate::metrics::CategoryMetrics;
 
@@ -18,6 +20,44 @@ pub struct ChunkMeta {
     pub size: u64,
     /// True once the owner will never append again.
     pub complete: bool,
+    /// Value of the node's change counter at the last update (0 when
+    /// loaded at start-up); the replication feed sends what changed since.
+    pub version: u64,
+}
+
+/// The node-wide change counter: every chunk update takes the next value
+/// and wakes whoever waits for changes (replication feeds).
+#[derive(Debug)]
+pub struct ChangeFeed {
+    counter: AtomicU64,
+    notify: watch::Sender<u64>,
+}
+
+impl ChangeFeed {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            counter: AtomicU64::new(0),
+            notify: watch::Sender::new(0),
+        })
+    }
+
+    /// The last version handed out.
+    pub fn current(&self) -> u64 {
+        self.counter.load(Ordering::SeqCst)
+    }
+
+    /// Wakes on every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
+
+    fn next(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn announce(&self, v: u64) {
+        self.notify.send_modify(|cur| *cur = (*cur).max(v));
+    }
 }
 
 /// A chunk as listed to clients.
@@ -45,6 +85,10 @@ pub(crate) struct Category {
     pub writer: mpsc::Sender<WriterMsg>,
     /// Counters of this category.
     pub metrics: CategoryMetrics,
+    feed: Arc<ChangeFeed>,
+    /// Durable state; a std mutex held while it is saved, on a blocking
+    /// thread, so that saves of one category never interleave.
+    pub state: Mutex<CategoryState>,
 }
 
 impl Category {
@@ -54,6 +98,8 @@ impl Category {
         chunks: BTreeMap<ChunkName, ChunkMeta>,
         writer: mpsc::Sender<WriterMsg>,
         metrics: CategoryMetrics,
+        feed: Arc<ChangeFeed>,
+        state: CategoryState,
     ) -> Self {
         Self {
             name,
@@ -62,6 +108,8 @@ impl Category {
             changed: watch::Sender::new(0),
             writer,
             metrics,
+            feed,
+            state: Mutex::new(state),
         }
     }
 
@@ -87,10 +135,45 @@ impl Category {
             .collect()
     }
 
-    /// Records a chunk's new state and wakes everyone waiting on this category.
-    pub fn update(&self, chunk: &ChunkName, meta: ChunkMeta) {
-        self.chunks.lock().unwrap().insert(chunk.clone(), meta);
+    /// Records a chunk's new size and completeness, stamps it with the next
+    /// change version, and wakes everyone waiting on this category or on the
+    /// change feed. The version is taken under the lock, so a feed reader
+    /// that saw version `v` as current also sees every update up to `v`.
+    pub fn update(&self, chunk: &ChunkName, size: u64, complete: bool) {
+        let version = {
+            let mut chunks = self.chunks.lock().unwrap();
+            let version = self.feed.next();
+            chunks.insert(
+                chunk.clone(),
+                ChunkMeta {
+                    size,
+                    complete,
+                    version,
+                },
+            );
+            version
+        };
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        self.feed.announce(version);
+    }
+
+    /// This node's chunks (owner `owner`) changed after version `since`, in
+    /// index order. The owner's versions grow with the index (a chunk is
+    /// completed before the next one is created), so the scan walks back
+    /// from the newest chunk and stops at the first unchanged one.
+    pub fn changed_since(&self, owner: &str, since: u64) -> Vec<ChunkStatus> {
+        let chunks = self.chunks.lock().unwrap();
+        let mut out: Vec<ChunkStatus> = chunks
+            .range(ChunkName::new(owner, 0)..=ChunkName::new(owner, u32::MAX))
+            .rev()
+            .take_while(|(_, m)| m.version > since)
+            .map(|(name, meta)| ChunkStatus {
+                name: name.clone(),
+                meta: *meta,
+            })
+            .collect();
+        out.reverse();
+        out
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {

@@ -69,6 +69,22 @@ pub enum StorageError {
         /// Node.
         node: String,
     },
+    /// A replica write aimed at a chunk this node owns.
+    #[error("chunk {chunk} belongs to this node; only its owner writes to it")]
+    OwnChunk {
+        /// Chunk name.
+        chunk: String,
+    },
+    /// A replica write that does not continue the copy held here.
+    #[error("copy of chunk {chunk} holds {size} bytes here, not {offset}")]
+    ReplicaGap {
+        /// Chunk name.
+        chunk: String,
+        /// Offset of the write.
+        offset: u64,
+        /// Bytes held.
+        size: u64,
+    },
     /// The node is stopping and takes no more writes.
     #[error("the node is shutting down")]
     ShuttingDown,

@@ -39,6 +39,8 @@ mod error;
 pub mod lock;
 mod read;
 mod recovery;
+mod replica;
+pub mod state;
 mod syncer;
 mod writer;
 
@@ -57,8 +59,9 @@ use tokio_util::task::TaskTracker;
 pub use category::{ChunkMeta, ChunkStatus};
 pub use disk::{DiskMonitor, DiskUsage};
 pub use error::StorageError;
+pub use replica::OwnChange;
 
-use category::Category;
+use category::{Category, ChangeFeed};
 use writer::{AppendRequest, Writer, WriterConfig, WriterMsg};
 
 use crate::metrics::Metrics;
@@ -132,6 +135,7 @@ struct Shared {
     categories: RwLock<BTreeMap<String, Arc<Category>>>,
     metrics: Arc<Metrics>,
     disk: Arc<DiskMonitor>,
+    feed: Arc<ChangeFeed>,
     tasks: TaskTracker,
     cancel: CancellationToken,
     _lock: lock::DirLock,
@@ -164,6 +168,7 @@ impl Storage {
                 categories: RwLock::new(BTreeMap::new()),
                 metrics,
                 disk,
+                feed: ChangeFeed::new(),
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
                 _lock: lock,
@@ -174,7 +179,8 @@ impl Storage {
             let mut cats = storage.shared.categories.write().unwrap();
             for (name, rec) in recovered {
                 chunks += rec.chunks.len();
-                let cat = storage.start_category(name.clone(), rec.chunks, rec.next_index);
+                let cat =
+                    storage.start_category(name.clone(), rec.chunks, rec.next_index, rec.state);
                 cats.insert(name, cat);
             }
             tracing::info!(
@@ -208,6 +214,7 @@ impl Storage {
         name: String,
         chunks: BTreeMap<ChunkName, ChunkMeta>,
         next_index: u32,
+        state: state::CategoryState,
     ) -> Arc<Category> {
         let s = &self.shared;
         let (tx, rx) = mpsc::channel(WRITER_QUEUE_MESSAGES);
@@ -220,6 +227,8 @@ impl Storage {
             chunks,
             tx,
             s.metrics.category(&name),
+            s.feed.clone(),
+            state,
         ));
         let writer = Writer::new(
             cat.clone(),
@@ -314,7 +323,12 @@ impl Storage {
             .and_then(|()| fsync_dir(&self.shared.opts.data_dir))
             .map_err(|e| StorageError::io(format!("cannot create category {name:?}"), e))?;
         tracing::info!(category = name, "category created");
-        let cat = self.start_category(name.to_owned(), BTreeMap::new(), 0);
+        let cat = self.start_category(
+            name.to_owned(),
+            BTreeMap::new(),
+            0,
+            state::CategoryState::default(),
+        );
         cats.insert(name.to_owned(), cat.clone());
         Ok(cat)
     }

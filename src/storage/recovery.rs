@@ -17,6 +17,7 @@ use walkdir::WalkDir;
 
 use super::StorageError;
 use super::category::ChunkMeta;
+use super::state::{self, CategoryState};
 
 /// Block size of the backwards scan for the last `\n` of a torn chunk.
 const TAIL_SCAN_BYTES: u64 = 64 * 1024;
@@ -27,6 +28,8 @@ pub(super) struct RecoveredCategory {
     pub chunks: BTreeMap<ChunkName, ChunkMeta>,
     /// Index of the next chunk this node will create.
     pub next_index: u32,
+    /// The category's durable state (completeness of other owners' chunks).
+    pub state: CategoryState,
 }
 
 /// Scans `data_dir`; returns every category with its chunks.
@@ -54,7 +57,14 @@ pub(super) fn scan(
         let name = entry.file_name().to_string_lossy();
         if entry.depth() == 1 {
             if entry.file_type().is_dir() && validate_category(&name).is_ok() {
-                out.entry(name.into_owned()).or_default();
+                let state = state::load(entry.path())?;
+                out.insert(
+                    name.into_owned(),
+                    RecoveredCategory {
+                        state,
+                        ..RecoveredCategory::default()
+                    },
+                );
             }
             continue;
         }
@@ -78,6 +88,7 @@ pub(super) fn scan(
         };
         let size = cut_torn_tail(entry.path())?;
         let own = chunk.owner == node;
+        let complete = own || recovered.state.is_complete(&chunk.owner, chunk.index);
         if own {
             recovered.next_index = recovered.next_index.max(chunk.index.saturating_add(1));
         }
@@ -85,8 +96,10 @@ pub(super) fn scan(
             chunk,
             ChunkMeta {
                 size,
-                // Replicas learn completeness from the owner.
-                complete: own,
+                // Replicas learn completeness from the owner and keep it
+                // in the category state.
+                complete,
+                version: 0,
             },
         );
     }

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::category::{Category, ChunkMeta};
+use super::category::Category;
 use super::syncer::{Reply, SyncJob, Synced};
 use super::{Appended, StorageError, SyncPolicy, fsync_dir};
 use crate::metrics::Metrics;
@@ -259,13 +259,7 @@ impl Writer {
         open.first_write.get_or_insert_with(Instant::now);
         self.cat.metrics.bytes_in.inc_by(offset - start);
         self.cat.metrics.lines_in.inc_by(lines);
-        self.cat.update(
-            &open.name,
-            ChunkMeta {
-                size: offset,
-                complete: false,
-            },
-        );
+        self.cat.update(&open.name, offset, false);
         if !to_sync.is_empty() || open.unflushed_bytes >= FLUSH_EVERY_BYTES {
             // Requests that asked for sync; or, without them, a flush every
             // few MiB so that the kernel writes back steadily instead of in
@@ -316,13 +310,7 @@ impl Writer {
         })?;
         self.next_index += 1;
         tracing::debug!(category = %self.cat.name, chunk = %name, "chunk opened");
-        self.cat.update(
-            &name,
-            ChunkMeta {
-                size: 0,
-                complete: false,
-            },
-        );
+        self.cat.update(&name, 0, false);
         self.open = Some(OpenChunk {
             name,
             file: Arc::new(file),
@@ -338,13 +326,7 @@ impl Writer {
         let Some(open) = self.open.take() else {
             return;
         };
-        self.cat.update(
-            &open.name,
-            ChunkMeta {
-                size: open.size,
-                complete: true,
-            },
-        );
+        self.cat.update(&open.name, open.size, true);
         self.cat.metrics.chunks_completed.inc();
         tracing::debug!(category = %self.cat.name, chunk = %open.name, size = open.size, "chunk completed");
         if open.unflushed_bytes > 0 {

@@ -29,6 +29,10 @@ pub fn config(dir: &Path) -> ServeConfig {
         max_body_bytes: 8 << 20,
         max_inflight_bytes: 64 << 20,
         disk_high_water_percent: 100,
+        peers: Vec::new(),
+        owner_lost_after: None,
+        replication_wait: Duration::from_secs(30),
+        peer_timeout: Duration::from_secs(10),
     }
 }
 

@@ -1,0 +1,101 @@
+//! The node-to-node routes (`/v1/internal/...`); see
+//! `crate::replication::protocol` and `docs/architecture.md`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use chunkbus_client::ChunkName;
+use chunkbus_client::names::{validate_category, validate_node};
+use serde::Serialize;
+
+use super::{ApiError, AppState};
+use crate::replication::protocol::{ChangedChunk, ChangesRequest, ChangesResponse};
+
+/// Longest wait a replica may ask for.
+const MAX_CHANGES_WAIT: Duration = Duration::from_secs(300);
+
+/// `POST /v1/internal/changes`: records the replica's progress, then answers
+/// with this node's chunks changed after `since`, as soon as there are any
+/// (at once for `since = 0`), or empty after `wait_ms`.
+pub(super) async fn changes(
+    State(st): State<Arc<AppState>>,
+    body: Result<Json<ChangesRequest>, JsonRejection>,
+) -> Result<Json<ChangesResponse>, ApiError> {
+    let Json(req) = body
+        .map_err(|e| ApiError::BadRequest(format!("invalid changes request: {}", e.body_text())))?;
+    validate_node(&req.node)?;
+    for p in &req.progress {
+        validate_category(&p.category)?;
+        let chunk = ChunkName::parse(&p.chunk)?;
+        if chunk.owner == st.storage.node() {
+            st.replication
+                .progress
+                .record(&req.node, &p.category, chunk, p.size);
+        }
+    }
+    let wait = Duration::from_millis(req.wait_ms).min(MAX_CHANGES_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut feed = st.storage.subscribe_feed();
+    loop {
+        feed.borrow_and_update();
+        let version = st.storage.feed_version();
+        let changed = st.storage.own_changes_since(req.since);
+        let waited_out = tokio::time::Instant::now() >= deadline || st.shutdown.is_cancelled();
+        if !changed.is_empty() || req.since == 0 || waited_out {
+            let chunks = changed
+                .into_iter()
+                .map(|c| ChangedChunk {
+                    category: c.category,
+                    chunk: c.name.to_string(),
+                    size: c.meta.size,
+                    complete: c.meta.complete,
+                })
+                .collect();
+            return Ok(Json(ChangesResponse {
+                node: st.storage.node().to_owned(),
+                version,
+                chunks,
+            }));
+        }
+        tokio::select! {
+            _ = feed.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = st.shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// Answer of the forget routes on one node.
+#[derive(Debug, Serialize)]
+pub(super) struct Forgotten {
+    node: String,
+    chunks_completed: usize,
+}
+
+/// `POST /v1/internal/forget/{node}`: completes `node`'s open chunks here.
+pub(super) async fn forget(
+    State(st): State<Arc<AppState>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Forgotten>, ApiError> {
+    let Path(node) = path?;
+    validate_node(&node)?;
+    own_node_check(&st, &node)?;
+    let chunks_completed = st.storage.forget_owner(&node).await?;
+    Ok(Json(Forgotten {
+        node,
+        chunks_completed,
+    }))
+}
+
+/// 400 when asked to forget this very node.
+pub(super) fn own_node_check(st: &AppState, node: &str) -> Result<(), ApiError> {
+    if node == st.storage.node() {
+        return Err(ApiError::BadRequest(format!(
+            "{node} is this node; ask another node to forget it"
+        )));
+    }
+    Ok(())
+}

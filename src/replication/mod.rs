@@ -1,0 +1,258 @@
+//! Leaderless replication: every node copies every peer's chunks.
+//!
+//! One puller task per peer asks the peer's change feed
+//! (`POST /v1/internal/changes`, a long poll the owner answers as soon as it
+//! appends) and copies the missing bytes of its chunks, in chunk order per
+//! owner, with the public chunk read route. Only owners append to their
+//! chunks; the copies are written through the storage's replica methods,
+//! which refuse chunks of this node's own name. With every request the
+//! puller reports how much it holds, which the owner uses to answer writes
+//! with `min_replicas` ([`progress`]).
+//!
+//! Failures: a peer that does not answer is retried with capped, jittered
+//! backoff; the puller then starts from a full listing (`since = 0`), so
+//! nothing is missed while it was away, including categories created
+//! meanwhile. A peer unreachable for `--owner-lost-after` (or forgotten with
+//! `forget-node`) has its open chunks completed here so readers can finish
+//! them. The protocol is described in `docs/architecture.md`.
+
+pub mod progress;
+pub mod protocol;
+mod puller;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use chunkbus_client::{ForgetReport, PeerStatus};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Peer;
+use crate::metrics::{Metrics, PeerCategoryLabels, PeerLabels};
+use crate::storage::{Storage, StorageError};
+use progress::ProgressStore;
+
+/// Settings of replication.
+#[derive(Debug, Clone)]
+pub struct ReplicationConfig {
+    /// The other nodes.
+    pub peers: Vec<Peer>,
+    /// Longest wait of one long poll.
+    pub wait: Duration,
+    /// Time a peer may take beyond the wait.
+    pub peer_timeout: Duration,
+    /// Declare an unreachable peer lost after this long.
+    pub owner_lost_after: Option<Duration>,
+}
+
+/// Replication of one node: its pullers, their state, and its replicas'
+/// progress. Shared as `Arc<Replication>`.
+#[derive(Debug)]
+pub struct Replication {
+    storage: Storage,
+    cfg: ReplicationConfig,
+    links: Vec<PeerLink>,
+    /// What the replicas hold of this node's chunks.
+    pub progress: ProgressStore,
+    http: reqwest::Client,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug)]
+struct PeerLink {
+    peer: Peer,
+    /// A std mutex: held only to read or set a few fields.
+    state: Mutex<PeerState>,
+}
+
+#[derive(Debug, Default)]
+struct PeerState {
+    connected: bool,
+    since: Option<SystemTime>,
+    last_error: Option<String>,
+    lag: BTreeMap<String, u64>,
+    behind_since: Option<Instant>,
+    down_since: Option<Instant>,
+    forgotten: bool,
+}
+
+impl Replication {
+    /// Builds the replication of a node (pullers start with [`Replication::start`]).
+    pub fn new(storage: Storage, cfg: ReplicationConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        let links = cfg
+            .peers
+            .iter()
+            .map(|p| PeerLink {
+                peer: p.clone(),
+                state: Mutex::new(PeerState::default()),
+            })
+            .collect();
+        let http = reqwest::Client::builder()
+            .connect_timeout(cfg.peer_timeout)
+            .tcp_nodelay(true)
+            .build()
+            .expect("a plain HTTP client always builds");
+        for p in &cfg.peers {
+            metrics
+                .peer_connected
+                .get_or_create(&PeerLabels {
+                    peer: p.name.clone(),
+                })
+                .set(0);
+        }
+        Arc::new(Self {
+            storage,
+            cfg,
+            links,
+            progress: ProgressStore::default(),
+            http,
+            metrics,
+        })
+    }
+
+    /// Starts one puller per peer, owned by `tasks`, stopped by `cancel`.
+    pub fn start(self: &Arc<Self>, tasks: &TaskTracker, cancel: &CancellationToken) {
+        for i in 0..self.links.len() {
+            tasks.spawn(puller::run(self.clone(), i, cancel.clone()));
+        }
+    }
+
+    /// Number of other nodes.
+    pub fn peer_count(&self) -> usize {
+        self.links.len()
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        self.storage.node()
+    }
+
+    /// Replication state of every peer.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        self.links
+            .iter()
+            .map(|l| {
+                let st = l.state.lock().unwrap();
+                PeerStatus {
+                    name: l.peer.name.clone(),
+                    address: l.peer.addr.clone(),
+                    connected: st.connected,
+                    since: st
+                        .since
+                        .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                    last_error: st.last_error.clone(),
+                    lag_bytes: st.lag.values().sum(),
+                    lag_seconds: st.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                    categories: st.lag.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Completes `node`'s open chunks here and asks every peer to do the
+    /// same. Peers that cannot be reached are reported, not retried.
+    pub async fn forget_everywhere(&self, node: &str) -> Result<ForgetReport, StorageError> {
+        let chunks_completed = self.storage.forget_owner(node).await?;
+        let mut peers = BTreeMap::new();
+        for link in &self.links {
+            let url = format!("http://{}/v1/internal/forget/{node}", link.peer.addr);
+            let res = self
+                .http
+                .post(&url)
+                .timeout(self.cfg.peer_timeout)
+                .send()
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| {
+                    if r.status().is_success() {
+                        Ok(())
+                    } else {
+                        Err(format!("answered {}", r.status()))
+                    }
+                });
+            peers.insert(
+                link.peer.name.clone(),
+                res.map_or_else(|e| format!("error: {e}"), |()| "ok".to_owned()),
+            );
+        }
+        Ok(ForgetReport {
+            node: node.to_owned(),
+            chunks_completed,
+            peers,
+        })
+    }
+
+    fn set_connected(&self, link: &PeerLink, connected: bool, error: Option<String>) {
+        let mut st = link.state.lock().unwrap();
+        if st.connected != connected || st.since.is_none() {
+            if connected {
+                tracing::info!(peer = %link.peer.name, addr = %link.peer.addr, "peer connected");
+            } else {
+                tracing::warn!(peer = %link.peer.name, addr = %link.peer.addr, error = error.as_deref().unwrap_or(""), "peer unreachable; retrying with backoff");
+            }
+            st.connected = connected;
+            st.since = Some(SystemTime::now());
+            st.down_since = (!connected).then(Instant::now);
+            if connected {
+                st.forgotten = false;
+            }
+            self.metrics
+                .peer_connected
+                .get_or_create(&PeerLabels {
+                    peer: link.peer.name.clone(),
+                })
+                .set(i64::from(connected));
+        }
+        st.last_error = error;
+    }
+
+    fn set_lag(&self, link: &PeerLink, lag: BTreeMap<String, u64>) {
+        let mut st = link.state.lock().unwrap();
+        let total: u64 = lag.values().sum();
+        if total == 0 {
+            st.behind_since = None;
+        } else if st.behind_since.is_none() {
+            st.behind_since = Some(Instant::now());
+        }
+        for cat in st.lag.keys().chain(lag.keys()) {
+            self.metrics
+                .replication_lag_bytes
+                .get_or_create(&PeerCategoryLabels {
+                    peer: link.peer.name.clone(),
+                    category: cat.clone(),
+                })
+                .set(lag.get(cat).copied().unwrap_or(0) as i64);
+        }
+        self.metrics
+            .replication_lag_seconds
+            .get_or_create(&PeerLabels {
+                peer: link.peer.name.clone(),
+            })
+            .set(st.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()));
+        st.lag = lag;
+    }
+
+    /// Declares `link`'s node lost when it has been down past `--owner-lost-after`.
+    async fn maybe_declare_lost(&self, link: &PeerLink) {
+        let Some(after) = self.cfg.owner_lost_after else {
+            return;
+        };
+        let due = {
+            let st = link.state.lock().unwrap();
+            !st.forgotten && st.down_since.is_some_and(|t| t.elapsed() >= after)
+        };
+        if !due {
+            return;
+        }
+        match self.storage.forget_owner(&link.peer.name).await {
+            Ok(n) => {
+                tracing::warn!(peer = %link.peer.name, chunks = n, after = %humantime::format_duration(after), "peer unreachable past --owner-lost-after: its open chunks are complete here");
+                link.state.lock().unwrap().forgotten = true;
+            }
+            Err(e) => {
+                tracing::error!(peer = %link.peer.name, error = %e, "cannot complete a lost peer's chunks")
+            }
+        }
+    }
+}

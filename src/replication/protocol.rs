@@ -1,0 +1,60 @@
+//! The node-to-node replication protocol (`/v1/internal/...`), JSON over HTTP.
+//!
+//! A replica asks each owner `POST /v1/internal/changes` with
+//! [`ChangesRequest`]: "I am `node`; I have seen your changes up to version
+//! `since`; here is how far I got (`progress`); answer when something of
+//! yours changed, or after `wait_ms`". The owner answers with
+//! [`ChangesResponse`]: its own chunks that changed after `since` (all of
+//! them when `since` is 0), with sizes and completeness. The replica then
+//! copies the missing bytes with the public chunk read route and asks again.
+
+use serde::{Deserialize, Serialize};
+
+/// Body of `POST /v1/internal/changes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangesRequest {
+    /// The asking replica.
+    pub node: String,
+    /// Highest change version of the owner already seen; 0 for everything.
+    pub since: u64,
+    /// How long the owner may hold the request when nothing changed.
+    pub wait_ms: u64,
+    /// What the replica now holds of the owner's chunks.
+    #[serde(default)]
+    pub progress: Vec<Progress>,
+}
+
+/// How much of one chunk a replica holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Category.
+    pub category: String,
+    /// Chunk name.
+    pub chunk: String,
+    /// Bytes held by the replica.
+    pub size: u64,
+}
+
+/// Answer of `POST /v1/internal/changes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangesResponse {
+    /// The owner's node name (a replica checks it against its `--peers`).
+    pub node: String,
+    /// The owner's change version this answer is complete up to.
+    pub version: u64,
+    /// The owner's chunks changed after `since`, by category and index.
+    pub chunks: Vec<ChangedChunk>,
+}
+
+/// One changed chunk of the owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedChunk {
+    /// Category.
+    pub category: String,
+    /// Chunk name.
+    pub chunk: String,
+    /// Bytes the owner holds.
+    pub size: u64,
+    /// True once the owner will never append again.
+    pub complete: bool,
+}

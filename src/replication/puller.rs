@@ -1,0 +1,237 @@
+//! The puller of one peer: follow its change feed, copy its chunks.
+
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chunkbus_client::{ChunkName, Client, ClientError};
+use reqwest::StatusCode;
+use tokio_util::sync::CancellationToken;
+
+use super::protocol::{ChangesRequest, ChangesResponse, Progress};
+use super::{PeerLink, Replication};
+use crate::storage::StorageError;
+
+/// First retry delay after a failure.
+const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Longest retry delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Bytes asked for in one read while copying.
+const COPY_READ_BYTES: u64 = 16 << 20;
+
+/// What the owner holds of one chunk this node still has to copy.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    size: u64,
+    complete: bool,
+}
+
+/// Why a round failed.
+#[derive(Debug, thiserror::Error)]
+enum PullError {
+    #[error("{0}")]
+    Peer(String),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Follows peer `idx` until `cancel`.
+pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: CancellationToken) {
+    let link = &repl.links[idx];
+    let base = format!("http://{}", link.peer.addr);
+    let client = Client::with_http(&base, repl.http.clone()).expect("peer addresses are validated");
+    let mut since = 0u64;
+    let mut targets: BTreeMap<(String, ChunkName), Target> = BTreeMap::new();
+    let mut progress: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut backoff = BACKOFF_INITIAL;
+    loop {
+        let round = async {
+            let resp = changes(&repl, link, &base, since, &mut progress).await?;
+            repl.set_connected(link, true, None);
+            since = resp.version;
+            for c in resp.chunks {
+                let name =
+                    ChunkName::parse(&c.chunk).map_err(|e| PullError::Peer(e.to_string()))?;
+                if name.owner != link.peer.name {
+                    return Err(PullError::Peer(format!(
+                        "peer {} listed chunk {name}, which it does not own",
+                        link.peer.name
+                    )));
+                }
+                targets.insert(
+                    (c.category, name),
+                    Target {
+                        size: c.size,
+                        complete: c.complete,
+                    },
+                );
+            }
+            copy(&repl, link, &client, &mut targets, &mut progress, &cancel).await
+        };
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = round => r,
+        };
+        match result {
+            Ok(()) => backoff = BACKOFF_INITIAL,
+            Err(e) => {
+                repl.set_connected(link, false, Some(e.to_string()));
+                repl.maybe_declare_lost(link).await;
+                since = 0;
+                targets.clear();
+                let delay = jitter(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+        let lag = lag_by_category(&repl, &targets);
+        repl.set_lag(link, lag);
+    }
+}
+
+/// One changes request carrying the progress made since the last one.
+async fn changes(
+    repl: &Replication,
+    link: &PeerLink,
+    base: &str,
+    since: u64,
+    progress: &mut BTreeMap<(String, String), u64>,
+) -> Result<ChangesResponse, PullError> {
+    let req = ChangesRequest {
+        node: repl.node().to_owned(),
+        since,
+        wait_ms: repl.cfg.wait.as_millis() as u64,
+        progress: progress
+            .iter()
+            .map(|((category, chunk), size)| Progress {
+                category: category.clone(),
+                chunk: chunk.clone(),
+                size: *size,
+            })
+            .collect(),
+    };
+    let resp = repl
+        .http
+        .post(format!("{base}/v1/internal/changes"))
+        .json(&req)
+        .timeout(repl.cfg.wait + repl.cfg.peer_timeout)
+        .send()
+        .await
+        .map_err(|e| PullError::Peer(format!("changes request failed: {e}")))?;
+    if resp.status() != StatusCode::OK {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        return Err(PullError::Peer(format!(
+            "changes request answered {status}: {body}"
+        )));
+    }
+    let resp: ChangesResponse = resp
+        .json()
+        .await
+        .map_err(|e| PullError::Peer(format!("bad changes answer: {e}")))?;
+    if resp.node != link.peer.name {
+        return Err(PullError::Peer(format!(
+            "the node at {} is {}, not {} as --peers says",
+            link.peer.addr, resp.node, link.peer.name
+        )));
+    }
+    progress.clear();
+    Ok(resp)
+}
+
+/// Copies what `targets` says is missing, in chunk order per category.
+async fn copy(
+    repl: &Replication,
+    link: &PeerLink,
+    client: &Client,
+    targets: &mut BTreeMap<(String, ChunkName), Target>,
+    progress: &mut BTreeMap<(String, String), u64>,
+    cancel: &CancellationToken,
+) -> Result<(), PullError> {
+    let storage = &repl.storage;
+    let keys: Vec<_> = targets.keys().cloned().collect();
+    for key in keys {
+        let (category, chunk) = &key;
+        let target = targets[&key];
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            let held = storage.chunk_meta(category, chunk);
+            let have = held.map_or(0, |m| m.size);
+            if held.is_some_and(|m| m.complete) {
+                progress.insert((category.clone(), chunk.to_string()), have);
+                targets.remove(&key);
+                break;
+            }
+            if have < target.size {
+                let read = match client
+                    .read_chunk(category, &chunk.to_string(), have, COPY_READ_BYTES)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(ClientError::Status { status, message })
+                        if status == StatusCode::NOT_FOUND =>
+                    {
+                        tracing::warn!(peer = %link.peer.name, category, chunk = %chunk, error = %message, "peer no longer has a chunk it listed; skipping it");
+                        targets.remove(&key);
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if read.data.is_empty() {
+                    // The owner holds less than it listed (it lost unsynced
+                    // bytes); its completion will say how much.
+                    break;
+                }
+                let data: Bytes = read.data;
+                let size = storage.replica_append(category, chunk, have, data).await?;
+                progress.insert((category.clone(), chunk.to_string()), size);
+                continue;
+            }
+            if target.complete {
+                storage
+                    .replica_complete(category, chunk, target.size)
+                    .await?;
+                progress.insert((category.clone(), chunk.to_string()), target.size);
+                targets.remove(&key);
+            } else if have > 0 || held.is_some() {
+                progress.insert((category.clone(), chunk.to_string()), have);
+            }
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Bytes still to copy, per category.
+fn lag_by_category(
+    repl: &Replication,
+    targets: &BTreeMap<(String, ChunkName), Target>,
+) -> BTreeMap<String, u64> {
+    let mut lag = BTreeMap::new();
+    for ((category, chunk), t) in targets {
+        let have = repl
+            .storage
+            .chunk_meta(category, chunk)
+            .map_or(0, |m| m.size);
+        let behind = t.size.saturating_sub(have);
+        if behind > 0 {
+            *lag.entry(category.clone()).or_insert(0) += behind;
+        }
+    }
+    lag
+}
+
+/// `d` scaled by a random factor in [0.5, 1.5), so that peers do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    let r = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+    d.mul_f64(0.5 + (r % 1000) as f64 / 1000.0)
+}

@@ -1,0 +1,147 @@
+//! Durable per-category state: `<data>/<category>/.state.json`.
+//!
+//! ```json
+//! {"version":1,"complete_through":{"eu2":41}}
+//! ```
+//!
+//! `complete_through[owner] = i` records that every chunk of `owner` up to
+//! index `i` held here is complete. It is needed for other owners' chunks
+//! only: a replica learns completeness from the owner (or from
+//! `forget-node`) and must remember it across restarts, while this node's
+//! own chunks are all complete at start-up by construction. Owners complete
+//! their chunks in index order, so one number per owner is enough.
+//!
+//! Written atomically: temp file, fsync, rename, fsync of the directory. A
+//! crash leaves the old or the new file, never a mix; a leftover temp file is
+//! ignored.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{StorageError, fsync_dir};
+
+/// File name of the state inside a category directory.
+pub const STATE_FILE: &str = ".state.json";
+const STATE_TMP_FILE: &str = ".state.json.tmp";
+
+/// Version of the state format written by this build.
+pub const STATE_VERSION: u32 = 1;
+
+/// The on-disk form, versioned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategoryState {
+    /// Format version ([`STATE_VERSION`]).
+    pub version: u32,
+    /// Per owner, the highest index up to which its chunks are complete.
+    pub complete_through: BTreeMap<String, u32>,
+}
+
+impl Default for CategoryState {
+    fn default() -> Self {
+        Self {
+            version: STATE_VERSION,
+            complete_through: BTreeMap::new(),
+        }
+    }
+}
+
+impl CategoryState {
+    /// Raises `owner`'s mark to `index`; returns true when it changed.
+    pub fn raise(&mut self, owner: &str, index: u32) -> bool {
+        match self.complete_through.get_mut(owner) {
+            Some(cur) if *cur >= index => false,
+            Some(cur) => {
+                *cur = index;
+                true
+            }
+            None => {
+                self.complete_through.insert(owner.to_owned(), index);
+                true
+            }
+        }
+    }
+
+    /// True when `owner`'s chunk `index` is recorded complete.
+    pub fn is_complete(&self, owner: &str, index: u32) -> bool {
+        self.complete_through
+            .get(owner)
+            .is_some_and(|&through| index <= through)
+    }
+}
+
+/// Reads the state of the category at `dir` (default when absent).
+pub fn load(dir: &Path) -> Result<CategoryState, StorageError> {
+    let path = dir.join(STATE_FILE);
+    let invalid = |msg: String| {
+        StorageError::io(
+            format!("cannot use {}", path.display()),
+            std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
+        )
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let st: CategoryState =
+                serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+            if st.version != STATE_VERSION {
+                return Err(invalid(format!(
+                    "state version {} is not supported by this build (expected {STATE_VERSION})",
+                    st.version
+                )));
+            }
+            Ok(st)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CategoryState::default()),
+        Err(e) => Err(StorageError::io(
+            format!("cannot read {}", path.display()),
+            e,
+        )),
+    }
+}
+
+/// Writes the state of the category at `dir` atomically.
+pub fn save(dir: &Path, state: &CategoryState) -> Result<(), StorageError> {
+    let tmp = dir.join(STATE_TMP_FILE);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(state).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(STATE_FILE))?;
+        fsync_dir(dir)
+    };
+    write().map_err(|e| StorageError::io(format!("cannot write state of {}", dir.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_only_rises() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap(), CategoryState::default());
+        let mut st = CategoryState::default();
+        assert!(st.raise("eu2", 3));
+        assert!(!st.raise("eu2", 1));
+        save(dir.path(), &st).unwrap();
+        let back = load(dir.path()).unwrap();
+        assert!(back.is_complete("eu2", 3) && back.is_complete("eu2", 0));
+        assert!(!back.is_complete("eu2", 4) && !back.is_complete("eu3", 0));
+        let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        assert_eq!(text, r#"{"version":1,"complete_through":{"eu2":3}}"#);
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            r#"{"version":9,"complete_through":{}}"#,
+        )
+        .unwrap();
+        assert!(
+            load(dir.path())
+                .unwrap_err()
+                .to_string()
+                .contains("version 9")
+        );
+    }
+}
