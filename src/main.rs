@@ -29,7 +29,7 @@ fn main() -> ExitCode {
             .map_err(|e| format!("cannot start the async runtime: {e}"))
     };
     let result = match cli.command {
-        Command::Serve(args) => ServeConfig::resolve(args)
+        Command::Serve(args) => ServeConfig::resolve(*args)
             .map_err(|e| e.to_string())
             .and_then(|cfg| {
                 runtime()?

@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node: accept lines over HTTP, store them in chunks, serve reads.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Administer a cluster.
     #[command(subcommand)]
     Admin(AdminCommand),

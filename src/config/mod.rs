@@ -322,7 +322,7 @@ mod tests {
     fn serve_args(argv: &[&str]) -> ServeArgs {
         let cli = Cli::try_parse_from(argv).unwrap();
         match cli.command {
-            Command::Serve(a) => a,
+            Command::Serve(a) => *a,
             Command::Admin(_) => unreachable!("tests parse serve"),
         }
     }

@@ -155,7 +155,7 @@ impl Replication {
     pub async fn forget_everywhere(&self, node: &str) -> Result<ForgetReport, StorageError> {
         let chunks_completed = self.storage.forget_owner(node).await?;
         let mut peers = BTreeMap::new();
-        for link in &self.links {
+        for link in self.links.iter().filter(|l| l.peer.name != node) {
             let url = format!("http://{}/v1/internal/forget/{node}", link.peer.addr);
             let res = self
                 .http

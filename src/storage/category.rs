@@ -20,8 +20,9 @@ pub struct ChunkMeta {
     pub size: u64,
     /// True once the owner will never append again.
     pub complete: bool,
-    /// Value of the node's change counter at the last update (0 when
-    /// loaded at start-up); the replication feed sends what changed since.
+    /// Value of the node's change counter at the last update (chunks found
+    /// at start-up are stamped when loaded); the replication feed sends
+    /// what changed since a version.
     pub version: u64,
 }
 
@@ -101,6 +102,12 @@ impl Category {
         feed: Arc<ChangeFeed>,
         state: CategoryState,
     ) -> Self {
+        // Chunks found at start-up get versions too (in owner and index
+        // order), so that a replica asking for everything receives them.
+        let mut chunks = chunks;
+        for meta in chunks.values_mut() {
+            meta.version = feed.next();
+        }
         Self {
             name,
             dir,

@@ -99,7 +99,7 @@ pub(super) fn scan(
                 // Replicas learn completeness from the owner and keep it
                 // in the category state.
                 complete,
-                version: 0,
+                version: 0, // stamped when the category is loaded
             },
         );
     }

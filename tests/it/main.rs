@@ -5,5 +5,8 @@ mod api;
 mod bad_input;
 mod binary;
 mod chukcha;
+mod cluster;
 mod crash;
 mod harness;
+mod proxy;
+mod replication;

@@ -1,0 +1,195 @@
+//! `TestCluster`: N real `chunkbus` processes on `127.0.0.1:0`, each peer
+//! link through its own [`Proxy`] so that a test can cut a node off, kill
+//! it and restart it on a new port without the others noticing the address
+//! change.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chunkbus_client::{ChunkInfo, Client};
+use tokio::process::Command;
+
+use crate::harness::{BinNode, CONDITION_DEADLINE, chunk_files};
+use crate::proxy::Proxy;
+
+/// How long a cluster may take to converge after writes stop.
+pub const CONVERGE_DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct TestCluster {
+    pub names: Vec<String>,
+    pub nodes: Vec<Option<BinNode>>,
+    pub dirs: Vec<PathBuf>,
+    /// `proxies[from][to]`; `None` on the diagonal.
+    proxies: Vec<Vec<Option<Proxy>>>,
+    extra: Vec<String>,
+    _tmp: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes named `n1..`, each with `extra` flags.
+    pub async fn start(n: usize, extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+        let dirs: Vec<PathBuf> = names.iter().map(|n| tmp.path().join(n)).collect();
+        let mut proxies = Vec::new();
+        for from in 0..n {
+            let mut row = Vec::new();
+            for to in 0..n {
+                row.push(if from == to {
+                    None
+                } else {
+                    Some(Proxy::start().await)
+                });
+            }
+            proxies.push(row);
+        }
+        let mut cluster = Self {
+            names,
+            nodes: (0..n).map(|_| None).collect(),
+            dirs,
+            proxies,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _tmp: tmp,
+        };
+        for i in 0..n {
+            cluster.start_node(i).await;
+        }
+        cluster
+    }
+
+    /// Starts (or restarts) node `i` and points its inbound proxies at it.
+    pub async fn start_node(&mut self, i: usize) {
+        let peers: Vec<String> = (0..self.names.len())
+            .filter(|&j| j != i)
+            .map(|j| {
+                format!(
+                    "{}={}",
+                    self.names[j],
+                    self.proxies[i][j].as_ref().unwrap().addr
+                )
+            })
+            .collect();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chunkbus"));
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--node",
+            &self.names[i],
+            "--data-dir",
+        ])
+        .arg(&self.dirs[i])
+        .args(["--peers", &peers.join(",")])
+        .args(["--replication-wait", "2s", "--peer-timeout", "1s"])
+        .args(&self.extra);
+        let node = BinNode::spawn(cmd).await;
+        for from in 0..self.names.len() {
+            if let Some(p) = &self.proxies[from][i] {
+                p.set_target(node.addr);
+            }
+        }
+        self.nodes[i] = Some(node);
+    }
+
+    /// SIGKILLs node `i`.
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(node) = self.nodes[i].take() {
+            node.kill().await;
+        }
+    }
+
+    /// Cuts node `i` off from every other node (both directions), or heals it.
+    pub fn set_cut(&self, i: usize, cut: bool) {
+        for j in 0..self.names.len() {
+            for p in [&self.proxies[i][j], &self.proxies[j][i]]
+                .into_iter()
+                .flatten()
+            {
+                p.set_cut(cut);
+            }
+        }
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        self.nodes[i].as_ref().expect("node is running").url("")
+    }
+
+    pub fn client(&self, i: usize) -> Client {
+        Client::new(&self.url(i)).unwrap()
+    }
+
+    /// Chunk lists of `category` as each running node reports them.
+    pub async fn chunk_lists(&self, category: &str) -> Vec<Vec<ChunkInfo>> {
+        let mut out = Vec::new();
+        for i in 0..self.names.len() {
+            if self.nodes[i].is_some() {
+                out.push(self.client(i).chunks(category).await.unwrap());
+            }
+        }
+        out
+    }
+
+    /// Waits until every running node lists the same chunks of each
+    /// category (names, sizes, completeness), then checks that the chunk
+    /// files are byte-identical on every node.
+    pub async fn wait_converged(&self, categories: &[&str]) {
+        let deadline = tokio::time::Instant::now() + CONVERGE_DEADLINE;
+        for cat in categories {
+            loop {
+                let lists = self.chunk_lists(cat).await;
+                let key = |l: &Vec<ChunkInfo>| -> Vec<(String, u64, bool)> {
+                    l.iter()
+                        .map(|c| (c.name.clone(), c.size, c.complete))
+                        .collect()
+                };
+                if lists.windows(2).all(|w| key(&w[0]) == key(&w[1])) && !lists[0].is_empty() {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "category {cat} did not converge within {CONVERGE_DEADLINE:?}: {:#?}",
+                    lists.iter().map(key).collect::<Vec<_>>()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let files: Vec<BTreeMap<String, Vec<u8>>> = (0..self.names.len())
+                .filter(|&i| self.nodes[i].is_some())
+                .map(|i| chunk_files(&self.dirs[i].join(cat)).into_iter().collect())
+                .collect();
+            for (i, f) in files.iter().enumerate().skip(1) {
+                assert_eq!(
+                    f.keys().collect::<Vec<_>>(),
+                    files[0].keys().collect::<Vec<_>>(),
+                    "chunk files of {cat} differ between nodes"
+                );
+                for (name, data) in f {
+                    assert!(
+                        data == &files[0][name],
+                        "chunk {name} of {cat} differs on node {i}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits until `/v1/status` of node `i` says whether peer `peer` is connected.
+    pub async fn wait_peer_connected(&self, i: usize, peer: &str, connected: bool) {
+        let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+        loop {
+            let st = self.client(i).status().await.unwrap();
+            if st
+                .peers
+                .iter()
+                .any(|p| p.name == peer && p.connected == connected)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "peer {peer} never became connected={connected} on node {i}: {st:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
