@@ -68,6 +68,8 @@ use crate::metrics::Metrics;
 
 /// Bound of each category's write queue (requests, each bounded in bytes).
 const WRITER_QUEUE_MESSAGES: usize = 4096;
+/// Bound of the queue of completed copies to record.
+const COMPLETION_QUEUE: usize = 1024;
 /// Bound of each category's group-commit queue.
 const SYNC_QUEUE_JOBS: usize = 1024;
 
@@ -136,6 +138,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     disk: Arc<DiskMonitor>,
     feed: Arc<ChangeFeed>,
+    /// Queue of completed copies whose durable record is pending.
+    completions: mpsc::Sender<replica::Completion>,
     tasks: TaskTracker,
     cancel: CancellationToken,
     _lock: lock::DirLock,
@@ -162,6 +166,7 @@ impl Storage {
         })
         .await
         .map_err(|e| StorageError::io("start-up task failed", std::io::Error::other(e)))??;
+        let (completions, completions_rx) = mpsc::channel(COMPLETION_QUEUE);
         let storage = Storage {
             shared: Arc::new(Shared {
                 opts,
@@ -169,6 +174,7 @@ impl Storage {
                 metrics,
                 disk,
                 feed: ChangeFeed::new(),
+                completions,
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
                 _lock: lock,
@@ -191,6 +197,9 @@ impl Storage {
             );
         }
         storage.start_disk_monitor();
+        let s = &storage.shared;
+        s.tasks
+            .spawn(replica::run_completions(completions_rx, s.cancel.clone()));
         Ok(storage)
     }
 

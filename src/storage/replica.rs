@@ -12,7 +12,66 @@ use bytes::Bytes;
 use chunkbus_client::ChunkName;
 use tokio::sync::watch;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::category::Category;
 use super::{ChunkMeta, Storage, StorageError, fsync_dir, state};
+
+/// A copy is flushed in the background each time it grows past a multiple
+/// of this many bytes.
+const REPLICA_FLUSH_EVERY_BYTES: u64 = 16 << 20;
+
+/// A completed copy whose durable record is still to be written.
+#[derive(Debug)]
+pub(super) struct Completion {
+    cat: Arc<Category>,
+    chunk: ChunkName,
+    path: PathBuf,
+}
+
+/// Writes completion records in order until `cancel`, then drains.
+pub(super) async fn run_completions(mut rx: mpsc::Receiver<Completion>, cancel: CancellationToken) {
+    loop {
+        let job = tokio::select! {
+            job = rx.recv() => job,
+            _ = cancel.cancelled() => None,
+        };
+        let Some(job) = job else { break };
+        persist(job).await;
+    }
+    rx.close();
+    while let Some(job) = rx.recv().await {
+        persist(job).await;
+    }
+}
+
+async fn persist(job: Completion) {
+    let Completion { cat, chunk, path } = job;
+    let name = chunk.to_string();
+    let result = tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| fsync_dir(&cat.dir))
+            .map_err(|e| StorageError::io(format!("cannot flush copy {}", path.display()), e))?;
+        let mut st = cat.state.lock().unwrap();
+        if st.raise(&chunk.owner, chunk.index) {
+            state::save(&cat.dir, &st)?;
+        }
+        Ok::<(), StorageError>(())
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(chunk = %name, error = %e, "cannot record a completed copy; it will be completed again after a restart")
+        }
+        Err(e) => tracing::error!(chunk = %name, error = %e, "completion task failed"),
+    }
+}
 
 /// One of this node's chunks that changed, for the replication feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,7 +166,6 @@ impl Storage {
             return Ok(size);
         }
         let path = cat.chunk_path(chunk);
-        let dir = cat.dir.clone();
         let name = chunk.to_string();
         let len = data.len() as u64;
         tokio::task::spawn_blocking(move || {
@@ -119,21 +177,34 @@ impl Storage {
             if offset == 0 {
                 // Whatever a crash left past the known size goes.
                 file.set_len(0)?;
-                fsync_dir(&dir)?;
             }
             file.write_all_at(&data, offset)
         })
         .await
         .map_err(|e| StorageError::io("replica write task failed", std::io::Error::other(e)))?
         .map_err(|e| StorageError::io(format!("cannot write copy of chunk {name}"), e))?;
+        if offset / REPLICA_FLUSH_EVERY_BYTES != (offset + len) / REPLICA_FLUSH_EVERY_BYTES {
+            // Flush as the copy grows, so that completing it has little left
+            // to flush (tracked, so that shutdown waits for it).
+            let path = cat.chunk_path(chunk);
+            self.shared.tasks.spawn_blocking(move || {
+                if let Err(e) = std::fs::File::open(&path).and_then(|f| f.sync_data()) {
+                    tracing::warn!(path = %path.display(), error = %e, "background flush of a copy failed");
+                }
+            });
+        }
         cat.metrics.bytes_replicated.inc_by(len);
         cat.update(chunk, size + len, false);
         Ok(size + len)
     }
 
-    /// Marks a copy complete at `size`, the owner's final size, and records
-    /// it durably. A copy that holds more than the owner (the owner lost
-    /// unsynced bytes in a power failure) is cut back to the owner's size.
+    /// Marks a copy complete at `size`, the owner's final size. Readers see
+    /// it complete at once; the durable record (fsync of the copy, then the
+    /// category state) is written in the background, in order, so that the
+    /// puller does not stall on flushing a whole chunk. Until it is written,
+    /// a restart finds the copy incomplete and the owner completes it again.
+    /// A copy that holds more than the owner (the owner lost unsynced bytes
+    /// in a power failure) is cut back to the owner's size first.
     pub async fn replica_complete(
         &self,
         category: &str,
@@ -154,36 +225,35 @@ impl Storage {
                 size: have,
             });
         }
-        if have > size {
-            tracing::warn!(category, chunk = %chunk, have, owner_size = size, "copy holds more than its owner; cutting it back");
-        }
         let path = cat.chunk_path(chunk);
-        let truncate = have > size || held.is_none();
-        let cat2 = cat.clone();
-        let (owner, index) = (chunk.owner.clone(), chunk.index);
-        tokio::task::spawn_blocking(move || {
-            if truncate {
-                let file = OpenOptions::new()
+        if have > size || held.is_none() {
+            if have > size {
+                tracing::warn!(category, chunk = %chunk, have, owner_size = size, "copy holds more than its owner; cutting it back");
+            }
+            let (path, dir) = (path.clone(), cat.dir.clone());
+            tokio::task::spawn_blocking(move || {
+                let f = OpenOptions::new()
                     .write(true)
                     .create(true)
                     .truncate(false)
-                    .open(&path)
-                    .and_then(|f| f.set_len(size).and_then(|()| f.sync_all()))
-                    .map_err(|e| {
-                        StorageError::io(format!("cannot cut back {}", path.display()), e)
-                    });
-                file?;
-            }
-            let mut st = cat2.state.lock().unwrap();
-            if st.raise(&owner, index) {
-                state::save(&cat2.dir, &st)?;
-            }
-            Ok::<(), StorageError>(())
-        })
-        .await
-        .map_err(|e| StorageError::io("replica task failed", std::io::Error::other(e)))??;
+                    .open(&path)?;
+                f.set_len(size)?;
+                fsync_dir(&dir)
+            })
+            .await
+            .map_err(|e| StorageError::io("replica task failed", std::io::Error::other(e)))?
+            .map_err(|e| StorageError::io(format!("cannot size copy {chunk}"), e))?;
+        }
         cat.update(chunk, size, true);
-        Ok(())
+        self.shared
+            .completions
+            .send(Completion {
+                cat,
+                chunk: chunk.clone(),
+                path,
+            })
+            .await
+            .map_err(|_| StorageError::ShuttingDown)
     }
 
     /// Marks every incomplete chunk of `owner` complete, in every category,

@@ -13,6 +13,7 @@
 //! thread, saves a cross-thread wake-up per request.
 
 use std::fs::File;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,6 +33,9 @@ pub(super) type Reply = oneshot::Sender<Result<Appended, StorageError>>;
 #[derive(Debug)]
 pub(super) struct SyncJob {
     pub file: Arc<File>,
+    /// The chunk's directory, when the chunk was created since the last
+    /// job: its new entry must be durable too.
+    pub dir: Option<PathBuf>,
     pub replies: Vec<(Reply, Appended)>,
 }
 
@@ -86,6 +90,16 @@ pub(super) fn run(
             metrics
                 .fsync_seconds
                 .observe(started.elapsed().as_secs_f64());
+        }
+        for dir in jobs.iter().filter_map(|j| j.dir.as_ref()) {
+            if result.is_ok()
+                && let Err(e) = super::fsync_dir(dir)
+            {
+                result = Err(StorageError::io(
+                    format!("cannot flush directory {}", dir.display()),
+                    e,
+                ));
+            }
         }
         let synced = Synced {
             jobs: std::mem::take(&mut jobs),

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::category::Category;
 use super::syncer::{Reply, SyncJob, Synced};
-use super::{Appended, StorageError, SyncPolicy, fsync_dir};
+use super::{Appended, StorageError, SyncPolicy};
 use crate::metrics::Metrics;
 
 /// Runs up to this size are written on the async worker itself; larger
@@ -67,6 +67,9 @@ struct OpenChunk {
     first_write: Option<Instant>,
     /// Bytes written since the last flush was queued.
     unflushed_bytes: u64,
+    /// The chunk's directory entry is not yet known to be durable; the
+    /// next flush syncs the directory too.
+    dir_pending: bool,
 }
 
 /// Settings and shared handles the writer needs.
@@ -267,6 +270,7 @@ impl Writer {
             open.unflushed_bytes = 0;
             let job = SyncJob {
                 file: open.file.clone(),
+                dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
                 replies: to_sync,
             };
             self.queue_sync(job).await;
@@ -286,7 +290,6 @@ impl Writer {
         }
         let name = ChunkName::new(self.cfg.node.clone(), self.next_index);
         let path = self.cat.chunk_path(&name);
-        let dir = self.cat.dir.clone();
         let data_dir = self.cfg.data_dir.clone();
         let disk = self.cfg.disk.clone();
         let file = tokio::task::spawn_blocking(move || {
@@ -295,8 +298,6 @@ impl Writer {
                 .create_new(true)
                 .mode(0o644)
                 .open(&path)?;
-            // The new name must survive a crash before any write in it is acknowledged.
-            fsync_dir(&dir)?;
             let _ = disk.refresh(&data_dir);
             Ok::<File, std::io::Error>(file)
         })
@@ -317,6 +318,7 @@ impl Writer {
             size: 0,
             first_write: None,
             unflushed_bytes: 0,
+            dir_pending: true,
         });
         Ok(())
     }
@@ -333,6 +335,7 @@ impl Writer {
             // Complete chunks are flushed in the background whatever the sync policy.
             self.queue_sync(SyncJob {
                 file: open.file,
+                dir: open.dir_pending.then(|| self.cat.dir.clone()),
                 replies: Vec::new(),
             })
             .await;
@@ -345,6 +348,7 @@ impl Writer {
             open.unflushed_bytes = 0;
             let job = SyncJob {
                 file: open.file.clone(),
+                dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
                 replies: Vec::new(),
             };
             self.queue_sync(job).await;

@@ -154,8 +154,8 @@ async fn oversized_lines_and_bodies_are_413_and_write_nothing() {
     // Without Content-Length (chunked transfer), the limit holds while reading.
     let stream =
         futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>("z\n".repeat(50))));
-    let r = node
-        .http
+    // (A body refused before it was read closes its connection: new client.)
+    let r = reqwest::Client::new()
         .post(node.url("/v1/categories/app/lines"))
         .body(reqwest::Body::wrap_stream(stream))
         .send()
@@ -163,6 +163,8 @@ async fn oversized_lines_and_bodies_are_413_and_write_nothing() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
 
+    // A body refused before it was read closes its connection: use a new one.
+    let http = reqwest::Client::new();
     // A small gzip body that decodes past the limit.
     let gz = {
         use std::io::Write;
@@ -170,8 +172,7 @@ async fn oversized_lines_and_bodies_are_413_and_write_nothing() {
         e.write_all(&b"q\n".repeat(10_000)).unwrap();
         e.finish().unwrap()
     };
-    let r = node
-        .http
+    let r = http
         .post(node.url("/v1/categories/app/lines"))
         .header("content-encoding", "gzip")
         .body(gz)
