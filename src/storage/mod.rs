@@ -306,6 +306,17 @@ impl Storage {
             .ok_or_else(|| StorageError::UnknownCategory(name.to_owned()))
     }
 
+    /// Every category, in no particular order (a snapshot).
+    fn all_categories(&self) -> Vec<Arc<Category>> {
+        self.shared
+            .categories
+            .read()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn category_or_create(&self, name: &str) -> Result<Arc<Category>, StorageError> {
         match self.category(name) {
             Err(StorageError::UnknownCategory(_)) => {}

@@ -99,14 +99,7 @@ impl Storage {
     /// and index. Read `feed_version` before calling: every update up to
     /// that version is included (and possibly later ones).
     pub fn own_changes_since(&self, since: u64) -> Vec<OwnChange> {
-        let cats: Vec<_> = self
-            .shared
-            .categories
-            .read()
-            .unwrap()
-            .values()
-            .cloned()
-            .collect();
+        let cats = self.all_categories();
         let node = self.node();
         let mut out = Vec::new();
         for cat in cats {
@@ -264,14 +257,7 @@ impl Storage {
                 chunk: format!("{owner}-chunk*"),
             });
         }
-        let cats: Vec<_> = self
-            .shared
-            .categories
-            .read()
-            .unwrap()
-            .values()
-            .cloned()
-            .collect();
+        let cats = self.all_categories();
         let mut changed = 0;
         for cat in cats {
             let open: Vec<_> = cat

@@ -8,9 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use chunkbus_client::{ChunkInfo, Client};
-use tokio::process::Command;
 
-use crate::harness::{BinNode, CONDITION_DEADLINE, chunk_files};
+use crate::harness::{BinNode, CONDITION_DEADLINE, chunk_files, serve_command};
 use crate::proxy::Proxy;
 
 /// How long a cluster may take to converge after writes stop.
@@ -70,19 +69,10 @@ impl TestCluster {
                 )
             })
             .collect();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chunkbus"));
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--node",
-            &self.names[i],
-            "--data-dir",
-        ])
-        .arg(&self.dirs[i])
-        .args(["--peers", &peers.join(",")])
-        .args(["--replication-wait", "2s", "--peer-timeout", "1s"])
-        .args(&self.extra);
+        let mut cmd = serve_command(&self.names[i], &self.dirs[i]);
+        cmd.args(["--peers", &peers.join(",")])
+            .args(["--replication-wait", "2s", "--peer-timeout", "1s"])
+            .args(&self.extra);
         let node = BinNode::spawn(cmd).await;
         for from in 0..self.names.len() {
             if let Some(p) = &self.proxies[from][i] {

@@ -155,6 +155,21 @@ pub async fn wait_healthy(http: &reqwest::Client, url: &str) {
     }
 }
 
+/// `chunkbus serve --listen 127.0.0.1:0 --node NODE --data-dir DIR`.
+pub fn serve_command(node: &str, dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chunkbus"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--node",
+        node,
+        "--data-dir",
+    ])
+    .arg(dir);
+    cmd
+}
+
 /// The real `chunkbus` binary, running.
 pub struct BinNode {
     pub child: Child,
@@ -162,20 +177,11 @@ pub struct BinNode {
 }
 
 impl BinNode {
-    /// Runs `chunkbus serve --listen 127.0.0.1:0 --data-dir DIR ARGS...` and
-    /// waits for its "listening" line.
+    /// Runs `chunkbus serve --listen 127.0.0.1:0 --node t1 --data-dir DIR ARGS...`
+    /// and waits for its "listening" line.
     pub async fn start(dir: &Path, args: &[&str]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chunkbus"));
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--node",
-            "t1",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .args(args);
+        let mut cmd = serve_command("t1", dir);
+        cmd.args(args);
         Self::spawn(cmd).await
     }
 
