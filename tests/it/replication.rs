@@ -367,3 +367,31 @@ async fn a_node_refuses_a_peer_list_that_contradicts_it() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("appears twice"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_lost_after_completes_an_unreachable_peers_chunks() {
+    let mut cluster = TestCluster::start(3, &["--owner-lost-after", "1s"]).await;
+    let p = cluster
+        .client(2)
+        .produce("auto", "from n3\n", &ProduceOptions::default())
+        .await
+        .unwrap();
+    cluster.wait_converged(&["auto"]).await;
+    cluster.kill(2).await;
+    // Parked at the end of the open chunk until the peer is declared lost.
+    let r = cluster
+        .client(0)
+        .read_chunk_wait(
+            "auto",
+            &p.chunk.unwrap(),
+            p.next_offset,
+            1024,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert!(r.complete, "the lost owner's chunk was completed");
+    let st = cluster.client(0).status().await.unwrap();
+    let n3 = st.peers.iter().find(|p| p.name == "n3").unwrap();
+    assert!(!n3.connected);
+}
