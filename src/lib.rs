@@ -7,12 +7,14 @@
 //! |-----------|------|
 //! | [`config`]  | flags, environment, TOML file, validation |
 //! | [`storage`] | chunk files, rotation, recovery, group commit, waking readers |
+//! | [`consumers`] | consumer positions (a CRDT), their persistence |
 //! | [`http`]    | routes (`/v1`, Chukcha compatibility, operations), errors → status codes |
 //! | [`metrics`] | the Prometheus registry of a node |
 //! | [`replication`] | pulling every peer's chunks, `min_replicas`, lost owners |
 //! | [`server`]  | wiring: listener, storage, HTTP, signals, graceful shutdown |
 
 pub mod config;
+pub mod consumers;
 pub mod http;
 pub mod metrics;
 pub mod replication;

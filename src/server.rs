@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ServeConfig;
+use crate::consumers::Consumers;
 use crate::http::{AppState, Limits, router};
 use crate::metrics::Metrics;
 use crate::replication::{Replication, ReplicationConfig};
@@ -80,8 +81,10 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let metrics = Metrics::new();
     let storage = Storage::open(cfg.storage_options(), metrics.clone()).await?;
+    let consumers = Consumers::open(storage.clone()).await?;
     let replication = Replication::new(
         storage.clone(),
+        consumers.clone(),
         ReplicationConfig {
             peers: cfg.peers.clone(),
             wait: cfg.replication_wait,
@@ -98,6 +101,7 @@ pub async fn run(
         storage.clone(),
         metrics,
         replication,
+        consumers,
         Limits {
             max_line_bytes: cfg.max_line_bytes,
             max_body_bytes: cfg.max_body_bytes,

@@ -26,6 +26,6 @@ pub use error::ClientError;
 pub use names::{ChunkName, NameError};
 pub use raw::{Client, ProduceOptions, ReadChunk};
 pub use wire::{
-    ChukchaChunk, ChunkInfo, DiskStatus, ErrorBody, ForgetReport, NodeStatus, PeerStatus,
-    ProduceResponse,
+    AckRequest, ChukchaChunk, ChunkInfo, ChunkPosition, ConsumerDetail, ConsumerSummary,
+    DiskStatus, ErrorBody, ForgetReport, NodeStatus, PeerStatus, PositionRequest, ProduceResponse,
 };

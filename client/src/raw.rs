@@ -15,6 +15,10 @@ pub const HEADER_NEXT_OFFSET: &str = "chunkbus-next-offset";
 pub const HEADER_COMPLETE: &str = "chunkbus-complete";
 /// Header with the number of bytes of the chunk the server holds.
 pub const HEADER_CHUNK_SIZE: &str = "chunkbus-chunk-size";
+/// Header of `next`: the chunk the lines come from.
+pub const HEADER_CHUNK: &str = "chunkbus-chunk";
+/// Header of `next`: the offset of the first line.
+pub const HEADER_OFFSET: &str = "chunkbus-offset";
 
 /// A handle on one chunkbus server. Cheap to clone.
 #[derive(Debug, Clone)]

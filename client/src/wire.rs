@@ -116,3 +116,48 @@ pub struct ForgetReport {
     /// Per peer: `ok` or the error it answered.
     pub peers: std::collections::BTreeMap<String, String>,
 }
+
+/// Body of `POST /v1/categories/{c}/consumers/{consumer}/acks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckRequest {
+    /// The chunk read.
+    pub chunk: String,
+    /// Everything before this offset of `chunk` is processed.
+    pub offset: u64,
+}
+
+/// Body of `PUT /v1/categories/{c}/consumers/{consumer}/position`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PositionRequest {
+    /// `earliest` or `latest`.
+    pub to: String,
+}
+
+/// Where a consumer stands in one owner's chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkPosition {
+    /// The chunk holding the next unprocessed byte.
+    pub chunk: String,
+    /// Its offset.
+    pub offset: u64,
+}
+
+/// `GET /v1/categories/{c}/consumers/{consumer}` (and the answer to acks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerDetail {
+    /// Per owner.
+    pub positions: std::collections::BTreeMap<String, ChunkPosition>,
+    /// Bytes held on the node asked that the consumer has not acked.
+    pub lag_bytes: u64,
+    /// Bumped by each rewind or skip.
+    pub generation: u64,
+}
+
+/// One entry of `GET /v1/categories/{c}/consumers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerSummary {
+    /// Consumer name.
+    pub name: String,
+    /// Bytes held on the node asked that the consumer has not acked.
+    pub lag_bytes: u64,
+}

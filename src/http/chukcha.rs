@@ -91,15 +91,64 @@ pub(super) struct ListQuery {
     from_replication: Option<String>,
 }
 
-/// `GET /listChunks?category=C` → `[{"name","complete","size"}]`.
+/// The consumer Chukcha's `/ack` acknowledges for.
+const CHUKCHA_CONSUMER: &str = "default";
+
+#[derive(Debug, Deserialize)]
+pub(super) struct AckQuery {
+    category: Option<String>,
+    chunk: Option<String>,
+    size: Option<String>,
+}
+
+/// `GET /ack?category=C&chunk=K&size=S`: as in Chukcha, only a complete
+/// chunk read to its end (`size` ≥ its size) can be acknowledged; the
+/// consumer `default` moves past it.
+pub(super) async fn ack(
+    State(st): State<Arc<AppState>>,
+    query: Result<Query<AckQuery>, QueryRejection>,
+) -> Result<Json<chunkbus_client::ConsumerDetail>, ApiError> {
+    let Query(q) = query?;
+    let category = required("category", &q.category)?;
+    chunkbus_client::names::validate_category(category)?;
+    let chunk = ChunkName::parse(required("chunk", &q.chunk)?)?;
+    let size = parse_u64("size", required("size", &q.size)?)?;
+    let meta = st.storage.chunk_meta(category, &chunk).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "chunk {chunk} of category {category:?} does not exist on this node"
+        ))
+    })?;
+    if !meta.complete {
+        return Err(ApiError::BadRequest(format!(
+            "chunk {chunk} is not complete yet; only complete chunks can be acknowledged"
+        )));
+    }
+    if size < meta.size {
+        return Err(ApiError::BadRequest(format!(
+            "chunk {chunk} was not fully processed: size {size} is below its size {}",
+            meta.size
+        )));
+    }
+    let entry =
+        super::consumers::ack_chunk(&st, category, CHUKCHA_CONSUMER, &chunk, meta.size).await?;
+    Ok(Json(super::consumers::detail(&st, category, &entry)))
+}
+
+/// `GET /listChunks?category=C` → `[{"name","complete","size"}]`, without
+/// the chunks the consumer `default` has fully acknowledged.
 pub(super) async fn list_chunks(
     State(st): State<Arc<AppState>>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Vec<ChukchaChunk>>, ApiError> {
     let Query(q) = query?;
     let category = required("category", &q.category)?;
+    let acked = st
+        .consumers
+        .get(category, CHUKCHA_CONSUMER)
+        .unwrap_or_default();
     let out = list(&st, category)?
         .into_iter()
+        .filter(|c| !crate::consumers::fully_read(acked.positions.get(&c.name.owner), c))
         .map(|c| ChukchaChunk {
             name: c.name.to_string(),
             complete: c.meta.complete,

@@ -12,7 +12,9 @@ use chunkbus_client::names::{validate_category, validate_node};
 use serde::Serialize;
 
 use super::{ApiError, AppState};
-use crate::replication::protocol::{ChangedChunk, ChangesRequest, ChangesResponse};
+use crate::replication::protocol::{
+    ChangedChunk, ChangedConsumer, ChangesRequest, ChangesResponse,
+};
 
 /// Longest wait a replica may ask for.
 const MAX_CHANGES_WAIT: Duration = Duration::from_secs(300);
@@ -39,12 +41,25 @@ pub(super) async fn changes(
     let wait = Duration::from_millis(req.wait_ms).min(MAX_CHANGES_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     let mut feed = st.storage.subscribe_feed();
+    let mut positions_feed = st.consumers.subscribe();
     loop {
         feed.borrow_and_update();
+        positions_feed.borrow_and_update();
         let version = st.storage.feed_version();
+        let positions_version = st.consumers.version();
         let changed = st.storage.own_changes_since(req.since);
+        let positions: Vec<ChangedConsumer> = st
+            .consumers
+            .changes_since(req.positions_since)
+            .into_iter()
+            .map(|c| ChangedConsumer {
+                category: c.category,
+                consumer: c.consumer,
+                entry: c.entry,
+            })
+            .collect();
         let waited_out = tokio::time::Instant::now() >= deadline || st.shutdown.is_cancelled();
-        if !changed.is_empty() || req.since == 0 || waited_out {
+        if !changed.is_empty() || !positions.is_empty() || req.since == 0 || waited_out {
             let chunks = changed
                 .into_iter()
                 .map(|c| ChangedChunk {
@@ -58,10 +73,13 @@ pub(super) async fn changes(
                 node: st.storage.node().to_owned(),
                 version,
                 chunks,
+                positions_version,
+                positions,
             }));
         }
         tokio::select! {
             _ = feed.changed() => {}
+            _ = positions_feed.changed() => {}
             _ = tokio::time::sleep_until(deadline) => {}
             _ = st.shutdown.cancelled() => {}
         }

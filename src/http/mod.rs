@@ -8,6 +8,7 @@
 mod admin;
 mod body;
 mod chukcha;
+mod consumers;
 mod error;
 mod internal;
 mod lines;
@@ -20,12 +21,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use tokio_util::sync::CancellationToken;
 
 pub use body::Inflight;
 pub use error::ApiError;
 
+use crate::consumers::Consumers;
 use crate::metrics::Metrics;
 use crate::replication::Replication;
 use crate::storage::{Storage, SyncPolicy};
@@ -50,6 +52,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Replication (peers, their progress).
     pub replication: Arc<Replication>,
+    /// Consumer positions.
+    pub consumers: Arc<Consumers>,
     /// Request limits.
     pub limits: Limits,
     /// Memory budget of request bodies.
@@ -66,6 +70,7 @@ impl AppState {
         storage: Storage,
         metrics: Arc<Metrics>,
         replication: Arc<Replication>,
+        consumers: Arc<Consumers>,
         limits: Limits,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -74,6 +79,7 @@ impl AppState {
             storage,
             metrics,
             replication,
+            consumers,
             limits,
             inflight,
             shutdown,
@@ -97,7 +103,25 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/categories/{category}/chunks/{chunk}",
             get(read::read_chunk),
         )
+        .route("/v1/categories/{category}/consumers", get(consumers::list))
+        .route(
+            "/v1/categories/{category}/consumers/{consumer}",
+            get(consumers::get).delete(consumers::delete),
+        )
+        .route(
+            "/v1/categories/{category}/consumers/{consumer}/next",
+            get(consumers::next),
+        )
+        .route(
+            "/v1/categories/{category}/consumers/{consumer}/acks",
+            post(consumers::ack),
+        )
+        .route(
+            "/v1/categories/{category}/consumers/{consumer}/position",
+            put(consumers::set_position),
+        )
         .route("/write", post(chukcha::write))
+        .route("/ack", get(chukcha::ack))
         .route("/read", get(chukcha::read))
         .route("/listChunks", get(chukcha::list_chunks))
         .route("/listCategories", get(read::categories))

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Peer;
+use crate::consumers::Consumers;
 use crate::metrics::{Metrics, PeerCategoryLabels, PeerLabels};
 use crate::storage::{Storage, StorageError};
 use progress::ProgressStore;
@@ -51,6 +52,7 @@ pub struct ReplicationConfig {
 #[derive(Debug)]
 pub struct Replication {
     storage: Storage,
+    consumers: Arc<Consumers>,
     cfg: ReplicationConfig,
     links: Vec<PeerLink>,
     /// What the replicas hold of this node's chunks.
@@ -79,7 +81,12 @@ struct PeerState {
 
 impl Replication {
     /// Builds the replication of a node (pullers start with [`Replication::start`]).
-    pub fn new(storage: Storage, cfg: ReplicationConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        storage: Storage,
+        consumers: Arc<Consumers>,
+        cfg: ReplicationConfig,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let links = cfg
             .peers
             .iter()
@@ -103,6 +110,7 @@ impl Replication {
         }
         Arc::new(Self {
             storage,
+            consumers,
             cfg,
             links,
             progress: ProgressStore::default(),

@@ -7,6 +7,8 @@
 //! [`ChangesResponse`]: its own chunks that changed after `since` (all of
 //! them when `since` is 0), with sizes and completeness. The replica then
 //! copies the missing bytes with the public chunk read route and asks again.
+//! The same exchange carries consumer positions (`positions_since` →
+//! `positions`), which any node may change and every node merges.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +24,9 @@ pub struct ChangesRequest {
     /// What the replica now holds of the owner's chunks.
     #[serde(default)]
     pub progress: Vec<Progress>,
+    /// Highest consumer-position version of the asked node already seen.
+    #[serde(default)]
+    pub positions_since: u64,
 }
 
 /// How much of one chunk a replica holds.
@@ -44,6 +49,24 @@ pub struct ChangesResponse {
     pub version: u64,
     /// The owner's chunks changed after `since`, by category and index.
     pub chunks: Vec<ChangedChunk>,
+    /// The asked node's consumer-position version this answer is complete up to.
+    #[serde(default)]
+    pub positions_version: u64,
+    /// Consumers whose positions changed on the asked node after
+    /// `positions_since` (merged by the asking node: positions are a CRDT).
+    #[serde(default)]
+    pub positions: Vec<ChangedConsumer>,
+}
+
+/// A consumer's positions in one category, as the asked node holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedConsumer {
+    /// Category.
+    pub category: String,
+    /// Consumer name.
+    pub consumer: String,
+    /// Positions per owner, and the deletion tombstone.
+    pub entry: crate::consumers::ConsumerEntry,
 }
 
 /// One changed chunk of the owner.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chunkbus_client::names::{validate_category, validate_consumer};
 use chunkbus_client::{ChunkName, Client, ClientError};
 use reqwest::StatusCode;
 use tokio_util::sync::CancellationToken;
@@ -45,14 +46,23 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
     let base = format!("http://{}", link.peer.addr);
     let client = Client::with_http(&base, repl.http.clone()).expect("peer addresses are validated");
     let mut since = 0u64;
+    let mut positions_since = 0u64;
     let mut targets: BTreeMap<(String, ChunkName), Target> = BTreeMap::new();
     let mut progress: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut backoff = BACKOFF_INITIAL;
     loop {
         let round = async {
-            let resp = changes(&repl, link, &base, since, &mut progress).await?;
+            let resp = changes(&repl, link, &base, (since, positions_since), &mut progress).await?;
             repl.set_connected(link, true, None);
             since = resp.version;
+            positions_since = resp.positions_version;
+            for p in resp.positions {
+                validate_category(&p.category).map_err(|e| PullError::Peer(e.to_string()))?;
+                validate_consumer(&p.consumer).map_err(|e| PullError::Peer(e.to_string()))?;
+                repl.consumers
+                    .update(&p.category, &p.consumer, |mine| mine.merge(&p.entry))
+                    .await?;
+            }
             for c in resp.chunks {
                 let name =
                     ChunkName::parse(&c.chunk).map_err(|e| PullError::Peer(e.to_string()))?;
@@ -82,6 +92,7 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
                 repl.set_connected(link, false, Some(e.to_string()));
                 repl.maybe_declare_lost(link).await;
                 since = 0;
+                positions_since = 0;
                 targets.clear();
                 let delay = jitter(backoff);
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -101,12 +112,13 @@ async fn changes(
     repl: &Replication,
     link: &PeerLink,
     base: &str,
-    since: u64,
+    (since, positions_since): (u64, u64),
     progress: &mut BTreeMap<(String, String), u64>,
 ) -> Result<ChangesResponse, PullError> {
     let req = ChangesRequest {
         node: repl.node().to_owned(),
         since,
+        positions_since,
         wait_ms: repl.cfg.wait.as_millis() as u64,
         progress: progress
             .iter()

@@ -24,6 +24,17 @@ pub struct ChunkMeta {
     /// at start-up are stamped when loaded); the replication feed sends
     /// what changed since a version.
     pub version: u64,
+    /// When this node first held the chunk, in milliseconds since the Unix
+    /// epoch (for files found at start-up: their creation time). Consumers
+    /// read the owner whose oldest unread chunk is oldest first.
+    pub created_ms: u64,
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The node-wide change counter: every chunk update takes the next value
@@ -150,12 +161,14 @@ impl Category {
         let version = {
             let mut chunks = self.chunks.lock().unwrap();
             let version = self.feed.next();
+            let created_ms = chunks.get(chunk).map_or_else(now_ms, |m| m.created_ms);
             chunks.insert(
                 chunk.clone(),
                 ChunkMeta {
                     size,
                     complete,
                     version,
+                    created_ms,
                 },
             );
             version

@@ -468,6 +468,50 @@ impl Storage {
         })
     }
 
+    /// Checks that `offset` is a line boundary of `chunk` as held here (0,
+    /// the end, or just after a `\n`); returns what is held of the chunk.
+    pub async fn check_boundary(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        offset: u64,
+    ) -> Result<ChunkMeta, StorageError> {
+        let cat = self.category(category)?;
+        let meta = cat.meta(chunk).ok_or_else(|| StorageError::UnknownChunk {
+            category: category.to_owned(),
+            chunk: chunk.to_string(),
+        })?;
+        if offset > meta.size {
+            return Err(StorageError::OffsetPastEnd {
+                chunk: chunk.to_string(),
+                offset,
+                size: meta.size,
+            });
+        }
+        if offset == 0 || offset == meta.size {
+            return Ok(meta);
+        }
+        let path = cat.chunk_path(chunk);
+        let name = chunk.to_string();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut b = [0u8; 1];
+            std::fs::File::open(&path)
+                .and_then(|f| f.read_exact_at(&mut b, offset - 1))
+                .map_err(|e| StorageError::io(format!("cannot read chunk {name}"), e))?;
+            if b[0] == b'\n' {
+                Ok(meta)
+            } else {
+                Err(StorageError::NotLineBoundary {
+                    chunk: name,
+                    offset,
+                })
+            }
+        })
+        .await
+        .map_err(|e| StorageError::io("read task failed", std::io::Error::other(e)))?
+    }
+
     /// Stops the writer tasks after they have written and flushed every
     /// accepted request; waits for them.
     pub async fn shutdown(&self) {

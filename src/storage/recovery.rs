@@ -87,6 +87,12 @@ pub(super) fn scan(
             continue;
         };
         let size = cut_torn_tail(entry.path())?;
+        let created_ms = entry
+            .metadata()
+            .ok()
+            .and_then(|m| m.created().or_else(|_| m.modified()).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
         let own = chunk.owner == node;
         let complete = own || recovered.state.is_complete(&chunk.owner, chunk.index);
         if own {
@@ -100,6 +106,7 @@ pub(super) fn scan(
                 // in the category state.
                 complete,
                 version: 0, // stamped when the category is loaded
+                created_ms,
             },
         );
     }

@@ -6,6 +6,7 @@ mod bad_input;
 mod binary;
 mod chukcha;
 mod cluster;
+mod consumers;
 mod crash;
 mod harness;
 mod proxy;

@@ -1,0 +1,298 @@
+//! Consumers: named readers whose positions the server keeps, per category
+//! and per chunk owner, durably, moving only forward, on every node.
+//!
+//! Positions are a CRDT ([`position`]): each node applies acks locally and
+//! replication carries every changed entry to the peers, which merge it.
+//! This module owns the positions and their persistence ([`store`]); the
+//! routes (`next`, `acks`, ...) are in `http::consumers`.
+
+pub mod position;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chunkbus_client::ChunkName;
+use tokio::sync::watch;
+
+use crate::storage::{ChunkStatus, Storage, StorageError};
+pub use position::{ConsumerEntry, Position};
+
+/// One consumer entry with the change version it was last changed at.
+#[derive(Debug, Clone)]
+struct Versioned {
+    entry: ConsumerEntry,
+    version: u64,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    entries: BTreeMap<String, Versioned>,
+    /// Bumped on every change; the persister writes snapshots in order.
+    seq: u64,
+}
+
+#[derive(Debug)]
+struct CategoryConsumers {
+    dir: PathBuf,
+    /// A std mutex: held only to read or change entries, never across an await.
+    table: Mutex<Table>,
+    /// The highest `seq` written to disk; held while writing, so that
+    /// writes of one category never interleave.
+    persisted: tokio::sync::Mutex<u64>,
+}
+
+/// A changed consumer, for replication.
+#[derive(Debug, Clone)]
+pub struct ConsumerChange {
+    /// Category.
+    pub category: String,
+    /// Consumer name.
+    pub consumer: String,
+    /// Its state.
+    pub entry: ConsumerEntry,
+}
+
+/// The positions of every consumer on this node. Shared as `Arc<Consumers>`.
+#[derive(Debug)]
+pub struct Consumers {
+    storage: Storage,
+    cats: Mutex<BTreeMap<String, Arc<CategoryConsumers>>>,
+    counter: AtomicU64,
+    notify: watch::Sender<u64>,
+}
+
+impl Consumers {
+    /// Loads the positions of every category held by `storage`.
+    pub async fn open(storage: Storage) -> Result<Arc<Self>, StorageError> {
+        let dir = storage.options().data_dir.clone();
+        let names = storage.categories();
+        let loaded = tokio::task::spawn_blocking(move || {
+            names
+                .into_iter()
+                .map(|n| store::load(&dir.join(&n)).map(|c| (n, c)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| StorageError::io("loading consumers failed", std::io::Error::other(e)))??;
+        let me = Arc::new(Self {
+            storage,
+            cats: Mutex::new(BTreeMap::new()),
+            counter: AtomicU64::new(0),
+            notify: watch::Sender::new(0),
+        });
+        for (cat, consumers) in loaded {
+            let c = me.category(&cat);
+            let mut t = c.table.lock().unwrap();
+            for (name, entry) in consumers {
+                let version = me.next_version();
+                t.entries.insert(name, Versioned { entry, version });
+            }
+        }
+        Ok(me)
+    }
+
+    fn next_version(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn category(&self, category: &str) -> Arc<CategoryConsumers> {
+        let mut cats = self.cats.lock().unwrap();
+        cats.entry(category.to_owned())
+            .or_insert_with(|| {
+                Arc::new(CategoryConsumers {
+                    dir: self.storage.options().data_dir.join(category),
+                    table: Mutex::new(Table::default()),
+                    persisted: tokio::sync::Mutex::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// The last change version of positions on this node.
+    pub fn version(&self) -> u64 {
+        self.counter.load(Ordering::SeqCst)
+    }
+
+    /// Wakes on every change of a position.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
+
+    /// The state of `consumer` in `category`, if it ever existed here.
+    pub fn get(&self, category: &str, consumer: &str) -> Option<ConsumerEntry> {
+        let c = self.category(category);
+        let t = c.table.lock().unwrap();
+        t.entries.get(consumer).map(|v| v.entry.clone())
+    }
+
+    /// Live consumers of `category`, sorted by name.
+    pub fn list(&self, category: &str) -> Vec<(String, ConsumerEntry)> {
+        let c = self.category(category);
+        let t = c.table.lock().unwrap();
+        t.entries
+            .iter()
+            .filter(|(_, v)| v.entry.is_live())
+            .map(|(n, v)| (n.clone(), v.entry.clone()))
+            .collect()
+    }
+
+    /// Consumers changed after version `since`, for replication. Read
+    /// [`Consumers::version`] first: every change up to it is included.
+    pub fn changes_since(&self, since: u64) -> Vec<ConsumerChange> {
+        let cats: Vec<_> = self
+            .cats
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, c)| (n.clone(), c.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (category, c) in cats {
+            let t = c.table.lock().unwrap();
+            for (consumer, v) in &t.entries {
+                if v.version > since {
+                    out.push(ConsumerChange {
+                        category: category.clone(),
+                        consumer: consumer.clone(),
+                        entry: v.entry.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Applies `change` to `consumer` of `category`; when it changed
+    /// something, stamps a new version, wakes replication and writes the
+    /// category's positions durably before returning. Returns the new state.
+    pub async fn update(
+        &self,
+        category: &str,
+        consumer: &str,
+        change: impl FnOnce(&mut ConsumerEntry) -> bool,
+    ) -> Result<ConsumerEntry, StorageError> {
+        let c = self.category(category);
+        let (entry, seq) = {
+            let mut t = c.table.lock().unwrap();
+            let mut v = t.entries.get(consumer).cloned().unwrap_or(Versioned {
+                entry: ConsumerEntry::default(),
+                version: 0,
+            });
+            if !change(&mut v.entry) {
+                return Ok(v.entry);
+            }
+            // The version is taken under the lock (see `changes_since`).
+            v.version = self.next_version();
+            let entry = v.entry.clone();
+            t.entries.insert(consumer.to_owned(), v);
+            t.seq += 1;
+            (entry, t.seq)
+        };
+        self.notify.send_modify(|v| *v = v.wrapping_add(1));
+        self.persist(&c, seq).await?;
+        Ok(entry)
+    }
+
+    /// Writes the category's positions if `seq` is not on disk yet. One
+    /// write covers every change made before it started.
+    async fn persist(&self, c: &Arc<CategoryConsumers>, seq: u64) -> Result<(), StorageError> {
+        let mut persisted = c.persisted.lock().await;
+        if *persisted >= seq {
+            return Ok(());
+        }
+        let (snapshot, snap_seq) = {
+            let t = c.table.lock().unwrap();
+            let snapshot: BTreeMap<String, ConsumerEntry> = t
+                .entries
+                .iter()
+                .map(|(n, v)| (n.clone(), v.entry.clone()))
+                .collect();
+            (snapshot, t.seq)
+        };
+        let dir = c.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| StorageError::io(format!("cannot create {}", dir.display()), e))?;
+            store::save(&dir, &snapshot)
+        })
+        .await
+        .map_err(|e| StorageError::io("writing positions failed", std::io::Error::other(e)))??;
+        *persisted = snap_seq;
+        Ok(())
+    }
+}
+
+/// The chunks of a category held here, per owner, in index order.
+pub fn chunks_by_owner(storage: &Storage, category: &str) -> BTreeMap<String, Vec<ChunkStatus>> {
+    let mut out: BTreeMap<String, Vec<ChunkStatus>> = BTreeMap::new();
+    for c in storage.chunks(category).unwrap_or_default() {
+        out.entry(c.name.owner.clone()).or_default().push(c);
+    }
+    out
+}
+
+/// Where a consumer stands in one owner's chunks: the chunk holding its
+/// next unread byte and the offset in it, or `None` when everything held
+/// here is read. Without a position, reading starts at the owner's first
+/// chunk held here.
+pub fn next_unread(pos: Option<&Position>, chunks: &[ChunkStatus]) -> Option<(ChunkStatus, u64)> {
+    let (index, offset) = pos.map_or((0, 0), |p| (p.index, p.offset));
+    for c in chunks.iter().filter(|c| c.name.index >= index) {
+        let start = if c.name.index == index { offset } else { 0 };
+        if start < c.meta.size {
+            return Some((c.clone(), start));
+        }
+        if !c.meta.complete {
+            return None;
+        }
+    }
+    None
+}
+
+/// Bytes of one owner's chunks held here that the position has not passed.
+pub fn lag_bytes(pos: Option<&Position>, chunks: &[ChunkStatus]) -> u64 {
+    let (index, offset) = pos.map_or((0, 0), |p| (p.index, p.offset));
+    chunks
+        .iter()
+        .filter(|c| c.name.index >= index)
+        .map(|c| {
+            let start = if c.name.index == index { offset } else { 0 };
+            c.meta.size.saturating_sub(start)
+        })
+        .sum()
+}
+
+/// The position just past `chunk` up to `offset`: the next chunk's start
+/// when `offset` is the final size of a complete chunk.
+pub fn position_after(
+    generation: u64,
+    chunk: &ChunkName,
+    offset: u64,
+    size: u64,
+    complete: bool,
+) -> Position {
+    if complete && offset >= size {
+        Position {
+            generation,
+            index: chunk.index + 1,
+            offset: 0,
+        }
+    } else {
+        Position {
+            generation,
+            index: chunk.index,
+            offset,
+        }
+    }
+}
+
+/// True when `pos` has passed all of `chunk`.
+pub fn fully_read(pos: Option<&Position>, c: &ChunkStatus) -> bool {
+    pos.is_some_and(|p| {
+        p.index > c.name.index
+            || (p.index == c.name.index && c.meta.complete && p.offset >= c.meta.size)
+    })
+}
