@@ -5,6 +5,7 @@
 //!
 //! | module    | owns |
 //! |-----------|------|
+//! | [`cli`]     | the client commands of the binary (`produce`, `consume`, `tail`, ...) |
 //! | [`config`]  | flags, environment, TOML file, validation |
 //! | [`storage`] | chunk files, rotation, recovery, group commit, waking readers |
 //! | [`consumers`] | consumer positions (a CRDT), their persistence |
@@ -13,6 +14,7 @@
 //! | [`replication`] | pulling every peer's chunks, `min_replicas`, lost owners |
 //! | [`server`]  | wiring: listener, storage, HTTP, signals, graceful shutdown |
 
+pub mod cli;
 pub mod config;
 pub mod consumers;
 pub mod http;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+use chunkbus::cli;
 use chunkbus::config::{AdminCommand, Cli, Command, ServeConfig};
 
 /// mimalloc: request handling allocates many short-lived buffers; it cut
@@ -36,6 +37,41 @@ fn main() -> ExitCode {
                     .block_on(chunkbus::server::serve(cfg))
                     .map_err(|e| e.to_string())
             }),
+        Command::Produce(cmd) => runtime().and_then(|rt| {
+            let compression = match cmd.compression.as_str() {
+                "gzip" => chunkbus_client::Compression::Gzip,
+                "zstd" => chunkbus_client::Compression::Zstd,
+                _ => chunkbus_client::Compression::None,
+            };
+            rt.block_on(cli::produce(cli::produce::ProduceArgs {
+                servers: cmd.server.servers,
+                category: cmd.category,
+                files: cmd.files,
+                compression,
+                options: chunkbus_client::ProduceOptions {
+                    sync: cmd.sync,
+                    min_replicas: cmd.min_replicas,
+                    timeout: None,
+                },
+            }))
+        }),
+        Command::Consume(cmd) => runtime().and_then(|rt| {
+            rt.block_on(cli::consume(cli::consume::ConsumeArgs {
+                servers: cmd.server.servers,
+                category: cmd.category,
+                consumer: cmd.consumer,
+                until_idle: cmd.until_idle.map(|d| d.0),
+                start_latest: cmd.from_latest,
+            }))
+        }),
+        Command::Tail(cmd) => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let client = cli::first_client(&cmd.server.servers)?;
+                cli::tail(client, &cmd.category, cmd.follow).await
+            })
+        }),
+        Command::Categories(s) => runtime().and_then(|rt| rt.block_on(cli::categories(&s.servers))),
+        Command::Status(s) => runtime().and_then(|rt| rt.block_on(cli::status(&s.servers))),
         Command::Admin(AdminCommand::ForgetNode { node, server }) => runtime().and_then(|rt| {
             rt.block_on(async {
                 let client = chunkbus_client::Client::new(&server).map_err(|e| e.to_string())?;

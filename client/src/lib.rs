@@ -1,5 +1,6 @@
 //! `chunkbus-client`: the wire types shared with the chunkbus server, name
-//! validation, and raw HTTP calls for producing and reading.
+//! validation, raw HTTP calls ([`Client`]), a batching [`Producer`] and an
+//! acking [`Consumer`].
 //!
 //! The server and this crate use the same types, so the JSON on the wire has
 //! exactly one definition.
@@ -17,14 +18,18 @@
 //! # Ok(()) }
 //! ```
 
+mod consumer;
 mod error;
 pub mod names;
+mod producer;
 pub mod raw;
 pub mod wire;
 
+pub use consumer::{ConsumeError, Consumer, ConsumerConfig};
 pub use error::ClientError;
 pub use names::{ChunkName, NameError};
-pub use raw::{Client, ProduceOptions, ReadChunk};
+pub use producer::{Compression, Delivery, Producer, ProducerConfig};
+pub use raw::{Client, NextBatch, NextOptions, ProduceOptions, ReadChunk};
 pub use wire::{
     AckRequest, ChukchaChunk, ChunkInfo, ChunkPosition, ConsumerDetail, ConsumerSummary,
     DiskStatus, ErrorBody, ForgetReport, NodeStatus, PeerStatus, PositionRequest, ProduceResponse,

@@ -38,6 +38,43 @@ pub struct ProduceOptions {
     pub timeout: Option<Duration>,
 }
 
+/// Options of [`Client::next`].
+#[derive(Debug, Clone)]
+pub struct NextOptions {
+    /// Most bytes in one batch (a single longer line comes whole).
+    pub max_bytes: u64,
+    /// How long the server may hold the request when there is nothing new.
+    pub wait: Duration,
+    /// On the first call of a consumer that never acked: start at the end.
+    pub start_latest: bool,
+    /// Read as if `(chunk, offset)` were acked already.
+    pub after: Option<(String, u64)>,
+}
+
+impl Default for NextOptions {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1 << 20,
+            wait: Duration::from_secs(30),
+            start_latest: false,
+            after: None,
+        }
+    }
+}
+
+/// Lines returned by [`Client::next`].
+#[derive(Debug, Clone)]
+pub struct NextBatch {
+    /// The chunk they come from.
+    pub chunk: String,
+    /// Offset of the first line.
+    pub offset: u64,
+    /// Offset just past the last line: ack this to move past the batch.
+    pub next_offset: u64,
+    /// Whole lines.
+    pub data: Bytes,
+}
+
 /// Lines read from a chunk.
 #[derive(Debug, Clone)]
 pub struct ReadChunk {
@@ -142,6 +179,14 @@ impl Client {
         opts: &ProduceOptions,
     ) -> Result<ProduceResponse, ClientError> {
         validate_category(category)?;
+        let url = self.produce_url(category, opts);
+        let resp = self
+            .send(self.http.post(url.clone()).body(lines), &url)
+            .await?;
+        Self::json(resp, &url).await
+    }
+
+    fn produce_url(&self, category: &str, opts: &ProduceOptions) -> Url {
         let mut url = self.url(&["v1", "categories", category, "lines"]);
         {
             let mut q = url.query_pairs_mut();
@@ -158,9 +203,139 @@ impl Client {
         if url.query() == Some("") {
             url.set_query(None);
         }
+        url
+    }
+
+    /// `GET .../consumers/{consumer}/next`: the consumer's next unacked
+    /// lines, or `None` when nothing arrived within `wait`. `after` reads as
+    /// if `(chunk, offset)` were acked already (to fetch ahead).
+    pub async fn next(
+        &self,
+        category: &str,
+        consumer: &str,
+        opts: &NextOptions,
+    ) -> Result<Option<NextBatch>, ClientError> {
+        validate_category(category)?;
+        crate::names::validate_consumer(consumer)?;
+        let mut url = self.url(&["v1", "categories", category, "consumers", consumer, "next"]);
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("max_bytes", &opts.max_bytes.to_string())
+                .append_pair("wait", &format!("{}ms", opts.wait.as_millis()));
+            if opts.start_latest {
+                q.append_pair("start", "latest");
+            }
+            if let Some((chunk, offset)) = &opts.after {
+                q.append_pair("after", &format!("{chunk}:{offset}"));
+            }
+        }
+        let resp = self.send(self.http.get(url.clone()), &url).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let chunk = header_str(&resp, HEADER_CHUNK, &url)?;
+        let offset = header_u64(&resp, HEADER_OFFSET, &url)?;
+        let next_offset = header_u64(&resp, HEADER_NEXT_OFFSET, &url)?;
+        let data = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: url.to_string(),
+                source,
+            })?;
+        Ok(Some(NextBatch {
+            chunk,
+            offset,
+            next_offset,
+            data,
+        }))
+    }
+
+    /// `POST .../consumers/{consumer}/acks`: everything of `chunk` before
+    /// `offset` is processed.
+    pub async fn ack(
+        &self,
+        category: &str,
+        consumer: &str,
+        chunk: &str,
+        offset: u64,
+    ) -> Result<crate::ConsumerDetail, ClientError> {
+        validate_category(category)?;
+        crate::names::validate_consumer(consumer)?;
+        let url = self.url(&["v1", "categories", category, "consumers", consumer, "acks"]);
+        let body = crate::AckRequest {
+            chunk: chunk.to_owned(),
+            offset,
+        };
         let resp = self
-            .send(self.http.post(url.clone()).body(lines), &url)
+            .send(self.http.post(url.clone()).json(&body), &url)
             .await?;
+        Self::json(resp, &url).await
+    }
+
+    /// `PUT .../consumers/{consumer}/position`: `earliest` rewinds, `latest` skips.
+    pub async fn set_position(
+        &self,
+        category: &str,
+        consumer: &str,
+        to: &str,
+    ) -> Result<crate::ConsumerDetail, ClientError> {
+        validate_category(category)?;
+        crate::names::validate_consumer(consumer)?;
+        let url = self.url(&[
+            "v1",
+            "categories",
+            category,
+            "consumers",
+            consumer,
+            "position",
+        ]);
+        let body = crate::PositionRequest { to: to.to_owned() };
+        let resp = self
+            .send(self.http.put(url.clone()).json(&body), &url)
+            .await?;
+        Self::json(resp, &url).await
+    }
+
+    /// `GET .../consumers/{consumer}`.
+    pub async fn consumer(
+        &self,
+        category: &str,
+        consumer: &str,
+    ) -> Result<crate::ConsumerDetail, ClientError> {
+        validate_category(category)?;
+        crate::names::validate_consumer(consumer)?;
+        let url = self.url(&["v1", "categories", category, "consumers", consumer]);
+        let resp = self.send(self.http.get(url.clone()), &url).await?;
+        Self::json(resp, &url).await
+    }
+
+    /// `GET .../consumers`: every consumer of `category` with its lag.
+    pub async fn consumers(
+        &self,
+        category: &str,
+    ) -> Result<Vec<crate::ConsumerSummary>, ClientError> {
+        validate_category(category)?;
+        let url = self.url(&["v1", "categories", category, "consumers"]);
+        let resp = self.send(self.http.get(url.clone()), &url).await?;
+        Self::json(resp, &url).await
+    }
+
+    /// `POST /v1/categories/{c}/lines` with an already encoded body.
+    pub async fn produce_encoded(
+        &self,
+        category: &str,
+        body: Bytes,
+        content_encoding: Option<&'static str>,
+        opts: &ProduceOptions,
+    ) -> Result<ProduceResponse, ClientError> {
+        validate_category(category)?;
+        let url = self.produce_url(category, opts);
+        let mut req = self.http.post(url.clone()).body(body);
+        if let Some(enc) = content_encoding {
+            req = req.header(reqwest::header::CONTENT_ENCODING, enc);
+        }
+        let resp = self.send(req, &url).await?;
         Self::json(resp, &url).await
     }
 

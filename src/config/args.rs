@@ -24,6 +24,82 @@ pub enum Command {
     /// Administer a cluster.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Send lines from files (or stdin) to a category.
+    Produce(ProduceCmd),
+    /// Read a category as a named consumer: lines to stdout, acked once written.
+    Consume(ConsumeCmd),
+    /// Print a category's lines without acking (-f to follow).
+    Tail(TailCmd),
+    /// List the categories of a node.
+    Categories(ServerArgs),
+    /// Show a node's status (peers, replication lag, disk).
+    Status(ServerArgs),
+}
+
+/// `--server`, repeatable.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// A node's base URL; repeat for several (also CHUNKBUS_SERVER, comma-separated).
+    #[arg(
+        long = "server",
+        env = "CHUNKBUS_SERVER",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub servers: Vec<String>,
+}
+
+/// `chunkbus produce`.
+#[derive(Debug, Clone, Args)]
+pub struct ProduceCmd {
+    /// The category.
+    #[arg(short, long)]
+    pub category: String,
+    /// Files to send; stdin when none (or `-`).
+    pub files: Vec<PathBuf>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Compression of batches: none, gzip or zstd.
+    #[arg(long, default_value = "none", value_parser = ["none", "gzip", "zstd"])]
+    pub compression: String,
+    /// Ask for fdatasync before each batch is acknowledged (true/false).
+    #[arg(long)]
+    pub sync: Option<bool>,
+    /// Wait until this many other nodes hold each batch.
+    #[arg(long)]
+    pub min_replicas: Option<u32>,
+}
+
+/// `chunkbus consume`.
+#[derive(Debug, Clone, Args)]
+pub struct ConsumeCmd {
+    /// The category.
+    #[arg(short, long)]
+    pub category: String,
+    /// The consumer's name (the server keeps its position).
+    #[arg(long)]
+    pub consumer: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Exit once nothing new arrived for this long, e.g. 5s.
+    #[arg(long, value_name = "DURATION")]
+    pub until_idle: Option<HumanDuration>,
+    /// A consumer that never acked starts at the end instead of the earliest data.
+    #[arg(long)]
+    pub from_latest: bool,
+}
+
+/// `chunkbus tail`.
+#[derive(Debug, Clone, Args)]
+pub struct TailCmd {
+    /// The category.
+    #[arg(short, long)]
+    pub category: String,
+    /// Keep printing new lines as they arrive.
+    #[arg(short, long)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 /// `chunkbus admin ...`.

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-pub use args::{AdminCommand, Cli, Command, ServeArgs};
+pub use args::{
+    AdminCommand, Cli, Command, ConsumeCmd, ProduceCmd, ServeArgs, ServerArgs, TailCmd,
+};
 pub use peers::{Peer, PeerList};
 pub use size::ByteSize;
 
@@ -323,7 +325,7 @@ mod tests {
         let cli = Cli::try_parse_from(argv).unwrap();
         match cli.command {
             Command::Serve(a) => *a,
-            Command::Admin(_) => unreachable!("tests parse serve"),
+            _ => unreachable!("tests parse serve"),
         }
     }
 

@@ -236,6 +236,10 @@ pub(super) struct NextQuery {
     max_bytes: Option<String>,
     wait: Option<String>,
     start: Option<String>,
+    /// `<chunk>:<offset>`: read as if that were acked already (without
+    /// storing it), so a client can fetch the next batch while it still
+    /// processes the previous one.
+    after: Option<String>,
 }
 
 /// `GET /v1/categories/{category}/consumers/{consumer}/next`: the next
@@ -265,6 +269,23 @@ pub(super) async fn next(
             )));
         }
     };
+    let after = q
+        .after
+        .as_deref()
+        .map(|a| {
+            let (chunk, offset) = a.rsplit_once(':').ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "query parameter after={a:?} must be <chunk>:<offset>"
+                ))
+            })?;
+            let offset = offset.parse::<u64>().map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "query parameter after={a:?}: the offset is not a number"
+                ))
+            })?;
+            Ok::<_, ApiError>((ChunkName::parse(chunk)?, offset))
+        })
+        .transpose()?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut changes = st.storage.subscribe_feed();
     loop {
@@ -272,6 +293,12 @@ pub(super) async fn next(
         let mut entry = st.consumers.get(&category, &consumer).unwrap_or_default();
         if start_latest && !entry.is_live() {
             entry = move_all(&st, &category, &consumer, true, false).await?;
+        }
+        if let Some((chunk, offset)) = &after
+            && let Some(meta) = st.storage.chunk_meta(&category, chunk)
+        {
+            let p = position_after(entry.generation(), chunk, *offset, meta.size, meta.complete);
+            entry.raise(&chunk.owner, p);
         }
         let pick = chunks_by_owner(&st.storage, &category)
             .iter()

@@ -5,6 +5,7 @@ mod api;
 mod bad_input;
 mod binary;
 mod chukcha;
+mod client;
 mod cluster;
 mod consumers;
 mod crash;

@@ -1,0 +1,173 @@
+//! The `chunkbus-client` Producer and Consumer, and the CLI built on them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chunkbus_client::{
+    Compression, ConsumeError, Consumer, ConsumerConfig, Producer, ProducerConfig,
+};
+use tokio::process::Command;
+
+use crate::cluster::TestCluster;
+use crate::harness::TestNode;
+
+fn count_lines(data: &[u8], seen: &mut BTreeMap<String, usize>) {
+    for l in String::from_utf8(data.to_vec()).unwrap().lines() {
+        *seen.entry(l.to_owned()).or_default() += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_spreads_over_nodes_and_a_killed_consumer_resumes() {
+    let cluster = TestCluster::start(3, &["--max-chunk-bytes", "8KiB"]).await;
+    let servers: Vec<String> = (0..3).map(|i| cluster.url(i)).collect();
+    let producer = Producer::new(ProducerConfig {
+        servers: servers.clone(),
+        category: "orders".into(),
+        max_batch_lines: 50,
+        compression: Compression::Gzip,
+        ..ProducerConfig::default()
+    })
+    .unwrap();
+    const N: usize = 2000;
+    for i in 0..N {
+        producer.send(format!("order-{i:05}")).await.unwrap();
+    }
+    producer.close().await.unwrap();
+    cluster.wait_converged(&["orders"]).await;
+    // Batches went to every node.
+    let owners: std::collections::BTreeSet<_> = cluster
+        .client(0)
+        .chunks("orders")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.owner)
+        .collect();
+    assert_eq!(owners.len(), 3);
+
+    let cfg = ConsumerConfig {
+        servers: servers.clone(),
+        category: "orders".into(),
+        name: "billing".into(),
+        max_bytes: 2048,
+        wait: Duration::from_millis(200),
+        until_idle: Some(Duration::from_millis(500)),
+        ..ConsumerConfig::default()
+    };
+    // The first run dies (its handler fails) after 5 batches.
+    let seen = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let batches = Arc::new(AtomicUsize::new(0));
+    let consumer = Consumer::new(cfg.clone()).unwrap();
+    let r = consumer
+        .run(|b| {
+            let (seen, batches) = (seen.clone(), batches.clone());
+            async move {
+                if batches.fetch_add(1, Ordering::SeqCst) == 5 {
+                    return Err("simulated crash");
+                }
+                count_lines(&b.data, &mut seen.lock().unwrap());
+                Ok(())
+            }
+        })
+        .await;
+    assert!(matches!(r, Err(ConsumeError::Handler("simulated crash"))));
+    let before = seen.lock().unwrap().len();
+    assert!(before > 0 && before < N);
+    // A new consumer process under the same name resumes after the last ack.
+    let consumer = Consumer::new(cfg).unwrap();
+    consumer
+        .run(|b| {
+            let seen = seen.clone();
+            async move {
+                count_lines(&b.data, &mut seen.lock().unwrap());
+                Ok::<(), std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), N, "every line at least once");
+    assert!(seen.values().all(|&n| n == 1), "nothing acked came twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_produce_consume_and_tail() {
+    let node = TestNode::start_with(|c| c.max_chunk_bytes = 64 << 10).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.txt");
+    let lines: String = (0..20_000).map(|i| format!("event {i}\n")).collect();
+    std::fs::write(&input, &lines).unwrap();
+    let bin = env!("CARGO_BIN_EXE_chunkbus");
+    let out = Command::new(bin)
+        .args([
+            "produce",
+            "-c",
+            "cli",
+            "--compression",
+            "zstd",
+            "--server",
+            &node.url(""),
+        ])
+        .arg(&input)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("produced"));
+    let consume = || {
+        Command::new(bin)
+            .args([
+                "consume",
+                "-c",
+                "cli",
+                "--consumer",
+                "cli-reader",
+                "--until-idle",
+                "500ms",
+            ])
+            .env("CHUNKBUS_SERVER", node.url(""))
+            .output()
+    };
+    let out = consume().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut got: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    got.sort_by_key(|l| l[6..].parse::<u32>().unwrap());
+    let want: Vec<&str> = lines.lines().collect();
+    assert_eq!(got, want);
+    // Everything was acked: a second run prints nothing.
+    let out = consume().await.unwrap();
+    assert!(out.status.success() && out.stdout.is_empty());
+    // tail reads without acking.
+    let out = Command::new(bin)
+        .args(["tail", "-c", "cli", "--server", &node.url("")])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.stdout.len(), lines.len());
+    let out = Command::new(bin)
+        .args(["categories", "--server", &node.url("")])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "cli\n");
+    // A server that is not there is a clear error, not a hang.
+    let out = Command::new(bin)
+        .args(["status", "--server", "http://127.0.0.1:1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error"));
+    node.stop().await;
+}
