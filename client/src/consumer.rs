@@ -1,7 +1,7 @@
 //! An acking consumer: `next` → handler → ack, pipelined.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), chunkbus_client::ClientError> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use chunkbus_client::{Consumer, ConsumerConfig};
 //!
 //! let consumer = Consumer::new(ConsumerConfig {
