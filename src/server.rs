@@ -96,6 +96,11 @@ pub async fn run(
     let pullers = TaskTracker::new();
     let stop_pullers = CancellationToken::new();
     replication.start(&pullers, &stop_pullers);
+    pullers.spawn(crate::consumers::retention::run(
+        storage.clone(),
+        consumers.clone(),
+        stop_pullers.clone(),
+    ));
     pullers.close();
     let state = AppState::new(
         storage.clone(),

@@ -7,6 +7,7 @@
 //! routes (`next`, `acks`, ...) are in `http::consumers`.
 
 pub mod position;
+pub mod retention;
 pub mod store;
 
 use std::collections::BTreeMap;

@@ -178,6 +178,11 @@ async fn copy(
             }
             let held = storage.chunk_meta(category, chunk);
             let have = held.map_or(0, |m| m.size);
+            if held.is_none() && target.complete && passed_by_all(repl, category, chunk, target) {
+                // Every consumer is past it: it was (or would be) deleted here.
+                targets.remove(&key);
+                break;
+            }
             if held.is_some_and(|m| m.complete) {
                 progress.insert((category.clone(), chunk.to_string()), have);
                 targets.remove(&key);
@@ -221,6 +226,19 @@ async fn copy(
         }
     }
     Ok(())
+}
+
+fn passed_by_all(repl: &Replication, category: &str, chunk: &ChunkName, t: Target) -> bool {
+    let status = crate::storage::ChunkStatus {
+        name: chunk.clone(),
+        meta: crate::storage::ChunkMeta {
+            size: t.size,
+            complete: t.complete,
+            version: 0,
+            created_ms: 0,
+        },
+    };
+    repl.consumers.passed_by_all(category, &status)
 }
 
 /// Bytes still to copy, per category.

@@ -196,6 +196,13 @@ impl Category {
         out
     }
 
+    /// Forgets a chunk (its file is being deleted) and wakes readers.
+    pub fn remove(&self, chunk: &ChunkName) -> Option<ChunkMeta> {
+        let removed = self.chunks.lock().unwrap().remove(chunk);
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        removed
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }

@@ -468,6 +468,49 @@ impl Storage {
         })
     }
 
+    /// Deletes a complete chunk held here (its file and its entry). For this
+    /// node's own chunks, the category state first records that the index
+    /// must not be used again. Incomplete chunks are never deleted.
+    pub async fn delete_chunk(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> Result<bool, StorageError> {
+        let cat = self.category(category)?;
+        if !cat.meta(chunk).is_some_and(|m| m.complete) {
+            return Ok(false);
+        }
+        let own = chunk.owner == self.node();
+        let path = cat.chunk_path(chunk);
+        let (cat2, index) = (cat.clone(), chunk.index);
+        tokio::task::spawn_blocking(move || {
+            if own {
+                let mut st = cat2.state.lock().unwrap();
+                if st.next_own_index.is_none_or(|n| n <= index) {
+                    st.next_own_index = Some(index + 1);
+                    state::save(&cat2.dir, &st)?;
+                }
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(StorageError::io(
+                        format!("cannot delete {}", path.display()),
+                        e,
+                    ));
+                }
+            }
+            fsync_dir(&cat2.dir)
+                .map_err(|e| StorageError::io(format!("cannot flush {}", cat2.dir.display()), e))
+        })
+        .await
+        .map_err(|e| StorageError::io("delete task failed", std::io::Error::other(e)))??;
+        cat.remove(chunk);
+        tracing::info!(category, chunk = %chunk, "chunk deleted: every consumer has acked it");
+        Ok(true)
+    }
+
     /// Checks that `offset` is a line boundary of `chunk` as held here (0,
     /// the end, or just after a `\n`); returns what is held of the chunk.
     pub async fn check_boundary(

@@ -110,6 +110,11 @@ pub(super) fn scan(
             },
         );
     }
+    for rec in out.values_mut() {
+        if let Some(n) = rec.state.next_own_index {
+            rec.next_index = rec.next_index.max(n);
+        }
+    }
     Ok(out)
 }
 

@@ -10,6 +10,8 @@
 //! `forget-node`) and must remember it across restarts, while this node's
 //! own chunks are all complete at start-up by construction. Owners complete
 //! their chunks in index order, so one number per owner is enough.
+//! `next_own_index` keeps chunk names unique after this node's own chunks
+//! were deleted.
 //!
 //! Written atomically: temp file, fsync, rename, fsync of the directory. A
 //! crash leaves the old or the new file, never a mix; a leftover temp file is
@@ -38,6 +40,10 @@ pub struct CategoryState {
     pub version: u32,
     /// Per owner, the highest index up to which its chunks are complete.
     pub complete_through: BTreeMap<String, u32>,
+    /// The lowest index this node may use for its next chunk: recorded when
+    /// its own chunks are deleted, so that chunk names are never reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_own_index: Option<u32>,
 }
 
 impl Default for CategoryState {
@@ -45,6 +51,7 @@ impl Default for CategoryState {
         Self {
             version: STATE_VERSION,
             complete_through: BTreeMap::new(),
+            next_own_index: None,
         }
     }
 }

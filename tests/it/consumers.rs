@@ -77,6 +77,8 @@ async fn next_returns_the_same_lines_until_acked() {
         assert_eq!(node.post("app", "", body).await.status(), StatusCode::OK);
     }
     // Chunks: t1-chunk0 "a1\na2\nb1\nb2\n" (12 bytes, complete), t1-chunk1 "c1\n".
+    // c2 exists from now on (an ack at 0), so chunks stay until it read them.
+    ack(&http, &base, "app", "c2", "t1-chunk000000000", 0).await;
     let (chunk, offset, end, lines) = next(&http, &base, "app", "c1", "?max_bytes=6")
         .await
         .unwrap();
@@ -169,6 +171,8 @@ async fn long_poll_rewind_skip_delete_and_restart() {
     let (http, base) = (node.http.clone(), node.url(""));
     // start=latest on the first call: nothing old is delivered.
     node.post("app", "", "old\n").await;
+    // A second consumer keeps the data from being deleted once `live` read it.
+    ack(&http, &base, "app", "keeper", "t1-chunk000000000", 0).await;
     assert!(
         next(&http, &base, "app", "live", "?start=latest&wait=50ms")
             .await
@@ -358,4 +362,73 @@ async fn a_consumer_that_switches_nodes_gets_every_line_exactly_once() {
     let unique: BTreeSet<_> = got.iter().cloned().collect();
     assert_eq!(got.len(), unique.len(), "some lines were delivered twice");
     assert_eq!(unique, written);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_every_consumer_acked_are_deleted_and_names_never_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = crate::harness::config(tmp.path());
+    cfg.max_chunk_bytes = 4;
+    let node = TestNode::start_config(cfg.clone()).await;
+    let (http, base) = (node.http.clone(), node.url(""));
+    for body in ["aaa\n", "bbb\n", "ccc\n"] {
+        node.post("app", "", body).await;
+    }
+    // Without consumers nothing is deleted.
+    node.post("other", "", "x\n").await;
+    // Two consumers; only when both passed a complete chunk does it go.
+    ack(&http, &base, "app", "one", "t1-chunk000000000", 0).await;
+    ack(&http, &base, "app", "two", "t1-chunk000000000", 0).await;
+    ack(&http, &base, "app", "one", "t1-chunk000000001", 4).await;
+    ack(&http, &base, "app", "two", "t1-chunk000000000", 4).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let names: Vec<String> = node.files("app").into_iter().map(|(n, _)| n).collect();
+        if names == ["t1-chunk000000001", "t1-chunk000000002"] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "chunk 0 was not deleted: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let list: Vec<chunkbus_client::ChunkInfo> = node
+        .get("/v1/categories/app/chunks")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.len(), 2);
+    // The open chunk is never deleted, even when read to its end.
+    ack(&http, &base, "app", "one", "t1-chunk000000002", 4).await;
+    ack(&http, &base, "app", "two", "t1-chunk000000002", 4).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while node.files("app").len() != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "chunk 1 was not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(node.files("app")[0].0, "t1-chunk000000002");
+    assert_eq!(node.files("other").len(), 1);
+    // After a restart the open chunk completes and goes too; the next chunk
+    // still gets a new index.
+    node.stop().await;
+    let node = TestNode::start_config(cfg).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !node.files("app").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "chunk 2 was not deleted after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.stop().await;
+    let node = TestNode::start_config(crate::harness::config(tmp.path())).await;
+    let p: chunkbus_client::ProduceResponse =
+        node.post("app", "", "ddd\n").await.json().await.unwrap();
+    assert_eq!(p.chunk.as_deref(), Some("t1-chunk000000003"));
+    node.stop().await;
 }
