@@ -48,6 +48,16 @@ async fn producer_spreads_over_nodes_and_a_killed_consumer_resumes() {
         .collect();
     assert_eq!(owners.len(), 3);
 
+    // A second consumer name, created before `billing` reads (so that
+    // retention keeps what it has not read), receives everything too.
+    let first = cluster.client(0).chunks("orders").await.unwrap()[0]
+        .name
+        .clone();
+    cluster
+        .client(0)
+        .ack("orders", "audit", &first, 0)
+        .await
+        .unwrap();
     let cfg = ConsumerConfig {
         servers: servers.clone(),
         category: "orders".into(),
@@ -91,6 +101,106 @@ async fn producer_spreads_over_nodes_and_a_killed_consumer_resumes() {
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), N, "every line at least once");
     assert!(seen.values().all(|&n| n == 1), "nothing acked came twice");
+    let mut audit = BTreeMap::new();
+    let audit_cfg = ConsumerConfig {
+        servers,
+        category: "orders".into(),
+        name: "audit".into(),
+        wait: Duration::from_millis(200),
+        until_idle: Some(Duration::from_millis(500)),
+        ..ConsumerConfig::default()
+    };
+    let audit_seen = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    Consumer::new(audit_cfg)
+        .unwrap()
+        .run(|b| {
+            let seen = audit_seen.clone();
+            async move {
+                count_lines(&b.data, &mut seen.lock().unwrap());
+                Ok::<(), std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    audit.extend(audit_seen.lock().unwrap().clone());
+    assert_eq!(audit.len(), N, "the second consumer name got everything");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_cli_consumer_resumes_from_its_acked_position() {
+    use tokio::io::AsyncBufReadExt;
+    let node = TestNode::start_with(|c| c.max_chunk_bytes = 16 << 10).await;
+    const N: usize = 50_000;
+    let producer = Producer::new(ProducerConfig {
+        servers: vec![node.url("")],
+        category: "kill".into(),
+        ..ProducerConfig::default()
+    })
+    .unwrap();
+    for i in 0..N {
+        producer.send(format!("k{i}")).await.unwrap();
+    }
+    producer.close().await.unwrap();
+    let bin = env!("CARGO_BIN_EXE_chunkbus");
+    let mut child = Command::new(bin)
+        .args([
+            "consume",
+            "-c",
+            "kill",
+            "--consumer",
+            "victim",
+            "--server",
+            &node.url(""),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = BTreeMap::new();
+    // Whole lines only: a SIGKILL can cut the last write to stdout short.
+    let mut read_line = async |seen: &mut BTreeMap<String, usize>| -> bool {
+        let mut buf = Vec::new();
+        let n = out.read_until(b'\n', &mut buf).await.unwrap();
+        if n > 0 && buf.ends_with(b"\n") {
+            buf.pop();
+            *seen.entry(String::from_utf8(buf).unwrap()).or_insert(0) += 1;
+        }
+        n > 0
+    };
+    while seen.len() < N / 3 {
+        assert!(read_line(&mut seen).await, "consumer output ended early");
+    }
+    child.kill().await.unwrap();
+    // What it wrote before dying is still in the pipe (written and acked).
+    while read_line(&mut seen).await {}
+    let out = Command::new(bin)
+        .args([
+            "consume",
+            "-c",
+            "kill",
+            "--consumer",
+            "victim",
+            "--until-idle",
+            "500ms",
+            "--server",
+            &node.url(""),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let again = String::from_utf8(out.stdout).unwrap();
+    for l in again.lines() {
+        *seen.entry(l.to_owned()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), N, "every line arrived");
+    let twice = seen.values().filter(|&&n| n > 1).count();
+    assert!(
+        twice <= 2 * 65536 / 6,
+        "duplicates limited to unacked batches, got {twice}"
+    );
+    node.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
