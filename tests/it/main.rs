@@ -12,3 +12,4 @@ mod crash;
 mod harness;
 mod proxy;
 mod replication;
+mod shippers;

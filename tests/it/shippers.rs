@@ -1,0 +1,246 @@
+//! Real and replayed log shippers: syslog-ng with the documented
+//! destination, and the exact request shapes of Vector and Fluent Bit.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::time::Duration;
+
+use chunkbus_client::ProduceResponse;
+use reqwest::StatusCode;
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::{CONDITION_DEADLINE, TestNode};
+
+const MESSAGES: usize = 10_000;
+
+/// The `destination d_chunkbus { ... };` block of docs/shippers.md.
+fn documented_destination() -> String {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/shippers.md")).unwrap();
+    let start = doc
+        .find("destination d_chunkbus {")
+        .expect("docs/shippers.md has the destination");
+    let end = start
+        + doc[start..]
+            .find("\n};")
+            .expect("the destination block ends")
+        + 3;
+    doc[start..end].to_owned()
+}
+
+/// Every line of `category` on `node`.
+async fn lines(node: &TestNode, category: &str) -> Vec<String> {
+    let client = chunkbus_client::Client::new(&node.url("")).unwrap();
+    let mut out = Vec::new();
+    for c in client.chunks(category).await.unwrap() {
+        let mut off = 0;
+        while off < c.size {
+            let r = client
+                .read_chunk(category, &c.name, off, 16 << 20)
+                .await
+                .unwrap();
+            out.extend(
+                String::from_utf8(r.data.to_vec())
+                    .unwrap()
+                    .lines()
+                    .map(str::to_owned),
+            );
+            off = r.next_offset;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syslog_ng_delivers_every_message_with_the_documented_config() {
+    let node = TestNode::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("in.sock");
+    let destination = documented_destination().replace("http://127.0.0.1:8080", &node.url(""));
+    let conf = format!(
+        "@version: 3.38\n\
+         options {{ stats_freq(0); }};\n\
+         source s_test {{ unix-stream(\"{}\" flags(no-parse)); }};\n\
+         {destination}\n\
+         log {{ source(s_test); destination(d_chunkbus); flags(flow-control); }};\n",
+        sock.display()
+    );
+    let conf_path = tmp.path().join("syslog-ng.conf");
+    std::fs::File::create(&conf_path)
+        .unwrap()
+        .write_all(conf.as_bytes())
+        .unwrap();
+    // Debian installs it in /usr/sbin, which may not be on a user's PATH.
+    let bin = ["/usr/sbin/syslog-ng", "/usr/bin/syslog-ng"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("syslog-ng");
+    let mut syslog = tokio::process::Command::new(bin)
+        .arg("-F")
+        .arg("--no-caps")
+        .arg("-f")
+        .arg(&conf_path)
+        .arg("-R")
+        .arg(tmp.path().join("persist"))
+        .arg("-p")
+        .arg(tmp.path().join("pid"))
+        .arg("-c")
+        .arg(tmp.path().join("ctl"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("syslog-ng is installed by scripts/test");
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    let mut stream = loop {
+        if let Ok(s) = tokio::net::UnixStream::connect(&sock).await {
+            break s;
+        }
+        if let Ok(Some(status)) = syslog.try_wait() {
+            panic!("syslog-ng exited: {status}");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "syslog-ng did not open its socket"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut payload = String::new();
+    for i in 0..MESSAGES {
+        payload.push_str(&format!(
+            "app[42]: message {i:05} from the syslog-ng test\n"
+        ));
+    }
+    stream.write_all(payload.as_bytes()).await.unwrap();
+    stream.shutdown().await.unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let got = if node.files("syslog").is_empty() {
+            Vec::new()
+        } else {
+            lines(&node, "syslog").await
+        };
+        if got.len() >= MESSAGES {
+            break got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {MESSAGES} messages arrived",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut seen = BTreeSet::new();
+    for l in &got {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+        let msg = v["MESSAGE"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no MESSAGE in {l}"));
+        let n: usize = msg.split_whitespace().nth(2).unwrap().parse().unwrap();
+        seen.insert(n);
+    }
+    assert_eq!(seen.len(), MESSAGES, "every message arrived");
+    syslog.kill().await.unwrap();
+    node.stop().await;
+}
+
+async fn post(
+    node: &TestNode,
+    cat: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> ProduceResponse {
+    let mut req = node
+        .http
+        .post(node.url(&format!("/v1/categories/{cat}/lines")))
+        .body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    r.json().await.unwrap()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vector_and_fluent_bit_request_shapes() {
+    let node = TestNode::start().await;
+    // Vector, http sink, json codec, newline_delimited framing, gzip: no final newline.
+    let vector = b"{\"message\":\"v1\",\"host\":\"h\"}\n{\"message\":\"v2\",\"host\":\"h\"}";
+    let p = post(
+        &node,
+        "shapes",
+        &[
+            ("content-type", "application/x-ndjson"),
+            ("content-encoding", "gzip"),
+        ],
+        gzip(vector),
+    )
+    .await;
+    assert_eq!(p.lines, 2);
+    // Vector with zstd.
+    let p = post(
+        &node,
+        "shapes",
+        &[
+            ("content-type", "application/x-ndjson"),
+            ("content-encoding", "zstd"),
+        ],
+        zstd::encode_all(&b"{\"message\":\"v3\"}"[..], 3).unwrap(),
+    )
+    .await;
+    assert_eq!(p.lines, 1);
+    // Fluent Bit, Format json: a JSON array, gzip.
+    let fluent =
+        br#"[{"date":1700000000.123,"log":"f1"},{"date":1700000000.456,"log":"f2 with spaces"}]"#;
+    let p = post(
+        &node,
+        "shapes",
+        &[
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+        ],
+        gzip(fluent),
+    )
+    .await;
+    assert_eq!(p.lines, 2);
+    // Fluent Bit, Format json_lines: NDJSON with a final newline.
+    let p = post(
+        &node,
+        "shapes",
+        &[("content-type", "application/json")],
+        b"{\"log\":\"f3\"}\n".to_vec(),
+    )
+    .await;
+    assert_eq!(p.lines, 1);
+    // One message per request (syslog-ng without batching).
+    for i in 0..50 {
+        post(
+            &node,
+            "shapes",
+            &[],
+            format!("<13>one message {i}").into_bytes(),
+        )
+        .await;
+    }
+    let got = lines(&node, "shapes").await;
+    assert_eq!(
+        &got[..6],
+        [
+            r#"{"message":"v1","host":"h"}"#,
+            r#"{"message":"v2","host":"h"}"#,
+            r#"{"message":"v3"}"#,
+            r#"{"date":1700000000.123,"log":"f1"}"#,
+            r#"{"date":1700000000.456,"log":"f2 with spaces"}"#,
+            r#"{"log":"f3"}"#,
+        ]
+    );
+    assert_eq!(got.len(), 56);
+    assert_eq!(got[55], "<13>one message 49");
+    node.stop().await;
+}
