@@ -12,6 +12,7 @@
 //! | [`http`]    | routes (`/v1`, Chukcha compatibility, operations), errors → status codes |
 //! | [`metrics`] | the Prometheus registry of a node |
 //! | [`replication`] | pulling every peer's chunks, `min_replicas`, lost owners |
+//! | [`ship`]    | `chunkbus ship`: following log files into the bus |
 //! | [`server`]  | wiring: listener, storage, HTTP, signals, graceful shutdown |
 
 pub mod cli;
@@ -21,4 +22,5 @@ pub mod http;
 pub mod metrics;
 pub mod replication;
 pub mod server;
+pub mod ship;
 pub mod storage;

@@ -70,6 +70,7 @@ fn main() -> ExitCode {
                 cli::tail(client, &cmd.category, cmd.follow).await
             })
         }),
+        Command::Ship(cmd) => runtime().and_then(|rt| rt.block_on(cli::ship(cmd))),
         Command::Categories(s) => runtime().and_then(|rt| rt.block_on(cli::categories(&s.servers))),
         Command::Status(s) => runtime().and_then(|rt| rt.block_on(cli::status(&s.servers))),
         Command::Admin(AdminCommand::ForgetNode { node, server }) => runtime().and_then(|rt| {

@@ -3,10 +3,12 @@
 
 pub mod consume;
 pub mod produce;
+pub mod ship;
 mod tail;
 
 pub use consume::consume;
 pub use produce::produce;
+pub use ship::ship;
 pub use tail::tail;
 
 use chunkbus_client::Client;

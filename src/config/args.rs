@@ -30,6 +30,8 @@ pub enum Command {
     Consume(ConsumeCmd),
     /// Print a category's lines without acking (-f to follow).
     Tail(TailCmd),
+    /// Follow log files (paths, globs, directories) into a category.
+    Ship(ShipCmd),
     /// List the categories of a node.
     Categories(ServerArgs),
     /// Show a node's status (peers, replication lag, disk).
@@ -87,6 +89,33 @@ pub struct ConsumeCmd {
     /// A consumer that never acked starts at the end instead of the earliest data.
     #[arg(long)]
     pub from_latest: bool,
+}
+
+/// `chunkbus ship`.
+#[derive(Debug, Clone, Args)]
+pub struct ShipCmd {
+    /// The category (not needed with --config).
+    #[arg(short, long)]
+    pub category: Option<String>,
+    /// Files, globs (quote them) or directories to follow.
+    pub paths: Vec<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Where the shipper records how far each file was acknowledged.
+    #[arg(long, default_value = "./chunkbus-ship.registry.json")]
+    pub registry: PathBuf,
+    /// Where files found at the first start begin: beginning or end.
+    #[arg(long, default_value = "beginning", value_parser = ["beginning", "end"])]
+    pub from: String,
+    /// Send a last line that has no newline after this long.
+    #[arg(long, default_value = "5s")]
+    pub partial_line_timeout: HumanDuration,
+    /// Compression of batches: none, gzip or zstd.
+    #[arg(long, default_value = "zstd", value_parser = ["none", "gzip", "zstd"])]
+    pub compression: String,
+    /// TOML file with several groups (`[[group]] category = .. paths = [..]`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// `chunkbus tail`.

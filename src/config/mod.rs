@@ -16,7 +16,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub use args::{
-    AdminCommand, Cli, Command, ConsumeCmd, ProduceCmd, ServeArgs, ServerArgs, TailCmd,
+    AdminCommand, Cli, Command, ConsumeCmd, ProduceCmd, ServeArgs, ServerArgs, ShipCmd, TailCmd,
 };
 pub use peers::{Peer, PeerList};
 pub use size::ByteSize;

@@ -12,4 +12,5 @@ mod crash;
 mod harness;
 mod proxy;
 mod replication;
+mod ship;
 mod shippers;
