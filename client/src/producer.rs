@@ -18,8 +18,9 @@
 //!
 //! Lines are gathered into a batch until it holds `max_batch_bytes` or
 //! `max_batch_lines`, or `linger` has passed since its first line, then sent
-//! (compressed when asked), each to the next server in turn. One batch is in
-//! flight at a time. A batch that fails with a connection
+//! (compressed when asked), each to the next server in turn. By default one
+//! batch is in flight at a time, so batches are stored in the order they
+//! were sent; `max_in_flight` trades that order for throughput. A batch that fails with a connection
 //! error, 408, 429 or 5xx is sent again, to the next server, after a capped,
 //! jittered backoff; any other error fails the batch's deliveries. Memory is
 //! bounded: `send` waits while `max_buffered_bytes` are not yet acknowledged.
@@ -33,6 +34,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::{Client, ClientError, ProduceOptions, ProduceResponse};
+
+/// zstd level of batches: the fastest level, since batches are compressed
+/// on the sending path (log lines still shrink several times).
+const ZSTD_LEVEL: i32 = 1;
 
 /// How batches are compressed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,6 +72,10 @@ pub struct ProducerConfig {
     pub options: ProduceOptions,
     /// Longest wait between two attempts of one batch.
     pub max_backoff: Duration,
+    /// Batches sent at the same time. With more than one, throughput no
+    /// longer waits on each round trip, but batches may be stored out of
+    /// order (each batch stays whole and in order).
+    pub max_in_flight: usize,
 }
 
 impl Default for ProducerConfig {
@@ -81,6 +90,7 @@ impl Default for ProducerConfig {
             max_buffered_bytes: 64 << 20,
             options: ProduceOptions::default(),
             max_backoff: Duration::from_secs(5),
+            max_in_flight: 1,
         }
     }
 }
@@ -172,7 +182,7 @@ impl Producer {
             .acquire_many_owned(n as u32)
             .await
             .map_err(|_| stopped())?;
-        let lines = data.iter().filter(|&&b| b == b'\n').count();
+        let lines = memchr::memchr_iter(b'\n', &data).count();
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Lines {
@@ -233,27 +243,31 @@ impl Batch {
 }
 
 async fn run(cfg: ProducerConfig, clients: Vec<Client>, mut rx: mpsc::Receiver<Cmd>) {
+    let mut out = Sender {
+        slots: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+        tasks: tokio::task::JoinSet::new(),
+        next_server: 0,
+        cfg: Arc::new(cfg),
+        clients: Arc::new(clients),
+    };
+    let cfg = out.cfg.clone();
     let mut batch = Batch::new();
-    let mut server = 0usize;
     loop {
+        while out.tasks.try_join_next().is_some() {}
         let deadline = batch.started.map(|t| t + cfg.linger);
         let cmd = tokio::select! {
             cmd = rx.recv() => cmd,
             _ = sleep_until(deadline) => {
-                send_batch(&cfg, &clients, &mut server, std::mem::replace(&mut batch, Batch::new())).await;
+                out.dispatch(std::mem::replace(&mut batch, Batch::new())).await;
                 continue;
             }
         };
         match cmd {
             None => break,
             Some(Cmd::Flush(done)) => {
-                send_batch(
-                    &cfg,
-                    &clients,
-                    &mut server,
-                    std::mem::replace(&mut batch, Batch::new()),
-                )
-                .await;
+                out.dispatch(std::mem::replace(&mut batch, Batch::new()))
+                    .await;
+                while out.tasks.join_next().await.is_some() {}
                 let _ = done.send(());
             }
             Some(Cmd::Lines {
@@ -263,13 +277,8 @@ async fn run(cfg: ProducerConfig, clients: Vec<Client>, mut rx: mpsc::Receiver<C
                 done,
             }) => {
                 if !batch.data.is_empty() && batch.data.len() + data.len() > cfg.max_batch_bytes {
-                    send_batch(
-                        &cfg,
-                        &clients,
-                        &mut server,
-                        std::mem::replace(&mut batch, Batch::new()),
-                    )
-                    .await;
+                    out.dispatch(std::mem::replace(&mut batch, Batch::new()))
+                        .await;
                 }
                 batch.data.extend_from_slice(&data);
                 batch.lines += lines;
@@ -277,18 +286,44 @@ async fn run(cfg: ProducerConfig, clients: Vec<Client>, mut rx: mpsc::Receiver<C
                 batch.permits.push(permit);
                 batch.started.get_or_insert_with(tokio::time::Instant::now);
                 if batch.data.len() >= cfg.max_batch_bytes || batch.lines >= cfg.max_batch_lines {
-                    send_batch(
-                        &cfg,
-                        &clients,
-                        &mut server,
-                        std::mem::replace(&mut batch, Batch::new()),
-                    )
-                    .await;
+                    out.dispatch(std::mem::replace(&mut batch, Batch::new()))
+                        .await;
                 }
             }
         }
     }
-    send_batch(&cfg, &clients, &mut server, batch).await;
+    out.dispatch(batch).await;
+    while out.tasks.join_next().await.is_some() {}
+}
+
+/// Sends batches, at most `max_in_flight` at a time, each to the next server.
+struct Sender {
+    slots: Arc<Semaphore>,
+    tasks: tokio::task::JoinSet<()>,
+    next_server: usize,
+    cfg: Arc<ProducerConfig>,
+    clients: Arc<Vec<Client>>,
+}
+
+impl Sender {
+    async fn dispatch(&mut self, batch: Batch) {
+        if batch.data.is_empty() {
+            return;
+        }
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let server = self.next_server;
+        self.next_server += 1;
+        let (cfg, clients) = (self.cfg.clone(), self.clients.clone());
+        self.tasks.spawn(async move {
+            send_batch(&cfg, &clients, server, batch).await;
+            drop(slot);
+        });
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -310,34 +345,27 @@ fn encode(c: Compression, data: &[u8]) -> (Bytes, Option<&'static str>) {
             )
         }
         Compression::Zstd => (
-            Bytes::from(zstd::encode_all(data, 3).expect("writing to memory")),
+            Bytes::from(zstd::encode_all(data, ZSTD_LEVEL).expect("writing to memory")),
             Some("zstd"),
         ),
     }
 }
 
 /// Sends one batch, retrying transient failures on the next server.
-async fn send_batch(cfg: &ProducerConfig, clients: &[Client], server: &mut usize, batch: Batch) {
-    if batch.data.is_empty() {
-        return;
-    }
+async fn send_batch(cfg: &ProducerConfig, clients: &[Client], mut server: usize, batch: Batch) {
     let (body, encoding) = encode(cfg.compression, &batch.data);
     let mut backoff = Duration::from_millis(50);
     let result = loop {
-        let client = &clients[*server % clients.len()];
+        let client = &clients[server % clients.len()];
         match client
             .produce_encoded(&cfg.category, body.clone(), encoding, &cfg.options)
             .await
         {
-            Ok(r) => {
-                // Spread batches over the servers.
-                *server += 1;
-                break Ok(r);
-            }
+            Ok(r) => break Ok(r),
             Err(e) if e.is_retryable() => {
                 tracing::warn!(server = %client.base_url(), error = %e, "batch not accepted; retrying on the next server");
-                *server += 1;
-                let jitter = 0.5 + f64::from(std::process::id() % 7 + (*server as u32 % 5)) / 12.0;
+                server += 1;
+                let jitter = 0.5 + f64::from(std::process::id() % 7 + (server as u32 % 5)) / 12.0;
                 tokio::time::sleep(backoff.mul_f64(jitter)).await;
                 backoff = (backoff * 2).min(cfg.max_backoff);
             }

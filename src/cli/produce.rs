@@ -78,7 +78,7 @@ pub async fn produce(args: ProduceArgs) -> Result<(), String> {
             carry.extend_from_slice(&block[..n]);
             done_in_file += n as u64;
             // Send whole lines; keep a partial last line for the next block.
-            if let Some(last) = memchr_last(&carry) {
+            if let Some(last) = memchr::memrchr(b'\n', &carry) {
                 let rest = carry.split_off(last + 1);
                 let whole = std::mem::replace(&mut carry, rest);
                 sent += whole.len() as u64;
@@ -134,8 +134,4 @@ pub async fn produce(args: ProduceArgs) -> Result<(), String> {
         sent as f64 / 1048576.0 / secs.max(1e-9)
     );
     Ok(())
-}
-
-fn memchr_last(b: &[u8]) -> Option<usize> {
-    b.iter().rposition(|&c| c == b'\n')
 }

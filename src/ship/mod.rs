@@ -34,6 +34,9 @@ use tokio_util::sync::CancellationToken;
 
 use registry::FileEntry;
 
+/// Batches in flight: several, so that reading a large file does not wait
+/// on every round trip (batches may then be stored out of order).
+const SHIP_IN_FLIGHT: usize = 4;
 /// Bytes read from one file per round.
 const READ_BYTES: usize = 1 << 20;
 /// Shortest time between two registry writes.
@@ -91,6 +94,7 @@ pub async fn run(cfg: ShipConfig, stop: CancellationToken) -> Result<(), String>
         servers: cfg.servers.clone(),
         category: cfg.category.clone(),
         compression: cfg.compression,
+        max_in_flight: SHIP_IN_FLIGHT,
         ..ProducerConfig::default()
     })
     .map_err(|e| e.to_string())?;
@@ -339,7 +343,7 @@ async fn ship_file(
         }
         buf.truncate(n);
         t.partial.extend_from_slice(&buf);
-        if let Some(last) = t.partial.iter().rposition(|&b| b == b'\n') {
+        if let Some(last) = memchr::memrchr(b'\n', &t.partial) {
             let rest = t.partial.split_off(last + 1);
             let whole = std::mem::replace(&mut t.partial, rest);
             send(producer, pending, key, t, whole).await?;
