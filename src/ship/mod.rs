@@ -250,10 +250,8 @@ fn discover(
 ) {
     let mut present = std::collections::BTreeSet::new();
     for path in matching_files(&cfg.patterns) {
-        if path == cfg.registry
-            || path.extension().is_some_and(|e| e == "tmp")
-                && path.with_extension("json") == cfg.registry
-        {
+        // The registry (and its temp file) may live among the shipped files.
+        if path == cfg.registry || path == cfg.registry.with_extension("tmp") {
             continue;
         }
         let Ok(meta) = std::fs::metadata(&path) else {

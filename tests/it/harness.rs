@@ -308,3 +308,29 @@ pub fn tree(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Every line of `category` the node behind `client` holds, chunk by chunk
+/// in list order (an unknown category has none).
+pub async fn all_lines(client: &chunkbus_client::Client, category: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(chunks) = client.chunks(category).await else {
+        return out;
+    };
+    for chunk in chunks {
+        let mut offset = 0;
+        while offset < chunk.size {
+            let r = client
+                .read_chunk(category, &chunk.name, offset, 16 << 20)
+                .await
+                .unwrap();
+            out.extend(
+                String::from_utf8(r.data.to_vec())
+                    .unwrap()
+                    .lines()
+                    .map(str::to_owned),
+            );
+            offset = r.next_offset;
+        }
+    }
+    out
+}

@@ -10,28 +10,7 @@ use chunkbus_client::{Client, ProduceOptions, ProduceResponse};
 use reqwest::StatusCode;
 
 use crate::cluster::TestCluster;
-
-/// Every line of `category` that node `client` can read, from every owner.
-async fn all_lines(client: &Client, category: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for chunk in client.chunks(category).await.unwrap() {
-        let mut offset = 0;
-        while offset < chunk.size {
-            let r = client
-                .read_chunk(category, &chunk.name, offset, 1 << 20)
-                .await
-                .unwrap();
-            out.extend(
-                String::from_utf8(r.data.to_vec())
-                    .unwrap()
-                    .lines()
-                    .map(str::to_owned),
-            );
-            offset = r.next_offset;
-        }
-    }
-    out
-}
+use crate::harness::all_lines;
 
 fn body(tag: &str, req: usize) -> String {
     (0..10)

@@ -34,21 +34,8 @@ fn ship(server: &str, registry: &Path, args: &[&str]) -> Child {
 async fn received(base: &str, category: &str) -> BTreeMap<String, usize> {
     let client = chunkbus_client::Client::new(base).unwrap();
     let mut out = BTreeMap::new();
-    let Ok(chunks) = client.chunks(category).await else {
-        return out;
-    };
-    for c in chunks {
-        let mut off = 0;
-        while off < c.size {
-            let r = client
-                .read_chunk(category, &c.name, off, 16 << 20)
-                .await
-                .unwrap();
-            for l in String::from_utf8(r.data.to_vec()).unwrap().lines() {
-                *out.entry(l.to_owned()).or_insert(0) += 1;
-            }
-            off = r.next_offset;
-        }
+    for l in crate::harness::all_lines(&client, category).await {
+        *out.entry(l).or_insert(0) += 1;
     }
     out
 }

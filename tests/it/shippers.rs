@@ -30,25 +30,11 @@ fn documented_destination() -> String {
 
 /// Every line of `category` on `node`.
 async fn lines(node: &TestNode, category: &str) -> Vec<String> {
-    let client = chunkbus_client::Client::new(&node.url("")).unwrap();
-    let mut out = Vec::new();
-    for c in client.chunks(category).await.unwrap() {
-        let mut off = 0;
-        while off < c.size {
-            let r = client
-                .read_chunk(category, &c.name, off, 16 << 20)
-                .await
-                .unwrap();
-            out.extend(
-                String::from_utf8(r.data.to_vec())
-                    .unwrap()
-                    .lines()
-                    .map(str::to_owned),
-            );
-            off = r.next_offset;
-        }
-    }
-    out
+    crate::harness::all_lines(
+        &chunkbus_client::Client::new(&node.url("")).unwrap(),
+        category,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
