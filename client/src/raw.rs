@@ -154,6 +154,16 @@ impl Client {
         Err(ClientError::Status { status, message })
     }
 
+    /// Sends `req` and decodes the JSON answer.
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &Url,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(req, url).await?;
+        Self::json(resp, url).await
+    }
+
     async fn json<T: serde::de::DeserializeOwned>(
         resp: reqwest::Response,
         url: &Url,
@@ -180,10 +190,8 @@ impl Client {
     ) -> Result<ProduceResponse, ClientError> {
         validate_category(category)?;
         let url = self.produce_url(category, opts);
-        let resp = self
-            .send(self.http.post(url.clone()).body(lines), &url)
-            .await?;
-        Self::json(resp, &url).await
+        self.call(self.http.post(url.clone()).body(lines), &url)
+            .await
     }
 
     fn produce_url(&self, category: &str, opts: &ProduceOptions) -> Url {
@@ -267,10 +275,8 @@ impl Client {
             chunk: chunk.to_owned(),
             offset,
         };
-        let resp = self
-            .send(self.http.post(url.clone()).json(&body), &url)
-            .await?;
-        Self::json(resp, &url).await
+        self.call(self.http.post(url.clone()).json(&body), &url)
+            .await
     }
 
     /// `PUT .../consumers/{consumer}/position`: `earliest` rewinds, `latest` skips.
@@ -291,10 +297,8 @@ impl Client {
             "position",
         ]);
         let body = crate::PositionRequest { to: to.to_owned() };
-        let resp = self
-            .send(self.http.put(url.clone()).json(&body), &url)
-            .await?;
-        Self::json(resp, &url).await
+        self.call(self.http.put(url.clone()).json(&body), &url)
+            .await
     }
 
     /// `GET .../consumers/{consumer}`.
@@ -306,8 +310,7 @@ impl Client {
         validate_category(category)?;
         crate::names::validate_consumer(consumer)?;
         let url = self.url(&["v1", "categories", category, "consumers", consumer]);
-        let resp = self.send(self.http.get(url.clone()), &url).await?;
-        Self::json(resp, &url).await
+        self.call(self.http.get(url.clone()), &url).await
     }
 
     /// `GET .../consumers`: every consumer of `category` with its lag.
@@ -317,8 +320,7 @@ impl Client {
     ) -> Result<Vec<crate::ConsumerSummary>, ClientError> {
         validate_category(category)?;
         let url = self.url(&["v1", "categories", category, "consumers"]);
-        let resp = self.send(self.http.get(url.clone()), &url).await?;
-        Self::json(resp, &url).await
+        self.call(self.http.get(url.clone()), &url).await
     }
 
     /// `POST /v1/categories/{c}/lines` with an already encoded body.
@@ -335,23 +337,20 @@ impl Client {
         if let Some(enc) = content_encoding {
             req = req.header(reqwest::header::CONTENT_ENCODING, enc);
         }
-        let resp = self.send(req, &url).await?;
-        Self::json(resp, &url).await
+        self.call(req, &url).await
     }
 
     /// Lists the categories the server knows, sorted.
     pub async fn categories(&self) -> Result<Vec<String>, ClientError> {
         let url = self.url(&["v1", "categories"]);
-        let resp = self.send(self.http.get(url.clone()), &url).await?;
-        Self::json(resp, &url).await
+        self.call(self.http.get(url.clone()), &url).await
     }
 
     /// Lists the chunks of `category`, sorted by owner then index.
     pub async fn chunks(&self, category: &str) -> Result<Vec<ChunkInfo>, ClientError> {
         validate_category(category)?;
         let url = self.url(&["v1", "categories", category, "chunks"]);
-        let resp = self.send(self.http.get(url.clone()), &url).await?;
-        Self::json(resp, &url).await
+        self.call(self.http.get(url.clone()), &url).await
     }
 
     /// Reads whole lines of `chunk` from `offset`, at most `max_bytes` (a
@@ -406,8 +405,7 @@ impl Client {
     /// `GET /v1/status`.
     pub async fn status(&self) -> Result<crate::NodeStatus, ClientError> {
         let url = self.url(&["v1", "status"]);
-        let resp = self.send(self.http.get(url.clone()), &url).await?;
-        Self::json(resp, &url).await
+        self.call(self.http.get(url.clone()), &url).await
     }
 
     /// `POST /v1/admin/forget-node/{node}`: completes a permanently lost
@@ -415,8 +413,7 @@ impl Client {
     pub async fn forget_node(&self, node: &str) -> Result<crate::ForgetReport, ClientError> {
         crate::names::validate_node(node)?;
         let url = self.url(&["v1", "admin", "forget-node", node]);
-        let resp = self.send(self.http.post(url.clone()), &url).await?;
-        Self::json(resp, &url).await
+        self.call(self.http.post(url.clone()), &url).await
     }
 
     /// `GET /healthz`: true when the server answers `ok`.

@@ -16,8 +16,7 @@ use chunkbus_client::{
 };
 use serde::Deserialize;
 
-use super::params::parse_duration;
-use super::read::{MAX_READ_WAIT, parse_max_bytes};
+use super::read::{parse_max_bytes, parse_wait};
 use super::{ApiError, AppState};
 use crate::consumers::{
     ConsumerEntry, Position, chunks_by_owner, lag_bytes, next_unread, position_after,
@@ -254,12 +253,7 @@ pub(super) async fn next(
     let (category, consumer) = names(path)?;
     let Query(q) = query?;
     let max_bytes = parse_max_bytes("max_bytes", q.max_bytes.as_deref())?;
-    let wait = q
-        .wait
-        .as_deref()
-        .map(|v| parse_duration("wait", v, MAX_READ_WAIT))
-        .transpose()?
-        .unwrap_or(Duration::ZERO);
+    let wait = parse_wait(q.wait.as_deref())?;
     let start_latest = match q.start.as_deref() {
         None | Some("earliest") => false,
         Some("latest") => true,

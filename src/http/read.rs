@@ -104,6 +104,13 @@ pub(super) fn parse_max_bytes(name: &str, v: Option<&str>) -> Result<u64, ApiErr
     Ok(n)
 }
 
+/// Parses a long poll's `wait` (none: do not wait), at most [`MAX_READ_WAIT`].
+pub(super) fn parse_wait(v: Option<&str>) -> Result<Duration, ApiError> {
+    v.map(|v| parse_duration("wait", v, MAX_READ_WAIT))
+        .transpose()
+        .map(|w| w.unwrap_or(Duration::ZERO))
+}
+
 /// `GET /v1/categories/{category}/chunks/{chunk}?offset=&max_bytes=&wait=`.
 pub(super) async fn read_chunk(
     State(st): State<Arc<AppState>>,
@@ -121,12 +128,7 @@ pub(super) async fn read_chunk(
         .transpose()?
         .unwrap_or(0);
     let max_bytes = parse_max_bytes("max_bytes", q.max_bytes.as_deref())?;
-    let wait = q
-        .wait
-        .as_deref()
-        .map(|v| parse_duration("wait", v, MAX_READ_WAIT))
-        .transpose()?
-        .unwrap_or(Duration::ZERO);
+    let wait = parse_wait(q.wait.as_deref())?;
     let r = read(&st, &category, &chunk, offset, max_bytes, wait).await?;
     Ok(chunk_response(r))
 }
