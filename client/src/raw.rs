@@ -214,6 +214,21 @@ impl Client {
         url
     }
 
+    /// `.../v1/categories/{category}/consumers/{consumer}/{rest...}`, with both
+    /// names validated.
+    fn consumer_url(
+        &self,
+        category: &str,
+        consumer: &str,
+        rest: &[&str],
+    ) -> Result<Url, ClientError> {
+        validate_category(category)?;
+        crate::names::validate_consumer(consumer)?;
+        let mut segments = vec!["v1", "categories", category, "consumers", consumer];
+        segments.extend_from_slice(rest);
+        Ok(self.url(&segments))
+    }
+
     /// `GET .../consumers/{consumer}/next`: the consumer's next unacked
     /// lines, or `None` when nothing arrived within `wait`. `after` reads as
     /// if `(chunk, offset)` were acked already (to fetch ahead).
@@ -223,9 +238,7 @@ impl Client {
         consumer: &str,
         opts: &NextOptions,
     ) -> Result<Option<NextBatch>, ClientError> {
-        validate_category(category)?;
-        crate::names::validate_consumer(consumer)?;
-        let mut url = self.url(&["v1", "categories", category, "consumers", consumer, "next"]);
+        let mut url = self.consumer_url(category, consumer, &["next"])?;
         {
             let mut q = url.query_pairs_mut();
             q.append_pair("max_bytes", &opts.max_bytes.to_string())
@@ -268,9 +281,7 @@ impl Client {
         chunk: &str,
         offset: u64,
     ) -> Result<crate::ConsumerDetail, ClientError> {
-        validate_category(category)?;
-        crate::names::validate_consumer(consumer)?;
-        let url = self.url(&["v1", "categories", category, "consumers", consumer, "acks"]);
+        let url = self.consumer_url(category, consumer, &["acks"])?;
         let body = crate::AckRequest {
             chunk: chunk.to_owned(),
             offset,
@@ -286,16 +297,7 @@ impl Client {
         consumer: &str,
         to: &str,
     ) -> Result<crate::ConsumerDetail, ClientError> {
-        validate_category(category)?;
-        crate::names::validate_consumer(consumer)?;
-        let url = self.url(&[
-            "v1",
-            "categories",
-            category,
-            "consumers",
-            consumer,
-            "position",
-        ]);
+        let url = self.consumer_url(category, consumer, &["position"])?;
         let body = crate::PositionRequest { to: to.to_owned() };
         self.call(self.http.put(url.clone()).json(&body), &url)
             .await
@@ -307,9 +309,7 @@ impl Client {
         category: &str,
         consumer: &str,
     ) -> Result<crate::ConsumerDetail, ClientError> {
-        validate_category(category)?;
-        crate::names::validate_consumer(consumer)?;
-        let url = self.url(&["v1", "categories", category, "consumers", consumer]);
+        let url = self.consumer_url(category, consumer, &[])?;
         self.call(self.http.get(url.clone()), &url).await
     }
 

@@ -21,6 +21,13 @@ use super::{ApiError, AppState};
 /// Chukcha waits this long for `min_sync_replicas`.
 const CHUKCHA_REPLICA_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The `category` parameter, present and valid.
+fn category(v: &Option<String>) -> Result<&str, ApiError> {
+    let category = required("category", v)?;
+    chunkbus_client::names::validate_category(category)?;
+    Ok(category)
+}
+
 fn required<'a>(name: &str, v: &'a Option<String>) -> Result<&'a str, ApiError> {
     v.as_deref()
         .ok_or_else(|| ApiError::BadRequest(format!("query parameter {name} is required")))
@@ -40,7 +47,7 @@ pub(super) async fn write(
     body: Body,
 ) -> Result<Json<ProduceResponse>, ApiError> {
     let Query(q) = query?;
-    let category = required("category", &q.category)?;
+    let category = category(&q.category)?;
     let min_replicas = q
         .min_sync_replicas
         .as_deref()
@@ -70,8 +77,7 @@ pub(super) async fn read(
     query: Result<Query<ReadQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query?;
-    let category = required("category", &q.category)?;
-    chunkbus_client::names::validate_category(category)?;
+    let category = category(&q.category)?;
     let chunk = ChunkName::parse(required("chunk", &q.chunk)?)?;
     let off = q
         .off
@@ -109,8 +115,7 @@ pub(super) async fn ack(
     query: Result<Query<AckQuery>, QueryRejection>,
 ) -> Result<Json<chunkbus_client::ConsumerDetail>, ApiError> {
     let Query(q) = query?;
-    let category = required("category", &q.category)?;
-    chunkbus_client::names::validate_category(category)?;
+    let category = category(&q.category)?;
     let chunk = ChunkName::parse(required("chunk", &q.chunk)?)?;
     let size = parse_u64("size", required("size", &q.size)?)?;
     let meta = st.storage.chunk_meta(category, &chunk).ok_or_else(|| {
@@ -141,7 +146,7 @@ pub(super) async fn list_chunks(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Vec<ChukchaChunk>>, ApiError> {
     let Query(q) = query?;
-    let category = required("category", &q.category)?;
+    let category = category(&q.category)?;
     let acked = st
         .consumers
         .get(category, CHUKCHA_CONSUMER)
