@@ -12,6 +12,7 @@
 //! | [`http`]    | routes (`/v1`, Chukcha compatibility, operations), errors → status codes |
 //! | [`metrics`] | the Prometheus registry of a node |
 //! | [`replication`] | pulling every peer's chunks, `min_replicas`, lost owners |
+//! | [`upload`]  | the S3 tier: uploads, eviction, read-through, retention |
 //! | [`ship`]    | `chunkbus ship`: following log files into the bus |
 //! | [`server`]  | wiring: listener, storage, HTTP, signals, graceful shutdown |
 
@@ -24,3 +25,4 @@ pub mod replication;
 pub mod server;
 pub mod ship;
 pub mod storage;
+pub mod upload;

@@ -97,6 +97,14 @@ pub struct Metrics {
     pub disk_used_bytes: Gauge,
     /// Size of the data directory's file system.
     pub disk_total_bytes: Gauge,
+    pub chunks_evicted: Family<CategoryLabels, Counter>,
+    pub s3_backlog_chunks: Gauge,
+    pub s3_backlog_bytes: Gauge,
+    pub s3_uploads: Counter,
+    pub s3_upload_bytes: Counter,
+    pub s3_errors: Counter,
+    pub s3_last_success_seconds: Gauge<f64, AtomicU64>,
+    pub s3_read_bytes: Counter,
 }
 
 impl Metrics {
@@ -123,6 +131,14 @@ impl Metrics {
             replication_lag_seconds: Family::default(),
             disk_used_bytes: Gauge::default(),
             disk_total_bytes: Gauge::default(),
+            chunks_evicted: Family::default(),
+            s3_backlog_chunks: Gauge::default(),
+            s3_backlog_bytes: Gauge::default(),
+            s3_uploads: Counter::default(),
+            s3_upload_bytes: Counter::default(),
+            s3_errors: Counter::default(),
+            s3_last_success_seconds: Gauge::default(),
+            s3_read_bytes: Counter::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -199,6 +215,42 @@ impl Metrics {
             "Size of the data directory's file system",
             m.disk_total_bytes.clone(),
         );
+        r.register(
+            "chunks_evicted",
+            "Local copies of uploaded chunks deleted (the chunk stays readable from S3)",
+            m.chunks_evicted.clone(),
+        );
+        r.register(
+            "s3_backlog_chunks",
+            "Complete chunks this node has still to upload",
+            m.s3_backlog_chunks.clone(),
+        );
+        r.register(
+            "s3_backlog_bytes",
+            "Bytes of the chunks this node has still to upload",
+            m.s3_backlog_bytes.clone(),
+        );
+        r.register("s3_uploads", "Chunks uploaded to S3", m.s3_uploads.clone());
+        r.register(
+            "s3_upload_bytes",
+            "Bytes uploaded to S3",
+            m.s3_upload_bytes.clone(),
+        );
+        r.register(
+            "s3_errors",
+            "Failed S3 requests of the uploader (each retried with backoff)",
+            m.s3_errors.clone(),
+        );
+        r.register(
+            "s3_last_success_seconds",
+            "Unix time of the last successful upload",
+            m.s3_last_success_seconds.clone(),
+        );
+        r.register(
+            "s3_read_bytes",
+            "Bytes of evicted chunks read back from S3",
+            m.s3_read_bytes.clone(),
+        );
         Arc::new(m)
     }
 
@@ -222,6 +274,7 @@ impl Metrics {
             lines_out: self.lines_out.get_or_create(&l).clone(),
             chunks_completed: self.chunks_completed.get_or_create(&l).clone(),
             bytes_replicated: self.bytes_replicated.get_or_create(&l).clone(),
+            chunks_evicted: self.chunks_evicted.get_or_create(&l).clone(),
         }
     }
 }
@@ -241,4 +294,6 @@ pub struct CategoryMetrics {
     pub chunks_completed: Counter,
     /// Bytes copied from other owners.
     pub bytes_replicated: Counter,
+    /// Local copies evicted.
+    pub chunks_evicted: Counter,
 }

@@ -5,6 +5,7 @@
 //! every accepted request before exiting.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
@@ -17,6 +18,20 @@ use crate::http::{AppState, Limits, router};
 use crate::metrics::Metrics;
 use crate::replication::{Replication, ReplicationConfig};
 use crate::storage::{Storage, StorageError};
+use crate::upload::{Cluster, Tiering};
+
+/// The replication's view of the cluster, for the S3 tier.
+#[derive(Debug)]
+struct ClusterView(Arc<Replication>);
+
+impl Cluster for ClusterView {
+    fn owner_lost(&self, owner: &str) -> bool {
+        self.0.owner_lost(owner)
+    }
+    fn reachable_peers(&self) -> Vec<String> {
+        self.0.reachable_peers()
+    }
+}
 
 /// Why a node could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -101,12 +116,22 @@ pub async fn run(
         consumers.clone(),
         stop_pullers.clone(),
     ));
+    let tiering = Tiering::new(
+        storage.clone(),
+        Arc::new(ClusterView(replication.clone())),
+        cfg.s3.clone(),
+        cfg.retention,
+        metrics.clone(),
+    )
+    .await;
+    tiering.start(&pullers, &stop_pullers);
     pullers.close();
     let state = AppState::new(
         storage.clone(),
         metrics,
         replication,
         consumers,
+        tiering,
         Limits {
             max_line_bytes: cfg.max_line_bytes,
             max_body_bytes: cfg.max_body_bytes,
@@ -118,7 +143,7 @@ pub async fn run(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    tracing::info!(%addr, node = %cfg.node, sync = ?cfg.sync, peers = cfg.peers.len(), "listening");
+    tracing::info!(%addr, node = %cfg.node, sync = ?cfg.sync, peers = cfg.peers.len(), s3 = cfg.s3.as_ref().map_or("off", |s| s.bucket.as_str()), "listening");
     println!("chunkbus listening on http://{addr}");
     let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())

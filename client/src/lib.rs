@@ -33,4 +33,5 @@ pub use raw::{Client, NextBatch, NextOptions, ProduceOptions, ReadChunk};
 pub use wire::{
     AckRequest, ChukchaChunk, ChunkInfo, ChunkPosition, ConsumerDetail, ConsumerSummary,
     DiskStatus, ErrorBody, ForgetReport, NodeStatus, PeerStatus, PositionRequest, ProduceResponse,
+    S3Status,
 };

@@ -70,6 +70,34 @@ pub struct NodeStatus {
     pub categories: Vec<String>,
     /// The data directory's file system.
     pub disk: DiskStatus,
+    /// The object-store tier; absent when S3 is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Status>,
+}
+
+/// The object-store tier of a node (`--s3-bucket`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct S3Status {
+    /// The bucket.
+    pub bucket: String,
+    /// Key prefix in front of `{category}/{chunk}`.
+    pub prefix: String,
+    /// Complete chunks this node has still to upload.
+    pub backlog_chunks: u64,
+    /// Their bytes.
+    pub backlog_bytes: u64,
+    /// Chunks uploaded since the node started.
+    pub uploaded_chunks: u64,
+    /// Bytes uploaded since the node started.
+    pub uploaded_bytes: u64,
+    /// When the last upload succeeded (RFC 3339).
+    pub last_success: Option<String>,
+    /// The last S3 error, until an upload succeeds again.
+    pub last_error: Option<String>,
+    /// When the last error happened (RFC 3339).
+    pub last_error_at: Option<String>,
+    /// Local copies of uploaded chunks evicted since the node started.
+    pub evicted_chunks: u64,
 }
 
 /// Replication state of one peer, seen from this node.

@@ -212,6 +212,47 @@ pub struct ServeArgs {
     /// How long a peer may take to answer beyond a long poll's wait [default: 10s].
     #[arg(long, env = "CHUNKBUS_PEER_TIMEOUT", value_name = "DURATION")]
     pub peer_timeout: Option<HumanDuration>,
+
+    /// Upload complete chunks to this S3 bucket (turns the S3 tier on)
+    /// [default: none, local disk only]. Credentials and region come from
+    /// the standard AWS chain (environment, profile, instance role).
+    #[arg(long, env = "CHUNKBUS_S3_BUCKET", value_name = "BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// Key prefix of the objects, e.g. `logs/` [default: none].
+    #[arg(long, env = "CHUNKBUS_S3_PREFIX", value_name = "PREFIX")]
+    pub s3_prefix: Option<String>,
+
+    /// Endpoint of an S3-compatible store (MinIO, RustFS, Ceph, R2...), with
+    /// path-style addressing [default: AWS].
+    #[arg(long, env = "CHUNKBUS_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+
+    /// Region of the bucket [default: from the AWS chain, else us-east-1].
+    #[arg(long, env = "CHUNKBUS_S3_REGION", value_name = "REGION")]
+    pub s3_region: Option<String>,
+
+    /// Integrity check of uploads: md5 (Content-MD5, every store) or crc32c
+    /// (flexible checksums) [default: md5].
+    #[arg(long, env = "CHUNKBUS_S3_CHECKSUM", value_name = "md5|crc32c")]
+    pub s3_checksum: Option<String>,
+
+    /// Multipart part size; larger chunks are uploaded in parts (at least 5MiB) [default: 16MiB].
+    #[arg(long, env = "CHUNKBUS_S3_PART_SIZE", value_name = "SIZE")]
+    pub s3_part_size: Option<ByteSize>,
+
+    /// Uploads running at once [default: 4].
+    #[arg(long, env = "CHUNKBUS_S3_UPLOAD_CONCURRENCY", value_name = "N")]
+    pub s3_upload_concurrency: Option<usize>,
+
+    /// Evict the local copy of an uploaded chunk older than this, acked or
+    /// not [default: 24h].
+    #[arg(long, env = "CHUNKBUS_LOCAL_RETENTION", value_name = "DURATION")]
+    pub local_retention: Option<HumanDuration>,
+
+    /// Delete chunks older than this everywhere, S3 included [default: never].
+    #[arg(long, env = "CHUNKBUS_RETENTION", value_name = "DURATION")]
+    pub retention: Option<HumanDuration>,
 }
 
 impl ServeArgs {
@@ -233,6 +274,15 @@ impl ServeArgs {
             owner_lost_after: self.owner_lost_after.or(file.owner_lost_after),
             replication_wait: self.replication_wait.or(file.replication_wait),
             peer_timeout: self.peer_timeout.or(file.peer_timeout),
+            s3_bucket: self.s3_bucket.or(file.s3_bucket),
+            s3_prefix: self.s3_prefix.or(file.s3_prefix),
+            s3_endpoint: self.s3_endpoint.or(file.s3_endpoint),
+            s3_region: self.s3_region.or(file.s3_region),
+            s3_checksum: self.s3_checksum.or(file.s3_checksum),
+            s3_part_size: self.s3_part_size.or(file.s3_part_size),
+            s3_upload_concurrency: self.s3_upload_concurrency.or(file.s3_upload_concurrency),
+            local_retention: self.local_retention.or(file.local_retention),
+            retention: self.retention.or(file.retention),
         }
     }
 }

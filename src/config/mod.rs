@@ -22,6 +22,10 @@ pub use peers::{Peer, PeerList};
 pub use size::ByteSize;
 
 use crate::storage::{StorageOptions, SyncPolicy};
+use crate::upload::{
+    ChecksumMode, DEFAULT_LOCAL_RETENTION, DEFAULT_PART_BYTES, DEFAULT_UPLOAD_CONCURRENCY,
+    MIN_PART_BYTES, RetentionConfig, S3Config,
+};
 
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./chunkbus-data";
@@ -172,6 +176,10 @@ pub struct ServeConfig {
     pub replication_wait: Duration,
     /// Time a peer may take to answer, beyond a long poll's wait.
     pub peer_timeout: Duration,
+    /// The S3 tier; `None`: local disk only.
+    pub s3: Option<S3Config>,
+    /// Eviction and retention ages.
+    pub retention: RetentionConfig,
 }
 
 impl ServeConfig {
@@ -181,6 +189,7 @@ impl ServeConfig {
             Some(path) => args.clone().or(load_file(path)?),
             None => args,
         };
+        let s3 = s3_config(&args)?;
         let node = match args.node {
             Some(node) => {
                 chunkbus_client::names::validate_node(&node)
@@ -217,6 +226,11 @@ impl ServeConfig {
                 .replication_wait
                 .map_or(DEFAULT_REPLICATION_WAIT, |d| d.0),
             peer_timeout: args.peer_timeout.map_or(DEFAULT_PEER_TIMEOUT, |d| d.0),
+            s3,
+            retention: RetentionConfig {
+                local_retention: args.local_retention.map_or(DEFAULT_LOCAL_RETENTION, |d| d.0),
+                retention: args.retention.map(|d| d.0),
+            },
         };
         let mut cfg = cfg;
         cfg.peers = others(&cfg.node, listen, args.peers.unwrap_or_default())?;
@@ -268,8 +282,81 @@ impl ServeConfig {
             rotate_after: self.rotate_after,
             sync: self.sync,
             disk_high_water_percent: self.disk_high_water_percent,
+            tiered: self.s3.is_some(),
         }
     }
+}
+
+/// The `--s3-*` settings, validated; `None` without `--s3-bucket`.
+fn s3_config(args: &ServeArgs) -> Result<Option<S3Config>, ConfigError> {
+    let invalid = |s: String| ConfigError::Invalid(s);
+    let Some(bucket) = args.s3_bucket.clone() else {
+        let stray = [
+            ("--s3-prefix", args.s3_prefix.is_some()),
+            ("--s3-endpoint", args.s3_endpoint.is_some()),
+            ("--s3-region", args.s3_region.is_some()),
+            ("--s3-checksum", args.s3_checksum.is_some()),
+            ("--s3-part-size", args.s3_part_size.is_some()),
+            ("--s3-upload-concurrency", args.s3_upload_concurrency.is_some()),
+        ];
+        if let Some((flag, _)) = stray.iter().find(|(_, set)| *set) {
+            return Err(invalid(format!("{flag} needs --s3-bucket")));
+        }
+        return Ok(None);
+    };
+    // Bucket names as S3 defines them (3-63 of a-z 0-9 . -), plus the
+    // underscores and capitals some compatible stores allow.
+    let valid_bucket = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+    if !valid_bucket {
+        return Err(invalid(format!(
+            "--s3-bucket {bucket:?} is not a bucket name (3-63 letters, digits, '.', '-')"
+        )));
+    }
+    let prefix = args.s3_prefix.clone().unwrap_or_default();
+    if prefix.starts_with('/') || prefix.split('/').any(|p| p == "..") {
+        return Err(invalid(format!(
+            "--s3-prefix {prefix:?} must not start with '/' or contain '..'"
+        )));
+    }
+    if let Some(e) = &args.s3_endpoint
+        && !(e.starts_with("http://") || e.starts_with("https://"))
+    {
+        return Err(invalid(format!(
+            "--s3-endpoint {e:?} must be a URL like http://127.0.0.1:9000"
+        )));
+    }
+    let checksum = match &args.s3_checksum {
+        Some(c) => c
+            .parse()
+            .map_err(|e| invalid(format!("--s3-checksum: {e}")))?,
+        None => ChecksumMode::Md5,
+    };
+    let part_bytes = args.s3_part_size.map_or(DEFAULT_PART_BYTES, |s| s.0);
+    if part_bytes < MIN_PART_BYTES {
+        return Err(invalid(format!(
+            "--s3-part-size {} is below S3's smallest part, {}",
+            ByteSize(part_bytes),
+            ByteSize(MIN_PART_BYTES)
+        )));
+    }
+    let concurrency = args
+        .s3_upload_concurrency
+        .unwrap_or(DEFAULT_UPLOAD_CONCURRENCY);
+    if concurrency == 0 {
+        return Err(invalid("--s3-upload-concurrency must be at least 1".into()));
+    }
+    Ok(Some(S3Config {
+        bucket,
+        prefix,
+        endpoint: args.s3_endpoint.clone(),
+        region: args.s3_region.clone(),
+        checksum,
+        part_bytes,
+        concurrency,
+    }))
 }
 
 /// The peers other than `node`; refuses a list that names `node` with an
@@ -389,6 +476,43 @@ mod tests {
         assert!(Cli::try_parse_from(["chunkbus", "serve", "--sync", "sometimes"]).is_err());
         assert!(Cli::try_parse_from(["chunkbus", "serve", "--node", "a/b"]).is_ok());
         assert!(ServeConfig::resolve(serve_args(&["chunkbus", "serve", "--node", "a/b"])).is_err());
+    }
+
+    #[test]
+    fn s3_settings_are_checked() {
+        let cfg = ServeConfig::resolve(serve_args(&["chunkbus", "serve"])).unwrap();
+        assert!(cfg.s3.is_none() && !cfg.storage_options().tiered);
+        assert_eq!(cfg.retention.local_retention, DEFAULT_LOCAL_RETENTION);
+        let cfg = ServeConfig::resolve(serve_args(&[
+            "chunkbus",
+            "serve",
+            "--s3-bucket",
+            "logs",
+            "--s3-prefix",
+            "eu/",
+            "--s3-endpoint",
+            "http://127.0.0.1:9000",
+            "--retention",
+            "30d",
+        ]))
+        .unwrap();
+        let s3 = cfg.s3.clone().unwrap();
+        assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("logs", "eu/"));
+        assert_eq!(s3.checksum, ChecksumMode::Md5);
+        assert!(cfg.storage_options().tiered);
+        assert_eq!(cfg.retention.retention, Some(Duration::from_secs(30 * 86400)));
+        for (bad, says) in [
+            (&["--s3-prefix", "x/"][..], "needs --s3-bucket"),
+            (&["--s3-bucket", "a/b"], "not a bucket name"),
+            (&["--s3-bucket", "ok-bucket", "--s3-prefix", "../x"], "'..'"),
+            (&["--s3-bucket", "ok-bucket", "--s3-endpoint", "localhost:9000"], "URL"),
+            (&["--s3-bucket", "ok-bucket", "--s3-part-size", "1MiB"], "smallest part"),
+            (&["--s3-bucket", "ok-bucket", "--s3-checksum", "sha1"], "md5 or crc32c"),
+        ] {
+            let argv = [&["chunkbus", "serve"][..], bad].concat();
+            let err = ServeConfig::resolve(serve_args(&argv)).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
     }
 
     #[test]

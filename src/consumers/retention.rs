@@ -1,6 +1,8 @@
 //! Retention that respects readers (Chukcha's behaviour): a complete chunk
 //! that every consumer of its category has fully acknowledged is deleted
-//! locally. A category without consumers keeps everything.
+//! locally. With S3 on, its local copy is evicted instead, once it is
+//! uploaded; it stays listed and readable from S3. A category without
+//! consumers keeps everything.
 //!
 //! The task wakes on position changes and on chunk changes (a chunk read to
 //! its end becomes deletable when it completes), at most once per
@@ -36,7 +38,7 @@ pub fn deletable(storage: &Storage, consumers: &Consumers, category: &str) -> Ve
         .chunks(category)
         .unwrap_or_default()
         .into_iter()
-        .filter(|c| c.meta.complete && consumers.passed_by_all(category, c))
+        .filter(|c| c.meta.complete && c.meta.local && consumers.passed_by_all(category, c))
         .map(|c| c.name)
         .collect()
 }
@@ -48,8 +50,15 @@ pub async fn run(storage: Storage, consumers: Arc<Consumers>, cancel: Cancellati
     loop {
         for category in storage.categories() {
             for chunk in deletable(&storage, &consumers, &category) {
-                if let Err(e) = storage.delete_chunk(&category, &chunk).await {
-                    tracing::warn!(category, chunk = %chunk, error = %e, "cannot delete an acknowledged chunk");
+                // With S3 the local copy goes once uploaded (the chunk stays
+                // readable); without it the chunk is deleted.
+                let done = if storage.tiered() {
+                    storage.evict(&category, &chunk).await.map(|_| ())
+                } else {
+                    storage.delete_chunk(&category, &chunk).await.map(|_| ())
+                };
+                if let Err(e) = done {
+                    tracing::warn!(category, chunk = %chunk, error = %e, "cannot release an acknowledged chunk");
                 }
             }
         }

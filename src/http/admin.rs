@@ -27,6 +27,7 @@ pub(super) async fn status(State(st): State<Arc<AppState>>) -> Json<NodeStatus> 
             used_percent: usage.used_percent,
             high_water_percent: disk.limit_percent(),
         },
+        s3: st.tiering.status(),
     })
 }
 

@@ -120,11 +120,15 @@ impl From<StorageError> for ApiError {
             | StorageError::NotLineBoundary { .. }
             | StorageError::OwnChunk { .. }
             | StorageError::ReplicaGap { .. } => ApiError::BadRequest(msg),
-            StorageError::UnknownCategory(_) | StorageError::UnknownChunk { .. } => {
+            StorageError::UnknownCategory(_)
+            | StorageError::UnknownChunk { .. }
+            | StorageError::RemoteMissing { .. } => {
                 ApiError::NotFound(msg)
             }
             StorageError::OffsetPastEnd { .. } => ApiError::RangeNotSatisfiable(msg),
-            StorageError::HighWater { .. } => ApiError::Overloaded(msg),
+            StorageError::HighWater { .. }
+            | StorageError::Remote { .. }
+            | StorageError::NotReady(_) => ApiError::Overloaded(msg),
             StorageError::DiskFull(_) => ApiError::InsufficientStorage(msg),
             StorageError::ShuttingDown => ApiError::Unavailable(msg),
             StorageError::Locked { .. }

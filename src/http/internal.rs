@@ -67,6 +67,7 @@ pub(super) async fn changes(
                     chunk: c.name.to_string(),
                     size: c.meta.size,
                     complete: c.meta.complete,
+                    uploaded: c.meta.uploaded,
                 })
                 .collect();
             return Ok(Json(ChangesResponse {
@@ -101,7 +102,7 @@ pub(super) async fn forget(
     let Path(node) = path?;
     validate_node(&node)?;
     own_node_check(&st, &node)?;
-    let chunks_completed = st.storage.forget_owner(&node).await?;
+    let chunks_completed = st.replication.forget_here(&node).await?;
     Ok(Json(Forgotten {
         node,
         chunks_completed,

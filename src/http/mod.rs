@@ -30,6 +30,7 @@ pub use error::ApiError;
 use crate::consumers::Consumers;
 use crate::metrics::Metrics;
 use crate::replication::Replication;
+use crate::upload::Tiering;
 use crate::storage::{Storage, SyncPolicy};
 
 /// Limits applied to requests.
@@ -54,6 +55,8 @@ pub struct AppState {
     pub replication: Arc<Replication>,
     /// Consumer positions.
     pub consumers: Arc<Consumers>,
+    /// The S3 tier (status).
+    pub tiering: Arc<Tiering>,
     /// Request limits.
     pub limits: Limits,
     /// Memory budget of request bodies.
@@ -71,6 +74,7 @@ impl AppState {
         metrics: Arc<Metrics>,
         replication: Arc<Replication>,
         consumers: Arc<Consumers>,
+        tiering: Arc<Tiering>,
         limits: Limits,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -80,6 +84,7 @@ impl AppState {
             metrics,
             replication,
             consumers,
+            tiering,
             limits,
             inflight,
             shutdown,

@@ -76,8 +76,8 @@ pub(super) async fn chunks(
             index: c.name.index,
             size: c.meta.size,
             complete: c.meta.complete,
-            local: true,
-            uploaded: false,
+            local: c.meta.local,
+            uploaded: c.meta.uploaded,
         })
         .collect();
     Ok(Json(out))

@@ -161,7 +161,7 @@ impl Replication {
     /// Completes `node`'s open chunks here and asks every peer to do the
     /// same. Peers that cannot be reached are reported, not retried.
     pub async fn forget_everywhere(&self, node: &str) -> Result<ForgetReport, StorageError> {
-        let chunks_completed = self.storage.forget_owner(node).await?;
+        let chunks_completed = self.forget_here(node).await?;
         let mut peers = BTreeMap::new();
         for link in self.links.iter().filter(|l| l.peer.name != node) {
             let url = format!("http://{}/v1/internal/forget/{node}", link.peer.addr);
@@ -189,6 +189,37 @@ impl Replication {
             chunks_completed,
             peers,
         })
+    }
+
+    /// Completes `node`'s open chunks here and treats it as lost (until it
+    /// answers again).
+    pub async fn forget_here(&self, node: &str) -> Result<usize, StorageError> {
+        let n = self.storage.forget_owner(node).await?;
+        for link in self.links.iter().filter(|l| l.peer.name == node) {
+            link.state.lock().unwrap().forgotten = true;
+        }
+        Ok(n)
+    }
+
+    /// True when `owner` will not upload its own chunks: forgotten, declared
+    /// lost past `--owner-lost-after`, or not a member of the cluster.
+    pub fn owner_lost(&self, owner: &str) -> bool {
+        if owner == self.node() {
+            return false;
+        }
+        match self.links.iter().find(|l| l.peer.name == owner) {
+            Some(link) => link.state.lock().unwrap().forgotten,
+            None => true,
+        }
+    }
+
+    /// Names of the peers whose change feed answers now.
+    pub fn reachable_peers(&self) -> Vec<String> {
+        self.links
+            .iter()
+            .filter(|l| l.state.lock().unwrap().connected)
+            .map(|l| l.peer.name.clone())
+            .collect()
     }
 
     fn set_connected(&self, link: &PeerLink, connected: bool, error: Option<String>) {

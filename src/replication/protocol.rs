@@ -80,4 +80,8 @@ pub struct ChangedChunk {
     pub size: u64,
     /// True once the owner will never append again.
     pub complete: bool,
+    /// True once the chunk is in the object store: a replica with S3 on
+    /// records it without copying what it does not hold yet.
+    #[serde(default)]
+    pub uploaded: bool,
 }

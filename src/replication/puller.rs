@@ -72,6 +72,17 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
                         link.peer.name
                     )));
                 }
+                if c.uploaded && c.complete && repl.storage.tiered() {
+                    // In S3 already: read through it rather than copy it.
+                    let held = repl.storage.chunk_meta(&c.category, &name);
+                    if !held.is_some_and(|m| m.uploaded) {
+                        repl.storage
+                            .add_remote(&c.category, &name, c.size, 0)
+                            .await?;
+                    }
+                    targets.remove(&(c.category, name));
+                    continue;
+                }
                 targets.insert(
                     (c.category, name),
                     Target {
@@ -178,8 +189,13 @@ async fn copy(
             }
             let held = storage.chunk_meta(category, chunk);
             let have = held.map_or(0, |m| m.size);
-            if held.is_none() && target.complete && passed_by_all(repl, category, chunk, target) {
-                // Every consumer is past it: it was (or would be) deleted here.
+            if held.is_none()
+                && target.complete
+                && !storage.tiered()
+                && passed_by_all(repl, category, chunk, target)
+            {
+                // Every consumer is past it: it was (or would be) deleted
+                // here. (With S3 on, it is copied, then evicted once uploaded.)
                 targets.remove(&key);
                 break;
             }
@@ -231,12 +247,7 @@ async fn copy(
 fn passed_by_all(repl: &Replication, category: &str, chunk: &ChunkName, t: Target) -> bool {
     let status = crate::storage::ChunkStatus {
         name: chunk.clone(),
-        meta: crate::storage::ChunkMeta {
-            size: t.size,
-            complete: t.complete,
-            version: 0,
-            created_ms: 0,
-        },
+        meta: crate::storage::ChunkMeta::local(t.size, t.complete, 0),
     };
     repl.consumers.passed_by_all(category, &status)
 }

@@ -28,6 +28,44 @@ pub struct ChunkMeta {
     /// epoch (for files found at start-up: their creation time). Consumers
     /// read the owner whose oldest unread chunk is oldest first.
     pub created_ms: u64,
+    /// True when this node has the bytes on its local disk (false once the
+    /// local copy of an uploaded chunk was evicted).
+    pub local: bool,
+    /// True once the chunk is in the object store.
+    pub uploaded: bool,
+}
+
+impl ChunkMeta {
+    /// A chunk held on local disk, not uploaded.
+    pub fn local(size: u64, complete: bool, created_ms: u64) -> Self {
+        Self {
+            size,
+            complete,
+            version: 0,
+            created_ms,
+            local: true,
+            uploaded: false,
+        }
+    }
+}
+
+/// The chunks of a category and, by change version, which changed when.
+#[derive(Debug, Default)]
+struct Chunks {
+    map: BTreeMap<ChunkName, ChunkMeta>,
+    by_version: BTreeMap<u64, ChunkName>,
+}
+
+impl Chunks {
+    /// Stores `meta` under the next version of `feed`; returns the version.
+    fn put(&mut self, feed: &ChangeFeed, chunk: &ChunkName, mut meta: ChunkMeta) -> u64 {
+        meta.version = feed.next();
+        if let Some(old) = self.map.insert(chunk.clone(), meta) {
+            self.by_version.remove(&old.version);
+        }
+        self.by_version.insert(meta.version, chunk.clone());
+        meta.version
+    }
 }
 
 /// Now, in milliseconds since the Unix epoch.
@@ -43,6 +81,7 @@ pub fn now_ms() -> u64 {
 pub struct ChangeFeed {
     counter: AtomicU64,
     notify: watch::Sender<u64>,
+    completed: watch::Sender<u64>,
 }
 
 impl ChangeFeed {
@@ -50,6 +89,7 @@ impl ChangeFeed {
         Arc::new(Self {
             counter: AtomicU64::new(0),
             notify: watch::Sender::new(0),
+            completed: watch::Sender::new(0),
         })
     }
 
@@ -65,6 +105,15 @@ impl ChangeFeed {
 
     fn next(&self) -> u64 {
         self.counter.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Wakes on every chunk that becomes complete (or arrives complete).
+    pub fn subscribe_completed(&self) -> watch::Receiver<u64> {
+        self.completed.subscribe()
+    }
+
+    fn completed(&self) {
+        self.completed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     fn announce(&self, v: u64) {
@@ -90,7 +139,7 @@ pub(crate) struct Category {
     pub dir: PathBuf,
     /// Chunks held here, ordered by owner then index. A std mutex: it is
     /// never held across an await, only to read or update a few numbers.
-    chunks: Mutex<BTreeMap<ChunkName, ChunkMeta>>,
+    chunks: Mutex<Chunks>,
     /// Bumped on every append and completion; long-polling readers wait on it.
     changed: watch::Sender<u64>,
     /// Queue of the category's writer task (bounded).
@@ -115,14 +164,14 @@ impl Category {
     ) -> Self {
         // Chunks found at start-up get versions too (in owner and index
         // order), so that a replica asking for everything receives them.
-        let mut chunks = chunks;
-        for meta in chunks.values_mut() {
-            meta.version = feed.next();
+        let mut all = Chunks::default();
+        for (name, meta) in chunks {
+            all.put(&feed, &name, meta);
         }
         Self {
             name,
             dir,
-            chunks: Mutex::new(chunks),
+            chunks: Mutex::new(all),
             changed: watch::Sender::new(0),
             writer,
             metrics,
@@ -138,13 +187,14 @@ impl Category {
     }
 
     pub fn meta(&self, chunk: &ChunkName) -> Option<ChunkMeta> {
-        self.chunks.lock().unwrap().get(chunk).copied()
+        self.chunks.lock().unwrap().map.get(chunk).copied()
     }
 
     pub fn list(&self) -> Vec<ChunkStatus> {
         self.chunks
             .lock()
             .unwrap()
+            .map
             .iter()
             .map(|(name, meta)| ChunkStatus {
                 name: name.clone(),
@@ -160,45 +210,100 @@ impl Category {
     pub fn update(&self, chunk: &ChunkName, size: u64, complete: bool) {
         let version = {
             let mut chunks = self.chunks.lock().unwrap();
-            let version = self.feed.next();
-            let created_ms = chunks.get(chunk).map_or_else(now_ms, |m| m.created_ms);
-            chunks.insert(
-                chunk.clone(),
-                ChunkMeta {
+            let meta = match chunks.map.get(chunk) {
+                Some(m) => ChunkMeta {
                     size,
                     complete,
-                    version,
-                    created_ms,
+                    ..*m
                 },
-            );
-            version
+                None => ChunkMeta::local(size, complete, now_ms()),
+            };
+            chunks.put(&self.feed, chunk, meta)
         };
+        if complete {
+            self.feed.completed();
+        }
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
         self.feed.announce(version);
     }
 
-    /// This node's chunks (owner `owner`) changed after version `since`, in
-    /// index order. The owner's versions grow with the index (a chunk is
-    /// completed before the next one is created), so the scan walks back
-    /// from the newest chunk and stops at the first unchanged one.
+    /// Sets a chunk's `uploaded` and `local` flags; returns false when the
+    /// chunk is unknown or nothing changed. A change of `uploaded` takes a
+    /// new version, so that the replication feed carries it.
+    pub fn set_tier(&self, chunk: &ChunkName, uploaded: Option<bool>, local: Option<bool>) -> bool {
+        let version = {
+            let mut chunks = self.chunks.lock().unwrap();
+            let Some(m) = chunks.map.get_mut(chunk) else {
+                return false;
+            };
+            let new = ChunkMeta {
+                uploaded: uploaded.unwrap_or(m.uploaded),
+                local: local.unwrap_or(m.local),
+                ..*m
+            };
+            if new == *m {
+                return false;
+            }
+            if new.uploaded == m.uploaded {
+                *m = new;
+                None
+            } else {
+                Some(chunks.put(&self.feed, chunk, new))
+            }
+        };
+        if let Some(v) = version {
+            self.feed.announce(v);
+        }
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        true
+    }
+
+    /// Records a complete chunk that is only in the object store.
+    pub fn insert_remote(&self, chunk: &ChunkName, size: u64, created_ms: u64) {
+        let version = self.chunks.lock().unwrap().put(
+            &self.feed,
+            chunk,
+            ChunkMeta {
+                size,
+                complete: true,
+                version: 0,
+                created_ms,
+                local: false,
+                uploaded: true,
+            },
+        );
+        self.feed.completed();
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        self.feed.announce(version);
+    }
+
+    /// Chunks of `owner` changed after version `since`, in index order
+    /// (the version index makes this cost what changed, not what is held).
     pub fn changed_since(&self, owner: &str, since: u64) -> Vec<ChunkStatus> {
         let chunks = self.chunks.lock().unwrap();
         let mut out: Vec<ChunkStatus> = chunks
-            .range(ChunkName::new(owner, 0)..=ChunkName::new(owner, u32::MAX))
-            .rev()
-            .take_while(|(_, m)| m.version > since)
-            .map(|(name, meta)| ChunkStatus {
+            .by_version
+            .range(since.saturating_add(1)..)
+            .filter(|(_, name)| name.owner == owner)
+            .map(|(_, name)| ChunkStatus {
                 name: name.clone(),
-                meta: *meta,
+                meta: chunks.map[name],
             })
             .collect();
-        out.reverse();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
 
     /// Forgets a chunk (its file is being deleted) and wakes readers.
     pub fn remove(&self, chunk: &ChunkName) -> Option<ChunkMeta> {
-        let removed = self.chunks.lock().unwrap().remove(chunk);
+        let removed = {
+            let mut chunks = self.chunks.lock().unwrap();
+            let removed = chunks.map.remove(chunk);
+            if let Some(m) = removed {
+                chunks.by_version.remove(&m.version);
+            }
+            removed
+        };
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
         removed
     }

@@ -13,6 +13,8 @@ pub struct DiskMonitor {
     limit_percent: u8,
     used_bytes: AtomicU64,
     total_bytes: AtomicU64,
+    /// Bytes of uploaded chunks held locally: evicted before writes are shed.
+    reclaimable: AtomicU64,
     over: AtomicBool,
 }
 
@@ -25,6 +27,16 @@ pub struct DiskUsage {
     pub total_bytes: u64,
     /// Used, in percent of total, rounded up.
     pub used_percent: u8,
+}
+
+impl DiskUsage {
+    fn percent(&self) -> u8 {
+        if self.total_bytes == 0 {
+            0
+        } else {
+            (self.used_bytes * 100).div_ceil(self.total_bytes).min(100) as u8
+        }
+    }
 }
 
 impl DiskMonitor {
@@ -50,28 +62,52 @@ impl DiskMonitor {
         self.used_bytes.store(used, Ordering::Relaxed);
         self.total_bytes.store(total, Ordering::Relaxed);
         let usage = self.usage();
+        let after_eviction = DiskUsage {
+            used_bytes: used.saturating_sub(self.reclaimable.load(Ordering::Relaxed)),
+            ..usage
+        };
         self.over
-            .store(usage.used_percent > self.limit_percent, Ordering::Relaxed);
+            .store(after_eviction.percent() > self.limit_percent, Ordering::Relaxed);
         Ok(usage)
     }
 
     /// The last reading.
     pub fn usage(&self) -> DiskUsage {
-        let used_bytes = self.used_bytes.load(Ordering::Relaxed);
-        let total_bytes = self.total_bytes.load(Ordering::Relaxed);
-        let used_percent = if total_bytes == 0 {
-            0
-        } else {
-            (used_bytes * 100).div_ceil(total_bytes).min(100) as u8
+        let mut u = DiskUsage {
+            used_bytes: self.used_bytes.load(Ordering::Relaxed),
+            total_bytes: self.total_bytes.load(Ordering::Relaxed),
+            used_percent: 0,
         };
-        DiskUsage {
-            used_bytes,
-            total_bytes,
-            used_percent,
-        }
+        u.used_percent = u.percent();
+        u
     }
 
-    /// True when the last reading was above the high-water mark.
+    /// True when the last reading is above the mark, evictable bytes included.
+    pub fn above_limit(&self) -> bool {
+        self.usage().used_percent > self.limit_percent
+    }
+
+    /// Bytes of uploaded chunks still held locally grew by `n`.
+    pub fn add_reclaimable(&self, n: u64) {
+        self.reclaimable.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes of uploaded chunks still held locally shrank by `n`.
+    pub fn sub_reclaimable(&self, n: u64) {
+        let _ = self
+            .reclaimable
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                Some(r.saturating_sub(n))
+            });
+    }
+
+    /// Bytes of uploaded chunks still held locally.
+    pub fn reclaimable(&self) -> u64 {
+        self.reclaimable.load(Ordering::Relaxed)
+    }
+
+    /// True when the last reading was above the high-water mark even after
+    /// every uploaded chunk held locally would be evicted.
     pub fn over_high_water(&self) -> bool {
         self.over.load(Ordering::Relaxed)
     }

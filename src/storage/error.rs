@@ -85,6 +85,26 @@ pub enum StorageError {
         /// Bytes held.
         size: u64,
     },
+    /// The chunk was evicted here and the object store does not have it
+    /// (deleted by a bucket lifecycle rule or by hand).
+    #[error("chunk {chunk} of category {category:?} was evicted from this node and is no longer in the object store")]
+    RemoteMissing {
+        /// Category.
+        category: String,
+        /// Chunk name.
+        chunk: String,
+    },
+    /// The object store could not serve an evicted chunk.
+    #[error("cannot read evicted chunk {chunk} from the object store: {message}")]
+    Remote {
+        /// Chunk name.
+        chunk: String,
+        /// Why.
+        message: String,
+    },
+    /// The node does not take writes yet.
+    #[error("{0}; try again shortly")]
+    NotReady(String),
     /// The node is stopping and takes no more writes.
     #[error("the node is shutting down")]
     ShuttingDown,

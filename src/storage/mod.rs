@@ -42,11 +42,12 @@ mod recovery;
 mod replica;
 pub mod state;
 mod syncer;
+pub mod tier;
 mod writer;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -56,10 +57,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use category::{ChunkMeta, ChunkStatus};
+pub use category::{ChunkMeta, ChunkStatus, now_ms};
 pub use disk::{DiskMonitor, DiskUsage};
 pub use error::StorageError;
 pub use replica::OwnChange;
+pub use tier::{RemoteChunks, TierOutcome};
 
 use category::{Category, ChangeFeed};
 use writer::{AppendRequest, Writer, WriterConfig, WriterMsg};
@@ -70,6 +72,8 @@ use crate::metrics::Metrics;
 const WRITER_QUEUE_MESSAGES: usize = 4096;
 /// Bound of the queue of completed copies to record.
 const COMPLETION_QUEUE: usize = 1024;
+/// Longest an append waits for writes to open before it is refused.
+const WRITES_CLOSED_WAIT: Duration = Duration::from_secs(5);
 /// Bound of each category's group-commit queue.
 const SYNC_QUEUE_JOBS: usize = 1024;
 
@@ -99,6 +103,10 @@ pub struct StorageOptions {
     pub sync: SyncPolicy,
     /// Shed writes above this disk usage (percent).
     pub disk_high_water_percent: u8,
+    /// True when complete chunks go to an object store: acknowledged chunks
+    /// are then evicted (once uploaded) rather than deleted, and uploaded
+    /// chunks are evicted under disk pressure.
+    pub tiered: bool,
 }
 
 /// Where an append landed.
@@ -138,6 +146,12 @@ struct Shared {
     metrics: Arc<Metrics>,
     disk: Arc<DiskMonitor>,
     feed: Arc<ChangeFeed>,
+    /// Reads evicted chunks from the object store (set when tiered).
+    remote: OnceLock<Arc<dyn RemoteChunks>>,
+    /// False while writes must wait (see [`Storage::close_writes`]).
+    writable: tokio::sync::watch::Sender<Option<String>>,
+    /// True when the data directory held no category at start-up.
+    fresh: bool,
     /// Queue of completed copies whose durable record is pending.
     completions: mpsc::Sender<replica::Completion>,
     tasks: TaskTracker,
@@ -167,6 +181,14 @@ impl Storage {
         .await
         .map_err(|e| StorageError::io("start-up task failed", std::io::Error::other(e)))??;
         let (completions, completions_rx) = mpsc::channel(COMPLETION_QUEUE);
+        let fresh = recovered.is_empty();
+        let reclaimable: u64 = recovered
+            .values()
+            .flat_map(|r| r.chunks.values())
+            .filter(|m| m.complete && m.local && m.uploaded)
+            .map(|m| m.size)
+            .sum();
+        disk.add_reclaimable(reclaimable);
         let storage = Storage {
             shared: Arc::new(Shared {
                 opts,
@@ -174,6 +196,9 @@ impl Storage {
                 metrics,
                 disk,
                 feed: ChangeFeed::new(),
+                remote: OnceLock::new(),
+                writable: tokio::sync::watch::Sender::new(None),
+                fresh,
                 completions,
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
@@ -211,6 +236,29 @@ impl Storage {
     /// The storage settings.
     pub fn options(&self) -> &StorageOptions {
         &self.shared.opts
+    }
+
+    /// True when the data directory held no category at start-up (a new
+    /// node, or one that lost its disk).
+    pub fn fresh(&self) -> bool {
+        self.shared.fresh
+    }
+
+    /// Makes appends wait (up to a few seconds, then 503 with `reason`)
+    /// until [`Storage::open_writes`].
+    pub fn close_writes(&self, reason: impl Into<String>) {
+        self.shared.writable.send_replace(Some(reason.into()));
+    }
+
+    /// Lets appends through again.
+    pub fn open_writes(&self) {
+        self.shared.writable.send_replace(None);
+    }
+
+    /// Wakes on every chunk that becomes complete here (own rotation,
+    /// completed copy, chunk listed from the object store).
+    pub fn subscribe_completed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.feed.subscribe_completed()
     }
 
     /// The disk monitor (usage and high-water state).
@@ -285,8 +333,19 @@ impl Storage {
                 let Some(s) = weak.upgrade() else { return };
                 let (disk, dir) = (s.disk.clone(), s.opts.data_dir.clone());
                 let metrics = s.metrics.clone();
-                drop(s);
-                let usage = tokio::task::spawn_blocking(move || disk.refresh(&dir)).await;
+                let storage = Storage { shared: s };
+                let usage = {
+                    let (disk, dir) = (disk.clone(), dir.clone());
+                    tokio::task::spawn_blocking(move || disk.refresh(&dir)).await
+                };
+                let usage = if storage.tiered() && disk.above_limit() && disk.reclaimable() > 0 {
+                    // Uploaded chunks go before any write is refused.
+                    storage.evict_for_space().await;
+                    tokio::task::spawn_blocking(move || disk.refresh(&dir)).await
+                } else {
+                    usage
+                };
+                drop(storage);
                 if let Ok(Ok(u)) = usage {
                     metrics.disk_used_bytes.set(u.used_bytes as i64);
                     metrics.disk_total_bytes.set(u.total_bytes as i64);
@@ -364,6 +423,7 @@ impl Storage {
         sync: bool,
     ) -> Result<Appended, StorageError> {
         debug_assert!(data.last() == Some(&b'\n'));
+        self.wait_writable().await?;
         let disk = &self.shared.disk;
         if disk.over_high_water() {
             return Err(StorageError::HighWater {
@@ -450,13 +510,12 @@ impl Storage {
             }
             waiters.dec();
         };
-        let path = cat.chunk_path(chunk);
         let name = chunk.to_string();
-        let (data, next_offset) = tokio::task::spawn_blocking(move || {
-            read::read_lines(&path, &name, offset, meta.size, max_bytes)
-        })
-        .await
-        .map_err(|e| StorageError::io("read task failed", std::io::Error::other(e)))??;
+        let (data, next_offset) = self
+            .with_bytes(&cat, chunk, meta.local, move |file| {
+                read::read_lines(file, &name, offset, meta.size, max_bytes)
+            })
+            .await?;
         cat.metrics.bytes_out.inc_by(data.len() as u64);
         cat.metrics
             .lines_out
@@ -534,13 +593,10 @@ impl Storage {
         if offset == 0 || offset == meta.size {
             return Ok(meta);
         }
-        let path = cat.chunk_path(chunk);
         let name = chunk.to_string();
-        tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::FileExt;
+        self.with_bytes(&cat, chunk, meta.local, move |file| {
             let mut b = [0u8; 1];
-            std::fs::File::open(&path)
-                .and_then(|f| f.read_exact_at(&mut b, offset - 1))
+            file.read_exact_at(&mut b, offset - 1)
                 .map_err(|e| StorageError::io(format!("cannot read chunk {name}"), e))?;
             if b[0] == b'\n' {
                 Ok(meta)
@@ -552,7 +608,71 @@ impl Storage {
             }
         })
         .await
+    }
+
+    /// Runs `f` on a blocking thread over the chunk's bytes: the local file,
+    /// or the object store when the local copy is evicted (or is evicted
+    /// while this read starts).
+    async fn with_bytes<T: Send + 'static>(
+        &self,
+        cat: &Arc<Category>,
+        chunk: &ChunkName,
+        local: bool,
+        f: impl FnOnce(&dyn read::ReadAt) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let path = cat.chunk_path(chunk);
+        let remote = self.remote().cloned();
+        let (category, chunk) = (cat.name.clone(), chunk.clone());
+        tokio::task::spawn_blocking(move || {
+            if local {
+                match std::fs::File::open(&path) {
+                    Ok(file) => return f(&file),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && remote.is_some() => {}
+                    Err(e) => {
+                        return Err(StorageError::io(format!("cannot read chunk {chunk}"), e));
+                    }
+                }
+            }
+            let Some(remote) = remote else {
+                return Err(StorageError::UnknownChunk { category, chunk: chunk.to_string() });
+            };
+            let file = tier::RemoteFile {
+                remote: remote.as_ref(),
+                category: &category,
+                chunk: &chunk,
+            };
+            f(&file).map_err(|e| match e {
+                StorageError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                    StorageError::RemoteMissing {
+                        category: category.clone(),
+                        chunk: chunk.to_string(),
+                    }
+                }
+                StorageError::Io { source, .. } => StorageError::Remote {
+                    chunk: chunk.to_string(),
+                    message: source.to_string(),
+                },
+                other => other,
+            })
+        })
+        .await
         .map_err(|e| StorageError::io("read task failed", std::io::Error::other(e)))?
+    }
+
+    /// Waits (a few seconds at most) while writes are closed.
+    async fn wait_writable(&self) -> Result<(), StorageError> {
+        let mut rx = self.shared.writable.subscribe();
+        let wait = rx.wait_for(Option::is_none);
+        match tokio::time::timeout(WRITES_CLOSED_WAIT, wait).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(StorageError::NotReady(
+                self.shared
+                    .writable
+                    .borrow()
+                    .clone()
+                    .unwrap_or_else(|| "the node is starting".to_owned()),
+            )),
+        }
     }
 
     /// Stops the writer tasks after they have written and flushed every

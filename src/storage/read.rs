@@ -1,20 +1,31 @@
-//! Reading whole lines from a chunk file.
+//! Reading whole lines from a chunk, held in a local file or in the object
+//! store.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use bytes::Bytes;
 
 use super::StorageError;
 
-/// Reads whole lines of the chunk at `path` starting at `offset`.
+/// Positional reads of a chunk's bytes.
+pub(super) trait ReadAt {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl ReadAt for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+/// Reads whole lines of `file` starting at `offset`.
 ///
 /// `size` is the number of bytes known to hold whole lines. At most
 /// `max_bytes` are returned, except that a single line longer than that is
 /// returned whole. Returns the bytes and the offset just past them.
 pub(super) fn read_lines(
-    path: &Path,
+    file: &(impl ReadAt + ?Sized),
     chunk: &str,
     offset: u64,
     size: u64,
@@ -28,7 +39,6 @@ pub(super) fn read_lines(
         });
     }
     let io = |e| StorageError::io(format!("cannot read chunk {chunk}"), e);
-    let file = File::open(path).map_err(io)?;
     // One extra byte in front tells whether `offset` starts a line.
     let lead = u64::from(offset > 0);
     let start = offset - lead;
@@ -76,11 +86,11 @@ pub(super) fn read_lines(
 mod tests {
     use super::*;
 
-    fn setup(content: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+    fn setup(content: &[u8]) -> (tempfile::TempDir, File) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c");
         std::fs::write(&p, content).unwrap();
-        (dir, p)
+        (dir, File::open(&p).unwrap())
     }
 
     #[test]

@@ -18,6 +18,7 @@ use walkdir::WalkDir;
 use super::StorageError;
 use super::category::ChunkMeta;
 use super::state::{self, CategoryState};
+use super::tier;
 
 /// Block size of the backwards scan for the last `\n` of a torn chunk.
 const TAIL_SCAN_BYTES: u64 = 64 * 1024;
@@ -100,17 +101,44 @@ pub(super) fn scan(
         }
         recovered.chunks.insert(
             chunk,
-            ChunkMeta {
-                size,
-                // Replicas learn completeness from the owner and keep it
-                // in the category state.
-                complete,
-                version: 0, // stamped when the category is loaded
-                created_ms,
-            },
+            // Replicas learn completeness from the owner and keep it in the
+            // category state. The version is stamped when the category is
+            // loaded.
+            ChunkMeta::local(size, complete, created_ms),
         );
     }
-    for rec in out.values_mut() {
+    for (name, rec) in &mut out {
+        // Uploaded chunks: flagged when held, listed as remote when evicted.
+        for (chunk, up) in tier::load(&data_dir.join(name))? {
+            if chunk.owner == node {
+                rec.next_index = rec.next_index.max(chunk.index.saturating_add(1));
+            }
+            match rec.chunks.get_mut(&chunk) {
+                Some(m) if m.complete && m.size == up.size => m.uploaded = true,
+                Some(m) if !m.complete && chunk.owner != node => {
+                    // A partial copy of a chunk its owner has uploaded since.
+                    let _ = std::fs::remove_file(data_dir.join(name).join(chunk.to_string()));
+                    *m = ChunkMeta {
+                        uploaded: true,
+                        local: false,
+                        ..ChunkMeta::local(up.size, true, up.created_ms)
+                    };
+                }
+                Some(m) => {
+                    tracing::warn!(category = %name, chunk = %chunk, held = m.size, uploaded = up.size, "local copy differs from the uploaded chunk; it will be uploaded again");
+                }
+                None => {
+                    rec.chunks.insert(
+                        chunk,
+                        ChunkMeta {
+                            uploaded: true,
+                            local: false,
+                            ..ChunkMeta::local(up.size, true, up.created_ms)
+                        },
+                    );
+                }
+            }
+        }
         if let Some(n) = rec.state.next_own_index {
             rec.next_index = rec.next_index.max(n);
         }

@@ -15,6 +15,7 @@ fn opts(dir: &Path, max_chunk_bytes: u64) -> StorageOptions {
         rotate_after: Duration::from_secs(3600),
         sync: SyncPolicy::Always,
         disk_high_water_percent: 100,
+        tiered: false,
     }
 }
 

@@ -288,6 +288,11 @@ impl Writer {
                 node: self.cfg.node.clone(),
             });
         }
+        // Names already known (chunks listed from the object store) are
+        // never reused.
+        while self.cat.meta(&ChunkName::new(self.cfg.node.clone(), self.next_index)).is_some() {
+            self.next_index += 1;
+        }
         let name = ChunkName::new(self.cfg.node.clone(), self.next_index);
         let path = self.cat.chunk_path(&name);
         let data_dir = self.cfg.data_dir.clone();

@@ -1,0 +1,503 @@
+//! The object-store tier as the storage sees it: which chunks are uploaded,
+//! which local copies were evicted, and reading evicted chunks back.
+//!
+//! The storage never talks to S3 itself. The `upload` module uploads, then
+//! records it here ([`Storage::mark_uploaded`]); it also provides the
+//! [`RemoteChunks`] reader that serves evicted chunks. What is uploaded is
+//! kept in an append-only log per category, `<data>/<category>/.uploads.log`:
+//!
+//! ```text
+//! chunkbus-uploads 1
+//! u eu1-chunk000000007 4096 1767225600000     uploaded: name, size, created (ms)
+//! d eu1-chunk000000003                        deleted everywhere (retention)
+//! ```
+//!
+//! Records are idempotent, so replaying the log rebuilds the set; a torn last
+//! line (a crash while appending) is ignored, and the upload it recorded is
+//! simply done again. Each record is flushed (`fdatasync`) before it counts.
+//! The log is compacted at start-up when most of it is dead.
+//!
+//! A chunk that is uploaded and whose file is gone is *evicted*: listed with
+//! `local: false`, read through [`RemoteChunks`].
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use chunkbus_client::ChunkName;
+
+use super::category::{Category, ChunkMeta, now_ms};
+use super::{Storage, StorageError, fsync_dir, state};
+
+/// File name of the upload log inside a category directory.
+pub const UPLOAD_LOG: &str = ".uploads.log";
+const UPLOAD_LOG_TMP: &str = ".uploads.log.tmp";
+const HEADER: &str = "chunkbus-uploads 1";
+
+/// Reads byte ranges of chunks that are only in the object store. Called on
+/// blocking threads.
+pub trait RemoteChunks: Send + Sync + std::fmt::Debug {
+    /// Fills `buf` with the bytes of `chunk` starting at `offset`.
+    /// `NotFound` means the object does not exist (any more).
+    fn read_exact_at(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> std::io::Result<()>;
+}
+
+/// The bytes of an evicted chunk, as [`super::read::ReadAt`].
+pub(super) struct RemoteFile<'a> {
+    pub remote: &'a dyn RemoteChunks,
+    pub category: &'a str,
+    pub chunk: &'a ChunkName,
+}
+
+impl super::read::ReadAt for RemoteFile<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.remote
+            .read_exact_at(self.category, self.chunk, buf, offset)
+    }
+}
+
+/// An uploaded chunk as recorded in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct UploadRecord {
+    pub size: u64,
+    pub created_ms: u64,
+}
+
+/// Replays the upload log of the category at `dir`; compacts it when most
+/// records are dead. Absent log: nothing uploaded.
+pub(super) fn load(dir: &Path) -> Result<BTreeMap<ChunkName, UploadRecord>, StorageError> {
+    let path = dir.join(UPLOAD_LOG);
+    let text = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => {
+            return Err(StorageError::io(
+                format!("cannot read {}", path.display()),
+                e,
+            ));
+        }
+    };
+    let (map, records) = replay(&text).map_err(|msg| {
+        StorageError::io(
+            format!("cannot use {}", path.display()),
+            std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
+        )
+    })?;
+    if records > 2 * map.len() + 64 {
+        rewrite(dir, &map)?;
+    }
+    Ok(map)
+}
+
+/// Parses a log; returns the live set and the number of records read.
+fn replay(text: &[u8]) -> Result<(BTreeMap<ChunkName, UploadRecord>, usize), String> {
+    let mut map = BTreeMap::new();
+    let mut lines = text.split(|&b| b == b'\n');
+    match lines.next() {
+        Some(h) if h == HEADER.as_bytes() => {}
+        Some(h) if h.is_empty() && text.len() <= 1 => return Ok((map, 0)),
+        Some(h) => {
+            return Err(format!(
+                "unknown upload log format {:?} (this build reads {HEADER:?})",
+                String::from_utf8_lossy(&h[..h.len().min(40)])
+            ));
+        }
+        None => return Ok((map, 0)),
+    }
+    let whole = if text.ends_with(b"\n") {
+        text
+    } else {
+        // A torn last record: the upload it recorded is done again.
+        &text[..text.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1)]
+    };
+    let mut records = 0;
+    for line in whole.split(|&b| b == b'\n').skip(1) {
+        if line.is_empty() {
+            continue;
+        }
+        records += 1;
+        let line = std::str::from_utf8(line).map_err(|_| "a record is not UTF-8".to_owned())?;
+        let bad = || format!("bad upload record {line:?}");
+        let mut f = line.split(' ');
+        match (f.next(), f.next().map(ChunkName::parse)) {
+            (Some("u"), Some(Ok(name))) => {
+                let size = f.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+                let created_ms = f.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+                map.insert(name, UploadRecord { size, created_ms });
+            }
+            (Some("d"), Some(Ok(name))) => {
+                map.remove(&name);
+            }
+            _ => return Err(bad()),
+        }
+    }
+    Ok((map, records))
+}
+
+fn record_line(chunk: &ChunkName, rec: Option<UploadRecord>) -> String {
+    match rec {
+        Some(r) => format!("u {chunk} {} {}\n", r.size, r.created_ms),
+        None => format!("d {chunk}\n"),
+    }
+}
+
+/// Writes the log afresh (temp file, fsync, rename, fsync of the directory).
+fn rewrite(dir: &Path, map: &BTreeMap<ChunkName, UploadRecord>) -> Result<(), StorageError> {
+    let tmp = dir.join(UPLOAD_LOG_TMP);
+    let write = || -> std::io::Result<()> {
+        let mut text = format!("{HEADER}\n");
+        for (name, rec) in map {
+            text.push_str(&record_line(name, Some(*rec)));
+        }
+        let mut f = File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(UPLOAD_LOG))?;
+        fsync_dir(dir)
+    };
+    write().map_err(|e| {
+        StorageError::io(
+            format!("cannot compact the upload log of {}", dir.display()),
+            e,
+        )
+    })
+}
+
+/// Appends one record durably. Called with the category's state lock held,
+/// so that records of one category never interleave.
+fn append(dir: &Path, line: &str) -> Result<(), StorageError> {
+    let path = dir.join(UPLOAD_LOG);
+    let write = || -> std::io::Result<()> {
+        let mut f = OpenOptions::new().append(true).create(true).open(&path)?;
+        let new = f.metadata()?.len() == 0;
+        if new {
+            f.write_all(format!("{HEADER}\n{line}").as_bytes())?;
+        } else {
+            f.write_all(line.as_bytes())?;
+        }
+        f.sync_data()?;
+        if new { fsync_dir(dir) } else { Ok(()) }
+    };
+    write().map_err(|e| StorageError::io(format!("cannot append to {}", path.display()), e))
+}
+
+/// Why a tier operation did nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierOutcome {
+    /// Done.
+    Done,
+    /// The chunk is not (or no longer) held here.
+    Unknown,
+    /// The chunk is not in a state that allows it (not complete, not
+    /// uploaded, already evicted...).
+    NotEligible,
+}
+
+impl Storage {
+    /// True when an object store holds finished chunks (`--s3-bucket`).
+    pub fn tiered(&self) -> bool {
+        self.shared.opts.tiered
+    }
+
+    /// Installs the reader of evicted chunks (once, at start-up).
+    pub fn set_remote(&self, remote: Arc<dyn RemoteChunks>) {
+        let _ = self.shared.remote.set(remote);
+    }
+
+    pub(super) fn remote(&self) -> Option<&Arc<dyn RemoteChunks>> {
+        self.shared.remote.get()
+    }
+
+    /// Records durably that a complete chunk held here is in the object
+    /// store. Its change version moves, so peers learn it through the
+    /// replication feed.
+    pub async fn mark_uploaded(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> Result<TierOutcome, StorageError> {
+        let cat = self.category(category)?;
+        let Some(meta) = cat.meta(chunk) else {
+            return Ok(TierOutcome::Unknown);
+        };
+        if !meta.complete {
+            return Ok(TierOutcome::NotEligible);
+        }
+        if meta.uploaded {
+            return Ok(TierOutcome::Done);
+        }
+        let rec = UploadRecord {
+            size: meta.size,
+            created_ms: meta.created_ms,
+        };
+        self.write_record(&cat, chunk, Some(rec)).await?;
+        if cat.set_tier(chunk, Some(true), None) && meta.local {
+            self.shared.disk.add_reclaimable(meta.size);
+        }
+        Ok(TierOutcome::Done)
+    }
+
+    /// Records a chunk that is in the object store but not held here (found
+    /// by listing the bucket, or uploaded by its owner before this node
+    /// copied it). A partial copy held here is dropped; a complete one is
+    /// marked uploaded. Creates the category if needed.
+    pub async fn add_remote(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        size: u64,
+        created_ms: u64,
+    ) -> Result<TierOutcome, StorageError> {
+        let cat = self.category_or_create(category)?;
+        match cat.meta(chunk) {
+            Some(m) if m.complete => return self.mark_uploaded(category, chunk).await,
+            Some(_) if chunk.owner == self.node() => return Ok(TierOutcome::NotEligible),
+            Some(_) => {
+                let path = cat.chunk_path(chunk);
+                remove_file(&path).await?;
+            }
+            None => {}
+        }
+        let rec = UploadRecord {
+            size,
+            created_ms: if created_ms == 0 {
+                now_ms()
+            } else {
+                created_ms
+            },
+        };
+        self.write_record(&cat, chunk, Some(rec)).await?;
+        cat.insert_remote(chunk, rec.size, rec.created_ms);
+        Ok(TierOutcome::Done)
+    }
+
+    /// Deletes the local copy of a complete, uploaded chunk; it stays listed
+    /// (`local: false`) and readable from the object store.
+    pub async fn evict(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> Result<TierOutcome, StorageError> {
+        let cat = self.category(category)?;
+        let Some(meta) = cat.meta(chunk) else {
+            return Ok(TierOutcome::Unknown);
+        };
+        if !(meta.complete && meta.uploaded && meta.local) {
+            return Ok(TierOutcome::NotEligible);
+        }
+        // Readers that already decided to read the file retry from the
+        // object store when they find it gone.
+        if !cat.set_tier(chunk, None, Some(false)) {
+            return Ok(TierOutcome::NotEligible);
+        }
+        self.shared.disk.sub_reclaimable(meta.size);
+        self.forget_own_index(&cat, chunk).await?;
+        remove_file(&cat.chunk_path(chunk)).await?;
+        cat.metrics.chunks_evicted.inc();
+        tracing::debug!(category, chunk = %chunk, bytes = meta.size, "local copy evicted");
+        Ok(TierOutcome::Done)
+    }
+
+    /// Forgets a complete chunk here entirely: its file, its upload record,
+    /// its entry (retention past `--retention`).
+    pub async fn purge(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> Result<TierOutcome, StorageError> {
+        let cat = self.category(category)?;
+        let Some(meta) = cat.meta(chunk) else {
+            return Ok(TierOutcome::Unknown);
+        };
+        if !meta.complete {
+            return Ok(TierOutcome::NotEligible);
+        }
+        self.forget_own_index(&cat, chunk).await?;
+        if meta.uploaded {
+            self.write_record(&cat, chunk, None).await?;
+        }
+        if meta.local {
+            remove_file(&cat.chunk_path(chunk)).await?;
+            if meta.uploaded {
+                self.shared.disk.sub_reclaimable(meta.size);
+            }
+        }
+        cat.remove(chunk);
+        Ok(TierOutcome::Done)
+    }
+
+    /// Uploaded chunks held locally, oldest first: what may go under disk
+    /// pressure.
+    pub fn evictable(&self) -> Vec<(String, ChunkName, ChunkMeta)> {
+        let mut out: Vec<_> = self
+            .all_categories()
+            .into_iter()
+            .flat_map(|cat| {
+                cat.list()
+                    .into_iter()
+                    .filter(|c| c.meta.complete && c.meta.uploaded && c.meta.local)
+                    .map(move |c| (cat.name.clone(), c.name, c.meta))
+            })
+            .collect();
+        out.sort_by_key(|(_, name, meta)| (meta.created_ms, name.clone()));
+        out
+    }
+
+    /// Evicts uploaded local copies, oldest first, until the disk is at or
+    /// below the high-water mark. Returns the bytes freed.
+    pub async fn evict_for_space(&self) -> u64 {
+        let disk = &self.shared.disk;
+        let usage = disk.usage();
+        let limit = u64::from(disk.limit_percent());
+        let target = usage.total_bytes * limit / 100;
+        let mut excess = usage.used_bytes.saturating_sub(target);
+        let mut freed = 0;
+        for (category, chunk, meta) in self.evictable() {
+            if excess == 0 {
+                break;
+            }
+            match self.evict(&category, &chunk).await {
+                Ok(TierOutcome::Done) => {
+                    freed += meta.size;
+                    excess = excess.saturating_sub(meta.size);
+                    tracing::info!(category, chunk = %chunk, bytes = meta.size, "disk above the high-water mark: uploaded chunk evicted");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(category, chunk = %chunk, error = %e, "cannot evict a chunk");
+                    break;
+                }
+            }
+        }
+        freed
+    }
+
+    async fn write_record(
+        &self,
+        cat: &Arc<Category>,
+        chunk: &ChunkName,
+        rec: Option<UploadRecord>,
+    ) -> Result<(), StorageError> {
+        let line = record_line(chunk, rec);
+        let cat = cat.clone();
+        tokio::task::spawn_blocking(move || {
+            let _serial = cat.state.lock().unwrap();
+            append(&cat.dir, &line)
+        })
+        .await
+        .map_err(|e| StorageError::io("upload log task failed", std::io::Error::other(e)))?
+    }
+
+    /// Before one of this node's own chunks leaves the disk, records that
+    /// its index must not be used again.
+    async fn forget_own_index(
+        &self,
+        cat: &Arc<Category>,
+        chunk: &ChunkName,
+    ) -> Result<(), StorageError> {
+        if chunk.owner != self.node() {
+            return Ok(());
+        }
+        let (cat, index) = (cat.clone(), chunk.index);
+        tokio::task::spawn_blocking(move || {
+            let mut st = cat.state.lock().unwrap();
+            if st.next_own_index.is_none_or(|n| n <= index) {
+                st.next_own_index = Some(index + 1);
+                state::save(&cat.dir, &st)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageError::io("state task failed", std::io::Error::other(e)))?
+    }
+}
+
+async fn remove_file(path: &Path) -> Result<(), StorageError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let remove = || -> std::io::Result<()> {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            match path.parent() {
+                Some(dir) => fsync_dir(dir),
+                None => Ok(()),
+            }
+        };
+        remove().map_err(|e| StorageError::io(format!("cannot delete {}", path.display()), e))
+    })
+    .await
+    .map_err(|e| StorageError::io("delete task failed", std::io::Error::other(e)))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_replays_and_ignores_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ChunkName::parse("eu1-chunk000000001").unwrap();
+        let b = ChunkName::parse("eu2-chunk000000000").unwrap();
+        let rec = |size| UploadRecord {
+            size,
+            created_ms: 7,
+        };
+        append(dir.path(), &record_line(&a, Some(rec(10)))).unwrap();
+        append(dir.path(), &record_line(&b, Some(rec(20)))).unwrap();
+        append(dir.path(), &record_line(&a, None)).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(UPLOAD_LOG))
+            .unwrap();
+        f.write_all(b"u eu1-chunk0000000").unwrap();
+        let map = load(dir.path()).unwrap();
+        assert_eq!(map.into_iter().collect::<Vec<_>>(), [(b, rec(20))]);
+    }
+
+    #[test]
+    fn bad_logs_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(UPLOAD_LOG), "chunkbus-uploads 9\n").unwrap();
+        let e = load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("unknown upload log format"), "{e}");
+        std::fs::write(dir.path().join(UPLOAD_LOG), format!("{HEADER}\nu x 1 2\n")).unwrap();
+        let e = load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("bad upload record"), "{e}");
+    }
+
+    #[test]
+    fn a_mostly_dead_log_is_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = ChunkName::parse("eu1-chunk000000999").unwrap();
+        for i in 0..100 {
+            let c = ChunkName::new("eu1", i);
+            let rec = UploadRecord {
+                size: 1,
+                created_ms: 1,
+            };
+            append(dir.path(), &record_line(&c, Some(rec))).unwrap();
+            append(dir.path(), &record_line(&c, None)).unwrap();
+        }
+        let rec = UploadRecord {
+            size: 5,
+            created_ms: 6,
+        };
+        append(dir.path(), &record_line(&keep, Some(rec))).unwrap();
+        let map = load(dir.path()).unwrap();
+        assert_eq!(map.len(), 1);
+        let text = std::fs::read_to_string(dir.path().join(UPLOAD_LOG)).unwrap();
+        assert_eq!(text, format!("{HEADER}\nu eu1-chunk000000999 5 6\n"));
+        assert_eq!(load(dir.path()).unwrap(), map);
+    }
+}

@@ -1,0 +1,410 @@
+//! The object-store tier: complete chunks go to S3, local copies are
+//! evicted, evicted chunks are read back from S3, and retention.
+//!
+//! - **Upload** ([`uploader`]): the owner uploads each complete chunk to
+//!   `s3://BUCKET/{prefix}{category}/{chunk}`, woken by completions. A lost
+//!   owner's chunks are uploaded by one replica (the reachable node with the
+//!   smallest name), after a HEAD shows the owner did not. Failures back off
+//!   (capped, jittered) and show in `/v1/status` and `/metrics`; ingestion
+//!   never waits for S3. Uploaded chunks are recorded durably by the storage
+//!   (`.uploads.log`), multipart progress in `<data>/.multipart/`.
+//! - **Eviction** ([`sweep`] and the consumers' retention): an uploaded chunk's
+//!   local copy goes once every consumer acked it, past `--local-retention`,
+//!   or under disk pressure (oldest first, in the storage's disk monitor).
+//! - **Read-through** ([`S3Reader`]): the storage reads evicted chunks with
+//!   ranged GETs.
+//! - **Start-up** ([`Tiering::start`]): the bucket is checked (one clear log
+//!   line for bad credentials or a missing bucket) and listed, so that a node
+//!   whose disk was wiped serves every uploaded chunk again and never reuses
+//!   one of its chunk names; a fresh data directory takes writes only once
+//!   that listing is done.
+//! - **Retention** (`--retention`, [`sweep`]): chunks past that age are
+//!   deleted everywhere, S3 included.
+
+pub mod store;
+mod sweep;
+mod uploader;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use chunkbus_client::{ChunkName, S3Status};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+use crate::storage::{RemoteChunks, Storage};
+pub use store::{ObjectStore, S3Error, S3ErrorKind};
+
+/// Default age after which an uploaded chunk's local copy is evicted.
+pub const DEFAULT_LOCAL_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Default size of one multipart part (chunks larger than one part are
+/// uploaded in parts).
+pub const DEFAULT_PART_BYTES: u64 = 16 << 20;
+/// Smallest part S3 accepts (except the last).
+pub const MIN_PART_BYTES: u64 = 5 << 20;
+/// Default number of uploads running at once.
+pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
+
+/// How uploads prove their integrity to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumMode {
+    /// `Content-MD5` on each request: accepted by every S3-compatible store.
+    Md5,
+    /// The SDK's flexible CRC32C checksums (AWS S3 and recent stores).
+    Crc32c,
+}
+
+impl std::str::FromStr for ChecksumMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "md5" => Ok(Self::Md5),
+            "crc32c" => Ok(Self::Crc32c),
+            other => Err(format!("{other:?} is not md5 or crc32c")),
+        }
+    }
+}
+
+/// Settings of the S3 tier (`--s3-*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    /// The bucket; S3 is on when set.
+    pub bucket: String,
+    /// Key prefix in front of `{category}/{chunk}`.
+    pub prefix: String,
+    /// Endpoint of an S3-compatible store (path-style addressing).
+    pub endpoint: Option<String>,
+    /// Region; from the AWS chain when absent.
+    pub region: Option<String>,
+    /// Integrity check of uploads.
+    pub checksum: ChecksumMode,
+    /// Size of a multipart part; larger chunks are uploaded in parts.
+    pub part_bytes: u64,
+    /// Uploads running at once.
+    pub concurrency: usize,
+}
+
+/// Settings of eviction and retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionConfig {
+    /// Evict uploaded chunks' local copies older than this.
+    pub local_retention: Duration,
+    /// Delete chunks everywhere (S3 included) older than this.
+    pub retention: Option<Duration>,
+}
+
+/// What the cluster says about owners, for choosing who uploads a lost
+/// owner's chunks.
+pub trait Cluster: Send + Sync + std::fmt::Debug {
+    /// True when `owner` will not upload its chunks: forgotten, declared
+    /// lost, or not a member of the cluster.
+    fn owner_lost(&self, owner: &str) -> bool;
+    /// Names of the peers that answer now.
+    fn reachable_peers(&self) -> Vec<String>;
+}
+
+/// The tier of one node. Shared as `Arc<Tiering>`.
+#[derive(Debug)]
+pub struct Tiering {
+    storage: Storage,
+    cluster: Arc<dyn Cluster>,
+    /// `None` when S3 is off (retention may still run).
+    s3: Option<(S3Config, ObjectStore)>,
+    retention: RetentionConfig,
+    metrics: Arc<Metrics>,
+    status: Mutex<Status>,
+}
+
+#[derive(Debug, Default)]
+struct Status {
+    backlog_chunks: u64,
+    backlog_bytes: u64,
+    uploaded_chunks: u64,
+    uploaded_bytes: u64,
+    last_success: Option<SystemTime>,
+    last_error: Option<String>,
+    last_error_at: Option<SystemTime>,
+}
+
+impl Tiering {
+    /// Builds the tier; with `s3`, connects the client and installs the
+    /// reader of evicted chunks. Nothing talks to S3 before [`Tiering::start`].
+    pub async fn new(
+        storage: Storage,
+        cluster: Arc<dyn Cluster>,
+        s3: Option<S3Config>,
+        retention: RetentionConfig,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let s3 = match s3 {
+            Some(cfg) => {
+                let store = ObjectStore::connect(&cfg).await;
+                storage.set_remote(Arc::new(S3Reader {
+                    store: store.clone(),
+                    prefix: cfg.prefix.clone(),
+                    runtime: tokio::runtime::Handle::current(),
+                    metrics: metrics.clone(),
+                }));
+                Some((cfg, store))
+            }
+            None => None,
+        };
+        Arc::new(Self {
+            storage,
+            cluster,
+            s3,
+            retention,
+            metrics,
+            status: Mutex::new(Status::default()),
+        })
+    }
+
+    /// Starts the uploader, the start-up listing and the sweeper, owned by
+    /// `tasks`, stopped by `cancel`.
+    pub fn start(self: &Arc<Self>, tasks: &TaskTracker, cancel: &CancellationToken) {
+        if self.s3.is_some() {
+            if self.storage.fresh() {
+                self.storage.close_writes(
+                    "this node's data directory is new: it is listing the S3 bucket first, so that it never reuses a chunk name it uploaded before",
+                );
+            }
+            tasks.spawn(self.clone().discover(cancel.clone()));
+            tasks.spawn(uploader::run(self.clone(), cancel.clone()));
+        }
+        tasks.spawn(sweep::run(self.clone(), cancel.clone()));
+    }
+
+    /// The object key of a chunk.
+    pub fn key(&self, category: &str, chunk: &ChunkName) -> Option<String> {
+        self.s3
+            .as_ref()
+            .map(|(cfg, _)| object_key(&cfg.prefix, category, chunk))
+    }
+
+    /// The tier's state for `/v1/status`; `None` when S3 is off.
+    pub fn status(&self) -> Option<S3Status> {
+        let (cfg, _) = self.s3.as_ref()?;
+        let st = self.status.lock().unwrap();
+        let time = |t: Option<SystemTime>| t.map(|t| humantime::format_rfc3339_seconds(t).to_string());
+        Some(S3Status {
+            bucket: cfg.bucket.clone(),
+            prefix: cfg.prefix.clone(),
+            backlog_chunks: st.backlog_chunks,
+            backlog_bytes: st.backlog_bytes,
+            uploaded_chunks: st.uploaded_chunks,
+            uploaded_bytes: st.uploaded_bytes,
+            last_success: time(st.last_success),
+            last_error: st.last_error.clone(),
+            last_error_at: time(st.last_error_at),
+            evicted_chunks: self
+                .storage
+                .categories()
+                .iter()
+                .map(|c| {
+                    let labels = crate::metrics::CategoryLabels {
+                        category: c.clone(),
+                    };
+                    self.metrics.chunks_evicted.get_or_create(&labels).get()
+                })
+                .sum(),
+        })
+    }
+
+    /// True when this node uploads chunks of `owner`: its own, or a lost
+    /// owner's when it is the reachable node with the smallest name.
+    fn uploads_for(&self, owner: &str) -> Responsibility {
+        let me = self.storage.node();
+        if owner == me {
+            return Responsibility::Owner;
+        }
+        if !self.cluster.owner_lost(owner) {
+            return Responsibility::None;
+        }
+        let chosen = self
+            .cluster
+            .reachable_peers()
+            .into_iter()
+            .filter(|p| p != owner)
+            .all(|p| p.as_str() > me);
+        if chosen {
+            Responsibility::Chosen
+        } else {
+            Responsibility::Watch
+        }
+    }
+
+    fn record_error(&self, e: &S3Error) {
+        self.metrics.s3_errors.inc();
+        let mut st = self.status.lock().unwrap();
+        st.last_error = Some(e.message.clone());
+        st.last_error_at = Some(SystemTime::now());
+    }
+
+    fn record_upload(&self, bytes: u64) {
+        self.metrics.s3_uploads.inc();
+        self.metrics.s3_upload_bytes.inc_by(bytes);
+        let now = SystemTime::now();
+        self.metrics.s3_last_success_seconds.set(
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        let mut st = self.status.lock().unwrap();
+        st.uploaded_chunks += 1;
+        st.uploaded_bytes += bytes;
+        st.last_success = Some(now);
+        st.last_error = None;
+    }
+
+    fn set_backlog(&self, chunks: u64, bytes: u64) {
+        self.metrics.s3_backlog_chunks.set(chunks as i64);
+        self.metrics.s3_backlog_bytes.set(bytes as i64);
+        let mut st = self.status.lock().unwrap();
+        st.backlog_chunks = chunks;
+        st.backlog_bytes = bytes;
+    }
+
+    /// Checks the bucket (one clear log line when it is refused), then
+    /// lists it until that succeeds once, recording chunks not held here.
+    async fn discover(self: Arc<Self>, cancel: CancellationToken) {
+        let Some((cfg, store)) = &self.s3 else { return };
+        match store.check().await {
+            Ok(()) => {
+                tracing::info!(bucket = %cfg.bucket, prefix = %cfg.prefix, "S3 bucket reachable")
+            }
+            Err(e) => {
+                let hint = match e.kind {
+                    S3ErrorKind::Auth => "S3 refused the credentials (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the profile or the instance role, and the bucket policy)",
+                    S3ErrorKind::NoBucket => "the S3 bucket does not exist (create it, or fix --s3-bucket / --s3-endpoint)",
+                    _ => "S3 is unreachable",
+                };
+                tracing::error!(bucket = %cfg.bucket, error = %e, "{hint}; chunks stay on local disk and are uploaded once it works");
+                self.record_error(&e);
+            }
+        }
+        let mut backoff = uploader::Backoff::default();
+        loop {
+            match self.list_once(cfg, store).await {
+                Ok(found) => {
+                    tracing::info!(bucket = %cfg.bucket, chunks = found, "S3 bucket listed");
+                    self.storage.open_writes();
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the S3 bucket; retrying");
+                    self.record_error(&e);
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    /// Records every chunk object under the prefix that is not held here;
+    /// returns how many objects were chunks.
+    async fn list_once(&self, cfg: &S3Config, store: &ObjectStore) -> Result<usize, S3Error> {
+        let listed = store.list(&cfg.prefix).await?;
+        let mut found = 0;
+        for o in listed {
+            let Some((category, chunk)) = parse_key(&cfg.prefix, &o.key) else {
+                continue;
+            };
+            found += 1;
+            let known = self.storage.chunk_meta(&category, &chunk);
+            if known.is_some_and(|m| m.uploaded) {
+                continue;
+            }
+            if let Err(e) = self
+                .storage
+                .add_remote(&category, &chunk, o.size, o.modified_ms)
+                .await
+            {
+                tracing::warn!(category, chunk = %chunk, error = %e, "cannot record a chunk found in S3");
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Who uploads a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Responsibility {
+    /// This node owns it.
+    Owner,
+    /// Its owner is lost and this node was chosen.
+    Chosen,
+    /// Its owner is lost and another node was chosen: this node only looks
+    /// whether the object appeared.
+    Watch,
+    /// Its owner uploads it.
+    None,
+}
+
+/// `{prefix}{category}/{chunk}`.
+pub fn object_key(prefix: &str, category: &str, chunk: &ChunkName) -> String {
+    format!("{prefix}{category}/{chunk}")
+}
+
+/// The category and chunk of a key under `prefix`, if it names one.
+fn parse_key(prefix: &str, key: &str) -> Option<(String, ChunkName)> {
+    let rest = key.strip_prefix(prefix)?;
+    let (category, chunk) = rest.split_once('/')?;
+    chunkbus_client::names::validate_category(category).ok()?;
+    let chunk = ChunkName::parse(chunk).ok()?;
+    Some((category.to_owned(), chunk))
+}
+
+/// Reads evicted chunks with ranged GETs, for the storage's blocking readers.
+#[derive(Debug)]
+struct S3Reader {
+    store: ObjectStore,
+    prefix: String,
+    runtime: tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
+}
+
+impl RemoteChunks for S3Reader {
+    fn read_exact_at(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> std::io::Result<()> {
+        let key = object_key(&self.prefix, category, chunk);
+        let data = self
+            .runtime
+            .block_on(self.store.get_range(&key, offset, buf.len() as u64))
+            .map_err(|e| match e.kind {
+                S3ErrorKind::NotFound => std::io::Error::new(std::io::ErrorKind::NotFound, e),
+                _ => std::io::Error::other(e),
+            })?;
+        buf.copy_from_slice(&data);
+        self.metrics.s3_read_bytes.inc_by(data.len() as u64);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_foreign_keys_are_ignored() {
+        let c = ChunkName::parse("eu1-chunk000000042").unwrap();
+        let key = object_key("logs/", "app.web", &c);
+        assert_eq!(key, "logs/app.web/eu1-chunk000000042");
+        assert_eq!(parse_key("logs/", &key), Some(("app.web".to_owned(), c)));
+        for foreign in [
+            "other/app/eu1-chunk000000042",
+            "logs/app/readme.txt",
+            "logs/../eu1-chunk000000001",
+            "logs/app/sub/eu1-chunk000000001",
+            "logs/eu1-chunk000000001",
+        ] {
+            assert_eq!(parse_key("logs/", foreign), None, "{foreign}");
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The uploader: finds complete chunks this node must upload, uploads a few
+//! at a time, records each upload with the storage, backs off when S3 fails.
+//!
+//! It wakes when a chunk completes (no polling), when an upload finishes,
+//! and when a backoff or a lost owner's re-check is due. Chunks are taken
+//! oldest first. A chunk up to one part is sent with one PUT; a larger one
+//! with a multipart upload whose progress (upload id and the parts done) is
+//! kept in `<data>/.multipart/<category>/<chunk>.json`, so that a restart
+//! resumes it instead of starting over.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chunkbus_client::ChunkName;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::store::{S3ErrorKind, UploadedPart};
+use super::{ObjectStore, Responsibility, S3Config, S3Error, Tiering};
+use crate::storage::{StorageError, TierOutcome};
+
+/// First retry delay after a failure.
+const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+/// Longest retry delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often a lost owner's chunk, left to another node, is looked up.
+const WATCH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Capped exponential backoff with jitter.
+#[derive(Debug)]
+pub(super) struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: BACKOFF_INITIAL,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay to wait now (jittered in [0.5, 1.5)); doubles the next one.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let r = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+        d.mul_f64(0.5 + (r % 1000) as f64 / 1000.0)
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_INITIAL;
+    }
+}
+
+type Key = (String, ChunkName);
+
+/// A chunk to upload (or, for `Watch`, to look for).
+#[derive(Debug, Clone)]
+struct Job {
+    category: String,
+    chunk: ChunkName,
+    size: u64,
+    created_ms: u64,
+    role: Responsibility,
+}
+
+/// How a job ended.
+#[derive(Debug)]
+enum Done {
+    /// The object is in S3 now.
+    Uploaded { bytes: u64 },
+    /// Another node is to upload it and it is not there yet.
+    NotYet,
+}
+
+/// Runs until `cancel`. In-flight uploads are dropped at shutdown; a single
+/// PUT is done again after the restart, a multipart upload resumes.
+pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
+    let Some((cfg, store)) = tier.s3.clone() else {
+        return;
+    };
+    let mut completed = tier.storage.subscribe_completed();
+    let mut running: JoinSet<Result<Done, S3Error>> = JoinSet::new();
+    let mut in_flight: HashMap<tokio::task::Id, Key> = HashMap::new();
+    let mut watch_after: BTreeMap<Key, Instant> = BTreeMap::new();
+    let mut backoff = Backoff::default();
+    let mut paused_until: Option<Instant> = None;
+    loop {
+        completed.borrow_and_update();
+        let jobs = pending(&tier);
+        let (n, bytes) = jobs
+            .iter()
+            .filter(|j| j.role != Responsibility::Watch)
+            .fold((0, 0), |(n, b), j| (n + 1, b + j.size));
+        tier.set_backlog(n, bytes);
+        let now = Instant::now();
+        watch_after.retain(|k, _| jobs.iter().any(|j| (&j.category, &j.chunk) == (&k.0, &k.1)));
+        if paused_until.is_none_or(|t| now >= t) {
+            paused_until = None;
+            for job in jobs {
+                if running.len() >= cfg.concurrency {
+                    break;
+                }
+                let key = (job.category.clone(), job.chunk.clone());
+                let busy = in_flight.values().any(|k| *k == key);
+                if busy || watch_after.get(&key).is_some_and(|t| now < *t) {
+                    continue;
+                }
+                let (tier, cfg, store) = (tier.clone(), cfg.clone(), store.clone());
+                let task = running.spawn(async move { upload(&tier, &cfg, &store, &job).await });
+                in_flight.insert(task.id(), key);
+            }
+        }
+        let next_timer = paused_until.or_else(|| watch_after.values().min().copied());
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
+                let (id, result) = match joined {
+                    Ok((id, r)) => (id, r),
+                    Err(e) => (e.id(), Err(S3Error {
+                        message: format!("upload task failed: {e}"),
+                        kind: S3ErrorKind::Other,
+                    })),
+                };
+                let Some(key) = in_flight.remove(&id) else { continue };
+                match result {
+                    Ok(Done::Uploaded { bytes }) => {
+                        backoff.reset();
+                        record(&tier, &key, bytes).await;
+                    }
+                    Ok(Done::NotYet) => {
+                        watch_after.insert(key, Instant::now() + WATCH_INTERVAL);
+                    }
+                    Err(e) => {
+                        tier.record_error(&e);
+                        if paused_until.is_none() {
+                            let delay = backoff.next_delay();
+                            tracing::warn!(category = %key.0, chunk = %key.1, error = %e, retry_in = ?delay, "upload failed; retrying");
+                            paused_until = Some(Instant::now() + delay);
+                        }
+                    }
+                }
+            }
+            _ = completed.changed() => {}
+            _ = sleep_until(next_timer), if next_timer.is_some() => {}
+        }
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    if let Some(t) = t {
+        tokio::time::sleep_until(t).await;
+    }
+}
+
+/// Records an upload with the storage (durably) and in the status.
+async fn record(tier: &Tiering, (category, chunk): &Key, bytes: u64) {
+    match tier.storage.mark_uploaded(category, chunk).await {
+        Ok(TierOutcome::Done) => {
+            tier.record_upload(bytes);
+            tracing::info!(category, chunk = %chunk, bytes, "chunk uploaded");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(category, chunk = %chunk, error = %e, "chunk uploaded but cannot record it; it will be uploaded again")
+        }
+    }
+}
+
+/// Complete, local, not yet uploaded chunks this node is to upload (or to
+/// watch for), oldest first.
+fn pending(tier: &Tiering) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    for category in tier.storage.categories() {
+        for c in tier.storage.chunks(&category).unwrap_or_default() {
+            let m = c.meta;
+            if !m.complete || m.uploaded || !m.local {
+                continue;
+            }
+            let role = tier.uploads_for(&c.name.owner);
+            if role == Responsibility::None {
+                continue;
+            }
+            jobs.push(Job {
+                category: category.clone(),
+                chunk: c.name,
+                size: m.size,
+                created_ms: m.created_ms,
+                role,
+            });
+        }
+    }
+    jobs.sort_by(|a, b| (a.created_ms, &a.chunk).cmp(&(b.created_ms, &b.chunk)));
+    jobs
+}
+
+async fn upload(
+    tier: &Tiering,
+    cfg: &S3Config,
+    store: &ObjectStore,
+    job: &Job,
+) -> Result<Done, S3Error> {
+    let key = super::object_key(&cfg.prefix, &job.category, &job.chunk);
+    if job.role != Responsibility::Owner {
+        // The owner may have uploaded it before it was lost.
+        if store.size(&key).await? == Some(job.size) {
+            return Ok(Done::Uploaded { bytes: 0 });
+        }
+        if job.role == Responsibility::Watch {
+            return Ok(Done::NotYet);
+        }
+    }
+    let data_dir = &tier.storage.options().data_dir;
+    let path = data_dir.join(&job.category).join(job.chunk.to_string());
+    if job.size <= cfg.part_bytes {
+        let data = read_range(&path, 0, job.size).await?;
+        store.put(&key, data).await?;
+    } else {
+        let state_path = data_dir
+            .join(MULTIPART_DIR)
+            .join(&job.category)
+            .join(format!("{}.json", job.chunk));
+        multipart(store, &key, &path, &state_path, job.size, cfg.part_bytes).await?;
+    }
+    Ok(Done::Uploaded { bytes: job.size })
+}
+
+/// Directory of multipart progress files, under the data directory.
+pub const MULTIPART_DIR: &str = ".multipart";
+
+/// Durable progress of one multipart upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct MultipartState {
+    version: u32,
+    upload_id: String,
+    size: u64,
+    part_bytes: u64,
+    parts: Vec<UploadedPart>,
+}
+
+async fn multipart(
+    store: &ObjectStore,
+    key: &str,
+    path: &Path,
+    state_path: &Path,
+    size: u64,
+    part_bytes: u64,
+) -> Result<(), S3Error> {
+    let mut state = match load_state(state_path).await {
+        Some(st) if st.size == size && st.part_bytes == part_bytes => {
+            tracing::info!(key, parts_done = st.parts.len(), "resuming a multipart upload");
+            st
+        }
+        other => {
+            if let Some(old) = other {
+                let _ = store.abort_multipart(key, &old.upload_id).await;
+            }
+            let upload_id = store.start_multipart(key).await?;
+            MultipartState {
+                version: 1,
+                upload_id,
+                size,
+                part_bytes,
+                parts: Vec::new(),
+            }
+        }
+    };
+    save_state(state_path, &state).await?;
+    let parts = size.div_ceil(part_bytes);
+    for n in state.parts.len() as u64..parts {
+        let offset = n * part_bytes;
+        let data = read_range(path, offset, part_bytes.min(size - offset)).await?;
+        let part = match store.put_part(key, &state.upload_id, n as i32 + 1, data).await {
+            Err(e) if e.kind == S3ErrorKind::NotFound => {
+                // The store dropped the upload (expired or aborted): start over.
+                remove_state(state_path).await;
+                return Err(e);
+            }
+            other => other?,
+        };
+        state.parts.push(part);
+        save_state(state_path, &state).await?;
+    }
+    match store
+        .complete_multipart(key, &state.upload_id, &state.parts)
+        .await
+    {
+        Ok(()) => {
+            remove_state(state_path).await;
+            Ok(())
+        }
+        Err(e) => {
+            if e.kind == S3ErrorKind::NotFound {
+                remove_state(state_path).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+fn local_error(what: String, e: impl std::fmt::Display) -> S3Error {
+    S3Error {
+        message: format!("{what}: {e}"),
+        kind: S3ErrorKind::Other,
+    }
+}
+
+async fn read_range(path: &Path, offset: u64, len: u64) -> Result<Bytes, S3Error> {
+    let p: PathBuf = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len as usize];
+        std::fs::File::open(&p)
+            .and_then(|f| f.read_exact_at(&mut buf, offset))
+            .map(|()| Bytes::from(buf))
+            .map_err(|e| local_error(format!("cannot read {}", p.display()), e))
+    })
+    .await
+    .map_err(|e| local_error("read task failed".into(), e))?
+}
+
+async fn load_state(path: &Path) -> Option<MultipartState> {
+    let bytes = tokio::fs::read(path).await.ok()?;
+    serde_json::from_slice(&bytes)
+        .inspect_err(|e| tracing::warn!(path = %path.display(), error = %e, "ignoring a bad multipart progress file"))
+        .ok()
+}
+
+async fn save_state(path: &Path, state: &MultipartState) -> Result<(), S3Error> {
+    let (path, text) = (path.to_owned(), serde_json::to_vec(state).unwrap_or_default());
+    tokio::task::spawn_blocking(move || {
+        let write = || -> std::io::Result<()> {
+            let dir = path.parent().expect("progress files live in a directory");
+            std::fs::create_dir_all(dir)?;
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &text)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            crate::storage::fsync_dir(dir)
+        };
+        write().map_err(|e| local_error(format!("cannot save {}", path.display()), e))
+    })
+    .await
+    .map_err(|e| local_error("state task failed".into(), e))?
+}
+
+async fn remove_state(path: &Path) {
+    if let Err(e) = tokio::fs::remove_file(path).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove a multipart progress file");
+    }
+}
+
+impl From<StorageError> for S3Error {
+    fn from(e: StorageError) -> Self {
+        local_error("storage".into(), e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        let mut b = Backoff::default();
+        let mut last = Duration::ZERO;
+        for _ in 0..20 {
+            last = b.next_delay();
+            assert!(last <= BACKOFF_MAX.mul_f64(1.5));
+        }
+        assert!(last >= BACKOFF_MAX / 2, "{last:?}");
+        b.reset();
+        assert!(b.next_delay() < BACKOFF_INITIAL * 2);
+    }
+}
