@@ -228,7 +228,9 @@ impl ServeConfig {
             peer_timeout: args.peer_timeout.map_or(DEFAULT_PEER_TIMEOUT, |d| d.0),
             s3,
             retention: RetentionConfig {
-                local_retention: args.local_retention.map_or(DEFAULT_LOCAL_RETENTION, |d| d.0),
+                local_retention: args
+                    .local_retention
+                    .map_or(DEFAULT_LOCAL_RETENTION, |d| d.0),
                 retention: args.retention.map(|d| d.0),
             },
         };
@@ -297,7 +299,10 @@ fn s3_config(args: &ServeArgs) -> Result<Option<S3Config>, ConfigError> {
             ("--s3-region", args.s3_region.is_some()),
             ("--s3-checksum", args.s3_checksum.is_some()),
             ("--s3-part-size", args.s3_part_size.is_some()),
-            ("--s3-upload-concurrency", args.s3_upload_concurrency.is_some()),
+            (
+                "--s3-upload-concurrency",
+                args.s3_upload_concurrency.is_some(),
+            ),
         ];
         if let Some((flag, _)) = stray.iter().find(|(_, set)| *set) {
             return Err(invalid(format!("{flag} needs --s3-bucket")));
@@ -500,17 +505,36 @@ mod tests {
         assert_eq!((s3.bucket.as_str(), s3.prefix.as_str()), ("logs", "eu/"));
         assert_eq!(s3.checksum, ChecksumMode::Md5);
         assert!(cfg.storage_options().tiered);
-        assert_eq!(cfg.retention.retention, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(
+            cfg.retention.retention,
+            Some(Duration::from_secs(30 * 86400))
+        );
         for (bad, says) in [
             (&["--s3-prefix", "x/"][..], "needs --s3-bucket"),
             (&["--s3-bucket", "a/b"], "not a bucket name"),
             (&["--s3-bucket", "ok-bucket", "--s3-prefix", "../x"], "'..'"),
-            (&["--s3-bucket", "ok-bucket", "--s3-endpoint", "localhost:9000"], "URL"),
-            (&["--s3-bucket", "ok-bucket", "--s3-part-size", "1MiB"], "smallest part"),
-            (&["--s3-bucket", "ok-bucket", "--s3-checksum", "sha1"], "md5 or crc32c"),
+            (
+                &[
+                    "--s3-bucket",
+                    "ok-bucket",
+                    "--s3-endpoint",
+                    "localhost:9000",
+                ],
+                "URL",
+            ),
+            (
+                &["--s3-bucket", "ok-bucket", "--s3-part-size", "1MiB"],
+                "smallest part",
+            ),
+            (
+                &["--s3-bucket", "ok-bucket", "--s3-checksum", "sha1"],
+                "md5 or crc32c",
+            ),
         ] {
             let argv = [&["chunkbus", "serve"][..], bad].concat();
-            let err = ServeConfig::resolve(serve_args(&argv)).unwrap_err().to_string();
+            let err = ServeConfig::resolve(serve_args(&argv))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(says), "{bad:?}: {err}");
         }
     }

@@ -122,9 +122,7 @@ impl From<StorageError> for ApiError {
             | StorageError::ReplicaGap { .. } => ApiError::BadRequest(msg),
             StorageError::UnknownCategory(_)
             | StorageError::UnknownChunk { .. }
-            | StorageError::RemoteMissing { .. } => {
-                ApiError::NotFound(msg)
-            }
+            | StorageError::RemoteMissing { .. } => ApiError::NotFound(msg),
             StorageError::OffsetPastEnd { .. } => ApiError::RangeNotSatisfiable(msg),
             StorageError::HighWater { .. }
             | StorageError::Remote { .. }

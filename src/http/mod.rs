@@ -30,8 +30,8 @@ pub use error::ApiError;
 use crate::consumers::Consumers;
 use crate::metrics::Metrics;
 use crate::replication::Replication;
-use crate::upload::Tiering;
 use crate::storage::{Storage, SyncPolicy};
+use crate::upload::Tiering;
 
 /// Limits applied to requests.
 #[derive(Debug, Clone, Copy)]

@@ -66,8 +66,10 @@ impl DiskMonitor {
             used_bytes: used.saturating_sub(self.reclaimable.load(Ordering::Relaxed)),
             ..usage
         };
-        self.over
-            .store(after_eviction.percent() > self.limit_percent, Ordering::Relaxed);
+        self.over.store(
+            after_eviction.percent() > self.limit_percent,
+            Ordering::Relaxed,
+        );
         Ok(usage)
     }
 

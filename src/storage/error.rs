@@ -87,7 +87,9 @@ pub enum StorageError {
     },
     /// The chunk was evicted here and the object store does not have it
     /// (deleted by a bucket lifecycle rule or by hand).
-    #[error("chunk {chunk} of category {category:?} was evicted from this node and is no longer in the object store")]
+    #[error(
+        "chunk {chunk} of category {category:?} was evicted from this node and is no longer in the object store"
+    )]
     RemoteMissing {
         /// Category.
         category: String,

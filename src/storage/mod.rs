@@ -634,7 +634,10 @@ impl Storage {
                 }
             }
             let Some(remote) = remote else {
-                return Err(StorageError::UnknownChunk { category, chunk: chunk.to_string() });
+                return Err(StorageError::UnknownChunk {
+                    category,
+                    chunk: chunk.to_string(),
+                });
             };
             let file = tier::RemoteFile {
                 remote: remote.as_ref(),
@@ -642,7 +645,9 @@ impl Storage {
                 chunk: &chunk,
             };
             f(&file).map_err(|e| match e {
-                StorageError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                StorageError::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
                     StorageError::RemoteMissing {
                         category: category.clone(),
                         chunk: chunk.to_string(),

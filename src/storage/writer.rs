@@ -290,7 +290,11 @@ impl Writer {
         }
         // Names already known (chunks listed from the object store) are
         // never reused.
-        while self.cat.meta(&ChunkName::new(self.cfg.node.clone(), self.next_index)).is_some() {
+        while self
+            .cat
+            .meta(&ChunkName::new(self.cfg.node.clone(), self.next_index))
+            .is_some()
+        {
             self.next_index += 1;
         }
         let name = ChunkName::new(self.cfg.node.clone(), self.next_index);

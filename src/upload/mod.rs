@@ -25,6 +25,7 @@ pub mod store;
 mod sweep;
 mod uploader;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -43,6 +44,9 @@ pub const DEFAULT_LOCAL_RETENTION: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_PART_BYTES: u64 = 16 << 20;
 /// Smallest part S3 accepts (except the last).
 pub const MIN_PART_BYTES: u64 = 5 << 20;
+/// How long a fresh data directory waits for the bucket listing before it
+/// takes writes anyway.
+pub const FRESH_LISTING_PATIENCE: Duration = Duration::from_secs(30);
 /// Default number of uploads running at once.
 pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
 
@@ -114,6 +118,10 @@ pub struct Tiering {
     retention: RetentionConfig,
     metrics: Arc<Metrics>,
     status: Mutex<Status>,
+    /// True once the bucket was listed since start-up.
+    listed: AtomicBool,
+    /// True once writes were let through on a fresh data directory.
+    writes_open: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -157,6 +165,8 @@ impl Tiering {
             retention,
             metrics,
             status: Mutex::new(Status::default()),
+            listed: AtomicBool::new(false),
+            writes_open: AtomicBool::new(false),
         })
     }
 
@@ -186,7 +196,8 @@ impl Tiering {
     pub fn status(&self) -> Option<S3Status> {
         let (cfg, _) = self.s3.as_ref()?;
         let st = self.status.lock().unwrap();
-        let time = |t: Option<SystemTime>| t.map(|t| humantime::format_rfc3339_seconds(t).to_string());
+        let time =
+            |t: Option<SystemTime>| t.map(|t| humantime::format_rfc3339_seconds(t).to_string());
         Some(S3Status {
             bucket: cfg.bucket.clone(),
             prefix: cfg.prefix.clone(),
@@ -266,20 +277,40 @@ impl Tiering {
 
     /// Checks the bucket (one clear log line when it is refused), then
     /// lists it until that succeeds once, recording chunks not held here.
+    ///
+    /// A fresh data directory takes writes once the listing is done. When
+    /// the store refuses (bad credentials, missing bucket) or stays
+    /// unreachable past [`FRESH_LISTING_PATIENCE`], it takes them anyway,
+    /// with a warning: ingestion does not wait for S3. Its own uploads then
+    /// never overwrite an object of another size (see the uploader).
     async fn discover(self: Arc<Self>, cancel: CancellationToken) {
         let Some((cfg, store)) = &self.s3 else { return };
+        let started = tokio::time::Instant::now();
+        let give_up = |why: &str| {
+            if self.storage.fresh() && !self.writes_open.swap(true, Ordering::SeqCst) {
+                tracing::warn!(bucket = %cfg.bucket, "{why}: taking writes without knowing which chunk names this node uploaded before (if it lost its disk, a colliding chunk stays local, never overwrites S3)");
+                self.storage.open_writes();
+            }
+        };
         match store.check().await {
             Ok(()) => {
                 tracing::info!(bucket = %cfg.bucket, prefix = %cfg.prefix, "S3 bucket reachable")
             }
             Err(e) => {
                 let hint = match e.kind {
-                    S3ErrorKind::Auth => "S3 refused the credentials (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the profile or the instance role, and the bucket policy)",
-                    S3ErrorKind::NoBucket => "the S3 bucket does not exist (create it, or fix --s3-bucket / --s3-endpoint)",
+                    S3ErrorKind::Auth => {
+                        "S3 refused the credentials (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the profile or the instance role, and the bucket policy)"
+                    }
+                    S3ErrorKind::NoBucket => {
+                        "the S3 bucket does not exist (create it, or fix --s3-bucket / --s3-endpoint)"
+                    }
                     _ => "S3 is unreachable",
                 };
                 tracing::error!(bucket = %cfg.bucket, error = %e, "{hint}; chunks stay on local disk and are uploaded once it works");
                 self.record_error(&e);
+                if e.kind != S3ErrorKind::Other {
+                    give_up("S3 refuses this node");
+                }
             }
         }
         let mut backoff = uploader::Backoff::default();
@@ -287,12 +318,17 @@ impl Tiering {
             match self.list_once(cfg, store).await {
                 Ok(found) => {
                     tracing::info!(bucket = %cfg.bucket, chunks = found, "S3 bucket listed");
+                    self.listed.store(true, Ordering::SeqCst);
+                    self.writes_open.store(true, Ordering::SeqCst);
                     self.storage.open_writes();
                     return;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot list the S3 bucket; retrying");
                     self.record_error(&e);
+                    if started.elapsed() >= FRESH_LISTING_PATIENCE {
+                        give_up("S3 has been unreachable since start-up");
+                    }
                 }
             }
             tokio::select! {
@@ -313,8 +349,13 @@ impl Tiering {
             };
             found += 1;
             let known = self.storage.chunk_meta(&category, &chunk);
-            if known.is_some_and(|m| m.uploaded) {
-                continue;
+            match known {
+                Some(m) if m.uploaded => continue,
+                Some(m) if m.complete && m.local && m.size != o.size => {
+                    tracing::error!(category, chunk = %chunk, held = m.size, in_s3 = o.size, "S3 holds another chunk of this name (this node lost its disk?); the local one stays local");
+                    continue;
+                }
+                _ => {}
             }
             if let Err(e) = self
                 .storage

@@ -77,8 +77,12 @@ where
         (Some("NoSuchKey" | "NoSuchUpload" | "NotFound"), _) => S3ErrorKind::NotFound,
         (
             Some(
-                "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied" | "ExpiredToken"
-                | "InvalidToken" | "InvalidClientTokenId",
+                "InvalidAccessKeyId"
+                | "SignatureDoesNotMatch"
+                | "AccessDenied"
+                | "ExpiredToken"
+                | "InvalidToken"
+                | "InvalidClientTokenId",
             ),
             _,
         )
@@ -90,6 +94,10 @@ where
         (Some(c), Some(m)) => format!("{c}: {m}"),
         (Some(c), None) => c.clone(),
         _ => match status {
+            Some(s @ (401 | 403)) => {
+                format!("HTTP {s}: access denied (bad credentials or missing permission)")
+            }
+            Some(404) => "HTTP 404: not found".to_owned(),
             Some(s) => format!("HTTP {s}"),
             None => DisplayErrorContext(&err).to_string(),
         },
@@ -108,12 +116,13 @@ impl ObjectStore {
     /// Builds a client from the standard AWS configuration chain
     /// (environment, profile, instance role), overridden by `cfg`.
     pub async fn connect(cfg: &S3Config) -> Self {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(3))
-                .operation_attempt_timeout(Duration::from_secs(120))
-                .build(),
-        );
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .operation_attempt_timeout(Duration::from_secs(120))
+                    .build(),
+            );
         if let Some(region) = &cfg.region {
             loader = loader.region(Region::new(region.clone()));
         }

@@ -42,9 +42,8 @@ pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
 
 async fn sweep(tier: &Tiering) {
     let now = now_ms();
-    let older_than = |created_ms: u64, age: Duration| {
-        now.saturating_sub(created_ms) >= age.as_millis() as u64
-    };
+    let older_than =
+        |created_ms: u64, age: Duration| now.saturating_sub(created_ms) >= age.as_millis() as u64;
     for category in tier.storage.categories() {
         for c in tier.storage.chunks(&category).unwrap_or_default() {
             let m = c.meta;
@@ -78,7 +77,12 @@ async fn sweep(tier: &Tiering) {
 
 /// Deletes a chunk past `--retention`: its object (when this node uploads
 /// its owner's chunks), then its copy here.
-async fn expire(tier: &Tiering, category: &str, chunk: &chunkbus_client::ChunkName, uploaded: bool) {
+async fn expire(
+    tier: &Tiering,
+    category: &str,
+    chunk: &chunkbus_client::ChunkName,
+    uploaded: bool,
+) {
     if let Some((_, store)) = &tier.s3
         && uploaded
         && matches!(
@@ -98,6 +102,8 @@ async fn expire(tier: &Tiering, category: &str, chunk: &chunkbus_client::ChunkNa
             tracing::info!(category, chunk = %chunk, "chunk deleted: older than --retention")
         }
         Ok(_) => {}
-        Err(e) => tracing::warn!(category, chunk = %chunk, error = %e, "cannot delete an expired chunk"),
+        Err(e) => {
+            tracing::warn!(category, chunk = %chunk, error = %e, "cannot delete an expired chunk")
+        }
     }
 }

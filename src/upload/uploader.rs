@@ -209,6 +209,26 @@ async fn upload(
     job: &Job,
 ) -> Result<Done, S3Error> {
     let key = super::object_key(&cfg.prefix, &job.category, &job.chunk);
+    if job.role == Responsibility::Owner
+        && tier.storage.fresh()
+        && !tier.listed.load(std::sync::atomic::Ordering::SeqCst)
+    {
+        // A fresh data directory that could not list the bucket may hold
+        // a name it uploaded before losing its disk: never overwrite.
+        match store.size(&key).await? {
+            Some(size) if size == job.size => return Ok(Done::Uploaded { bytes: 0 }),
+            Some(size) => {
+                return Err(S3Error {
+                    message: format!(
+                        "{key} already exists in S3 with {size} bytes (this node lost its disk?); not overwriting it with the local chunk of {} bytes",
+                        job.size
+                    ),
+                    kind: S3ErrorKind::Other,
+                });
+            }
+            None => {}
+        }
+    }
     if job.role != Responsibility::Owner {
         // The owner may have uploaded it before it was lost.
         if store.size(&key).await? == Some(job.size) {
@@ -256,7 +276,11 @@ async fn multipart(
 ) -> Result<(), S3Error> {
     let mut state = match load_state(state_path).await {
         Some(st) if st.size == size && st.part_bytes == part_bytes => {
-            tracing::info!(key, parts_done = st.parts.len(), "resuming a multipart upload");
+            tracing::info!(
+                key,
+                parts_done = st.parts.len(),
+                "resuming a multipart upload"
+            );
             st
         }
         other => {
@@ -278,7 +302,10 @@ async fn multipart(
     for n in state.parts.len() as u64..parts {
         let offset = n * part_bytes;
         let data = read_range(path, offset, part_bytes.min(size - offset)).await?;
-        let part = match store.put_part(key, &state.upload_id, n as i32 + 1, data).await {
+        let part = match store
+            .put_part(key, &state.upload_id, n as i32 + 1, data)
+            .await
+        {
             Err(e) if e.kind == S3ErrorKind::NotFound => {
                 // The store dropped the upload (expired or aborted): start over.
                 remove_state(state_path).await;
@@ -335,7 +362,10 @@ async fn load_state(path: &Path) -> Option<MultipartState> {
 }
 
 async fn save_state(path: &Path, state: &MultipartState) -> Result<(), S3Error> {
-    let (path, text) = (path.to_owned(), serde_json::to_vec(state).unwrap_or_default());
+    let (path, text) = (
+        path.to_owned(),
+        serde_json::to_vec(state).unwrap_or_default(),
+    );
     tokio::task::spawn_blocking(move || {
         let write = || -> std::io::Result<()> {
             let dir = path.parent().expect("progress files live in a directory");

@@ -33,6 +33,11 @@ pub fn config(dir: &Path) -> ServeConfig {
         owner_lost_after: None,
         replication_wait: Duration::from_secs(30),
         peer_timeout: Duration::from_secs(10),
+        s3: None,
+        retention: chunkbus::upload::RetentionConfig {
+            local_retention: chunkbus::upload::DEFAULT_LOCAL_RETENTION,
+            retention: None,
+        },
     }
 }
 
@@ -174,6 +179,8 @@ pub fn serve_command(node: &str, dir: &Path) -> Command {
 pub struct BinNode {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Everything the process wrote to stderr so far (also echoed).
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl BinNode {
@@ -188,10 +195,23 @@ impl BinNode {
     /// Spawns `cmd` (which must run `chunkbus serve`) and waits for it to listen.
     pub async fn spawn(mut cmd: Command) -> Self {
         cmd.stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
             .kill_on_drop(true);
+        if cmd.as_std().get_envs().all(|(k, _)| k != "RUST_LOG") {
+            cmd.env("RUST_LOG", "warn");
+        }
         let mut child = cmd.spawn().expect("spawn chunkbus");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut errs = BufReader::new(child.stderr.take().unwrap()).lines();
+        let log = stderr.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = errs.next_line().await {
+                eprintln!("{line}");
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let addr = tokio::time::timeout(START_DEADLINE, async {
@@ -206,7 +226,11 @@ impl BinNode {
         .expect("chunkbus did not start in time");
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { child, addr }
+        Self {
+            child,
+            addr,
+            stderr,
+        }
     }
 
     /// `http://ADDR{path}`.

@@ -12,5 +12,7 @@ mod crash;
 mod harness;
 mod proxy;
 mod replication;
+mod s3_server;
 mod ship;
 mod shippers;
+mod tiering;

@@ -1,0 +1,232 @@
+//! A real S3-compatible server for tests and benchmarks: s3s-fs (objects as
+//! files under a root directory) behind SigV4 authentication, served over
+//! HTTP on 127.0.0.1. It can be stopped and restarted on the same port, and
+//! it counts completed uploads per key (PutObject and
+//! CompleteMultipartUpload answered 2xx), so tests can tell a repeated
+//! upload from a single one.
+//!
+//! Also compiled into `examples/s3_server.rs` (the benchmark's store).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use tokio::net::TcpListener;
+
+/// Access key the server accepts.
+pub const ACCESS_KEY: &str = "chunkbus-test";
+/// Secret key the server accepts.
+pub const SECRET_KEY: &str = "chunkbus-test-secret";
+/// The bucket created at start.
+pub const BUCKET: &str = "chunkbus";
+
+/// Completed uploads per key.
+type Counts = Arc<Mutex<BTreeMap<String, u32>>>;
+
+/// A running (or stopped) S3 server.
+pub struct TestS3 {
+    /// Where it listens (kept across restarts).
+    pub addr: SocketAddr,
+    /// Root directory: `<root>/<bucket>/<key>`.
+    pub root: PathBuf,
+    counts: Counts,
+    server: Option<tokio::task::JoinHandle<()>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestS3 {
+    /// A server on a fresh temp dir, with the bucket created.
+    pub async fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s3 = Self::start_in(tmp.path(), "127.0.0.1:0".parse().unwrap()).await;
+        s3._tmp = Some(tmp);
+        s3
+    }
+
+    /// A server keeping its objects under `root`, listening on `addr`.
+    pub async fn start_in(root: &Path, addr: SocketAddr) -> Self {
+        std::fs::create_dir_all(root.join(BUCKET)).unwrap();
+        let mut s3 = Self {
+            addr,
+            root: root.to_owned(),
+            counts: Counts::default(),
+            server: None,
+            _tmp: None,
+        };
+        s3.listen().await;
+        s3
+    }
+
+    async fn listen(&mut self) {
+        // Rebinding the port of a server just stopped can race the kernel.
+        let mut tries = 0;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot listen on {}: {e}", self.addr),
+            }
+        };
+        self.addr = listener.local_addr().unwrap();
+        let fs = s3s_fs::FileSystem::new(&self.root).unwrap();
+        let mut b = s3s::service::S3ServiceBuilder::new(fs);
+        b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let service = b.build();
+        let counts = self.counts.clone();
+        self.server = Some(tokio::spawn(async move {
+            // Dropping this task (stop) drops the set: every connection ends.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (service, counts) = (service.clone(), counts.clone());
+                let svc = hyper::service::service_fn(move |req| {
+                    let (service, counts) = (service.clone(), counts.clone());
+                    async move { counted(&service, &counts, req).await }
+                });
+                conns.spawn(async move {
+                    let _ = ConnBuilder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(socket), svc)
+                        .await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        }));
+    }
+
+    /// Stops listening and drops every connection (the store is down).
+    pub async fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+            let _ = server.await;
+        }
+    }
+
+    /// Listens again on the same address.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.listen().await;
+    }
+
+    /// `http://ADDR`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How many times `key` was uploaded completely.
+    pub fn uploads(&self, key: &str) -> u32 {
+        self.counts.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+
+    /// Every key uploaded, with its upload count.
+    pub fn upload_counts(&self) -> BTreeMap<String, u32> {
+        self.counts.lock().unwrap().clone()
+    }
+
+    /// An S3 client with the accepted credentials, for checking objects.
+    pub fn client(&self) -> aws_sdk_s3::Client {
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(self.endpoint())
+            .force_path_style(true)
+            .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test"))
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+    }
+
+    /// The bytes of `key`, read back through the S3 API; `None` when absent.
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let out = self
+            .client()
+            .get_object()
+            .bucket(BUCKET)
+            .key(key)
+            .send()
+            .await
+            .ok()?;
+        Some(out.body.collect().await.unwrap().into_bytes().to_vec())
+    }
+
+    /// Every key in the bucket, through the S3 API.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .client()
+                .list_objects_v2()
+                .bucket(BUCKET)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .unwrap();
+            out.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
+            token = page.next_continuation_token().map(str::to_owned);
+            if token.is_none() {
+                return out;
+            }
+        }
+    }
+
+    /// Environment for a `chunkbus serve` process using this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_owned()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+            ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+        ]
+    }
+
+    /// `--s3-bucket BUCKET --s3-endpoint http://ADDR`.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--s3-bucket".into(),
+            BUCKET.into(),
+            "--s3-endpoint".into(),
+            self.endpoint(),
+        ]
+    }
+}
+
+async fn counted(
+    service: &s3s::service::S3Service,
+    counts: &Counts,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<s3s::Body>, s3s::HttpError> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let resp = hyper::service::Service::call(service, req).await?;
+    let completes = (method == hyper::Method::PUT && !query.contains("partNumber"))
+        || (method == hyper::Method::POST && query.contains("uploadId"));
+    if completes
+        && resp.status().is_success()
+        && let Some(key) = path.strip_prefix(&format!("/{BUCKET}/"))
+        && !key.is_empty()
+    {
+        *counts.lock().unwrap().entry(key.to_owned()).or_insert(0) += 1;
+    }
+    Ok(resp)
+}

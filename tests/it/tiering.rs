@@ -1,0 +1,525 @@
+//! The S3 tier against a real S3-compatible server (s3s-fs over HTTP on
+//! loopback, with SigV4 authentication), with real `chunkbus` processes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use chunkbus_client::{ChunkInfo, Client, NodeStatus, ProduceOptions};
+use tokio::process::Command;
+
+use crate::harness::{BinNode, CONDITION_DEADLINE, all_lines, serve_command};
+use crate::s3_server::{BUCKET, TestS3};
+
+/// Polls `check` until it returns `Some`, or fails after `deadline` saying `what`.
+async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{what} did not happen within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `chunkbus serve` for node `node` on `dir`, using `s3`, plus `args`.
+fn s3_command(s3: &TestS3, node: &str, dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = serve_command(node, dir);
+    cmd.args(s3.args()).args(args);
+    for (k, v) in s3.env() {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+async fn start(s3: &TestS3, dir: &Path, args: &[&str]) -> (BinNode, Client) {
+    let node = BinNode::spawn(s3_command(s3, "t1", dir, args)).await;
+    let client = Client::new(&node.url("")).unwrap();
+    (node, client)
+}
+
+async fn status(client: &Client) -> NodeStatus {
+    client.status().await.unwrap()
+}
+
+/// Waits until every chunk of `category` is complete and uploaded; returns them.
+async fn all_uploaded(client: &Client, category: &str, at_least: usize) -> Vec<ChunkInfo> {
+    eventually(CONDITION_DEADLINE, "every chunk uploaded", || async {
+        let chunks = client.chunks(category).await.ok()?;
+        (chunks.len() >= at_least && chunks.iter().all(|c| c.complete && c.uploaded))
+            .then_some(chunks)
+    })
+    .await
+}
+
+/// Posts `n` numbered lines of about `width` bytes in requests of `per` lines.
+async fn produce(
+    client: &Client,
+    category: &str,
+    from: usize,
+    n: usize,
+    per: usize,
+) -> Vec<String> {
+    let lines: Vec<String> = (from..from + n)
+        .map(|i| format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(i % 97)))
+        .collect();
+    for batch in lines.chunks(per) {
+        let mut body = batch.join("\n");
+        body.push('\n');
+        client
+            .produce(category, body, &ProduceOptions::default())
+            .await
+            .unwrap();
+    }
+    lines
+}
+
+/// The bytes of `chunk` read through a node, 1 MiB at a time.
+async fn read_all(client: &Client, category: &str, chunk: &ChunkInfo) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while offset < chunk.size {
+        let r = client
+            .read_chunk(category, &chunk.name, offset, 1 << 20)
+            .await
+            .unwrap();
+        assert!(r.next_offset > offset, "no progress reading {}", chunk.name);
+        out.extend_from_slice(&r.data);
+        offset = r.next_offset;
+    }
+    out
+}
+
+/// Every line a consumer named `name` gets (acking each batch) until idle.
+async fn consume_all(node: &BinNode, category: &str, name: &str) -> Vec<String> {
+    let consumer = chunkbus_client::Consumer::new(chunkbus_client::ConsumerConfig {
+        servers: vec![node.url("")],
+        category: category.into(),
+        name: name.into(),
+        until_idle: Some(Duration::from_secs(1)),
+        ..Default::default()
+    })
+    .unwrap();
+    let got = std::sync::Mutex::new(Vec::new());
+    consumer
+        .run(|batch| {
+            let text = String::from_utf8(batch.data.to_vec()).unwrap();
+            got.lock().unwrap().extend(text.lines().map(str::to_owned));
+            async { Ok::<(), std::convert::Infallible>(()) }
+        })
+        .await
+        .unwrap();
+    got.into_inner().unwrap()
+}
+
+fn key(category: &str, chunk: &str) -> String {
+    format!("{category}/{chunk}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_chunks_are_uploaded_byte_identical_in_one_part_or_many() {
+    let s3 = TestS3::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = start(
+        &s3,
+        dir.path(),
+        &[
+            "--max-chunk-bytes",
+            "12MiB",
+            "--s3-part-size",
+            "5MiB",
+            "--rotate-after",
+            "500ms",
+        ],
+    )
+    .await;
+    // Small chunks (one PUT each) ...
+    produce(&client, "small", 0, 3000, 100).await;
+    // ... and one of 12 MiB minus a little (three parts).
+    let line = format!("{}\n", "m".repeat(1023));
+    let body = line.repeat(4096);
+    for _ in 0..3 {
+        client
+            .produce("big", body.clone(), &ProduceOptions::default())
+            .await
+            .unwrap();
+    }
+    for (category, n) in [("small", 1), ("big", 1)] {
+        let chunks = all_uploaded(&client, category, n).await;
+        for c in &chunks {
+            let local = std::fs::read(dir.path().join(category).join(&c.name)).unwrap();
+            assert_eq!(local.len() as u64, c.size);
+            let object = s3
+                .get(&key(category, &c.name))
+                .await
+                .expect("object exists");
+            assert!(
+                object == local,
+                "object {} differs from the chunk file",
+                c.name
+            );
+            assert!(c.local, "{} is still local", c.name);
+            assert_eq!(
+                s3.uploads(&key(category, &c.name)),
+                1,
+                "{} uploaded once",
+                c.name
+            );
+        }
+    }
+    let big = client.chunks("big").await.unwrap();
+    assert!(big.iter().any(|c| c.size > 10 << 20), "{big:?}");
+    let head = s3
+        .client()
+        .head_object()
+        .bucket(BUCKET)
+        .key(key("big", &big[0].name))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.content_type(), Some("application/x-ndjson"));
+    let st = status(&client).await.s3.expect("S3 status");
+    assert_eq!((st.backlog_chunks, st.backlog_bytes), (0, 0));
+    assert!(st.uploaded_chunks >= 2 && st.last_error.is_none(), "{st:?}");
+    assert!(
+        !dir.path()
+            .join(".multipart")
+            .join("big")
+            .read_dir()
+            .unwrap()
+            .any(|_| true)
+    );
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crc32c_checksums_are_an_option() {
+    let s3 = TestS3::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = start(
+        &s3,
+        dir.path(),
+        &[
+            "--s3-checksum",
+            "crc32c",
+            "--max-chunk-bytes",
+            "6MiB",
+            "--s3-part-size",
+            "5MiB",
+            "--rotate-after",
+            "300ms",
+        ],
+    )
+    .await;
+    let line = format!("{}\n", "c".repeat(511));
+    client
+        .produce("c", line.repeat(11_000), &ProduceOptions::default())
+        .await
+        .unwrap();
+    produce(&client, "c", 0, 100, 100).await;
+    for c in all_uploaded(&client, "c", 1).await {
+        let local = std::fs::read(dir.path().join("c").join(&c.name)).unwrap();
+        assert!(s3.get(&key("c", &c.name)).await.unwrap() == local);
+    }
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_backlog_resumes_without_repeating_or_skipping() {
+    let mut s3 = TestS3::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--max-chunk-bytes", "16KiB", "--rotate-after", "300ms"];
+    let (node, client) = start(&s3, dir.path(), &args).await;
+    let mut sent = produce(&client, "app", 0, 1000, 50).await;
+    let first = all_uploaded(&client, "app", 2).await;
+    // The store goes down: a backlog builds up.
+    s3.stop().await;
+    sent.extend(produce(&client, "app", 1000, 1000, 50).await);
+    let backlog = eventually(CONDITION_DEADLINE, "a backlog", || async {
+        let st = status(&client).await.s3?;
+        let all_complete = client.chunks("app").await.ok()?.iter().all(|c| c.complete);
+        (all_complete && st.backlog_chunks > 0 && st.last_error.is_some()).then_some(st)
+    })
+    .await;
+    node.kill().await;
+    s3.restart().await;
+    let (node, client) = start(&s3, dir.path(), &args).await;
+    let chunks = all_uploaded(
+        &client,
+        "app",
+        first.len() + backlog.backlog_chunks as usize,
+    )
+    .await;
+    for c in &chunks {
+        let k = key("app", &c.name);
+        assert_eq!(s3.uploads(&k), 1, "{k} uploaded {} times", s3.uploads(&k));
+        let local = std::fs::read(dir.path().join("app").join(&c.name)).unwrap();
+        assert!(s3.get(&k).await.unwrap() == local, "{k} differs");
+    }
+    assert_eq!(s3.keys().await.len(), chunks.len());
+    assert_eq!(all_lines(&client, "app").await, sent);
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outage_never_stops_ingestion_and_the_backlog_drains() {
+    let mut s3 = TestS3::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = start(
+        &s3,
+        dir.path(),
+        &["--max-chunk-bytes", "8KiB", "--rotate-after", "200ms"],
+    )
+    .await;
+    // A steady producer: every request must succeed while S3 is down.
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let producer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            let mut i = 0;
+            loop {
+                sent.extend(produce(&client, "steady", i, 20, 20).await);
+                i += 20;
+                if stop_rx.try_recv().is_ok() {
+                    return sent;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    eventually(CONDITION_DEADLINE, "a first upload", || async {
+        let st = status(&client).await.s3?;
+        (st.uploaded_chunks > 0).then_some(())
+    })
+    .await;
+    s3.stop().await;
+    let down = eventually(CONDITION_DEADLINE, "the outage to show", || async {
+        let st = status(&client).await.s3?;
+        (st.backlog_chunks >= 20 && st.last_error.is_some()).then_some(st)
+    })
+    .await;
+    assert!(down.backlog_bytes > 0, "{down:?}");
+    let metrics = reqwest::get(node.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("chunkbus_s3_backlog_chunks ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    s3.restart().await;
+    stop_tx.send(()).unwrap();
+    let sent = producer.await.unwrap();
+    let chunks = all_uploaded(&client, "steady", down.backlog_chunks as usize).await;
+    for c in &chunks {
+        let local = std::fs::read(dir.path().join("steady").join(&c.name)).unwrap();
+        assert!(s3.get(&key("steady", &c.name)).await.unwrap() == local);
+    }
+    let st = status(&client).await.s3.unwrap();
+    assert_eq!(st.backlog_chunks, 0);
+    assert!(
+        st.last_error.is_none() && st.last_success.is_some(),
+        "{st:?}"
+    );
+    assert_eq!(all_lines(&client, "steady").await, sent);
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_chunks_are_evicted_and_read_back_from_s3_everywhere() {
+    let s3 = TestS3::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = start(
+        &s3,
+        dir.path(),
+        &["--max-chunk-bytes", "16KiB", "--rotate-after", "300ms"],
+    )
+    .await;
+    let sent = produce(&client, "ev", 0, 1500, 100).await;
+    let chunks = all_uploaded(&client, "ev", 3).await;
+    let mut originals = BTreeMap::new();
+    for c in &chunks {
+        originals.insert(
+            c.name.clone(),
+            std::fs::read(dir.path().join("ev").join(&c.name)).unwrap(),
+        );
+    }
+    // Nothing is evicted while a consumer has not acked it...
+    client
+        .set_position("ev", "reader", "earliest")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(client.chunks("ev").await.unwrap().iter().all(|c| c.local));
+    assert_eq!(consume_all(&node, "ev", "reader").await, sent);
+    // ... and everything is once it has.
+    let evicted = eventually(CONDITION_DEADLINE, "eviction", || async {
+        let cs = client.chunks("ev").await.ok()?;
+        (cs.len() == chunks.len() && cs.iter().all(|c| !c.local && c.uploaded)).then_some(cs)
+    })
+    .await;
+    for c in &evicted {
+        assert!(
+            !dir.path().join("ev").join(&c.name).exists(),
+            "{} still on disk",
+            c.name
+        );
+        // The /v1 read route, from S3, 1 MiB ranged reads.
+        assert!(
+            read_all(&client, "ev", c).await == originals[&c.name],
+            "{}",
+            c.name
+        );
+        // Headers as for a local chunk.
+        let r = client.read_chunk("ev", &c.name, 0, 100).await.unwrap();
+        assert!(r.complete && r.chunk_size == c.size && r.next_offset <= 100);
+        // A line boundary check on an evicted chunk.
+        let resp = reqwest::get(node.url(&format!("/v1/categories/ev/chunks/{}?offset=1", c.name)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+    }
+    // A second consumer reads it all through `next`, from S3.
+    assert_eq!(consume_all(&node, "ev", "late").await, sent);
+    // Chukcha's /read serves it too.
+    let c = &evicted[0];
+    let body = reqwest::get(node.url(&format!(
+        "/read?category=ev&chunk={}&off=0&max_size=1000000",
+        c.name
+    )))
+    .await
+    .unwrap()
+    .bytes()
+    .await
+    .unwrap();
+    assert!(body[..] == originals[&c.name][..]);
+    let st = status(&client).await.s3.unwrap();
+    assert!(st.evicted_chunks >= evicted.len() as u64, "{st:?}");
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_disk_serves_everything_from_s3_and_reuses_no_name() {
+    let s3 = TestS3::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--max-chunk-bytes",
+        "16KiB",
+        "--rotate-after",
+        "300ms",
+        "--local-retention",
+        "1s",
+    ];
+    let (node, client) = start(&s3, dir.path(), &args).await;
+    let sent = produce(&client, "lost", 0, 1200, 100).await;
+    let chunks = all_uploaded(&client, "lost", 2).await;
+    // --local-retention evicts uploaded chunks by age alone.
+    eventually(CONDITION_DEADLINE, "eviction by age", || async {
+        let cs = client.chunks("lost").await.ok()?;
+        cs.iter().all(|c| !c.local).then_some(())
+    })
+    .await;
+    node.kill().await;
+    std::fs::remove_dir_all(dir.path()).unwrap();
+    let (node, client) = start(&s3, dir.path(), &args).await;
+    // Writes wait until the bucket is listed; this one lands in a new chunk.
+    let appended = client
+        .produce("lost", "after the wipe\n", &ProduceOptions::default())
+        .await
+        .unwrap();
+    let new_chunk = appended.chunk.unwrap();
+    assert!(
+        chunks.iter().all(|c| c.name != new_chunk),
+        "{new_chunk} reuses the name of an uploaded chunk"
+    );
+    let listed = client.chunks("lost").await.unwrap();
+    for c in &chunks {
+        let l = listed
+            .iter()
+            .find(|l| l.name == c.name)
+            .expect("listed again");
+        assert!(
+            !l.local && l.uploaded && l.complete && l.size == c.size,
+            "{l:?}"
+        );
+    }
+    let mut want = sent.clone();
+    want.push("after the wipe".to_owned());
+    assert_eq!(all_lines(&client, "lost").await, want);
+    assert_eq!(s3.upload_counts().values().copied().max(), Some(1));
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_are_reported_clearly_and_ingestion_goes_on() {
+    let s3 = TestS3::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = s3_command(&s3, "t1", dir.path(), &["--max-chunk-bytes", "4KiB"]);
+    cmd.env("AWS_SECRET_ACCESS_KEY", "wrong-secret");
+    let node = BinNode::spawn(cmd).await;
+    let client = Client::new(&node.url("")).unwrap();
+    produce(&client, "app", 0, 300, 50).await;
+    let st = eventually(CONDITION_DEADLINE, "the refusal in the status", || async {
+        let st = status(&client).await.s3?;
+        (st.backlog_chunks > 0 && st.last_error.is_some()).then_some(st)
+    })
+    .await;
+    assert!(
+        st.last_error
+            .as_deref()
+            .unwrap()
+            .contains("SignatureDoesNotMatch")
+            || st.last_error.as_deref().unwrap().contains("HTTP 403"),
+        "{st:?}"
+    );
+    let log = eventually(CONDITION_DEADLINE, "the start-up log line", || async {
+        let log = node.stderr.lock().unwrap().clone();
+        log.contains("S3 refused the credentials").then_some(log)
+    })
+    .await;
+    assert!(!log.contains("wrong-secret"), "the secret was logged");
+    assert_eq!(
+        log.matches("S3 refused the credentials").count(),
+        1,
+        "{log}"
+    );
+    assert!(s3.keys().await.is_empty());
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_bucket_is_reported_clearly() {
+    let s3 = TestS3::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = serve_command("t1", dir.path());
+    cmd.args([
+        "--s3-bucket",
+        "no-such-bucket",
+        "--s3-endpoint",
+        &s3.endpoint(),
+    ]);
+    for (k, v) in s3.env() {
+        cmd.env(k, v);
+    }
+    let node = BinNode::spawn(cmd).await;
+    eventually(CONDITION_DEADLINE, "the start-up log line", || async {
+        let log = node.stderr.lock().unwrap().clone();
+        log.contains("the S3 bucket does not exist").then_some(())
+    })
+    .await;
+    node.kill().await;
+}
