@@ -112,7 +112,7 @@ impl ChangeFeed {
         self.completed.subscribe()
     }
 
-    fn completed(&self) {
+    pub(super) fn completed(&self) {
         self.completed.send_modify(|v| *v = v.wrapping_add(1));
     }
 

@@ -285,6 +285,8 @@ impl Storage {
                 changed += 1;
             }
         }
+        // Its complete chunks may now be this node's to upload.
+        self.shared.feed.completed();
         Ok(changed)
     }
 }

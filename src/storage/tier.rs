@@ -293,14 +293,15 @@ impl Storage {
         if !(meta.complete && meta.uploaded && meta.local) {
             return Ok(TierOutcome::NotEligible);
         }
-        // Readers that already decided to read the file retry from the
-        // object store when they find it gone.
+        // Readers that already decided to read the file go to the object
+        // store when they find it gone. Two evictions of one chunk may
+        // race; only the one that flips the flag counts it.
+        self.forget_own_index(&cat, chunk).await?;
+        remove_file(&cat.chunk_path(chunk)).await?;
         if !cat.set_tier(chunk, None, Some(false)) {
             return Ok(TierOutcome::NotEligible);
         }
         self.shared.disk.sub_reclaimable(meta.size);
-        self.forget_own_index(&cat, chunk).await?;
-        remove_file(&cat.chunk_path(chunk)).await?;
         cat.metrics.chunks_evicted.inc();
         tracing::debug!(category, chunk = %chunk, bytes = meta.size, "local copy evicted");
         Ok(TierOutcome::Done)

@@ -31,6 +31,9 @@ const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How often a lost owner's chunk, left to another node, is looked up.
 const WATCH_INTERVAL: Duration = Duration::from_secs(30);
+/// Longest time between two scans: who uploads a lost owner's chunks
+/// changes with which peers answer, which is no storage event.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Capped exponential backoff with jitter.
 #[derive(Debug)]
@@ -119,7 +122,10 @@ pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
                 in_flight.insert(task.id(), key);
             }
         }
-        let next_timer = paused_until.or_else(|| watch_after.values().min().copied());
+        let rescan = Instant::now() + RESCAN_INTERVAL;
+        let next_timer = paused_until
+            .or_else(|| watch_after.values().min().copied())
+            .map_or(rescan, |t| t.min(rescan));
         tokio::select! {
             _ = cancel.cancelled() => return,
             Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
@@ -150,14 +156,8 @@ pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
                 }
             }
             _ = completed.changed() => {}
-            _ = sleep_until(next_timer), if next_timer.is_some() => {}
+            _ = tokio::time::sleep_until(next_timer) => {}
         }
-    }
-}
-
-async fn sleep_until(t: Option<Instant>) {
-    if let Some(t) = t {
-        tokio::time::sleep_until(t).await;
     }
 }
 

@@ -22,12 +22,26 @@ pub struct TestCluster {
     /// `proxies[from][to]`; `None` on the diagonal.
     proxies: Vec<Vec<Option<Proxy>>>,
     extra: Vec<String>,
+    /// Flags of one node only, and environment of every node.
+    node_extra: Vec<Vec<String>>,
+    env: Vec<(String, String)>,
     _tmp: tempfile::TempDir,
 }
 
 impl TestCluster {
     /// Starts `n` nodes named `n1..`, each with `extra` flags.
     pub async fn start(n: usize, extra: &[&str]) -> Self {
+        Self::start_with(n, extra, vec![Vec::new(); n], Vec::new()).await
+    }
+
+    /// Like [`TestCluster::start`], with flags per node (`node_extra[i]`)
+    /// and environment variables for every node.
+    pub async fn start_with(
+        n: usize,
+        extra: &[&str],
+        node_extra: Vec<Vec<String>>,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
         let dirs: Vec<PathBuf> = names.iter().map(|n| tmp.path().join(n)).collect();
@@ -49,6 +63,8 @@ impl TestCluster {
             dirs,
             proxies,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            node_extra,
+            env,
             _tmp: tmp,
         };
         for i in 0..n {
@@ -72,7 +88,9 @@ impl TestCluster {
         let mut cmd = serve_command(&self.names[i], &self.dirs[i]);
         cmd.args(["--peers", &peers.join(",")])
             .args(["--replication-wait", "2s", "--peer-timeout", "1s"])
-            .args(&self.extra);
+            .args(&self.extra)
+            .args(&self.node_extra[i])
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let node = BinNode::spawn(cmd).await;
         for from in 0..self.names.len() {
             if let Some(p) = &self.proxies[from][i] {

@@ -523,3 +523,124 @@ async fn a_missing_bucket_is_reported_clearly() {
     .await;
     node.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_read_uploaded_chunks_through_s3_and_upload_for_a_lost_owner() {
+    let s3 = TestS3::start().await;
+    // n1 reaches S3 through a proxy that the test can cut.
+    let to_s3 = crate::proxy::Proxy::start().await;
+    to_s3.set_target(s3.addr);
+    let endpoint =
+        |addr: std::net::SocketAddr| vec!["--s3-endpoint".to_owned(), format!("http://{addr}")];
+    let env = s3
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let mut cluster = crate::cluster::TestCluster::start_with(
+        2,
+        &[
+            "--s3-bucket",
+            BUCKET,
+            "--max-chunk-bytes",
+            "16KiB",
+            "--rotate-after",
+            "300ms",
+        ],
+        vec![endpoint(to_s3.addr), endpoint(s3.addr)],
+        env,
+    )
+    .await;
+    let (n1, n2) = (cluster.client(0), cluster.client(1));
+    // The owner uploads; the replica learns it and reads through S3.
+    let sent = produce(&n1, "app", 0, 800, 100).await;
+    let owned = all_uploaded(&n1, "app", 2).await;
+    let seen = eventually(
+        CONDITION_DEADLINE,
+        "the replica to learn the uploads",
+        || async {
+            let cs = n2.chunks("app").await.ok()?;
+            (cs.len() == owned.len() && cs.iter().all(|c| c.uploaded && c.complete)).then_some(cs)
+        },
+    )
+    .await;
+    assert_eq!(
+        seen.iter().map(|c| (&c.name, c.size)).collect::<Vec<_>>(),
+        owned.iter().map(|c| (&c.name, c.size)).collect::<Vec<_>>()
+    );
+    assert_eq!(all_lines(&n2, "app").await, sent);
+    // n1 can no longer reach S3: its next chunks only get to n2.
+    to_s3.set_cut(true);
+    let orphans_sent = produce(&n1, "orphan", 0, 600, 100).await;
+    let copies = eventually(
+        CONDITION_DEADLINE,
+        "n2 to hold n1's complete chunks",
+        || async {
+            let owner = n1.chunks("orphan").await.ok()?;
+            let copy = n2.chunks("orphan").await.ok()?;
+            let done = !owner.is_empty()
+                && owner.iter().all(|c| c.complete && !c.uploaded)
+                && copy.len() == owner.len()
+                && copy
+                    .iter()
+                    .zip(&owner)
+                    .all(|(a, b)| a.complete && a.size == b.size);
+            done.then_some(copy)
+        },
+    )
+    .await;
+    // n1 dies; n2 is told it is gone and uploads its chunks.
+    cluster.kill(0).await;
+    n2.forget_node("n1").await.unwrap();
+    let uploaded = all_uploaded(&n2, "orphan", copies.len()).await;
+    for c in &uploaded {
+        let local = std::fs::read(cluster.dirs[1].join("orphan").join(&c.name)).unwrap();
+        assert!(
+            s3.get(&key("orphan", &c.name)).await.unwrap() == local,
+            "{}",
+            c.name
+        );
+    }
+    assert_eq!(all_lines(&n2, "orphan").await, orphans_sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_chunks_everywhere_s3_included() {
+    let s3 = TestS3::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = start(
+        &s3,
+        dir.path(),
+        &[
+            "--max-chunk-bytes",
+            "16KiB",
+            "--rotate-after",
+            "300ms",
+            "--retention",
+            "3s",
+        ],
+    )
+    .await;
+    produce(&client, "old", 0, 500, 100).await;
+    let chunks = all_uploaded(&client, "old", 1).await;
+    assert_eq!(s3.keys().await.len(), chunks.len());
+    eventually(CONDITION_DEADLINE, "retention", || async {
+        let listed = client.chunks("old").await.ok()?;
+        (listed.is_empty() && s3.keys().await.is_empty()).then_some(())
+    })
+    .await;
+    assert!(crate::harness::chunk_files(&dir.path().join("old")).is_empty());
+    // Deleted chunks stay deleted after a restart (no resurrection from
+    // the upload log or the bucket listing), and names are not reused.
+    node.kill().await;
+    let (node, client) = start(&s3, dir.path(), &["--retention", "3s"]).await;
+    assert!(client.chunks("old").await.unwrap().is_empty());
+    let next = client
+        .produce("old", "new\n", &ProduceOptions::default())
+        .await
+        .unwrap()
+        .chunk
+        .unwrap();
+    assert!(chunks.iter().all(|c| c.name != next), "{next} reused");
+    node.kill().await;
+}
