@@ -397,6 +397,9 @@ fn parse_key(prefix: &str, key: &str) -> Option<(String, ChunkName)> {
     Some((category.to_owned(), chunk))
 }
 
+/// Size of one ranged GET of a read-through.
+const READ_PIECE_BYTES: usize = 2 << 20;
+
 /// Reads evicted chunks with ranged GETs, for the storage's blocking readers.
 #[derive(Debug)]
 struct S3Reader {
@@ -415,15 +418,26 @@ impl RemoteChunks for S3Reader {
         offset: u64,
     ) -> std::io::Result<()> {
         let key = object_key(&self.prefix, category, chunk);
-        let data = self
-            .runtime
-            .block_on(self.store.get_range(&key, offset, buf.len() as u64))
+        // Large reads go as several ranged GETs at once: one stream is
+        // bounded by the store's per-request speed.
+        let pieces = buf
+            .chunks_mut(READ_PIECE_BYTES)
+            .enumerate()
+            .map(|(i, piece)| {
+                let at = offset + (i * READ_PIECE_BYTES) as u64;
+                let get = self.store.get_range(&key, at, piece.len() as u64);
+                async move {
+                    piece.copy_from_slice(&get.await?);
+                    Ok::<(), S3Error>(())
+                }
+            });
+        self.runtime
+            .block_on(futures_util::future::try_join_all(pieces))
             .map_err(|e| match e.kind {
                 S3ErrorKind::NotFound => std::io::Error::new(std::io::ErrorKind::NotFound, e),
                 _ => std::io::Error::other(e),
             })?;
-        buf.copy_from_slice(&data);
-        self.metrics.s3_read_bytes.inc_by(data.len() as u64);
+        self.metrics.s3_read_bytes.inc_by(buf.len() as u64);
         Ok(())
     }
 }
