@@ -666,6 +666,9 @@ impl Storage {
 
     /// Waits (a few seconds at most) while writes are closed.
     async fn wait_writable(&self) -> Result<(), StorageError> {
+        if self.shared.writable.borrow().is_none() {
+            return Ok(());
+        }
         let mut rx = self.shared.writable.subscribe();
         let wait = rx.wait_for(Option::is_none);
         match tokio::time::timeout(WRITES_CLOSED_WAIT, wait).await {

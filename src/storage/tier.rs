@@ -224,13 +224,10 @@ impl Storage {
         category: &str,
         chunk: &ChunkName,
     ) -> Result<TierOutcome, StorageError> {
-        let cat = self.category(category)?;
-        let Some(meta) = cat.meta(chunk) else {
-            return Ok(TierOutcome::Unknown);
+        let (cat, meta) = match self.complete_chunk(category, chunk)? {
+            Ok(held) => held,
+            Err(outcome) => return Ok(outcome),
         };
-        if !meta.complete {
-            return Ok(TierOutcome::NotEligible);
-        }
         if meta.uploaded {
             return Ok(TierOutcome::Done);
         }
@@ -286,11 +283,11 @@ impl Storage {
         category: &str,
         chunk: &ChunkName,
     ) -> Result<TierOutcome, StorageError> {
-        let cat = self.category(category)?;
-        let Some(meta) = cat.meta(chunk) else {
-            return Ok(TierOutcome::Unknown);
+        let (cat, meta) = match self.complete_chunk(category, chunk)? {
+            Ok(held) => held,
+            Err(outcome) => return Ok(outcome),
         };
-        if !(meta.complete && meta.uploaded && meta.local) {
+        if !(meta.uploaded && meta.local) {
             return Ok(TierOutcome::NotEligible);
         }
         // Readers that already decided to read the file go to the object
@@ -314,13 +311,10 @@ impl Storage {
         category: &str,
         chunk: &ChunkName,
     ) -> Result<TierOutcome, StorageError> {
-        let cat = self.category(category)?;
-        let Some(meta) = cat.meta(chunk) else {
-            return Ok(TierOutcome::Unknown);
+        let (cat, meta) = match self.complete_chunk(category, chunk)? {
+            Ok(held) => held,
+            Err(outcome) => return Ok(outcome),
         };
-        if !meta.complete {
-            return Ok(TierOutcome::NotEligible);
-        }
         self.forget_own_index(&cat, chunk).await?;
         if meta.uploaded {
             self.write_record(&cat, chunk, None).await?;
@@ -379,6 +373,21 @@ impl Storage {
             }
         }
         freed
+    }
+
+    /// The category and what is held of `chunk`, or why a tier operation
+    /// does not apply (not held, not complete).
+    fn complete_chunk(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> Result<Result<(Arc<Category>, ChunkMeta), TierOutcome>, StorageError> {
+        let cat = self.category(category)?;
+        Ok(match cat.meta(chunk) {
+            None => Err(TierOutcome::Unknown),
+            Some(m) if !m.complete => Err(TierOutcome::NotEligible),
+            Some(m) => Ok((cat, m)),
+        })
     }
 
     async fn write_record(

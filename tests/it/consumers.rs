@@ -384,22 +384,23 @@ async fn chunks_every_consumer_acked_are_deleted_and_names_never_reused() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let names: Vec<String> = node.files("app").into_iter().map(|(n, _)| n).collect();
-        if names == ["t1-chunk000000001", "t1-chunk000000002"] {
+        // The file goes first, then the entry.
+        let list: Vec<chunkbus_client::ChunkInfo> = node
+            .get("/v1/categories/app/chunks")
+            .await
+            .json()
+            .await
+            .unwrap();
+        if names == ["t1-chunk000000001", "t1-chunk000000002"] && list.len() == 2 {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "chunk 0 was not deleted: {names:?}"
+            "chunk 0 was not deleted: {names:?}, listed {}",
+            list.len()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let list: Vec<chunkbus_client::ChunkInfo> = node
-        .get("/v1/categories/app/chunks")
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(list.len(), 2);
     // The open chunk is never deleted, even when read to its end.
     ack(&http, &base, "app", "one", "t1-chunk000000002", 4).await;
     ack(&http, &base, "app", "two", "t1-chunk000000002", 4).await;

@@ -29,8 +29,18 @@ pub const SECRET_KEY: &str = "chunkbus-test-secret";
 /// The bucket created at start.
 pub const BUCKET: &str = "chunkbus";
 
-/// Completed uploads per key.
-type Counts = Arc<Mutex<BTreeMap<String, u32>>>;
+/// Requests counted per key, and what to refuse.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Completed uploads (PutObject, CompleteMultipartUpload) per key.
+    uploads: BTreeMap<String, u32>,
+    /// Parts uploaded (UploadPart answered 2xx) per key.
+    parts: BTreeMap<String, u32>,
+    /// When set, CompleteMultipartUpload answers 503.
+    refuse_completes: bool,
+}
+
+type Counts = Arc<Mutex<Counters>>;
 
 /// A running (or stopped) S3 server.
 pub struct TestS3 {
@@ -129,12 +139,24 @@ impl TestS3 {
 
     /// How many times `key` was uploaded completely.
     pub fn uploads(&self, key: &str) -> u32 {
-        self.counts.lock().unwrap().get(key).copied().unwrap_or(0)
+        let c = self.counts.lock().unwrap();
+        c.uploads.get(key).copied().unwrap_or(0)
     }
 
     /// Every key uploaded, with its upload count.
     pub fn upload_counts(&self) -> BTreeMap<String, u32> {
-        self.counts.lock().unwrap().clone()
+        self.counts.lock().unwrap().uploads.clone()
+    }
+
+    /// How many parts of `key` were uploaded (all multipart uploads).
+    pub fn parts(&self, key: &str) -> u32 {
+        let c = self.counts.lock().unwrap();
+        c.parts.get(key).copied().unwrap_or(0)
+    }
+
+    /// Makes CompleteMultipartUpload answer 503 (or work again).
+    pub fn refuse_completes(&self, refuse: bool) {
+        self.counts.lock().unwrap().refuse_completes = refuse;
     }
 
     /// An S3 client with the accepted credentials, for checking objects.
@@ -218,15 +240,28 @@ async fn counted(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
+    let is_part = method == hyper::Method::PUT && query.contains("partNumber");
+    let is_complete = method == hyper::Method::POST && query.contains("uploadId");
+    if is_complete && counts.lock().unwrap().refuse_completes {
+        let mut resp = hyper::Response::new(s3s::Body::from("slow down".to_owned()));
+        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+        return Ok(resp);
+    }
     let resp = hyper::service::Service::call(service, req).await?;
-    let completes = (method == hyper::Method::PUT && !query.contains("partNumber"))
-        || (method == hyper::Method::POST && query.contains("uploadId"));
-    if completes
-        && resp.status().is_success()
+    let completes = (method == hyper::Method::PUT && !is_part) || is_complete;
+    if resp.status().is_success()
         && let Some(key) = path.strip_prefix(&format!("/{BUCKET}/"))
         && !key.is_empty()
     {
-        *counts.lock().unwrap().entry(key.to_owned()).or_insert(0) += 1;
+        let mut c = counts.lock().unwrap();
+        let map = if is_part {
+            &mut c.parts
+        } else if completes {
+            &mut c.uploads
+        } else {
+            return Ok(resp);
+        };
+        *map.entry(key.to_owned()).or_insert(0) += 1;
     }
     Ok(resp)
 }

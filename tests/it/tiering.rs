@@ -644,3 +644,56 @@ async fn retention_deletes_old_chunks_everywhere_s3_included() {
     assert!(chunks.iter().all(|c| c.name != next), "{next} reused");
     node.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_multipart_upload_resumes_without_sending_parts_again() {
+    let s3 = TestS3::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--max-chunk-bytes",
+        "32MiB",
+        "--s3-part-size",
+        "5MiB",
+        "--rotate-after",
+        "300ms",
+    ];
+    let (node, client) = start(&s3, dir.path(), &args).await;
+    // Every part goes through, the completion does not.
+    s3.refuse_completes(true);
+    let line = format!("{}\n", "p".repeat(1023));
+    client
+        .produce("mp", line.repeat(18 * 1024), &ProduceOptions::default())
+        .await
+        .unwrap();
+    let chunk = eventually(CONDITION_DEADLINE, "the chunk to complete", || async {
+        let cs = client.chunks("mp").await.ok()?;
+        cs.first().filter(|c| c.complete).cloned()
+    })
+    .await;
+    let k = key("mp", &chunk.name);
+    eventually(CONDITION_DEADLINE, "all four parts", || async {
+        (s3.parts(&k) == 4).then_some(())
+    })
+    .await;
+    let progress = dir
+        .path()
+        .join(".multipart")
+        .join("mp")
+        .join(format!("{}.json", chunk.name));
+    eventually(CONDITION_DEADLINE, "the durable progress", || async {
+        let text = std::fs::read_to_string(&progress).ok()?;
+        (text.matches("etag").count() == 4).then_some(())
+    })
+    .await;
+    node.kill().await;
+    s3.refuse_completes(false);
+    let (node, client) = start(&s3, dir.path(), &args).await;
+    let done = all_uploaded(&client, "mp", 1).await;
+    assert_eq!(done[0].name, chunk.name);
+    assert_eq!(s3.parts(&k), 4, "parts were sent again");
+    assert_eq!(s3.uploads(&k), 1);
+    let local = std::fs::read(dir.path().join("mp").join(&chunk.name)).unwrap();
+    assert!(s3.get(&k).await.unwrap() == local);
+    assert!(!progress.exists(), "the progress file outlived the upload");
+    node.kill().await;
+}
