@@ -5,6 +5,7 @@
 //!
 //! | module    | owns |
 //! |-----------|------|
+//! | [`auth`]    | tokens, roles, the cluster secret |
 //! | [`cli`]     | the client commands of the binary (`produce`, `consume`, `tail`, ...) |
 //! | [`config`]  | flags, environment, TOML file, validation |
 //! | [`storage`] | chunk files, rotation, recovery, group commit, waking readers |
@@ -16,6 +17,7 @@
 //! | [`ship`]    | `chunkbus ship`: following log files into the bus |
 //! | [`server`]  | wiring: listener, storage, HTTP, signals, graceful shutdown |
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod consumers;

@@ -43,7 +43,9 @@ fn main() -> ExitCode {
                 "zstd" => chunkbus_client::Compression::Zstd,
                 _ => chunkbus_client::Compression::None,
             };
+            let token = cmd.server.token()?;
             rt.block_on(cli::produce(cli::produce::ProduceArgs {
+                token,
                 servers: cmd.server.servers,
                 category: cmd.category,
                 files: cmd.files,
@@ -56,7 +58,9 @@ fn main() -> ExitCode {
             }))
         }),
         Command::Consume(cmd) => runtime().and_then(|rt| {
+            let token = cmd.server.token()?;
             rt.block_on(cli::consume(cli::consume::ConsumeArgs {
+                token,
                 servers: cmd.server.servers,
                 category: cmd.category,
                 consumer: cmd.consumer,
@@ -66,16 +70,22 @@ fn main() -> ExitCode {
         }),
         Command::Tail(cmd) => runtime().and_then(|rt| {
             rt.block_on(async {
-                let client = cli::first_client(&cmd.server.servers)?;
+                let client = cli::first_client(&cmd.server)?;
                 cli::tail(client, &cmd.category, cmd.follow).await
             })
         }),
         Command::Ship(cmd) => runtime().and_then(|rt| rt.block_on(cli::ship(cmd))),
-        Command::Categories(s) => runtime().and_then(|rt| rt.block_on(cli::categories(&s.servers))),
-        Command::Status(s) => runtime().and_then(|rt| rt.block_on(cli::status(&s.servers))),
-        Command::Admin(AdminCommand::ForgetNode { node, server }) => runtime().and_then(|rt| {
+        Command::Categories(s) => runtime().and_then(|rt| rt.block_on(cli::categories(&s))),
+        Command::Status(s) => runtime().and_then(|rt| rt.block_on(cli::status(&s))),
+        Command::Admin(AdminCommand::ForgetNode {
+            node,
+            server,
+            token_file,
+        }) => runtime().and_then(|rt| {
             rt.block_on(async {
-                let client = chunkbus_client::Client::new(&server).map_err(|e| e.to_string())?;
+                let token = chunkbus::config::read_token(token_file.as_deref())?;
+                let client = chunkbus_client::Client::with_token(&server, token.as_deref())
+                    .map_err(|e| e.to_string())?;
                 let report = client.forget_node(&node).await.map_err(|e| e.to_string())?;
                 println!(
                     "{}: {} open chunk(s) completed on {server}",

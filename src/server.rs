@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ServeConfig;
 use crate::consumers::Consumers;
-use crate::http::{AppState, Limits, router};
+use crate::http::{AppState, Limits, Services, router};
 use crate::metrics::Metrics;
 use crate::replication::{Replication, ReplicationConfig};
 use crate::storage::{Storage, StorageError};
@@ -48,6 +48,9 @@ pub enum ServeError {
     /// The storage could not be opened.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The tokens or the cluster secret are not usable.
+    #[error(transparent)]
+    Auth(crate::auth::TokensError),
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(#[source] std::io::Error),
@@ -66,6 +69,28 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let result = run(cfg, listener, shutdown).await;
     signals.abort();
     result
+}
+
+/// Reloads the tokens file on every SIGHUP until `stop`; a file that does
+/// not load leaves the tokens in use.
+async fn reload_on_sighup(auth: Arc<crate::auth::Auth>, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; tokens are not reloaded");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hup.recv() => {}
+        }
+        match auth.reload() {
+            Ok(n) => tracing::info!(tokens = n, "tokens reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reload the tokens; the previous ones stay in use")
+            }
+        }
+    }
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {
@@ -94,6 +119,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    let auth = Arc::new(cfg.auth.build().map_err(ServeError::Auth)?);
     let metrics = Metrics::new();
     let storage = Storage::open(cfg.storage_options(), metrics.clone()).await?;
     let consumers = Consumers::open(storage.clone()).await?;
@@ -105,6 +131,7 @@ pub async fn run(
             wait: cfg.replication_wait,
             peer_timeout: cfg.peer_timeout,
             owner_lost_after: cfg.owner_lost_after,
+            cluster_secret: cfg.auth.cluster_secret.clone(),
         },
         metrics.clone(),
     );
@@ -125,13 +152,19 @@ pub async fn run(
     )
     .await;
     tiering.start(&pullers, &stop_pullers);
+    if cfg.auth.tokens_file.is_some() {
+        pullers.spawn(reload_on_sighup(auth.clone(), stop_pullers.clone()));
+    }
     pullers.close();
     let state = AppState::new(
-        storage.clone(),
-        metrics,
-        replication,
-        consumers,
-        tiering,
+        Services {
+            storage: storage.clone(),
+            metrics,
+            replication,
+            consumers,
+            tiering,
+            auth: auth.clone(),
+        },
         Limits {
             max_line_bytes: cfg.max_line_bytes,
             max_body_bytes: cfg.max_body_bytes,
@@ -144,6 +177,14 @@ pub async fn run(
         let _ = tcp.set_nodelay(true);
     });
     tracing::info!(%addr, node = %cfg.node, sync = ?cfg.sync, peers = cfg.peers.len(), s3 = cfg.s3.as_ref().map_or("off", |s| s.bucket.as_str()), "listening");
+    if auth.required() {
+        tracing::info!(
+            cluster_secret = auth.has_cluster_secret(),
+            "tokens required on every route but /healthz"
+        );
+    } else {
+        tracing::warn!(%addr, "no tokens configured: anyone who can reach this address may read and write (see docs/security.md)");
+    }
     println!("chunkbus listening on http://{addr}");
     let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -49,6 +49,8 @@ pub struct ConsumerConfig {
     pub start_latest: bool,
     /// Return once nothing new arrived for this long (`None`: run forever).
     pub until_idle: Option<Duration>,
+    /// Token presented to the nodes, when they require one.
+    pub token: Option<String>,
 }
 
 impl Default for ConsumerConfig {
@@ -61,6 +63,7 @@ impl Default for ConsumerConfig {
             wait: Duration::from_secs(30),
             start_latest: false,
             until_idle: None,
+            token: None,
         }
     }
 }
@@ -91,7 +94,7 @@ impl Consumer {
         let clients = cfg
             .servers
             .iter()
-            .map(|s| Client::new(s))
+            .map(|s| Client::with_token(s, cfg.token.as_deref()))
             .collect::<Result<Vec<_>, _>>()?;
         if clients.is_empty() {
             return Err(ClientError::BadUrl {

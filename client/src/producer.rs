@@ -76,6 +76,8 @@ pub struct ProducerConfig {
     /// longer waits on each round trip, but batches may be stored out of
     /// order (each batch stays whole and in order).
     pub max_in_flight: usize,
+    /// Token presented to the nodes, when they require one.
+    pub token: Option<String>,
 }
 
 impl Default for ProducerConfig {
@@ -91,6 +93,7 @@ impl Default for ProducerConfig {
             options: ProduceOptions::default(),
             max_backoff: Duration::from_secs(5),
             max_in_flight: 1,
+            token: None,
         }
     }
 }
@@ -151,7 +154,7 @@ impl Producer {
         let clients = cfg
             .servers
             .iter()
-            .map(|s| Client::new(s))
+            .map(|s| Client::with_token(s, cfg.token.as_deref()))
             .collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel(1024);
         let memory = Arc::new(Semaphore::new(cfg.max_buffered_bytes));

@@ -91,8 +91,25 @@ pub struct ReadChunk {
 impl Client {
     /// A client for the server at `base` (e.g. `http://127.0.0.1:8080`).
     pub fn new(base: &str) -> Result<Self, ClientError> {
+        Self::with_token(base, None)
+    }
+
+    /// A client that presents `token` (`Authorization: Bearer`) on every
+    /// request, for nodes that require tokens.
+    pub fn with_token(base: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = token {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| ClientError::BadUrl {
+                    url: base.to_owned(),
+                    reason: "the token has characters a header cannot carry".into(),
+                })?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            .default_headers(headers)
             .build()
             .map_err(|e| ClientError::BadUrl {
                 url: base.to_owned(),

@@ -19,6 +19,8 @@ pub struct ConsumeArgs {
     pub until_idle: Option<Duration>,
     /// A new consumer starts at the end.
     pub start_latest: bool,
+    /// Token to present.
+    pub token: Option<String>,
 }
 
 /// Runs the consumer until idle (or forever).
@@ -29,6 +31,7 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), String> {
         name: args.consumer,
         until_idle: args.until_idle,
         start_latest: args.start_latest,
+        token: args.token,
         ..ConsumerConfig::default()
     })
     .map_err(|e| e.to_string())?;

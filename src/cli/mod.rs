@@ -13,14 +13,17 @@ pub use tail::tail;
 
 use chunkbus_client::Client;
 
-/// The first server given (the CLI's commands that talk to one node).
-pub fn first_client(servers: &[String]) -> Result<Client, String> {
-    let url = servers.first().ok_or("no --server given")?;
-    Client::new(url).map_err(|e| e.to_string())
+use crate::config::ServerArgs;
+
+/// The first server given (the CLI's commands that talk to one node), with
+/// the token, if any.
+pub fn first_client(args: &ServerArgs) -> Result<Client, String> {
+    let url = args.servers.first().ok_or("no --server given")?;
+    Client::with_token(url, args.token()?.as_deref()).map_err(|e| e.to_string())
 }
 
 /// `chunkbus categories`: one name per line.
-pub async fn categories(servers: &[String]) -> Result<(), String> {
+pub async fn categories(servers: &ServerArgs) -> Result<(), String> {
     for c in first_client(servers)?
         .categories()
         .await
@@ -32,7 +35,7 @@ pub async fn categories(servers: &[String]) -> Result<(), String> {
 }
 
 /// `chunkbus status`: the node's status as indented JSON.
-pub async fn status(servers: &[String]) -> Result<(), String> {
+pub async fn status(servers: &ServerArgs) -> Result<(), String> {
     let st = first_client(servers)?
         .status()
         .await

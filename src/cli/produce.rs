@@ -24,6 +24,8 @@ pub struct ProduceArgs {
     pub compression: Compression,
     /// Durability asked for.
     pub options: ProduceOptions,
+    /// Token to present.
+    pub token: Option<String>,
 }
 
 /// Sends every line of the inputs; prints a summary (and a progress line
@@ -34,6 +36,7 @@ pub async fn produce(args: ProduceArgs) -> Result<(), String> {
         category: args.category.clone(),
         compression: args.compression,
         options: args.options.clone(),
+        token: args.token.clone(),
         ..ProducerConfig::default()
     })
     .map_err(|e| e.to_string())?;

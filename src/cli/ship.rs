@@ -70,7 +70,9 @@ pub fn groups(cmd: ShipCmd) -> Result<Vec<ShipConfig>, String> {
             return Err("ship needs at least one path, glob or directory".into());
         }
         chunkbus_client::names::validate_category(&category).map_err(|e| e.to_string())?;
+        let token = cmd.server.token()?;
         return Ok(vec![ShipConfig {
+            token,
             servers: cmd.server.servers,
             category,
             patterns: cmd.paths,
@@ -89,11 +91,13 @@ pub fn groups(cmd: ShipCmd) -> Result<Vec<ShipConfig>, String> {
         .registry_dir
         .unwrap_or_else(|| PathBuf::from("./chunkbus-ship"));
     let comp = compression(file.compression.as_deref().unwrap_or("zstd"))?;
+    let token = cmd.server.token()?;
     file.group
         .into_iter()
         .map(|g| {
             chunkbus_client::names::validate_category(&g.category).map_err(|e| e.to_string())?;
             Ok(ShipConfig {
+                token: token.clone(),
                 servers: file
                     .servers
                     .clone()

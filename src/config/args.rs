@@ -49,6 +49,30 @@ pub struct ServerArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub servers: Vec<String>,
+    /// File holding the token to present (also CHUNKBUS_TOKEN_FILE; or the
+    /// token itself in CHUNKBUS_TOKEN). Never a flag value, so that it does
+    /// not show in the process list.
+    #[arg(long, env = "CHUNKBUS_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    /// The token to present: from `--token-file`, else `CHUNKBUS_TOKEN`.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        read_token(self.token_file.as_deref())
+    }
+}
+
+/// The token in `file`, else in `CHUNKBUS_TOKEN`, if any.
+pub fn read_token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+        return Ok(Some(text.trim().to_owned()));
+    }
+    Ok(std::env::var("CHUNKBUS_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty()))
 }
 
 /// `chunkbus produce`.
@@ -143,6 +167,9 @@ pub enum AdminCommand {
         /// Any live node of the cluster.
         #[arg(long, env = "CHUNKBUS_SERVER", default_value = "http://127.0.0.1:8080")]
         server: String,
+        /// File holding an admin token (or the token in CHUNKBUS_TOKEN).
+        #[arg(long, env = "CHUNKBUS_TOKEN_FILE", value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -253,6 +280,26 @@ pub struct ServeArgs {
     /// Delete chunks older than this everywhere, S3 included [default: never].
     #[arg(long, env = "CHUNKBUS_RETENTION", value_name = "DURATION")]
     pub retention: Option<HumanDuration>,
+
+    /// TOML file of tokens (`[[token]]` with secret, roles, categories),
+    /// reloaded on SIGHUP [default: none: no authentication, loopback only].
+    #[arg(long, env = "CHUNKBUS_TOKENS_FILE", value_name = "FILE")]
+    pub tokens_file: Option<PathBuf>,
+
+    /// Tokens written in the config file itself (`[[token]]` tables); never
+    /// a flag, so that no secret shows in the process list.
+    #[arg(skip)]
+    #[serde(default)]
+    pub token: Option<Vec<crate::auth::TokenSpec>>,
+
+    /// Serve without tokens on an address other than loopback.
+    #[arg(long, env = "CHUNKBUS_ALLOW_ANONYMOUS")]
+    #[serde(default)]
+    pub allow_anonymous: bool,
+
+    /// File holding the secret the cluster's nodes present to each other.
+    #[arg(long, env = "CHUNKBUS_CLUSTER_SECRET_FILE", value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -283,6 +330,10 @@ impl ServeArgs {
             s3_upload_concurrency: self.s3_upload_concurrency.or(file.s3_upload_concurrency),
             local_retention: self.local_retention.or(file.local_retention),
             retention: self.retention.or(file.retention),
+            tokens_file: self.tokens_file.or(file.tokens_file),
+            token: self.token.or(file.token),
+            allow_anonymous: self.allow_anonymous || file.allow_anonymous,
+            cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
         }
     }
 }

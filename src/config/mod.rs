@@ -17,6 +17,7 @@ use std::time::Duration;
 
 pub use args::{
     AdminCommand, Cli, Command, ConsumeCmd, ProduceCmd, ServeArgs, ServerArgs, ShipCmd, TailCmd,
+    read_token,
 };
 pub use peers::{Peer, PeerList};
 pub use size::ByteSize;
@@ -180,6 +181,32 @@ pub struct ServeConfig {
     pub s3: Option<S3Config>,
     /// Eviction and retention ages.
     pub retention: RetentionConfig,
+    /// Tokens and the cluster secret.
+    pub auth: AuthSettings,
+}
+
+/// Who may use the node (see [`crate::auth`]).
+#[derive(Debug, Clone, Default)]
+pub struct AuthSettings {
+    /// `--tokens-file`, reloaded on SIGHUP.
+    pub tokens_file: Option<PathBuf>,
+    /// `[[token]]` tables of the config file.
+    pub tokens: Vec<crate::auth::TokenSpec>,
+    /// The cluster secret, read from `--cluster-secret-file`.
+    pub cluster_secret: Option<String>,
+    /// `--allow-anonymous`.
+    pub allow_anonymous: bool,
+}
+
+impl AuthSettings {
+    /// The node's [`crate::auth::Auth`].
+    pub fn build(&self) -> Result<crate::auth::Auth, crate::auth::TokensError> {
+        crate::auth::Auth::new(
+            self.tokens_file.clone(),
+            self.tokens.clone(),
+            self.cluster_secret.clone(),
+        )
+    }
 }
 
 impl ServeConfig {
@@ -190,6 +217,17 @@ impl ServeConfig {
             None => args,
         };
         let s3 = s3_config(&args)?;
+        let auth = AuthSettings {
+            tokens_file: args.tokens_file.clone(),
+            tokens: args.token.clone().unwrap_or_default(),
+            cluster_secret: args
+                .cluster_secret_file
+                .as_deref()
+                .map(crate::auth::load_secret_file)
+                .transpose()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+            allow_anonymous: args.allow_anonymous,
+        };
         let node = match args.node {
             Some(node) => {
                 chunkbus_client::names::validate_node(&node)
@@ -227,6 +265,7 @@ impl ServeConfig {
                 .map_or(DEFAULT_REPLICATION_WAIT, |d| d.0),
             peer_timeout: args.peer_timeout.map_or(DEFAULT_PEER_TIMEOUT, |d| d.0),
             s3,
+            auth,
             retention: RetentionConfig {
                 local_retention: args
                     .local_retention
@@ -264,6 +303,21 @@ impl ServeConfig {
                 ByteSize(self.max_line_bytes),
                 ByteSize(self.max_body_bytes)
             ));
+        }
+        let auth = self
+            .auth
+            .build()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if !auth.required() && !self.auth.allow_anonymous && !self.listen.ip().is_loopback() {
+            return invalid(format!(
+                "no tokens are configured, so chunkbus listens on loopback only, not on {}: give --tokens-file (see docs/security.md), or --allow-anonymous to serve anyone who can reach it",
+                self.listen
+            ));
+        }
+        if auth.required() && !self.peers.is_empty() && !auth.has_cluster_secret() {
+            return invalid(
+                "tokens are configured and --peers is set: the nodes need --cluster-secret-file to reach each other".into(),
+            );
         }
         if self.max_body_bytes > self.max_inflight_bytes {
             return invalid(format!(
@@ -481,6 +535,43 @@ mod tests {
         assert!(Cli::try_parse_from(["chunkbus", "serve", "--sync", "sometimes"]).is_err());
         assert!(Cli::try_parse_from(["chunkbus", "serve", "--node", "a/b"]).is_ok());
         assert!(ServeConfig::resolve(serve_args(&["chunkbus", "serve", "--node", "a/b"])).is_err());
+    }
+
+    #[test]
+    fn tokens_come_from_files_and_the_cluster_needs_its_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("c.toml");
+        std::fs::write(
+            &conf,
+            "[[token]]\nname = \"ops\"\nsecret = \"0123456789abcdef-ops\"\nroles = [\"admin\"]\n",
+        )
+        .unwrap();
+        let c = conf.to_str().unwrap();
+        let cfg = ServeConfig::resolve(serve_args(&["chunkbus", "serve", "--config", c])).unwrap();
+        assert_eq!(cfg.auth.tokens.len(), 1);
+        assert!(cfg.auth.build().unwrap().required());
+        // Anywhere but loopback, a node without tokens needs --allow-anonymous.
+        let open = ["chunkbus", "serve", "--listen", "0.0.0.0:8080"];
+        let err = ServeConfig::resolve(serve_args(&open)).unwrap_err().to_string();
+        assert!(err.contains("loopback"), "{err}");
+        let anon = [&open[..], &["--allow-anonymous"]].concat();
+        assert!(ServeConfig::resolve(serve_args(&anon)).is_ok());
+        // Tokens and peers, but no cluster secret.
+        let peers = ["--node", "eu1", "--peers", "eu2=127.0.0.1:9"];
+        let argv = [&["chunkbus", "serve", "--config", c][..], &peers].concat();
+        let err = ServeConfig::resolve(serve_args(&argv)).unwrap_err().to_string();
+        assert!(err.contains("--cluster-secret-file"), "{err}");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "short").unwrap();
+        let s = secret.to_str().unwrap();
+        let argv = [&argv[..], &["--cluster-secret-file", s]].concat();
+        let err = ServeConfig::resolve(serve_args(&argv)).unwrap_err().to_string();
+        assert!(err.contains("at least 16"), "{err}");
+        std::fs::write(&secret, "a-long-enough-cluster-secret\n").unwrap();
+        let cfg = ServeConfig::resolve(serve_args(&argv)).unwrap();
+        assert_eq!(cfg.auth.cluster_secret.as_deref(), Some("a-long-enough-cluster-secret"));
+        // A secret is never a flag.
+        assert!(Cli::try_parse_from(["chunkbus", "serve", "--token", "x"]).is_err());
     }
 
     #[test]

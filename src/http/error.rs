@@ -21,6 +21,12 @@ pub enum ApiError {
     /// 400: a bad name, parameter or body.
     #[error("{0}")]
     BadRequest(String),
+    /// 401: no token, or one this node does not know.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403: a token without the role or the category.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404: no such chunk or route.
     #[error("{0}")]
     NotFound(String),
@@ -64,6 +70,8 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -84,6 +92,7 @@ impl IntoResponse for ApiError {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         }
         let retry = matches!(self, ApiError::Overloaded(_) | ApiError::Unavailable(_));
+        let challenge = matches!(self, ApiError::Unauthorized(_));
         let mut resp = match self {
             ApiError::ReplicasTimeout { message, written } => {
                 let mut body = serde_json::to_value(written).unwrap_or_default();
@@ -102,7 +111,22 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
+        if challenge {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"chunkbus\", Basic realm=\"chunkbus\""),
+            );
+        }
         resp
+    }
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        match e {
+            crate::auth::AuthError::Unauthenticated(m) => ApiError::Unauthorized(m),
+            crate::auth::AuthError::Forbidden(m) => ApiError::Forbidden(m),
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! answers into JSON. Every error goes through [`ApiError`], which owns the
 //! choice of status code. The contract is `docs/api.md`.
 
+mod access;
 mod admin;
 mod body;
 mod chukcha;
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 pub use body::Inflight;
 pub use error::ApiError;
 
+use crate::auth::Auth;
 use crate::consumers::Consumers;
 use crate::metrics::Metrics;
 use crate::replication::Replication;
@@ -57,6 +59,8 @@ pub struct AppState {
     pub consumers: Arc<Consumers>,
     /// The S3 tier (status).
     pub tiering: Arc<Tiering>,
+    /// Tokens and the cluster secret.
+    pub auth: Arc<Auth>,
     /// Request limits.
     pub limits: Limits,
     /// Memory budget of request bodies.
@@ -67,17 +71,34 @@ pub struct AppState {
     pub started: Instant,
 }
 
+/// The node's parts the HTTP layer uses.
+#[derive(Debug)]
+pub struct Services {
+    /// The chunk store.
+    pub storage: Storage,
+    /// The node's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Replication.
+    pub replication: Arc<Replication>,
+    /// Consumer positions.
+    pub consumers: Arc<Consumers>,
+    /// The S3 tier.
+    pub tiering: Arc<Tiering>,
+    /// Tokens and the cluster secret.
+    pub auth: Arc<Auth>,
+}
+
 impl AppState {
     /// Builds the state from its parts.
-    pub fn new(
-        storage: Storage,
-        metrics: Arc<Metrics>,
-        replication: Arc<Replication>,
-        consumers: Arc<Consumers>,
-        tiering: Arc<Tiering>,
-        limits: Limits,
-        shutdown: CancellationToken,
-    ) -> Arc<Self> {
+    pub fn new(services: Services, limits: Limits, shutdown: CancellationToken) -> Arc<Self> {
+        let Services {
+            storage,
+            metrics,
+            replication,
+            consumers,
+            tiering,
+            auth,
+        } = services;
         let inflight = Inflight::new(limits.max_inflight_bytes, metrics.inflight_bytes.clone());
         Arc::new(Self {
             storage,
@@ -85,6 +106,7 @@ impl AppState {
             replication,
             consumers,
             tiering,
+            auth,
             limits,
             inflight,
             shutdown,
@@ -136,6 +158,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/internal/forget/{node}", post(internal::forget))
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::authorize,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             ops::track,

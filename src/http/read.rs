@@ -26,8 +26,16 @@ pub const MAX_READ_MAX_BYTES: u64 = 16 << 20;
 pub const MAX_READ_WAIT: Duration = Duration::from_secs(300);
 
 /// `GET /v1/categories` and `/listCategories`: sorted names.
-pub(super) async fn categories(State(st): State<Arc<AppState>>) -> Json<Vec<String>> {
-    Json(st.storage.categories())
+pub(super) async fn categories(
+    State(st): State<Arc<AppState>>,
+    principal: Option<axum::Extension<crate::auth::Principal>>,
+) -> Json<Vec<String>> {
+    // A token limited to some categories sees only those.
+    let mut names = st.storage.categories();
+    if let Some(axum::Extension(p)) = principal {
+        names.retain(|c| p.may_see(c));
+    }
+    Json(names)
 }
 
 /// The chunks of a category; an unknown category has none.

@@ -45,6 +45,8 @@ pub struct ReplicationConfig {
     pub peer_timeout: Duration,
     /// Declare an unreachable peer lost after this long.
     pub owner_lost_after: Option<Duration>,
+    /// Presented to peers as a bearer token.
+    pub cluster_secret: Option<String>,
 }
 
 /// Replication of one node: its pullers, their state, and its replicas'
@@ -95,9 +97,17 @@ impl Replication {
                 state: Mutex::new(PeerState::default()),
             })
             .collect();
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(secret) = &cfg.cluster_secret
+            && let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {secret}"))
+        {
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(cfg.peer_timeout)
             .tcp_nodelay(true)
+            .default_headers(headers)
             .build()
             .expect("a plain HTTP client always builds");
         for p in &cfg.peers {

@@ -47,6 +47,8 @@ const REGISTRY_SAVE_EVERY: Duration = Duration::from_millis(200);
 pub struct ShipConfig {
     /// Nodes to send to.
     pub servers: Vec<String>,
+    /// Token presented to the nodes, when they require one.
+    pub token: Option<String>,
     /// Category.
     pub category: String,
     /// Paths, globs or directories.
@@ -95,6 +97,7 @@ pub async fn run(cfg: ShipConfig, stop: CancellationToken) -> Result<(), String>
         category: cfg.category.clone(),
         compression: cfg.compression,
         max_in_flight: SHIP_IN_FLIGHT,
+        token: cfg.token.clone(),
         ..ProducerConfig::default()
     })
     .map_err(|e| e.to_string())?;

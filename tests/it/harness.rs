@@ -38,6 +38,7 @@ pub fn config(dir: &Path) -> ServeConfig {
             local_retention: chunkbus::upload::DEFAULT_LOCAL_RETENTION,
             retention: None,
         },
+        auth: Default::default(),
     }
 }
 
@@ -289,10 +290,21 @@ pub async fn raw_request(
     target: &str,
     body: &[u8],
 ) -> (u16, String) {
+    raw_request_with(addr, method, target, "", body).await
+}
+
+/// [`raw_request`] with extra header lines (`"name: value\r\n"` each).
+pub async fn raw_request_with(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "{method} {target} HTTP/1.1\r\nhost: test\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "{method} {target} HTTP/1.1\r\nhost: test\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).await.unwrap();

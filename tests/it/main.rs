@@ -13,6 +13,7 @@ mod harness;
 mod proxy;
 mod replication;
 mod s3_server;
+mod security;
 mod ship;
 mod shippers;
 mod tiering;

@@ -1,0 +1,464 @@
+//! Tokens, roles, category patterns and the cluster secret, through HTTP.
+
+use std::time::Duration;
+
+use chunkbus::auth::{Role, TokenSpec};
+use reqwest::StatusCode;
+
+use crate::harness::{BinNode, CONDITION_DEADLINE, TestNode, serve_command};
+
+const PRODUCER: &str = "producer-secret-0123456789";
+const CONSUMER: &str = "consumer-secret-0123456789";
+const ADMIN: &str = "admin-secret-0123456789";
+const APP_ONLY: &str = "app-only-secret-0123456789";
+const CLUSTER: &str = "cluster-secret-0123456789";
+
+fn token(name: &str, secret: &str, roles: &[Role], categories: Option<&[&str]>) -> TokenSpec {
+    TokenSpec {
+        name: Some(name.into()),
+        secret: secret.into(),
+        roles: roles.to_vec(),
+        categories: categories.map(|c| c.iter().map(|s| s.to_string()).collect()),
+    }
+}
+
+async fn secured() -> TestNode {
+    TestNode::start_with(|cfg| {
+        cfg.auth.tokens = vec![
+            token("shippers", PRODUCER, &[Role::Produce], None),
+            token("readers", CONSUMER, &[Role::Consume], None),
+            token("ops", ADMIN, &[Role::Admin], None),
+            token(
+                "app-team",
+                APP_ONLY,
+                &[Role::Produce, Role::Consume],
+                Some(&["app*"]),
+            ),
+        ];
+        cfg.auth.cluster_secret = Some(CLUSTER.into());
+    })
+    .await
+}
+
+/// Method, path, body, and the status expected with each secret.
+type Case<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, u16)]);
+
+/// Sends `method path` with `secret` as a bearer token (none when empty).
+async fn call(node: &TestNode, method: &str, path: &str, secret: &str, body: &str) -> StatusCode {
+    let mut req = node
+        .http
+        .request(method.parse().unwrap(), node.url(path))
+        .body(body.to_owned());
+    if !secret.is_empty() {
+        req = req.bearer_auth(secret);
+    }
+    req.send().await.unwrap().status()
+}
+
+#[tokio::test]
+async fn each_endpoint_family_needs_its_role() {
+    let node = secured().await;
+    // Data to read.
+    assert_eq!(
+        call(&node, "POST", "/v1/categories/app/lines", PRODUCER, "a\n").await,
+        200
+    );
+    let chunk = "t1-chunk000000000";
+    let read = format!("/v1/categories/app/chunks/{chunk}?offset=0");
+    let cases: &[Case] = &[
+        // (method, path, body, [(secret, status)])
+        (
+            "POST",
+            "/v1/categories/app/lines",
+            "b\n",
+            &[
+                ("", 401),
+                ("wrong-secret-0123456789", 401),
+                (PRODUCER, 200),
+                (CONSUMER, 403),
+                (ADMIN, 403),
+                (CLUSTER, 403),
+            ],
+        ),
+        (
+            "POST",
+            "/write?category=app",
+            "c\n",
+            &[("", 401), (PRODUCER, 200), (CONSUMER, 403)],
+        ),
+        (
+            "GET",
+            "/v1/categories/app/chunks",
+            "",
+            &[("", 401), (PRODUCER, 403), (CONSUMER, 200), (CLUSTER, 200)],
+        ),
+        (
+            "GET",
+            &read,
+            "",
+            &[("", 401), (PRODUCER, 403), (CONSUMER, 200)],
+        ),
+        (
+            "GET",
+            "/v1/categories",
+            "",
+            &[("", 401), (PRODUCER, 403), (CONSUMER, 200)],
+        ),
+        (
+            "GET",
+            "/v1/categories/app/consumers/c1/next?wait=0s",
+            "",
+            &[("", 401), (PRODUCER, 403), (CONSUMER, 200)],
+        ),
+        (
+            "PUT",
+            "/v1/categories/app/consumers/c1/position",
+            r#"{"to":"earliest"}"#,
+            &[("", 401), (PRODUCER, 403)],
+        ),
+        (
+            "GET",
+            &format!("/read?category=app&chunk={chunk}&off=0&max_size=100"),
+            "",
+            &[("", 401), (PRODUCER, 403), (CONSUMER, 200)],
+        ),
+        (
+            "GET",
+            "/listChunks?category=app",
+            "",
+            &[("", 401), (CONSUMER, 200)],
+        ),
+        (
+            "POST",
+            "/v1/admin/forget-node/t9",
+            "",
+            &[("", 401), (PRODUCER, 403), (CONSUMER, 403), (ADMIN, 200)],
+        ),
+        (
+            "POST",
+            "/v1/internal/changes",
+            r#"{"node":"t2","since":0,"wait_ms":0}"#,
+            &[("", 401), (ADMIN, 401), (CONSUMER, 401)],
+        ),
+        (
+            "GET",
+            "/v1/status",
+            "",
+            &[("", 401), (PRODUCER, 200), (CLUSTER, 200)],
+        ),
+        ("GET", "/metrics", "", &[("", 401), (CONSUMER, 200)]),
+        ("GET", "/healthz", "", &[("", 200)]),
+    ];
+    for (method, path, body, expect) in cases {
+        for (secret, status) in expect.iter() {
+            let got = call(&node, method, path, secret, body).await;
+            let who = if secret.is_empty() {
+                "no token"
+            } else {
+                &secret[..8]
+            };
+            assert_eq!(got.as_u16(), *status, "{method} {path} with {who}");
+        }
+    }
+    // A 401 says how to authenticate; every refusal is a JSON sentence.
+    let resp = node
+        .http
+        .get(node.url("/v1/categories"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("Bearer")
+    );
+    let body: chunkbus_client::ErrorBody = resp.json().await.unwrap();
+    assert!(body.error.contains("requires a token"), "{}", body.error);
+    let resp = node
+        .http
+        .post(node.url("/v1/categories/app/lines"))
+        .bearer_auth(CONSUMER)
+        .body("x\n")
+        .send()
+        .await
+        .unwrap();
+    let body: chunkbus_client::ErrorBody = resp.json().await.unwrap();
+    assert!(body.error.contains("produce role"), "{}", body.error);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn category_patterns_limit_a_token_and_hide_other_categories() {
+    let node = secured().await;
+    assert_eq!(
+        call(
+            &node,
+            "POST",
+            "/v1/categories/billing/lines",
+            PRODUCER,
+            "b\n"
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        call(
+            &node,
+            "POST",
+            "/v1/categories/app.web/lines",
+            APP_ONLY,
+            "a\n"
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        call(
+            &node,
+            "POST",
+            "/v1/categories/billing/lines",
+            APP_ONLY,
+            "a\n"
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        call(&node, "GET", "/v1/categories/billing/chunks", APP_ONLY, "").await,
+        403
+    );
+    assert_eq!(
+        call(
+            &node,
+            "GET",
+            "/read?category=billing&chunk=t1-chunk000000000&off=0&max_size=9",
+            APP_ONLY,
+            ""
+        )
+        .await,
+        403
+    );
+    let listed: Vec<String> = node
+        .http
+        .get(node.url("/v1/categories"))
+        .bearer_auth(APP_ONLY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed, ["app.web"]);
+    // Path tricks never get past the pattern, and never reach the disk.
+    for trick in ["%2e%2e", "..", "..%2Fetc", "app%2F..%2F..", "%00app"] {
+        let path = format!("/v1/categories/{trick}/lines");
+        for (secret, allowed) in [(APP_ONLY, &[400, 403][..]), (PRODUCER, &[400][..])] {
+            let auth = format!("authorization: Bearer {secret}\r\n");
+            let (got, body) =
+                crate::harness::raw_request_with(node.addr, "POST", &path, &auth, b"x\n").await;
+            assert!(
+                allowed.contains(&got),
+                "{trick} with {}: {got} {body}",
+                &secret[..4]
+            );
+        }
+    }
+    assert_eq!(
+        crate::harness::tree(&node.dir)
+            .iter()
+            .filter(|e| e.contains("etc"))
+            .count(),
+        0
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn http_basic_carries_the_token_as_password() {
+    let node = secured().await;
+    let resp = node
+        .http
+        .post(node.url("/v1/categories/app/lines"))
+        .basic_auth("syslog-ng", Some(PRODUCER))
+        .body("from basic\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = node
+        .http
+        .post(node.url("/v1/categories/app/lines"))
+        .basic_auth("syslog-ng", Some("wrong-password-0123456789"))
+        .body("x\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn the_client_and_cli_present_tokens() {
+    let node = secured().await;
+    let client = chunkbus_client::Client::with_token(&node.url(""), Some(PRODUCER)).unwrap();
+    client
+        .produce("app", "via client\n", &Default::default())
+        .await
+        .unwrap();
+    let anonymous = chunkbus_client::Client::new(&node.url("")).unwrap();
+    let err = anonymous
+        .produce("app", "x\n", &Default::default())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("401") || err.to_string().contains("token"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{CONSUMER}\n")).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chunkbus"))
+        .args(["categories", "--server", &node.url(""), "--token-file"])
+        .arg(&token_file)
+        .env_remove("CHUNKBUS_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "app\n");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chunkbus"))
+        .args(["categories", "--server", &node.url("")])
+        .env_remove("CHUNKBUS_TOKEN")
+        .env_remove("CHUNKBUS_TOKEN_FILE")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token"));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_replicate_with_the_cluster_secret_and_tokens_reload_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let write_tokens = |secret: &str| {
+        std::fs::write(
+            &tokens,
+            format!("[[token]]\nname = \"all\"\nsecret = \"{secret}\"\nroles = [\"produce\", \"consume\", \"admin\"]\n"),
+        )
+        .unwrap();
+    };
+    write_tokens(ADMIN);
+    let secret = dir.path().join("cluster.secret");
+    std::fs::write(&secret, CLUSTER).unwrap();
+    let mut cluster = crate::cluster::TestCluster::start(
+        2,
+        &[
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--cluster-secret-file",
+            secret.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let n1 = chunkbus_client::Client::with_token(&cluster.url(0), Some(ADMIN)).unwrap();
+    let n2 = chunkbus_client::Client::with_token(&cluster.url(1), Some(ADMIN)).unwrap();
+    n1.produce("app", "replicated\n", &Default::default())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    while crate::harness::all_lines(&n2, "app").await != ["replicated"] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not replicated with the cluster secret"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A new tokens file takes effect on SIGHUP; the old token stops working.
+    const NEW: &str = "rotated-secret-0123456789";
+    write_tokens(NEW);
+    cluster.nodes[0]
+        .as_ref()
+        .unwrap()
+        .signal(rustix::process::Signal::HUP);
+    let rotated = chunkbus_client::Client::with_token(&cluster.url(0), Some(NEW)).unwrap();
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    while rotated.status().await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP did not reload the tokens"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(n1.status().await.is_err(), "the old token still works");
+    // A broken file keeps the tokens in use.
+    std::fs::write(&tokens, "[[token]]\nsecret = 3\n").unwrap();
+    cluster.nodes[0]
+        .as_ref()
+        .unwrap()
+        .signal(rustix::process::Signal::HUP);
+    let log_deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    loop {
+        let log = cluster.nodes[0]
+            .as_ref()
+            .unwrap()
+            .stderr
+            .lock()
+            .unwrap()
+            .clone();
+        if log.contains("cannot reload the tokens") {
+            assert!(
+                !log.contains(NEW) && !log.contains(ADMIN),
+                "a secret was logged"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < log_deadline,
+            "no reload error logged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(rotated.status().await.is_ok());
+    cluster.kill(0).await;
+}
+
+#[tokio::test]
+async fn without_tokens_a_node_refuses_to_listen_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chunkbus"))
+        .args([
+            "serve",
+            "--node",
+            "t1",
+            "--listen",
+            "0.0.0.0:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("loopback") && err.contains("--allow-anonymous"),
+        "{err}"
+    );
+    let node = BinNode::spawn(serve_command("t1", dir.path())).await;
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    while !node.stderr.lock().unwrap().contains("no tokens configured") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no start-up warning"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.kill().await;
+}
