@@ -13,6 +13,7 @@
 //! | [`http`]    | routes (`/v1`, Chukcha compatibility, operations), errors → status codes |
 //! | [`metrics`] | the Prometheus registry of a node |
 //! | [`replication`] | pulling every peer's chunks, `min_replicas`, lost owners |
+//! | [`tls`]     | HTTPS for clients and peers (rustls) |
 //! | [`upload`]  | the S3 tier: uploads, eviction, read-through, retention |
 //! | [`ship`]    | `chunkbus ship`: following log files into the bus |
 //! | [`server`]  | wiring: listener, storage, HTTP, signals, graceful shutdown |
@@ -27,4 +28,5 @@ pub mod replication;
 pub mod server;
 pub mod ship;
 pub mod storage;
+pub mod tls;
 pub mod upload;

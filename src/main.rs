@@ -44,8 +44,10 @@ fn main() -> ExitCode {
                 _ => chunkbus_client::Compression::None,
             };
             let token = cmd.server.token()?;
+            let ca_pem = cmd.server.ca_pem()?;
             rt.block_on(cli::produce(cli::produce::ProduceArgs {
                 token,
+                ca_pem,
                 servers: cmd.server.servers,
                 category: cmd.category,
                 files: cmd.files,
@@ -59,8 +61,10 @@ fn main() -> ExitCode {
         }),
         Command::Consume(cmd) => runtime().and_then(|rt| {
             let token = cmd.server.token()?;
+            let ca_pem = cmd.server.ca_pem()?;
             rt.block_on(cli::consume(cli::consume::ConsumeArgs {
                 token,
+                ca_pem,
                 servers: cmd.server.servers,
                 category: cmd.category,
                 consumer: cmd.consumer,

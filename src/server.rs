@@ -18,6 +18,7 @@ use crate::http::{AppState, Limits, Services, router};
 use crate::metrics::Metrics;
 use crate::replication::{Replication, ReplicationConfig};
 use crate::storage::{Storage, StorageError};
+use crate::tls::TlsListener;
 use crate::upload::{Cluster, Tiering};
 
 /// The replication's view of the cluster, for the S3 tier.
@@ -132,6 +133,8 @@ pub async fn run(
             peer_timeout: cfg.peer_timeout,
             owner_lost_after: cfg.owner_lost_after,
             cluster_secret: cfg.auth.cluster_secret.clone(),
+            https: cfg.tls.is_some(),
+            ca_pem: cfg.tls.as_ref().and_then(|t| t.ca_pem.clone()),
         },
         metrics.clone(),
     );
@@ -173,9 +176,6 @@ pub async fn run(
         shutdown.clone(),
     );
     let addr = listener.local_addr().map_err(ServeError::Http)?;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     tracing::info!(%addr, node = %cfg.node, sync = ?cfg.sync, peers = cfg.peers.len(), s3 = cfg.s3.as_ref().map_or("off", |s| s.bucket.as_str()), "listening");
     if auth.required() {
         tracing::info!(
@@ -185,10 +185,26 @@ pub async fn run(
     } else {
         tracing::warn!(%addr, "no tokens configured: anyone who can reach this address may read and write (see docs/security.md)");
     }
-    println!("chunkbus listening on http://{addr}");
-    let served = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    let app = router(state);
+    let served = match &cfg.tls {
+        Some(tls) => {
+            let listener =
+                TlsListener::new(listener, tls.server.clone()).map_err(ServeError::Http)?;
+            println!("chunkbus listening on https://{addr}");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+        None => {
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            println!("chunkbus listening on http://{addr}");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+    };
     stop_pullers.cancel();
     pullers.wait().await;
     storage.shutdown().await;

@@ -51,6 +51,8 @@ pub struct ConsumerConfig {
     pub until_idle: Option<Duration>,
     /// Token presented to the nodes, when they require one.
     pub token: Option<String>,
+    /// A private CA (PEM) to trust for `https://` nodes.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for ConsumerConfig {
@@ -64,6 +66,7 @@ impl Default for ConsumerConfig {
             start_latest: false,
             until_idle: None,
             token: None,
+            ca_pem: None,
         }
     }
 }
@@ -94,7 +97,7 @@ impl Consumer {
         let clients = cfg
             .servers
             .iter()
-            .map(|s| Client::with_token(s, cfg.token.as_deref()))
+            .map(|s| Client::with_tls(s, cfg.token.as_deref(), cfg.ca_pem.as_deref()))
             .collect::<Result<Vec<_>, _>>()?;
         if clients.is_empty() {
             return Err(ClientError::BadUrl {

@@ -78,6 +78,8 @@ pub struct ProducerConfig {
     pub max_in_flight: usize,
     /// Token presented to the nodes, when they require one.
     pub token: Option<String>,
+    /// A private CA (PEM) to trust for `https://` nodes.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for ProducerConfig {
@@ -94,6 +96,7 @@ impl Default for ProducerConfig {
             max_backoff: Duration::from_secs(5),
             max_in_flight: 1,
             token: None,
+            ca_pem: None,
         }
     }
 }
@@ -154,7 +157,7 @@ impl Producer {
         let clients = cfg
             .servers
             .iter()
-            .map(|s| Client::with_token(s, cfg.token.as_deref()))
+            .map(|s| Client::with_tls(s, cfg.token.as_deref(), cfg.ca_pem.as_deref()))
             .collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel(1024);
         let memory = Arc::new(Semaphore::new(cfg.max_buffered_bytes));

@@ -97,6 +97,21 @@ impl Client {
     /// A client that presents `token` (`Authorization: Bearer`) on every
     /// request, for nodes that require tokens.
     pub fn with_token(base: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        Self::with_tls(base, token, None)
+    }
+
+    /// A client that presents `token` and, for `https://` nodes whose
+    /// certificate a private CA signed, trusts that CA (PEM) besides the
+    /// system's roots.
+    pub fn with_tls(
+        base: &str,
+        token: Option<&str>,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, ClientError> {
+        let bad = |reason: String| ClientError::BadUrl {
+            url: base.to_owned(),
+            reason,
+        };
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(token) = token {
             let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
@@ -107,14 +122,21 @@ impl Client {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .default_headers(headers)
-            .build()
-            .map_err(|e| ClientError::BadUrl {
-                url: base.to_owned(),
-                reason: e.to_string(),
-            })?;
+            .default_headers(headers);
+        if let Some(pem) = ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| bad(format!("the CA is not a PEM certificate: {e}")))?;
+            if certs.is_empty() {
+                return Err(bad("the CA file holds no certificate".into()));
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder.build().map_err(|e| ClientError::BadUrl {
+            url: base.to_owned(),
+            reason: e.to_string(),
+        })?;
         Self::with_http(base, http)
     }
 

@@ -21,6 +21,8 @@ pub struct ConsumeArgs {
     pub start_latest: bool,
     /// Token to present.
     pub token: Option<String>,
+    /// Private CA to trust.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// Runs the consumer until idle (or forever).
@@ -32,6 +34,7 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), String> {
         until_idle: args.until_idle,
         start_latest: args.start_latest,
         token: args.token,
+        ca_pem: args.ca_pem,
         ..ConsumerConfig::default()
     })
     .map_err(|e| e.to_string())?;

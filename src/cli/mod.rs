@@ -19,7 +19,8 @@ use crate::config::ServerArgs;
 /// the token, if any.
 pub fn first_client(args: &ServerArgs) -> Result<Client, String> {
     let url = args.servers.first().ok_or("no --server given")?;
-    Client::with_token(url, args.token()?.as_deref()).map_err(|e| e.to_string())
+    Client::with_tls(url, args.token()?.as_deref(), args.ca_pem()?.as_deref())
+        .map_err(|e| e.to_string())
 }
 
 /// `chunkbus categories`: one name per line.

@@ -26,6 +26,8 @@ pub struct ProduceArgs {
     pub options: ProduceOptions,
     /// Token to present.
     pub token: Option<String>,
+    /// Private CA to trust.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// Sends every line of the inputs; prints a summary (and a progress line
@@ -37,6 +39,7 @@ pub async fn produce(args: ProduceArgs) -> Result<(), String> {
         compression: args.compression,
         options: args.options.clone(),
         token: args.token.clone(),
+        ca_pem: args.ca_pem.clone(),
         ..ProducerConfig::default()
     })
     .map_err(|e| e.to_string())?;

@@ -71,8 +71,10 @@ pub fn groups(cmd: ShipCmd) -> Result<Vec<ShipConfig>, String> {
         }
         chunkbus_client::names::validate_category(&category).map_err(|e| e.to_string())?;
         let token = cmd.server.token()?;
+        let ca_pem = cmd.server.ca_pem()?;
         return Ok(vec![ShipConfig {
             token,
+            ca_pem,
             servers: cmd.server.servers,
             category,
             patterns: cmd.paths,
@@ -92,12 +94,14 @@ pub fn groups(cmd: ShipCmd) -> Result<Vec<ShipConfig>, String> {
         .unwrap_or_else(|| PathBuf::from("./chunkbus-ship"));
     let comp = compression(file.compression.as_deref().unwrap_or("zstd"))?;
     let token = cmd.server.token()?;
+    let ca_pem = cmd.server.ca_pem()?;
     file.group
         .into_iter()
         .map(|g| {
             chunkbus_client::names::validate_category(&g.category).map_err(|e| e.to_string())?;
             Ok(ShipConfig {
                 token: token.clone(),
+                ca_pem: ca_pem.clone(),
                 servers: file
                     .servers
                     .clone()

@@ -54,12 +54,25 @@ pub struct ServerArgs {
     /// not show in the process list.
     #[arg(long, env = "CHUNKBUS_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// A private CA (PEM) to trust for https:// nodes, besides the system's.
+    #[arg(long, env = "CHUNKBUS_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl ServerArgs {
     /// The token to present: from `--token-file`, else `CHUNKBUS_TOKEN`.
     pub fn token(&self) -> Result<Option<String>, String> {
         read_token(self.token_file.as_deref())
+    }
+
+    /// The CA of `--ca-file`, if given.
+    pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, String> {
+        self.ca_file
+            .as_ref()
+            .map(|p| {
+                std::fs::read(p).map_err(|e| format!("cannot read CA file {}: {e}", p.display()))
+            })
+            .transpose()
     }
 }
 
@@ -300,6 +313,19 @@ pub struct ServeArgs {
     /// File holding the secret the cluster's nodes present to each other.
     #[arg(long, env = "CHUNKBUS_CLUSTER_SECRET_FILE", value_name = "FILE")]
     pub cluster_secret_file: Option<PathBuf>,
+
+    /// Serve HTTPS with this certificate chain (PEM); peers are then reached
+    /// over HTTPS too [default: plain HTTP].
+    #[arg(long, env = "CHUNKBUS_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "CHUNKBUS_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// A private CA (PEM) that signed the peers' certificates [default: the system's roots].
+    #[arg(long, env = "CHUNKBUS_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -334,6 +360,9 @@ impl ServeArgs {
             token: self.token.or(file.token),
             allow_anonymous: self.allow_anonymous || file.allow_anonymous,
             cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            tls_ca: self.tls_ca.or(file.tls_ca),
         }
     }
 }

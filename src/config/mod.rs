@@ -183,6 +183,17 @@ pub struct ServeConfig {
     pub retention: RetentionConfig,
     /// Tokens and the cluster secret.
     pub auth: AuthSettings,
+    /// HTTPS; `None`: plain HTTP.
+    pub tls: Option<TlsSettings>,
+}
+
+/// `--tls-cert`, `--tls-key`, `--tls-ca`.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// The server's rustls configuration (certificate and key loaded).
+    pub server: std::sync::Arc<rustls::ServerConfig>,
+    /// The CA that signed the peers' certificates (PEM), if private.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// Who may use the node (see [`crate::auth`]).
@@ -228,6 +239,35 @@ impl ServeConfig {
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?,
             allow_anonymous: args.allow_anonymous,
         };
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsSettings {
+                server: crate::tls::server_config(cert, key)
+                    .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+                ca_pem: args
+                    .tls_ca
+                    .as_ref()
+                    .map(|p| {
+                        std::fs::read(p).map_err(|e| {
+                            ConfigError::Invalid(format!(
+                                "cannot read --tls-ca {}: {e}",
+                                p.display()
+                            ))
+                        })
+                    })
+                    .transpose()?,
+            }),
+            (None, None) if args.tls_ca.is_none() => None,
+            (None, None) => {
+                return Err(ConfigError::Invalid(
+                    "--tls-ca needs --tls-cert and --tls-key".into(),
+                ));
+            }
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "--tls-cert and --tls-key go together".into(),
+                ));
+            }
+        };
         let node = match args.node {
             Some(node) => {
                 chunkbus_client::names::validate_node(&node)
@@ -266,6 +306,7 @@ impl ServeConfig {
             peer_timeout: args.peer_timeout.map_or(DEFAULT_PEER_TIMEOUT, |d| d.0),
             s3,
             auth,
+            tls,
             retention: RetentionConfig {
                 local_retention: args
                     .local_retention
@@ -552,24 +593,33 @@ mod tests {
         assert!(cfg.auth.build().unwrap().required());
         // Anywhere but loopback, a node without tokens needs --allow-anonymous.
         let open = ["chunkbus", "serve", "--listen", "0.0.0.0:8080"];
-        let err = ServeConfig::resolve(serve_args(&open)).unwrap_err().to_string();
+        let err = ServeConfig::resolve(serve_args(&open))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("loopback"), "{err}");
         let anon = [&open[..], &["--allow-anonymous"]].concat();
         assert!(ServeConfig::resolve(serve_args(&anon)).is_ok());
         // Tokens and peers, but no cluster secret.
         let peers = ["--node", "eu1", "--peers", "eu2=127.0.0.1:9"];
         let argv = [&["chunkbus", "serve", "--config", c][..], &peers].concat();
-        let err = ServeConfig::resolve(serve_args(&argv)).unwrap_err().to_string();
+        let err = ServeConfig::resolve(serve_args(&argv))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--cluster-secret-file"), "{err}");
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "short").unwrap();
         let s = secret.to_str().unwrap();
         let argv = [&argv[..], &["--cluster-secret-file", s]].concat();
-        let err = ServeConfig::resolve(serve_args(&argv)).unwrap_err().to_string();
+        let err = ServeConfig::resolve(serve_args(&argv))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("at least 16"), "{err}");
         std::fs::write(&secret, "a-long-enough-cluster-secret\n").unwrap();
         let cfg = ServeConfig::resolve(serve_args(&argv)).unwrap();
-        assert_eq!(cfg.auth.cluster_secret.as_deref(), Some("a-long-enough-cluster-secret"));
+        assert_eq!(
+            cfg.auth.cluster_secret.as_deref(),
+            Some("a-long-enough-cluster-secret")
+        );
         // A secret is never a flag.
         assert!(Cli::try_parse_from(["chunkbus", "serve", "--token", "x"]).is_err());
     }

@@ -47,6 +47,10 @@ pub struct ReplicationConfig {
     pub owner_lost_after: Option<Duration>,
     /// Presented to peers as a bearer token.
     pub cluster_secret: Option<String>,
+    /// Peers are reached over HTTPS.
+    pub https: bool,
+    /// The CA (PEM) that signed the peers' certificates, when private.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// Replication of one node: its pullers, their state, and its replicas'
@@ -104,12 +108,19 @@ impl Replication {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(cfg.peer_timeout)
             .tcp_nodelay(true)
-            .default_headers(headers)
-            .build()
-            .expect("a plain HTTP client always builds");
+            .default_headers(headers);
+        if let Some(pem) = &cfg.ca_pem {
+            match reqwest::Certificate::from_pem_bundle(pem) {
+                Ok(certs) => builder = builder.tls_certs_merge(certs),
+                Err(e) => {
+                    tracing::error!(error = %e, "--tls-ca is not a PEM certificate; using the system's roots")
+                }
+            }
+        }
+        let http = builder.build().expect("the peers' HTTP client builds");
         for p in &cfg.peers {
             metrics
                 .peer_connected
@@ -134,6 +145,12 @@ impl Replication {
         for i in 0..self.links.len() {
             tasks.spawn(puller::run(self.clone(), i, cancel.clone()));
         }
+    }
+
+    /// `http(s)://host:port` of a peer.
+    fn peer_base(&self, link: &PeerLink) -> String {
+        let scheme = if self.cfg.https { "https" } else { "http" };
+        format!("{scheme}://{}", link.peer.addr)
     }
 
     /// Number of other nodes.
@@ -174,7 +191,7 @@ impl Replication {
         let chunks_completed = self.forget_here(node).await?;
         let mut peers = BTreeMap::new();
         for link in self.links.iter().filter(|l| l.peer.name != node) {
-            let url = format!("http://{}/v1/internal/forget/{node}", link.peer.addr);
+            let url = format!("{}/v1/internal/forget/{node}", self.peer_base(link));
             let res = self
                 .http
                 .post(&url)

@@ -43,7 +43,7 @@ enum PullError {
 /// Follows peer `idx` until `cancel`.
 pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: CancellationToken) {
     let link = &repl.links[idx];
-    let base = format!("http://{}", link.peer.addr);
+    let base = repl.peer_base(link);
     let client = Client::with_http(&base, repl.http.clone()).expect("peer addresses are validated");
     let mut since = 0u64;
     let mut positions_since = 0u64;

@@ -49,6 +49,8 @@ pub struct ShipConfig {
     pub servers: Vec<String>,
     /// Token presented to the nodes, when they require one.
     pub token: Option<String>,
+    /// A private CA (PEM) to trust for https:// nodes.
+    pub ca_pem: Option<Vec<u8>>,
     /// Category.
     pub category: String,
     /// Paths, globs or directories.
@@ -98,6 +100,7 @@ pub async fn run(cfg: ShipConfig, stop: CancellationToken) -> Result<(), String>
         compression: cfg.compression,
         max_in_flight: SHIP_IN_FLIGHT,
         token: cfg.token.clone(),
+        ca_pem: cfg.ca_pem.clone(),
         ..ProducerConfig::default()
     })
     .map_err(|e| e.to_string())?;

@@ -39,6 +39,7 @@ pub fn config(dir: &Path) -> ServeConfig {
             retention: None,
         },
         auth: Default::default(),
+        tls: None,
     }
 }
 
@@ -217,7 +218,10 @@ impl BinNode {
         let mut lines = BufReader::new(stdout).lines();
         let addr = tokio::time::timeout(START_DEADLINE, async {
             while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(rest) = line.strip_prefix("chunkbus listening on http://") {
+                let rest = line
+                    .strip_prefix("chunkbus listening on http://")
+                    .or_else(|| line.strip_prefix("chunkbus listening on https://"));
+                if let Some(rest) = rest {
                     return rest.parse::<SocketAddr>().unwrap();
                 }
             }

@@ -462,3 +462,111 @@ async fn without_tokens_a_node_refuses_to_listen_beyond_loopback() {
     }
     node.kill().await;
 }
+
+/// A private CA and a certificate it signed for 127.0.0.1 and localhost, as
+/// PEM files in `dir`: (ca, cert, key).
+fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "chunkbus test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_clients_and_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_pki(dir.path());
+    let mut cluster = crate::cluster::TestCluster::start(
+        2,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--tls-ca",
+            ca.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let ca_pem = std::fs::read(&ca).unwrap();
+    let https = |i: usize| format!("https://{}", cluster.nodes[i].as_ref().unwrap().addr);
+    let n1 = chunkbus_client::Client::with_tls(&https(0), None, Some(&ca_pem)).unwrap();
+    let n2 = chunkbus_client::Client::with_tls(&https(1), None, Some(&ca_pem)).unwrap();
+    n1.produce("app", "over tls\n", &Default::default())
+        .await
+        .unwrap();
+    // The peers replicate over HTTPS too.
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    while crate::harness::all_lines(&n2, "app").await != ["over tls"] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not replicated over TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Without the CA the certificate is not trusted; plain HTTP gets nowhere.
+    let untrusting = chunkbus_client::Client::new(&https(0)).unwrap();
+    assert!(untrusting.status().await.is_err());
+    let plain = chunkbus_client::Client::new(&https(0).replace("https", "http")).unwrap();
+    assert!(plain.status().await.is_err());
+    // The CLI takes the CA too.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chunkbus"))
+        .args(["categories", "--server", &https(1), "--ca-file"])
+        .arg(&ca)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "app\n");
+    cluster.kill(0).await;
+    cluster.kill(1).await;
+}
+
+#[tokio::test]
+async fn bad_tls_settings_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, _) = test_pki(dir.path());
+    for (args, says) in [
+        (vec!["--tls-cert", cert.to_str().unwrap()], "go together"),
+        (
+            vec![
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                cert.to_str().unwrap(),
+            ],
+            "private key",
+        ),
+    ] {
+        let out = serve_command("t1", dir.path())
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
