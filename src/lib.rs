@@ -22,6 +22,8 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod consumers;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod replication;

@@ -200,7 +200,7 @@ pub async fn decode(
     out
 }
 
-fn decode_blocking(
+pub(crate) fn decode_blocking(
     enc: Encoding,
     raw: &[u8],
     max: u64,

@@ -7,12 +7,12 @@
 
 mod access;
 mod admin;
-mod body;
+pub(crate) mod body;
 mod chukcha;
 mod consumers;
 mod error;
 mod internal;
-mod lines;
+pub(crate) mod lines;
 mod ops;
 mod params;
 mod produce;

@@ -38,7 +38,7 @@ pub mod disk;
 mod error;
 pub mod lock;
 mod read;
-mod recovery;
+pub(crate) mod recovery;
 mod replica;
 pub mod state;
 mod syncer;

@@ -25,7 +25,7 @@ const TAIL_SCAN_BYTES: u64 = 64 * 1024;
 
 /// What start-up found in one category directory.
 #[derive(Debug, Default)]
-pub(super) struct RecoveredCategory {
+pub(crate) struct RecoveredCategory {
     pub chunks: BTreeMap<ChunkName, ChunkMeta>,
     /// Index of the next chunk this node will create.
     pub next_index: u32,
@@ -34,7 +34,7 @@ pub(super) struct RecoveredCategory {
 }
 
 /// Scans `data_dir`; returns every category with its chunks.
-pub(super) fn scan(
+pub(crate) fn scan(
     data_dir: &Path,
     node: &str,
 ) -> Result<BTreeMap<String, RecoveredCategory>, StorageError> {

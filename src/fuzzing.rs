@@ -1,0 +1,157 @@
+//! Entry points for the fuzz targets in `fuzz/` (not part of the API).
+//!
+//! Each takes arbitrary bytes and checks the properties that must hold for
+//! any input, panicking when one does not: the fuzzer reports panics, and
+//! the inputs that once failed are kept as regression tests
+//! (`tests/fuzz_regressions.rs` replays them).
+
+use std::io::Write;
+
+use crate::http::body::{Encoding, Inflight, decode_blocking};
+use crate::http::lines::{finish_lines, json_array_to_lines};
+
+/// The line splitter: a body (or a JSON array body) becomes lines, each at
+/// most `max_line` bytes, the whole ending with `\n`, counted exactly.
+pub fn lines(data: &[u8]) {
+    let Some((&limit, body)) = data.split_first() else {
+        return;
+    };
+    let max_line = u64::from(limit);
+    let mut candidates = vec![body.to_vec()];
+    if let Ok(lines) = json_array_to_lines(body) {
+        assert!(lines.is_empty() || lines.ends_with(b"\n"));
+        candidates.push(lines);
+    }
+    for mut body in candidates {
+        let original = body.clone();
+        match finish_lines(&mut body, max_line) {
+            Ok(count) => {
+                assert!(body.starts_with(&original));
+                assert!(body.is_empty() || body.ends_with(b"\n"));
+                assert_eq!(count, memchr::memchr_iter(b'\n', &body).count() as u64);
+                assert!(
+                    body.split(|&b| b == b'\n')
+                        .all(|l| l.len() as u64 <= max_line)
+                );
+            }
+            Err(_) => assert!(
+                original
+                    .split(|&b| b == b'\n')
+                    .any(|l| l.len() as u64 > max_line)
+            ),
+        }
+    }
+}
+
+/// The body decoders (gzip, zlib, zstd): never more than the limit, never a
+/// panic, and what was compressed comes back.
+pub fn decoders(data: &[u8]) {
+    let Some((&which, raw)) = data.split_first() else {
+        return;
+    };
+    let enc = match which % 3 {
+        0 => Encoding::Gzip,
+        1 => Encoding::Deflate,
+        _ => Encoding::Zstd,
+    };
+    let max = 1 << 20;
+    let budget = Inflight::new(4 << 20, Default::default());
+    let mut res = budget.reservation();
+    if let Ok(out) = decode_blocking(enc, raw, max, &mut res) {
+        assert!(out.len() as u64 <= max);
+    }
+    // Round trip of the input as plain data.
+    let packed = match enc {
+        Encoding::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(raw).unwrap();
+            e.finish().unwrap()
+        }
+        Encoding::Deflate => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(raw).unwrap();
+            e.finish().unwrap()
+        }
+        _ => zstd::encode_all(raw, 1).unwrap(),
+    };
+    let mut res = budget.reservation();
+    let back = decode_blocking(enc, &packed, max, &mut res).unwrap();
+    assert_eq!(back, raw);
+}
+
+/// Name validation: what is accepted is a plain file name, and chunk names
+/// print back exactly as parsed.
+pub fn names(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    for ok in [
+        chunkbus_client::names::validate_category(s).is_ok(),
+        chunkbus_client::names::validate_consumer(s).is_ok(),
+        chunkbus_client::names::validate_node(s).is_ok(),
+    ] {
+        if ok {
+            assert!(!s.is_empty() && s.len() <= 128);
+            assert!(!s.contains('/') && !s.contains('\0') && s != "." && s != "..");
+            assert!(!s.starts_with('.'));
+        }
+    }
+    if let Ok(c) = chunkbus_client::ChunkName::parse(s) {
+        assert_eq!(c.to_string(), s);
+    }
+    let node = chunkbus_client::names::sanitize_node(s);
+    assert!(
+        chunkbus_client::names::validate_node(&node).is_ok(),
+        "{node:?}"
+    );
+}
+
+/// Recovery of a chunk directory holding arbitrary bytes: every chunk found
+/// ends with a whole line afterwards, its size is its file's, and only bytes
+/// past the last `\n` were cut.
+pub fn recovery(data: &[u8]) {
+    let dir = tempfile_dir();
+    let cat = dir.join("app");
+    std::fs::create_dir_all(&cat).unwrap();
+    // Up to four files, split at 0xff bytes; the first byte of each picks
+    // its name (own chunk, other owner's chunk, state file, stray file).
+    let mut originals = Vec::new();
+    for (i, part) in data.split(|&b| b == 0xff).take(4).enumerate() {
+        let (kind, content) = part.split_first().unwrap_or((&0, &[]));
+        let name = match kind % 4 {
+            0 => format!("me-chunk{i:09}"),
+            1 => format!("peer-chunk{i:09}"),
+            2 => ".state.json".to_owned(),
+            _ => format!("stray{i}"),
+        };
+        std::fs::write(cat.join(&name), content).unwrap();
+        originals.push((name, content.to_vec()));
+    }
+    if let Ok(found) = crate::storage::recovery::scan(&dir, "me") {
+        for (name, meta) in found.get("app").map(|r| &r.chunks).into_iter().flatten() {
+            let bytes = std::fs::read(cat.join(name.to_string())).unwrap();
+            assert_eq!(bytes.len() as u64, meta.size);
+            assert!(bytes.is_empty() || bytes.ends_with(b"\n"));
+            let (_, before) = originals
+                .iter()
+                .rev()
+                .find(|(n, _)| *n == name.to_string())
+                .expect("a chunk that was written");
+            assert!(before.starts_with(&bytes));
+            assert!(!before[bytes.len()..].contains(&b'\n'));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "chunkbus-fuzz-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}

@@ -1,0 +1,32 @@
+//! Replays every input kept under `fuzz/regressions/<target>/` (inputs that
+//! once broke a property, and seeds) through the fuzz targets' checks.
+
+use std::path::Path;
+
+fn replay(target: &str, check: fn(&[u8])) -> usize {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/regressions")
+        .join(target);
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        let run = std::panic::catch_unwind(|| check(&data));
+        assert!(run.is_ok(), "{} fails again", path.display());
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn kept_fuzz_inputs_still_pass() {
+    let targets: [(&str, fn(&[u8])); 4] = [
+        ("lines", chunkbus::fuzzing::lines),
+        ("decoders", chunkbus::fuzzing::decoders),
+        ("names", chunkbus::fuzzing::names),
+        ("recovery", chunkbus::fuzzing::recovery),
+    ];
+    for (target, check) in targets {
+        assert!(replay(target, check) > 0, "no inputs kept for {target}");
+    }
+}
