@@ -25,6 +25,7 @@ pub mod consumers;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod listen;
 pub mod metrics;
 pub mod replication;
 pub mod server;

@@ -83,6 +83,7 @@ pub struct Metrics {
     pub group_commit_requests: Histogram,
     /// Request body bytes held in memory now.
     pub inflight_bytes: Gauge,
+    pub connections: Gauge,
     /// Readers parked in a long poll.
     pub read_waiters: Gauge,
     /// Requests refused because of load or disk pressure.
@@ -124,6 +125,7 @@ impl Metrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             group_commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             inflight_bytes: Gauge::default(),
+            connections: Gauge::default(),
             read_waiters: Gauge::default(),
             shed_requests: Counter::default(),
             peer_connected: Family::default(),
@@ -179,6 +181,11 @@ impl Metrics {
             "inflight_bytes",
             "Request body bytes held in memory (bounded by --max-inflight-bytes)",
             m.inflight_bytes.clone(),
+        );
+        r.register(
+            "connections",
+            "Open client and peer connections (bounded by --max-connections)",
+            m.connections.clone(),
         );
         r.register(
             "read_waiters",

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::ServeConfig;
 use crate::consumers::Consumers;
 use crate::http::{AppState, Limits, Services, router};
+use crate::listen::Limited;
 use crate::metrics::Metrics;
 use crate::replication::{Replication, ReplicationConfig};
 use crate::storage::{Storage, StorageError};
@@ -172,6 +173,7 @@ pub async fn run(
             max_line_bytes: cfg.max_line_bytes,
             max_body_bytes: cfg.max_body_bytes,
             max_inflight_bytes: cfg.max_inflight_bytes,
+            request_timeout: cfg.request_timeout,
         },
         shutdown.clone(),
     );
@@ -185,11 +187,13 @@ pub async fn run(
     } else {
         tracing::warn!(%addr, "no tokens configured: anyone who can reach this address may read and write (see docs/security.md)");
     }
+    let connections = state.metrics.connections.clone();
     let app = router(state);
     let served = match &cfg.tls {
         Some(tls) => {
             let listener =
                 TlsListener::new(listener, tls.server.clone()).map_err(ServeError::Http)?;
+            let listener = Limited::new(listener, cfg.max_connections, connections);
             println!("chunkbus listening on https://{addr}");
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -199,6 +203,7 @@ pub async fn run(
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
+            let listener = Limited::new(listener, cfg.max_connections, connections);
             println!("chunkbus listening on http://{addr}");
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -314,6 +314,16 @@ pub struct ServeArgs {
     #[arg(long, env = "CHUNKBUS_CLUSTER_SECRET_FILE", value_name = "FILE")]
     pub cluster_secret_file: Option<PathBuf>,
 
+    /// Longest time a request body may take to arrive; slower senders get
+    /// 408 [default: 60s].
+    #[arg(long, env = "CHUNKBUS_REQUEST_TIMEOUT", value_name = "DURATION")]
+    pub request_timeout: Option<HumanDuration>,
+
+    /// Open connections at most; past it new ones wait in the kernel's
+    /// backlog [default: 10000].
+    #[arg(long, env = "CHUNKBUS_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
     /// Serve HTTPS with this certificate chain (PEM); peers are then reached
     /// over HTTPS too [default: plain HTTP].
     #[arg(long, env = "CHUNKBUS_TLS_CERT", value_name = "FILE")]
@@ -360,6 +370,8 @@ impl ServeArgs {
             token: self.token.or(file.token),
             allow_anonymous: self.allow_anonymous || file.allow_anonymous,
             cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
+            request_timeout: self.request_timeout.or(file.request_timeout),
+            max_connections: self.max_connections.or(file.max_connections),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             tls_ca: self.tls_ca.or(file.tls_ca),

@@ -48,6 +48,10 @@ pub const DEFAULT_DISK_HIGH_WATER_PERCENT: u8 = 90;
 pub const DEFAULT_REPLICATION_WAIT: Duration = Duration::from_secs(30);
 /// Default time a peer may take to answer beyond a long poll's wait.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default longest time for a request body to arrive.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default cap on open connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Largest body the in-flight accounting can admit in one request.
 const MAX_BODY_BYTES_LIMIT: u64 = u32::MAX as u64;
 
@@ -185,6 +189,10 @@ pub struct ServeConfig {
     pub auth: AuthSettings,
     /// HTTPS; `None`: plain HTTP.
     pub tls: Option<TlsSettings>,
+    /// Longest time a request body may take to arrive.
+    pub request_timeout: Duration,
+    /// Open connections at most.
+    pub max_connections: usize,
 }
 
 /// `--tls-cert`, `--tls-key`, `--tls-ca`.
@@ -307,6 +315,10 @@ impl ServeConfig {
             s3,
             auth,
             tls,
+            request_timeout: args
+                .request_timeout
+                .map_or(DEFAULT_REQUEST_TIMEOUT, |d| d.0),
+            max_connections: args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             retention: RetentionConfig {
                 local_retention: args
                     .local_retention
@@ -327,6 +339,12 @@ impl ServeConfig {
         }
         if self.rotate_after.is_zero() {
             return invalid("--rotate-after must be longer than zero".into());
+        }
+        if self.request_timeout.is_zero() {
+            return invalid("--request-timeout must be longer than zero".into());
+        }
+        if self.max_connections == 0 {
+            return invalid("--max-connections must be at least 1".into());
         }
         if self.max_line_bytes == 0 {
             return invalid("--max-line-bytes must be larger than zero".into());

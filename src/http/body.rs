@@ -11,6 +11,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::HeaderMap;
 use axum::http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -141,35 +142,55 @@ pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
     max: u64,
+    timeout: std::time::Duration,
     res: &mut Reservation,
 ) -> Result<Vec<u8>, ApiError> {
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if let Some(len) = declared {
-        if len > max {
-            return Err(too_large(max));
-        }
-        res.grow(len + 1)?;
+    if let Some(len) = declared
+        && len > max
+    {
+        return Err(too_large(max));
     }
-    let mut buf = Vec::with_capacity(declared.map_or(0, |l| l as usize + 1));
+    // Memory and budget are taken as bytes arrive, so that a slow sender
+    // holds what it sent, not what it promised: the frames are kept as
+    // received and copied once, into a buffer of the exact size, at the end.
+    let mut frames: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
     let mut body = body;
-    while let Some(frame) = body.frame().await {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => {
+                return Err(ApiError::RequestTimeout(format!(
+                    "the request body did not arrive within {} (--request-timeout); nothing was written",
+                    humantime::format_duration(timeout)
+                )));
+            }
+        };
         let frame = frame.map_err(|e| {
             ApiError::BadRequest(format!("the request body could not be read: {e}"))
         })?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        let new_len = (buf.len() + data.len()) as u64;
+        let new_len = (len + data.len()) as u64;
         if new_len > max {
             return Err(too_large(max));
         }
         if new_len + 1 > res.bytes {
             res.grow(new_len + 1 - res.bytes)?;
         }
-        buf.extend_from_slice(&data);
+        len += data.len();
+        frames.push(data);
+    }
+    let mut buf = Vec::with_capacity(len + 1);
+    for f in frames {
+        buf.extend_from_slice(&f);
     }
     Ok(buf)
 }

@@ -33,6 +33,9 @@ pub enum ApiError {
     /// 405: the route exists with other methods.
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// 408: the body did not arrive in time (clients retry it).
+    #[error("{0}")]
+    RequestTimeout(String),
     /// 413: a line or body above its limit.
     #[error("{0}")]
     TooLarge(String),
@@ -74,6 +77,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,

@@ -44,6 +44,8 @@ pub struct Limits {
     pub max_body_bytes: u64,
     /// In-flight body bytes across all requests.
     pub max_inflight_bytes: u64,
+    /// Longest time a request body may take to arrive.
+    pub request_timeout: std::time::Duration,
 }
 
 /// Everything a handler needs. Shared as `Arc<AppState>`.

@@ -95,9 +95,15 @@ pub(super) async fn ingest(
     let encoding = body::encoding(headers)?;
     let max = st.limits.max_body_bytes;
     let mut reservation = st.inflight.reservation();
-    let raw = body::read_body(headers, body, max, &mut reservation)
-        .await
-        .inspect_err(|e| count_shed(st, e))?;
+    let raw = body::read_body(
+        headers,
+        body,
+        max,
+        st.limits.request_timeout,
+        &mut reservation,
+    )
+    .await
+    .inspect_err(|e| count_shed(st, e))?;
     let mut data = body::decode(encoding, raw, max, &mut reservation)
         .await
         .inspect_err(|e| count_shed(st, e))?;

@@ -239,7 +239,8 @@ async fn inflight_limit_sheds_with_503_and_retry_after() {
         c.max_inflight_bytes = 1 << 20;
     })
     .await;
-    // A slow request that has announced 600 KB holds that much of the budget.
+    // A slow request holds what it has sent so far (not what it announced,
+    // so that slow senders cannot hold the budget with promises).
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
     let stream =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
@@ -251,15 +252,15 @@ async fn inflight_limit_sheds_with_503_and_retry_after() {
             .body(reqwest::Body::wrap_stream(stream));
         tokio::spawn(async move { req.send().await.unwrap() })
     };
-    tx.send(Ok(b"a\n".repeat(1000))).await.unwrap();
-    wait_for_metric(&node, "chunkbus_inflight_bytes 600001").await;
+    tx.send(Ok(b"a\n".repeat(299_000))).await.unwrap();
+    wait_for_metric(&node, "chunkbus_inflight_bytes 598001").await;
     let r = node.post("app", "", "b\n".repeat(250_000)).await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.headers()["retry-after"], "1");
     let e = r.json::<ErrorBody>().await.unwrap().error;
     assert!(e.contains("--max-inflight-bytes"), "{e}");
     // The slow request completes; the budget is released.
-    tx.send(Ok(b"a\n".repeat(299_000))).await.unwrap();
+    tx.send(Ok(b"a\n".repeat(1000))).await.unwrap();
     drop(tx);
     let done = tokio::time::timeout(Duration::from_secs(20), slow)
         .await

@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-fn replay(target: &str, check: fn(&[u8])) -> usize {
+/// A fuzz target's checks.
+type Check = fn(&[u8]);
+
+fn replay(target: &str, check: Check) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/regressions")
         .join(target);
@@ -20,7 +23,7 @@ fn replay(target: &str, check: fn(&[u8])) -> usize {
 
 #[test]
 fn kept_fuzz_inputs_still_pass() {
-    let targets: [(&str, fn(&[u8])); 4] = [
+    let targets: [(&str, Check); 4] = [
         ("lines", chunkbus::fuzzing::lines),
         ("decoders", chunkbus::fuzzing::decoders),
         ("names", chunkbus::fuzzing::names),

@@ -40,6 +40,8 @@ pub fn config(dir: &Path) -> ServeConfig {
         },
         auth: Default::default(),
         tls: None,
+        request_timeout: Duration::from_secs(60),
+        max_connections: 10_000,
     }
 }
 

@@ -570,3 +570,142 @@ async fn bad_tls_settings_are_refused_at_start() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+/// Opens a connection that announces a `len`-byte body, sends `sent` bytes
+/// of it and stalls.
+async fn stalled_sender(
+    addr: std::net::SocketAddr,
+    len: usize,
+    sent: usize,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/categories/slow/lines HTTP/1.1\r\nhost: t\r\ncontent-length: {len}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&b"x\n".repeat(sent / 2)).await.unwrap();
+    s
+}
+
+/// The status line a stalled sender finally reads.
+async fn answer(mut s: tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(CONDITION_DEADLINE, s.read(&mut buf))
+        .await
+        .expect("no answer")
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_slow_senders_hold_neither_memory_nor_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = serve_command("t1", dir.path());
+    cmd.args(["--max-inflight-bytes", "16MiB", "--max-body-bytes", "4MiB"])
+        .args(["--request-timeout", "8s"]);
+    let node = BinNode::spawn(cmd).await;
+    let started = tokio::time::Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..1000 {
+        slow.push(stalled_sender(node.addr, 4 << 20, 2000).await);
+    }
+    let http = reqwest::Client::new();
+    let metrics = || async {
+        http.get(node.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    loop {
+        let open = metric(&metrics().await, "chunkbus_connections");
+        if open >= 1000.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {open} connections after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Others are served meanwhile: 4 GiB were announced, 2 MB sent.
+    for i in 0..20 {
+        let body = format!("{i}\n").repeat(100_000);
+        let r = http
+            .post(node.url("/v1/categories/fast/lines"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i} while 1,000 senders stall");
+    }
+    let text = metrics().await;
+    assert!(metric(&text, "chunkbus_inflight_bytes") <= (16 << 20) as f64);
+    let pid = node.child.id().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(
+        rss_kib < 200 * 1024,
+        "RSS {rss_kib} KiB with 1,000 stalled senders"
+    );
+    // Each stalled sender gets a 408 once --request-timeout passes.
+    let mut answers = Vec::new();
+    for s in slow {
+        answers.push(answer(s).await);
+    }
+    let timed_out = answers.iter().filter(|a| a.contains(" 408 ")).count();
+    assert_eq!(timed_out, 1000, "{:?}", &answers[..3]);
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    while metric(&metrics().await, "chunkbus_inflight_bytes") != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the budget was not released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_wait_their_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = serve_command("t1", dir.path());
+    cmd.args(["--max-connections", "4", "--request-timeout", "2s"]);
+    let node = BinNode::spawn(cmd).await;
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        slow.push(stalled_sender(node.addr, 100, 10).await);
+    }
+    // A fifth connection is not served while the four hold their slots...
+    let http = reqwest::Client::new();
+    let waiting = http.get(node.url("/healthz")).send();
+    let early = tokio::time::timeout(Duration::from_millis(500), waiting).await;
+    assert!(early.is_err(), "a connection past the cap was served");
+    // ... and is once they time out and close.
+    for s in slow {
+        assert!(answer(s).await.contains(" 408 "));
+    }
+    let r = http.get(node.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    node.kill().await;
+}
