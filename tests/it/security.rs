@@ -709,3 +709,25 @@ async fn connections_past_the_cap_wait_their_turn() {
     assert_eq!(r.status(), 200);
     node.kill().await;
 }
+
+#[tokio::test]
+async fn oversized_headers_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::start().await;
+    let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let big = "a".repeat(1 << 20);
+    let req = format!("GET /healthz HTTP/1.1\r\nhost: t\r\nx-big: {big}\r\n\r\n");
+    // The server may close before reading it all.
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(CONDITION_DEADLINE, s.read_to_end(&mut resp)).await;
+    let text = String::from_utf8_lossy(&resp);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "a 1 MiB header was accepted: {}",
+        text.lines().next().unwrap_or("")
+    );
+    // The node still serves.
+    assert_eq!(node.get("/healthz").await.status(), 200);
+    node.stop().await;
+}
