@@ -343,6 +343,22 @@ async fn the_client_and_cli_present_tokens() {
     node.stop().await;
 }
 
+/// Writes one line to category `app` on `n1` and waits until `n2` holds it.
+async fn replicate_one_line(n1: &chunkbus_client::Client, n2: &chunkbus_client::Client, how: &str) {
+    let line = format!("replicated {how}");
+    n1.produce("app", format!("{line}\n"), &Default::default())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    while crate::harness::all_lines(n2, "app").await != [line.clone()] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not replicated {how}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_replicate_with_the_cluster_secret_and_tokens_reload_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
@@ -369,17 +385,7 @@ async fn peers_replicate_with_the_cluster_secret_and_tokens_reload_on_sighup() {
     .await;
     let n1 = chunkbus_client::Client::with_token(&cluster.url(0), Some(ADMIN)).unwrap();
     let n2 = chunkbus_client::Client::with_token(&cluster.url(1), Some(ADMIN)).unwrap();
-    n1.produce("app", "replicated\n", &Default::default())
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
-    while crate::harness::all_lines(&n2, "app").await != ["replicated"] {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not replicated with the cluster secret"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    replicate_one_line(&n1, &n2, "with the cluster secret").await;
     // A new tokens file takes effect on SIGHUP; the old token stops working.
     const NEW: &str = "rotated-secret-0123456789";
     write_tokens(NEW);
@@ -510,18 +516,8 @@ async fn tls_serves_clients_and_peers() {
     let https = |i: usize| format!("https://{}", cluster.nodes[i].as_ref().unwrap().addr);
     let n1 = chunkbus_client::Client::with_tls(&https(0), None, Some(&ca_pem)).unwrap();
     let n2 = chunkbus_client::Client::with_tls(&https(1), None, Some(&ca_pem)).unwrap();
-    n1.produce("app", "over tls\n", &Default::default())
-        .await
-        .unwrap();
     // The peers replicate over HTTPS too.
-    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
-    while crate::harness::all_lines(&n2, "app").await != ["over tls"] {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not replicated over TLS"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    replicate_one_line(&n1, &n2, "over TLS").await;
     // Without the CA the certificate is not trusted; plain HTTP gets nowhere.
     let untrusting = chunkbus_client::Client::new(&https(0)).unwrap();
     assert!(untrusting.status().await.is_err());
