@@ -281,9 +281,10 @@ impl Auth {
         }
         let tokens = self.tokens.read().unwrap().clone();
         // Without tokens the public routes are open; the internal ones are
-        // open too unless a cluster secret is set.
+        // open only when neither tokens nor a cluster secret are set (a
+        // node with tokens and no secret has no peers to answer).
         let open = match need {
-            Need::Peer => self.cluster.is_none(),
+            Need::Peer => self.cluster.is_none() && tokens.is_empty(),
             _ => tokens.is_empty(),
         };
         if open {
@@ -453,6 +454,24 @@ mod tests {
             auth.check(&basic, Need::Role(Role::Produce, Some("app.x")))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn with_tokens_and_no_cluster_secret_the_internal_routes_are_closed() {
+        let auth = Auth::new(
+            None,
+            vec![spec("ops", "ops-secret-0123456789", &[Role::Admin], None)],
+            None,
+        )
+        .unwrap();
+        assert!(matches!(
+            auth.check(&HeaderMap::new(), Need::Peer),
+            Err(AuthError::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            auth.check(&bearer("ops-secret-0123456789"), Need::Peer),
+            Err(AuthError::Unauthenticated(_))
+        ));
     }
 
     #[test]
