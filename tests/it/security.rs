@@ -298,6 +298,19 @@ async fn http_basic_carries_the_token_as_password() {
     node.stop().await;
 }
 
+/// `chunkbus categories --server SERVER EXTRA...`, with no token from the
+/// environment.
+async fn cli_categories(server: &str, extra: &[&std::ffi::OsStr]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_chunkbus"))
+        .args(["categories", "--server", server])
+        .args(extra)
+        .env_remove("CHUNKBUS_TOKEN")
+        .env_remove("CHUNKBUS_TOKEN_FILE")
+        .output()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_client_and_cli_present_tokens() {
     let node = secured().await;
@@ -318,26 +331,15 @@ async fn the_client_and_cli_present_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{CONSUMER}\n")).unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chunkbus"))
-        .args(["categories", "--server", &node.url(""), "--token-file"])
-        .arg(&token_file)
-        .env_remove("CHUNKBUS_TOKEN")
-        .output()
-        .await
-        .unwrap();
+    let flag = [std::ffi::OsStr::new("--token-file"), token_file.as_os_str()];
+    let out = cli_categories(&node.url(""), &flag).await;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "app\n");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chunkbus"))
-        .args(["categories", "--server", &node.url("")])
-        .env_remove("CHUNKBUS_TOKEN")
-        .env_remove("CHUNKBUS_TOKEN_FILE")
-        .output()
-        .await
-        .unwrap();
+    let out = cli_categories(&node.url(""), &[]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("token"));
     node.stop().await;
@@ -524,12 +526,8 @@ async fn tls_serves_clients_and_peers() {
     let plain = chunkbus_client::Client::new(&https(0).replace("https", "http")).unwrap();
     assert!(plain.status().await.is_err());
     // The CLI takes the CA too.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chunkbus"))
-        .args(["categories", "--server", &https(1), "--ca-file"])
-        .arg(&ca)
-        .output()
-        .await
-        .unwrap();
+    let flag = [std::ffi::OsStr::new("--ca-file"), ca.as_os_str()];
+    let out = cli_categories(&https(1), &flag).await;
     assert!(
         out.status.success(),
         "{}",
