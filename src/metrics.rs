@@ -75,6 +75,8 @@ pub struct Metrics {
     pub lines_out: Family<CategoryLabels, Counter>,
     /// Chunks completed (rotated), per category.
     pub chunks_completed: Family<CategoryLabels, Counter>,
+    /// Zeros written ahead of open chunks' data, per category.
+    pub runway_bytes: Family<CategoryLabels, Counter>,
     /// Bytes copied from other owners, per category.
     pub bytes_replicated: Family<CategoryLabels, Counter>,
     /// Latency of one fdatasync (which may cover many requests).
@@ -121,6 +123,7 @@ impl Metrics {
             bytes_out: Family::default(),
             lines_out: Family::default(),
             chunks_completed: Family::default(),
+            runway_bytes: Family::default(),
             bytes_replicated: Family::default(),
             fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             group_commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
@@ -161,6 +164,11 @@ impl Metrics {
             "chunks_completed",
             "Chunks completed by rotation",
             m.chunks_completed.clone(),
+        );
+        r.register(
+            "runway_bytes",
+            "Zeros written ahead of open chunks' data so that group commits write data only",
+            m.runway_bytes.clone(),
         );
         r.register(
             "bytes_replicated",
@@ -280,6 +288,7 @@ impl Metrics {
             bytes_out: self.bytes_out.get_or_create(&l).clone(),
             lines_out: self.lines_out.get_or_create(&l).clone(),
             chunks_completed: self.chunks_completed.get_or_create(&l).clone(),
+            runway_bytes: self.runway_bytes.get_or_create(&l).clone(),
             bytes_replicated: self.bytes_replicated.get_or_create(&l).clone(),
             chunks_evicted: self.chunks_evicted.get_or_create(&l).clone(),
         }
@@ -299,6 +308,8 @@ pub struct CategoryMetrics {
     pub lines_out: Counter,
     /// Chunks completed.
     pub chunks_completed: Counter,
+    /// Zeros written ahead of open chunks' data.
+    pub runway_bytes: Counter,
     /// Bytes copied from other owners.
     pub bytes_replicated: Counter,
     /// Local copies evicted.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use super::{ByteSize, HumanDuration, PeerList, Percent, SyncSetting};
+use super::{ByteSize, HumanDuration, PeerList, Percent, Preallocate, SyncSetting};
 
 /// chunkbus: a leaderless, peer-replicated chunk bus.
 #[derive(Debug, Parser)]
@@ -221,6 +221,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CHUNKBUS_SYNC", value_name = "always|never|INTERVAL")]
     pub sync: Option<SyncSetting>,
 
+    /// Keep a short run of zeros written ahead of an open chunk that takes
+    /// many small synced writes, so that a group commit need not also write
+    /// the file's new size (ext4 and XFS): auto or off [default: auto].
+    #[arg(long, env = "CHUNKBUS_PREALLOCATE", value_name = "auto|off")]
+    pub preallocate: Option<Preallocate>,
+
     /// Longest accepted line, without its newline [default: 1MiB].
     #[arg(long, env = "CHUNKBUS_MAX_LINE_BYTES", value_name = "SIZE")]
     pub max_line_bytes: Option<ByteSize>,
@@ -349,6 +355,7 @@ impl ServeArgs {
             max_chunk_bytes: self.max_chunk_bytes.or(file.max_chunk_bytes),
             rotate_after: self.rotate_after.or(file.rotate_after),
             sync: self.sync.or(file.sync),
+            preallocate: self.preallocate.or(file.preallocate),
             max_line_bytes: self.max_line_bytes.or(file.max_line_bytes),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             max_inflight_bytes: self.max_inflight_bytes.or(file.max_inflight_bytes),

@@ -147,7 +147,29 @@ macro_rules! deserialize_from_str {
         }
     )*};
 }
-deserialize_from_str!(SyncSetting, HumanDuration, Percent);
+deserialize_from_str!(SyncSetting, HumanDuration, Percent, Preallocate);
+
+/// `--preallocate`: whether open chunks may get zeros written ahead of
+/// their data (a "zero runway", see the storage module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preallocate {
+    /// Where the file system gains by it (ext4, XFS), for chunks taking
+    /// many small synced writes.
+    Auto,
+    /// Never: chunk files only ever grow by their data.
+    Off,
+}
+
+impl FromStr for Preallocate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "off" => Ok(Self::Off),
+            other => Err(format!("{other:?} is not 'auto' or 'off'")),
+        }
+    }
+}
 
 /// The validated configuration of a node.
 #[derive(Debug, Clone)]
@@ -164,6 +186,8 @@ pub struct ServeConfig {
     pub rotate_after: Duration,
     /// When appended bytes are flushed to stable storage by default.
     pub sync: SyncPolicy,
+    /// Whether open chunks may get zeros written ahead of their data.
+    pub preallocate: Preallocate,
     /// Longest accepted line, without its `\n`.
     pub max_line_bytes: u64,
     /// Largest accepted request body, after decoding.
@@ -297,6 +321,7 @@ impl ServeConfig {
             max_chunk_bytes: args.max_chunk_bytes.unwrap_or(DEFAULT_MAX_CHUNK_BYTES).0,
             rotate_after: args.rotate_after.map_or(DEFAULT_ROTATE_AFTER, |d| d.0),
             sync: args.sync.map_or(SyncPolicy::Always, |s| s.0),
+            preallocate: args.preallocate.unwrap_or(Preallocate::Auto),
             max_line_bytes: args.max_line_bytes.unwrap_or(DEFAULT_MAX_LINE_BYTES).0,
             max_body_bytes: args.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES).0,
             max_inflight_bytes: args
@@ -398,6 +423,7 @@ impl ServeConfig {
             sync: self.sync,
             disk_high_water_percent: self.disk_high_water_percent,
             tiered: self.s3.is_some(),
+            zero_runway: self.preallocate == Preallocate::Auto,
         }
     }
 }
@@ -540,6 +566,8 @@ mod tests {
         assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(cfg.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(cfg.sync, SyncPolicy::Always);
+        assert_eq!(cfg.preallocate, Preallocate::Auto);
+        assert!(cfg.storage_options().zero_runway);
         assert_eq!(cfg.max_chunk_bytes, 64 << 20);
         assert!(chunkbus_client::names::validate_node(&cfg.node).is_ok());
     }
@@ -550,7 +578,7 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(
             &path,
-            "node = \"filenode\"\nmax-chunk-bytes = \"1MiB\"\nsync = \"50ms\"\nrotate-after = \"5s\"\n",
+            "node = \"filenode\"\nmax-chunk-bytes = \"1MiB\"\nsync = \"50ms\"\nrotate-after = \"5s\"\npreallocate = \"off\"\n",
         )
         .unwrap();
         let p = path.to_str().unwrap();
@@ -562,6 +590,7 @@ mod tests {
         assert_eq!(cfg.max_chunk_bytes, 1 << 20);
         assert_eq!(cfg.sync, SyncPolicy::Interval(Duration::from_millis(50)));
         assert_eq!(cfg.rotate_after, Duration::from_secs(5));
+        assert!(!cfg.storage_options().zero_runway);
     }
 
     #[test]
@@ -592,6 +621,8 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("--max-line-bytes"), "{err}");
         assert!(Cli::try_parse_from(["chunkbus", "serve", "--sync", "sometimes"]).is_err());
+        let err = Cli::try_parse_from(["chunkbus", "serve", "--preallocate", "yes"]).unwrap_err();
+        assert!(err.to_string().contains("'auto' or 'off'"), "{err}");
         assert!(Cli::try_parse_from(["chunkbus", "serve", "--node", "a/b"]).is_ok());
         assert!(ServeConfig::resolve(serve_args(&["chunkbus", "serve", "--node", "a/b"])).is_err());
     }

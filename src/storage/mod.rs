@@ -24,7 +24,9 @@
 //! With `sync` a request is answered after `fdatasync` of its chunk (and, for
 //! a new chunk, of the directory); concurrent requests share one fdatasync
 //! (see `syncer`). Without it, after `write(2)`: the bytes survive a process
-//! crash but not a power loss.
+//! crash but not a power loss. An open chunk taking many small synced groups
+//! may hold zeros past its readable size, so that those fdatasyncs write
+//! data only (see `runway`); they are cut off when it completes.
 //!
 //! # Crash
 //!
@@ -40,6 +42,7 @@ pub mod lock;
 mod read;
 pub(crate) mod recovery;
 mod replica;
+pub mod runway;
 pub mod state;
 mod syncer;
 pub mod tier;
@@ -107,6 +110,9 @@ pub struct StorageOptions {
     /// are then evicted (once uploaded) rather than deleted, and uploaded
     /// chunks are evicted under disk pressure.
     pub tiered: bool,
+    /// Open chunks that take many small synced writes may get zeros written
+    /// ahead of their data, where the file system gains by it (see `runway`).
+    pub zero_runway: bool,
 }
 
 /// Where an append landed.
@@ -152,6 +158,8 @@ struct Shared {
     writable: tokio::sync::watch::Sender<Option<String>>,
     /// True when the data directory held no category at start-up.
     fresh: bool,
+    /// Zero runways are asked for and help on this file system.
+    zero_runway: bool,
     /// Queue of completed copies whose durable record is pending.
     completions: mpsc::Sender<replica::Completion>,
     tasks: TaskTracker,
@@ -167,7 +175,8 @@ impl Storage {
         let node = opts.node.clone();
         let disk = Arc::new(DiskMonitor::new(opts.disk_high_water_percent));
         let disk2 = disk.clone();
-        let (lock, recovered) = tokio::task::spawn_blocking(move || {
+        let zero_runway = opts.zero_runway;
+        let (lock, recovered, zero_runway) = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|e| {
                 StorageError::io(format!("cannot create data directory {}", dir.display()), e)
             })?;
@@ -176,7 +185,8 @@ impl Storage {
                 StorageError::io(format!("cannot read disk usage of {}", dir.display()), e)
             })?;
             let recovered = recovery::scan(&dir, &node)?;
-            Ok::<_, StorageError>((lock, recovered))
+            let zero_runway = zero_runway && runway::supported(&dir);
+            Ok::<_, StorageError>((lock, recovered, zero_runway))
         })
         .await
         .map_err(|e| StorageError::io("start-up task failed", std::io::Error::other(e)))??;
@@ -199,6 +209,7 @@ impl Storage {
                 remote: OnceLock::new(),
                 writable: tokio::sync::watch::Sender::new(None),
                 fresh,
+                zero_runway,
                 completions,
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
@@ -218,6 +229,7 @@ impl Storage {
                 data_dir = %storage.shared.opts.data_dir.display(),
                 categories = cats.len(),
                 chunks,
+                zero_runway = storage.shared.zero_runway,
                 "storage opened"
             );
         }
@@ -297,6 +309,7 @@ impl Storage {
                 data_dir: s.opts.data_dir.clone(),
                 disk: s.disk.clone(),
                 metrics: s.metrics.clone(),
+                zero_runway: s.zero_runway,
             },
             next_index,
             sync_tx,

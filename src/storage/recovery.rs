@@ -5,6 +5,9 @@
 //! this node found on disk is complete: the chunk that was open when the
 //! process stopped is never appended to again, and the next write starts a
 //! new chunk. One `pread` of one byte per chunk keeps start-up fast.
+//!
+//! A chunk marked for a zero runway (see `runway`) ends at its first NUL
+//! byte past the mark before the cut, and loses the mark.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -15,10 +18,10 @@ use chunkbus_client::ChunkName;
 use chunkbus_client::names::validate_category;
 use walkdir::WalkDir;
 
-use super::StorageError;
 use super::category::ChunkMeta;
 use super::state::{self, CategoryState};
 use super::tier;
+use super::{StorageError, runway};
 
 /// Block size of the backwards scan for the last `\n` of a torn chunk.
 const TAIL_SCAN_BYTES: u64 = 64 * 1024;
@@ -146,7 +149,9 @@ pub(crate) fn scan(
     Ok(out)
 }
 
-/// Truncates `path` back to just past its last `\n`; returns the new size.
+/// Truncates `path` back to just past its last `\n` (for a chunk marked
+/// for a zero runway: the last one before its first NUL byte past the
+/// mark); returns the new size.
 pub(super) fn cut_torn_tail(path: &Path) -> Result<u64, StorageError> {
     let ctx = |what: &str| format!("cannot {what} chunk {}", path.display());
     let file = File::open(path).map_err(|e| StorageError::io(ctx("open"), e))?;
@@ -154,15 +159,30 @@ pub(super) fn cut_torn_tail(path: &Path) -> Result<u64, StorageError> {
         .metadata()
         .map_err(|e| StorageError::io(ctx("stat"), e))?
         .len();
-    let keep = whole_lines_len(&file, len).map_err(|e| StorageError::io(ctx("read"), e))?;
-    if keep != len {
-        tracing::warn!(path = %path.display(), size = len, kept = keep, "cutting a torn tail back to the last whole line");
+    let marked = runway::marked_from(&file).map_err(|e| StorageError::io(ctx("read"), e))?;
+    let data = match marked {
+        Some(from) => {
+            runway::data_len(&file, from, len).map_err(|e| StorageError::io(ctx("read"), e))?
+        }
+        None => len,
+    };
+    let keep = whole_lines_len(&file, data).map_err(|e| StorageError::io(ctx("read"), e))?;
+    if keep != data {
+        tracing::warn!(path = %path.display(), size = data, kept = keep, "cutting a torn tail back to the last whole line");
+    }
+    if keep != len || marked.is_some() {
         let file = OpenOptions::new()
             .write(true)
             .open(path)
             .map_err(|e| StorageError::io(ctx("open for truncation"), e))?;
+        // The cut is durable before the mark goes: a crash in between
+        // leaves a marked file that is cut again, to the same size.
         file.set_len(keep)
             .and_then(|()| file.sync_all())
+            .and_then(|()| match marked {
+                Some(_) => runway::clear_mark(&file).and_then(|()| file.sync_all()),
+                None => Ok(()),
+            })
             .map_err(|e| StorageError::io(ctx("truncate"), e))?;
     }
     Ok(keep)
@@ -217,6 +237,32 @@ mod tests {
         big.extend(std::iter::repeat_n(b'x', 3 * TAIL_SCAN_BYTES as usize));
         std::fs::write(&p, &big).unwrap();
         assert_eq!(cut_torn_tail(&p).unwrap(), 6);
+    }
+
+    #[test]
+    fn marked_chunks_end_at_the_first_nul_past_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n-chunk000000000");
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        // Before the mark a NUL byte is data; past it, a page that never
+        // reached the disk (zeros) ends the data even though whole lines
+        // follow it.
+        file.write_all_at(b"bin\0ary\n", 0).unwrap();
+        runway::mark(&file, 8).unwrap();
+        runway::extend(&file, 8, 3 * 4096).unwrap();
+        file.write_all_at(b"synced\nhalf", 8).unwrap();
+        file.write_all_at(b"lost\nlines\n", 2 * 4096).unwrap();
+        assert_eq!(cut_torn_tail(&p).unwrap(), 15);
+        assert_eq!(std::fs::read(&p).unwrap(), b"bin\0ary\nsynced\n");
+        assert_eq!(runway::marked_from(&file).unwrap(), None);
+        // Unmarked, the same bytes are kept up to the last line.
+        file.write_all_at(b"\0\0\0\0tail\n", 15).unwrap();
+        assert_eq!(cut_torn_tail(&p).unwrap(), 24);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Appended, StorageError};
+use super::{Appended, StorageError, runway};
 use crate::metrics::Metrics;
 
 /// Most jobs taken in one round.
@@ -37,6 +37,9 @@ pub(super) struct SyncJob {
     /// job: its new entry must be durable too.
     pub dir: Option<PathBuf>,
     pub replies: Vec<(Reply, Appended)>,
+    /// The chunk had a zero runway and is now complete at this size: cut
+    /// the zeros before the sync, remove the mark after it.
+    pub finish: Option<u64>,
 }
 
 /// Jobs whose fdatasync is over, with its outcome.
@@ -72,6 +75,7 @@ pub(super) fn run(
 ) {
     let mut jobs = Vec::with_capacity(64);
     let mut files: Vec<Arc<File>> = Vec::new();
+    let mut cut: Vec<Arc<File>> = Vec::new();
     while rx.blocking_recv_many(&mut jobs, MAX_JOBS_PER_ROUND) > 0 {
         files.clear();
         for job in &jobs {
@@ -80,6 +84,18 @@ pub(super) fn run(
             }
         }
         let mut result = Ok(());
+        cut.clear();
+        for job in &jobs {
+            if let Some(size) = job.finish {
+                match job.file.set_len(size) {
+                    Ok(()) => cut.push(job.file.clone()),
+                    // The zero tail stays and so does the mark: start-up cuts it.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot cut the zero tail of a complete chunk")
+                    }
+                }
+            }
+        }
         for file in &files {
             let started = Instant::now();
             if let Err(e) = file.sync_data() {
@@ -99,6 +115,11 @@ pub(super) fn run(
                     format!("cannot flush directory {}", dir.display()),
                     e,
                 ));
+            }
+        }
+        for file in cut.iter().filter(|_| result.is_ok()) {
+            if let Err(e) = runway::clear_mark(file) {
+                tracing::warn!(error = %e, "cannot remove the zero-runway mark of a complete chunk");
             }
         }
         let synced = Synced {

@@ -16,6 +16,7 @@ fn opts(dir: &Path, max_chunk_bytes: u64) -> StorageOptions {
         sync: SyncPolicy::Always,
         disk_high_water_percent: 100,
         tiered: false,
+        zero_runway: true,
     }
 }
 
@@ -168,6 +169,62 @@ async fn restart_completes_the_open_chunk_and_cuts_torn_tails() {
 }
 
 #[tokio::test]
+async fn zero_runways_are_written_ahead_and_cut_at_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Metrics::new();
+    let s = Storage::open(opts(dir.path(), 1 << 20), metrics.clone())
+        .await
+        .unwrap();
+    let runway = runway::supported(dir.path());
+    let mut want = Vec::new();
+    let mut chunk = None;
+    for i in 0..40 {
+        let text = format!("line {i}\n");
+        want.extend_from_slice(text.as_bytes());
+        let (d, n) = lines(&text);
+        chunk = Some(s.append("app", d, n, true).await.unwrap().chunk);
+    }
+    let chunk = chunk.unwrap();
+    let path = dir.path().join("app").join(chunk.to_string());
+    let file = std::fs::File::open(&path).unwrap();
+    let on_disk = file.metadata().unwrap().len();
+    let zeros = metrics.category("app").runway_bytes.get();
+    if runway {
+        // Marked from the end of the eighth group, zeros ahead of the data.
+        assert!(runway::marked_from(&file).unwrap().is_some_and(|f| f > 0));
+        assert!(zeros >= runway::LOW && on_disk > want.len() as u64);
+        assert!(
+            std::fs::read(&path).unwrap()[want.len()..]
+                .iter()
+                .all(|&b| b == 0)
+        );
+    } else {
+        assert_eq!((zeros, on_disk), (0, want.len() as u64));
+    }
+    assert_eq!(read_all(&s, "app", &chunk).await, want);
+    // A NUL byte completes the chunk first; its chunk never gets zeros.
+    let (d, n) = lines("a\0b\n");
+    let nul = s.append("app", d, n, true).await.unwrap();
+    assert_eq!(nul.chunk.index, chunk.index + u32::from(runway));
+    // The completion's job ran before the last append's sync (one queue).
+    assert_eq!(std::fs::read(&path).unwrap()[..want.len()], want[..]);
+    if runway {
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+        assert_eq!(runway::marked_from(&file).unwrap(), None);
+    }
+    for i in 0..40 {
+        let (d, n) = lines(&format!("more {i}\0\n"));
+        let a = s.append("app", d, n, true).await.unwrap();
+        assert_eq!(a.chunk, nul.chunk);
+    }
+    let last = dir.path().join("app").join(nul.chunk.to_string());
+    let file = std::fs::File::open(&last).unwrap();
+    assert_eq!(runway::marked_from(&file).unwrap(), None);
+    assert_eq!(metrics.category("app").runway_bytes.get(), zeros);
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn second_storage_on_a_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let s = Storage::open(opts(dir.path(), 1 << 20), Metrics::new())
@@ -226,26 +283,63 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Mostly synced appends into larger chunks, some lines holding NUL bytes:
+/// chunks get zero runways, and NUL bytes start new chunks.
+fn runway_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        20 => (0..CATS.len(), prop::collection::vec("[a-z\0]{0,60}", 1..4), prop::bool::weighted(0.9))
+            .prop_map(|(cat, lines, sync)| Op::Append { cat, lines, sync }),
+        1 => (0..CATS.len()).prop_map(|cat| Op::Rotate { cat }),
+        1 => Just(Op::Restart),
+    ]
+}
+
 /// The model: per category, the chunks in order (content, complete).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 struct Model {
     chunks: Vec<(Vec<u8>, bool)>,
+    max_chunk_bytes: u64,
+    /// Zero runways are on: the writer checks for NUL bytes once the open
+    /// chunk took `RUNWAY_AFTER_GROUPS` synced groups.
+    runway: bool,
+    /// Synced groups of the open chunk (one per synced append here, as
+    /// each append is awaited before the next).
+    groups: u64,
+    /// The open chunk was started for a request holding a NUL byte.
+    never: bool,
 }
 
 impl Model {
+    fn new(max_chunk_bytes: u64, runway: bool) -> Self {
+        Self {
+            chunks: Vec::new(),
+            max_chunk_bytes,
+            runway,
+            groups: 0,
+            never: false,
+        }
+    }
+
     fn open(&mut self) -> Option<&mut (Vec<u8>, bool)> {
         self.chunks.last_mut().filter(|c| !c.1)
     }
 
-    fn append(&mut self, data: &[u8]) -> (u32, u64) {
+    fn append(&mut self, data: &[u8], sync: bool) -> (u32, u64) {
+        let checking = self.runway && !self.never && self.groups >= writer::RUNWAY_AFTER_GROUPS;
+        let nul = checking && self.open().is_some() && data.contains(&0);
+        let max = self.max_chunk_bytes;
         if let Some(open) = self.open()
-            && !open.0.is_empty()
-            && (open.0.len() + data.len()) as u64 > MODEL_MAX_CHUNK_BYTES
+            && (nul || (!open.0.is_empty() && (open.0.len() + data.len()) as u64 > max))
         {
             open.1 = true;
         }
         if self.open().is_none() {
             self.chunks.push((Vec::new(), false));
+            self.groups = 0;
+            self.never = nul;
+        }
+        if sync {
+            self.groups += 1;
         }
         let index = self.chunks.len() as u32 - 1;
         let open = self.open().unwrap();
@@ -257,6 +351,37 @@ impl Model {
     fn complete_all(&mut self) {
         for c in &mut self.chunks {
             c.1 = true;
+        }
+    }
+
+    fn complete_open(&mut self) {
+        if let Some(open) = self.open() {
+            open.1 = true;
+        }
+    }
+}
+
+/// After a shutdown every chunk file holds exactly its chunk's bytes (no
+/// zeros, no mark).
+fn check_files(dir: &Path, models: &[Model]) {
+    for (cat, model) in CATS.iter().zip(models) {
+        for (i, (content, _)) in model.chunks.iter().enumerate() {
+            let path = dir
+                .join(cat)
+                .join(ChunkName::new("n1", i as u32).to_string());
+            let file = std::fs::File::open(&path).unwrap();
+            assert_eq!(
+                runway::marked_from(&file).unwrap(),
+                None,
+                "{}",
+                path.display()
+            );
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                *content,
+                "{}",
+                path.display()
+            );
         }
     }
 }
@@ -283,48 +408,67 @@ proptest! {
 
     #[test]
     fn chunk_log_matches_model(ops in prop::collection::vec(op(), 1..40)) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
-            let dir = tempfile::tempdir().unwrap();
-            let o = opts(dir.path(), MODEL_MAX_CHUNK_BYTES);
-            let mut s = Storage::open(o.clone(), Metrics::new()).await.unwrap();
-            let mut models = vec![Model::default(); CATS.len()];
-            for op in ops {
-                match op {
-                    Op::Append { cat, lines, sync } => {
-                        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
-                        let (index, offset) = models[cat].append(text.as_bytes());
-                        let got = s
-                            .append(CATS[cat], Bytes::from(text.clone()), lines.len() as u64, sync)
-                            .await
-                            .unwrap();
-                        assert_eq!(got.chunk, ChunkName::new("n1", index));
-                        assert_eq!(got.offset, offset);
-                        assert_eq!(got.next_offset, offset + text.len() as u64);
-                    }
-                    Op::Rotate { cat } => {
-                        if let Some(open) = models[cat].open() {
-                            open.1 = true;
-                        }
-                        match s.rotate(CATS[cat]).await {
-                            Ok(()) | Err(StorageError::UnknownCategory(_)) => {}
-                            Err(e) => panic!("{e}"),
-                        }
-                    }
-                    Op::Restart => {
-                        s.shutdown().await;
-                        drop(s);
-                        for m in &mut models {
-                            m.complete_all();
-                        }
-                        s = Storage::open(o.clone(), Metrics::new()).await.unwrap();
+        run_model(ops, MODEL_MAX_CHUNK_BYTES);
+    }
+
+    #[test]
+    fn chunk_log_with_zero_runways_matches_model(ops in prop::collection::vec(runway_op(), 1..120)) {
+        run_model(ops, 2048);
+    }
+}
+
+fn run_model(ops: Vec<Op>, max_chunk_bytes: u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path(), max_chunk_bytes);
+        let mut s = Storage::open(o.clone(), Metrics::new()).await.unwrap();
+        let runway = runway::supported(dir.path());
+        let mut models = vec![Model::new(max_chunk_bytes, runway); CATS.len()];
+        for op in ops {
+            match op {
+                Op::Append { cat, lines, sync } => {
+                    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+                    let (index, offset) = models[cat].append(text.as_bytes(), sync);
+                    let got = s
+                        .append(
+                            CATS[cat],
+                            Bytes::from(text.clone()),
+                            lines.len() as u64,
+                            sync,
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(got.chunk, ChunkName::new("n1", index));
+                    assert_eq!(got.offset, offset);
+                    assert_eq!(got.next_offset, offset + text.len() as u64);
+                }
+                Op::Rotate { cat } => {
+                    models[cat].complete_open();
+                    match s.rotate(CATS[cat]).await {
+                        Ok(()) | Err(StorageError::UnknownCategory(_)) => {}
+                        Err(e) => panic!("{e}"),
                     }
                 }
-                check(&s, &models).await;
+                Op::Restart => {
+                    s.shutdown().await;
+                    drop(s);
+                    for m in &mut models {
+                        m.complete_all();
+                    }
+                    // A clean shutdown leaves no zeros to cut.
+                    check_files(dir.path(), &models);
+                    s = Storage::open(o.clone(), Metrics::new()).await.unwrap();
+                    check_files(dir.path(), &models);
+                }
             }
-            s.shutdown().await;
-        });
-    }
+            check(&s, &models).await;
+        }
+        s.shutdown().await;
+    });
 }
 
 /// An object store kept in memory, keyed `category/chunk`.
@@ -356,6 +500,7 @@ async fn only_uploaded_chunks_are_evicted_and_they_read_back_from_the_remote() {
     let dir = tempfile::tempdir().unwrap();
     let tiered = StorageOptions {
         tiered: true,
+        zero_runway: true,
         ..opts(dir.path(), 8)
     };
     // Always above the mark: everything evictable goes.

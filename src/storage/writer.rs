@@ -11,6 +11,10 @@
 //! A failed write is cut back (`ftruncate`) to where it started, so a chunk
 //! never holds part of a request that was answered with an error, and the
 //! visible size only moves past bytes that were fully written.
+//!
+//! Once a chunk takes many small synced groups, the writer keeps zeros
+//! written just past its data, so that group commits write data only (see
+//! `runway`); from then on a request holding a NUL byte goes to a new chunk.
 
 use std::fs::{File, OpenOptions};
 use std::io::IoSlice;
@@ -26,6 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::category::Category;
+use super::runway;
 use super::syncer::{Reply, SyncJob, Synced};
 use super::{Appended, StorageError, SyncPolicy};
 use crate::metrics::Metrics;
@@ -38,6 +43,11 @@ const INLINE_WRITE_MAX_BYTES: usize = 256 * 1024;
 const FLUSH_EVERY_BYTES: u64 = 16 << 20;
 /// Most queued messages handled in one round.
 const MAX_BATCH_MESSAGES: usize = 1024;
+/// A chunk that took this many synced groups...
+pub(super) const RUNWAY_AFTER_GROUPS: u64 = 8;
+/// ...of at most this many bytes each on average gets a zero runway: for
+/// larger groups the write of the new size is a small part of the commit.
+const RUNWAY_MAX_GROUP_BYTES: u64 = 256 * 1024;
 
 /// What the writer task is asked to do.
 #[derive(Debug)]
@@ -70,6 +80,35 @@ struct OpenChunk {
     /// The chunk's directory entry is not yet known to be durable; the
     /// next flush syncs the directory too.
     dir_pending: bool,
+    /// Flushes queued with requests waiting on them.
+    sync_groups: u64,
+    runway: Runway,
+}
+
+/// Where an open chunk stands with its zero runway (see `runway`).
+#[derive(Debug)]
+enum Runway {
+    /// None yet; one may come when the chunk takes many small groups.
+    Not,
+    /// Never for this chunk: it was opened for a request holding a NUL byte.
+    Never,
+    /// The mark (NUL-free from `from`) is being made durable. Requests are
+    /// already checked for NUL bytes.
+    Marking {
+        task: tokio::task::JoinHandle<std::io::Result<()>>,
+    },
+    /// Marked; zeros are written up to `zeroed_to` (0: none yet).
+    Marked { zeroed_to: u64 },
+    /// Marking failed, perhaps after the mark was set: the chunk is kept
+    /// as if marked (NUL-free, mark removed when complete) but gets no zeros.
+    Failed,
+}
+
+impl Runway {
+    /// True when the chunk must hold no NUL byte from here on.
+    fn checks_nul(&self) -> bool {
+        !matches!(self, Runway::Not | Runway::Never)
+    }
 }
 
 /// Settings and shared handles the writer needs.
@@ -82,6 +121,8 @@ pub(crate) struct WriterConfig {
     pub data_dir: std::path::PathBuf,
     pub disk: Arc<super::disk::DiskMonitor>,
     pub metrics: Arc<Metrics>,
+    /// Zero runways are allowed and help on this file system.
+    pub zero_runway: bool,
 }
 
 #[derive(Debug)]
@@ -146,7 +187,22 @@ impl Writer {
         while rx.recv_many(&mut batch, MAX_BATCH_MESSAGES).await > 0 {
             self.handle(&mut batch).await;
         }
-        self.flush_in_background().await;
+        // The open chunk is complete at the next start-up: its zeros go now,
+        // so that start-up need not search it.
+        self.settle_mark().await;
+        match self.open.as_mut() {
+            Some(open) if matches!(open.runway, Runway::Marked { .. } | Runway::Failed) => {
+                open.unflushed_bytes = 0;
+                let job = SyncJob {
+                    file: open.file.clone(),
+                    dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
+                    replies: Vec::new(),
+                    finish: Some(open.size),
+                };
+                self.queue_sync(job).await;
+            }
+            _ => self.flush_in_background().await,
+        }
         // Let the group-commit thread finish, then answer what it synced.
         self.syncer = None;
         while let Some(synced) = self.synced.recv().await {
@@ -169,26 +225,32 @@ impl Writer {
     }
 
     async fn handle(&mut self, batch: &mut Vec<WriterMsg>) {
-        let mut run: Vec<AppendRequest> = Vec::new();
-        let mut run_bytes = 0u64;
+        let mut run = Run::default();
         for msg in batch.drain(..) {
             match msg {
                 WriterMsg::Rotate(done) => {
                     self.write_run(std::mem::take(&mut run)).await;
-                    run_bytes = 0;
                     self.complete_open().await;
                     let _ = done.send(());
                 }
                 WriterMsg::Append(req) => {
-                    let len = req.data.len() as u64;
-                    let used = self.open.as_ref().map_or(0, |o| o.size) + run_bytes;
-                    if used > 0 && used + len > self.cfg.max_chunk_bytes {
+                    // A chunk with a runway takes no NUL byte: such a
+                    // request starts a new chunk, which never gets one.
+                    let nul = self.open.as_ref().is_some_and(|o| o.runway.checks_nul())
+                        && memchr::memchr(0, &req.data).is_some();
+                    if nul {
                         self.write_run(std::mem::take(&mut run)).await;
-                        run_bytes = 0;
                         self.complete_open().await;
                     }
-                    run_bytes += len;
-                    run.push(req);
+                    let len = req.data.len() as u64;
+                    let used = self.open.as_ref().map_or(0, |o| o.size) + run.bytes;
+                    if used > 0 && used + len > self.cfg.max_chunk_bytes {
+                        self.write_run(std::mem::take(&mut run)).await;
+                        self.complete_open().await;
+                    }
+                    run.bytes += len;
+                    run.has_nul |= nul;
+                    run.reqs.push(req);
                 }
             }
         }
@@ -197,11 +259,14 @@ impl Writer {
 
     /// Writes `run` contiguously into the open chunk (creating it if needed)
     /// and answers or hands the requests to the syncer.
-    async fn write_run(&mut self, run: Vec<AppendRequest>) {
+    async fn write_run(&mut self, run: Run) {
+        let Run {
+            reqs: run, has_nul, ..
+        } = run;
         if run.is_empty() {
             return;
         }
-        if let Err(e) = self.ensure_open().await {
+        if let Err(e) = self.ensure_open(has_nul).await {
             for req in run {
                 let _ = req.reply.send(Err(e.clone()));
             }
@@ -221,6 +286,10 @@ impl Writer {
                 .unwrap_or_else(|e| Err(std::io::Error::other(e)))
         };
         if let Err(e) = written {
+            if let Runway::Marked { zeroed_to } = &mut open.runway {
+                // Cut back below: the zeros go too.
+                *zeroed_to = 0;
+            }
             let err = StorageError::io(format!("cannot append to chunk {}", open.name), e);
             tracing::warn!(category = %self.cat.name, chunk = %open.name, error = %err, "append failed; cutting the chunk back");
             let file = open.file.clone();
@@ -268,17 +337,87 @@ impl Writer {
             // few MiB so that the kernel writes back steadily instead of in
             // large stalls (RocksDB's bytes_per_sync).
             open.unflushed_bytes = 0;
+            if !to_sync.is_empty() {
+                open.sync_groups += 1;
+                self.advance_runway().await;
+            }
+            let open = self.open.as_mut().expect("still open");
             let job = SyncJob {
                 file: open.file.clone(),
                 dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
                 replies: to_sync,
+                finish: None,
             };
             self.queue_sync(job).await;
         }
     }
 
-    /// Creates the next chunk file if none is open.
-    async fn ensure_open(&mut self) -> Result<(), StorageError> {
+    /// Before a group commit: marks a chunk that takes many small groups,
+    /// and writes zeros ahead of a marked chunk's data when few are left.
+    async fn advance_runway(&mut self) {
+        let Some(open) = self.open.as_mut() else {
+            return;
+        };
+        if let Runway::Marking { task, .. } = &open.runway
+            && task.is_finished()
+        {
+            self.settle_mark().await;
+        }
+        let Some(open) = self.open.as_mut() else {
+            return;
+        };
+        match &mut open.runway {
+            Runway::Not
+                if self.cfg.zero_runway
+                    && open.sync_groups >= RUNWAY_AFTER_GROUPS
+                    && open.size / open.sync_groups <= RUNWAY_MAX_GROUP_BYTES =>
+            {
+                let (file, from) = (open.file.clone(), open.size);
+                let task = tokio::task::spawn_blocking(move || runway::mark(&file, from));
+                open.runway = Runway::Marking { task };
+            }
+            Runway::Marked { zeroed_to }
+                if *zeroed_to < open.size + runway::LOW && !self.cfg.disk.above_limit() =>
+            {
+                let at = open.size.max(*zeroed_to);
+                // A few hundred KiB into the page cache: cheaper inline than
+                // two thread switches, like small appends.
+                match runway::extend(&open.file, at, self.cfg.max_chunk_bytes) {
+                    Ok(end) => {
+                        self.cat.metrics.runway_bytes.inc_by(end - at);
+                        *zeroed_to = end;
+                    }
+                    Err(e) => {
+                        // Zeros may stand past the data; the mark covers them.
+                        tracing::debug!(category = %self.cat.name, chunk = %open.name, error = %e, "cannot write a zero runway");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Waits for the open chunk's mark to be durable (or to fail).
+    async fn settle_mark(&mut self) {
+        let Some(open) = self.open.as_mut() else {
+            return;
+        };
+        let Runway::Marking { task, .. } = &mut open.runway else {
+            return;
+        };
+        let done = task.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        open.runway = match done {
+            Ok(()) => Runway::Marked { zeroed_to: 0 },
+            Err(e) => {
+                tracing::warn!(category = %self.cat.name, chunk = %open.name, error = %e, "cannot mark a chunk for a zero runway; appending only");
+                Runway::Failed
+            }
+        };
+    }
+
+    /// Creates the next chunk file if none is open; `has_nul`: for requests
+    /// holding a NUL byte (the chunk then never gets a zero runway).
+    async fn ensure_open(&mut self, has_nul: bool) -> Result<(), StorageError> {
         if self.open.is_some() {
             return Ok(());
         }
@@ -328,24 +467,34 @@ impl Writer {
             first_write: None,
             unflushed_bytes: 0,
             dir_pending: true,
+            sync_groups: 0,
+            runway: match has_nul {
+                true => Runway::Never,
+                false => Runway::Not,
+            },
         });
         Ok(())
     }
 
     /// Completes the open chunk: no byte is ever appended to it again.
     async fn complete_open(&mut self) {
+        // A mark being written must land before the completion removes it.
+        self.settle_mark().await;
         let Some(open) = self.open.take() else {
             return;
         };
         self.cat.update(&open.name, open.size, true);
         self.cat.metrics.chunks_completed.inc();
         tracing::debug!(category = %self.cat.name, chunk = %open.name, size = open.size, "chunk completed");
-        if open.unflushed_bytes > 0 {
-            // Complete chunks are flushed in the background whatever the sync policy.
+        let marked = matches!(open.runway, Runway::Marked { .. } | Runway::Failed);
+        if open.unflushed_bytes > 0 || marked {
+            // Complete chunks are flushed in the background whatever the
+            // sync policy; a marked one loses its zeros and its mark.
             self.queue_sync(SyncJob {
                 file: open.file,
                 dir: open.dir_pending.then(|| self.cat.dir.clone()),
                 replies: Vec::new(),
+                finish: marked.then_some(open.size),
             })
             .await;
         }
@@ -359,10 +508,20 @@ impl Writer {
                 file: open.file.clone(),
                 dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
                 replies: Vec::new(),
+                finish: None,
             };
             self.queue_sync(job).await;
         }
     }
+}
+
+/// Requests to write back to back into one chunk.
+#[derive(Debug, Default)]
+struct Run {
+    reqs: Vec<AppendRequest>,
+    bytes: u64,
+    /// One of them holds a NUL byte (known only while checking).
+    has_nul: bool,
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

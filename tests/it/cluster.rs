@@ -140,11 +140,12 @@ impl TestCluster {
 
     /// Waits until every running node lists the same chunks of each
     /// category (names, sizes, completeness), then checks that the chunk
-    /// files are byte-identical on every node.
+    /// files hold the same bytes on every node (an owner's open chunk may
+    /// also hold zeros past its data: a zero runway).
     pub async fn wait_converged(&self, categories: &[&str]) {
         let deadline = tokio::time::Instant::now() + CONVERGE_DEADLINE;
         for cat in categories {
-            loop {
+            let sizes: BTreeMap<String, u64> = loop {
                 let lists = self.chunk_lists(cat).await;
                 let key = |l: &Vec<ChunkInfo>| -> Vec<(String, u64, bool)> {
                     l.iter()
@@ -152,7 +153,7 @@ impl TestCluster {
                         .collect()
                 };
                 if lists.windows(2).all(|w| key(&w[0]) == key(&w[1])) && !lists[0].is_empty() {
-                    break;
+                    break lists[0].iter().map(|c| (c.name.clone(), c.size)).collect();
                 }
                 assert!(
                     tokio::time::Instant::now() < deadline,
@@ -160,10 +161,24 @@ impl TestCluster {
                     lists.iter().map(key).collect::<Vec<_>>()
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            };
             let files: Vec<BTreeMap<String, Vec<u8>>> = (0..self.names.len())
                 .filter(|&i| self.nodes[i].is_some())
-                .map(|i| chunk_files(&self.dirs[i].join(cat)).into_iter().collect())
+                .map(|i| {
+                    chunk_files(&self.dirs[i].join(cat))
+                        .into_iter()
+                        .map(|(name, mut data)| {
+                            let size = sizes[&name] as usize;
+                            assert!(
+                                data.len() >= size && data[size..].iter().all(|&b| b == 0),
+                                "chunk {name} of {cat} on node {i}: {} bytes on disk, {size} listed",
+                                data.len()
+                            );
+                            data.truncate(size);
+                            (name, data)
+                        })
+                        .collect()
+                })
                 .collect();
             for (i, f) in files.iter().enumerate().skip(1) {
                 assert_eq!(

@@ -24,6 +24,15 @@ const ROUND_DEADLINE: Duration = Duration::from_secs(60);
 /// What one writer had acknowledged: request id → (chunk, offset).
 type Acked = HashMap<String, (String, u64)>;
 
+/// True when a chunk file in `dir` carries the zero-runway mark.
+fn holds_a_runway(dir: &std::path::Path) -> bool {
+    let mut buf = [0u8; 32];
+    std::fs::read_dir(dir).unwrap().any(|e| {
+        let file = std::fs::File::open(e.unwrap().path()).unwrap();
+        rustix::fs::fgetxattr(&file, chunkbus::storage::runway::MARKER, &mut buf[..]).is_ok()
+    })
+}
+
 fn request_lines(writer: usize, req: u64) -> String {
     (0..LINES_PER_REQUEST)
         .map(|l| {
@@ -78,6 +87,8 @@ async fn acknowledged_lines_survive_sigkill() {
 
     let mut node = node;
     let mut rng = rand::rng();
+    // Kills that left a chunk with a zero runway (zeros past its data).
+    let mut runway_kills = 0;
     for kill in 0..KILLS {
         // Let some writes be acknowledged, then kill at a random moment.
         let target = acks.load(Ordering::Relaxed) + ACKS_BETWEEN_KILLS;
@@ -91,6 +102,7 @@ async fn acknowledged_lines_survive_sigkill() {
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..50))).await;
         node.kill().await;
+        runway_kills += usize::from(holds_a_runway(&dir.join("crash")));
         node = BinNode::start(&dir, &args).await;
         *base.write().await = node.url("");
     }
@@ -101,6 +113,9 @@ async fn acknowledged_lines_survive_sigkill() {
     }
     node.kill().await;
     assert!(acked.len() as u64 >= KILLS as u64 * ACKS_BETWEEN_KILLS);
+    if chunkbus::storage::runway::supported(&dir) {
+        assert!(runway_kills > 0, "no kill hit a chunk with a zero runway");
+    }
 
     // Restart once more so that torn tails of the last kill are cut, then
     // check the files themselves.

@@ -25,6 +25,7 @@ pub fn config(dir: &Path) -> ServeConfig {
         max_chunk_bytes: 64 << 20,
         rotate_after: Duration::from_secs(3600),
         sync: SyncPolicy::Always,
+        preallocate: chunkbus::config::Preallocate::Auto,
         max_line_bytes: 1 << 20,
         max_body_bytes: 8 << 20,
         max_inflight_bytes: 64 << 20,
