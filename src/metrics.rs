@@ -103,6 +103,7 @@ pub struct Metrics {
     pub chunks_evicted: Family<CategoryLabels, Counter>,
     pub s3_backlog_chunks: Gauge,
     pub s3_backlog_bytes: Gauge,
+    pub s3_failing_chunks: Gauge,
     pub s3_uploads: Counter,
     pub s3_upload_bytes: Counter,
     pub s3_errors: Counter,
@@ -138,6 +139,7 @@ impl Metrics {
             disk_total_bytes: Gauge::default(),
             chunks_evicted: Family::default(),
             s3_backlog_chunks: Gauge::default(),
+            s3_failing_chunks: Gauge::default(),
             s3_backlog_bytes: Gauge::default(),
             s3_uploads: Counter::default(),
             s3_upload_bytes: Counter::default(),
@@ -234,6 +236,11 @@ impl Metrics {
             "chunks_evicted",
             "Local copies of uploaded chunks deleted (the chunk stays readable from S3)",
             m.chunks_evicted.clone(),
+        );
+        r.register(
+            "s3_failing_chunks",
+            "Chunks whose upload fails for a reason of their own, retried apart",
+            m.s3_failing_chunks.clone(),
         );
         r.register(
             "s3_backlog_chunks",

@@ -98,6 +98,26 @@ pub struct S3Status {
     pub last_error_at: Option<String>,
     /// Local copies of uploaded chunks evicted since the node started.
     pub evicted_chunks: u64,
+    /// Chunks that fail to upload for a reason of their own (their local
+    /// copy cannot be read, their key holds another object); they are
+    /// retried on their own while the others go on.
+    #[serde(default)]
+    pub failing_chunks: Vec<FailingChunk>,
+}
+
+/// A chunk whose upload keeps failing for a reason of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailingChunk {
+    /// Its category.
+    pub category: String,
+    /// Its name.
+    pub chunk: String,
+    /// The last error.
+    pub error: String,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// When the first attempt failed (RFC 3339).
+    pub since: String,
 }
 
 /// Replication state of one peer, seen from this node.

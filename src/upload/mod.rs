@@ -133,6 +133,7 @@ struct Status {
     last_success: Option<SystemTime>,
     last_error: Option<String>,
     last_error_at: Option<SystemTime>,
+    failing_chunks: Vec<chunkbus_client::FailingChunk>,
 }
 
 impl Tiering {
@@ -208,6 +209,7 @@ impl Tiering {
             last_success: time(st.last_success),
             last_error: st.last_error.clone(),
             last_error_at: time(st.last_error_at),
+            failing_chunks: st.failing_chunks.clone(),
             evicted_chunks: self
                 .storage
                 .categories()
@@ -265,6 +267,11 @@ impl Tiering {
         st.uploaded_bytes += bytes;
         st.last_success = Some(now);
         st.last_error = None;
+    }
+
+    fn set_failing(&self, failing: Vec<chunkbus_client::FailingChunk>) {
+        self.metrics.s3_failing_chunks.set(failing.len() as i64);
+        self.status.lock().unwrap().failing_chunks = failing;
     }
 
     fn set_backlog(&self, chunks: u64, bytes: u64) {

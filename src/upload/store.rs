@@ -45,6 +45,9 @@ pub enum S3ErrorKind {
     NoBucket,
     /// Anything else: network, timeouts, 5xx, throttling.
     Other,
+    /// This chunk cannot be uploaded for a reason of its own (its local
+    /// copy cannot be read, its key holds another object); others can.
+    Chunk,
 }
 
 /// One object of a listing.

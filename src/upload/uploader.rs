@@ -7,6 +7,11 @@
 //! with a multipart upload whose progress (upload id and the parts done) is
 //! kept in `<data>/.multipart/<category>/<chunk>.json`, so that a restart
 //! resumes it instead of starting over.
+//!
+//! A failure of the store (network, credentials, 5xx) pauses every upload
+//! with a capped backoff. A failure of one chunk (its local copy cannot
+//! be read, its key holds another object) backs off that chunk only, and
+//! shows in the status as a failing chunk.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
@@ -96,6 +101,7 @@ pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
     let mut watch_after: BTreeMap<Key, Instant> = BTreeMap::new();
     let mut backoff = Backoff::default();
     let mut paused_until: Option<Instant> = None;
+    let mut failing: BTreeMap<Key, Failing> = BTreeMap::new();
     loop {
         completed.borrow_and_update();
         let jobs = pending(&tier);
@@ -105,7 +111,13 @@ pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
             .fold((0, 0), |(n, b), j| (n + 1, b + j.size));
         tier.set_backlog(n, bytes);
         let now = Instant::now();
-        watch_after.retain(|k, _| jobs.iter().any(|j| (&j.category, &j.chunk) == (&k.0, &k.1)));
+        let wanted = |k: &Key| jobs.iter().any(|j| (&j.category, &j.chunk) == (&k.0, &k.1));
+        watch_after.retain(|k, _| wanted(k));
+        let before = failing.len();
+        failing.retain(|k, _| wanted(k) || in_flight.values().any(|f| f == k));
+        if failing.len() != before {
+            tier.set_failing(failing_status(&failing));
+        }
         if paused_until.is_none_or(|t| now >= t) {
             paused_until = None;
             for job in jobs {
@@ -114,7 +126,10 @@ pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
                 }
                 let key = (job.category.clone(), job.chunk.clone());
                 let busy = in_flight.values().any(|k| *k == key);
-                if busy || watch_after.get(&key).is_some_and(|t| now < *t) {
+                if busy
+                    || watch_after.get(&key).is_some_and(|t| now < *t)
+                    || failing.get(&key).is_some_and(|f| now < f.retry_at)
+                {
                     continue;
                 }
                 let (tier, cfg, store) = (tier.clone(), cfg.clone(), store.clone());
@@ -124,7 +139,10 @@ pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
         }
         let rescan = Instant::now() + RESCAN_INTERVAL;
         let next_timer = paused_until
-            .or_else(|| watch_after.values().min().copied())
+            .or_else(|| {
+                let retries = failing.values().map(|f| f.retry_at);
+                watch_after.values().copied().chain(retries).min()
+            })
             .map_or(rescan, |t| t.min(rescan));
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -140,10 +158,20 @@ pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
                 match result {
                     Ok(Done::Uploaded { bytes }) => {
                         backoff.reset();
+                        if failing.remove(&key).is_some() {
+                            tier.set_failing(failing_status(&failing));
+                        }
                         record(&tier, &key, bytes).await;
                     }
                     Ok(Done::NotYet) => {
                         watch_after.insert(key, Instant::now() + WATCH_INTERVAL);
+                    }
+                    Err(e) if e.kind == S3ErrorKind::Chunk => {
+                        tier.record_error(&e);
+                        let f = failing.entry(key.clone()).or_insert_with(Failing::new);
+                        let delay = f.failed(&e);
+                        tracing::warn!(category = %key.0, chunk = %key.1, error = %e, attempts = f.attempts, retry_in = ?delay, "upload of this chunk failed; the others go on");
+                        tier.set_failing(failing_status(&failing));
                     }
                     Err(e) => {
                         tier.record_error(&e);
@@ -159,6 +187,50 @@ pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
             _ = tokio::time::sleep_until(next_timer) => {}
         }
     }
+}
+
+/// A chunk whose upload failed for a reason of its own.
+#[derive(Debug)]
+struct Failing {
+    retry_at: Instant,
+    backoff: Backoff,
+    error: String,
+    attempts: u32,
+    since: std::time::SystemTime,
+}
+
+impl Failing {
+    fn new() -> Self {
+        Self {
+            retry_at: Instant::now(),
+            backoff: Backoff::default(),
+            error: String::new(),
+            attempts: 0,
+            since: std::time::SystemTime::now(),
+        }
+    }
+
+    /// Records one more failure; returns the delay before the next attempt.
+    fn failed(&mut self, e: &S3Error) -> Duration {
+        let delay = self.backoff.next_delay();
+        self.retry_at = Instant::now() + delay;
+        self.error = e.message.clone();
+        self.attempts += 1;
+        delay
+    }
+}
+
+fn failing_status(failing: &BTreeMap<Key, Failing>) -> Vec<chunkbus_client::FailingChunk> {
+    failing
+        .iter()
+        .map(|((category, chunk), f)| chunkbus_client::FailingChunk {
+            category: category.clone(),
+            chunk: chunk.to_string(),
+            error: f.error.clone(),
+            attempts: f.attempts,
+            since: humantime::format_rfc3339_seconds(f.since).to_string(),
+        })
+        .collect()
 }
 
 /// Records an upload with the storage (durably) and in the status.
@@ -223,7 +295,7 @@ async fn upload(
                         "{key} already exists in S3 with {size} bytes (this node lost its disk?); not overwriting it with the local chunk of {} bytes",
                         job.size
                     ),
-                    kind: S3ErrorKind::Other,
+                    kind: S3ErrorKind::Chunk,
                 });
             }
             None => {}
@@ -348,7 +420,10 @@ async fn read_range(path: &Path, offset: u64, len: u64) -> Result<Bytes, S3Error
         std::fs::File::open(&p)
             .and_then(|f| f.read_exact_at(&mut buf, offset))
             .map(|()| Bytes::from(buf))
-            .map_err(|e| local_error(format!("cannot read {}", p.display()), e))
+            .map_err(|e| S3Error {
+                message: format!("cannot read the local copy {}: {e}", p.display()),
+                kind: S3ErrorKind::Chunk,
+            })
     })
     .await
     .map_err(|e| local_error("read task failed".into(), e))?

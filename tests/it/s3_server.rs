@@ -38,6 +38,9 @@ struct Counters {
     parts: BTreeMap<String, u32>,
     /// When set, CompleteMultipartUpload answers 503.
     refuse_completes: bool,
+    /// When set, requests on the bucket itself (check, listing) answer 403;
+    /// requests on objects are served.
+    refuse_bucket: bool,
 }
 
 type Counts = Arc<Mutex<Counters>>;
@@ -159,6 +162,11 @@ impl TestS3 {
         self.counts.lock().unwrap().refuse_completes = refuse;
     }
 
+    /// Refuses (403) requests on the bucket itself, such as listings.
+    pub fn refuse_bucket(&self, refuse: bool) {
+        self.counts.lock().unwrap().refuse_bucket = refuse;
+    }
+
     /// An S3 client with the accepted credentials, for checking objects.
     pub fn client(&self) -> aws_sdk_s3::Client {
         let conf = aws_sdk_s3::Config::builder()
@@ -242,6 +250,15 @@ async fn counted(
     let query = req.uri().query().unwrap_or("").to_owned();
     let is_part = method == hyper::Method::PUT && query.contains("partNumber");
     let is_complete = method == hyper::Method::POST && query.contains("uploadId");
+    let on_bucket = path.trim_end_matches('/') == format!("/{BUCKET}");
+    if on_bucket && counts.lock().unwrap().refuse_bucket {
+        let mut resp = hyper::Response::new(s3s::Body::from(
+            "<Error><Code>AccessDenied</Code><Message>refused by the test</Message></Error>"
+                .to_owned(),
+        ));
+        *resp.status_mut() = hyper::StatusCode::FORBIDDEN;
+        return Ok(resp);
+    }
     if is_complete && counts.lock().unwrap().refuse_completes {
         let mut resp = hyper::Response::new(s3s::Body::from("slow down".to_owned()));
         *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;

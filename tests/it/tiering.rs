@@ -465,6 +465,72 @@ async fn a_node_that_lost_its_disk_serves_everything_from_s3_and_reuses_no_name(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_that_cannot_be_uploaded_fails_alone_and_is_reported() {
+    let s3 = TestS3::start().await;
+    // A node that lost its disk and cannot list the bucket: its first chunk
+    // name already holds another object, which it must never overwrite.
+    let taken = key("app", "t1-chunk000000000");
+    s3.client()
+        .put_object()
+        .bucket(BUCKET)
+        .key(&taken)
+        .body(b"uploaded before the disk was lost\n".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    let before = s3.get(&taken).await.unwrap();
+    s3.refuse_bucket(true);
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--max-chunk-bytes", "4KiB", "--rotate-after", "300ms"];
+    let (node, client) = start(&s3, dir.path(), &args).await;
+    produce(&client, "app", 0, 300, 20).await;
+    // Every other chunk is uploaded while the colliding one keeps failing.
+    let (failing, chunks) = eventually(CONDITION_DEADLINE, "the others uploaded", || async {
+        let chunks = client.chunks("app").await.ok()?;
+        let st = status(&client).await.s3?;
+        let others = chunks.iter().filter(|c| c.name != "t1-chunk000000000");
+        let done = chunks.len() > 3 && others.clone().all(|c| c.complete && c.uploaded);
+        let failing = st.failing_chunks.first()?.clone();
+        (done && failing.attempts >= 2).then_some((failing, chunks))
+    })
+    .await;
+    assert_eq!(
+        (failing.category.as_str(), failing.chunk.as_str()),
+        ("app", "t1-chunk000000000")
+    );
+    assert!(
+        failing.error.contains("already exists in S3") && failing.error.contains("not overwriting"),
+        "{failing:?}"
+    );
+    let first = chunks
+        .iter()
+        .find(|c| c.name == "t1-chunk000000000")
+        .unwrap();
+    assert!(
+        first.complete && !first.uploaded && first.local,
+        "{first:?}"
+    );
+    assert_eq!(s3.get(&taken).await.unwrap(), before);
+    let st = status(&client).await.s3.unwrap();
+    assert_eq!(
+        (st.backlog_chunks, st.failing_chunks.len()),
+        (1, 1),
+        "{st:?}"
+    );
+    let metrics = reqwest::get(node.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("chunkbus_s3_failing_chunks 1"),
+        "{metrics}"
+    );
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_credentials_are_reported_clearly_and_ingestion_goes_on() {
     let s3 = TestS3::start().await;
     let dir = tempfile::tempdir().unwrap();
