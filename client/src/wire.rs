@@ -139,6 +139,10 @@ pub struct PeerStatus {
     pub lag_seconds: f64,
     /// `lag_bytes` per category (only categories that lag).
     pub categories: std::collections::BTreeMap<String, u64>,
+    /// True while this node treats it as lost (`forget-node`, or
+    /// unreachable past `--owner-lost-after`), until it answers again.
+    #[serde(default)]
+    pub forgotten: bool,
 }
 
 /// Disk usage of the data directory's file system.

@@ -82,6 +82,8 @@ struct PeerState {
     lag: BTreeMap<String, u64>,
     behind_since: Option<Instant>,
     down_since: Option<Instant>,
+    /// Treated as lost (forgotten, or unreachable past
+    /// `--owner-lost-after`) until it answers again; durable in the storage.
     forgotten: bool,
 }
 
@@ -93,12 +95,16 @@ impl Replication {
         cfg: ReplicationConfig,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        let forgotten = storage.forgotten_owners();
         let links = cfg
             .peers
             .iter()
             .map(|p| PeerLink {
                 peer: p.clone(),
-                state: Mutex::new(PeerState::default()),
+                state: Mutex::new(PeerState {
+                    forgotten: forgotten.contains(&p.name),
+                    ..PeerState::default()
+                }),
             })
             .collect();
         let mut headers = reqwest::header::HeaderMap::new();
@@ -180,6 +186,7 @@ impl Replication {
                     lag_bytes: st.lag.values().sum(),
                     lag_seconds: st.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()),
                     categories: st.lag.clone(),
+                    forgotten: st.forgotten,
                 }
             })
             .collect()
@@ -260,8 +267,14 @@ impl Replication {
             st.connected = connected;
             st.since = Some(SystemTime::now());
             st.down_since = (!connected).then(Instant::now);
-            if connected {
-                st.forgotten = false;
+            if connected && std::mem::take(&mut st.forgotten) {
+                tracing::info!(peer = %link.peer.name, "a forgotten peer answers again: no longer treated as lost");
+                let (storage, name) = (self.storage.clone(), link.peer.name.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = storage.owner_returned(&name).await {
+                        tracing::error!(peer = %name, error = %e, "cannot record that a forgotten peer is back");
+                    }
+                });
             }
             self.metrics
                 .peer_connected

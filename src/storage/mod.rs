@@ -158,6 +158,9 @@ struct Shared {
     writable: tokio::sync::watch::Sender<Option<String>>,
     /// True when the data directory held no category at start-up.
     fresh: bool,
+    /// Owners this node treats as lost (see [`Storage::forget_owner`]);
+    /// kept in `<data>/.forgotten.json`.
+    forgotten: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Zero runways are asked for and help on this file system.
     zero_runway: bool,
     /// Queue of completed copies whose durable record is pending.
@@ -176,7 +179,7 @@ impl Storage {
         let disk = Arc::new(DiskMonitor::new(opts.disk_high_water_percent));
         let disk2 = disk.clone();
         let zero_runway = opts.zero_runway;
-        let (lock, recovered, zero_runway) = tokio::task::spawn_blocking(move || {
+        let (lock, recovered, zero_runway, forgotten) = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|e| {
                 StorageError::io(format!("cannot create data directory {}", dir.display()), e)
             })?;
@@ -185,8 +188,9 @@ impl Storage {
                 StorageError::io(format!("cannot read disk usage of {}", dir.display()), e)
             })?;
             let recovered = recovery::scan(&dir, &node)?;
+            let forgotten = state::load_forgotten(&dir)?;
             let zero_runway = zero_runway && runway::supported(&dir);
-            Ok::<_, StorageError>((lock, recovered, zero_runway))
+            Ok::<_, StorageError>((lock, recovered, zero_runway, forgotten))
         })
         .await
         .map_err(|e| StorageError::io("start-up task failed", std::io::Error::other(e)))??;
@@ -209,6 +213,7 @@ impl Storage {
                 remote: OnceLock::new(),
                 writable: tokio::sync::watch::Sender::new(None),
                 fresh,
+                forgotten: std::sync::Mutex::new(forgotten),
                 zero_runway,
                 completions,
                 tasks: TaskTracker::new(),

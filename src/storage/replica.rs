@@ -285,8 +285,46 @@ impl Storage {
                 changed += 1;
             }
         }
+        self.set_forgotten(owner, true).await?;
         // Its complete chunks may now be this node's to upload.
         self.shared.feed.completed();
         Ok(changed)
+    }
+
+    /// Owners recorded as lost by [`Storage::forget_owner`] and not heard
+    /// from since (see [`Storage::owner_returned`]).
+    pub fn forgotten_owners(&self) -> std::collections::BTreeSet<String> {
+        self.shared.forgotten.lock().unwrap().clone()
+    }
+
+    /// `owner` answers again: it is no longer recorded as lost.
+    pub async fn owner_returned(&self, owner: &str) -> Result<(), StorageError> {
+        self.set_forgotten(owner, false).await
+    }
+
+    async fn set_forgotten(&self, owner: &str, lost: bool) -> Result<(), StorageError> {
+        let shared = self.shared.clone();
+        let owner = owner.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut set = shared.forgotten.lock().unwrap();
+            let changed = match lost {
+                true => set.insert(owner.clone()),
+                false => set.remove(&owner),
+            };
+            if !changed {
+                return Ok(());
+            }
+            let saved = state::save_forgotten(&shared.opts.data_dir, &set);
+            if saved.is_err() {
+                // Memory follows the file: a retry writes it again.
+                match lost {
+                    true => set.remove(&owner),
+                    false => set.insert(owner),
+                };
+            }
+            saved
+        })
+        .await
+        .map_err(|e| StorageError::io("forget task failed", std::io::Error::other(e)))?
     }
 }

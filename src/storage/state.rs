@@ -111,20 +111,97 @@ pub fn load(dir: &Path) -> Result<CategoryState, StorageError> {
 
 /// Writes the state of the category at `dir` atomically.
 pub fn save(dir: &Path, state: &CategoryState) -> Result<(), StorageError> {
-    let tmp = dir.join(STATE_TMP_FILE);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec(state).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(STATE_FILE))?;
-        fsync_dir(dir)
+    write_atomic(dir, STATE_FILE, STATE_TMP_FILE, state)
+        .map_err(|e| StorageError::io(format!("cannot write state of {}", dir.display()), e))
+}
+
+/// Writes `value` as JSON to `dir/name`: temp file, fsync, rename, fsync
+/// of the directory.
+fn write_atomic<T: Serialize>(dir: &Path, name: &str, tmp: &str, value: &T) -> std::io::Result<()> {
+    let tmp = dir.join(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    fsync_dir(dir)
+}
+
+/// File name, in the data directory, of the owners this node treats as
+/// lost (forgotten, or unreachable past `--owner-lost-after`).
+pub const FORGOTTEN_FILE: &str = ".forgotten.json";
+const FORGOTTEN_TMP_FILE: &str = ".forgotten.json.tmp";
+
+/// The on-disk form of the forgotten owners, versioned:
+/// `{"version":1,"owners":["eu3"]}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForgottenOwners {
+    version: u32,
+    owners: std::collections::BTreeSet<String>,
+}
+
+/// The owners recorded as lost in `data_dir` (none when absent).
+pub fn load_forgotten(data_dir: &Path) -> Result<std::collections::BTreeSet<String>, StorageError> {
+    let path = data_dir.join(FORGOTTEN_FILE);
+    let invalid = |msg: String| {
+        StorageError::io(
+            format!("cannot use {}", path.display()),
+            std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
+        )
     };
-    write().map_err(|e| StorageError::io(format!("cannot write state of {}", dir.display()), e))
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let f: ForgottenOwners =
+                serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+            if f.version != STATE_VERSION {
+                return Err(invalid(format!(
+                    "version {} is not supported by this build (expected {STATE_VERSION})",
+                    f.version
+                )));
+            }
+            Ok(f.owners)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(StorageError::io(
+            format!("cannot read {}", path.display()),
+            e,
+        )),
+    }
+}
+
+/// Records `owners` as the lost owners of `data_dir`, atomically.
+pub fn save_forgotten(
+    data_dir: &Path,
+    owners: &std::collections::BTreeSet<String>,
+) -> Result<(), StorageError> {
+    let value = ForgottenOwners {
+        version: STATE_VERSION,
+        owners: owners.clone(),
+    };
+    write_atomic(data_dir, FORGOTTEN_FILE, FORGOTTEN_TMP_FILE, &value).map_err(|e| {
+        StorageError::io(
+            format!("cannot write {}", data_dir.join(FORGOTTEN_FILE).display()),
+            e,
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forgotten_owners_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_forgotten(dir.path()).unwrap().is_empty());
+        let owners: std::collections::BTreeSet<String> = ["eu3".to_owned()].into();
+        save_forgotten(dir.path(), &owners).unwrap();
+        assert_eq!(load_forgotten(dir.path()).unwrap(), owners);
+        let text = std::fs::read_to_string(dir.path().join(FORGOTTEN_FILE)).unwrap();
+        assert_eq!(text, r#"{"version":1,"owners":["eu3"]}"#);
+        std::fs::write(dir.path().join(FORGOTTEN_FILE), r#"{"version":1}"#).unwrap();
+        assert!(load_forgotten(dir.path()).is_err());
+    }
 
     #[test]
     fn round_trips_and_only_rises() {

@@ -308,11 +308,26 @@ async fn forget_node_lets_readers_finish_a_dead_nodes_chunk() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    // The completion is durable: it survives a restart of a replica.
+    // The completion is durable: it survives a restart of a replica, and
+    // so does treating n3 as lost.
     cluster.kill(1).await;
     cluster.start_node(1).await;
     let list = cluster.client(1).chunks("lost").await.unwrap();
     assert!(list.iter().all(|c| c.complete), "{list:?}");
+    let n3 = |st: chunkbus_client::NodeStatus| st.peers.into_iter().find(|p| p.name == "n3");
+    let peer = n3(cluster.client(1).status().await.unwrap()).unwrap();
+    assert!(peer.forgotten && !peer.connected, "{peer:?}");
+    // Until it answers again; that is durable too.
+    cluster.start_node(2).await;
+    cluster.wait_peer_connected(1, "n3", true).await;
+    let peer = n3(cluster.client(1).status().await.unwrap()).unwrap();
+    assert!(!peer.forgotten, "{peer:?}");
+    cluster.kill(2).await;
+    cluster.wait_peer_connected(1, "n3", false).await;
+    cluster.kill(1).await;
+    cluster.start_node(1).await;
+    let peer = n3(cluster.client(1).status().await.unwrap()).unwrap();
+    assert!(!peer.forgotten && !peer.connected, "{peer:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
