@@ -82,26 +82,33 @@ impl CategoryState {
 
 /// Reads the state of the category at `dir` (default when absent).
 pub fn load(dir: &Path) -> Result<CategoryState, StorageError> {
-    let path = dir.join(STATE_FILE);
+    Ok(read_versioned(&dir.join(STATE_FILE), |s: &CategoryState| s.version)?.unwrap_or_default())
+}
+
+/// Reads a versioned JSON file written by [`write_atomic`]; `None` when
+/// absent, an error naming the file when unreadable or of another version.
+fn read_versioned<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    version: impl Fn(&T) -> u32,
+) -> Result<Option<T>, StorageError> {
     let invalid = |msg: String| {
         StorageError::io(
             format!("cannot use {}", path.display()),
             std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
         )
     };
-    match std::fs::read(&path) {
+    match std::fs::read(path) {
         Ok(bytes) => {
-            let st: CategoryState =
-                serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
-            if st.version != STATE_VERSION {
+            let value: T = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+            let v = version(&value);
+            if v != STATE_VERSION {
                 return Err(invalid(format!(
-                    "state version {} is not supported by this build (expected {STATE_VERSION})",
-                    st.version
+                    "version {v} is not supported by this build (expected {STATE_VERSION})"
                 )));
             }
-            Ok(st)
+            Ok(Some(value))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CategoryState::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StorageError::io(
             format!("cannot read {}", path.display()),
             e,
@@ -142,31 +149,10 @@ struct ForgottenOwners {
 
 /// The owners recorded as lost in `data_dir` (none when absent).
 pub fn load_forgotten(data_dir: &Path) -> Result<std::collections::BTreeSet<String>, StorageError> {
-    let path = data_dir.join(FORGOTTEN_FILE);
-    let invalid = |msg: String| {
-        StorageError::io(
-            format!("cannot use {}", path.display()),
-            std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
-        )
-    };
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let f: ForgottenOwners =
-                serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
-            if f.version != STATE_VERSION {
-                return Err(invalid(format!(
-                    "version {} is not supported by this build (expected {STATE_VERSION})",
-                    f.version
-                )));
-            }
-            Ok(f.owners)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
-        Err(e) => Err(StorageError::io(
-            format!("cannot read {}", path.display()),
-            e,
-        )),
-    }
+    let file = read_versioned(&data_dir.join(FORGOTTEN_FILE), |f: &ForgottenOwners| {
+        f.version
+    })?;
+    Ok(file.map(|f| f.owners).unwrap_or_default())
 }
 
 /// Records `owners` as the lost owners of `data_dir`, atomically.

@@ -148,6 +148,16 @@ pub fn chunk_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// The text of `GET {base}/metrics`.
+pub async fn metrics_text(base: &str) -> String {
+    reqwest::get(format!("{}/metrics", base.trim_end_matches('/')))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Polls `/healthz` until it answers, within [`START_DEADLINE`].
 pub async fn wait_healthy(http: &reqwest::Client, url: &str) {
     let deadline = tokio::time::Instant::now() + START_DEADLINE;

@@ -65,12 +65,7 @@ async fn writes_spread_over_three_nodes_are_readable_everywhere() {
     let lists = cluster.chunk_lists("app").await;
     let owners: BTreeSet<_> = lists[0].iter().map(|c| c.owner.clone()).collect();
     assert_eq!(owners.len(), 3);
-    let text = reqwest::get(format!("{}/metrics", cluster.url(0)))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = crate::harness::metrics_text(&cluster.url(0)).await;
     assert!(
         text.contains("chunkbus_peer_connected{peer=\"n2\"} 1"),
         "{text}"

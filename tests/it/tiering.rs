@@ -9,7 +9,7 @@ use std::time::Duration;
 use chunkbus_client::{ChunkInfo, Client, NodeStatus, ProduceOptions};
 use tokio::process::Command;
 
-use crate::harness::{BinNode, CONDITION_DEADLINE, all_lines, serve_command};
+use crate::harness::{BinNode, CONDITION_DEADLINE, all_lines, metrics_text, serve_command};
 use crate::s3_server::{BUCKET, TestS3};
 
 /// Polls `check` until it returns `Some`, or fails after `deadline` saying `what`.
@@ -309,12 +309,7 @@ async fn an_s3_outage_never_stops_ingestion_and_the_backlog_drains() {
     })
     .await;
     assert!(down.backlog_bytes > 0, "{down:?}");
-    let metrics = reqwest::get(node.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&node.url("")).await;
     assert!(
         metrics
             .lines()
@@ -517,12 +512,7 @@ async fn a_chunk_that_cannot_be_uploaded_fails_alone_and_is_reported() {
         (1, 1),
         "{st:?}"
     );
-    let metrics = reqwest::get(node.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&node.url("")).await;
     assert!(
         metrics.contains("chunkbus_s3_failing_chunks 1"),
         "{metrics}"
