@@ -92,8 +92,8 @@ enum Runway {
     Not,
     /// Never for this chunk: it was opened for a request holding a NUL byte.
     Never,
-    /// The mark (NUL-free from `from`) is being made durable. Requests are
-    /// already checked for NUL bytes.
+    /// The mark (NUL-free from the chunk's size at that moment on) is
+    /// being made durable. Requests are already checked for NUL bytes.
     Marking {
         task: tokio::task::JoinHandle<std::io::Result<()>>,
     },
