@@ -108,7 +108,9 @@ pub fn names(data: &[u8]) {
 
 /// Recovery of a chunk directory holding arbitrary bytes: every chunk found
 /// ends with a whole line afterwards, its size is its file's, and only bytes
-/// past the last `\n` were cut.
+/// past the last `\n` were cut; for an own chunk marked for a zero runway
+/// (first byte with its high bit set), past the last `\n` before the first
+/// NUL byte past the mark, and the mark is gone.
 pub fn recovery(data: &[u8]) {
     let dir = tempfile_dir();
     let cat = dir.join("app");
@@ -116,6 +118,7 @@ pub fn recovery(data: &[u8]) {
     // Up to four files, split at 0xff bytes; the first byte of each picks
     // its name (own chunk, other owner's chunk, state file, stray file).
     let mut originals = Vec::new();
+    let mut marks = std::collections::BTreeMap::new();
     for (i, part) in data.split(|&b| b == 0xff).take(4).enumerate() {
         let (kind, content) = part.split_first().unwrap_or((&0, &[]));
         let name = match kind % 4 {
@@ -125,6 +128,23 @@ pub fn recovery(data: &[u8]) {
             _ => format!("stray{i}"),
         };
         std::fs::write(cat.join(&name), content).unwrap();
+        if kind % 4 == 0 && kind & 0x80 != 0 {
+            // Marked from an offset the input picks (possibly past the end).
+            let from = u64::from((kind >> 2) & 0x1f) * 3;
+            let file = std::fs::File::open(cat.join(&name)).unwrap();
+            let value = from.to_string();
+            let marker = crate::storage::runway::MARKER;
+            if rustix::fs::fsetxattr(
+                &file,
+                marker,
+                value.as_bytes(),
+                rustix::fs::XattrFlags::empty(),
+            )
+            .is_ok()
+            {
+                marks.insert(name.clone(), from as usize);
+            }
+        }
         originals.push((name, content.to_vec()));
     }
     if let Ok(found) = crate::storage::recovery::scan(&dir, "me") {
@@ -138,7 +158,19 @@ pub fn recovery(data: &[u8]) {
                 .find(|(n, _)| *n == name.to_string())
                 .expect("a chunk that was written");
             assert!(before.starts_with(&bytes));
-            assert!(!before[bytes.len()..].contains(&b'\n'));
+            let data_end = match marks.get(&name.to_string()) {
+                Some(&from) => {
+                    let from = from.min(before.len());
+                    let file = std::fs::File::open(cat.join(name.to_string())).unwrap();
+                    let mut buf = [0u8; 8];
+                    let marker = crate::storage::runway::MARKER;
+                    assert!(rustix::fs::fgetxattr(&file, marker, &mut buf[..]).is_err());
+                    memchr::memchr(0, &before[from..]).map_or(before.len(), |p| from + p)
+                }
+                None => before.len(),
+            };
+            assert!(bytes.len() <= data_end);
+            assert!(!before[bytes.len()..data_end].contains(&b'\n'));
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
