@@ -48,21 +48,12 @@ pub struct Limits {
     pub request_timeout: std::time::Duration,
 }
 
-/// Everything a handler needs. Shared as `Arc<AppState>`.
+/// Everything a handler needs. Shared as `Arc<AppState>`; the node's parts
+/// ([`Services`]) are reached through it (`st.storage`, `st.auth`...).
 #[derive(Debug)]
 pub struct AppState {
-    /// The chunk store.
-    pub storage: Storage,
-    /// The node's metrics.
-    pub metrics: Arc<Metrics>,
-    /// Replication (peers, their progress).
-    pub replication: Arc<Replication>,
-    /// Consumer positions.
-    pub consumers: Arc<Consumers>,
-    /// The S3 tier (status).
-    pub tiering: Arc<Tiering>,
-    /// Tokens and the cluster secret.
-    pub auth: Arc<Auth>,
+    /// The node's parts.
+    pub services: Services,
     /// Request limits.
     pub limits: Limits,
     /// Memory budget of request bodies.
@@ -71,6 +62,13 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// When the node started.
     pub started: Instant,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+    fn deref(&self) -> &Services {
+        &self.services
+    }
 }
 
 /// The node's parts the HTTP layer uses.
@@ -93,22 +91,12 @@ pub struct Services {
 impl AppState {
     /// Builds the state from its parts.
     pub fn new(services: Services, limits: Limits, shutdown: CancellationToken) -> Arc<Self> {
-        let Services {
-            storage,
-            metrics,
-            replication,
-            consumers,
-            tiering,
-            auth,
-        } = services;
-        let inflight = Inflight::new(limits.max_inflight_bytes, metrics.inflight_bytes.clone());
+        let inflight = Inflight::new(
+            limits.max_inflight_bytes,
+            services.metrics.inflight_bytes.clone(),
+        );
         Arc::new(Self {
-            storage,
-            metrics,
-            replication,
-            consumers,
-            tiering,
-            auth,
+            services,
             limits,
             inflight,
             shutdown,

@@ -307,22 +307,17 @@ impl Storage {
         let owner = owner.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut set = shared.forgotten.lock().unwrap();
+            // Memory changes only once the file did.
+            let mut next = set.clone();
             let changed = match lost {
-                true => set.insert(owner.clone()),
-                false => set.remove(&owner),
+                true => next.insert(owner),
+                false => next.remove(&owner),
             };
-            if !changed {
-                return Ok(());
+            if changed {
+                state::save_forgotten(&shared.opts.data_dir, &next)?;
+                *set = next;
             }
-            let saved = state::save_forgotten(&shared.opts.data_dir, &set);
-            if saved.is_err() {
-                // Memory follows the file: a retry writes it again.
-                match lost {
-                    true => set.remove(&owner),
-                    false => set.insert(owner),
-                };
-            }
-            saved
+            Ok(())
         })
         .await
         .map_err(|e| StorageError::io("forget task failed", std::io::Error::other(e)))?

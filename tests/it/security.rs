@@ -191,54 +191,20 @@ async fn each_endpoint_family_needs_its_role() {
 #[tokio::test]
 async fn category_patterns_limit_a_token_and_hide_other_categories() {
     let node = secured().await;
-    assert_eq!(
-        call(
-            &node,
-            "POST",
-            "/v1/categories/billing/lines",
-            PRODUCER,
-            "b\n"
-        )
-        .await,
-        200
-    );
-    assert_eq!(
-        call(
-            &node,
-            "POST",
-            "/v1/categories/app.web/lines",
-            APP_ONLY,
-            "a\n"
-        )
-        .await,
-        200
-    );
-    assert_eq!(
-        call(
-            &node,
-            "POST",
-            "/v1/categories/billing/lines",
-            APP_ONLY,
-            "a\n"
-        )
-        .await,
-        403
-    );
-    assert_eq!(
-        call(&node, "GET", "/v1/categories/billing/chunks", APP_ONLY, "").await,
-        403
-    );
-    assert_eq!(
-        call(
-            &node,
-            "GET",
-            "/read?category=billing&chunk=t1-chunk000000000&off=0&max_size=9",
-            APP_ONLY,
-            ""
-        )
-        .await,
-        403
-    );
+    let read_billing = "/read?category=billing&chunk=t1-chunk000000000&off=0&max_size=9";
+    for (method, path, secret, body, want) in [
+        ("POST", "/v1/categories/billing/lines", PRODUCER, "b\n", 200),
+        ("POST", "/v1/categories/app.web/lines", APP_ONLY, "a\n", 200),
+        ("POST", "/v1/categories/billing/lines", APP_ONLY, "a\n", 403),
+        ("GET", "/v1/categories/billing/chunks", APP_ONLY, "", 403),
+        ("GET", read_billing, APP_ONLY, "", 403),
+    ] {
+        assert_eq!(
+            call(&node, method, path, secret, body).await,
+            want,
+            "{method} {path} with {secret}"
+        );
+    }
     let listed: Vec<String> = node
         .http
         .get(node.url("/v1/categories"))
