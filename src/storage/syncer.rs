@@ -117,9 +117,11 @@ pub(super) fn run(
                 ));
             }
         }
-        for file in cut.iter().filter(|_| result.is_ok()) {
-            if let Err(e) = runway::clear_mark(file) {
-                tracing::warn!(error = %e, "cannot remove the zero-runway mark of a complete chunk");
+        if result.is_ok() {
+            for file in &cut {
+                if let Err(e) = runway::clear_mark(file) {
+                    tracing::warn!(error = %e, "cannot remove the zero-runway mark of a complete chunk");
+                }
             }
         }
         let synced = Synced {

@@ -360,7 +360,7 @@ impl Writer {
         let Some(open) = self.open.as_mut() else {
             return;
         };
-        if let Runway::Marking { task, .. } = &open.runway
+        if let Runway::Marking { task } = &open.runway
             && task.is_finished()
         {
             self.settle_mark().await;
@@ -404,7 +404,7 @@ impl Writer {
         let Some(open) = self.open.as_mut() else {
             return;
         };
-        let Runway::Marking { task, .. } = &mut open.runway else {
+        let Runway::Marking { task } = &mut open.runway else {
             return;
         };
         let done = task.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
