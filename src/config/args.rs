@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use super::{ByteSize, HumanDuration, PeerList, Percent, Preallocate, SyncSetting};
+use super::{ByteSize, DropBehind, HumanDuration, PeerList, Percent, Preallocate, SyncSetting};
 
 /// chunkbus: a leaderless, peer-replicated chunk bus.
 #[derive(Debug, Parser)]
@@ -227,6 +227,13 @@ pub struct ServeArgs {
     #[arg(long, env = "CHUNKBUS_PREALLOCATE", value_name = "auto|off")]
     pub preallocate: Option<Preallocate>,
 
+    /// Written data more than SIZE behind its category's newest write is
+    /// dropped from the OS page cache once on disk, so that new writes reuse
+    /// warm memory and recent data stays cached for readers; off leaves the
+    /// page cache to the kernel [default: 64MiB].
+    #[arg(long, env = "CHUNKBUS_DROP_BEHIND", value_name = "SIZE|off")]
+    pub drop_behind: Option<DropBehind>,
+
     /// Longest accepted line, without its newline [default: 1MiB].
     #[arg(long, env = "CHUNKBUS_MAX_LINE_BYTES", value_name = "SIZE")]
     pub max_line_bytes: Option<ByteSize>,
@@ -356,6 +363,7 @@ impl ServeArgs {
             rotate_after: self.rotate_after.or(file.rotate_after),
             sync: self.sync.or(file.sync),
             preallocate: self.preallocate.or(file.preallocate),
+            drop_behind: self.drop_behind.or(file.drop_behind),
             max_line_bytes: self.max_line_bytes.or(file.max_line_bytes),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             max_inflight_bytes: self.max_inflight_bytes.or(file.max_inflight_bytes),

@@ -36,6 +36,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_CHUNK_BYTES: ByteSize = ByteSize::mib(64);
 /// Default age at which a non-empty open chunk is completed.
 pub const DEFAULT_ROTATE_AFTER: Duration = Duration::from_secs(60);
+/// Default written bytes per category kept in the page cache behind the
+/// newest write.
+pub const DEFAULT_DROP_BEHIND: Option<u64> = Some(64 << 20);
 /// Default longest line.
 pub const DEFAULT_MAX_LINE_BYTES: ByteSize = ByteSize::mib(1);
 /// Default largest (decoded) request body.
@@ -171,6 +174,39 @@ impl FromStr for Preallocate {
     }
 }
 
+/// `--drop-behind`: written data kept in the page cache behind each
+/// category's newest write (`None`: `off`, the kernel decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropBehind(pub Option<u64>);
+
+impl FromStr for DropBehind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "off" => Ok(Self(None)),
+            size => size
+                .parse::<ByteSize>()
+                .map(|b| Self(Some(b.0)))
+                .map_err(|e| format!("{e}, or 'off'")),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DropBehind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Self(Some(n))),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// The validated configuration of a node.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -188,6 +224,9 @@ pub struct ServeConfig {
     pub sync: SyncPolicy,
     /// Whether open chunks may get zeros written ahead of their data.
     pub preallocate: Preallocate,
+    /// Written bytes of each category kept in the page cache behind its
+    /// newest write; `None`: the kernel decides.
+    pub drop_behind: Option<u64>,
     /// Longest accepted line, without its `\n`.
     pub max_line_bytes: u64,
     /// Largest accepted request body, after decoding.
@@ -322,6 +361,7 @@ impl ServeConfig {
             rotate_after: args.rotate_after.map_or(DEFAULT_ROTATE_AFTER, |d| d.0),
             sync: args.sync.map_or(SyncPolicy::Always, |s| s.0),
             preallocate: args.preallocate.unwrap_or(Preallocate::Auto),
+            drop_behind: args.drop_behind.map_or(DEFAULT_DROP_BEHIND, |d| d.0),
             max_line_bytes: args.max_line_bytes.unwrap_or(DEFAULT_MAX_LINE_BYTES).0,
             max_body_bytes: args.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES).0,
             max_inflight_bytes: args
@@ -424,6 +464,7 @@ impl ServeConfig {
             disk_high_water_percent: self.disk_high_water_percent,
             tiered: self.s3.is_some(),
             zero_runway: self.preallocate == Preallocate::Auto,
+            drop_behind: self.drop_behind,
         }
     }
 }
@@ -568,6 +609,7 @@ mod tests {
         assert_eq!(cfg.sync, SyncPolicy::Always);
         assert_eq!(cfg.preallocate, Preallocate::Auto);
         assert!(cfg.storage_options().zero_runway);
+        assert_eq!(cfg.storage_options().drop_behind, Some(64 << 20));
         assert_eq!(cfg.max_chunk_bytes, 64 << 20);
         assert!(chunkbus_client::names::validate_node(&cfg.node).is_ok());
     }
@@ -578,7 +620,7 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(
             &path,
-            "node = \"filenode\"\nmax-chunk-bytes = \"1MiB\"\nsync = \"50ms\"\nrotate-after = \"5s\"\npreallocate = \"off\"\n",
+            "node = \"filenode\"\nmax-chunk-bytes = \"1MiB\"\nsync = \"50ms\"\nrotate-after = \"5s\"\npreallocate = \"off\"\ndrop-behind = \"off\"\n",
         )
         .unwrap();
         let p = path.to_str().unwrap();
@@ -591,6 +633,13 @@ mod tests {
         assert_eq!(cfg.sync, SyncPolicy::Interval(Duration::from_millis(50)));
         assert_eq!(cfg.rotate_after, Duration::from_secs(5));
         assert!(!cfg.storage_options().zero_runway);
+        assert_eq!(cfg.drop_behind, None);
+        std::fs::write(&path, "drop-behind = 1048576\n").unwrap();
+        let cfg = ServeConfig::resolve(serve_args(&["chunkbus", "serve", "--config", p])).unwrap();
+        assert_eq!(cfg.drop_behind, Some(1 << 20));
+        let cfg = ServeConfig::resolve(serve_args(&["chunkbus", "serve", "--drop-behind", "1GiB"]))
+            .unwrap();
+        assert_eq!(cfg.drop_behind, Some(1 << 30));
     }
 
     #[test]
@@ -623,6 +672,8 @@ mod tests {
         assert!(Cli::try_parse_from(["chunkbus", "serve", "--sync", "sometimes"]).is_err());
         let err = Cli::try_parse_from(["chunkbus", "serve", "--preallocate", "yes"]).unwrap_err();
         assert!(err.to_string().contains("'auto' or 'off'"), "{err}");
+        let err = Cli::try_parse_from(["chunkbus", "serve", "--drop-behind", "lots"]).unwrap_err();
+        assert!(err.to_string().contains("or 'off'"), "{err}");
         assert!(Cli::try_parse_from(["chunkbus", "serve", "--node", "a/b"]).is_ok());
         assert!(ServeConfig::resolve(serve_args(&["chunkbus", "serve", "--node", "a/b"])).is_err());
     }

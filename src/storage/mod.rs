@@ -37,6 +37,7 @@
 
 mod category;
 pub mod disk;
+mod drop_behind;
 mod error;
 pub mod lock;
 mod read;
@@ -48,7 +49,7 @@ mod syncer;
 pub mod tier;
 mod writer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
@@ -113,6 +114,10 @@ pub struct StorageOptions {
     /// Open chunks that take many small synced writes may get zeros written
     /// ahead of their data, where the file system gains by it (see `runway`).
     pub zero_runway: bool,
+    /// Written bytes of each category kept in the page cache behind its
+    /// newest write; older ones are dropped once on disk. `None`: the
+    /// kernel decides (see `drop_behind`).
+    pub drop_behind: Option<u64>,
 }
 
 /// Where an append landed.
@@ -165,6 +170,9 @@ struct Shared {
     zero_runway: bool,
     /// Queue of completed copies whose durable record is pending.
     completions: mpsc::Sender<replica::Completion>,
+    /// What the copies of each (category, owner) wrote recently, to drop
+    /// from the page cache in time.
+    replica_cache: std::sync::Mutex<HashMap<(String, String), drop_behind::DropBehind>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
     _lock: lock::DirLock,
@@ -216,6 +224,7 @@ impl Storage {
                 forgotten: std::sync::Mutex::new(forgotten),
                 zero_runway,
                 completions,
+                replica_cache: Default::default(),
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
                 _lock: lock,
@@ -315,6 +324,7 @@ impl Storage {
                 disk: s.disk.clone(),
                 metrics: s.metrics.clone(),
                 zero_runway: s.zero_runway,
+                drop_behind: s.opts.drop_behind,
             },
             next_index,
             sync_tx,

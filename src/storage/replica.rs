@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::category::Category;
+use super::drop_behind::{self, DropBehind};
 use super::{ChunkMeta, Storage, StorageError, fsync_dir, state};
 
 /// A copy is flushed in the background each time it grows past a multiple
@@ -176,13 +177,31 @@ impl Storage {
         .await
         .map_err(|e| StorageError::io("replica write task failed", std::io::Error::other(e)))?
         .map_err(|e| StorageError::io(format!("cannot write copy of chunk {name}"), e))?;
-        if offset / REPLICA_FLUSH_EVERY_BYTES != (offset + len) / REPLICA_FLUSH_EVERY_BYTES {
+        let flush =
+            offset / REPLICA_FLUSH_EVERY_BYTES != (offset + len) / REPLICA_FLUSH_EVERY_BYTES;
+        let mut to_drop = Vec::new();
+        if let Some(window) = self.shared.opts.drop_behind {
+            let path = cat.chunk_path(chunk);
+            let mut caches = self.shared.replica_cache.lock().unwrap();
+            let cache = caches
+                .entry((category.to_owned(), chunk.owner.clone()))
+                .or_insert_with(|| DropBehind::new(Some(window)));
+            cache.written(&path, offset, offset + len);
+            if flush {
+                to_drop = cache.take_due();
+            }
+        }
+        if flush {
             // Flush as the copy grows, so that completing it has little left
-            // to flush (tracked, so that shutdown waits for it).
+            // to flush (tracked, so that shutdown waits for it); then drop
+            // what fell behind the page-cache window.
             let path = cat.chunk_path(chunk);
             self.shared.tasks.spawn_blocking(move || {
-                if let Err(e) = std::fs::File::open(&path).and_then(|f| f.sync_data()) {
-                    tracing::warn!(path = %path.display(), error = %e, "background flush of a copy failed");
+                match std::fs::File::open(&path).and_then(|f| f.sync_data()) {
+                    Ok(()) => drop_behind::drop_cached(&to_drop),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "background flush of a copy failed")
+                    }
                 }
             });
         }

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::drop_behind::{self, CachedRange};
 use super::{Appended, StorageError, runway};
 use crate::metrics::Metrics;
 
@@ -40,6 +41,9 @@ pub(super) struct SyncJob {
     /// The chunk had a zero runway and is now complete at this size: cut
     /// the zeros before the sync, remove the mark after it.
     pub finish: Option<u64>,
+    /// Written ranges to drop from the page cache once the round is durable
+    /// (see `drop_behind`).
+    pub drop_cached: Vec<CachedRange>,
 }
 
 /// Jobs whose fdatasync is over, with its outcome.
@@ -76,6 +80,7 @@ pub(super) fn run(
     let mut jobs = Vec::with_capacity(64);
     let mut files: Vec<Arc<File>> = Vec::new();
     let mut cut: Vec<Arc<File>> = Vec::new();
+    let mut to_drop: Vec<CachedRange> = Vec::new();
     while rx.blocking_recv_many(&mut jobs, MAX_JOBS_PER_ROUND) > 0 {
         files.clear();
         for job in &jobs {
@@ -117,12 +122,17 @@ pub(super) fn run(
                 ));
             }
         }
-        if result.is_ok() {
+        let ok = result.is_ok();
+        if ok {
             for file in &cut {
                 if let Err(e) = runway::clear_mark(file) {
                     tracing::warn!(error = %e, "cannot remove the zero-runway mark of a complete chunk");
                 }
             }
+        }
+        to_drop.clear();
+        for job in &mut jobs {
+            to_drop.append(&mut job.drop_cached);
         }
         let synced = Synced {
             jobs: std::mem::take(&mut jobs),
@@ -131,6 +141,10 @@ pub(super) fn run(
         if let Err(mpsc::error::SendError(synced)) = done.send(synced) {
             // The writer is gone (only at shutdown): answer from here.
             synced.answer(&metrics);
+        }
+        // After the answers: nobody waits on this.
+        if ok {
+            drop_behind::drop_cached(&to_drop);
         }
     }
 }

@@ -17,6 +17,7 @@ fn opts(dir: &Path, max_chunk_bytes: u64) -> StorageOptions {
         disk_high_water_percent: 100,
         tiered: false,
         zero_runway: true,
+        drop_behind: None,
     }
 }
 
@@ -501,6 +502,7 @@ async fn only_uploaded_chunks_are_evicted_and_they_read_back_from_the_remote() {
     let tiered = StorageOptions {
         tiered: true,
         zero_runway: true,
+        drop_behind: None,
         ..opts(dir.path(), 8)
     };
     // Always above the mark: everything evictable goes.
@@ -601,4 +603,53 @@ async fn only_uploaded_chunks_are_evicted_and_they_read_back_from_the_remote() {
         .await
         .unwrap_err();
     assert!(matches!(e, StorageError::RemoteMissing { .. }), "{e}");
+}
+
+/// Pages of `path` in the page cache, as util-linux's `fincore` counts them.
+fn resident_pages(path: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--raw", "--noheadings", "--output", "PAGES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux) runs");
+    assert!(out.status.success(), "fincore: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[tokio::test]
+async fn data_behind_the_window_leaves_the_page_cache_once_on_disk() {
+    const MIB: usize = 1 << 20;
+    for (window, first_cached) in [(None, 16 * MIB as u64 / 4096), (Some(8 << 20), 0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Storage::open(
+            StorageOptions {
+                drop_behind: window,
+                ..opts(dir.path(), 16 << 20)
+            },
+            Metrics::new(),
+        )
+        .await
+        .unwrap();
+        // Two full chunks, then the second one's last bytes.
+        let line = Bytes::from(format!("{}\n", "x".repeat(MIB - 1)));
+        let mut last = None;
+        for _ in 0..32 {
+            last = Some(s.append("app", line.clone(), 1, false).await.unwrap());
+        }
+        // A synced append is answered after the round holding the earlier
+        // flushes; the one after it, after their drops.
+        let (d, n) = lines("tail\n");
+        s.append("app", d.clone(), n, true).await.unwrap();
+        s.append("app", d, n, true).await.unwrap();
+        let first = dir.path().join("app").join("n1-chunk000000000");
+        let second = dir.path().join("app").join(last.unwrap().chunk.to_string());
+        assert_eq!(resident_pages(&first), first_cached, "window {window:?}");
+        // The newest 8 MiB (and more, in steps) stay cached either way.
+        assert!(
+            resident_pages(&second) >= 8 * MIB as u64 / 4096,
+            "window {window:?}: {} pages of the second chunk cached",
+            resident_pages(&second)
+        );
+        s.shutdown().await;
+    }
 }

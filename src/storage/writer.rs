@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::category::Category;
+use super::drop_behind::DropBehind;
 use super::runway;
 use super::syncer::{Reply, SyncJob, Synced};
 use super::{Appended, StorageError, SyncPolicy};
@@ -73,6 +74,7 @@ pub(crate) struct AppendRequest {
 #[derive(Debug)]
 struct OpenChunk {
     name: ChunkName,
+    path: std::path::PathBuf,
     file: Arc<File>,
     size: u64,
     /// When the first byte went in; the chunk completes `rotate_after` later.
@@ -125,6 +127,9 @@ pub(crate) struct WriterConfig {
     pub metrics: Arc<Metrics>,
     /// Zero runways are allowed and help on this file system.
     pub zero_runway: bool,
+    /// Written bytes kept in the page cache behind the newest write; `None`:
+    /// left to the kernel (see `drop_behind`).
+    pub drop_behind: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -137,6 +142,8 @@ pub(crate) struct Writer {
     syncer: Option<mpsc::Sender<SyncJob>>,
     /// Jobs the group-commit thread has made durable, to answer.
     synced: mpsc::UnboundedReceiver<Synced>,
+    /// What was written recently, to drop from the page cache in time.
+    drop_behind: DropBehind,
 }
 
 impl Writer {
@@ -149,6 +156,7 @@ impl Writer {
     ) -> Self {
         Self {
             cat,
+            drop_behind: DropBehind::new(cfg.drop_behind),
             cfg,
             next_index,
             open: None,
@@ -200,6 +208,7 @@ impl Writer {
                     dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
                     replies: Vec::new(),
                     finish: Some(open.size),
+                    drop_cached: Vec::new(),
                 };
                 self.queue_sync(job).await;
             }
@@ -214,7 +223,8 @@ impl Writer {
 
     /// Hands a job to the group-commit thread, or fails its requests when
     /// that thread is gone.
-    async fn queue_sync(&self, job: SyncJob) {
+    async fn queue_sync(&mut self, mut job: SyncJob) {
+        job.drop_cached = self.drop_behind.take_due();
         let sent = match &self.syncer {
             Some(tx) => tx.send(job).await.map_err(|e| e.0),
             None => Err(job),
@@ -330,6 +340,7 @@ impl Writer {
         }
         open.size = offset;
         open.unflushed_bytes += offset - start;
+        self.drop_behind.written(&open.path, start, offset);
         open.first_write.get_or_insert_with(Instant::now);
         self.cat.metrics.bytes_in.inc_by(offset - start);
         self.cat.metrics.lines_in.inc_by(lines);
@@ -349,6 +360,7 @@ impl Writer {
                 dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
                 replies: to_sync,
                 finish: None,
+                drop_cached: Vec::new(),
             };
             self.queue_sync(job).await;
         }
@@ -440,6 +452,7 @@ impl Writer {
         }
         let name = ChunkName::new(self.cfg.node.clone(), self.next_index);
         let path = self.cat.chunk_path(&name);
+        let create = path.clone();
         let data_dir = self.cfg.data_dir.clone();
         let disk = self.cfg.disk.clone();
         let file = tokio::task::spawn_blocking(move || {
@@ -447,7 +460,7 @@ impl Writer {
                 .write(true)
                 .create_new(true)
                 .mode(0o644)
-                .open(&path)?;
+                .open(&create)?;
             let _ = disk.refresh(&data_dir);
             Ok::<File, std::io::Error>(file)
         })
@@ -464,6 +477,7 @@ impl Writer {
         self.cat.update(&name, 0, false);
         self.open = Some(OpenChunk {
             name,
+            path,
             file: Arc::new(file),
             size: 0,
             first_write: None,
@@ -497,6 +511,7 @@ impl Writer {
                 dir: open.dir_pending.then(|| self.cat.dir.clone()),
                 replies: Vec::new(),
                 finish: marked.then_some(open.size),
+                drop_cached: Vec::new(),
             })
             .await;
         }
@@ -511,6 +526,7 @@ impl Writer {
                 dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
                 replies: Vec::new(),
                 finish: None,
+                drop_cached: Vec::new(),
             };
             self.queue_sync(job).await;
         }

@@ -26,6 +26,7 @@ pub fn config(dir: &Path) -> ServeConfig {
         rotate_after: Duration::from_secs(3600),
         sync: SyncPolicy::Always,
         preallocate: chunkbus::config::Preallocate::Auto,
+        drop_behind: chunkbus::config::DEFAULT_DROP_BEHIND,
         max_line_bytes: 1 << 20,
         max_body_bytes: 8 << 20,
         max_inflight_bytes: 64 << 20,
