@@ -83,6 +83,8 @@ pub struct Metrics {
     pub fsync_seconds: Histogram,
     /// Requests covered by one group commit.
     pub group_commit_requests: Histogram,
+    /// Written bytes dropped from the page cache (drop-behind).
+    pub page_cache_dropped_bytes: Counter,
     /// Request body bytes held in memory now.
     pub inflight_bytes: Gauge,
     pub connections: Gauge,
@@ -128,6 +130,7 @@ impl Metrics {
             bytes_replicated: Family::default(),
             fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             group_commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            page_cache_dropped_bytes: Counter::default(),
             inflight_bytes: Gauge::default(),
             connections: Gauge::default(),
             read_waiters: Gauge::default(),
@@ -186,6 +189,11 @@ impl Metrics {
             "group_commit_requests",
             "Write requests made durable by one group commit",
             m.group_commit_requests.clone(),
+        );
+        r.register(
+            "page_cache_dropped_bytes",
+            "Written chunk bytes dropped from the page cache once on disk (--drop-behind)",
+            m.page_cache_dropped_bytes.clone(),
         );
         r.register(
             "inflight_bytes",

@@ -112,9 +112,11 @@ impl DropBehind {
     }
 }
 
-/// Advises the kernel to drop each range from the page cache. Pages still
-/// dirty stay; a chunk gone from disk is skipped.
-pub(super) fn drop_cached(ranges: &[CachedRange]) {
+/// Advises the kernel to drop each range from the page cache and returns
+/// the bytes advised. Pages still dirty stay; a chunk gone from disk is
+/// skipped.
+pub(super) fn drop_cached(ranges: &[CachedRange]) -> u64 {
+    let mut dropped = 0;
     let mut open: Option<(&std::path::Path, File)> = None;
     for range in ranges {
         let Some(len) = NonZeroU64::new(range.end - range.start) else {
@@ -128,12 +130,14 @@ pub(super) fn drop_cached(ranges: &[CachedRange]) {
         let Some((_, file)) = &open else {
             continue;
         };
-        if let Err(e) =
-            rustix::fs::fadvise(file, range.start, Some(len), rustix::fs::Advice::DontNeed)
-        {
-            tracing::debug!(path = %range.path.display(), error = %e, "cannot drop written chunk data from the page cache");
+        match rustix::fs::fadvise(file, range.start, Some(len), rustix::fs::Advice::DontNeed) {
+            Ok(()) => dropped += len.get(),
+            Err(e) => {
+                tracing::debug!(path = %range.path.display(), error = %e, "cannot drop written chunk data from the page cache")
+            }
         }
     }
+    dropped
 }
 
 #[cfg(test)]
@@ -204,7 +208,7 @@ mod tests {
         let path = dir.path().join("c");
         std::fs::write(&path, vec![b'x'; 3 * PAGE_BYTES as usize]).unwrap();
         File::open(&path).unwrap().sync_all().unwrap();
-        drop_cached(&[
+        let dropped = drop_cached(&[
             CachedRange {
                 path: dir.path().join("gone"),
                 start: 0,
@@ -216,6 +220,7 @@ mod tests {
                 end: 3 * PAGE_BYTES,
             },
         ]);
+        assert_eq!(dropped, 3 * PAGE_BYTES);
         assert_eq!(
             std::fs::read(&path).unwrap(),
             vec![b'x'; 3 * PAGE_BYTES as usize]

@@ -196,9 +196,13 @@ impl Storage {
             // to flush (tracked, so that shutdown waits for it); then drop
             // what fell behind the page-cache window.
             let path = cat.chunk_path(chunk);
+            let metrics = self.shared.metrics.clone();
             self.shared.tasks.spawn_blocking(move || {
                 match std::fs::File::open(&path).and_then(|f| f.sync_data()) {
-                    Ok(()) => drop_behind::drop_cached(&to_drop),
+                    Ok(()) => {
+                        let dropped = drop_behind::drop_cached(&to_drop);
+                        metrics.page_cache_dropped_bytes.inc_by(dropped);
+                    }
                     Err(e) => {
                         tracing::warn!(path = %path.display(), error = %e, "background flush of a copy failed")
                     }

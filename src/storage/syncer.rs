@@ -143,8 +143,9 @@ pub(super) fn run(
             synced.answer(&metrics);
         }
         // After the answers: nobody waits on this.
-        if ok {
-            drop_behind::drop_cached(&to_drop);
+        if ok && !to_drop.is_empty() {
+            let dropped = drop_behind::drop_cached(&to_drop);
+            metrics.page_cache_dropped_bytes.inc_by(dropped);
         }
     }
 }
