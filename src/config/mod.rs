@@ -194,15 +194,9 @@ impl FromStr for DropBehind {
 
 impl<'de> serde::Deserialize<'de> for DropBehind {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Self(Some(n))),
-            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        match <size::RawSize as serde::Deserialize>::deserialize(d)? {
+            size::RawSize::Int(n) => Ok(Self(Some(n))),
+            size::RawSize::Str(s) => s.parse().map_err(serde::de::Error::custom),
         }
     }
 }

@@ -64,17 +64,19 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// A size in a config file: a plain integer (bytes) or a string to parse.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawSize {
+    Int(u64),
+    Str(String),
+}
+
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        match RawSize::deserialize(d)? {
+            RawSize::Int(n) => Ok(ByteSize(n)),
+            RawSize::Str(s) => s.parse().map_err(serde::de::Error::custom),
         }
     }
 }

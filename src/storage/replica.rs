@@ -179,9 +179,9 @@ impl Storage {
         .map_err(|e| StorageError::io(format!("cannot write copy of chunk {name}"), e))?;
         let flush =
             offset / REPLICA_FLUSH_EVERY_BYTES != (offset + len) / REPLICA_FLUSH_EVERY_BYTES;
+        let path = cat.chunk_path(chunk);
         let mut to_drop = Vec::new();
         if let Some(window) = self.shared.opts.drop_behind {
-            let path = cat.chunk_path(chunk);
             let mut caches = self.shared.replica_cache.lock().unwrap();
             let cache = caches
                 .entry((category.to_owned(), chunk.owner.clone()))
@@ -195,7 +195,6 @@ impl Storage {
             // Flush as the copy grows, so that completing it has little left
             // to flush (tracked, so that shutdown waits for it); then drop
             // what fell behind the page-cache window.
-            let path = cat.chunk_path(chunk);
             let metrics = self.shared.metrics.clone();
             self.shared.tasks.spawn_blocking(move || {
                 match std::fs::File::open(&path).and_then(|f| f.sync_data()) {
