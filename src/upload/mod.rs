@@ -1,24 +1,24 @@
 //! The object-store tier: complete chunks go to S3, local copies are
 //! evicted, evicted chunks are read back from S3, and retention.
 //!
-//! - **Upload** ([`uploader`]): the owner uploads each complete chunk to
+//! - **Upload** (`uploader`): the owner uploads each complete chunk to
 //!   `s3://BUCKET/{prefix}{category}/{chunk}`, woken by completions. A lost
 //!   owner's chunks are uploaded by one replica (the reachable node with the
 //!   smallest name), after a HEAD shows the owner did not. Failures back off
 //!   (capped, jittered) and show in `/v1/status` and `/metrics`; ingestion
 //!   never waits for S3. Uploaded chunks are recorded durably by the storage
 //!   (`.uploads.log`), multipart progress in `<data>/.multipart/`.
-//! - **Eviction** ([`sweep`] and the consumers' retention): an uploaded chunk's
+//! - **Eviction** (`sweep` and the consumers' retention): an uploaded chunk's
 //!   local copy goes once every consumer acked it, past `--local-retention`,
 //!   or under disk pressure (oldest first, in the storage's disk monitor).
-//! - **Read-through** ([`S3Reader`]): the storage reads evicted chunks with
+//! - **Read-through** (`S3Reader`): the storage reads evicted chunks with
 //!   ranged GETs.
 //! - **Start-up** ([`Tiering::start`]): the bucket is checked (one clear log
 //!   line for bad credentials or a missing bucket) and listed, so that a node
 //!   whose disk was wiped serves every uploaded chunk again and never reuses
 //!   one of its chunk names; a fresh data directory takes writes only once
 //!   that listing is done.
-//! - **Retention** (`--retention`, [`sweep`]): chunks past that age are
+//! - **Retention** (`--retention`, `sweep`): chunks past that age are
 //!   deleted everywhere, S3 included.
 
 pub mod store;
