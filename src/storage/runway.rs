@@ -7,11 +7,11 @@
 //! flushes, nothing more.
 //!
 //! So once an open chunk takes many small synced groups, the writer keeps a
-//! short runway of zeros written just past its data (256 KiB, `STEP`, at a time).
-//! The group commit that follows makes the zeros durable together with the
-//! data (one contiguous write), and the next groups write over them. The
-//! chunk's readable size is tracked in memory as always; readers never see
-//! the zeros. When the chunk is completed the zeros are cut off, so a
+//! short runway of zeros written just past its data (`STEP`, 256 KiB, at a
+//! time). The group commit that follows makes the zeros durable together
+//! with the data (one contiguous write), and the next groups write over
+//! them. The chunk's readable size is tracked in memory as always; readers
+//! never see the zeros. When the chunk is completed the zeros are cut off, so a
 //! complete chunk holds exactly the posted bytes.
 //!
 //! # Crash safety
