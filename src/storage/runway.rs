@@ -11,8 +11,8 @@
 //! time). The group commit that follows makes the zeros durable together
 //! with the data (one contiguous write), and the next groups write over
 //! them. The chunk's readable size is tracked in memory as always; readers
-//! never see the zeros. When the chunk is completed the zeros are cut off, so a
-//! complete chunk holds exactly the posted bytes.
+//! never see the zeros. When the chunk is completed the zeros are cut off,
+//! so a complete chunk holds exactly the posted bytes.
 //!
 //! # Crash safety
 //!
