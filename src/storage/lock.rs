@@ -79,7 +79,7 @@ impl DirLock {
                     let _ = file.rewind();
                     let _ = file.read_to_string(&mut pid);
                     let pid = pid.trim();
-                    if pid == own_pid && !held_here(&held) && wait() {
+                    if pid == own_pid && !lock_held().contains(&held) && wait() {
                         continue;
                     }
                     return Err(StorageError::Locked {
@@ -119,10 +119,6 @@ impl Drop for DirLock {
 fn lock_held() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
     HELD.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn held_here(dir: &Path) -> bool {
-    lock_held().contains(dir)
 }
 
 #[cfg(test)]
