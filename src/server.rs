@@ -178,7 +178,7 @@ pub async fn run(
         shutdown.clone(),
     );
     let addr = listener.local_addr().map_err(ServeError::Http)?;
-    tracing::info!(%addr, node = %cfg.node, sync = ?cfg.sync, peers = cfg.peers.len(), s3 = cfg.s3.as_ref().map_or("off", |s| s.bucket.as_str()), "listening");
+    tracing::info!(%addr, node = %cfg.node, sync = %cfg.sync, peers = cfg.peers.len(), s3 = cfg.s3.as_ref().map_or("off", |s| s.bucket.as_str()), "listening");
     if auth.required() {
         tracing::info!(
             cluster_secret = auth.has_cluster_secret(),

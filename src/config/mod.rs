@@ -637,6 +637,26 @@ mod tests {
     }
 
     #[test]
+    fn sync_policy_is_shown_as_it_is_given() {
+        for given in ["always", "never", "100ms", "2s", "1m 30s"] {
+            let SyncSetting(policy) = given.parse().unwrap();
+            assert_eq!(policy.to_string(), given);
+            assert_eq!(policy.to_string().parse::<SyncSetting>().unwrap().0, policy);
+        }
+        assert!(
+            "0s".parse::<SyncSetting>()
+                .unwrap_err()
+                .contains("longer than zero")
+        );
+        assert!(
+            "sometimes"
+                .parse::<SyncSetting>()
+                .unwrap_err()
+                .contains("'always'")
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");

@@ -92,6 +92,17 @@ pub enum SyncPolicy {
     Interval(Duration),
 }
 
+/// Spelled as `--sync` takes it: `always`, `never`, or an interval (`100ms`).
+impl std::fmt::Display for SyncPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SyncPolicy::Always => f.write_str("always"),
+            SyncPolicy::Never => f.write_str("never"),
+            SyncPolicy::Interval(every) => write!(f, "{}", humantime::format_duration(*every)),
+        }
+    }
+}
+
 /// Settings of the storage layer.
 #[derive(Debug, Clone)]
 pub struct StorageOptions {
