@@ -98,6 +98,12 @@ pub struct Metrics {
     pub replication_lag_bytes: Family<PeerCategoryLabels, Gauge>,
     /// How long this node has been behind a peer.
     pub replication_lag_seconds: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    /// Restarts of a peer this node noticed through its incarnation.
+    pub peer_restarts: Family<PeerLabels, Counter>,
+    /// Complete copies found shorter than the owner's chunk and reopened.
+    pub copies_repaired: Family<PeerLabels, Counter>,
+    /// Chunks of a peer whose copy here holds more than the peer lists.
+    pub copies_disagreeing: Family<PeerLabels, Gauge>,
     /// Bytes used on the data directory's file system.
     pub disk_used_bytes: Gauge,
     /// Size of the data directory's file system.
@@ -138,6 +144,9 @@ impl Metrics {
             peer_connected: Family::default(),
             replication_lag_bytes: Family::default(),
             replication_lag_seconds: Family::default(),
+            peer_restarts: Family::default(),
+            copies_repaired: Family::default(),
+            copies_disagreeing: Family::default(),
             disk_used_bytes: Gauge::default(),
             disk_total_bytes: Gauge::default(),
             chunks_evicted: Family::default(),
@@ -229,6 +238,21 @@ impl Metrics {
             "replication_lag_seconds",
             "How long this node has been behind the peer",
             m.replication_lag_seconds.clone(),
+        );
+        r.register(
+            "peer_restarts",
+            "Restarts of the peer noticed here (a new incarnation in its change feed)",
+            m.peer_restarts.clone(),
+        );
+        r.register(
+            "copies_repaired",
+            "Complete copies of the peer's chunks found short of the peer's chunk and reopened to copy the rest",
+            m.copies_repaired.clone(),
+        );
+        r.register(
+            "copies_disagreeing",
+            "Chunks of the peer whose copy here holds more bytes than the peer lists (see /v1/status)",
+            m.copies_disagreeing.clone(),
         );
         r.register(
             "disk_used_bytes",

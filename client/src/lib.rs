@@ -32,6 +32,6 @@ pub use producer::{Compression, Delivery, Producer, ProducerConfig};
 pub use raw::{Client, NextBatch, NextOptions, ProduceOptions, ReadChunk};
 pub use wire::{
     AckRequest, ChukchaChunk, ChunkInfo, ChunkPosition, ConsumerDetail, ConsumerSummary,
-    DiskStatus, ErrorBody, FailingChunk, ForgetReport, NodeStatus, PeerStatus, PositionRequest,
-    ProduceResponse, S3Status,
+    DisagreeingChunk, DiskStatus, ErrorBody, FailingChunk, ForgetReport, NodeStatus, PeerStatus,
+    PositionRequest, ProduceResponse, S3Status,
 };

@@ -143,6 +143,24 @@ pub struct PeerStatus {
     /// unreachable past `--owner-lost-after`), until it answers again.
     #[serde(default)]
     pub forgotten: bool,
+    /// The peer's chunks whose copy here holds more bytes than the peer
+    /// lists (it lost bytes, or reused a chunk name): kept as they are,
+    /// never cut back, until the peer lists them at least as large.
+    #[serde(default)]
+    pub disagreeing_chunks: Vec<DisagreeingChunk>,
+}
+
+/// A copy that holds more than its owner lists (see [`PeerStatus`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisagreeingChunk {
+    /// Category.
+    pub category: String,
+    /// Chunk name.
+    pub chunk: String,
+    /// Bytes the owner lists.
+    pub owner_size: u64,
+    /// Bytes held here.
+    pub local_size: u64,
 }
 
 /// Disk usage of the data directory's file system.

@@ -159,6 +159,7 @@ impl From<StorageError> for ApiError {
             StorageError::ShuttingDown => ApiError::Unavailable(msg),
             StorageError::Locked { .. }
             | StorageError::IndexExhausted { .. }
+            | StorageError::CopyDisagrees { .. }
             | StorageError::Io { .. } => ApiError::Internal(msg),
         }
     }

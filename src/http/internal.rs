@@ -29,6 +29,17 @@ pub(super) async fn changes(
     let Json(req) = body
         .map_err(|e| ApiError::BadRequest(format!("invalid changes request: {}", e.body_text())))?;
     validate_node(&req.node)?;
+    let incarnation = st.storage.incarnation();
+    // Versions of another process of this node mean nothing here: answer
+    // as for a replica that has seen nothing.
+    let (since, positions_since) = if req.incarnation == incarnation {
+        (req.since, req.positions_since)
+    } else {
+        (0, 0)
+    };
+    st.replication
+        .progress
+        .replica_incarnation(&req.node, req.node_incarnation);
     for p in &req.progress {
         validate_category(&p.category)?;
         let chunk = ChunkName::parse(&p.chunk)?;
@@ -47,10 +58,10 @@ pub(super) async fn changes(
         positions_feed.borrow_and_update();
         let version = st.storage.feed_version();
         let positions_version = st.consumers.version();
-        let changed = st.storage.own_changes_since(req.since);
+        let changed = st.storage.own_changes_since(since);
         let positions: Vec<ChangedConsumer> = st
             .consumers
-            .changes_since(req.positions_since)
+            .changes_since(positions_since)
             .into_iter()
             .map(|c| ChangedConsumer {
                 category: c.category,
@@ -59,7 +70,7 @@ pub(super) async fn changes(
             })
             .collect();
         let waited_out = tokio::time::Instant::now() >= deadline || st.shutdown.is_cancelled();
-        if !changed.is_empty() || !positions.is_empty() || req.since == 0 || waited_out {
+        if !changed.is_empty() || !positions.is_empty() || since == 0 || waited_out {
             let chunks = changed
                 .into_iter()
                 .map(|c| ChangedChunk {
@@ -72,6 +83,7 @@ pub(super) async fn changes(
                 .collect();
             return Ok(Json(ChangesResponse {
                 node: st.storage.node().to_owned(),
+                incarnation,
                 version,
                 chunks,
                 positions_version,

@@ -85,6 +85,9 @@ struct PeerState {
     /// Treated as lost (forgotten, or unreachable past
     /// `--owner-lost-after`) until it answers again; durable in the storage.
     forgotten: bool,
+    /// (category, chunk) → (owner's size, size here) of the peer's chunks
+    /// whose copy here holds more than the peer lists.
+    disagreeing: BTreeMap<(String, String), (u64, u64)>,
 }
 
 impl Replication {
@@ -187,6 +190,18 @@ impl Replication {
                     lag_seconds: st.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()),
                     categories: st.lag.clone(),
                     forgotten: st.forgotten,
+                    disagreeing_chunks: st
+                        .disagreeing
+                        .iter()
+                        .map(|((category, chunk), &(owner_size, local_size))| {
+                            chunkbus_client::DisagreeingChunk {
+                                category: category.clone(),
+                                chunk: chunk.clone(),
+                                owner_size,
+                                local_size,
+                            }
+                        })
+                        .collect(),
                 }
             })
             .collect()
@@ -310,6 +325,37 @@ impl Replication {
             })
             .set(st.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()));
         st.lag = lag;
+    }
+
+    /// Records whether the copy here of the peer's `chunk` holds more than
+    /// the peer lists (`Some((owner_size, local_size))`) or not (`None`).
+    fn set_disagreeing(
+        &self,
+        link: &PeerLink,
+        category: &str,
+        chunk: &str,
+        sizes: Option<(u64, u64)>,
+    ) {
+        let mut st = link.state.lock().unwrap();
+        let key = (category.to_owned(), chunk.to_owned());
+        let changed = match sizes {
+            Some(s) => {
+                let new = st.disagreeing.insert(key, s) != Some(s);
+                if new {
+                    tracing::error!(peer = %link.peer.name, category, chunk, owner_size = s.0, local_size = s.1, "the copy here holds more than its owner lists (the owner lost bytes or reused the name); the copy is kept as it is");
+                }
+                new
+            }
+            None => st.disagreeing.remove(&key).is_some(),
+        };
+        if changed {
+            self.metrics
+                .copies_disagreeing
+                .get_or_create(&PeerLabels {
+                    peer: link.peer.name.clone(),
+                })
+                .set(st.disagreeing.len() as i64);
+        }
     }
 
     /// Declares `link`'s node lost when it has been down past `--owner-lost-after`.

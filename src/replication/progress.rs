@@ -20,6 +20,8 @@ pub struct ProgressStore {
     /// (category, chunk) → replica → bytes held. A std mutex: held only to
     /// read or update a few entries, never across an await.
     held: Mutex<BTreeMap<(String, ChunkName), HashMap<String, u64>>>,
+    /// The incarnation each replica last reported. A std mutex, as above.
+    incarnations: Mutex<HashMap<String, u64>>,
     changed: watch::Sender<u64>,
 }
 
@@ -27,6 +29,7 @@ impl Default for ProgressStore {
     fn default() -> Self {
         Self {
             held: Mutex::new(BTreeMap::new()),
+            incarnations: Mutex::new(HashMap::new()),
             changed: watch::Sender::new(0),
         }
     }
@@ -56,6 +59,23 @@ impl ProgressStore {
             *entry = (*entry).max(size);
         }
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Notes the incarnation `replica` reports; when it changed (the
+    /// replica restarted, perhaps with an empty disk), everything it
+    /// reported before is forgotten: it reports again what it holds.
+    pub fn replica_incarnation(&self, replica: &str, incarnation: u64) {
+        let mut known = self.incarnations.lock().unwrap();
+        match known.insert(replica.to_owned(), incarnation) {
+            Some(old) if old != incarnation => {
+                drop(known);
+                let mut held = self.held.lock().unwrap();
+                for by_replica in held.values_mut() {
+                    by_replica.remove(replica);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// How many replicas hold `chunk` at least up to `end`.
@@ -115,6 +135,11 @@ mod tests {
             .wait("app", &c, 200, 1, Duration::from_millis(10))
             .await;
         assert_eq!(timed_out, 0);
+        // A replica that restarted is counted only for what it reports again.
+        store.replica_incarnation("eu3", 7);
+        assert_eq!(store.count("app", &c, 100), 2);
+        store.replica_incarnation("eu3", 8);
+        assert_eq!(store.count("app", &c, 100), 1);
         // Old chunks are dropped as new ones are reported.
         store.record("eu2", "app", ChunkName::new("eu1", 100), 1);
         assert_eq!(store.count("app", &c, 1), 0);

@@ -9,6 +9,16 @@
 //! copies the missing bytes with the public chunk read route and asks again.
 //! The same exchange carries consumer positions (`positions_since` →
 //! `positions`), which any node may change and every node merges.
+//!
+//! Versions are counters of one process: they start again at 0 when a node
+//! restarts. So every answer carries the owner's `incarnation` (a random
+//! number drawn at start-up), the replica sends it back with `since`, and an
+//! owner that finds another incarnation there answers as for `since = 0`
+//! (its full listing, at once). A replica that missed its owner's restart
+//! entirely (it was paused, or a partition held its connection) therefore
+//! resynchronises with its next request. The replica sends its own
+//! incarnation too, so that the owner drops what it knew of an earlier
+//! process of that replica (its progress, for `min_replicas`).
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +29,13 @@ pub struct ChangesRequest {
     pub node: String,
     /// Highest change version of the owner already seen; 0 for everything.
     pub since: u64,
+    /// The owner's incarnation that `since` and `positions_since` belong
+    /// to (0 when none is known yet).
+    #[serde(default)]
+    pub incarnation: u64,
+    /// The asking replica's own incarnation.
+    #[serde(default)]
+    pub node_incarnation: u64,
     /// How long the owner may hold the request when nothing changed.
     pub wait_ms: u64,
     /// What the replica now holds of the owner's chunks.
@@ -45,6 +62,9 @@ pub struct Progress {
 pub struct ChangesResponse {
     /// The owner's node name (a replica checks it against its `--peers`).
     pub node: String,
+    /// The owner's incarnation: its versions mean nothing to another one.
+    #[serde(default)]
+    pub incarnation: u64,
     /// The owner's change version this answer is complete up to.
     pub version: u64,
     /// The owner's chunks changed after `since`, by category and index.

@@ -45,15 +45,68 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
     let link = &repl.links[idx];
     let base = repl.peer_base(link);
     let client = Client::with_http(&base, repl.http.clone()).expect("peer addresses are validated");
+    // The peer's incarnation that `since` and `positions_since` belong to.
+    let mut incarnation = 0u64;
     let mut since = 0u64;
     let mut positions_since = 0u64;
     let mut targets: BTreeMap<(String, ChunkName), Target> = BTreeMap::new();
+    // Chunks this puller never copies into again: a new process of the peer
+    // listed them open while a copy here already held bytes, so the peer
+    // reused their names (see below).
+    let mut refused: std::collections::BTreeSet<(String, ChunkName)> = Default::default();
     let mut progress: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut backoff = BACKOFF_INITIAL;
     loop {
         let round = async {
-            let resp = changes(&repl, link, &base, (since, positions_since), &mut progress).await?;
+            let resp = changes(
+                &repl,
+                link,
+                &base,
+                (incarnation, since, positions_since),
+                &mut progress,
+            )
+            .await?;
             repl.set_connected(link, true, None);
+            if resp.incarnation != incarnation {
+                // A new process of the peer: it answered with its full
+                // listing, which replaces what was known of the old one.
+                if incarnation != 0 {
+                    tracing::info!(peer = %link.peer.name, "peer restarted; resynchronising from its full listing");
+                    repl.metrics
+                        .peer_restarts
+                        .get_or_create(&crate::metrics::PeerLabels {
+                            peer: link.peer.name.clone(),
+                        })
+                        .inc();
+                }
+                targets.clear();
+                let restarted = incarnation != 0;
+                incarnation = resp.incarnation;
+                if restarted {
+                    // Every chunk of the old process is complete in the new
+                    // one, which creates its open chunks itself: an open
+                    // chunk that a copy here already holds bytes of was
+                    // named again by a peer that lost its disk. Its bytes
+                    // differ; the copy keeps the old ones.
+                    for c in resp.chunks.iter().filter(|c| !c.complete) {
+                        let Ok(name) = ChunkName::parse(&c.chunk) else {
+                            continue;
+                        };
+                        if let Some(m) = repl.storage.chunk_meta(&c.category, &name)
+                            && m.size > 0
+                        {
+                            tracing::error!(peer = %link.peer.name, category = %c.category, chunk = %c.chunk, held = m.size, "a restarted peer lists as new a chunk whose copy here holds bytes (it lost its disk and reused the name); the copy is kept and not written again");
+                            repl.set_disagreeing(
+                                link,
+                                &c.category,
+                                &c.chunk,
+                                Some((c.size, m.size)),
+                            );
+                            refused.insert((c.category.clone(), name));
+                        }
+                    }
+                }
+            }
             since = resp.version;
             positions_since = resp.positions_version;
             for p in resp.positions {
@@ -71,6 +124,9 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
                         "peer {} listed chunk {name}, which it does not own",
                         link.peer.name
                     )));
+                }
+                if refused.contains(&(c.category.clone(), name.clone())) {
+                    continue;
                 }
                 if c.uploaded && c.complete && repl.storage.tiered() {
                     // In S3 already: read through it rather than copy it.
@@ -123,11 +179,13 @@ async fn changes(
     repl: &Replication,
     link: &PeerLink,
     base: &str,
-    (since, positions_since): (u64, u64),
+    (incarnation, since, positions_since): (u64, u64, u64),
     progress: &mut BTreeMap<(String, String), u64>,
 ) -> Result<ChangesResponse, PullError> {
     let req = ChangesRequest {
         node: repl.node().to_owned(),
+        incarnation,
+        node_incarnation: repl.storage.incarnation(),
         since,
         positions_since,
         wait_ms: repl.cfg.wait.as_millis() as u64,
@@ -199,11 +257,50 @@ async fn copy(
                 targets.remove(&key);
                 break;
             }
-            if held.is_some_and(|m| m.complete) {
-                progress.insert((category.clone(), chunk.to_string()), have);
+            if let Some(m) = held
+                && m.complete
+            {
+                if m.local && m.size < target.size {
+                    // Complete here but short of the owner's chunk: this
+                    // copy missed the owner's restart (or the owner was
+                    // forgotten and came back). Reopen it and copy the rest.
+                    tracing::warn!(peer = %link.peer.name, category, chunk = %chunk, held = m.size, owner_size = target.size, "a complete copy is short of its owner's chunk; reopening it to copy the rest");
+                    repl.metrics
+                        .copies_repaired
+                        .get_or_create(&crate::metrics::PeerLabels {
+                            peer: link.peer.name.clone(),
+                        })
+                        .inc();
+                    storage.replica_reopen(category, chunk).await?;
+                    continue;
+                }
+                let longer = m.size > target.size;
+                repl.set_disagreeing(
+                    link,
+                    category,
+                    &chunk.to_string(),
+                    longer.then_some((target.size, m.size)),
+                );
+                if !longer {
+                    progress.insert((category.clone(), chunk.to_string()), have);
+                }
                 targets.remove(&key);
                 break;
             }
+            if have > target.size {
+                // The owner lists fewer bytes than this copy holds: it lost
+                // them, or reused the name after losing its disk. Nothing
+                // is cut back or appended; the owner may list more later.
+                repl.set_disagreeing(
+                    link,
+                    category,
+                    &chunk.to_string(),
+                    Some((target.size, have)),
+                );
+                targets.remove(&key);
+                break;
+            }
+            repl.set_disagreeing(link, category, &chunk.to_string(), None);
             if have < target.size {
                 let read = match client
                     .read_chunk(category, &chunk.to_string(), have, COPY_READ_BYTES)

@@ -85,6 +85,20 @@ pub enum StorageError {
         /// Bytes held.
         size: u64,
     },
+    /// The owner lists a chunk with fewer bytes than the copy held here:
+    /// the owner lost bytes (a power failure, a wiped disk) or reused the
+    /// name. The copy is kept as it is; nothing is cut back.
+    #[error(
+        "copy of chunk {chunk} holds {held} bytes here, more than the {owner_size} its owner lists; the copy is kept as it is"
+    )]
+    CopyDisagrees {
+        /// Chunk name.
+        chunk: String,
+        /// Bytes held here.
+        held: u64,
+        /// Bytes the owner lists.
+        owner_size: u64,
+    },
     /// The chunk was evicted here and the object store does not have it
     /// (deleted by a bucket lifecycle rule or by hand).
     #[error(

@@ -174,6 +174,8 @@ struct Shared {
     writable: tokio::sync::watch::Sender<Option<String>>,
     /// True when the data directory held no category at start-up.
     fresh: bool,
+    /// This process's identity, new at every start (never 0).
+    incarnation: u64,
     /// Owners this node treats as lost (see [`Storage::forget_owner`]);
     /// kept in `<data>/.forgotten.json`.
     forgotten: std::sync::Mutex<std::collections::BTreeSet<String>>,
@@ -232,6 +234,7 @@ impl Storage {
                 remote: OnceLock::new(),
                 writable: tokio::sync::watch::Sender::new(None),
                 fresh,
+                incarnation: new_incarnation(),
                 forgotten: std::sync::Mutex::new(forgotten),
                 zero_runway,
                 completions,
@@ -268,6 +271,14 @@ impl Storage {
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.shared.opts.node
+    }
+
+    /// This process's identity: a random number drawn at every start
+    /// (never 0). Peers send it back with the change version they have
+    /// seen, so that versions of an earlier process are never taken for
+    /// versions of this one (the change counter starts again at 0).
+    pub fn incarnation(&self) -> u64 {
+        self.shared.incarnation
     }
 
     /// The storage settings.
@@ -732,10 +743,22 @@ impl Storage {
     }
 }
 
+/// A random, non-zero process identity (see [`Storage::incarnation`]).
+fn new_incarnation() -> u64 {
+    use std::hash::BuildHasher;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    // RandomState is seeded from the OS's random source.
+    std::collections::hash_map::RandomState::new().hash_one((nanos, std::process::id())) | 1
+}
+
 /// fsyncs a directory so that entries created or renamed in it survive a crash.
 pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+#[cfg(test)]
+mod replica_tests;
 #[cfg(test)]
 mod tests;

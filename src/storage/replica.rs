@@ -32,6 +32,8 @@ pub(super) struct Completion {
     cat: Arc<Category>,
     chunk: ChunkName,
     path: PathBuf,
+    /// The size it was completed at.
+    size: u64,
 }
 
 /// Writes completion records in order until `cancel`, then drains.
@@ -51,15 +53,25 @@ pub(super) async fn run_completions(mut rx: mpsc::Receiver<Completion>, cancel: 
 }
 
 async fn persist(job: Completion) {
-    let Completion { cat, chunk, path } = job;
+    let Completion {
+        cat,
+        chunk,
+        path,
+        size,
+    } = job;
     let name = chunk.to_string();
     let result = tokio::task::spawn_blocking(move || {
         std::fs::File::open(&path)
             .and_then(|f| f.sync_all())
             .and_then(|()| fsync_dir(&cat.dir))
             .map_err(|e| StorageError::io(format!("cannot flush copy {}", path.display()), e))?;
+        // Under the state lock, as a reopening for repair is: a copy
+        // reopened since it was queued is not recorded complete.
         let mut st = cat.state.lock().unwrap();
-        if st.raise(&chunk.owner, chunk.index) {
+        let still = cat
+            .meta(&chunk)
+            .is_some_and(|m| m.complete && m.local && m.size == size);
+        if still && st.mark_complete(&chunk.owner, chunk.index) {
             state::save(&cat.dir, &st)?;
         }
         Ok::<(), StorageError>(())
@@ -162,7 +174,19 @@ impl Storage {
         let path = cat.chunk_path(chunk);
         let name = chunk.to_string();
         let len = data.len() as u64;
+        let creating = held.is_none();
+        let (cat2, chunk2) = (cat.clone(), chunk.clone());
         tokio::task::spawn_blocking(move || {
+            if creating {
+                // A copy of an index recorded complete (its copy was
+                // deleted, or the owner was forgotten before it was copied)
+                // is about to exist again: the record goes first, so that a
+                // crash never finds a partial copy recorded complete.
+                let mut st = cat2.state.lock().unwrap();
+                if st.unmark_complete(&chunk2.owner, chunk2.index) {
+                    state::save(&cat2.dir, &st).map_err(std::io::Error::other)?;
+                }
+            }
             let file = OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -218,8 +242,9 @@ impl Storage {
     /// category state) is written in the background, in order, so that the
     /// puller does not stall on flushing a whole chunk. Until it is written,
     /// a restart finds the copy incomplete and the owner completes it again.
-    /// A copy that holds more than the owner (the owner lost unsynced bytes
-    /// in a power failure) is cut back to the owner's size first.
+    /// A copy that holds more than the owner lists is never cut back
+    /// ([`StorageError::CopyDisagrees`]): those bytes were served by the
+    /// owner once and may be the only copy of acknowledged lines.
     pub async fn replica_complete(
         &self,
         category: &str,
@@ -240,24 +265,34 @@ impl Storage {
                 size: have,
             });
         }
+        if have > size {
+            return Err(StorageError::CopyDisagrees {
+                chunk: chunk.to_string(),
+                held: have,
+                owner_size: size,
+            });
+        }
         let path = cat.chunk_path(chunk);
-        if have > size || held.is_none() {
-            if have > size {
-                tracing::warn!(category, chunk = %chunk, have, owner_size = size, "copy holds more than its owner; cutting it back");
-            }
-            let (path, dir) = (path.clone(), cat.dir.clone());
+        if held.is_none() {
+            // An empty chunk: its copy is an empty file.
+            let (path, cat2, chunk2) = (path.clone(), cat.clone(), chunk.clone());
             tokio::task::spawn_blocking(move || {
-                let f = OpenOptions::new()
+                {
+                    let mut st = cat2.state.lock().unwrap();
+                    if st.unmark_complete(&chunk2.owner, chunk2.index) {
+                        state::save(&cat2.dir, &st).map_err(std::io::Error::other)?;
+                    }
+                }
+                OpenOptions::new()
                     .write(true)
                     .create(true)
-                    .truncate(false)
+                    .truncate(true)
                     .open(&path)?;
-                f.set_len(size)?;
-                fsync_dir(&dir)
+                fsync_dir(&cat2.dir)
             })
             .await
             .map_err(|e| StorageError::io("replica task failed", std::io::Error::other(e)))?
-            .map_err(|e| StorageError::io(format!("cannot size copy {chunk}"), e))?;
+            .map_err(|e| StorageError::io(format!("cannot create copy {chunk}"), e))?;
         }
         cat.update(chunk, size, true);
         self.shared
@@ -266,9 +301,47 @@ impl Storage {
                 cat,
                 chunk: chunk.clone(),
                 path,
+                size,
             })
             .await
             .map_err(|_| StorageError::ShuttingDown)
+    }
+
+    /// Reopens a complete copy held here that is shorter than its owner's
+    /// chunk (it missed its owner's restart, or the owner was forgotten and
+    /// came back): its completion record is removed durably, then it is
+    /// incomplete again, so the puller copies the rest and completes it at
+    /// the owner's size. Returns the bytes held.
+    pub async fn replica_reopen(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> Result<u64, StorageError> {
+        self.check_replica(chunk)?;
+        let cat = self.category(category)?;
+        let (cat2, chunk2) = (cat.clone(), chunk.clone());
+        tokio::task::spawn_blocking(move || {
+            // Under the state lock, as the completion records are written:
+            // a pending record of the old completion sees the copy open.
+            let mut st = cat2.state.lock().unwrap();
+            let Some(m) = cat2.meta(&chunk2) else {
+                return Ok(None);
+            };
+            if !m.complete || !m.local {
+                return Ok(Some(m.size));
+            }
+            if st.unmark_complete(&chunk2.owner, chunk2.index) {
+                state::save(&cat2.dir, &st)?;
+            }
+            cat2.update(&chunk2, m.size, false);
+            Ok::<_, StorageError>(Some(m.size))
+        })
+        .await
+        .map_err(|e| StorageError::io("reopen task failed", std::io::Error::other(e)))??
+        .ok_or_else(|| StorageError::UnknownChunk {
+            category: category.to_owned(),
+            chunk: chunk.to_string(),
+        })
     }
 
     /// Marks every incomplete chunk of `owner` complete, in every category,
@@ -287,14 +360,19 @@ impl Storage {
                 .into_iter()
                 .filter(|c| c.name.owner == owner && !c.meta.complete)
                 .collect();
-            let Some(last) = open.iter().map(|c| c.name.index).max() else {
+            if open.is_empty() {
                 continue;
-            };
+            }
             let cat2 = cat.clone();
             let owner2 = owner.to_owned();
+            let indices: Vec<u32> = open.iter().map(|c| c.name.index).collect();
             tokio::task::spawn_blocking(move || {
                 let mut st = cat2.state.lock().unwrap();
-                if st.raise(&owner2, last) {
+                let mut changed = false;
+                for i in indices {
+                    changed |= st.mark_complete(&owner2, i);
+                }
+                if changed {
                     state::save(&cat2.dir, &st)?;
                 }
                 Ok::<(), StorageError>(())

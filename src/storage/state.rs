@@ -1,17 +1,30 @@
 //! Durable per-category state: `<data>/<category>/.state.json`.
 //!
 //! ```json
-//! {"version":1,"complete_through":{"eu2":41}}
+//! {"version":2,"complete":{"eu2":[[0,41],[43,44]]}}
 //! ```
 //!
-//! `complete_through[owner] = i` records that every chunk of `owner` up to
-//! index `i` held here is complete. It is needed for other owners' chunks
-//! only: a replica learns completeness from the owner (or from
-//! `forget-node`) and must remember it across restarts, while this node's
-//! own chunks are all complete at start-up by construction. Owners complete
-//! their chunks in index order, so one number per owner is enough.
+//! `complete[owner]` is the set of `owner`'s chunk indices whose copies held
+//! here are recorded complete, as inclusive ranges. It is needed for other
+//! owners' chunks only: a replica learns completeness from the owner (or
+//! from `forget-node`) and must remember it across restarts, while this
+//! node's own chunks are all complete at start-up by construction.
+//!
+//! Each index is recorded by itself, only after that copy was fsynced at the
+//! owner's final size: a completed later chunk never vouches for an earlier
+//! one (a copy that missed its owner's restart can be short, and must stay
+//! incomplete until it is repaired). An index may be recorded while no copy
+//! is held (the owner was forgotten, a copy was deleted); before a copy of a
+//! recorded index is created again, or a short complete copy is reopened for
+//! repair, the index is removed durably first. So at start-up a copy whose
+//! index is recorded is complete at its size on disk.
+//!
 //! `next_own_index` keeps chunk names unique after this node's own chunks
-//! were deleted.
+//! were deleted, or after it learned from its peers which names it used
+//! before it lost its disk.
+//!
+//! Version 1 (`{"version":1,"complete_through":{"eu2":41}}`, one watermark
+//! per owner) is read as the range `[0, 41]` and written back as version 2.
 //!
 //! Written atomically: temp file, fsync, rename, fsync of the directory. A
 //! crash leaves the old or the new file, never a mix; a leftover temp file is
@@ -30,7 +43,82 @@ pub const STATE_FILE: &str = ".state.json";
 const STATE_TMP_FILE: &str = ".state.json.tmp";
 
 /// Version of the state format written by this build.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
+/// The first format, with one completion watermark per owner; still read.
+const STATE_VERSION_WATERMARK: u32 = 1;
+
+/// A set of chunk indices, kept as sorted, disjoint, non-adjacent inclusive
+/// ranges (serialised as `[[first, last], ...]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct IndexSet(Vec<(u32, u32)>);
+
+impl IndexSet {
+    /// True when `index` is in the set.
+    pub fn contains(&self, index: u32) -> bool {
+        let i = self.0.partition_point(|&(_, last)| last < index);
+        self.0.get(i).is_some_and(|&(first, _)| first <= index)
+    }
+
+    /// Adds `index`; returns true when it was not in the set.
+    pub fn insert(&mut self, index: u32) -> bool {
+        if self.contains(index) {
+            return false;
+        }
+        let i = self.0.partition_point(|&(_, last)| last < index);
+        let joins_prev = i > 0 && self.0[i - 1].1.checked_add(1) == Some(index);
+        let joins_next = self
+            .0
+            .get(i)
+            .is_some_and(|&(first, _)| index.checked_add(1) == Some(first));
+        match (joins_prev, joins_next) {
+            (true, true) => {
+                self.0[i - 1].1 = self.0[i].1;
+                self.0.remove(i);
+            }
+            (true, false) => self.0[i - 1].1 = index,
+            (false, true) => self.0[i].0 = index,
+            (false, false) => self.0.insert(i, (index, index)),
+        }
+        true
+    }
+
+    /// Removes `index`; returns true when it was in the set.
+    pub fn remove(&mut self, index: u32) -> bool {
+        if !self.contains(index) {
+            return false;
+        }
+        let i = self.0.partition_point(|&(_, last)| last < index);
+        let (first, last) = self.0[i];
+        match (first == index, last == index) {
+            (true, true) => {
+                self.0.remove(i);
+            }
+            (true, false) => self.0[i].0 = index + 1,
+            (false, true) => self.0[i].1 = index - 1,
+            (false, false) => {
+                self.0[i].1 = index - 1;
+                self.0.insert(i + 1, (index + 1, last));
+            }
+        }
+        true
+    }
+
+    /// The ranges, in order.
+    pub fn ranges(&self) -> &[(u32, u32)] {
+        &self.0
+    }
+
+    /// False when the ranges are not sorted, disjoint and non-adjacent (a
+    /// hand-edited or corrupt file).
+    fn well_formed(&self) -> bool {
+        self.0.iter().all(|&(a, b)| a <= b)
+            && self
+                .0
+                .windows(2)
+                .all(|w| w[0].1.checked_add(1).is_some_and(|n| n < w[1].0))
+    }
+}
 
 /// The on-disk form, versioned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,57 +126,126 @@ pub const STATE_VERSION: u32 = 1;
 pub struct CategoryState {
     /// Format version ([`STATE_VERSION`]).
     pub version: u32,
-    /// Per owner, the highest index up to which its chunks are complete.
-    pub complete_through: BTreeMap<String, u32>,
+    /// Per owner, the indices of the copies recorded complete.
+    #[serde(default)]
+    pub complete: BTreeMap<String, IndexSet>,
     /// The lowest index this node may use for its next chunk: recorded when
-    /// its own chunks are deleted, so that chunk names are never reused.
+    /// its own chunks are deleted, or learned from its peers, so that chunk
+    /// names are never reused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_own_index: Option<u32>,
+}
+
+/// Version 1 of the file, read for upgrades.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CategoryStateV1 {
+    #[allow(dead_code)]
+    version: u32,
+    complete_through: BTreeMap<String, u32>,
+    #[serde(default)]
+    next_own_index: Option<u32>,
 }
 
 impl Default for CategoryState {
     fn default() -> Self {
         Self {
             version: STATE_VERSION,
-            complete_through: BTreeMap::new(),
+            complete: BTreeMap::new(),
             next_own_index: None,
         }
     }
 }
 
 impl CategoryState {
-    /// Raises `owner`'s mark to `index`; returns true when it changed.
-    pub fn raise(&mut self, owner: &str, index: u32) -> bool {
-        match self.complete_through.get_mut(owner) {
-            Some(cur) if *cur >= index => false,
-            Some(cur) => {
-                *cur = index;
-                true
-            }
-            None => {
-                self.complete_through.insert(owner.to_owned(), index);
-                true
-            }
+    /// Records `owner`'s chunk `index` complete; returns true when it changed.
+    pub fn mark_complete(&mut self, owner: &str, index: u32) -> bool {
+        self.complete
+            .entry(owner.to_owned())
+            .or_default()
+            .insert(index)
+    }
+
+    /// Removes the record of `owner`'s chunk `index` (a copy of it is about
+    /// to be written again); returns true when it changed.
+    pub fn unmark_complete(&mut self, owner: &str, index: u32) -> bool {
+        let Some(set) = self.complete.get_mut(owner) else {
+            return false;
+        };
+        let changed = set.remove(index);
+        if set.ranges().is_empty() {
+            self.complete.remove(owner);
         }
+        changed
     }
 
     /// True when `owner`'s chunk `index` is recorded complete.
     pub fn is_complete(&self, owner: &str, index: u32) -> bool {
-        self.complete_through
-            .get(owner)
-            .is_some_and(|&through| index <= through)
+        self.complete.get(owner).is_some_and(|s| s.contains(index))
     }
 }
 
-/// Reads the state of the category at `dir` (default when absent).
+/// Reads the state of the category at `dir` (default when absent); a
+/// version 1 file is converted.
 pub fn load(dir: &Path) -> Result<CategoryState, StorageError> {
-    Ok(read_versioned(&dir.join(STATE_FILE), |s: &CategoryState| s.version)?.unwrap_or_default())
+    let path = dir.join(STATE_FILE);
+    let invalid = |msg: String| {
+        StorageError::io(
+            format!("cannot use {}", path.display()),
+            std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
+        )
+    };
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(CategoryState::default()),
+        Err(e) => {
+            return Err(StorageError::io(
+                format!("cannot read {}", path.display()),
+                e,
+            ));
+        }
+    };
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    let v: Version = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    let state = match v.version {
+        STATE_VERSION => {
+            serde_json::from_slice::<CategoryState>(&bytes).map_err(|e| invalid(e.to_string()))?
+        }
+        STATE_VERSION_WATERMARK => {
+            let old: CategoryStateV1 =
+                serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+            CategoryState {
+                version: STATE_VERSION,
+                complete: old
+                    .complete_through
+                    .into_iter()
+                    .map(|(owner, through)| (owner, IndexSet(vec![(0, through)])))
+                    .collect(),
+                next_own_index: old.next_own_index,
+            }
+        }
+        other => {
+            return Err(invalid(format!(
+                "version {other} is not supported by this build (expected {STATE_VERSION})"
+            )));
+        }
+    };
+    if let Some((owner, _)) = state.complete.iter().find(|(_, s)| !s.well_formed()) {
+        return Err(invalid(format!(
+            "the completed chunks of {owner} are not sorted, disjoint ranges"
+        )));
+    }
+    Ok(state)
 }
 
 /// Reads a versioned JSON file written by [`write_atomic`]; `None` when
 /// absent, an error naming the file when unreadable or of another version.
 fn read_versioned<T: serde::de::DeserializeOwned>(
     path: &Path,
+    expected: u32,
     version: impl Fn(&T) -> u32,
 ) -> Result<Option<T>, StorageError> {
     let invalid = |msg: String| {
@@ -101,9 +258,9 @@ fn read_versioned<T: serde::de::DeserializeOwned>(
         Ok(bytes) => {
             let value: T = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
             let v = version(&value);
-            if v != STATE_VERSION {
+            if v != expected {
                 return Err(invalid(format!(
-                    "version {v} is not supported by this build (expected {STATE_VERSION})"
+                    "version {v} is not supported by this build (expected {expected})"
                 )));
             }
             Ok(Some(value))
@@ -137,6 +294,8 @@ fn write_atomic<T: Serialize>(dir: &Path, name: &str, tmp: &str, value: &T) -> s
 /// lost (forgotten, or unreachable past `--owner-lost-after`).
 pub const FORGOTTEN_FILE: &str = ".forgotten.json";
 const FORGOTTEN_TMP_FILE: &str = ".forgotten.json.tmp";
+/// Version of the forgotten owners' file.
+const FORGOTTEN_VERSION: u32 = 1;
 
 /// The on-disk form of the forgotten owners, versioned:
 /// `{"version":1,"owners":["eu3"]}`.
@@ -149,9 +308,11 @@ struct ForgottenOwners {
 
 /// The owners recorded as lost in `data_dir` (none when absent).
 pub fn load_forgotten(data_dir: &Path) -> Result<std::collections::BTreeSet<String>, StorageError> {
-    let file = read_versioned(&data_dir.join(FORGOTTEN_FILE), |f: &ForgottenOwners| {
-        f.version
-    })?;
+    let file = read_versioned(
+        &data_dir.join(FORGOTTEN_FILE),
+        FORGOTTEN_VERSION,
+        |f: &ForgottenOwners| f.version,
+    )?;
     Ok(file.map(|f| f.owners).unwrap_or_default())
 }
 
@@ -161,7 +322,7 @@ pub fn save_forgotten(
     owners: &std::collections::BTreeSet<String>,
 ) -> Result<(), StorageError> {
     let value = ForgottenOwners {
-        version: STATE_VERSION,
+        version: FORGOTTEN_VERSION,
         owners: owners.clone(),
     };
     write_atomic(data_dir, FORGOTTEN_FILE, FORGOTTEN_TMP_FILE, &value).map_err(|e| {
@@ -190,21 +351,24 @@ mod tests {
     }
 
     #[test]
-    fn round_trips_and_only_rises() {
+    fn round_trips_and_records_each_index_alone() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(load(dir.path()).unwrap(), CategoryState::default());
         let mut st = CategoryState::default();
-        assert!(st.raise("eu2", 3));
-        assert!(!st.raise("eu2", 1));
+        assert!(st.mark_complete("eu2", 3));
+        assert!(!st.mark_complete("eu2", 3));
+        assert!(st.mark_complete("eu2", 5));
         save(dir.path(), &st).unwrap();
         let back = load(dir.path()).unwrap();
-        assert!(back.is_complete("eu2", 3) && back.is_complete("eu2", 0));
-        assert!(!back.is_complete("eu2", 4) && !back.is_complete("eu3", 0));
+        assert!(back.is_complete("eu2", 3) && back.is_complete("eu2", 5));
+        // A later completion never vouches for an earlier chunk.
+        assert!(!back.is_complete("eu2", 4) && !back.is_complete("eu2", 0));
+        assert!(!back.is_complete("eu3", 3));
         let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
-        assert_eq!(text, r#"{"version":1,"complete_through":{"eu2":3}}"#);
+        assert_eq!(text, r#"{"version":2,"complete":{"eu2":[[3,3],[5,5]]}}"#);
         std::fs::write(
             dir.path().join(STATE_FILE),
-            r#"{"version":9,"complete_through":{}}"#,
+            r#"{"version":9,"complete":{}}"#,
         )
         .unwrap();
         assert!(
@@ -213,5 +377,67 @@ mod tests {
                 .to_string()
                 .contains("version 9")
         );
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            r#"{"version":2,"complete":{"eu2":[[5,9],[1,2]]}}"#,
+        )
+        .unwrap();
+        assert!(load(dir.path()).unwrap_err().to_string().contains("eu2"));
+    }
+
+    #[test]
+    fn version_1_watermarks_are_read_as_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(STATE_FILE),
+            r#"{"version":1,"complete_through":{"eu2":41},"next_own_index":7}"#,
+        )
+        .unwrap();
+        let st = load(dir.path()).unwrap();
+        assert!(st.is_complete("eu2", 0) && st.is_complete("eu2", 41));
+        assert!(!st.is_complete("eu2", 42));
+        assert_eq!(st.next_own_index, Some(7));
+        assert_eq!(st.version, STATE_VERSION);
+    }
+
+    #[test]
+    fn unmarking_splits_ranges() {
+        let mut st = CategoryState::default();
+        for i in 0..=10 {
+            st.mark_complete("eu2", i);
+        }
+        assert_eq!(st.complete["eu2"].ranges(), &[(0, 10)]);
+        assert!(st.unmark_complete("eu2", 4));
+        assert!(!st.unmark_complete("eu2", 4));
+        assert_eq!(st.complete["eu2"].ranges(), &[(0, 3), (5, 10)]);
+        assert!(st.unmark_complete("eu2", 0) && st.unmark_complete("eu2", 10));
+        assert_eq!(st.complete["eu2"].ranges(), &[(1, 3), (5, 9)]);
+        assert!(st.mark_complete("eu2", 4));
+        assert_eq!(st.complete["eu2"].ranges(), &[(1, 9)]);
+        for i in 1..=9 {
+            st.unmark_complete("eu2", i);
+        }
+        assert!(st.complete.is_empty());
+        assert!(!st.unmark_complete("eu9", 1));
+    }
+
+    proptest::proptest! {
+        /// The range set behaves as a set of indices.
+        #[test]
+        fn index_set_matches_a_model(ops in proptest::collection::vec((proptest::bool::ANY, 0u32..40), 0..200)) {
+            let mut set = IndexSet::default();
+            let mut model = std::collections::BTreeSet::new();
+            for (add, i) in ops {
+                if add {
+                    proptest::prop_assert_eq!(set.insert(i), model.insert(i));
+                } else {
+                    proptest::prop_assert_eq!(set.remove(i), model.remove(&i));
+                }
+                proptest::prop_assert!(set.well_formed(), "{:?}", set);
+                for j in 0..41 {
+                    proptest::prop_assert_eq!(set.contains(j), model.contains(&j));
+                }
+            }
+        }
     }
 }

@@ -119,6 +119,18 @@ impl TestCluster {
         }
     }
 
+    /// The proxy that carries node `from`'s connections to node `to`.
+    pub fn link(&self, from: usize, to: usize) -> &Proxy {
+        self.proxies[from][to]
+            .as_ref()
+            .expect("no link from a node to itself")
+    }
+
+    /// Sends `sig` to node `i` (SIGSTOP pauses it, SIGCONT resumes it).
+    pub fn signal(&self, i: usize, sig: rustix::process::Signal) {
+        self.nodes[i].as_ref().expect("node is running").signal(sig);
+    }
+
     pub fn url(&self, i: usize) -> String {
         self.nodes[i].as_ref().expect("node is running").url("")
     }

@@ -9,6 +9,7 @@ mod client;
 mod cluster;
 mod consumers;
 mod crash;
+mod durability;
 mod fuzz_regressions;
 mod harness;
 mod proxy;

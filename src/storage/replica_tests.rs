@@ -1,0 +1,157 @@
+//! Tests of copies of other owners' chunks: completion records survive
+//! restarts exactly, short copies are repaired, longer ones are kept.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+
+fn opts(dir: &Path) -> StorageOptions {
+    StorageOptions {
+        data_dir: dir.to_owned(),
+        node: "n1".into(),
+        max_chunk_bytes: 1 << 20,
+        rotate_after: Duration::from_secs(3600),
+        sync: SyncPolicy::Always,
+        disk_high_water_percent: 100,
+        tiered: false,
+        zero_runway: false,
+        drop_behind: None,
+    }
+}
+
+async fn open(dir: &Path) -> Storage {
+    Storage::open(opts(dir), Metrics::new()).await.unwrap()
+}
+
+fn state_of(s: &Storage, cat: &str) -> Vec<(u32, u64, bool)> {
+    s.chunks(cat)
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.name.index, c.meta.size, c.meta.complete))
+        .collect()
+}
+
+/// The schedule of the lost lines: chunk 3 of eu2 was copied short (the
+/// copy missed its owner's restart), then chunk 4 completed. A restart must
+/// not take chunk 3 for complete.
+#[tokio::test]
+async fn a_later_completion_never_vouches_for_a_short_earlier_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path()).await;
+    let (c3, c4) = (ChunkName::new("eu2", 3), ChunkName::new("eu2", 4));
+    s.replica_append("app", &c3, 0, Bytes::from_static(b"a\nb\n"))
+        .await
+        .unwrap();
+    s.replica_append("app", &c4, 0, Bytes::from_static(b"c\n"))
+        .await
+        .unwrap();
+    s.replica_complete("app", &c4, 2).await.unwrap();
+    s.shutdown().await;
+    drop(s);
+    let s = open(dir.path()).await;
+    assert_eq!(state_of(&s, "app"), [(3, 4, false), (4, 2, true)]);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_short_complete_copy_is_reopened_and_completed_at_the_owners_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path()).await;
+    let c = ChunkName::new("eu2", 0);
+    s.replica_append("app", &c, 0, Bytes::from_static(b"a\n"))
+        .await
+        .unwrap();
+    // Completed short (as a version-1 watermark or a forget could have).
+    s.replica_complete("app", &c, 2).await.unwrap();
+    s.shutdown().await;
+    drop(s);
+    let s = open(dir.path()).await;
+    assert_eq!(state_of(&s, "app"), [(0, 2, true)]);
+    assert_eq!(s.replica_reopen("app", &c).await.unwrap(), 2);
+    assert_eq!(state_of(&s, "app"), [(0, 2, false)]);
+    // The reopening is durable before anything is appended.
+    s.shutdown().await;
+    drop(s);
+    let s = open(dir.path()).await;
+    assert_eq!(state_of(&s, "app"), [(0, 2, false)]);
+    s.replica_append("app", &c, 2, Bytes::from_static(b"b\n"))
+        .await
+        .unwrap();
+    s.replica_complete("app", &c, 4).await.unwrap();
+    s.shutdown().await;
+    drop(s);
+    let s = open(dir.path()).await;
+    assert_eq!(state_of(&s, "app"), [(0, 4, true)]);
+    let data = std::fs::read(dir.path().join("app").join(c.to_string())).unwrap();
+    assert_eq!(data, b"a\nb\n");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_copy_longer_than_its_owner_is_never_cut_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path()).await;
+    let c = ChunkName::new("eu2", 0);
+    s.replica_append("app", &c, 0, Bytes::from_static(b"a\nb\n"))
+        .await
+        .unwrap();
+    let e = s.replica_complete("app", &c, 2).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StorageError::CopyDisagrees {
+                held: 4,
+                owner_size: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let data = std::fs::read(dir.path().join("app").join(c.to_string())).unwrap();
+    assert_eq!(data, b"a\nb\n");
+    assert_eq!(state_of(&s, "app"), [(0, 4, false)]);
+    s.shutdown().await;
+}
+
+/// A recorded index whose copy is written again (it was deleted, or its
+/// owner was forgotten before it was copied) loses its record first, so a
+/// crash halfway through the new copy does not find it complete.
+#[tokio::test]
+async fn copying_a_recorded_index_again_removes_its_record_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path()).await;
+    let c = ChunkName::new("eu2", 7);
+    s.replica_append("app", &c, 0, Bytes::from_static(b"a\n"))
+        .await
+        .unwrap();
+    s.replica_complete("app", &c, 2).await.unwrap();
+    s.shutdown().await;
+    drop(s);
+    let s = open(dir.path()).await;
+    assert!(s.delete_chunk("app", &c).await.unwrap());
+    s.replica_append("app", &c, 0, Bytes::from_static(b"a\n"))
+        .await
+        .unwrap();
+    // Killed here: the state must not vouch for the new, partial copy.
+    let st = state::load(&dir.path().join("app")).unwrap();
+    assert!(!st.is_complete("eu2", 7), "{st:?}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn forgetting_an_owner_records_only_its_open_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path()).await;
+    let (c1, c5) = (ChunkName::new("eu2", 1), ChunkName::new("eu2", 5));
+    for c in [&c1, &c5] {
+        s.replica_append("app", c, 0, Bytes::from_static(b"x\n"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.forget_owner("eu2").await.unwrap(), 2);
+    let st = state::load(&dir.path().join("app")).unwrap();
+    assert_eq!(st.complete["eu2"].ranges(), &[(1, 1), (5, 5)]);
+    s.shutdown().await;
+}

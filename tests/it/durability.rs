@@ -1,0 +1,167 @@
+//! Schedules that once lost acknowledged lines, replayed against real
+//! processes: a replica that misses its owner's restart, a node that lost
+//! its disk and would reuse a chunk name its peers hold.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chunkbus_client::{ProduceOptions, ProduceResponse};
+use rustix::process::Signal;
+
+use crate::cluster::TestCluster;
+use crate::harness::all_lines;
+
+fn sync() -> ProduceOptions {
+    ProduceOptions {
+        sync: Some(true),
+        ..ProduceOptions::default()
+    }
+}
+
+/// Writes one request of two lines to node `i`, records them as acknowledged.
+async fn write(
+    cluster: &TestCluster,
+    i: usize,
+    cat: &str,
+    tag: &str,
+    acked: &mut BTreeSet<String>,
+) -> ProduceResponse {
+    let body = format!("{tag}-a {}\n{tag}-b\n", "x".repeat(80));
+    let r = cluster.client(i).produce(cat, body.clone(), &sync()).await;
+    let r = r.unwrap_or_else(|e| panic!("write {tag} to node {i}: {e}"));
+    acked.extend(body.lines().map(str::to_owned));
+    r
+}
+
+/// Every acknowledged line is readable from node `i`, exactly once.
+async fn assert_all_lines(cluster: &TestCluster, i: usize, cat: &str, acked: &BTreeSet<String>) {
+    let lines = all_lines(&cluster.client(i), cat).await;
+    let got: BTreeSet<String> = lines.iter().cloned().collect();
+    assert_eq!(got.len(), lines.len(), "node {i} serves a line twice");
+    let missing: Vec<_> = acked.difference(&got).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "node {i} lacks {} acknowledged lines, e.g. {missing:?}",
+        acked.difference(&got).count()
+    );
+}
+
+/// The owner restarts while its replica is paused with the owner's answer
+/// to its long poll in its socket buffer: the replica sees no error, and
+/// its change version belongs to the owner's previous process. Before
+/// incarnations, the replica never heard that the open chunk grew and was
+/// completed, kept a short copy, and a later completion made it complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_paused_across_its_owners_restart_copies_every_acknowledged_line() {
+    let mut cluster = TestCluster::start(2, &["--max-chunk-bytes", "4KiB"]).await;
+    cluster.wait_peer_connected(1, "n1", true).await;
+    let mut acked = BTreeSet::new();
+    // Enough appends that the owner's change version runs far ahead of
+    // what its next process reaches soon after starting.
+    for r in 0..30 {
+        write(&cluster, 0, "app", &format!("early{r}"), &mut acked).await;
+    }
+    cluster.wait_converged(&["app"]).await;
+    // Pause the replica while its long poll is pending at the owner, and
+    // let the owner answer it (into the paused replica's socket buffer).
+    let answers = cluster.link(1, 0);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        cluster.signal(1, Signal::STOP);
+        let before = answers.bytes_to_client();
+        write(&cluster, 0, "app", &format!("seen{attempt}"), &mut acked).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while answers.bytes_to_client() == before && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if answers.bytes_to_client() > before {
+            break;
+        }
+        // Paused between two polls: nothing was pending. Try again.
+        assert!(attempt < 5, "the replica never had a long poll pending");
+        cluster.signal(1, Signal::CONT);
+        cluster.wait_converged(&["app"]).await;
+    }
+    // Appended after that answer: the replica has not heard of it.
+    let missed = write(&cluster, 0, "app", "missed", &mut acked).await;
+    cluster.kill(0).await;
+    cluster.start_node(0).await;
+    cluster.signal(1, Signal::CONT);
+    // The new process completed the chunk at start-up; write on until it
+    // has completed later chunks and its change version passed the old one.
+    for r in 0..60 {
+        write(&cluster, 0, "app", &format!("late{r}"), &mut acked).await;
+    }
+    cluster.wait_converged(&["app"]).await;
+    let replica = cluster.client(1).chunks("app").await.unwrap();
+    let copy = replica
+        .iter()
+        .find(|c| Some(&c.name) == missed.chunk.as_ref())
+        .expect("the replica lists the chunk");
+    assert!(copy.complete && copy.size >= missed.next_offset, "{copy:?}");
+    assert_all_lines(&cluster, 1, "app", &acked).await;
+    // The replica's completion records are right across its own restart.
+    cluster.kill(1).await;
+    cluster.start_node(1).await;
+    cluster.wait_converged(&["app"]).await;
+    assert_all_lines(&cluster, 1, "app", &acked).await;
+    let restarts = crate::harness::metrics_text(&cluster.url(1)).await;
+    assert!(
+        !restarts.contains("chunkbus_copies_disagreeing{peer=\"n1\"} 1"),
+        "{restarts}"
+    );
+}
+
+/// A chunk copied short and completed (a replica that declared its owner
+/// lost while the owner went on writing) is repaired when the owner
+/// answers again: reopened, copied to the owner's size, completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_completed_short_by_forget_node_is_repaired_when_the_owner_returns() {
+    let cluster = TestCluster::start(2, &["--max-chunk-bytes", "4KiB"]).await;
+    cluster.wait_peer_connected(1, "n1", true).await;
+    let mut acked = BTreeSet::new();
+    let first = write(&cluster, 0, "app", "before", &mut acked).await;
+    cluster.wait_converged(&["app"]).await;
+    cluster.set_cut(0, true);
+    cluster.wait_peer_connected(1, "n1", false).await;
+    // The owner goes on writing into its open chunk while cut off.
+    let later = write(&cluster, 0, "app", "during", &mut acked).await;
+    assert_eq!(later.chunk, first.chunk);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chunkbus"))
+        .args(["admin", "forget-node", "n1", "--server", &cluster.url(1)])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let chunk = first.chunk.clone().unwrap();
+    let short = cluster.client(1).chunks("app").await.unwrap();
+    assert!(
+        short
+            .iter()
+            .any(|c| c.name == chunk && c.complete && c.size == first.next_offset),
+        "{short:?}"
+    );
+    cluster.set_cut(0, false);
+    crate::harness::wait_for_metric_at(
+        &reqwest::Client::new(),
+        &cluster.url(1),
+        "chunkbus_copies_repaired_total{peer=\"n1\"} 1",
+    )
+    .await;
+    // The owner completes it by size; the copy follows, at its size.
+    let mut last = later;
+    for r in 0.. {
+        if last.chunk.as_ref() != Some(&chunk) {
+            break;
+        }
+        last = write(&cluster, 0, "app", &format!("after{r}"), &mut acked).await;
+    }
+    cluster.wait_converged(&["app"]).await;
+    let copy = cluster.client(1).chunks("app").await.unwrap();
+    let owner = cluster.client(0).chunks("app").await.unwrap();
+    let find = |l: &[chunkbus_client::ChunkInfo]| l.iter().find(|c| c.name == chunk).cloned();
+    assert_eq!(find(&copy), find(&owner));
+    assert!(find(&copy).unwrap().complete);
+    assert_all_lines(&cluster, 1, "app", &acked).await;
+}
