@@ -133,6 +133,7 @@ pub async fn run(
             wait: cfg.replication_wait,
             peer_timeout: cfg.peer_timeout,
             owner_lost_after: cfg.owner_lost_after,
+            first_start: cfg.first_start,
             cluster_secret: cfg.auth.cluster_secret.clone(),
             https: cfg.tls.is_some(),
             ca_pem: cfg.tls.as_ref().and_then(|t| t.ca_pem.clone()),

@@ -64,6 +64,9 @@ pub struct NodeStatus {
     pub version: String,
     /// Seconds since the node started.
     pub uptime_seconds: u64,
+    /// Why writes are held (answered 503) now; empty when they go through.
+    #[serde(default)]
+    pub writes_held: Vec<String>,
     /// Every peer and how far behind this node's copy of it is.
     pub peers: Vec<PeerStatus>,
     /// Categories held here, sorted.

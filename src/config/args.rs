@@ -258,6 +258,15 @@ pub struct ServeArgs {
     #[arg(long, env = "CHUNKBUS_OWNER_LOST_AFTER", value_name = "DURATION")]
     pub owner_lost_after: Option<HumanDuration>,
 
+    /// This is the cluster's first start: with a new data directory, take
+    /// writes without first asking every peer which chunk names this node
+    /// used before (a node that lost its disk asks them, so that it never
+    /// reuses a name; see docs/operations.md). Command line or environment
+    /// only, never in the config file.
+    #[arg(long, env = "CHUNKBUS_FIRST_START")]
+    #[serde(skip)]
+    pub first_start: bool,
+
     /// Longest wait of one replication long poll [default: 30s].
     #[arg(long, env = "CHUNKBUS_REPLICATION_WAIT", value_name = "DURATION")]
     pub replication_wait: Option<HumanDuration>,
@@ -370,6 +379,7 @@ impl ServeArgs {
             disk_high_water: self.disk_high_water.or(file.disk_high_water),
             peers: self.peers.or(file.peers),
             owner_lost_after: self.owner_lost_after.or(file.owner_lost_after),
+            first_start: self.first_start,
             replication_wait: self.replication_wait.or(file.replication_wait),
             peer_timeout: self.peer_timeout.or(file.peer_timeout),
             s3_bucket: self.s3_bucket.or(file.s3_bucket),

@@ -234,6 +234,9 @@ pub struct ServeConfig {
     /// Declare a peer lost (complete its open chunks here) after it has been
     /// unreachable this long; `None`: never.
     pub owner_lost_after: Option<Duration>,
+    /// A new data directory takes writes without asking the peers first
+    /// (`--first-start`).
+    pub first_start: bool,
     /// Longest wait of one replication long poll.
     pub replication_wait: Duration,
     /// Time a peer may take to answer, beyond a long poll's wait.
@@ -367,6 +370,7 @@ impl ServeConfig {
                 .map_or(DEFAULT_DISK_HIGH_WATER_PERCENT, |p| p.0),
             peers: Vec::new(),
             owner_lost_after: args.owner_lost_after.map(|d| d.0),
+            first_start: args.first_start,
             replication_wait: args
                 .replication_wait
                 .map_or(DEFAULT_REPLICATION_WAIT, |d| d.0),

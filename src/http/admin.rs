@@ -19,6 +19,7 @@ pub(super) async fn status(State(st): State<Arc<AppState>>) -> Json<NodeStatus> 
         node: st.storage.node().to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_seconds: st.started.elapsed().as_secs(),
+        writes_held: st.storage.writes_held(),
         peers: st.replication.status(),
         categories: st.storage.categories(),
         disk: DiskStatus {

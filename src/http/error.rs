@@ -160,6 +160,7 @@ impl From<StorageError> for ApiError {
             StorageError::Locked { .. }
             | StorageError::IndexExhausted { .. }
             | StorageError::CopyDisagrees { .. }
+            | StorageError::NotRestorable { .. }
             | StorageError::Io { .. } => ApiError::Internal(msg),
         }
     }

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::{ApiError, AppState};
 use crate::replication::protocol::{
-    ChangedChunk, ChangedConsumer, ChangesRequest, ChangesResponse,
+    ChangedChunk, ChangedConsumer, ChangesRequest, ChangesResponse, CopiesResponse,
 };
 
 /// Longest wait a replica may ask for.
@@ -97,6 +97,32 @@ pub(super) async fn changes(
             _ = st.shutdown.cancelled() => {}
         }
     }
+}
+
+/// `GET /v1/internal/copies/{node}`: every chunk of `node` held here.
+pub(super) async fn copies(
+    State(st): State<Arc<AppState>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<CopiesResponse>, ApiError> {
+    let Path(node) = path?;
+    validate_node(&node)?;
+    let chunks = st
+        .storage
+        .chunks_of(&node)
+        .into_iter()
+        .map(|(category, c)| ChangedChunk {
+            category,
+            chunk: c.name.to_string(),
+            size: c.meta.size,
+            complete: c.meta.complete,
+            uploaded: c.meta.uploaded,
+        })
+        .collect();
+    Ok(Json(CopiesResponse {
+        node: st.storage.node().to_owned(),
+        incarnation: st.storage.incarnation(),
+        chunks,
+    }))
 }
 
 /// Answer of the forget routes on one node.

@@ -146,6 +146,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/admin/forget-node/{node}", post(admin::forget_node))
         .route("/v1/internal/changes", post(internal::changes))
         .route("/v1/internal/forget/{node}", post(internal::forget))
+        .route("/v1/internal/copies/{node}", get(internal::copies))
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
         .route_layer(axum::middleware::from_fn_with_state(

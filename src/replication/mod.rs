@@ -14,8 +14,11 @@
 //! nothing is missed while it was away, including categories created
 //! meanwhile. A peer unreachable for `--owner-lost-after` (or forgotten with
 //! `forget-node`) has its open chunks completed here so readers can finish
-//! them. The protocol is described in `docs/architecture.md`.
+//! them. A node whose data directory is new asks its peers which of its
+//! chunks they hold before it takes writes, and restores them
+//! ([`bootstrap`]). The protocol is described in `docs/architecture.md`.
 
+mod bootstrap;
 pub mod progress;
 pub mod protocol;
 mod puller;
@@ -45,6 +48,8 @@ pub struct ReplicationConfig {
     pub peer_timeout: Duration,
     /// Declare an unreachable peer lost after this long.
     pub owner_lost_after: Option<Duration>,
+    /// A new data directory takes writes before the peers answered.
+    pub first_start: bool,
     /// Presented to peers as a bearer token.
     pub cluster_secret: Option<String>,
     /// Peers are reached over HTTPS.
@@ -149,8 +154,12 @@ impl Replication {
         })
     }
 
-    /// Starts one puller per peer, owned by `tasks`, stopped by `cancel`.
+    /// Starts one puller per peer and, for a new data directory, the
+    /// bootstrap from the peers (see [`bootstrap`]), owned by `tasks`,
+    /// stopped by `cancel`.
     pub fn start(self: &Arc<Self>, tasks: &TaskTracker, cancel: &CancellationToken) {
+        bootstrap::hold_writes(self);
+        tasks.spawn(bootstrap::run(self.clone(), cancel.clone()));
         for i in 0..self.links.len() {
             tasks.spawn(puller::run(self.clone(), i, cancel.clone()));
         }

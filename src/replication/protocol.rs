@@ -105,3 +105,16 @@ pub struct ChangedChunk {
     #[serde(default)]
     pub uploaded: bool,
 }
+
+/// Answer of `GET /v1/internal/copies/{node}`: every chunk of `{node}` the
+/// asked node holds. A node that lost its disk asks each peer, to learn
+/// which chunk names it used before and to restore its chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopiesResponse {
+    /// The asked node.
+    pub node: String,
+    /// The asked node's incarnation.
+    pub incarnation: u64,
+    /// The chunks, by category and index (`complete`: the copy is).
+    pub chunks: Vec<ChangedChunk>,
+}

@@ -369,7 +369,7 @@ fn lag_by_category(
 }
 
 /// `d` scaled by a random factor in [0.5, 1.5), so that peers do not retry in step.
-fn jitter(d: Duration) -> Duration {
+pub(super) fn jitter(d: Duration) -> Duration {
     let r = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
     d.mul_f64(0.5 + (r % 1000) as f64 / 1000.0)
 }

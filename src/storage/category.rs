@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chunkbus_client::ChunkName;
@@ -150,6 +150,9 @@ pub(crate) struct Category {
     /// Durable state; a std mutex held while it is saved, on a blocking
     /// thread, so that saves of one category never interleave.
     pub state: Mutex<CategoryState>,
+    /// This node's lowest usable chunk index as reserved in `state` since
+    /// start-up (read by the writer without taking the state's lock).
+    reserved: AtomicU32,
 }
 
 impl Category {
@@ -176,8 +179,19 @@ impl Category {
             writer,
             metrics,
             feed,
+            reserved: AtomicU32::new(state.next_own_index.unwrap_or(0)),
             state: Mutex::new(state),
         }
+    }
+
+    /// The lowest index this node may use for a new chunk, as reserved.
+    pub fn reserved_index(&self) -> u32 {
+        self.reserved.load(Ordering::SeqCst)
+    }
+
+    /// Raises the reserved index (after the state recording it was saved).
+    pub fn reserve_index(&self, next: u32) {
+        self.reserved.fetch_max(next, Ordering::SeqCst);
     }
 
     /// Path of a chunk file. The name is a parsed [`ChunkName`], so it cannot

@@ -99,6 +99,15 @@ pub enum StorageError {
         /// Bytes the owner lists.
         owner_size: u64,
     },
+    /// A restore from peers aimed at a chunk that is not this node's, is
+    /// held here already, or whose index was not reserved first.
+    #[error(
+        "chunk {chunk} cannot be restored here: it is held already, not this node's, or not reserved"
+    )]
+    NotRestorable {
+        /// Chunk name.
+        chunk: String,
+    },
     /// The chunk was evicted here and the object store does not have it
     /// (deleted by a bucket lifecycle rule or by hand).
     #[error(

@@ -43,6 +43,7 @@ pub mod lock;
 mod read;
 pub(crate) mod recovery;
 mod replica;
+mod restore;
 pub mod runway;
 pub mod state;
 mod syncer;
@@ -170,8 +171,9 @@ struct Shared {
     feed: Arc<ChangeFeed>,
     /// Reads evicted chunks from the object store (set when tiered).
     remote: OnceLock<Arc<dyn RemoteChunks>>,
-    /// False while writes must wait (see [`Storage::close_writes`]).
-    writable: tokio::sync::watch::Sender<Option<String>>,
+    /// Why writes must wait, by gate (see [`Storage::close_writes`]);
+    /// empty when they may go.
+    writable: tokio::sync::watch::Sender<BTreeMap<&'static str, String>>,
     /// True when the data directory held no category at start-up.
     fresh: bool,
     /// This process's identity, new at every start (never 0).
@@ -232,7 +234,7 @@ impl Storage {
                 disk,
                 feed: ChangeFeed::new(),
                 remote: OnceLock::new(),
-                writable: tokio::sync::watch::Sender::new(None),
+                writable: tokio::sync::watch::Sender::new(BTreeMap::new()),
                 fresh,
                 incarnation: new_incarnation(),
                 forgotten: std::sync::Mutex::new(forgotten),
@@ -293,14 +295,24 @@ impl Storage {
     }
 
     /// Makes appends wait (up to a few seconds, then 503 with `reason`)
-    /// until [`Storage::open_writes`].
-    pub fn close_writes(&self, reason: impl Into<String>) {
-        self.shared.writable.send_replace(Some(reason.into()));
+    /// until [`Storage::open_writes`] opens `gate` and every other gate.
+    pub fn close_writes(&self, gate: &'static str, reason: impl Into<String>) {
+        let reason = reason.into();
+        self.shared.writable.send_modify(|g| {
+            g.insert(gate, reason);
+        });
     }
 
-    /// Lets appends through again.
-    pub fn open_writes(&self) {
-        self.shared.writable.send_replace(None);
+    /// Opens `gate`; appends go through once no gate is closed.
+    pub fn open_writes(&self, gate: &'static str) {
+        self.shared
+            .writable
+            .send_if_modified(|g| g.remove(gate).is_some());
+    }
+
+    /// Why writes are held now, one reason per closed gate.
+    pub fn writes_held(&self) -> Vec<String> {
+        self.shared.writable.borrow().values().cloned().collect()
     }
 
     /// Wakes on every chunk that becomes complete here (own rotation,
@@ -716,20 +728,22 @@ impl Storage {
 
     /// Waits (a few seconds at most) while writes are closed.
     async fn wait_writable(&self) -> Result<(), StorageError> {
-        if self.shared.writable.borrow().is_none() {
+        if self.shared.writable.borrow().is_empty() {
             return Ok(());
         }
         let mut rx = self.shared.writable.subscribe();
-        let wait = rx.wait_for(Option::is_none);
+        let wait = rx.wait_for(BTreeMap::is_empty);
         match tokio::time::timeout(WRITES_CLOSED_WAIT, wait).await {
             Ok(_) => Ok(()),
-            Err(_) => Err(StorageError::NotReady(
-                self.shared
-                    .writable
-                    .borrow()
-                    .clone()
-                    .unwrap_or_else(|| "the node is starting".to_owned()),
-            )),
+            Err(_) => {
+                let reasons: Vec<String> =
+                    self.shared.writable.borrow().values().cloned().collect();
+                Err(StorageError::NotReady(if reasons.is_empty() {
+                    "the node is starting".to_owned()
+                } else {
+                    reasons.join("; ")
+                }))
+            }
         }
     }
 

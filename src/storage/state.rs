@@ -281,7 +281,12 @@ pub fn save(dir: &Path, state: &CategoryState) -> Result<(), StorageError> {
 
 /// Writes `value` as JSON to `dir/name`: temp file, fsync, rename, fsync
 /// of the directory.
-fn write_atomic<T: Serialize>(dir: &Path, name: &str, tmp: &str, value: &T) -> std::io::Result<()> {
+pub(super) fn write_atomic<T: Serialize>(
+    dir: &Path,
+    name: &str,
+    tmp: &str,
+    value: &T,
+) -> std::io::Result<()> {
     let tmp = dir.join(tmp);
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;

@@ -435,14 +435,17 @@ impl Writer {
         if self.open.is_some() {
             return Ok(());
         }
+        // Names reserved since this writer started (learned from the peers
+        // by a node that lost its disk) are never used.
+        self.next_index = self.next_index.max(self.cat.reserved_index());
         if self.next_index > MAX_CHUNK_INDEX {
             return Err(StorageError::IndexExhausted {
                 category: self.cat.name.clone(),
                 node: self.cfg.node.clone(),
             });
         }
-        // Names already known (chunks listed from the object store) are
-        // never reused.
+        // Names already known (chunks listed from the object store or
+        // restored from peers) are never reused.
         while self
             .cat
             .meta(&ChunkName::new(self.cfg.node.clone(), self.next_index))

@@ -47,6 +47,9 @@ pub const MIN_PART_BYTES: u64 = 5 << 20;
 /// How long a fresh data directory waits for the bucket listing before it
 /// takes writes anyway.
 pub const FRESH_LISTING_PATIENCE: Duration = Duration::from_secs(30);
+/// The storage's write gate this tier holds while a fresh data directory
+/// waits for the bucket listing.
+const WRITE_GATE: &str = "s3";
 /// Default number of uploads running at once.
 pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
 
@@ -177,6 +180,7 @@ impl Tiering {
         if self.s3.is_some() {
             if self.storage.fresh() {
                 self.storage.close_writes(
+                    WRITE_GATE,
                     "this node's data directory is new: it is listing the S3 bucket first, so that it never reuses a chunk name it uploaded before",
                 );
             }
@@ -296,7 +300,7 @@ impl Tiering {
         let give_up = |why: &str| {
             if self.storage.fresh() && !self.writes_open.swap(true, Ordering::SeqCst) {
                 tracing::warn!(bucket = %cfg.bucket, "{why}: taking writes without knowing which chunk names this node uploaded before (if it lost its disk, a colliding chunk stays local, never overwrites S3)");
-                self.storage.open_writes();
+                self.storage.open_writes(WRITE_GATE);
             }
         };
         match store.check().await {
@@ -327,7 +331,7 @@ impl Tiering {
                     tracing::info!(bucket = %cfg.bucket, chunks = found, "S3 bucket listed");
                     self.listed.store(true, Ordering::SeqCst);
                     self.writes_open.store(true, Ordering::SeqCst);
-                    self.storage.open_writes();
+                    self.storage.open_writes(WRITE_GATE);
                     return;
                 }
                 Err(e) => {

@@ -70,7 +70,29 @@ impl TestCluster {
         for i in 0..n {
             cluster.start_node(i).await;
         }
+        // New data directories take writes once every peer has said which
+        // of their chunks it holds.
+        for i in 0..n {
+            cluster.wait_writes_open(i).await;
+        }
         cluster
+    }
+
+    /// Waits until node `i` holds no writes (`writes_held` is empty).
+    pub async fn wait_writes_open(&self, i: usize) {
+        let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+        loop {
+            let st = self.client(i).status().await.unwrap();
+            if st.writes_held.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {i} still holds writes: {:?}",
+                st.writes_held
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Starts (or restarts) node `i` and points its inbound proxies at it.

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use chunkbus_client::{ProduceOptions, ProduceResponse};
+use chunkbus_client::{ChunkName, ProduceOptions, ProduceResponse};
 use rustix::process::Signal;
 
 use crate::cluster::TestCluster;
@@ -164,4 +164,94 @@ async fn a_copy_completed_short_by_forget_node_is_repaired_when_the_owner_return
     assert_eq!(find(&copy), find(&owner));
     assert!(find(&copy).unwrap().complete);
     assert_all_lines(&cluster, 1, "app", &acked).await;
+}
+
+fn replicated(n: u32) -> ProduceOptions {
+    ProduceOptions {
+        sync: Some(true),
+        min_replicas: Some(n),
+        ..ProduceOptions::default()
+    }
+}
+
+/// Kills node `i`, removes its data directory, starts it again.
+async fn wipe(cluster: &mut TestCluster, i: usize) {
+    cluster.kill(i).await;
+    std::fs::remove_dir_all(&cluster.dirs[i]).unwrap();
+    cluster.start_node(i).await;
+}
+
+/// A node wiped while one of its chunks was open and copied by its peers
+/// (not in S3: there is none): before, it wrote new lines into that chunk
+/// name from offset 0, and the peers' copies of acknowledged lines were
+/// lost. Now it takes its next names past what its peers hold and restores
+/// its chunks from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_node_restores_its_chunks_from_peers_and_reuses_no_name() {
+    let mut cluster = TestCluster::start(3, &["--max-chunk-bytes", "4KiB"]).await;
+    let mut acked = BTreeSet::new();
+    let mut last = None;
+    for r in 0..60 {
+        let body = format!("before{r} {}\n", "y".repeat(90));
+        let p = cluster
+            .client(2)
+            .produce("app", body.clone(), &replicated(2))
+            .await
+            .unwrap();
+        acked.insert(body.trim_end().to_owned());
+        last = p.chunk;
+    }
+    let open = ChunkName::parse(&last.unwrap()).unwrap();
+    assert!(open.index >= 1, "a complete chunk and an open one: {open}");
+    wipe(&mut cluster, 2).await;
+    cluster.wait_writes_open(2).await;
+    let p = write(&cluster, 2, "app", "after", &mut acked).await;
+    let new = ChunkName::parse(&p.chunk.unwrap()).unwrap();
+    assert!(new.index > open.index, "{new} reuses a name up to {open}");
+    cluster.wait_converged(&["app"]).await;
+    let lists = cluster.chunk_lists("app").await;
+    let restored = lists[2]
+        .iter()
+        .find(|c| c.name == open.to_string())
+        .unwrap();
+    assert!(restored.complete, "{restored:?}");
+    for i in 0..3 {
+        assert_all_lines(&cluster, i, "app", &acked).await;
+    }
+}
+
+/// Until every peer has answered, a new data directory holds writes with a
+/// clear 503; then it takes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_node_holds_writes_until_its_peers_answer() {
+    let mut cluster = TestCluster::start(2, &[]).await;
+    let mut acked = BTreeSet::new();
+    let first = cluster
+        .client(1)
+        .produce("app", "held by n1\n", &replicated(1))
+        .await
+        .unwrap();
+    acked.insert("held by n1".to_owned());
+    cluster.kill(0).await;
+    wipe(&mut cluster, 1).await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/categories/app/lines", cluster.url(1)))
+        .body("too early\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"));
+    let text = r.text().await.unwrap();
+    assert!(text.contains("waiting for n1"), "{text}");
+    let st = cluster.client(1).status().await.unwrap();
+    assert_eq!(st.writes_held.len(), 1, "{st:?}");
+    cluster.start_node(0).await;
+    cluster.wait_writes_open(1).await;
+    let p = write(&cluster, 1, "app", "later", &mut acked).await;
+    assert_ne!(p.chunk, first.chunk);
+    cluster.wait_converged(&["app"]).await;
+    for i in 0..2 {
+        assert_all_lines(&cluster, i, "app", &acked).await;
+    }
 }

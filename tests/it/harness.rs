@@ -33,6 +33,7 @@ pub fn config(dir: &Path) -> ServeConfig {
         disk_high_water_percent: 100,
         peers: Vec::new(),
         owner_lost_after: None,
+        first_start: false,
         replication_wait: Duration::from_secs(30),
         peer_timeout: Duration::from_secs(10),
         s3: None,

@@ -1,0 +1,317 @@
+//! A node with a new data directory (a first start, or a node that lost
+//! its disk) learns from its peers which of its chunks they hold before it
+//! takes writes, and restores those chunks.
+//!
+//! Peers copy every chunk an owner writes, including its open chunk. An
+//! owner that lost its disk and started numbering its chunks from the S3
+//! listing alone would write new lines into a chunk name its peers already
+//! hold with other bytes: acknowledged lines vanish, answers point at other
+//! bytes, consumers stick on offsets that are no longer line starts. So:
+//!
+//! 1. Writes are held (503 with the reason) while the node asks every peer
+//!    that is not forgotten `GET /v1/internal/copies/{node}`, retrying with
+//!    backoff until each has answered. `--first-start` lets writes through
+//!    at once (the cluster's first start, with a peer that is not coming).
+//! 2. Per category, every index up to the highest one a peer holds is
+//!    reserved durably (`next_own_index`); then writes go through.
+//! 3. Each chunk a peer holds is restored from the peer with the largest
+//!    copy (or recorded as in S3 when it is uploaded and S3 is on), oldest
+//!    first, and becomes this node's complete chunk; peers then complete
+//!    their copies from it. `<data>/.restoring.json` marks the restore
+//!    unfinished, so a crash resumes it at the next start.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chunkbus_client::names::validate_category;
+use chunkbus_client::{ChunkName, Client};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use reqwest::StatusCode;
+use tokio_util::sync::CancellationToken;
+
+use super::protocol::CopiesResponse;
+use super::{PeerLink, Replication};
+
+/// The storage's write gate held while the peers have not all answered.
+const WRITE_GATE: &str = "peers";
+/// First retry delay of a peer that did not answer.
+const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+/// Longest retry delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Bytes asked for in one read while restoring.
+const RESTORE_READ_BYTES: u64 = 16 << 20;
+
+/// The best copy of one of this node's chunks among the peers.
+#[derive(Debug, Clone, Copy)]
+struct Best {
+    size: u64,
+    uploaded: bool,
+    /// Index of the peer in `repl.links`.
+    peer: usize,
+}
+
+/// Holds writes when the data directory is new (called before the node
+/// serves anything, so no write slips through before the gate).
+pub(super) fn hold_writes(repl: &Replication) {
+    if !repl.links.is_empty() && repl.storage.fresh() && !repl.cfg.first_start {
+        let names: Vec<&str> = repl.links.iter().map(|l| l.peer.name.as_str()).collect();
+        repl.storage.close_writes(WRITE_GATE, gate_reason(&names));
+    }
+}
+
+/// Runs the bootstrap when the data directory is new or a restore is
+/// unfinished; returns at once otherwise.
+pub(super) async fn run(repl: Arc<Replication>, cancel: CancellationToken) {
+    let storage = &repl.storage;
+    let fresh = storage.fresh();
+    if repl.links.is_empty() || !(fresh || storage.restore_pending()) {
+        return;
+    }
+    if fresh && let Err(e) = storage.set_restore_pending(true).await {
+        tracing::error!(error = %e, "cannot record that this node restores its chunks from its peers");
+    }
+    let Some(held) = ask_every_peer(&repl, fresh, &cancel).await else {
+        return;
+    };
+    // Reserve before writes go through: retried until it is durable.
+    let mut highest: BTreeMap<&str, u32> = BTreeMap::new();
+    for (category, chunk) in held.keys() {
+        let h = highest.entry(category.as_str()).or_insert(0);
+        *h = (*h).max(chunk.index);
+    }
+    for (category, index) in highest {
+        let mut backoff = BACKOFF_INITIAL;
+        while let Err(e) = storage.reserve_own_index(category, index + 1).await {
+            tracing::error!(category, error = %e, "cannot reserve the chunk names this node used before; writes stay held");
+            if sleep_or_cancel(&mut backoff, &cancel).await {
+                return;
+            }
+        }
+    }
+    storage.open_writes(WRITE_GATE);
+    let total = held.len();
+    if total > 0 {
+        tracing::info!(
+            chunks = total,
+            "restoring this node's chunks from its peers' copies"
+        );
+    }
+    for (n, ((category, chunk), best)) in held.into_iter().enumerate() {
+        if !restore(&repl, &category, &chunk, best, &cancel).await {
+            return;
+        }
+        if (n + 1) % 100 == 0 {
+            tracing::info!(done = n + 1, of = total, "restoring chunks from peers");
+        }
+    }
+    match storage.set_restore_pending(false).await {
+        Ok(()) if total > 0 => {
+            tracing::info!(
+                chunks = total,
+                "this node's chunks are restored from its peers"
+            )
+        }
+        Ok(()) => {}
+        Err(e) => tracing::error!(error = %e, "cannot record the end of the restore"),
+    }
+}
+
+fn gate_reason(waiting: &[&str]) -> String {
+    format!(
+        "this node's data directory is new: it takes writes once every peer has said which of this node's chunks it holds, so that no chunk name is used twice (waiting for {}; --first-start skips this on a cluster's first start)",
+        waiting.join(", ")
+    )
+}
+
+/// Asks every peer that is not forgotten which of this node's chunks it
+/// holds, until each answered (a peer forgotten meanwhile is not waited
+/// for); returns the best copy of each chunk. `None` when cancelled.
+async fn ask_every_peer(
+    repl: &Arc<Replication>,
+    gated: bool,
+    cancel: &CancellationToken,
+) -> Option<BTreeMap<(String, ChunkName), Best>> {
+    let mut waiting: BTreeSet<String> = repl.links.iter().map(|l| l.peer.name.clone()).collect();
+    let mut asks: FuturesUnordered<_> = (0..repl.links.len())
+        .map(|i| ask_until_answered(repl, i, cancel))
+        .collect();
+    let mut best: BTreeMap<(String, ChunkName), Best> = BTreeMap::new();
+    while let Some((i, answer)) = asks.next().await {
+        if cancel.is_cancelled() {
+            return None;
+        }
+        waiting.remove(&repl.links[i].peer.name);
+        for c in answer.map(|a| a.chunks).unwrap_or_default() {
+            let Ok(name) = ChunkName::parse(&c.chunk) else {
+                continue;
+            };
+            if name.owner != repl.node() || validate_category(&c.category).is_err() {
+                continue;
+            }
+            let entry = best.entry((c.category, name)).or_insert(Best {
+                size: c.size,
+                uploaded: c.uploaded,
+                peer: i,
+            });
+            if c.size > entry.size || (c.size == entry.size && c.uploaded) {
+                *entry = Best {
+                    size: c.size,
+                    uploaded: c.uploaded,
+                    peer: i,
+                };
+            }
+        }
+        if gated && !waiting.is_empty() && !repl.cfg.first_start {
+            let names: Vec<&str> = waiting.iter().map(String::as_str).collect();
+            repl.storage.close_writes(WRITE_GATE, gate_reason(&names));
+        }
+    }
+    Some(best)
+}
+
+/// Asks peer `i` until it answers, it is forgotten (`None`) or `cancel`.
+async fn ask_until_answered(
+    repl: &Arc<Replication>,
+    i: usize,
+    cancel: &CancellationToken,
+) -> (usize, Option<CopiesResponse>) {
+    let link = &repl.links[i];
+    let url = format!(
+        "{}/v1/internal/copies/{}",
+        repl.peer_base(link),
+        repl.node()
+    );
+    let mut backoff = BACKOFF_INITIAL;
+    let mut logged = false;
+    loop {
+        if link.state.lock().unwrap().forgotten {
+            tracing::warn!(peer = %link.peer.name, "not waiting for a forgotten peer to say which of this node's chunks it holds");
+            return (i, None);
+        }
+        match ask(repl, link, &url).await {
+            Ok(answer) => return (i, Some(answer)),
+            Err(e) if !logged => {
+                tracing::warn!(peer = %link.peer.name, error = %e, "cannot ask a peer which of this node's chunks it holds; retrying");
+                logged = true;
+            }
+            Err(_) => {}
+        }
+        if sleep_or_cancel(&mut backoff, cancel).await {
+            return (i, None);
+        }
+    }
+}
+
+async fn ask(repl: &Replication, link: &PeerLink, url: &str) -> Result<CopiesResponse, String> {
+    let resp = repl
+        .http
+        .get(url)
+        .timeout(repl.cfg.peer_timeout)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status() != StatusCode::OK {
+        return Err(format!("answered {}", resp.status()));
+    }
+    let answer: CopiesResponse = resp.json().await.map_err(|e| e.to_string())?;
+    if answer.node != link.peer.name {
+        return Err(format!(
+            "the node at {} is {}, not {} as --peers says",
+            link.peer.addr, answer.node, link.peer.name
+        ));
+    }
+    Ok(answer)
+}
+
+/// Restores one chunk (or records it as in S3); false when cancelled.
+async fn restore(
+    repl: &Replication,
+    category: &str,
+    chunk: &ChunkName,
+    best: Best,
+    cancel: &CancellationToken,
+) -> bool {
+    let storage = &repl.storage;
+    let mut backoff = BACKOFF_INITIAL;
+    loop {
+        if cancel.is_cancelled() {
+            return false;
+        }
+        if storage.chunk_meta(category, chunk).is_some() {
+            // Listed from S3 meanwhile, or restored before a restart.
+            return true;
+        }
+        let result = if best.uploaded && storage.tiered() {
+            storage
+                .add_remote(category, chunk, best.size, 0)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        } else {
+            copy_from(repl, category, chunk, best).await
+        };
+        match result {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(category, chunk = %chunk, peer = %repl.links[best.peer].peer.name, error = %e, "cannot restore a chunk from its peer copy; retrying")
+            }
+        }
+        if sleep_or_cancel(&mut backoff, cancel).await {
+            return false;
+        }
+    }
+}
+
+/// Copies `chunk` whole from the peer that holds the most of it.
+async fn copy_from(
+    repl: &Replication,
+    category: &str,
+    chunk: &ChunkName,
+    best: Best,
+) -> Result<(), String> {
+    let link = &repl.links[best.peer];
+    let client =
+        Client::with_http(&repl.peer_base(link), repl.http.clone()).map_err(|e| e.to_string())?;
+    let name = chunk.to_string();
+    let mut offset = 0;
+    if best.size == 0 {
+        repl.storage
+            .restore_append(category, chunk, 0, bytes::Bytes::new())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    while offset < best.size {
+        let read = client
+            .read_chunk(category, &name, offset, RESTORE_READ_BYTES)
+            .await
+            .map_err(|e| e.to_string())?;
+        if read.data.is_empty() || read.next_offset > best.size {
+            return Err(format!(
+                "the peer's copy ended at {offset} of the {} bytes it listed",
+                best.size
+            ));
+        }
+        repl.storage
+            .restore_append(category, chunk, offset, read.data)
+            .await
+            .map_err(|e| e.to_string())?;
+        offset = read.next_offset;
+    }
+    repl.storage
+        .restore_finish(category, chunk, best.size)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Sleeps a jittered `backoff` (then doubles it, capped); true when
+/// cancelled meanwhile.
+async fn sleep_or_cancel(backoff: &mut Duration, cancel: &CancellationToken) -> bool {
+    let delay = super::puller::jitter(*backoff);
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    tokio::select! {
+        _ = cancel.cancelled() => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}

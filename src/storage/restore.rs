@@ -1,0 +1,198 @@
+//! The storage side of a node that lost its disk: reserving the chunk
+//! names it used before, and restoring its own chunks from its peers'
+//! copies.
+//!
+//! A node whose data directory is new cannot know which chunk names it
+//! used before: its peers may hold copies of chunks it wrote (and
+//! acknowledged) before its disk was wiped. Replication asks them (see
+//! `replication::bootstrap`) and, through the methods here:
+//!
+//! - reserves, per category, every index up to the highest one a peer
+//!   holds (`next_own_index` in the category state, saved before the writer
+//!   may use it), so the node never names a new chunk like an old one;
+//! - restores each of its chunks a peer holds: the bytes go to
+//!   `<category>/.restore.<chunk>` (a dot-file, ignored by start-up), which
+//!   is fsynced and renamed to the chunk's name only when whole. A restored
+//!   chunk is complete, as every chunk of this node found at start-up is.
+//!
+//! While restoring is unfinished, `<data>/.restoring.json` says so, so that
+//! a crash in the middle resumes it at the next start (the directory is no
+//! longer new then). Partial `.restore.*` files are overwritten.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use chunkbus_client::ChunkName;
+use serde::{Deserialize, Serialize};
+
+use super::category::ChunkStatus;
+use super::{Storage, StorageError, fsync_dir, state};
+
+/// Marks, in the data directory, a restore from peers not yet finished.
+const RESTORING_FILE: &str = ".restoring.json";
+const RESTORING_TMP_FILE: &str = ".restoring.json.tmp";
+/// Prefix of a chunk being restored, in its category directory.
+const RESTORE_PREFIX: &str = ".restore.";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Restoring {
+    version: u32,
+}
+
+impl Storage {
+    /// True while a restore from peers is unfinished (started by an earlier
+    /// process that stopped before it was done).
+    pub fn restore_pending(&self) -> bool {
+        self.shared.opts.data_dir.join(RESTORING_FILE).exists()
+    }
+
+    /// Records durably that a restore from peers is (`true`) or is no
+    /// longer (`false`) under way.
+    pub async fn set_restore_pending(&self, pending: bool) -> Result<(), StorageError> {
+        let dir = self.shared.opts.data_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let path = dir.join(RESTORING_FILE);
+            if pending {
+                state::write_atomic(
+                    &dir,
+                    RESTORING_FILE,
+                    RESTORING_TMP_FILE,
+                    &Restoring { version: 1 },
+                )
+            } else {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => fsync_dir(&dir),
+                }
+            }
+            .map_err(|e| StorageError::io(format!("cannot write {}", path.display()), e))
+        })
+        .await
+        .map_err(|e| StorageError::io("restore task failed", std::io::Error::other(e)))?
+    }
+
+    /// Every chunk of `owner` held here, by category (for a node that asks
+    /// which of its chunks this node holds).
+    pub fn chunks_of(&self, owner: &str) -> Vec<(String, ChunkStatus)> {
+        let mut out = Vec::new();
+        for cat in self.all_categories() {
+            for c in cat.list() {
+                if c.name.owner == owner {
+                    out.push((cat.name.clone(), c));
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.0, &a.1.name).cmp(&(&b.0, &b.1.name)));
+        out
+    }
+
+    /// Reserves this node's chunk indices of `category` below `next`: the
+    /// writer never names a new chunk with one of them. Durable before it
+    /// takes effect. Creates the category if needed.
+    pub async fn reserve_own_index(&self, category: &str, next: u32) -> Result<(), StorageError> {
+        let cat = self.category_or_create(category)?;
+        let cat2 = cat.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut st = cat2.state.lock().unwrap();
+            if st.next_own_index.is_none_or(|n| n < next) {
+                st.next_own_index = Some(next);
+                state::save(&cat2.dir, &st)?;
+            }
+            Ok::<(), StorageError>(())
+        })
+        .await
+        .map_err(|e| StorageError::io("reserve task failed", std::io::Error::other(e)))??;
+        cat.reserve_index(next);
+        Ok(())
+    }
+
+    fn restore_path(&self, category: &str, chunk: &ChunkName) -> PathBuf {
+        self.shared
+            .opts
+            .data_dir
+            .join(category)
+            .join(format!("{RESTORE_PREFIX}{chunk}"))
+    }
+
+    /// Writes `data` at `offset` of this node's own `chunk` being restored
+    /// (offset 0 starts it afresh). Refused for a chunk held here already
+    /// and for an index not reserved first.
+    pub async fn restore_append(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), StorageError> {
+        let cat = self.check_restorable(category, chunk)?;
+        let path = self.restore_path(&cat.name, chunk);
+        tokio::task::spawn_blocking(move || {
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(offset == 0)
+                .open(&path)?;
+            f.write_all_at(&data, offset)
+        })
+        .await
+        .map_err(|e| StorageError::io("restore task failed", std::io::Error::other(e)))?
+        .map_err(|e| StorageError::io(format!("cannot write restored chunk {chunk}"), e))
+    }
+
+    /// Makes a restored chunk of `size` bytes this node's own, complete
+    /// chunk: fsync, rename into place, fsync of the directory, listed.
+    pub async fn restore_finish(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        size: u64,
+    ) -> Result<(), StorageError> {
+        let cat = self.check_restorable(category, chunk)?;
+        let tmp = self.restore_path(&cat.name, chunk);
+        let (path, dir) = (cat.chunk_path(chunk), cat.dir.clone());
+        let name = chunk.to_string();
+        tokio::task::spawn_blocking(move || {
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&tmp)?;
+            let len = f.metadata()?.len();
+            if len != size {
+                return Err(std::io::Error::other(format!(
+                    "holds {len} bytes, not {size}"
+                )));
+            }
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            fsync_dir(&dir)
+        })
+        .await
+        .map_err(|e| StorageError::io("restore task failed", std::io::Error::other(e)))?
+        .map_err(|e| StorageError::io(format!("cannot restore chunk {name}"), e))?;
+        cat.update(chunk, size, true);
+        Ok(())
+    }
+
+    fn check_restorable(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> Result<std::sync::Arc<super::category::Category>, StorageError> {
+        let cat = self.category_or_create(category)?;
+        if chunk.owner != self.node() || cat.meta(chunk).is_some() {
+            return Err(StorageError::NotRestorable {
+                chunk: chunk.to_string(),
+            });
+        }
+        if chunk.index >= cat.reserved_index() {
+            return Err(StorageError::NotRestorable {
+                chunk: chunk.to_string(),
+            });
+        }
+        Ok(cat)
+    }
+}
