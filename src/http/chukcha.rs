@@ -17,6 +17,7 @@ use super::params::parse_u64;
 use super::produce::{WriteOptions, ingest};
 use super::read::{chunk_response, list, parse_max_bytes, read as read_lines};
 use super::{ApiError, AppState};
+use crate::storage::ReadResult;
 
 /// Chukcha waits this long for `min_sync_replicas`.
 const CHUKCHA_REPLICA_TIMEOUT: Duration = Duration::from_secs(60);
@@ -71,7 +72,8 @@ pub(super) struct ReadQuery {
 }
 
 /// `GET /read?category=C&chunk=K&off=O&max_size=M`: whole lines, 404 for a
-/// chunk this node does not hold (yet).
+/// chunk this node does not hold (yet), 200 and nothing for an offset past
+/// this node's copy of a chunk that is not complete here.
 pub(super) async fn read(
     State(st): State<Arc<AppState>>,
     query: Result<Query<ReadQuery>, QueryRejection>,
@@ -86,6 +88,21 @@ pub(super) async fn read(
         .transpose()?
         .unwrap_or(0);
     let max = parse_max_bytes("max_size", q.max_size.as_deref())?;
+    // Chukcha's client reads from a random node each time: one whose copy
+    // of a chunk still lags the node it read from before is asked for an
+    // offset past its copy. Chukcha answers that with nothing new yet, and
+    // its client treats any error as fatal; so does this route while the
+    // chunk is incomplete here (the copy is still arriving).
+    if let Some(meta) = st.storage.chunk_meta(category, &chunk)
+        && !meta.complete
+        && off > meta.size
+    {
+        return Ok(chunk_response(ReadResult {
+            data: bytes::Bytes::new(),
+            next_offset: off,
+            meta,
+        }));
+    }
     let r = read_lines(&st, category, &chunk, off, max, Duration::ZERO).await?;
     Ok(chunk_response(r))
 }
