@@ -129,6 +129,33 @@ impl Consumers {
         t.entries.get(consumer).map(|v| v.entry.clone())
     }
 
+    /// Per category, the highest chunk index of `owner` that a consumer
+    /// position held here names (a node that lost its disk must not use
+    /// those names again, even when every copy of them was deleted).
+    pub fn highest_index_of(&self, owner: &str) -> BTreeMap<String, u32> {
+        let cats: Vec<(String, Arc<CategoryConsumers>)> = self
+            .cats
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, c)| (n.clone(), c.clone()))
+            .collect();
+        let mut out = BTreeMap::new();
+        for (name, c) in cats {
+            let t = c.table.lock().unwrap();
+            let highest = t
+                .entries
+                .values()
+                .filter_map(|v| v.entry.positions.get(owner))
+                .map(|p| p.index)
+                .max();
+            if let Some(h) = highest {
+                out.insert(name, h);
+            }
+        }
+        out
+    }
+
     /// Live consumers of `category`, sorted by name.
     pub fn list(&self, category: &str) -> Vec<(String, ConsumerEntry)> {
         let c = self.category(category);

@@ -99,7 +99,8 @@ pub(super) async fn changes(
     }
 }
 
-/// `GET /v1/internal/copies/{node}`: every chunk of `node` held here.
+/// `GET /v1/internal/copies/{node}`: every chunk of `node` held here, and
+/// the highest index of `node` each category's consumer positions name.
 pub(super) async fn copies(
     State(st): State<Arc<AppState>>,
     path: Result<Path<String>, PathRejection>,
@@ -122,6 +123,7 @@ pub(super) async fn copies(
         node: st.storage.node().to_owned(),
         incarnation: st.storage.incarnation(),
         chunks,
+        positions: st.consumers.highest_index_of(&node),
     }))
 }
 

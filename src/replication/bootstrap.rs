@@ -12,8 +12,10 @@
 //!    that is not forgotten `GET /v1/internal/copies/{node}`, retrying with
 //!    backoff until each has answered. `--first-start` lets writes through
 //!    at once (the cluster's first start, with a peer that is not coming).
-//! 2. Per category, every index up to the highest one a peer holds is
-//!    reserved durably (`next_own_index`); then writes go through.
+//! 2. Per category, every index up to the highest one a peer holds, or one
+//!    of its consumer positions names (the copies may be deleted since,
+//!    every consumer having acked them), is reserved durably
+//!    (`next_own_index`); then writes go through.
 //! 3. Each chunk a peer holds is restored from the peer with the largest
 //!    copy (or recorded as in S3 when it is uploaded and S3 is on), oldest
 //!    first, and becomes this node's complete chunk; peers then complete
@@ -72,19 +74,18 @@ pub(super) async fn run(repl: Arc<Replication>, cancel: CancellationToken) {
     if fresh && let Err(e) = storage.set_restore_pending(true).await {
         tracing::error!(error = %e, "cannot record that this node restores its chunks from its peers");
     }
-    let Some(held) = ask_every_peer(&repl, fresh, &cancel).await else {
+    let Some((held, mut highest)) = ask_every_peer(&repl, fresh, &cancel).await else {
         return;
     };
     // Reserve before writes go through: retried until it is durable.
-    let mut highest: BTreeMap<&str, u32> = BTreeMap::new();
     for (category, chunk) in held.keys() {
-        let h = highest.entry(category.as_str()).or_insert(0);
+        let h = highest.entry(category.clone()).or_insert(0);
         *h = (*h).max(chunk.index);
     }
     for (category, index) in highest {
         let mut backoff = BACKOFF_INITIAL;
-        while let Err(e) = storage.reserve_own_index(category, index + 1).await {
-            tracing::error!(category, error = %e, "cannot reserve the chunk names this node used before; writes stay held");
+        while let Err(e) = storage.reserve_own_index(&category, index + 1).await {
+            tracing::error!(category = %category, error = %e, "cannot reserve the chunk names this node used before; writes stay held");
             if sleep_or_cancel(&mut backoff, &cancel).await {
                 return;
             }
@@ -125,25 +126,37 @@ fn gate_reason(waiting: &[&str]) -> String {
     )
 }
 
+/// The best copy of each of this node's chunks the peers hold, and per
+/// category the highest index of this node their consumer positions name.
+type Answers = (BTreeMap<(String, ChunkName), Best>, BTreeMap<String, u32>);
+
 /// Asks every peer that is not forgotten which of this node's chunks it
 /// holds, until each answered (a peer forgotten meanwhile is not waited
-/// for); returns the best copy of each chunk. `None` when cancelled.
+/// for). `None` when cancelled.
 async fn ask_every_peer(
     repl: &Arc<Replication>,
     gated: bool,
     cancel: &CancellationToken,
-) -> Option<BTreeMap<(String, ChunkName), Best>> {
+) -> Option<Answers> {
     let mut waiting: BTreeSet<String> = repl.links.iter().map(|l| l.peer.name.clone()).collect();
     let mut asks: FuturesUnordered<_> = (0..repl.links.len())
         .map(|i| ask_until_answered(repl, i, cancel))
         .collect();
     let mut best: BTreeMap<(String, ChunkName), Best> = BTreeMap::new();
+    let mut named: BTreeMap<String, u32> = BTreeMap::new();
     while let Some((i, answer)) = asks.next().await {
         if cancel.is_cancelled() {
             return None;
         }
         waiting.remove(&repl.links[i].peer.name);
-        for c in answer.map(|a| a.chunks).unwrap_or_default() {
+        let Some(answer) = answer else { continue };
+        for (category, index) in answer.positions {
+            if validate_category(&category).is_ok() {
+                let h = named.entry(category).or_insert(0);
+                *h = (*h).max(index);
+            }
+        }
+        for c in answer.chunks {
             let Ok(name) = ChunkName::parse(&c.chunk) else {
                 continue;
             };
@@ -168,7 +181,7 @@ async fn ask_every_peer(
             repl.storage.close_writes(WRITE_GATE, gate_reason(&names));
         }
     }
-    Some(best)
+    Some((best, named))
 }
 
 /// Asks peer `i` until it answers, it is forgotten (`None`) or `cancel`.

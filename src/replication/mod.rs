@@ -16,7 +16,7 @@
 //! `forget-node`) has its open chunks completed here so readers can finish
 //! them. A node whose data directory is new asks its peers which of its
 //! chunks they hold before it takes writes, and restores them
-//! ([`bootstrap`]). The protocol is described in `docs/architecture.md`.
+//! (`bootstrap`). The protocol is described in `docs/architecture.md`.
 
 mod bootstrap;
 pub mod progress;
@@ -155,7 +155,7 @@ impl Replication {
     }
 
     /// Starts one puller per peer and, for a new data directory, the
-    /// bootstrap from the peers (see [`bootstrap`]), owned by `tasks`,
+    /// bootstrap from the peers (see `bootstrap`), owned by `tasks`,
     /// stopped by `cancel`.
     pub fn start(self: &Arc<Self>, tasks: &TaskTracker, cancel: &CancellationToken) {
         bootstrap::hold_writes(self);

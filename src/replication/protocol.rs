@@ -117,4 +117,8 @@ pub struct CopiesResponse {
     pub incarnation: u64,
     /// The chunks, by category and index (`complete`: the copy is).
     pub chunks: Vec<ChangedChunk>,
+    /// Per category, the highest chunk index of `{node}` named by a consumer
+    /// position held by the asked node (its copies may be deleted since).
+    #[serde(default)]
+    pub positions: std::collections::BTreeMap<String, u32>,
 }

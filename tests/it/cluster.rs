@@ -25,6 +25,8 @@ pub struct TestCluster {
     /// Flags of one node only, and environment of every node.
     node_extra: Vec<Vec<String>>,
     env: Vec<(String, String)>,
+    /// What killed processes of each node wrote to stderr.
+    pub past_logs: Vec<String>,
     _tmp: tempfile::TempDir,
 }
 
@@ -65,6 +67,7 @@ impl TestCluster {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             node_extra,
             env,
+            past_logs: vec![String::new(); n],
             _tmp: tmp,
         };
         for i in 0..n {
@@ -129,8 +132,19 @@ impl TestCluster {
     /// SIGKILLs node `i`.
     pub async fn kill(&mut self, i: usize) {
         if let Some(node) = self.nodes[i].take() {
+            let log = node.stderr.clone();
             node.kill().await;
+            self.past_logs[i].push_str(&log.lock().unwrap());
         }
+    }
+
+    /// Everything every process of node `i` wrote to stderr so far.
+    pub fn logs(&self, i: usize) -> String {
+        let mut out = self.past_logs[i].clone();
+        if let Some(node) = &self.nodes[i] {
+            out.push_str(&node.stderr.lock().unwrap());
+        }
+        out
     }
 
     /// Cuts node `i` off from every other node (both directions), or heals it.

@@ -255,3 +255,60 @@ async fn a_wiped_node_holds_writes_until_its_peers_answer() {
         assert_all_lines(&cluster, i, "app", &acked).await;
     }
 }
+
+/// Every copy of a wiped node's chunks was deleted (every consumer acked
+/// them, no S3), but the consumer positions on its peers still name them:
+/// the node must not use those names again, or the consumer would take its
+/// new lines for lines it had acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_node_reuses_no_name_a_consumer_position_holds() {
+    let mut cluster = TestCluster::start(2, &["--rotate-after", "1s"]).await;
+    let first = cluster
+        .client(1)
+        .produce("app", "old line\n", &replicated(1))
+        .await
+        .unwrap();
+    let reader = cluster.client(0);
+    let opts = chunkbus_client::NextOptions {
+        wait: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let batch = reader.next("app", "c", &opts).await.unwrap().unwrap();
+    assert_eq!(&batch.data[..], b"old line\n");
+    // Acked once the chunk is complete (rotation after 1 s): then every
+    // node deletes its copy.
+    let deadline = tokio::time::Instant::now() + crate::harness::CONDITION_DEADLINE;
+    loop {
+        let listed = cluster.chunk_lists("app").await;
+        if listed.iter().all(|l| l.iter().all(|c| c.complete)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{listed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reader
+        .ack("app", "c", &batch.chunk, batch.next_offset)
+        .await
+        .unwrap();
+    loop {
+        let listed = cluster.chunk_lists("app").await;
+        if listed.iter().all(|l| l.is_empty()) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{listed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wipe(&mut cluster, 1).await;
+    cluster.wait_writes_open(1).await;
+    let p = cluster
+        .client(1)
+        .produce("app", "new line\n", &replicated(1))
+        .await
+        .unwrap();
+    assert_ne!(p.chunk, first.chunk, "a chunk name was used twice");
+    let batch = reader.next("app", "c", &opts).await.unwrap();
+    assert_eq!(
+        batch.map(|b| b.data),
+        Some(bytes::Bytes::from_static(b"new line\n"))
+    );
+}

@@ -4,6 +4,7 @@
 mod api;
 mod bad_input;
 mod binary;
+mod chaos;
 mod chukcha;
 mod client;
 mod cluster;

@@ -52,6 +52,9 @@ pub struct TestS3 {
     /// Root directory: `<root>/<bucket>/<key>`.
     pub root: PathBuf,
     counts: Counts,
+    /// While true, every request waits (a store that hangs, not one that
+    /// refuses).
+    frozen: Arc<tokio::sync::watch::Sender<bool>>,
     server: Option<tokio::task::JoinHandle<()>>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -72,6 +75,7 @@ impl TestS3 {
             addr,
             root: root.to_owned(),
             counts: Counts::default(),
+            frozen: Arc::new(tokio::sync::watch::Sender::new(false)),
             server: None,
             _tmp: None,
         };
@@ -99,6 +103,7 @@ impl TestS3 {
         b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
         let service = b.build();
         let counts = self.counts.clone();
+        let frozen = self.frozen.clone();
         self.server = Some(tokio::spawn(async move {
             // Dropping this task (stop) drops the set: every connection ends.
             let mut conns = tokio::task::JoinSet::new();
@@ -107,9 +112,14 @@ impl TestS3 {
                     continue;
                 };
                 let (service, counts) = (service.clone(), counts.clone());
+                let frozen = frozen.clone();
                 let svc = hyper::service::service_fn(move |req| {
                     let (service, counts) = (service.clone(), counts.clone());
-                    async move { counted(&service, &counts, req).await }
+                    let mut thawed = frozen.subscribe();
+                    async move {
+                        let _ = thawed.wait_for(|f| !*f).await;
+                        counted(&service, &counts, req).await
+                    }
                 });
                 conns.spawn(async move {
                     let _ = ConnBuilder::new(TokioExecutor::new())
@@ -160,6 +170,11 @@ impl TestS3 {
     /// Makes CompleteMultipartUpload answer 503 (or work again).
     pub fn refuse_completes(&self, refuse: bool) {
         self.counts.lock().unwrap().refuse_completes = refuse;
+    }
+
+    /// Makes every request hang until unfrozen (`false`).
+    pub fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
     }
 
     /// Refuses (403) requests on the bucket itself, such as listings.
