@@ -155,3 +155,51 @@ async fn forgetting_an_owner_records_only_its_open_chunks() {
     assert_eq!(st.complete["eu2"].ranges(), &[(1, 1), (5, 5)]);
     s.shutdown().await;
 }
+
+/// The owner uploaded a chunk whose complete copy here is short: the copy
+/// gives way to the object (read through S3), at the object's size; a copy
+/// longer than the object is kept and not recorded as uploaded.
+#[tokio::test]
+async fn an_uploaded_chunk_replaces_a_short_complete_copy_never_a_longer_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(
+        StorageOptions {
+            tiered: true,
+            ..opts(dir.path())
+        },
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let (short, long) = (ChunkName::new("eu2", 0), ChunkName::new("eu2", 1));
+    for c in [&short, &long] {
+        s.replica_append("app", c, 0, Bytes::from_static(b"a\n"))
+            .await
+            .unwrap();
+        s.replica_complete("app", c, 2).await.unwrap();
+    }
+    s.add_remote("app", &short, 4, 0).await.unwrap();
+    let m = s.chunk_meta("app", &short).unwrap();
+    assert!(m.complete && m.uploaded && !m.local && m.size == 4, "{m:?}");
+    assert!(!dir.path().join("app").join(short.to_string()).exists());
+    assert_eq!(
+        s.add_remote("app", &long, 1, 0).await.unwrap(),
+        TierOutcome::NotEligible
+    );
+    let m = s.chunk_meta("app", &long).unwrap();
+    assert!(m.complete && !m.uploaded && m.local && m.size == 2, "{m:?}");
+    s.shutdown().await;
+    drop(s);
+    let s = Storage::open(
+        StorageOptions {
+            tiered: true,
+            ..opts(dir.path())
+        },
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let m = s.chunk_meta("app", &short).unwrap();
+    assert!(m.uploaded && !m.local && m.size == 4, "{m:?}");
+    s.shutdown().await;
+}

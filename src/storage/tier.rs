@@ -244,8 +244,10 @@ impl Storage {
 
     /// Records a chunk that is in the object store but not held here (found
     /// by listing the bucket, or uploaded by its owner before this node
-    /// copied it). A partial copy held here is dropped; a complete one is
-    /// marked uploaded. Creates the category if needed.
+    /// copied it). A partial copy held here is dropped, and so is a complete
+    /// copy of another owner's chunk shorter than the object; a complete one
+    /// of the object's size is marked uploaded; a complete one longer than
+    /// the object is kept as it is. Creates the category if needed.
     pub async fn add_remote(
         &self,
         category: &str,
@@ -254,10 +256,36 @@ impl Storage {
         created_ms: u64,
     ) -> Result<TierOutcome, StorageError> {
         let cat = self.category_or_create(category)?;
+        let own = chunk.owner == self.node();
         match cat.meta(chunk) {
-            Some(m) if m.complete => return self.mark_uploaded(category, chunk).await,
-            Some(_) if chunk.owner == self.node() => return Ok(TierOutcome::NotEligible),
-            Some(_) => {
+            Some(m) if m.complete && (own || m.size == size || !m.local) => {
+                return self.mark_uploaded(category, chunk).await;
+            }
+            Some(_) if own => return Ok(TierOutcome::NotEligible),
+            Some(m) if m.complete && m.size > size => {
+                // Never cut back, never recorded at another size.
+                tracing::error!(category, chunk = %chunk, held = m.size, in_s3 = size, "a complete copy holds more than the uploaded chunk; it is kept and not recorded as uploaded");
+                return Ok(TierOutcome::NotEligible);
+            }
+            Some(m) => {
+                if m.complete {
+                    // Complete but short of what its owner uploaded (it
+                    // missed the owner's restart, or was completed by a
+                    // forget): S3 holds the whole chunk.
+                    tracing::warn!(category, chunk = %chunk, held = m.size, in_s3 = size, "a complete copy is short of the uploaded chunk; reading it through S3 instead");
+                }
+                // The record goes first: a crash never leaves the index
+                // recorded complete over a missing or partial copy.
+                let (cat2, chunk2) = (cat.clone(), chunk.clone());
+                tokio::task::spawn_blocking(move || {
+                    let mut st = cat2.state.lock().unwrap();
+                    if st.unmark_complete(&chunk2.owner, chunk2.index) {
+                        state::save(&cat2.dir, &st)?;
+                    }
+                    Ok::<(), StorageError>(())
+                })
+                .await
+                .map_err(|e| StorageError::io("tier task failed", std::io::Error::other(e)))??;
                 let path = cat.chunk_path(chunk);
                 remove_file(&path).await?;
             }
