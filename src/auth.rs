@@ -154,6 +154,9 @@ pub struct Auth {
     inline: Vec<TokenSpec>,
     tokens: RwLock<Arc<Vec<Token>>>,
     cluster: Option<[u8; 32]>,
+    /// Why the last reload failed, until one succeeds (a std mutex: set
+    /// and read in passing).
+    reload_error: std::sync::Mutex<Option<String>>,
 }
 
 fn digest(secret: &[u8]) -> [u8; 32] {
@@ -236,6 +239,7 @@ impl Auth {
             inline,
             tokens: RwLock::new(Arc::new(Vec::new())),
             cluster: cluster_secret.map(|s| digest(s.as_bytes())),
+            reload_error: std::sync::Mutex::new(None),
         };
         auth.reload()?;
         Ok(auth)
@@ -248,20 +252,41 @@ impl Auth {
             inline: Vec::new(),
             tokens: RwLock::new(Arc::new(Vec::new())),
             cluster: None,
+            reload_error: std::sync::Mutex::new(None),
         }
     }
 
-    /// Reads the tokens file again; on error the tokens in use stay.
-    /// Returns how many tokens are in use.
+    /// Reads the tokens file again; on error the tokens in use stay, and
+    /// the error is kept for [`Auth::reload_error`] until a reload works.
+    /// A tokens file that holds no token is an error (at start-up too):
+    /// it would leave every route open. Returns how many tokens are in use.
     pub fn reload(&self) -> Result<usize, TokensError> {
-        let mut specs = self.inline.clone();
-        if let Some(f) = &self.file {
-            specs.extend(load_tokens_file(f)?);
-        }
-        let tokens = build(&specs)?;
+        let result = self.load();
+        *self.reload_error.lock().unwrap() = result.as_ref().err().map(|e| e.0.clone());
+        let tokens = result?;
         let n = tokens.len();
         *self.tokens.write().unwrap() = Arc::new(tokens);
         Ok(n)
+    }
+
+    fn load(&self) -> Result<Vec<Token>, TokensError> {
+        let mut specs = self.inline.clone();
+        if let Some(f) = &self.file {
+            specs.extend(load_tokens_file(f)?);
+            if specs.is_empty() {
+                return Err(TokensError(format!(
+                    "tokens file {} holds no token; with none, every route would be open",
+                    f.display()
+                )));
+            }
+        }
+        build(&specs)
+    }
+
+    /// Why the last reload of the tokens failed, while the tokens in use
+    /// are still the earlier ones.
+    pub fn reload_error(&self) -> Option<String> {
+        self.reload_error.lock().unwrap().clone()
     }
 
     /// True when clients must present a token.
@@ -527,9 +552,26 @@ mod tests {
         );
         std::fs::write(&path, "[[token]]\nsecrt = 1\n").unwrap();
         assert!(auth.reload().is_err());
+        assert!(auth.reload_error().is_some());
         assert!(
             auth.check(&bearer("second-secret-0123456789"), need)
                 .is_ok()
         );
+        // An empty file never turns authentication off.
+        std::fs::write(&path, "").unwrap();
+        let e = auth.reload().unwrap_err();
+        assert!(e.0.contains("holds no token"), "{e}");
+        assert!(auth.required());
+        assert!(auth.check(&HeaderMap::new(), need).is_err());
+        assert!(
+            auth.check(&bearer("second-secret-0123456789"), need)
+                .is_ok()
+        );
+        write("third-secret-0123456789");
+        assert_eq!(auth.reload().unwrap(), 1);
+        assert_eq!(auth.reload_error(), None);
+        // Nor does it start a node without them.
+        std::fs::write(&path, "").unwrap();
+        assert!(Auth::new(Some(path.clone()), Vec::new(), None).is_err());
     }
 }

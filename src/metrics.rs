@@ -98,6 +98,8 @@ pub struct Metrics {
     pub replication_lag_bytes: Family<PeerCategoryLabels, Gauge>,
     /// How long this node has been behind a peer.
     pub replication_lag_seconds: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    /// Reloads of the tokens file (SIGHUP) that failed; the tokens in use stay.
+    pub tokens_reload_failures: Counter,
     /// Restarts of a peer this node noticed through its incarnation.
     pub peer_restarts: Family<PeerLabels, Counter>,
     /// Complete copies found shorter than the owner's chunk and reopened.
@@ -144,6 +146,7 @@ impl Metrics {
             peer_connected: Family::default(),
             replication_lag_bytes: Family::default(),
             replication_lag_seconds: Family::default(),
+            tokens_reload_failures: Counter::default(),
             peer_restarts: Family::default(),
             copies_repaired: Family::default(),
             copies_disagreeing: Family::default(),
@@ -238,6 +241,11 @@ impl Metrics {
             "replication_lag_seconds",
             "How long this node has been behind the peer",
             m.replication_lag_seconds.clone(),
+        );
+        r.register(
+            "tokens_reload_failures",
+            "Reloads of the tokens file (SIGHUP) that failed; the tokens in use stay",
+            m.tokens_reload_failures.clone(),
         );
         r.register(
             "peer_restarts",

@@ -75,7 +75,11 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 
 /// Reloads the tokens file on every SIGHUP until `stop`; a file that does
 /// not load leaves the tokens in use.
-async fn reload_on_sighup(auth: Arc<crate::auth::Auth>, stop: CancellationToken) {
+async fn reload_on_sighup(
+    auth: Arc<crate::auth::Auth>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler; tokens are not reloaded");
@@ -89,6 +93,7 @@ async fn reload_on_sighup(auth: Arc<crate::auth::Auth>, stop: CancellationToken)
         match auth.reload() {
             Ok(n) => tracing::info!(tokens = n, "tokens reloaded"),
             Err(e) => {
+                metrics.tokens_reload_failures.inc();
                 tracing::error!(error = %e, "cannot reload the tokens; the previous ones stay in use")
             }
         }
@@ -158,7 +163,11 @@ pub async fn run(
     .await;
     tiering.start(&pullers, &stop_pullers);
     if cfg.auth.tokens_file.is_some() {
-        pullers.spawn(reload_on_sighup(auth.clone(), stop_pullers.clone()));
+        pullers.spawn(reload_on_sighup(
+            auth.clone(),
+            metrics.clone(),
+            stop_pullers.clone(),
+        ));
     }
     pullers.close();
     let state = AppState::new(

@@ -67,6 +67,10 @@ pub struct NodeStatus {
     /// Why writes are held (answered 503) now; empty when they go through.
     #[serde(default)]
     pub writes_held: Vec<String>,
+    /// Why the last reload of the tokens file failed (the earlier tokens
+    /// stay in use), until a reload works.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_reload_error: Option<String>,
     /// Every peer and how far behind this node's copy of it is.
     pub peers: Vec<PeerStatus>,
     /// Categories held here, sorted.

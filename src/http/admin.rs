@@ -20,6 +20,7 @@ pub(super) async fn status(State(st): State<Arc<AppState>>) -> Json<NodeStatus> 
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_seconds: st.started.elapsed().as_secs(),
         writes_held: st.storage.writes_held(),
+        tokens_reload_error: st.auth.reload_error(),
         peers: st.replication.status(),
         categories: st.storage.categories(),
         disk: DiskStatus {

@@ -691,3 +691,66 @@ async fn oversized_headers_are_refused() {
     assert_eq!(node.get("/healthz").await.status(), 200);
     node.stop().await;
 }
+
+/// A SIGHUP with an emptied tokens file used to turn authentication off:
+/// the tokens in use now stay, and the failed reload shows in the status,
+/// the metrics and the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_tokens_file_never_turns_authentication_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!("[[token]]\nname = \"all\"\nsecret = \"{ADMIN}\"\nroles = [\"produce\", \"consume\", \"admin\"]\n"),
+    )
+    .unwrap();
+    let node = BinNode::start(
+        &dir.path().join("data"),
+        &["--tokens-file", tokens.to_str().unwrap()],
+    )
+    .await;
+    let admin = chunkbus_client::Client::with_token(&node.url(""), Some(ADMIN)).unwrap();
+    std::fs::write(&tokens, "").unwrap();
+    node.signal(rustix::process::Signal::HUP);
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    let error = loop {
+        if let Some(e) = admin.status().await.unwrap().tokens_reload_error {
+            break e;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no reload error");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(error.contains("holds no token"), "{error}");
+    let anonymous = reqwest::Client::new()
+        .post(node.url("/v1/categories/app/lines"))
+        .body("anyone\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let metrics = reqwest::Client::new()
+        .get(node.url("/metrics"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("chunkbus_tokens_reload_failures_total 1"),
+        "{metrics}"
+    );
+    assert!(node.stderr.lock().unwrap().contains("holds no token"));
+    // Nor does a node start with it.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chunkbus"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--tokens-file"])
+        .arg(&tokens)
+        .arg("--data-dir")
+        .arg(dir.path().join("other"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds no token"));
+}
