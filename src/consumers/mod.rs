@@ -122,9 +122,16 @@ impl Consumers {
         self.notify.subscribe()
     }
 
+    /// The consumers of `category`, if any ever existed here. Reads never
+    /// create state for a category: a client asking for arbitrary names
+    /// must not grow the node's memory.
+    fn existing(&self, category: &str) -> Option<Arc<CategoryConsumers>> {
+        self.cats.lock().unwrap().get(category).cloned()
+    }
+
     /// The state of `consumer` in `category`, if it ever existed here.
     pub fn get(&self, category: &str, consumer: &str) -> Option<ConsumerEntry> {
-        let c = self.category(category);
+        let c = self.existing(category)?;
         let t = c.table.lock().unwrap();
         t.entries.get(consumer).map(|v| v.entry.clone())
     }
@@ -158,7 +165,9 @@ impl Consumers {
 
     /// Live consumers of `category`, sorted by name.
     pub fn list(&self, category: &str) -> Vec<(String, ConsumerEntry)> {
-        let c = self.category(category);
+        let Some(c) = self.existing(category) else {
+            return Vec::new();
+        };
         let t = c.table.lock().unwrap();
         t.entries
             .iter()
@@ -200,8 +209,16 @@ impl Consumers {
         &self,
         category: &str,
         consumer: &str,
-        change: impl FnOnce(&mut ConsumerEntry) -> bool,
+        change: impl Fn(&mut ConsumerEntry) -> bool,
     ) -> Result<ConsumerEntry, StorageError> {
+        if self.existing(category).is_none() {
+            // A change that changes nothing (a position move in a category
+            // with no chunks) creates no state either.
+            let mut probe = ConsumerEntry::default();
+            if !change(&mut probe) {
+                return Ok(probe);
+            }
+        }
         let c = self.category(category);
         let (entry, seq) = {
             let mut t = c.table.lock().unwrap();
@@ -323,4 +340,53 @@ pub fn fully_read(pos: Option<&Position>, c: &ChunkStatus) -> bool {
         p.index > c.name.index
             || (p.index == c.name.index && c.meta.complete && p.offset >= c.meta.size)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lookups of categories that do not exist (any name a client sends)
+    /// leave nothing behind: 200,000 of them once grew a node by 46 MiB.
+    #[tokio::test]
+    async fn lookups_of_unknown_categories_create_no_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(
+            crate::storage::StorageOptions {
+                data_dir: dir.path().to_owned(),
+                node: "n1".into(),
+                max_chunk_bytes: 1 << 20,
+                rotate_after: std::time::Duration::from_secs(3600),
+                sync: crate::storage::SyncPolicy::Never,
+                disk_high_water_percent: 100,
+                tiered: false,
+                zero_runway: false,
+                drop_behind: None,
+            },
+            crate::metrics::Metrics::new(),
+        )
+        .await
+        .unwrap();
+        let consumers = Consumers::open(storage.clone()).await.unwrap();
+        for i in 0..1000 {
+            let cat = format!("r{i}");
+            assert!(consumers.get(&cat, "c").is_none());
+            assert!(consumers.list(&cat).is_empty());
+            let unchanged = consumers.update(&cat, "c", |_| false).await.unwrap();
+            assert_eq!(unchanged, ConsumerEntry::default());
+        }
+        assert!(consumers.cats.lock().unwrap().is_empty());
+        // A real change still creates the consumer.
+        let p = Position {
+            generation: 0,
+            index: 0,
+            offset: 5,
+        };
+        consumers
+            .update("app", "c", |e| e.raise("n2", p))
+            .await
+            .unwrap();
+        assert_eq!(consumers.get("app", "c").unwrap().positions["n2"], p);
+        storage.shutdown().await;
+    }
 }
