@@ -16,6 +16,7 @@
 //! | [`tls`]     | HTTPS for clients and peers (rustls) |
 //! | [`upload`]  | the S3 tier: uploads, eviction, read-through, retention |
 //! | [`ship`]    | `chunkbus ship`: following log files into the bus |
+//! | [`serve`]   | the HTTP connection loop: header and idle timeouts, draining |
 //! | [`server`]  | wiring: listener, storage, HTTP, signals, graceful shutdown |
 
 pub mod auth;
@@ -28,6 +29,7 @@ pub mod http;
 pub mod listen;
 pub mod metrics;
 pub mod replication;
+pub mod serve;
 pub mod server;
 pub mod ship;
 pub mod storage;

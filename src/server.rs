@@ -199,15 +199,13 @@ pub async fn run(
     }
     let connections = state.metrics.connections.clone();
     let app = router(state);
-    let served = match &cfg.tls {
+    match &cfg.tls {
         Some(tls) => {
             let listener =
                 TlsListener::new(listener, tls.server.clone()).map_err(ServeError::Http)?;
             let listener = Limited::new(listener, cfg.max_connections, connections);
             println!("chunkbus listening on https://{addr}");
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
+            crate::serve::serve(listener, app, cfg.idle_timeout, shutdown.clone()).await;
         }
         None => {
             let listener = listener.tap_io(|tcp| {
@@ -215,13 +213,11 @@ pub async fn run(
             });
             let listener = Limited::new(listener, cfg.max_connections, connections);
             println!("chunkbus listening on http://{addr}");
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
+            crate::serve::serve(listener, app, cfg.idle_timeout, shutdown.clone()).await;
         }
-    };
+    }
     stop_pullers.cancel();
     pullers.wait().await;
     storage.shutdown().await;
-    served.map_err(ServeError::Http)
+    Ok(())
 }

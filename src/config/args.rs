@@ -341,6 +341,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CHUNKBUS_REQUEST_TIMEOUT", value_name = "DURATION")]
     pub request_timeout: Option<HumanDuration>,
 
+    /// A connection that sends no complete request header for this long is
+    /// closed: silent sockets, slow headers, idle keep-alive connections
+    /// [default: 30s].
+    #[arg(long, env = "CHUNKBUS_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub idle_timeout: Option<HumanDuration>,
+
     /// Open connections at most; past it new ones wait in the kernel's
     /// backlog [default: 10000].
     #[arg(long, env = "CHUNKBUS_MAX_CONNECTIONS", value_name = "N")]
@@ -396,6 +402,7 @@ impl ServeArgs {
             allow_anonymous: self.allow_anonymous || file.allow_anonymous,
             cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
             request_timeout: self.request_timeout.or(file.request_timeout),
+            idle_timeout: self.idle_timeout.or(file.idle_timeout),
             max_connections: self.max_connections.or(file.max_connections),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),

@@ -53,6 +53,8 @@ pub const DEFAULT_REPLICATION_WAIT: Duration = Duration::from_secs(30);
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default longest time for a request body to arrive.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of `--idle-timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default cap on open connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Largest body the in-flight accounting can admit in one request.
@@ -251,6 +253,9 @@ pub struct ServeConfig {
     pub tls: Option<TlsSettings>,
     /// Longest time a request body may take to arrive.
     pub request_timeout: Duration,
+    /// Longest a connection may go without sending a complete request
+    /// header (before its first request, or between two).
+    pub idle_timeout: Duration,
     /// Open connections at most.
     pub max_connections: usize,
 }
@@ -381,6 +386,7 @@ impl ServeConfig {
             request_timeout: args
                 .request_timeout
                 .map_or(DEFAULT_REQUEST_TIMEOUT, |d| d.0),
+            idle_timeout: args.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
             max_connections: args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             retention: RetentionConfig {
                 local_retention: args
@@ -405,6 +411,9 @@ impl ServeConfig {
         }
         if self.request_timeout.is_zero() {
             return invalid("--request-timeout must be longer than zero".into());
+        }
+        if self.idle_timeout.is_zero() {
+            return invalid("--idle-timeout must be longer than zero".into());
         }
         if self.max_connections == 0 {
             return invalid("--max-connections must be at least 1".into());

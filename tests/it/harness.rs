@@ -44,6 +44,7 @@ pub fn config(dir: &Path) -> ServeConfig {
         auth: Default::default(),
         tls: None,
         request_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(30),
         max_connections: 10_000,
     }
 }

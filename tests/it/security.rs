@@ -754,3 +754,56 @@ async fn an_emptied_tokens_file_never_turns_authentication_off() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds no token"));
 }
+
+/// Sockets that never send a request header, and keep-alive connections
+/// left idle, are closed after `--idle-timeout`; before, five silent
+/// sockets held a `--max-connections 5` node's every slot for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_idle_connections_are_closed_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let node = BinNode::start(
+        dir.path(),
+        &["--max-connections", "5", "--idle-timeout", "1s"],
+    )
+    .await;
+    // An idle keep-alive connection: one request answered, then silence.
+    let mut idle = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Silent sockets fill the other slots (one is half a header).
+    let mut silent = Vec::new();
+    for i in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        if i == 0 {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhos").await.unwrap();
+        }
+        silent.push(s);
+    }
+    // A normal client is served once the idle ones are closed.
+    let started = tokio::time::Instant::now();
+    let r = tokio::time::timeout(
+        CONDITION_DEADLINE,
+        reqwest::Client::new().get(node.url("/healthz")).send(),
+    )
+    .await
+    .expect("a normal client was kept waiting by idle sockets")
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    for mut s in silent.into_iter().chain([idle]) {
+        let closed = tokio::time::timeout(CONDITION_DEADLINE, s.read(&mut buf))
+            .await
+            .expect("an idle connection stayed open");
+        // Closed: end of stream, a reset, or hyper's 408 for a header cut short.
+        if let Ok(n) = closed
+            && n > 0
+        {
+            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"));
+        }
+    }
+}
