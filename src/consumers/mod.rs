@@ -122,6 +122,13 @@ impl Consumers {
         self.notify.subscribe()
     }
 
+    /// Every category's consumers (a snapshot, taken without holding the
+    /// map's lock afterwards).
+    fn snapshot(&self) -> Vec<(String, Arc<CategoryConsumers>)> {
+        let cats = self.cats.lock().unwrap();
+        cats.iter().map(|(n, c)| (n.clone(), c.clone())).collect()
+    }
+
     /// The consumers of `category`, if any ever existed here. Reads never
     /// create state for a category: a client asking for arbitrary names
     /// must not grow the node's memory.
@@ -140,15 +147,8 @@ impl Consumers {
     /// position held here names (a node that lost its disk must not use
     /// those names again, even when every copy of them was deleted).
     pub fn highest_index_of(&self, owner: &str) -> BTreeMap<String, u32> {
-        let cats: Vec<(String, Arc<CategoryConsumers>)> = self
-            .cats
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(n, c)| (n.clone(), c.clone()))
-            .collect();
         let mut out = BTreeMap::new();
-        for (name, c) in cats {
+        for (name, c) in self.snapshot() {
             let t = c.table.lock().unwrap();
             let highest = t
                 .entries
@@ -179,15 +179,8 @@ impl Consumers {
     /// Consumers changed after version `since`, for replication. Read
     /// [`Consumers::version`] first: every change up to it is included.
     pub fn changes_since(&self, since: u64) -> Vec<ConsumerChange> {
-        let cats: Vec<_> = self
-            .cats
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(n, c)| (n.clone(), c.clone()))
-            .collect();
         let mut out = Vec::new();
-        for (category, c) in cats {
+        for (category, c) in self.snapshot() {
             let t = c.table.lock().unwrap();
             for (consumer, v) in &t.entries {
                 if v.version > since {

@@ -25,6 +25,14 @@ async fn open(dir: &Path) -> Storage {
     Storage::open(opts(dir), Metrics::new()).await.unwrap()
 }
 
+async fn open_tiered(dir: &Path) -> Storage {
+    let opts = StorageOptions {
+        tiered: true,
+        ..opts(dir)
+    };
+    Storage::open(opts, Metrics::new()).await.unwrap()
+}
+
 fn state_of(s: &Storage, cat: &str) -> Vec<(u32, u64, bool)> {
     s.chunks(cat)
         .unwrap()
@@ -162,15 +170,7 @@ async fn forgetting_an_owner_records_only_its_open_chunks() {
 #[tokio::test]
 async fn an_uploaded_chunk_replaces_a_short_complete_copy_never_a_longer_one() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Storage::open(
-        StorageOptions {
-            tiered: true,
-            ..opts(dir.path())
-        },
-        Metrics::new(),
-    )
-    .await
-    .unwrap();
+    let s = open_tiered(dir.path()).await;
     let (short, long) = (ChunkName::new("eu2", 0), ChunkName::new("eu2", 1));
     for c in [&short, &long] {
         s.replica_append("app", c, 0, Bytes::from_static(b"a\n"))
@@ -190,15 +190,7 @@ async fn an_uploaded_chunk_replaces_a_short_complete_copy_never_a_longer_one() {
     assert!(m.complete && !m.uploaded && m.local && m.size == 2, "{m:?}");
     s.shutdown().await;
     drop(s);
-    let s = Storage::open(
-        StorageOptions {
-            tiered: true,
-            ..opts(dir.path())
-        },
-        Metrics::new(),
-    )
-    .await
-    .unwrap();
+    let s = open_tiered(dir.path()).await;
     let m = s.chunk_meta("app", &short).unwrap();
     assert!(m.uploaded && !m.local && m.size == 4, "{m:?}");
     s.shutdown().await;
