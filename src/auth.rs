@@ -127,6 +127,9 @@ pub enum Need<'a> {
     Anyone,
     /// A role, on a category when the route names one.
     Role(Role, Option<&'a str>),
+    /// Reading chunks and listings: the consume role (on the category when
+    /// the route names one), or the cluster secret.
+    Read(Option<&'a str>),
     /// The cluster secret (internal routes).
     Peer,
 }
@@ -346,11 +349,18 @@ impl Auth {
             (_, Need::Peer) => Err(AuthError::Unauthenticated(
                 "this route is for the cluster's nodes: it needs the cluster secret".into(),
             )),
-            (Principal::Peer, Need::Role(Role::Consume, _)) => Ok(principal),
+            (Principal::Peer, Need::Read(_)) => Ok(principal),
             (Principal::Peer, Need::Role(role, _)) => Err(AuthError::Forbidden(format!(
-                "the cluster secret does not carry the {role} role"
+                "the cluster secret does not carry the {role} role (it reads chunks and answers peers only)"
             ))),
-            (Principal::Token { name, roles, .. }, Need::Role(role, category)) => {
+            (
+                Principal::Token { name, roles, .. },
+                Need::Role(_, category) | Need::Read(category),
+            ) => {
+                let role = match need {
+                    Need::Role(role, _) => role,
+                    _ => Role::Consume,
+                };
                 if !roles.contains(&role) {
                     return Err(AuthError::Forbidden(format!(
                         "token {name} does not have the {role} role"

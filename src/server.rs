@@ -74,47 +74,57 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 }
 
 /// Reloads the tokens file on every SIGHUP until `stop`; a file that does
-/// not load leaves the tokens in use.
-async fn reload_on_sighup(
+/// not load leaves the tokens in use. The handler is installed when this is
+/// called, not when the future first runs: a SIGHUP that arrived in between
+/// would otherwise take its default action and end the process.
+fn reload_on_sighup(
     auth: Arc<crate::auth::Auth>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
-) {
+) -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler; tokens are not reloaded");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = hup.recv() => {}
-        }
-        match auth.reload() {
-            Ok(n) => tracing::info!(tokens = n, "tokens reloaded"),
-            Err(e) => {
-                metrics.tokens_reload_failures.inc();
-                tracing::error!(error = %e, "cannot reload the tokens; the previous ones stay in use")
+    let hup = signal(SignalKind::hangup());
+    async move {
+        let Ok(mut hup) = hup else {
+            tracing::error!("cannot install the SIGHUP handler; tokens are not reloaded");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = hup.recv() => {}
+            }
+            match auth.reload() {
+                Ok(n) => tracing::info!(tokens = n, "tokens reloaded"),
+                Err(e) => {
+                    metrics.tokens_reload_failures.inc();
+                    tracing::error!(error = %e, "cannot reload the tokens; the previous ones stay in use")
+                }
             }
         }
     }
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
+/// Cancels `shutdown` on SIGTERM or SIGINT; the handlers are installed when
+/// this is called (see [`reload_on_sighup`]).
+fn stop_on_signal(shutdown: CancellationToken) -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the node with SIGKILL");
-        return;
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "stopping: finishing in-flight requests");
-    shutdown.cancel();
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop the node with SIGKILL");
+            return;
+        };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "stopping: finishing in-flight requests");
+        shutdown.cancel();
+    }
 }
 
 /// Runs a node on `listener` until `shutdown` is cancelled.

@@ -1,5 +1,7 @@
 //! Authentication and authorization of every routed request, in one place:
-//! which role each route needs, on which category (see [`crate::auth`]).
+//! each route declares its [`Access`] where it is declared (`http::routes`),
+//! and this middleware checks it, on the category the request names (see
+//! [`crate::auth`]).
 
 use std::sync::Arc;
 
@@ -10,18 +12,39 @@ use axum::response::{IntoResponse, Response};
 use super::{ApiError, AppState};
 use crate::auth::{Need, Role};
 
-/// What `route` (the matched pattern) needs, for `category` if it names one.
-pub(super) fn need_for<'a>(route: &str, category: Option<&'a str>) -> Need<'a> {
-    match route {
-        "/healthz" => Need::Nothing,
-        "/metrics" | "/v1/status" => Need::Anyone,
-        "/v1/categories/{category}/lines" | "/write" => Need::Role(Role::Produce, category),
-        "/v1/categories" | "/listCategories" => Need::Role(Role::Consume, None),
-        r if r.starts_with("/v1/internal/") => Need::Peer,
-        r if r.starts_with("/v1/admin/") => Need::Role(Role::Admin, None),
-        // Reads, consumer positions and acks (GET, POST acks, PUT
-        // position, DELETE consumer), Chukcha's /read, /ack, /listChunks.
-        _ => Need::Role(Role::Consume, category),
+/// What a route needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Nothing (health checks).
+    Open,
+    /// Any valid token or the cluster secret (status, metrics).
+    Anyone,
+    /// The produce role, on the category.
+    Produce,
+    /// Reading chunks and listings: the consume role on the category, or
+    /// the cluster secret (peers copy chunks through the public read route).
+    Read,
+    /// Consumers' state (next, acks, positions, deletion): the consume role
+    /// on the category; not the cluster secret.
+    Consume,
+    /// The admin role.
+    Admin,
+    /// The cluster secret (node-to-node routes).
+    Peer,
+}
+
+impl Access {
+    /// The need of a request to a route of this access naming `category`.
+    pub fn need(self, category: Option<&str>) -> Need<'_> {
+        match self {
+            Access::Open => Need::Nothing,
+            Access::Anyone => Need::Anyone,
+            Access::Produce => Need::Role(Role::Produce, category),
+            Access::Read => Need::Read(category),
+            Access::Consume => Need::Role(Role::Consume, category),
+            Access::Admin => Need::Role(Role::Admin, None),
+            Access::Peer => Need::Peer,
+        }
     }
 }
 
@@ -43,22 +66,67 @@ fn category_of(route: &str, req: &Request) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-/// Refuses requests without the credentials their route needs; hands the
-/// handler the [`crate::auth::Principal`] as a request extension.
+/// Refuses requests without the credentials their route's `access` needs;
+/// hands the handler the [`crate::auth::Principal`] as a request extension.
 pub(super) async fn authorize(
-    State(st): State<Arc<AppState>>,
+    State((st, access)): State<(Arc<AppState>, Access)>,
     matched: Option<MatchedPath>,
     mut req: Request,
     next: Next,
 ) -> Response {
     let route = matched.map(|m| m.as_str().to_owned()).unwrap_or_default();
     let category = category_of(&route, &req);
-    let need = need_for(&route, category.as_deref());
-    match st.auth.check(req.headers(), need) {
+    match st
+        .auth
+        .check(req.headers(), access.need(category.as_deref()))
+    {
         Ok(principal) => {
             req.extensions_mut().insert(principal);
             next.run(req).await
         }
         Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Access;
+    use axum::http::Method;
+
+    /// The rules every route declaration must keep.
+    #[test]
+    fn every_route_declares_an_access_that_fits_it() {
+        let table = super::super::route_table();
+        let mut seen = std::collections::BTreeSet::new();
+        for (method, path, access) in &table {
+            assert!(
+                seen.insert((method.to_string(), *path)),
+                "{method} {path} twice"
+            );
+            let internal = path.starts_with("/v1/internal/");
+            assert_eq!(
+                internal,
+                *access == Access::Peer,
+                "{method} {path}: {access:?}"
+            );
+            assert_eq!(
+                *path == "/healthz",
+                *access == Access::Open,
+                "{method} {path}"
+            );
+            if path.starts_with("/v1/admin/") {
+                assert_eq!(*access, Access::Admin, "{method} {path}");
+            }
+            if path.contains("/consumers") || *path == "/ack" {
+                // Consumers' state is never open to the cluster secret.
+                assert_eq!(*access, Access::Consume, "{method} {path}");
+            }
+            if *method != Method::GET && !internal {
+                assert!(
+                    matches!(access, Access::Produce | Access::Consume | Access::Admin),
+                    "{method} {path} changes state with {access:?}"
+                );
+            }
+        }
     }
 }

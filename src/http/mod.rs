@@ -22,9 +22,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::routing::{get, post, put};
+use axum::handler::Handler;
+use axum::http::Method;
+use axum::routing::{MethodFilter, MethodRouter, on};
 use tokio_util::sync::CancellationToken;
 
+pub use access::Access;
 pub use body::Inflight;
 pub use error::ApiError;
 
@@ -110,49 +113,135 @@ impl AppState {
     }
 }
 
-/// Every route of a node.
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/categories", get(read::categories))
-        .route("/v1/categories/{category}/lines", post(produce::produce))
-        .route("/v1/categories/{category}/chunks", get(read::chunks))
-        .route(
+/// One route: its path, method, what it needs, its handler.
+struct Route {
+    path: &'static str,
+    /// Also in `handler`; kept for [`route_table`].
+    method: Method,
+    access: Access,
+    handler: MethodRouter<Arc<AppState>>,
+}
+
+fn route<H, T>(path: &'static str, method: Method, access: Access, handler: H) -> Route
+where
+    H: Handler<T, Arc<AppState>>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone()).expect("a standard method");
+    Route {
+        path,
+        method,
+        access,
+        handler: on(filter, handler),
+    }
+}
+
+/// Every route of a node, each with the access it needs: declared here
+/// and nowhere else, so that no route can be added without one.
+fn routes() -> Vec<Route> {
+    use Access::*;
+    use Method as M;
+    vec![
+        route("/v1/categories", M::GET, Read, read::categories),
+        route(
+            "/v1/categories/{category}/lines",
+            M::POST,
+            Produce,
+            produce::produce,
+        ),
+        route(
+            "/v1/categories/{category}/chunks",
+            M::GET,
+            Read,
+            read::chunks,
+        ),
+        route(
             "/v1/categories/{category}/chunks/{chunk}",
-            get(read::read_chunk),
-        )
-        .route("/v1/categories/{category}/consumers", get(consumers::list))
-        .route(
+            M::GET,
+            Read,
+            read::read_chunk,
+        ),
+        route(
+            "/v1/categories/{category}/consumers",
+            M::GET,
+            Consume,
+            consumers::list,
+        ),
+        route(
             "/v1/categories/{category}/consumers/{consumer}",
-            get(consumers::get).delete(consumers::delete),
-        )
-        .route(
+            M::GET,
+            Consume,
+            consumers::get,
+        ),
+        route(
+            "/v1/categories/{category}/consumers/{consumer}",
+            M::DELETE,
+            Consume,
+            consumers::delete,
+        ),
+        route(
             "/v1/categories/{category}/consumers/{consumer}/next",
-            get(consumers::next),
-        )
-        .route(
+            M::GET,
+            Consume,
+            consumers::next,
+        ),
+        route(
             "/v1/categories/{category}/consumers/{consumer}/acks",
-            post(consumers::ack),
-        )
-        .route(
+            M::POST,
+            Consume,
+            consumers::ack,
+        ),
+        route(
             "/v1/categories/{category}/consumers/{consumer}/position",
-            put(consumers::set_position),
-        )
-        .route("/write", post(chukcha::write))
-        .route("/ack", get(chukcha::ack))
-        .route("/read", get(chukcha::read))
-        .route("/listChunks", get(chukcha::list_chunks))
-        .route("/listCategories", get(read::categories))
-        .route("/v1/status", get(admin::status))
-        .route("/v1/admin/forget-node/{node}", post(admin::forget_node))
-        .route("/v1/internal/changes", post(internal::changes))
-        .route("/v1/internal/forget/{node}", post(internal::forget))
-        .route("/v1/internal/copies/{node}", get(internal::copies))
-        .route("/healthz", get(ops::healthz))
-        .route("/metrics", get(ops::metrics))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            M::PUT,
+            Consume,
+            consumers::set_position,
+        ),
+        route("/write", M::POST, Produce, chukcha::write),
+        route("/ack", M::GET, Consume, chukcha::ack),
+        route("/read", M::GET, Read, chukcha::read),
+        route("/listChunks", M::GET, Read, chukcha::list_chunks),
+        route("/listCategories", M::GET, Read, read::categories),
+        route("/v1/status", M::GET, Anyone, admin::status),
+        route(
+            "/v1/admin/forget-node/{node}",
+            M::POST,
+            Admin,
+            admin::forget_node,
+        ),
+        route("/v1/internal/changes", M::POST, Peer, internal::changes),
+        route(
+            "/v1/internal/forget/{node}",
+            M::POST,
+            Peer,
+            internal::forget,
+        ),
+        route("/v1/internal/copies/{node}", M::GET, Peer, internal::copies),
+        route("/healthz", M::GET, Open, ops::healthz),
+        route("/metrics", M::GET, Anyone, ops::metrics),
+    ]
+}
+
+/// Every route's method, path and access, as the router serves them (for
+/// tests and documentation).
+pub fn route_table() -> Vec<(Method, &'static str, Access)> {
+    routes()
+        .into_iter()
+        .map(|r| (r.method, r.path, r.access))
+        .collect()
+}
+
+/// Every route of a node, each behind the check of its access.
+pub fn router(state: Arc<AppState>) -> Router {
+    let mut router = Router::new();
+    for r in routes() {
+        let guarded = r.handler.route_layer(axum::middleware::from_fn_with_state(
+            (state.clone(), r.access),
             access::authorize,
-        ))
+        ));
+        router = router.route(r.path, guarded);
+    }
+    router
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             ops::track,

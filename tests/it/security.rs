@@ -188,6 +188,66 @@ async fn each_endpoint_family_needs_its_role() {
     node.stop().await;
 }
 
+/// Every route of the router, as declared with its access: no token gets
+/// 401 (but the health check), the cluster secret reads and answers peers
+/// but never changes a consumer, produces or administers (it once carried
+/// the whole consume role), and a token without the role gets 403.
+#[tokio::test]
+async fn every_route_of_the_router_checks_its_declared_access() {
+    use chunkbus::http::Access;
+    let node = secured().await;
+    assert_eq!(
+        call(&node, "POST", "/v1/categories/app/lines", PRODUCER, "a\n").await,
+        200
+    );
+    let table = chunkbus::http::route_table();
+    assert!(table.len() >= 20, "{} routes", table.len());
+    for (method, pattern, access) in table {
+        let path = pattern
+            .replace("{category}", "app")
+            .replace("{chunk}", "t1-chunk000000000")
+            .replace("{consumer}", "c1")
+            .replace("{node}", "t9");
+        let path = match path.as_str() {
+            "/read" | "/listChunks" | "/write" | "/ack" => format!("{path}?category=app"),
+            _ => path,
+        };
+        let method = method.as_str();
+        let denied = |s: StatusCode| s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN;
+        let anonymous = call(&node, method, &path, "", "").await;
+        if access == Access::Open {
+            assert_eq!(anonymous, StatusCode::OK, "{method} {pattern}");
+        } else {
+            assert_eq!(anonymous, StatusCode::UNAUTHORIZED, "{method} {pattern}");
+        }
+        let peer = call(&node, method, &path, CLUSTER, "").await;
+        let peer_allowed = matches!(
+            access,
+            Access::Open | Access::Anyone | Access::Read | Access::Peer
+        );
+        assert_eq!(
+            !denied(peer),
+            peer_allowed,
+            "{method} {pattern}: cluster secret got {peer}"
+        );
+        // A token with none of the route's roles is refused.
+        let other = match access {
+            Access::Produce => Some(CONSUMER),
+            Access::Read | Access::Consume | Access::Admin => Some(PRODUCER),
+            Access::Peer => Some(ADMIN),
+            Access::Open | Access::Anyone => None,
+        };
+        if let Some(other) = other {
+            let got = call(&node, method, &path, other, "").await;
+            assert!(
+                denied(got),
+                "{method} {pattern}: a token without the role got {got}"
+            );
+        }
+    }
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn category_patterns_limit_a_token_and_hide_other_categories() {
     let node = secured().await;
