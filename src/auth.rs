@@ -160,7 +160,21 @@ pub struct Auth {
     /// Why the last reload failed, until one succeeds (a std mutex: set
     /// and read in passing).
     reload_error: std::sync::Mutex<Option<String>>,
+    /// Refused credentials not logged yet, and when the last line was
+    /// written (a std mutex: held for a few instructions).
+    refused: std::sync::Mutex<RefusalLog>,
 }
+
+/// Refused credentials are logged at most once per [`REFUSAL_LOG_EVERY`],
+/// with how many there were since the last line.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    unlogged: u64,
+    last: Option<std::time::Instant>,
+}
+
+/// Least time between two log lines about refused credentials.
+const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn digest(secret: &[u8]) -> [u8; 32] {
     Sha256::digest(secret).into()
@@ -215,6 +229,16 @@ pub fn load_tokens_file(path: &Path) -> Result<Vec<TokenSpec>, TokensError> {
     Ok(file.token)
 }
 
+/// Warns when `path` may be read by users other than its owner and group.
+pub fn warn_if_others_read(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o004 != 0
+    {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", m.permissions().mode() & 0o777), "the {what} is readable by every user of this machine; chmod 600 it");
+    }
+}
+
 /// Reads a secret file (its content, trimmed).
 pub fn load_secret_file(path: &Path) -> Result<String, TokensError> {
     let text = std::fs::read_to_string(path)
@@ -243,8 +267,12 @@ impl Auth {
             tokens: RwLock::new(Arc::new(Vec::new())),
             cluster: cluster_secret.map(|s| digest(s.as_bytes())),
             reload_error: std::sync::Mutex::new(None),
+            refused: Default::default(),
         };
         auth.reload()?;
+        if let Some(f) = &auth.file {
+            warn_if_others_read(f, "tokens file");
+        }
         Ok(auth)
     }
 
@@ -256,7 +284,29 @@ impl Auth {
             tokens: RwLock::new(Arc::new(Vec::new())),
             cluster: None,
             reload_error: std::sync::Mutex::new(None),
+            refused: Default::default(),
         }
+    }
+
+    /// Records a request refused for its credentials (401: none, unknown,
+    /// or not the cluster secret where a peer route needs it). Logged at
+    /// most every [`REFUSAL_LOG_EVERY`] with the count since the last line,
+    /// never with the secret presented.
+    pub fn note_refused(&self, route: &str, why: &str) {
+        let mut log = self.refused.lock().unwrap();
+        log.unlogged += 1;
+        if log.last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_EVERY) {
+            return;
+        }
+        let refused = std::mem::take(&mut log.unlogged);
+        log.last = Some(std::time::Instant::now());
+        drop(log);
+        tracing::warn!(
+            refused,
+            route,
+            reason = why,
+            "requests refused for their credentials (counted since the last such line)"
+        );
     }
 
     /// Reads the tokens file again; on error the tokens in use stay, and

@@ -137,6 +137,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let auth = Arc::new(cfg.auth.build().map_err(ServeError::Auth)?);
+    if let Some(path) = &cfg.auth.cluster_secret_file {
+        crate::auth::warn_if_others_read(path, "cluster secret file");
+    }
     let metrics = Metrics::new();
     let storage = Storage::open(cfg.storage_options(), metrics.clone()).await?;
     let consumers = Consumers::open(storage.clone()).await?;

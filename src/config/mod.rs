@@ -278,6 +278,8 @@ pub struct AuthSettings {
     pub tokens: Vec<crate::auth::TokenSpec>,
     /// The cluster secret, read from `--cluster-secret-file`.
     pub cluster_secret: Option<String>,
+    /// `--cluster-secret-file` (for the start-up check of its permissions).
+    pub cluster_secret_file: Option<PathBuf>,
     /// `--allow-anonymous`.
     pub allow_anonymous: bool,
 }
@@ -310,6 +312,7 @@ impl ServeConfig {
                 .map(crate::auth::load_secret_file)
                 .transpose()
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+            cluster_secret_file: args.cluster_secret_file.clone(),
             allow_anonymous: args.allow_anonymous,
         };
         let tls = match (&args.tls_cert, &args.tls_key) {

@@ -84,7 +84,12 @@ pub(super) async fn authorize(
             req.extensions_mut().insert(principal);
             next.run(req).await
         }
-        Err(e) => ApiError::from(e).into_response(),
+        Err(e) => {
+            if let crate::auth::AuthError::Unauthenticated(why) = &e {
+                st.auth.note_refused(&route, why);
+            }
+            ApiError::from(e).into_response()
+        }
     }
 }
 

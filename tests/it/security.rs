@@ -770,6 +770,28 @@ async fn an_emptied_tokens_file_never_turns_authentication_off() {
     )
     .await;
     let admin = chunkbus_client::Client::with_token(&node.url(""), Some(ADMIN)).unwrap();
+    // Refused credentials leave a trace, without the secret presented; the
+    // tokens file, readable by everyone here, is warned about.
+    let wrong = reqwest::Client::new()
+        .get(node.url("/v1/status"))
+        .bearer_auth("guessed-secret-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    while !node
+        .stderr
+        .lock()
+        .unwrap()
+        .contains("refused for their credentials")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no refusal logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = node.stderr.lock().unwrap().clone();
+    assert!(!log.contains("guessed-secret"), "{log}");
+    assert!(log.contains("readable by every user"), "{log}");
     std::fs::write(&tokens, "").unwrap();
     node.signal(rustix::process::Signal::HUP);
     let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
