@@ -290,7 +290,7 @@ impl Auth {
 
     /// Records a request refused for its credentials (401: none, unknown,
     /// or not the cluster secret where a peer route needs it). Logged at
-    /// most every [`REFUSAL_LOG_EVERY`] with the count since the last line,
+    /// most every 10 s (`REFUSAL_LOG_EVERY`) with the count since the last line,
     /// never with the secret presented.
     pub fn note_refused(&self, route: &str, why: &str) {
         let mut log = self.refused.lock().unwrap();

@@ -3,12 +3,13 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use chunkbus_client::names::validate_node;
 use chunkbus_client::{DiskStatus, ForgetReport, NodeStatus};
+use serde::Deserialize;
 
-use super::internal::own_node_check;
 use super::{ApiError, AppState};
 
 /// `GET /v1/status`.
@@ -33,14 +34,46 @@ pub(super) async fn status(State(st): State<Arc<AppState>>) -> Json<NodeStatus> 
     })
 }
 
+/// `?relayed=true`: asked by another node's `forget-node`; this node
+/// forgets here only.
+#[derive(Debug, Deserialize)]
+pub(super) struct ForgetQuery {
+    #[serde(default)]
+    relayed: bool,
+}
+
 /// `POST /v1/admin/forget-node/{node}`: a permanently lost node's open
-/// chunks become complete here and on every reachable peer.
+/// chunks become complete here and on every reachable peer. The peers are
+/// asked with the caller's own credentials (their admin route checks
+/// them), never with the cluster secret.
 pub(super) async fn forget_node(
     State(st): State<Arc<AppState>>,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ForgetQuery>, QueryRejection>,
+    headers: HeaderMap,
 ) -> Result<Json<ForgetReport>, ApiError> {
     let Path(node) = path?;
+    let Query(q) = query?;
     validate_node(&node)?;
     own_node_check(&st, &node)?;
-    Ok(Json(st.replication.forget_everywhere(&node).await?))
+    if q.relayed {
+        let chunks_completed = st.replication.forget_here(&node).await?;
+        return Ok(Json(ForgetReport {
+            node,
+            chunks_completed,
+            peers: Default::default(),
+        }));
+    }
+    let caller = headers.get(axum::http::header::AUTHORIZATION).cloned();
+    Ok(Json(st.replication.forget_everywhere(&node, caller).await?))
+}
+
+/// 400 when asked to forget this very node.
+fn own_node_check(st: &AppState, node: &str) -> Result<(), ApiError> {
+    if node == st.storage.node() {
+        return Err(ApiError::BadRequest(format!(
+            "{node} is this node; ask another node to forget it"
+        )));
+    }
+    Ok(())
 }

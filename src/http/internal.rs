@@ -9,7 +9,6 @@ use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use chunkbus_client::ChunkName;
 use chunkbus_client::names::{validate_category, validate_node};
-use serde::Serialize;
 
 use super::{ApiError, AppState};
 use crate::replication::protocol::{
@@ -125,36 +124,4 @@ pub(super) async fn copies(
         chunks,
         positions: st.consumers.highest_index_of(&node),
     }))
-}
-
-/// Answer of the forget routes on one node.
-#[derive(Debug, Serialize)]
-pub(super) struct Forgotten {
-    node: String,
-    chunks_completed: usize,
-}
-
-/// `POST /v1/internal/forget/{node}`: completes `node`'s open chunks here.
-pub(super) async fn forget(
-    State(st): State<Arc<AppState>>,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Forgotten>, ApiError> {
-    let Path(node) = path?;
-    validate_node(&node)?;
-    own_node_check(&st, &node)?;
-    let chunks_completed = st.replication.forget_here(&node).await?;
-    Ok(Json(Forgotten {
-        node,
-        chunks_completed,
-    }))
-}
-
-/// 400 when asked to forget this very node.
-pub(super) fn own_node_check(st: &AppState, node: &str) -> Result<(), ApiError> {
-    if node == st.storage.node() {
-        return Err(ApiError::BadRequest(format!(
-            "{node} is this node; ask another node to forget it"
-        )));
-    }
-    Ok(())
 }

@@ -210,12 +210,6 @@ fn routes() -> Vec<Route> {
             admin::forget_node,
         ),
         route("/v1/internal/changes", M::POST, Peer, internal::changes),
-        route(
-            "/v1/internal/forget/{node}",
-            M::POST,
-            Peer,
-            internal::forget,
-        ),
         route("/v1/internal/copies/{node}", M::GET, Peer, internal::copies),
         route("/healthz", M::GET, Open, ops::healthz),
         route("/metrics", M::GET, Anyone, ops::metrics),

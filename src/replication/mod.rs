@@ -69,6 +69,9 @@ pub struct Replication {
     /// What the replicas hold of this node's chunks.
     pub progress: ProgressStore,
     http: reqwest::Client,
+    /// Like `http` without the cluster secret: relays callers' requests
+    /// with their own credentials.
+    relay_http: reqwest::Client,
     metrics: Arc<Metrics>,
 }
 
@@ -122,19 +125,25 @@ impl Replication {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(cfg.peer_timeout)
-            .tcp_nodelay(true)
-            .default_headers(headers);
-        if let Some(pem) = &cfg.ca_pem {
-            match reqwest::Certificate::from_pem_bundle(pem) {
-                Ok(certs) => builder = builder.tls_certs_merge(certs),
-                Err(e) => {
+        let ca = cfg.ca_pem.as_ref().and_then(|pem| {
+            reqwest::Certificate::from_pem_bundle(pem)
+                .inspect_err(|e| {
                     tracing::error!(error = %e, "--tls-ca is not a PEM certificate; using the system's roots")
-                }
+                })
+                .ok()
+        });
+        let client = |headers: reqwest::header::HeaderMap| {
+            let mut builder = reqwest::Client::builder()
+                .connect_timeout(cfg.peer_timeout)
+                .tcp_nodelay(true)
+                .default_headers(headers);
+            if let Some(certs) = ca.clone() {
+                builder = builder.tls_certs_merge(certs);
             }
-        }
-        let http = builder.build().expect("the peers' HTTP client builds");
+            builder.build().expect("the peers' HTTP client builds")
+        };
+        let http = client(headers);
+        let relay_http = client(reqwest::header::HeaderMap::new());
         for p in &cfg.peers {
             metrics
                 .peer_connected
@@ -150,6 +159,7 @@ impl Replication {
             links,
             progress: ProgressStore::default(),
             http,
+            relay_http,
             metrics,
         })
     }
@@ -217,26 +227,33 @@ impl Replication {
     }
 
     /// Completes `node`'s open chunks here and asks every peer to do the
-    /// same. Peers that cannot be reached are reported, not retried.
-    pub async fn forget_everywhere(&self, node: &str) -> Result<ForgetReport, StorageError> {
+    /// same through its admin route, with `caller` (the Authorization the
+    /// request came with): a relayed admin action carries the caller's own
+    /// authority, never the cluster secret. Peers that cannot be reached or
+    /// refuse are reported, not retried.
+    pub async fn forget_everywhere(
+        &self,
+        node: &str,
+        caller: Option<reqwest::header::HeaderValue>,
+    ) -> Result<ForgetReport, StorageError> {
         let chunks_completed = self.forget_here(node).await?;
         let mut peers = BTreeMap::new();
         for link in self.links.iter().filter(|l| l.peer.name != node) {
-            let url = format!("{}/v1/internal/forget/{node}", self.peer_base(link));
-            let res = self
-                .http
-                .post(&url)
-                .timeout(self.cfg.peer_timeout)
-                .send()
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| {
-                    if r.status().is_success() {
-                        Ok(())
-                    } else {
-                        Err(format!("answered {}", r.status()))
-                    }
-                });
+            let url = format!(
+                "{}/v1/admin/forget-node/{node}?relayed=true",
+                self.peer_base(link)
+            );
+            let mut req = self.relay_http.post(&url).timeout(self.cfg.peer_timeout);
+            if let Some(auth) = &caller {
+                req = req.header(reqwest::header::AUTHORIZATION, auth.clone());
+            }
+            let res = req.send().await.map_err(|e| e.to_string()).and_then(|r| {
+                if r.status().is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("answered {}", r.status()))
+                }
+            });
             peers.insert(
                 link.peer.name.clone(),
                 res.map_or_else(|e| format!("error: {e}"), |()| "ok".to_owned()),
@@ -280,8 +297,24 @@ impl Replication {
             .collect()
     }
 
-    fn set_connected(&self, link: &PeerLink, connected: bool, error: Option<String>) {
+    /// Records whether `link`'s peer answers. A forgotten peer that answers
+    /// is not lost (forgotten while it was connected too, a forget of a live
+    /// node, not only when it comes back): that is recorded durably.
+    async fn set_connected(&self, link: &PeerLink, connected: bool, error: Option<String>) {
+        let returned = self.note_connected(link, connected, error);
+        if returned {
+            tracing::info!(peer = %link.peer.name, "a forgotten peer answers: no longer treated as lost");
+            if let Err(e) = self.storage.owner_returned(&link.peer.name).await {
+                tracing::error!(peer = %link.peer.name, error = %e, "cannot record that a forgotten peer is back");
+            }
+        }
+    }
+
+    /// The in-memory part of [`Replication::set_connected`]; true when a
+    /// forgotten peer answered.
+    fn note_connected(&self, link: &PeerLink, connected: bool, error: Option<String>) -> bool {
         let mut st = link.state.lock().unwrap();
+        let returned = connected && std::mem::take(&mut st.forgotten);
         if st.connected != connected || st.since.is_none() {
             if connected {
                 tracing::info!(peer = %link.peer.name, addr = %link.peer.addr, "peer connected");
@@ -291,15 +324,6 @@ impl Replication {
             st.connected = connected;
             st.since = Some(SystemTime::now());
             st.down_since = (!connected).then(Instant::now);
-            if connected && std::mem::take(&mut st.forgotten) {
-                tracing::info!(peer = %link.peer.name, "a forgotten peer answers again: no longer treated as lost");
-                let (storage, name) = (self.storage.clone(), link.peer.name.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = storage.owner_returned(&name).await {
-                        tracing::error!(peer = %name, error = %e, "cannot record that a forgotten peer is back");
-                    }
-                });
-            }
             self.metrics
                 .peer_connected
                 .get_or_create(&PeerLabels {
@@ -308,6 +332,7 @@ impl Replication {
                 .set(i64::from(connected));
         }
         st.last_error = error;
+        returned
     }
 
     fn set_lag(&self, link: &PeerLink, lag: BTreeMap<String, u64>) {

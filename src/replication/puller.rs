@@ -66,7 +66,7 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
                 &mut progress,
             )
             .await?;
-            repl.set_connected(link, true, None);
+            repl.set_connected(link, true, None).await;
             if resp.incarnation != incarnation {
                 // A new process of the peer: it answered with its full
                 // listing, which replaces what was known of the old one.
@@ -156,7 +156,7 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
         match result {
             Ok(()) => backoff = BACKOFF_INITIAL,
             Err(e) => {
-                repl.set_connected(link, false, Some(e.to_string()));
+                repl.set_connected(link, false, Some(e.to_string())).await;
                 repl.maybe_declare_lost(link).await;
                 since = 0;
                 positions_since = 0;

@@ -889,3 +889,71 @@ async fn silent_and_idle_connections_are_closed_after_the_idle_timeout() {
         }
     }
 }
+
+/// `forget-node` on a node without tokens used to relay to its peers with
+/// the cluster secret, so anyone who reached it could make every peer
+/// forget a live node. The relay now carries the caller's own credentials;
+/// and a forgotten node that still answers is not treated as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_node_is_relayed_with_the_callers_authority_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!("[[token]]\nname = \"ops\"\nsecret = \"{ADMIN}\"\nroles = [\"admin\"]\n"),
+    )
+    .unwrap();
+    let secret = dir.path().join("cluster.secret");
+    std::fs::write(&secret, CLUSTER).unwrap();
+    let with_tokens = vec![
+        "--tokens-file".to_owned(),
+        tokens.to_str().unwrap().to_owned(),
+    ];
+    let cluster = crate::cluster::TestCluster::start_with(
+        3,
+        &["--cluster-secret-file", secret.to_str().unwrap()],
+        vec![Vec::new(), with_tokens.clone(), with_tokens],
+        Vec::new(),
+    )
+    .await;
+    let n2 = chunkbus_client::Client::with_token(&cluster.url(1), Some(ADMIN)).unwrap();
+    let n3_on = |st: chunkbus_client::NodeStatus| st.peers.into_iter().find(|p| p.name == "n3");
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    while !n3_on(n2.status().await.unwrap()).is_some_and(|p| p.connected) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "n2 never reached n3"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Anyone may ask n1 (it has no tokens); n2 checks the caller itself.
+    let report: chunkbus_client::ForgetReport = reqwest::Client::new()
+        .post(format!("{}/v1/admin/forget-node/n3", cluster.url(0)))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(report.peers["n2"].contains("401"), "{report:?}");
+    let peer = n3_on(n2.status().await.unwrap()).unwrap();
+    assert!(!peer.forgotten, "n2 forgot a live node: {peer:?}");
+    // n1 forgot it, but n3 answers: it is not treated as lost.
+    let n1 = chunkbus_client::Client::new(&cluster.url(0)).unwrap();
+    while n3_on(n1.status().await.unwrap()).is_some_and(|p| p.forgotten) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "n3 stays forgotten on n1"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An admin's relay reaches n2.
+    let admin = reqwest::Client::new()
+        .post(format!("{}/v1/admin/forget-node/n3", cluster.url(0)))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let report: chunkbus_client::ForgetReport = admin.json().await.unwrap();
+    assert_eq!(report.peers["n2"], "ok", "{report:?}");
+}
