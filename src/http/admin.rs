@@ -12,11 +12,16 @@ use serde::Deserialize;
 
 use super::{ApiError, AppState};
 
-/// `GET /v1/status`.
-pub(super) async fn status(State(st): State<Arc<AppState>>) -> Json<NodeStatus> {
+/// `GET /v1/status`. A token limited to category patterns sees only its
+/// categories (in the list and in each peer's lag).
+pub(super) async fn status(
+    State(st): State<Arc<AppState>>,
+    principal: Option<axum::Extension<crate::auth::Principal>>,
+) -> Json<NodeStatus> {
+    let may_see = |c: &str| principal.as_ref().is_none_or(|p| p.0.may_see(c));
     let disk = st.storage.disk();
     let usage = disk.usage();
-    Json(NodeStatus {
+    let mut status = NodeStatus {
         node: st.storage.node().to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_seconds: st.started.elapsed().as_secs(),
@@ -31,7 +36,17 @@ pub(super) async fn status(State(st): State<Arc<AppState>>) -> Json<NodeStatus> 
             high_water_percent: disk.limit_percent(),
         },
         s3: st.tiering.status(),
-    })
+    };
+    status.categories.retain(|c| may_see(c));
+    for peer in &mut status.peers {
+        peer.categories.retain(|c, _| may_see(c));
+        peer.lag_bytes = peer.categories.values().sum();
+        peer.disagreeing_chunks.retain(|d| may_see(&d.category));
+    }
+    if let Some(s3) = &mut status.s3 {
+        s3.failing_chunks.retain(|f| may_see(&f.category));
+    }
+    Json(status)
 }
 
 /// `?relayed=true`: asked by another node's `forget-node`; this node

@@ -18,13 +18,40 @@ pub(super) async fn healthz() -> &'static str {
 }
 
 /// `GET /metrics`: OpenMetrics text, which Prometheus reads.
-pub(super) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    let mut resp = st.metrics.encode().into_response();
+pub(super) async fn metrics(
+    State(st): State<Arc<AppState>>,
+    principal: Option<axum::Extension<crate::auth::Principal>>,
+) -> Response {
+    let mut text = st.metrics.encode();
+    if let Some(axum::Extension(p)) = principal {
+        text = visible_metrics(&text, &p);
+    }
+    let mut resp = text.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     resp
+}
+
+/// `text` without the samples of categories `principal` may not see (a
+/// token limited to category patterns learns no other category's name).
+fn visible_metrics(text: &str, principal: &crate::auth::Principal) -> String {
+    const LABEL: &str = "category=\"";
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let hidden = line.find(LABEL).is_some_and(|at| {
+            let rest = &line[at + LABEL.len()..];
+            // Category names never hold a quote or a backslash.
+            let name = rest.split('"').next().unwrap_or("");
+            !principal.may_see(name)
+        });
+        if !hidden {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// Counts every routed request by route and status, and times it.

@@ -957,3 +957,30 @@ async fn forget_node_is_relayed_with_the_callers_authority_only() {
     let report: chunkbus_client::ForgetReport = admin.json().await.unwrap();
     assert_eq!(report.peers["n2"], "ok", "{report:?}");
 }
+
+/// A token limited to category patterns learns no other category's name,
+/// through `/v1/status` and `/metrics` either (they listed every one).
+#[tokio::test]
+async fn status_and_metrics_show_a_limited_token_only_its_categories() {
+    let node = secured().await;
+    for (cat, secret) in [("billing", PRODUCER), ("app.web", APP_ONLY)] {
+        let path = format!("/v1/categories/{cat}/lines");
+        assert_eq!(call(&node, "POST", &path, secret, "x\n").await, 200);
+    }
+    let get = |path: &'static str, secret: &'static str| {
+        let req = node.http.get(node.url(path)).bearer_auth(secret);
+        async move { req.send().await.unwrap().text().await.unwrap() }
+    };
+    let limited: chunkbus_client::NodeStatus =
+        serde_json::from_str(&get("/v1/status", APP_ONLY).await).unwrap();
+    assert_eq!(limited.categories, ["app.web"]);
+    let metrics = get("/metrics", APP_ONLY).await;
+    assert!(metrics.contains("category=\"app.web\""), "{metrics}");
+    assert!(!metrics.contains("billing"), "{metrics}");
+    // Tokens without patterns see everything.
+    let all: chunkbus_client::NodeStatus =
+        serde_json::from_str(&get("/v1/status", CONSUMER).await).unwrap();
+    assert_eq!(all.categories, ["app.web", "billing"]);
+    assert!(get("/metrics", CONSUMER).await.contains("billing"));
+    node.stop().await;
+}
