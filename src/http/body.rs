@@ -20,7 +20,7 @@ use super::ApiError;
 use crate::config::ByteSize;
 
 /// Compressed bodies above this size are decoded on a blocking thread.
-const DECODE_INLINE_MAX_BYTES: usize = 64 * 1024;
+pub(crate) const DECODE_INLINE_MAX_BYTES: usize = 64 * 1024;
 /// Growth step of a decoded body (each step is reserved first).
 const DECODE_STEP_BYTES: usize = 256 * 1024;
 

@@ -108,7 +108,19 @@ pub(super) async fn ingest(
         .await
         .inspect_err(|e| count_shed(st, e))?;
     if lines::is_json_array(headers, &data) {
-        data = lines::json_array_to_lines(&data)?;
+        // The lines are a second buffer of about the body's size: counted
+        // in the in-flight budget too; large bodies are turned into lines
+        // on the blocking pool, off the threads that serve requests.
+        reservation
+            .grow(data.len() as u64 + 1)
+            .inspect_err(|e| count_shed(st, e))?;
+        data = if data.len() <= body::DECODE_INLINE_MAX_BYTES {
+            lines::json_array_to_lines(&data)?
+        } else {
+            tokio::task::spawn_blocking(move || lines::json_array_to_lines(&data))
+                .await
+                .map_err(|e| ApiError::Internal(format!("JSON array task failed: {e}")))??
+        };
     }
     let count = lines::finish_lines(&mut data, st.limits.max_line_bytes)?;
     if count == 0 {

@@ -293,3 +293,59 @@ async fn disk_above_high_water_sheds_with_503() {
     assert!(node.files("app").is_empty());
     node.stop().await;
 }
+
+/// Peak resident memory of a process, from `/proc`.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// A small gzip body that decodes to a JSON array of tiny elements at the
+/// body limit once cost about 16 bytes more per element than its size (a
+/// list of them was built before the lines): 16 MiB of `[0,0,...]` took
+/// over 300 MiB. Now it costs a few times the decoded size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_array_of_tiny_elements_costs_a_few_times_its_size() {
+    use std::io::Write as _;
+    const DECODED: usize = (16 << 20) - 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let node = crate::harness::BinNode::start(
+        dir.path(),
+        &["--max-body-bytes", "16MiB", "--sync", "never"],
+    )
+    .await;
+    let before = peak_rss_bytes(node.child.id().unwrap());
+    let mut array = Vec::with_capacity(DECODED);
+    array.push(b'[');
+    while array.len() < DECODED - 2 {
+        array.extend_from_slice(b"0,");
+    }
+    array.extend_from_slice(b"0]");
+    let elements = array.len() / 2;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&array).unwrap();
+    let body = gz.finish().unwrap();
+    let r = reqwest::Client::new()
+        .post(node.url("/v1/categories/big/lines"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let answer: chunkbus_client::ProduceResponse = r.json().await.unwrap();
+    assert_eq!(answer.lines as usize, elements);
+    let grown = peak_rss_bytes(node.child.id().unwrap()).saturating_sub(before);
+    assert!(
+        grown < 8 * DECODED as u64,
+        "peak RSS grew by {} MiB for a {} MiB body",
+        grown >> 20,
+        DECODED >> 20
+    );
+}
