@@ -66,11 +66,33 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             addr: cfg.listen,
             source,
         })?;
+    raise_fd_limit();
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
     let result = run(cfg, listener, shutdown).await;
     signals.abort();
     result
+}
+
+/// Raises the soft limit of open files to the hard one: every connection,
+/// chunk being read and category's open chunk takes a descriptor, and the
+/// usual soft limit (1,024) is far below what the other limits allow.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else {
+        return;
+    };
+    if soft >= hard {
+        return;
+    }
+    limit.current = Some(hard);
+    match setrlimit(Resource::Nofile, limit) {
+        Ok(()) => tracing::info!(from = soft, to = hard, "raised the open files limit"),
+        Err(e) => {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit")
+        }
+    }
 }
 
 /// Reloads the tokens file on every SIGHUP until `stop`; a file that does

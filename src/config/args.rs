@@ -347,6 +347,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CHUNKBUS_IDLE_TIMEOUT", value_name = "DURATION")]
     pub idle_timeout: Option<HumanDuration>,
 
+    /// Categories writes may create at most; past it a write to a new
+    /// category gets 507 [default: 10000].
+    #[arg(long, env = "CHUNKBUS_MAX_CATEGORIES", value_name = "N")]
+    pub max_categories: Option<usize>,
+
     /// Open connections at most; past it new ones wait in the kernel's
     /// backlog [default: 10000].
     #[arg(long, env = "CHUNKBUS_MAX_CONNECTIONS", value_name = "N")]
@@ -404,6 +409,7 @@ impl ServeArgs {
             request_timeout: self.request_timeout.or(file.request_timeout),
             idle_timeout: self.idle_timeout.or(file.idle_timeout),
             max_connections: self.max_connections.or(file.max_connections),
+            max_categories: self.max_categories.or(file.max_categories),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             tls_ca: self.tls_ca.or(file.tls_ca),

@@ -53,6 +53,8 @@ pub const DEFAULT_REPLICATION_WAIT: Duration = Duration::from_secs(30);
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default longest time for a request body to arrive.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of `--max-categories`.
+pub const DEFAULT_MAX_CATEGORIES: usize = 10_000;
 /// Default of `--idle-timeout`.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default cap on open connections.
@@ -258,6 +260,8 @@ pub struct ServeConfig {
     pub idle_timeout: Duration,
     /// Open connections at most.
     pub max_connections: usize,
+    /// Categories writes may create at most.
+    pub max_categories: usize,
 }
 
 /// `--tls-cert`, `--tls-key`, `--tls-ca`.
@@ -391,6 +395,7 @@ impl ServeConfig {
                 .map_or(DEFAULT_REQUEST_TIMEOUT, |d| d.0),
             idle_timeout: args.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
             max_connections: args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_categories: args.max_categories.unwrap_or(DEFAULT_MAX_CATEGORIES),
             retention: RetentionConfig {
                 local_retention: args
                     .local_retention
@@ -420,6 +425,9 @@ impl ServeConfig {
         }
         if self.max_connections == 0 {
             return invalid("--max-connections must be at least 1".into());
+        }
+        if self.max_categories == 0 {
+            return invalid("--max-categories must be at least 1".into());
         }
         if self.max_line_bytes == 0 {
             return invalid("--max-line-bytes must be larger than zero".into());
@@ -475,6 +483,7 @@ impl ServeConfig {
             tiered: self.s3.is_some(),
             zero_runway: self.preallocate == Preallocate::Auto,
             drop_behind: self.drop_behind,
+            max_categories: self.max_categories,
         }
     }
 }

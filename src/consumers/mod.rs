@@ -355,6 +355,7 @@ mod tests {
                 tiered: false,
                 zero_runway: false,
                 drop_behind: None,
+                max_categories: 10_000,
             },
             crate::metrics::Metrics::new(),
         )

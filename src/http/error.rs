@@ -155,7 +155,9 @@ impl From<StorageError> for ApiError {
             StorageError::HighWater { .. }
             | StorageError::Remote { .. }
             | StorageError::NotReady(_) => ApiError::Overloaded(msg),
-            StorageError::DiskFull(_) => ApiError::InsufficientStorage(msg),
+            StorageError::DiskFull(_) | StorageError::TooManyCategories { .. } => {
+                ApiError::InsufficientStorage(msg)
+            }
             StorageError::ShuttingDown => ApiError::Unavailable(msg),
             StorageError::Locked { .. }
             | StorageError::IndexExhausted { .. }

@@ -99,6 +99,16 @@ pub enum StorageError {
         /// Bytes the owner lists.
         owner_size: u64,
     },
+    /// A write would create a category past `--max-categories`.
+    #[error(
+        "category {category:?} does not exist and this node holds its limit of {limit} categories (--max-categories); nothing was written"
+    )]
+    TooManyCategories {
+        /// The category asked for.
+        category: String,
+        /// The limit.
+        limit: usize,
+    },
     /// A restore from peers aimed at a chunk that is not this node's, is
     /// held here already, or whose index was not reserved first.
     #[error(

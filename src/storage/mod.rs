@@ -130,6 +130,9 @@ pub struct StorageOptions {
     /// newest write; older ones are dropped once on disk. `None`: the
     /// kernel decides (see `drop_behind`).
     pub drop_behind: Option<u64>,
+    /// Categories a write may create at most (copies of peers' categories
+    /// are not refused: each peer holds its writers to the same bound).
+    pub max_categories: usize,
 }
 
 /// Where an append landed.
@@ -493,7 +496,19 @@ impl Storage {
                 limit_percent: disk.limit_percent(),
             });
         }
-        let cat = self.category_or_create(category)?;
+        let cat = match self.category(category) {
+            Err(StorageError::UnknownCategory(_)) => {
+                let held = self.shared.categories.read().unwrap().len();
+                if held >= self.shared.opts.max_categories {
+                    return Err(StorageError::TooManyCategories {
+                        category: category.to_owned(),
+                        limit: self.shared.opts.max_categories,
+                    });
+                }
+                self.category_or_create(category)?
+            }
+            other => other?,
+        };
         let (reply, rx) = oneshot::channel();
         let msg = WriterMsg::Append(AppendRequest {
             data,

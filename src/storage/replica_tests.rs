@@ -18,6 +18,7 @@ fn opts(dir: &Path) -> StorageOptions {
         tiered: false,
         zero_runway: false,
         drop_behind: None,
+        max_categories: 10_000,
     }
 }
 

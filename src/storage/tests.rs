@@ -18,6 +18,7 @@ fn opts(dir: &Path, max_chunk_bytes: u64) -> StorageOptions {
         tiered: false,
         zero_runway: true,
         drop_behind: None,
+        max_categories: 10_000,
     }
 }
 

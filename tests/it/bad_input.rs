@@ -349,3 +349,53 @@ async fn a_json_array_of_tiny_elements_costs_a_few_times_its_size() {
         DECODED >> 20
     );
 }
+
+/// Categories cost a thread and a file each: a write may create them only
+/// up to `--max-categories`, past which it gets a clear 507 and nothing is
+/// created (a token limited to `app*` once created 5,000 of them).
+#[tokio::test]
+async fn writes_create_categories_up_to_the_limit_only() {
+    let node = TestNode::start_with(|c| c.max_categories = 3).await;
+    for cat in ["app0", "app1", "app2"] {
+        assert_eq!(node.post(cat, "", "x\n").await.status(), StatusCode::OK);
+    }
+    let r = node.post("app3", "", "x\n").await;
+    assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+    let body: ErrorBody = r.json().await.unwrap();
+    assert!(body.error.contains("--max-categories"), "{}", body.error);
+    assert!(!node.dir.join("app3").exists());
+    // Existing categories still take writes.
+    assert_eq!(node.post("app1", "", "y\n").await.status(), StatusCode::OK);
+    node.stop().await;
+}
+
+/// The node raises its soft limit of open files to the hard one at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    // Started with a soft limit below the hard one.
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_chunkbus"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--node",
+            "t1",
+            "--data-dir",
+        ])
+        .arg(dir.path());
+    let node = crate::harness::BinNode::spawn(cmd).await;
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", node.child.id().unwrap())).unwrap();
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // "Max open files <soft> <hard> files"
+    assert_ne!(files[3], "256", "{limits}");
+    assert_eq!(files[3], files[4], "{limits}");
+}

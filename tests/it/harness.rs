@@ -46,6 +46,7 @@ pub fn config(dir: &Path) -> ServeConfig {
         request_timeout: Duration::from_secs(60),
         idle_timeout: Duration::from_secs(30),
         max_connections: 10_000,
+        max_categories: 10_000,
     }
 }
 
