@@ -274,7 +274,9 @@ async fn copy(
                     storage.replica_reopen(category, chunk).await?;
                     continue;
                 }
-                let longer = m.size > target.size;
+                // Only a complete listing gives a final size; an open one
+                // may be older than the bytes copied since.
+                let longer = target.complete && m.size > target.size;
                 repl.set_disagreeing(
                     link,
                     category,
@@ -288,9 +290,16 @@ async fn copy(
                 break;
             }
             if have > target.size {
-                // The owner lists fewer bytes than this copy holds: it lost
-                // them, or reused the name after losing its disk. Nothing
-                // is cut back or appended; the owner may list more later.
+                if !target.complete {
+                    // The listing is older than what was copied since (the
+                    // read route serves up to the owner's current size):
+                    // nothing to copy now.
+                    progress.insert((category.clone(), chunk.to_string()), have);
+                    break;
+                }
+                // The owner completed the chunk with fewer bytes than this
+                // copy holds: it lost them, or reused the name after losing
+                // its disk. Nothing is cut back or appended.
                 repl.set_disagreeing(
                     link,
                     category,

@@ -546,6 +546,16 @@ async fn check(soak: &Soak, mut rng: rand::rngs::StdRng) -> usize {
     for i in 0..NODES {
         let logs = cluster.logs(i);
         assert!(!logs.contains("panicked"), "node {i} panicked:\n{logs}");
+        // No copy ever held more than its owner (nothing here loses bytes
+        // an owner served: no power loss, wipes restore the largest copy).
+        assert!(
+            !logs.contains("holds more than"),
+            "node {i} reported a copy longer than its owner"
+        );
+        let status = cluster.client(i).status().await.unwrap();
+        for p in &status.peers {
+            assert!(p.disagreeing_chunks.is_empty(), "node {i}: {p:?}");
+        }
     }
     excused
 }
