@@ -34,6 +34,23 @@ async fn open_tiered(dir: &Path) -> Storage {
     Storage::open(opts, Metrics::new()).await.unwrap()
 }
 
+/// Stops `s` cleanly and opens its directory again.
+async fn restart(s: Storage, dir: &Path) -> Storage {
+    s.shutdown().await;
+    drop(s);
+    open(dir).await
+}
+
+/// A copy of `chunk` holding `data`, completed at its size.
+async fn complete_copy(s: &Storage, chunk: &ChunkName, data: &'static [u8]) {
+    s.replica_append("app", chunk, 0, Bytes::from_static(data))
+        .await
+        .unwrap();
+    s.replica_complete("app", chunk, data.len() as u64)
+        .await
+        .unwrap();
+}
+
 fn state_of(s: &Storage, cat: &str) -> Vec<(u32, u64, bool)> {
     s.chunks(cat)
         .unwrap()
@@ -57,9 +74,7 @@ async fn a_later_completion_never_vouches_for_a_short_earlier_copy() {
         .await
         .unwrap();
     s.replica_complete("app", &c4, 2).await.unwrap();
-    s.shutdown().await;
-    drop(s);
-    let s = open(dir.path()).await;
+    let s = restart(s, dir.path()).await;
     assert_eq!(state_of(&s, "app"), [(3, 4, false), (4, 2, true)]);
     s.shutdown().await;
 }
@@ -69,29 +84,20 @@ async fn a_short_complete_copy_is_reopened_and_completed_at_the_owners_size() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path()).await;
     let c = ChunkName::new("eu2", 0);
-    s.replica_append("app", &c, 0, Bytes::from_static(b"a\n"))
-        .await
-        .unwrap();
     // Completed short (as a version-1 watermark or a forget could have).
-    s.replica_complete("app", &c, 2).await.unwrap();
-    s.shutdown().await;
-    drop(s);
-    let s = open(dir.path()).await;
+    complete_copy(&s, &c, b"a\n").await;
+    let s = restart(s, dir.path()).await;
     assert_eq!(state_of(&s, "app"), [(0, 2, true)]);
     assert_eq!(s.replica_reopen("app", &c).await.unwrap(), 2);
     assert_eq!(state_of(&s, "app"), [(0, 2, false)]);
     // The reopening is durable before anything is appended.
-    s.shutdown().await;
-    drop(s);
-    let s = open(dir.path()).await;
+    let s = restart(s, dir.path()).await;
     assert_eq!(state_of(&s, "app"), [(0, 2, false)]);
     s.replica_append("app", &c, 2, Bytes::from_static(b"b\n"))
         .await
         .unwrap();
     s.replica_complete("app", &c, 4).await.unwrap();
-    s.shutdown().await;
-    drop(s);
-    let s = open(dir.path()).await;
+    let s = restart(s, dir.path()).await;
     assert_eq!(state_of(&s, "app"), [(0, 4, true)]);
     let data = std::fs::read(dir.path().join("app").join(c.to_string())).unwrap();
     assert_eq!(data, b"a\nb\n");
@@ -132,13 +138,8 @@ async fn copying_a_recorded_index_again_removes_its_record_first() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path()).await;
     let c = ChunkName::new("eu2", 7);
-    s.replica_append("app", &c, 0, Bytes::from_static(b"a\n"))
-        .await
-        .unwrap();
-    s.replica_complete("app", &c, 2).await.unwrap();
-    s.shutdown().await;
-    drop(s);
-    let s = open(dir.path()).await;
+    complete_copy(&s, &c, b"a\n").await;
+    let s = restart(s, dir.path()).await;
     assert!(s.delete_chunk("app", &c).await.unwrap());
     s.replica_append("app", &c, 0, Bytes::from_static(b"a\n"))
         .await
