@@ -511,10 +511,13 @@ mod tests {
         ));
         let peer = bearer("cluster-secret-0123456789");
         assert_eq!(auth.check(&peer, Need::Peer), Ok(Principal::Peer));
-        assert!(
-            auth.check(&peer, Need::Role(Role::Consume, Some("x")))
-                .is_ok()
-        );
+        // The cluster secret reads, but does not carry the consume role
+        // (consumers' positions, acks, deletion).
+        assert!(auth.check(&peer, Need::Read(Some("x"))).is_ok());
+        assert!(matches!(
+            auth.check(&peer, Need::Role(Role::Consume, Some("x"))),
+            Err(AuthError::Forbidden(_))
+        ));
         assert!(
             auth.check(&peer, Need::Role(Role::Produce, Some("x")))
                 .is_err()

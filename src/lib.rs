@@ -10,6 +10,7 @@
 //! | [`config`]  | flags, environment, TOML file, validation |
 //! | [`storage`] | chunk files, rotation, recovery, group commit, waking readers |
 //! | [`consumers`] | consumer positions (a CRDT), their persistence |
+//! | [`durable`] | small files written whole and atomically |
 //! | [`http`]    | routes (`/v1`, Chukcha compatibility, operations), errors → status codes |
 //! | [`metrics`] | the Prometheus registry of a node |
 //! | [`replication`] | pulling every peer's chunks, `min_replicas`, lost owners |
@@ -23,6 +24,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod consumers;
+pub mod durable;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;

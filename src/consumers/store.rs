@@ -9,8 +9,7 @@
 //! already written returns at once.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +18,6 @@ use crate::storage::StorageError;
 
 /// File name inside a category directory.
 pub const CONSUMERS_FILE: &str = ".consumers.json";
-const CONSUMERS_TMP_FILE: &str = ".consumers.json.tmp";
 /// Version of the format written by this build.
 pub const CONSUMERS_VERSION: u32 = 1;
 
@@ -67,23 +65,13 @@ pub fn load(dir: &Path) -> Result<BTreeMap<String, ConsumerEntry>, StorageError>
 }
 
 /// Writes the consumers of the category at `dir` atomically.
-pub fn save(
-    dir: &PathBuf,
-    consumers: &BTreeMap<String, ConsumerEntry>,
-) -> Result<(), StorageError> {
+pub fn save(dir: &Path, consumers: &BTreeMap<String, ConsumerEntry>) -> Result<(), StorageError> {
     let file = ConsumersFile {
         version: CONSUMERS_VERSION,
         consumers: consumers.clone(),
     };
-    let tmp = dir.join(CONSUMERS_TMP_FILE);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec(&file).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(CONSUMERS_FILE))?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| StorageError::io(format!("cannot write consumers of {}", dir.display()), e))
+    crate::durable::write_json(&dir.join(CONSUMERS_FILE), &file)
+        .map_err(|e| StorageError::io(format!("cannot write consumers of {}", dir.display()), e))
 }
 
 #[cfg(test)]
@@ -106,7 +94,7 @@ mod tests {
             },
         );
         m.insert("billing".to_string(), e);
-        save(&dir.path().to_owned(), &m).unwrap();
+        save(dir.path(), &m).unwrap();
         assert_eq!(load(dir.path()).unwrap(), m);
         let text = std::fs::read_to_string(dir.path().join(CONSUMERS_FILE)).unwrap();
         assert_eq!(

@@ -9,7 +9,6 @@
 //! reused by another file. `offset` only moves past lines the server has
 //! acknowledged. Written atomically (temp, fsync, rename, fsync of the dir).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -62,24 +61,12 @@ pub fn load(path: &Path) -> Result<Vec<FileEntry>, String> {
 
 /// Writes the registry at `path` atomically.
 pub fn save(path: &Path, files: &[FileEntry]) -> Result<(), String> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
     let body = RegistryFile {
         version: REGISTRY_VERSION,
         files: files.to_vec(),
     };
-    let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec(&body).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| format!("cannot write registry {}: {e}", path.display()))
+    crate::durable::write_json(path, &body)
+        .map_err(|e| format!("cannot write registry {}: {e}", path.display()))
 }
 
 /// Hex of `bytes`.

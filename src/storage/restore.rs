@@ -32,7 +32,6 @@ use super::{Storage, StorageError, fsync_dir, state};
 
 /// Marks, in the data directory, a restore from peers not yet finished.
 const RESTORING_FILE: &str = ".restoring.json";
-const RESTORING_TMP_FILE: &str = ".restoring.json.tmp";
 /// Prefix of a chunk being restored, in its category directory.
 const RESTORE_PREFIX: &str = ".restore.";
 
@@ -56,12 +55,7 @@ impl Storage {
         tokio::task::spawn_blocking(move || {
             let path = dir.join(RESTORING_FILE);
             if pending {
-                state::write_atomic(
-                    &dir,
-                    RESTORING_FILE,
-                    RESTORING_TMP_FILE,
-                    &Restoring { version: 1 },
-                )
+                state::write_atomic(&dir, RESTORING_FILE, &Restoring { version: 1 })
             } else {
                 match std::fs::remove_file(&path) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),

@@ -31,16 +31,14 @@
 //! ignored.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{StorageError, fsync_dir};
+use super::StorageError;
 
 /// File name of the state inside a category directory.
 pub const STATE_FILE: &str = ".state.json";
-const STATE_TMP_FILE: &str = ".state.json.tmp";
 
 /// Version of the state format written by this build.
 pub const STATE_VERSION: u32 = 2;
@@ -275,30 +273,18 @@ fn read_versioned<T: serde::de::DeserializeOwned>(
 
 /// Writes the state of the category at `dir` atomically.
 pub fn save(dir: &Path, state: &CategoryState) -> Result<(), StorageError> {
-    write_atomic(dir, STATE_FILE, STATE_TMP_FILE, state)
+    write_atomic(dir, STATE_FILE, state)
         .map_err(|e| StorageError::io(format!("cannot write state of {}", dir.display()), e))
 }
 
-/// Writes `value` as JSON to `dir/name`: temp file, fsync, rename, fsync
-/// of the directory.
-pub(super) fn write_atomic<T: Serialize>(
-    dir: &Path,
-    name: &str,
-    tmp: &str,
-    value: &T,
-) -> std::io::Result<()> {
-    let tmp = dir.join(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    fsync_dir(dir)
+/// Writes `value` as JSON to `dir/name` atomically (see [`crate::durable`]).
+pub(super) fn write_atomic<T: Serialize>(dir: &Path, name: &str, value: &T) -> std::io::Result<()> {
+    crate::durable::write_json(&dir.join(name), value)
 }
 
 /// File name, in the data directory, of the owners this node treats as
 /// lost (forgotten, or unreachable past `--owner-lost-after`).
 pub const FORGOTTEN_FILE: &str = ".forgotten.json";
-const FORGOTTEN_TMP_FILE: &str = ".forgotten.json.tmp";
 /// Version of the forgotten owners' file.
 const FORGOTTEN_VERSION: u32 = 1;
 
@@ -330,7 +316,7 @@ pub fn save_forgotten(
         version: FORGOTTEN_VERSION,
         owners: owners.clone(),
     };
-    write_atomic(data_dir, FORGOTTEN_FILE, FORGOTTEN_TMP_FILE, &value).map_err(|e| {
+    write_atomic(data_dir, FORGOTTEN_FILE, &value).map_err(|e| {
         StorageError::io(
             format!("cannot write {}", data_dir.join(FORGOTTEN_FILE).display()),
             e,

@@ -21,7 +21,7 @@
 //! `local: false`, read through [`RemoteChunks`].
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -33,7 +33,6 @@ use super::{Storage, StorageError, fsync_dir, state};
 
 /// File name of the upload log inside a category directory.
 pub const UPLOAD_LOG: &str = ".uploads.log";
-const UPLOAD_LOG_TMP: &str = ".uploads.log.tmp";
 const HEADER: &str = "chunkbus-uploads 1";
 
 /// Reads byte ranges of chunks that are only in the object store. Called on
@@ -151,19 +150,11 @@ fn record_line(chunk: &ChunkName, rec: Option<UploadRecord>) -> String {
 
 /// Writes the log afresh (temp file, fsync, rename, fsync of the directory).
 fn rewrite(dir: &Path, map: &BTreeMap<ChunkName, UploadRecord>) -> Result<(), StorageError> {
-    let tmp = dir.join(UPLOAD_LOG_TMP);
-    let write = || -> std::io::Result<()> {
-        let mut text = format!("{HEADER}\n");
-        for (name, rec) in map {
-            text.push_str(&record_line(name, Some(*rec)));
-        }
-        let mut f = File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(UPLOAD_LOG))?;
-        fsync_dir(dir)
-    };
-    write().map_err(|e| {
+    let mut text = format!("{HEADER}\n");
+    for (name, rec) in map {
+        text.push_str(&record_line(name, Some(*rec)));
+    }
+    crate::durable::write_atomic(&dir.join(UPLOAD_LOG), text.as_bytes()).map_err(|e| {
         StorageError::io(
             format!("cannot compact the upload log of {}", dir.display()),
             e,

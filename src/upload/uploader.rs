@@ -442,17 +442,8 @@ async fn save_state(path: &Path, state: &MultipartState) -> Result<(), S3Error> 
         serde_json::to_vec(state).unwrap_or_default(),
     );
     tokio::task::spawn_blocking(move || {
-        let write = || -> std::io::Result<()> {
-            let dir = path.parent().expect("progress files live in a directory");
-            std::fs::create_dir_all(dir)?;
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut f, &text)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            crate::storage::fsync_dir(dir)
-        };
-        write().map_err(|e| local_error(format!("cannot save {}", path.display()), e))
+        crate::durable::write_atomic(&path, &text)
+            .map_err(|e| local_error(format!("cannot save {}", path.display()), e))
     })
     .await
     .map_err(|e| local_error("state task failed".into(), e))?
