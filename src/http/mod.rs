@@ -120,6 +120,10 @@ struct Route {
     method: Method,
     access: Access,
     handler: MethodRouter<Arc<AppState>>,
+    /// The handler reads the body itself, within its own limits (the
+    /// produce routes); other bodies are read whole first, within
+    /// `--request-timeout` and [`ops::SMALL_BODY_BYTES`].
+    own_body: bool,
 }
 
 fn route<H, T>(path: &'static str, method: Method, access: Access, handler: H) -> Route
@@ -133,6 +137,15 @@ where
         method,
         access,
         handler: on(filter, handler),
+        own_body: false,
+    }
+}
+
+/// A route whose handler reads its body itself.
+fn streaming(route: Route) -> Route {
+    Route {
+        own_body: true,
+        ..route
     }
 }
 
@@ -143,12 +156,12 @@ fn routes() -> Vec<Route> {
     use Method as M;
     vec![
         route("/v1/categories", M::GET, Read, read::categories),
-        route(
+        streaming(route(
             "/v1/categories/{category}/lines",
             M::POST,
             Produce,
             produce::produce,
-        ),
+        )),
         route(
             "/v1/categories/{category}/chunks",
             M::GET,
@@ -197,7 +210,7 @@ fn routes() -> Vec<Route> {
             Consume,
             consumers::set_position,
         ),
-        route("/write", M::POST, Produce, chukcha::write),
+        streaming(route("/write", M::POST, Produce, chukcha::write)),
         route("/ack", M::GET, Consume, chukcha::ack),
         route("/read", M::GET, Read, chukcha::read),
         route("/listChunks", M::GET, Read, chukcha::list_chunks),
@@ -229,7 +242,14 @@ pub fn route_table() -> Vec<(Method, &'static str, Access)> {
 pub fn router(state: Arc<AppState>) -> Router {
     let mut router = Router::new();
     for r in routes() {
-        let guarded = r.handler.route_layer(axum::middleware::from_fn_with_state(
+        let mut handler = r.handler;
+        if !r.own_body {
+            handler = handler.route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                ops::bounded_body,
+            ));
+        }
+        let guarded = handler.route_layer(axum::middleware::from_fn_with_state(
             (state.clone(), r.access),
             access::authorize,
         ));

@@ -12,6 +12,42 @@ use axum::response::{IntoResponse, Response};
 use super::{ApiError, AppState};
 use crate::metrics::{RequestLabels, RouteLabels};
 
+/// Largest body of the routes that take small JSON bodies (acks,
+/// positions, the internal routes).
+pub(super) const SMALL_BODY_BYTES: usize = 2 << 20;
+
+/// Reads the body of a route that takes a small one whole, within
+/// `--request-timeout` (408 past it, as for produce bodies) and
+/// [`SMALL_BODY_BYTES`] (413), before the handler: a client that sends its
+/// headers and then trickles or withholds its body cannot hold the request
+/// open for good.
+pub(super) async fn bounded_body(
+    State(st): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, SMALL_BODY_BYTES);
+    let bytes = match tokio::time::timeout(st.limits.request_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return ApiError::TooLarge(format!(
+                "the body is larger than {SMALL_BODY_BYTES} bytes, or ended early"
+            ))
+            .into_response();
+        }
+        Err(_) => {
+            return ApiError::RequestTimeout(format!(
+                "the body did not arrive within {} (--request-timeout)",
+                humantime::format_duration(st.limits.request_timeout)
+            ))
+            .into_response();
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
 /// `GET /healthz`.
 pub(super) async fn healthz() -> &'static str {
     "ok"

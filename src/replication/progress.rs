@@ -12,7 +12,7 @@ use chunkbus_client::ChunkName;
 use tokio::sync::watch;
 
 /// Chunks kept per category: reports for older chunks are dropped.
-const KEEP_CHUNKS_PER_CATEGORY: u32 = 16;
+pub(super) const KEEP_CHUNKS_PER_CATEGORY: u32 = 16;
 
 /// Replica positions of this node's chunks.
 #[derive(Debug)]

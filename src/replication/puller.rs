@@ -189,14 +189,7 @@ async fn changes(
         since,
         positions_since,
         wait_ms: repl.cfg.wait.as_millis() as u64,
-        progress: progress
-            .iter()
-            .map(|((category, chunk), size)| Progress {
-                category: category.clone(),
-                chunk: chunk.clone(),
-                size: *size,
-            })
-            .collect(),
+        progress: recent_progress(progress),
     };
     let resp = repl
         .http
@@ -225,6 +218,32 @@ async fn changes(
     }
     progress.clear();
     Ok(resp)
+}
+
+/// The progress to report: per category, the newest chunks only (the owner
+/// keeps no more, see `progress`), so that the request stays small after a
+/// full listing of an owner with many chunks (it is bounded like any JSON
+/// body of the API).
+fn recent_progress(progress: &BTreeMap<(String, String), u64>) -> Vec<Progress> {
+    let mut by_category: BTreeMap<&str, Vec<(u32, &str, u64)>> = BTreeMap::new();
+    for ((category, chunk), size) in progress {
+        let index = ChunkName::parse(chunk).map_or(0, |c| c.index);
+        by_category
+            .entry(category)
+            .or_default()
+            .push((index, chunk, *size));
+    }
+    let mut out = Vec::new();
+    for (category, mut chunks) in by_category {
+        chunks.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
+        chunks.truncate(super::progress::KEEP_CHUNKS_PER_CATEGORY as usize);
+        out.extend(chunks.into_iter().map(|(_, chunk, size)| Progress {
+            category: category.to_owned(),
+            chunk: chunk.to_owned(),
+            size,
+        }));
+    }
+    out
 }
 
 /// Copies what `targets` says is missing, in chunk order per category.
@@ -381,4 +400,31 @@ fn lag_by_category(
 pub(super) fn jitter(d: Duration) -> Duration {
     let r = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
     d.mul_f64(0.5 + (r % 1000) as f64 / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a full listing a replica may hold tens of thousands of an
+    /// owner's chunks: only the newest of each category are reported.
+    #[test]
+    fn progress_reports_only_the_newest_chunks_of_each_category() {
+        let mut progress = BTreeMap::new();
+        for i in 0..40_000u32 {
+            let chunk = ChunkName::new("eu2", i).to_string();
+            progress.insert(("app".to_owned(), chunk), u64::from(i));
+        }
+        progress.insert(("web".to_owned(), ChunkName::new("eu2", 3).to_string()), 7);
+        let sent = recent_progress(&progress);
+        let app: Vec<u64> = sent
+            .iter()
+            .filter(|p| p.category == "app")
+            .map(|p| p.size)
+            .collect();
+        assert_eq!(app.len(), 16);
+        assert!(app.iter().all(|&s| s >= 40_000 - 16), "{app:?}");
+        assert!(sent.iter().any(|p| p.category == "web" && p.size == 7));
+        assert!(serde_json::to_vec(&sent).unwrap().len() < 4096);
+    }
 }

@@ -399,3 +399,28 @@ async fn the_open_files_limit_is_raised_to_the_hard_limit() {
     assert_ne!(files[3], "256", "{limits}");
     assert_eq!(files[3], files[4], "{limits}");
 }
+
+/// A JSON body (acks, positions, the internal routes) that is announced and
+/// then withheld gets 408 after `--request-timeout`, as produce bodies do;
+/// before, the request stayed open for good.
+#[tokio::test]
+async fn a_withheld_json_body_gets_408_after_the_request_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node =
+        TestNode::start_with(|c| c.request_timeout = std::time::Duration::from_millis(500)).await;
+    let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/categories/app/consumers/c1/acks HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"chunk\":",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(crate::harness::CONDITION_DEADLINE, s.read(&mut buf))
+        .await
+        .expect("the withheld body held the request open")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--request-timeout"), "{answer}");
+    node.stop().await;
+}
