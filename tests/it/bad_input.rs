@@ -406,8 +406,7 @@ async fn the_open_files_limit_is_raised_to_the_hard_limit() {
 #[tokio::test]
 async fn a_withheld_json_body_gets_408_after_the_request_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let node =
-        TestNode::start_with(|c| c.request_timeout = std::time::Duration::from_millis(500)).await;
+    let node = TestNode::start_with(|c| c.request_timeout = Duration::from_millis(500)).await;
     let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
     s.write_all(
         b"POST /v1/categories/app/consumers/c1/acks HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"chunk\":",
