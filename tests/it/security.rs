@@ -40,6 +40,23 @@ async fn secured() -> TestNode {
     .await
 }
 
+/// Writes a tokens file at `path` with one token `name` holding `secret`
+/// and `roles` (e.g. `["admin"]`).
+fn write_tokens_file(path: &std::path::Path, name: &str, secret: &str, roles: &[&str]) {
+    let roles: Vec<String> = roles.iter().map(|r| format!("{r:?}")).collect();
+    std::fs::write(
+        path,
+        format!(
+            "[[token]]\nname = \"{name}\"\nsecret = \"{secret}\"\nroles = [{}]\n",
+            roles.join(", ")
+        ),
+    )
+    .unwrap();
+}
+
+/// Every role.
+const ALL_ROLES: &[&str] = &["produce", "consume", "admin"];
+
 /// Method, path, body, and the status expected with each secret.
 type Case<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, u16)]);
 
@@ -391,13 +408,7 @@ async fn replicate_one_line(n1: &chunkbus_client::Client, n2: &chunkbus_client::
 async fn peers_replicate_with_the_cluster_secret_and_tokens_reload_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
-    let write_tokens = |secret: &str| {
-        std::fs::write(
-            &tokens,
-            format!("[[token]]\nname = \"all\"\nsecret = \"{secret}\"\nroles = [\"produce\", \"consume\", \"admin\"]\n"),
-        )
-        .unwrap();
-    };
+    let write_tokens = |secret: &str| write_tokens_file(&tokens, "all", secret, ALL_ROLES);
     write_tokens(ADMIN);
     let secret = dir.path().join("cluster.secret");
     std::fs::write(&secret, CLUSTER).unwrap();
@@ -759,11 +770,7 @@ async fn oversized_headers_are_refused() {
 async fn an_emptied_tokens_file_never_turns_authentication_off() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
-    std::fs::write(
-        &tokens,
-        format!("[[token]]\nname = \"all\"\nsecret = \"{ADMIN}\"\nroles = [\"produce\", \"consume\", \"admin\"]\n"),
-    )
-    .unwrap();
+    write_tokens_file(&tokens, "all", ADMIN, ALL_ROLES);
     let node = BinNode::start(
         &dir.path().join("data"),
         &["--tokens-file", tokens.to_str().unwrap()],
@@ -898,11 +905,7 @@ async fn silent_and_idle_connections_are_closed_after_the_idle_timeout() {
 async fn forget_node_is_relayed_with_the_callers_authority_only() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.toml");
-    std::fs::write(
-        &tokens,
-        format!("[[token]]\nname = \"ops\"\nsecret = \"{ADMIN}\"\nroles = [\"admin\"]\n"),
-    )
-    .unwrap();
+    write_tokens_file(&tokens, "ops", ADMIN, &["admin"]);
     let secret = dir.path().join("cluster.secret");
     std::fs::write(&secret, CLUSTER).unwrap();
     let with_tokens = vec![
