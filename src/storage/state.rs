@@ -187,21 +187,9 @@ impl CategoryState {
 /// version 1 file is converted.
 pub fn load(dir: &Path) -> Result<CategoryState, StorageError> {
     let path = dir.join(STATE_FILE);
-    let invalid = |msg: String| {
-        StorageError::io(
-            format!("cannot use {}", path.display()),
-            std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
-        )
-    };
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(CategoryState::default()),
-        Err(e) => {
-            return Err(StorageError::io(
-                format!("cannot read {}", path.display()),
-                e,
-            ));
-        }
+    let invalid = |msg: String| invalid_file(&path, msg);
+    let Some(bytes) = read_if_present(&path)? else {
+        return Ok(CategoryState::default());
     };
     #[derive(Deserialize)]
     struct Version {
@@ -246,29 +234,38 @@ fn read_versioned<T: serde::de::DeserializeOwned>(
     expected: u32,
     version: impl Fn(&T) -> u32,
 ) -> Result<Option<T>, StorageError> {
-    let invalid = |msg: String| {
-        StorageError::io(
-            format!("cannot use {}", path.display()),
-            std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
-        )
+    let Some(bytes) = read_if_present(path)? else {
+        return Ok(None);
     };
+    let value: T = serde_json::from_slice(&bytes).map_err(|e| invalid_file(path, e.to_string()))?;
+    let v = version(&value);
+    if v != expected {
+        return Err(invalid_file(
+            path,
+            format!("version {v} is not supported by this build (expected {expected})"),
+        ));
+    }
+    Ok(Some(value))
+}
+
+/// The bytes of `path`; `None` when it does not exist.
+fn read_if_present(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
     match std::fs::read(path) {
-        Ok(bytes) => {
-            let value: T = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
-            let v = version(&value);
-            if v != expected {
-                return Err(invalid(format!(
-                    "version {v} is not supported by this build (expected {expected})"
-                )));
-            }
-            Ok(Some(value))
-        }
+        Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StorageError::io(
             format!("cannot read {}", path.display()),
             e,
         )),
     }
+}
+
+/// The error for a file whose content cannot be used.
+fn invalid_file(path: &Path, msg: String) -> StorageError {
+    StorageError::io(
+        format!("cannot use {}", path.display()),
+        std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
+    )
 }
 
 /// Writes the state of the category at `dir` atomically.
