@@ -66,7 +66,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             addr: cfg.listen,
             source,
         })?;
-    raise_fd_limit();
+    raise_fd_limit(cfg.max_connections, cfg.max_categories);
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
     let result = run(cfg, listener, shutdown).await;
@@ -74,24 +74,43 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     result
 }
 
+/// Descriptors kept for everything but connections and open chunks: the
+/// listener, the data directory lock, chunks being read, replicated,
+/// uploaded or restored, the runtime's own.
+const FD_RESERVE: u64 = 256;
+
 /// Raises the soft limit of open files to the hard one: every connection,
 /// chunk being read and category's open chunk takes a descriptor, and the
-/// usual soft limit (1,024) is far below what the other limits allow.
-fn raise_fd_limit() {
+/// usual soft limit (1,024) is far below what the other limits allow. Then
+/// warns when the limit is below what `--max-connections` and
+/// `--max-categories` may take at once (past it, what needs a descriptor is
+/// refused with 503, never 500).
+fn raise_fd_limit(max_connections: usize, max_categories: usize) {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
     let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else {
         return;
     };
-    if soft >= hard {
-        return;
-    }
-    limit.current = Some(hard);
-    match setrlimit(Resource::Nofile, limit) {
-        Ok(()) => tracing::info!(from = soft, to = hard, "raised the open files limit"),
-        Err(e) => {
-            tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit")
+    let mut now = soft;
+    if soft < hard {
+        limit.current = Some(hard);
+        match setrlimit(Resource::Nofile, limit) {
+            Ok(()) => {
+                tracing::info!(from = soft, to = hard, "raised the open files limit");
+                now = hard;
+            }
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit")
+            }
         }
+    }
+    let may_need = max_connections as u64 + max_categories as u64 + FD_RESERVE;
+    if now < may_need {
+        tracing::warn!(
+            limit = now,
+            may_need,
+            "the open files limit is below what --max-connections ({max_connections}) and --max-categories ({max_categories}) may take at once; past it, requests get 503. Raise the hard limit (ulimit -Hn, LimitNOFILE= in a systemd unit) or lower those two"
+        );
     }
 }
 

@@ -484,6 +484,7 @@ impl ServeConfig {
             zero_runway: self.preallocate == Preallocate::Auto,
             drop_behind: self.drop_behind,
             max_categories: self.max_categories,
+            idle_close_after: crate::storage::IDLE_CLOSE_AFTER,
         }
     }
 }

@@ -356,6 +356,7 @@ mod tests {
                 zero_runway: false,
                 drop_behind: None,
                 max_categories: 10_000,
+                idle_close_after: crate::storage::IDLE_CLOSE_AFTER,
             },
             crate::metrics::Metrics::new(),
         )

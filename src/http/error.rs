@@ -154,7 +154,8 @@ impl From<StorageError> for ApiError {
             StorageError::OffsetPastEnd { .. } => ApiError::RangeNotSatisfiable(msg),
             StorageError::HighWater { .. }
             | StorageError::Remote { .. }
-            | StorageError::NotReady(_) => ApiError::Overloaded(msg),
+            | StorageError::NotReady(_)
+            | StorageError::OutOfFiles { .. } => ApiError::Overloaded(msg),
             StorageError::DiskFull(_) | StorageError::TooManyCategories { .. } => {
                 ApiError::InsufficientStorage(msg)
             }

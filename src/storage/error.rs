@@ -43,6 +43,16 @@ pub enum StorageError {
     /// The file system is full (ENOSPC or quota); nothing of the write was kept.
     #[error("the disk holding the data directory is full ({0}); nothing was written")]
     DiskFull(Arc<io::Error>),
+    /// The process or the system has no file descriptor left (EMFILE,
+    /// ENFILE); nothing of the write was kept. Retryable: descriptors come
+    /// back as connections close and idle chunk files are closed.
+    #[error("{context}: the node has too many open files ({source}); try again later")]
+    OutOfFiles {
+        /// What the storage was doing.
+        context: String,
+        /// The OS error.
+        source: Arc<io::Error>,
+    },
     /// Disk usage is above `--disk-high-water`; writes are shed until it drops.
     #[error(
         "disk usage is {used_percent}%, above the high-water mark of {limit_percent}% (--disk-high-water); try again later"
@@ -155,13 +165,25 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    /// Wraps an I/O error; a full disk or exhausted quota becomes [`StorageError::DiskFull`].
+    /// Wraps an I/O error; a full disk or exhausted quota becomes
+    /// [`StorageError::DiskFull`], running out of file descriptors
+    /// [`StorageError::OutOfFiles`].
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         if matches!(
             source.kind(),
             io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
         ) {
             return StorageError::DiskFull(Arc::new(source));
+        }
+        let no_files = [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE];
+        if no_files
+            .iter()
+            .any(|e| source.raw_os_error() == Some(e.raw_os_error()))
+        {
+            return StorageError::OutOfFiles {
+                context: context.into(),
+                source: Arc::new(source),
+            };
         }
         StorageError::Io {
             context: context.into(),

@@ -79,8 +79,6 @@ const WRITER_QUEUE_MESSAGES: usize = 4096;
 const COMPLETION_QUEUE: usize = 1024;
 /// Longest an append waits for writes to open before it is refused.
 const WRITES_CLOSED_WAIT: Duration = Duration::from_secs(5);
-/// Bound of each category's group-commit queue.
-const SYNC_QUEUE_JOBS: usize = 1024;
 
 /// When appended bytes reach stable storage by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +131,14 @@ pub struct StorageOptions {
     /// Categories a write may create at most (copies of peers' categories
     /// are not refused: each peer holds its writers to the same bound).
     pub max_categories: usize,
+    /// An open chunk not written for this long has its file closed (after
+    /// a flush) until its next write, so that idle categories hold no file
+    /// descriptor.
+    pub idle_close_after: Duration,
 }
+
+/// Default of [`StorageOptions::idle_close_after`].
+pub const IDLE_CLOSE_AFTER: Duration = Duration::from_secs(10);
 
 /// Where an append landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,6 +196,8 @@ struct Shared {
     /// What the copies of each (category, owner) wrote recently, to drop
     /// from the page cache in time.
     replica_cache: std::sync::Mutex<HashMap<(String, String), drop_behind::DropBehind>>,
+    /// The group-commit threads of every category.
+    syncers: syncer::SyncPool,
     tasks: TaskTracker,
     cancel: CancellationToken,
     _lock: lock::DirLock,
@@ -229,6 +236,8 @@ impl Storage {
             .map(|m| m.size)
             .sum();
         disk.add_reclaimable(reclaimable);
+        let syncers = syncer::SyncPool::start(syncer::SYNC_THREADS, &metrics)
+            .map_err(|e| StorageError::io("cannot start the group-commit threads", e))?;
         let storage = Storage {
             shared: Arc::new(Shared {
                 opts,
@@ -244,6 +253,7 @@ impl Storage {
                 zero_runway,
                 completions,
                 replica_cache: Default::default(),
+                syncers,
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
                 _lock: lock,
@@ -338,8 +348,6 @@ impl Storage {
     ) -> Arc<Category> {
         let s = &self.shared;
         let (tx, rx) = mpsc::channel(WRITER_QUEUE_MESSAGES);
-        let (sync_tx, sync_rx) = mpsc::channel(SYNC_QUEUE_JOBS);
-        let (synced_tx, synced_rx) = mpsc::unbounded_channel();
         let dir = s.opts.data_dir.join(&name);
         let cat = Arc::new(Category::new(
             name.clone(),
@@ -362,24 +370,12 @@ impl Storage {
                 metrics: s.metrics.clone(),
                 zero_runway: s.zero_runway,
                 drop_behind: s.opts.drop_behind,
+                idle_close_after: s.opts.idle_close_after,
             },
             next_index,
-            sync_tx,
-            synced_rx,
+            s.syncers.assign(),
         );
         s.tasks.spawn(writer.run(rx, s.cancel.clone()));
-        let (metrics, token) = (s.metrics.clone(), s.tasks.token());
-        let spawned = std::thread::Builder::new()
-            .name(format!("chunkbus-sync-{name}"))
-            .spawn(move || {
-                syncer::run(sync_rx, synced_tx, metrics);
-                drop(token);
-            });
-        if let Err(e) = spawned {
-            // Without a syncer, sync writes are answered with an error
-            // (their job cannot be queued); the node keeps serving the rest.
-            tracing::error!(category = %name, error = %e, "cannot start the group-commit thread");
-        }
         cat
     }
 

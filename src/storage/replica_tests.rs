@@ -19,6 +19,7 @@ fn opts(dir: &Path) -> StorageOptions {
         zero_runway: false,
         drop_behind: None,
         max_categories: 10_000,
+        idle_close_after: IDLE_CLOSE_AFTER,
     }
 }
 

@@ -19,6 +19,7 @@ fn opts(dir: &Path, max_chunk_bytes: u64) -> StorageOptions {
         zero_runway: true,
         drop_behind: None,
         max_categories: 10_000,
+        idle_close_after: IDLE_CLOSE_AFTER,
     }
 }
 
@@ -168,6 +169,69 @@ async fn restart_completes_the_open_chunk_and_cuts_torn_tails() {
     assert_eq!((b.chunk.index, b.offset), (1, 0));
     assert_eq!(std::fs::read(&path).unwrap(), b"one\ntwo\n");
     s.shutdown().await;
+}
+
+/// True while this process holds `path` open.
+fn held_open(path: &Path) -> bool {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|target| target == path)
+}
+
+/// An open chunk left idle has its file closed (flushed first); the next
+/// write opens it again and continues it, and a chunk with a zero runway
+/// still loses its zeros when it completes while closed.
+#[tokio::test]
+async fn idle_open_chunks_hold_no_file_and_continue_when_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().canonicalize().unwrap();
+    let s = Storage::open(
+        StorageOptions {
+            idle_close_after: Duration::from_millis(50),
+            ..opts(&dir_path, 1 << 20)
+        },
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let mut want = Vec::new();
+    let mut first = None;
+    // Enough small synced groups for a zero runway where the file system has it.
+    for i in 0..20 {
+        let text = format!("line {i}\n");
+        want.extend_from_slice(text.as_bytes());
+        let (d, n) = lines(&text);
+        first.get_or_insert(s.append("app", d, n, true).await.unwrap());
+    }
+    let chunk = first.unwrap().chunk;
+    let path = dir_path.join("app").join(chunk.to_string());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while held_open(&path) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle chunk stays open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (d, n) = lines("after the pause\n");
+    let after = s.append("app", d, n, true).await.unwrap();
+    assert_eq!((&after.chunk, after.offset), (&chunk, want.len() as u64));
+    want.extend_from_slice(b"after the pause\n");
+    assert_eq!(read_all(&s, "app", &chunk).await, want);
+    // Idle again, then completed: the zeros go all the same.
+    while held_open(&path) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle chunk stays open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.rotate("app").await.unwrap();
+    s.shutdown().await;
+    assert_eq!(std::fs::read(&path).unwrap(), want);
+    let file = std::fs::File::open(&path).unwrap();
+    assert_eq!(runway::marked_from(&file).unwrap(), None);
 }
 
 #[tokio::test]

@@ -75,10 +75,13 @@ pub(crate) struct AppendRequest {
 struct OpenChunk {
     name: ChunkName,
     path: std::path::PathBuf,
-    file: Arc<File>,
+    /// `None` while closed for being idle (see `WriterConfig::idle_close_after`).
+    file: Option<Arc<File>>,
     size: u64,
     /// When the first byte went in; the chunk completes `rotate_after` later.
     first_write: Option<Instant>,
+    /// When it was last written (or opened).
+    last_write: Instant,
     /// Bytes written since the last flush was queued.
     unflushed_bytes: u64,
     /// The chunk's directory entry is not yet known to be durable; the
@@ -130,6 +133,8 @@ pub(crate) struct WriterConfig {
     /// Written bytes kept in the page cache behind the newest write; `None`:
     /// left to the kernel (see `drop_behind`).
     pub drop_behind: Option<u64>,
+    /// Close the open chunk's file once it is idle this long.
+    pub idle_close_after: Duration,
 }
 
 #[derive(Debug)]
@@ -138,8 +143,9 @@ pub(crate) struct Writer {
     cfg: WriterConfig,
     next_index: u32,
     open: Option<OpenChunk>,
-    /// Queue of the group-commit thread; `None` once shutting down.
-    syncer: Option<mpsc::Sender<SyncJob>>,
+    /// Queue of this category's group-commit thread and where its jobs
+    /// come back; `None` once shutting down.
+    syncer: Option<(mpsc::Sender<SyncJob>, mpsc::UnboundedSender<Synced>)>,
     /// Jobs the group-commit thread has made durable, to answer.
     synced: mpsc::UnboundedReceiver<Synced>,
     /// What was written recently, to drop from the page cache in time.
@@ -152,22 +158,24 @@ impl Writer {
         cfg: WriterConfig,
         next_index: u32,
         syncer: mpsc::Sender<SyncJob>,
-        synced: mpsc::UnboundedReceiver<Synced>,
     ) -> Self {
+        let (done, synced) = mpsc::unbounded_channel();
         Self {
             cat,
             drop_behind: DropBehind::new(cfg.drop_behind),
             cfg,
             next_index,
             open: None,
-            syncer: Some(syncer),
+            syncer: Some((syncer, done)),
             synced,
         }
     }
 
     /// Serves the queue until shutdown, then drains it and flushes.
     pub async fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>, cancel: CancellationToken) {
-        let mut batch = Vec::with_capacity(MAX_BATCH_MESSAGES);
+        // Grown by the first rounds that need it: an idle category keeps
+        // no batch space.
+        let mut batch = Vec::new();
         let mut tick = match self.cfg.sync {
             SyncPolicy::Interval(every) => Some(tokio::time::interval(every)),
             _ => None,
@@ -178,6 +186,11 @@ impl Writer {
                 .as_ref()
                 .and_then(|o| o.first_write)
                 .map(|t| t + self.cfg.rotate_after);
+            let idle_at = self
+                .open
+                .as_ref()
+                .filter(|o| o.file.is_some())
+                .map(|o| o.last_write + self.cfg.idle_close_after);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -189,6 +202,7 @@ impl Writer {
                     self.handle(&mut batch).await;
                 }
                 _ = sleep_until_opt(rotate_at) => self.complete_open().await,
+                _ = sleep_until_opt(idle_at) => self.close_idle().await,
                 _ = tick_opt(&mut tick) => self.flush_in_background().await,
             }
         }
@@ -200,21 +214,31 @@ impl Writer {
         // The open chunk is complete at the next start-up: its zeros go now,
         // so that start-up need not search it.
         self.settle_mark().await;
-        match self.open.as_mut() {
-            Some(open) if matches!(open.runway, Runway::Marked { .. } | Runway::Failed) => {
+        let marked = self
+            .open
+            .as_ref()
+            .is_some_and(|o| matches!(o.runway, Runway::Marked { .. } | Runway::Failed));
+        let file = match marked {
+            true => self.file().await.ok(),
+            false => None,
+        };
+        match (self.open.as_mut(), file) {
+            (Some(open), Some(file)) => {
                 open.unflushed_bytes = 0;
-                let job = SyncJob {
-                    file: open.file.clone(),
+                let job = Job {
+                    file,
                     dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
                     replies: Vec::new(),
                     finish: Some(open.size),
-                    drop_cached: Vec::new(),
                 };
                 self.queue_sync(job).await;
             }
+            // Not marked, or its file cannot be opened again: then the
+            // next start-up cuts the zeros.
             _ => self.flush_in_background().await,
         }
-        // Let the group-commit thread finish, then answer what it synced.
+        // Answer what the group-commit thread syncs until every job queued
+        // has come back (each holds a sender of `synced`).
         self.syncer = None;
         while let Some(synced) = self.synced.recv().await {
             synced.answer(&self.cfg.metrics);
@@ -223,13 +247,22 @@ impl Writer {
 
     /// Hands a job to the group-commit thread, or fails its requests when
     /// that thread is gone.
-    async fn queue_sync(&mut self, mut job: SyncJob) {
-        job.drop_cached = self.drop_behind.take_due();
-        let sent = match &self.syncer {
-            Some(tx) => tx.send(job).await.map_err(|e| e.0),
-            None => Err(job),
+    async fn queue_sync(&mut self, job: Job) {
+        let Some((tx, done)) = &self.syncer else {
+            for (reply, _) in job.replies {
+                let _ = reply.send(Err(StorageError::ShuttingDown));
+            }
+            return;
         };
-        if let Err(job) = sent {
+        let job = SyncJob {
+            file: job.file,
+            dir: job.dir,
+            replies: job.replies,
+            finish: job.finish,
+            drop_cached: self.drop_behind.take_due(),
+            done: done.clone(),
+        };
+        if let Err(mpsc::error::SendError(job)) = tx.send(job).await {
             for (reply, _) in job.replies {
                 let _ = reply.send(Err(StorageError::ShuttingDown));
             }
@@ -278,21 +311,28 @@ impl Writer {
         if run.is_empty() {
             return;
         }
-        if let Err(e) = self.ensure_open(has_nul).await {
-            for req in run {
-                let _ = req.reply.send(Err(e.clone()));
+        let opened = match self.ensure_open(has_nul).await {
+            Ok(()) => self.file().await,
+            Err(e) => Err(e),
+        };
+        let file = match opened {
+            Ok(file) => file,
+            Err(e) => {
+                for req in run {
+                    let _ = req.reply.send(Err(e.clone()));
+                }
+                return;
             }
-            return;
-        }
+        };
         let open = self.open.as_mut().expect("ensure_open succeeded");
         let start = open.size;
-        let file = open.file.clone();
         let bufs: Vec<Bytes> = run.iter().map(|r| r.data.clone()).collect();
         let total: usize = bufs.iter().map(Bytes::len).sum();
         let written = if total <= INLINE_WRITE_MAX_BYTES {
             // A small copy into the page cache: cheaper than two thread switches.
             write_all_at(&file, &bufs, start)
         } else {
+            let file = file.clone();
             tokio::task::spawn_blocking(move || write_all_at(&file, &bufs, start))
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e)))
@@ -304,7 +344,7 @@ impl Writer {
             }
             let err = StorageError::io(format!("cannot append to chunk {}", open.name), e);
             tracing::warn!(category = %self.cat.name, chunk = %open.name, error = %err, "append failed; cutting the chunk back");
-            let file = open.file.clone();
+            let file = file.clone();
             let cut = tokio::task::spawn_blocking(move || file.set_len(start))
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e)));
@@ -341,7 +381,8 @@ impl Writer {
         open.size = offset;
         open.unflushed_bytes += offset - start;
         self.drop_behind.written(&open.path, start, offset);
-        open.first_write.get_or_insert_with(Instant::now);
+        open.last_write = Instant::now();
+        open.first_write.get_or_insert(open.last_write);
         self.cat.metrics.bytes_in.inc_by(offset - start);
         self.cat.metrics.lines_in.inc_by(lines);
         self.cat.update(&open.name, offset, false);
@@ -355,12 +396,11 @@ impl Writer {
                 self.advance_runway().await;
             }
             let open = self.open.as_mut().expect("still open");
-            let job = SyncJob {
-                file: open.file.clone(),
+            let job = Job {
+                file,
                 dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
                 replies: to_sync,
                 finish: None,
-                drop_cached: Vec::new(),
             };
             self.queue_sync(job).await;
         }
@@ -386,17 +426,23 @@ impl Writer {
                     && open.sync_groups >= RUNWAY_AFTER_GROUPS
                     && open.size / open.sync_groups <= RUNWAY_MAX_GROUP_BYTES =>
             {
-                let (file, from) = (open.file.clone(), open.size);
+                let Some(file) = open.file.clone() else {
+                    return;
+                };
+                let from = open.size;
                 let task = tokio::task::spawn_blocking(move || runway::mark(&file, from));
                 open.runway = Runway::Marking { task };
             }
             Runway::Marked { zeroed_to }
                 if *zeroed_to < open.size + runway::LOW && !self.cfg.disk.above_limit() =>
             {
+                let Some(file) = &open.file else {
+                    return;
+                };
                 let at = open.size.max(*zeroed_to);
                 // A few hundred KiB into the page cache: cheaper inline than
                 // two thread switches, like small appends.
-                match runway::extend(&open.file, at, self.cfg.max_chunk_bytes) {
+                match runway::extend(file, at, self.cfg.max_chunk_bytes) {
                     Ok(end) => {
                         self.cat.metrics.runway_bytes.inc_by(end - at);
                         *zeroed_to = end;
@@ -481,9 +527,10 @@ impl Writer {
         self.open = Some(OpenChunk {
             name,
             path,
-            file: Arc::new(file),
+            file: Some(Arc::new(file)),
             size: 0,
             first_write: None,
+            last_write: Instant::now(),
             unflushed_bytes: 0,
             dir_pending: true,
             sync_groups: 0,
@@ -499,41 +546,92 @@ impl Writer {
     async fn complete_open(&mut self) {
         // A mark being written must land before the completion removes it.
         self.settle_mark().await;
-        let Some(open) = self.open.take() else {
+        let Some(open) = self.open.as_ref() else {
             return;
         };
+        let marked = matches!(open.runway, Runway::Marked { .. } | Runway::Failed);
+        let file = match (&open.file, marked) {
+            (Some(file), _) => Some(file.clone()),
+            // Closed while idle (so flushed): opened again only to lose its
+            // zeros; failing that, the next start-up cuts them.
+            (None, true) => self.file().await.ok(),
+            (None, false) => None,
+        };
+        let open = self.open.take().expect("checked above");
         self.cat.update(&open.name, open.size, true);
         self.cat.metrics.chunks_completed.inc();
         tracing::debug!(category = %self.cat.name, chunk = %open.name, size = open.size, "chunk completed");
-        let marked = matches!(open.runway, Runway::Marked { .. } | Runway::Failed);
-        if open.unflushed_bytes > 0 || marked {
+        if let Some(file) = file
+            && (open.unflushed_bytes > 0 || marked)
+        {
             // Complete chunks are flushed in the background whatever the
             // sync policy; a marked one loses its zeros and its mark.
-            self.queue_sync(SyncJob {
-                file: open.file,
+            self.queue_sync(Job {
+                file,
                 dir: open.dir_pending.then(|| self.cat.dir.clone()),
                 replies: Vec::new(),
                 finish: marked.then_some(open.size),
-                drop_cached: Vec::new(),
             })
             .await;
         }
     }
 
+    /// Closes the file of an open chunk that has not been written for
+    /// `idle_close_after`, after queueing its flush (the job keeps the file
+    /// open until it is done). The next write opens it again.
+    async fn close_idle(&mut self) {
+        // A mark being written lands first (its task holds the file).
+        self.settle_mark().await;
+        self.flush_in_background().await;
+        if let Some(open) = self.open.as_mut()
+            && open.file.take().is_some()
+        {
+            tracing::debug!(category = %self.cat.name, chunk = %open.name, "idle chunk file closed");
+        }
+    }
+
+    /// The open chunk's file, opened again if it was closed while idle.
+    async fn file(&mut self) -> Result<Arc<File>, StorageError> {
+        let open = self.open.as_mut().expect("a chunk is open");
+        if let Some(file) = &open.file {
+            return Ok(file.clone());
+        }
+        let path = open.path.clone();
+        let file = tokio::task::spawn_blocking(move || OpenOptions::new().write(true).open(path))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|e| StorageError::io(format!("cannot open chunk {} again", open.name), e))?;
+        let file = Arc::new(file);
+        open.file = Some(file.clone());
+        open.last_write = Instant::now();
+        Ok(file)
+    }
+
     /// Queues a flush of the open chunk if it was written since the last one.
     async fn flush_in_background(&mut self) {
-        if let Some(open) = self.open.as_mut().filter(|o| o.unflushed_bytes > 0) {
+        if let Some(open) = self.open.as_mut().filter(|o| o.unflushed_bytes > 0)
+            && let Some(file) = open.file.clone()
+        {
             open.unflushed_bytes = 0;
-            let job = SyncJob {
-                file: open.file.clone(),
+            let job = Job {
+                file,
                 dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
                 replies: Vec::new(),
                 finish: None,
-                drop_cached: Vec::new(),
             };
             self.queue_sync(job).await;
         }
     }
+}
+
+/// What the writer asks the group-commit thread to make durable (see
+/// `SyncJob`).
+#[derive(Debug)]
+struct Job {
+    file: Arc<File>,
+    dir: Option<std::path::PathBuf>,
+    replies: Vec<(Reply, Appended)>,
+    finish: Option<u64>,
 }
 
 /// Requests to write back to back into one chunk.

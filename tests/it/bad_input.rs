@@ -400,6 +400,103 @@ async fn the_open_files_limit_is_raised_to_the_hard_limit() {
     assert_eq!(files[3], files[4], "{limits}");
 }
 
+/// With few descriptors, writes that create categories run out of them:
+/// they get 503 (retryable), never 500, and reads of existing chunks keep
+/// working; once the open chunks are idle their files close and writes to
+/// new categories go through again. Start-up warns that the limit is below
+/// what the two caps may take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_is_a_retryable_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new("prlimit");
+    cmd.arg("--nofile=64:64")
+        .arg(env!("CARGO_BIN_EXE_chunkbus"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--node",
+            "t1",
+            "--max-connections",
+            "8",
+            "--data-dir",
+        ])
+        .arg(dir.path());
+    let node = crate::harness::BinNode::spawn(cmd).await;
+    assert!(
+        node.stderr
+            .lock()
+            .unwrap()
+            .contains("the open files limit is below what --max-connections (8)"),
+        "no start-up warning"
+    );
+    let client = reqwest::Client::new();
+    let post = |cat: String| {
+        client
+            .post(node.url(&format!("/v1/categories/{cat}/lines")))
+            .body("x\n")
+            .send()
+    };
+    let first: chunkbus_client::ProduceResponse =
+        post("c0".into()).await.unwrap().json().await.unwrap();
+    let first = first.chunk.expect("c0 was written");
+    let mut refused = None;
+    for i in 1..100 {
+        let r = post(format!("c{i}")).await.unwrap();
+        match r.status() {
+            StatusCode::OK => {}
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(r.headers().contains_key("retry-after"));
+                let body: ErrorBody = r.json().await.unwrap();
+                assert!(body.error.contains("too many open files"), "{}", body.error);
+                refused = Some(i);
+                break;
+            }
+            other => panic!("c{i}: {other} {}", r.text().await.unwrap()),
+        }
+    }
+    let refused = refused.expect("64 descriptors held 100 open chunks");
+    // Reads of a chunk already written are served meanwhile, or refused
+    // the same way; never a 500.
+    let read = client
+        .get(node.url(&format!("/v1/categories/c0/chunks/{first}")))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE].contains(&read.status()),
+        "{}",
+        read.status()
+    );
+    // Idle open chunks close their files; then the refused write goes
+    // through and the read is served.
+    let pid = node.child.id().unwrap();
+    let open_chunks = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().contains("-chunk"))
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while open_chunks() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle chunk files stay open"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = post(format!("c{refused}")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let read = client
+        .get(node.url(&format!("/v1/categories/c0/chunks/{first}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), StatusCode::OK);
+    assert_eq!(read.text().await.unwrap(), "x\n");
+}
+
 /// A JSON body (acks, positions, the internal routes) that is announced and
 /// then withheld gets 408 after `--request-timeout`, as produce bodies do;
 /// before, the request stayed open for good.
