@@ -17,7 +17,7 @@
 //! | [`tls`]     | HTTPS for clients and peers (rustls) |
 //! | [`upload`]  | the S3 tier: uploads, eviction, read-through, retention |
 //! | [`ship`]    | `chunkbus ship`: following log files into the bus |
-//! | [`serve`]   | the HTTP connection loop: header and idle timeouts, draining |
+//! | [`serve`]   | the HTTP connection loop: header and idle timeouts, the connection cap, draining |
 //! | [`server`]  | wiring: listener, storage, HTTP, signals, graceful shutdown |
 
 pub mod auth;
@@ -28,7 +28,6 @@ pub mod durable;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
-pub mod listen;
 pub mod metrics;
 pub mod replication;
 pub mod serve;

@@ -88,6 +88,8 @@ pub struct Metrics {
     /// Request body bytes held in memory now.
     pub inflight_bytes: Gauge,
     pub connections: Gauge,
+    /// Idle connections closed to make room while the cap was full.
+    pub idle_connections_closed: Counter,
     /// Readers parked in a long poll.
     pub read_waiters: Gauge,
     /// Requests refused because of load or disk pressure.
@@ -141,6 +143,7 @@ impl Metrics {
             page_cache_dropped_bytes: Counter::default(),
             inflight_bytes: Gauge::default(),
             connections: Gauge::default(),
+            idle_connections_closed: Counter::default(),
             read_waiters: Gauge::default(),
             shed_requests: Counter::default(),
             peer_connected: Family::default(),
@@ -216,6 +219,11 @@ impl Metrics {
             "connections",
             "Open client and peer connections (bounded by --max-connections)",
             m.connections.clone(),
+        );
+        r.register(
+            "idle_connections_closed",
+            "Idle connections closed to make room for a new one while --max-connections was reached",
+            m.idle_connections_closed.clone(),
         );
         r.register(
             "read_waiters",

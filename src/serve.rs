@@ -1,33 +1,70 @@
-//! The HTTP connection loop: every accepted connection is served by hyper
-//! with its timer set, so that a connection that sends no complete request
-//! header within `--idle-timeout` is closed: a socket that never speaks,
-//! headers sent a byte at a time, a keep-alive connection left idle between
-//! requests. (Without a timer hyper applies no header timeout at all, and
-//! such sockets held a `--max-connections` slot forever.) Request bodies
-//! have their own bound (`--request-timeout`, in the handlers).
+//! The HTTP connection loop.
+//!
+//! Every accepted connection is served by hyper with its timer set, so that
+//! a connection that sends no complete request header within
+//! `--idle-timeout` is closed: a socket that never speaks, headers sent a
+//! byte at a time, a keep-alive connection left idle between requests.
+//! Request bodies have their own bound (`--request-timeout`, in the
+//! handlers).
+//!
+//! At most `--max-connections` are open at once. When the cap is full and
+//! another client connects, the connection that has been idle longest (no
+//! request in progress: a silent socket, a half-sent header, a keep-alive
+//! connection between requests), and for at least [`EVICT_GRACE`], is asked
+//! to close, so that sockets that do nothing cannot keep clients with
+//! requests waiting until their timeout. A connection with a request in
+//! progress (long polls included) is never chosen; when every connection is
+//! busy, the new one waits for a slot.
 //!
 //! Shutdown: once `shutdown` is cancelled no connection is accepted; each
 //! open one finishes the request it is serving and closes (long polls
 //! return at once); after [`DRAIN_DEADLINE`] the rest are dropped.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::Body;
 use axum::serve::Listener;
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_service::Service as _;
+
+/// A connection idle for less than this is not closed to make room: a
+/// client that just connected, or just got an answer, has this long to
+/// send its request.
+const EVICT_GRACE: Duration = Duration::from_secs(1);
 
 /// Longest the connections may take to finish after shutdown began.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How connections are bounded.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// `--idle-timeout`: longest wait for a complete request header.
+    pub idle_timeout: Duration,
+    /// `--max-connections`.
+    pub max_connections: usize,
+    /// Open connections now.
+    pub open: Gauge,
+    /// Idle connections closed to make room for a new one.
+    pub evicted: Counter,
+}
 
 /// Serves `app` on every connection `listener` accepts until `shutdown`.
 pub async fn serve<L>(
     mut listener: L,
     app: Router,
-    idle_timeout: Duration,
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) where
     L: Listener,
@@ -36,28 +73,214 @@ pub async fn serve<L>(
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
         .timer(TokioTimer::new())
-        .header_read_timeout(idle_timeout)
+        .header_read_timeout(limits.idle_timeout)
         .keep_alive(true);
-    let graceful = GracefulShutdown::new();
-    loop {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let open = Arc::new(OpenConnections::default());
+    let tracker = TaskTracker::new();
+    'accept: loop {
         let (io, _addr) = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.cancelled() => break,
         };
-        let service = TowerToHyperService::new(app.clone());
-        let conn = graceful.watch(http1.serve_connection(TokioIo::new(io), service));
-        // Owned by the graceful-shutdown watcher, which waits for it below.
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+        // A slot, making room if the cap is full: the longest-idle
+        // connection goes, and so does every one that turns idle while
+        // this one waits.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => loop {
+                let turned_idle = open.turned_idle.notified();
+                if open.evict_longest_idle() {
+                    limits.evicted.inc();
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => {
+                        break slot.expect("the connection semaphore is never closed");
+                    }
+                    _ = turned_idle => {}
+                    // Connections idle for less than the grace become
+                    // candidates.
+                    _ = tokio::time::sleep(EVICT_GRACE) => {}
+                    _ = shutdown.cancelled() => break 'accept,
+                }
+            },
+        };
+        let conn = open.register();
+        let guard = OpenGuard {
+            conn: conn.clone(),
+            open: open.clone(),
+            gauge: limits.open.clone(),
+        };
+        limits.open.inc();
+        let service = {
+            let (conn, open) = (conn.clone(), open.clone());
+            let app = app.clone();
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let busy = Busy::start(conn.clone(), open.clone());
+                let mut app = app.clone();
+                async move {
+                    // A router is always ready: no poll_ready needed.
+                    let resp = app.call(req.map(Body::new)).await?;
+                    // Busy until the response body is sent (or dropped).
+                    Ok::<_, Infallible>(resp.map(|body| {
+                        Body::new(body.map_frame(move |frame| {
+                            let _ = &busy;
+                            frame
+                        }))
+                    }))
+                }
+            })
+        };
+        let served = http1.serve_connection(TokioIo::new(io), service);
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let _slot = slot;
+            let _guard = guard;
+            tokio::pin!(served);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    ended = served.as_mut() => {
+                        if let Err(e) = ended {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    // Finish the request in progress, if any, then close.
+                    _ = conn.evict.notified(), if !closing => {
+                        served.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ = shutdown.cancelled(), if !closing => {
+                        served.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())
+    tracker.close();
+    if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
         .await
         .is_err()
     {
         tracing::warn!(deadline = ?DRAIN_DEADLINE, "connections still open after the shutdown deadline; closing them");
+    }
+}
+
+/// Every open connection, to find the one idle longest.
+#[derive(Debug)]
+struct OpenConnections {
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_id: AtomicU64,
+    /// When the map was made; `Conn::idle_since` counts from here.
+    epoch: Instant,
+    /// Signalled when a connection's last request ends.
+    turned_idle: Notify,
+}
+
+impl Default for OpenConnections {
+    fn default() -> Self {
+        Self {
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            epoch: Instant::now(),
+            turned_idle: Notify::new(),
+        }
+    }
+}
+
+impl OpenConnections {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn register(&self) -> Arc<Conn> {
+        let conn = Arc::new(Conn {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            requests: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(self.now()),
+            evict: Notify::new(),
+            evicted: AtomicBool::new(false),
+        });
+        self.conns.lock().unwrap().insert(conn.id, conn.clone());
+        conn
+    }
+
+    /// Asks the connection idle longest, and for at least [`EVICT_GRACE`],
+    /// to close; false when there is none.
+    fn evict_longest_idle(&self) -> bool {
+        let idle_before = self.now().saturating_sub(EVICT_GRACE.as_micros() as u64);
+        let conns = self.conns.lock().unwrap();
+        let longest = conns
+            .values()
+            .filter(|c| {
+                c.requests.load(Ordering::Acquire) == 0
+                    && !c.evicted.load(Ordering::Relaxed)
+                    && c.idle_since.load(Ordering::Relaxed) <= idle_before
+            })
+            .min_by_key(|c| c.idle_since.load(Ordering::Relaxed));
+        match longest {
+            Some(conn) => {
+                conn.evicted.store(true, Ordering::Relaxed);
+                conn.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// One open connection.
+#[derive(Debug)]
+struct Conn {
+    id: u64,
+    /// Requests in progress (received, response not yet all sent).
+    requests: AtomicUsize,
+    /// When its last request ended (or it was accepted), in µs from
+    /// `OpenConnections::epoch`.
+    idle_since: AtomicU64,
+    /// Signalled once, when it is chosen to close.
+    evict: Notify,
+    evicted: AtomicBool,
+}
+
+/// A request in progress on a connection, from its head to the end of its
+/// response body.
+struct Busy {
+    conn: Arc<Conn>,
+    open: Arc<OpenConnections>,
+}
+
+impl Busy {
+    fn start(conn: Arc<Conn>, open: Arc<OpenConnections>) -> Self {
+        conn.requests.fetch_add(1, Ordering::AcqRel);
+        Self { conn, open }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.conn
+            .idle_since
+            .store(self.open.now(), Ordering::Relaxed);
+        if self.conn.requests.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.open.turned_idle.notify_waiters();
+        }
+    }
+}
+
+/// Takes an ended connection out of the map and the gauge.
+struct OpenGuard {
+    conn: Arc<Conn>,
+    open: Arc<OpenConnections>,
+    gauge: Gauge,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.open.conns.lock().unwrap().remove(&self.conn.id);
+        self.gauge.dec();
     }
 }

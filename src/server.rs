@@ -15,7 +15,6 @@ use tokio_util::task::TaskTracker;
 use crate::config::ServeConfig;
 use crate::consumers::Consumers;
 use crate::http::{AppState, Limits, Services, router};
-use crate::listen::Limited;
 use crate::metrics::Metrics;
 use crate::replication::{Replication, ReplicationConfig};
 use crate::storage::{Storage, StorageError};
@@ -251,23 +250,26 @@ pub async fn run(
     } else {
         tracing::warn!(%addr, "no tokens configured: anyone who can reach this address may read and write (see docs/security.md)");
     }
-    let connections = state.metrics.connections.clone();
+    let limits = crate::serve::ConnectionLimits {
+        idle_timeout: cfg.idle_timeout,
+        max_connections: cfg.max_connections,
+        open: state.metrics.connections.clone(),
+        evicted: state.metrics.idle_connections_closed.clone(),
+    };
     let app = router(state);
     match &cfg.tls {
         Some(tls) => {
             let listener =
                 TlsListener::new(listener, tls.server.clone()).map_err(ServeError::Http)?;
-            let listener = Limited::new(listener, cfg.max_connections, connections);
             println!("chunkbus listening on https://{addr}");
-            crate::serve::serve(listener, app, cfg.idle_timeout, shutdown.clone()).await;
+            crate::serve::serve(listener, app, limits, shutdown.clone()).await;
         }
         None => {
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            let listener = Limited::new(listener, cfg.max_connections, connections);
             println!("chunkbus listening on http://{addr}");
-            crate::serve::serve(listener, app, cfg.idle_timeout, shutdown.clone()).await;
+            crate::serve::serve(listener, app, limits, shutdown.clone()).await;
         }
     }
     stop_pullers.cancel();

@@ -2,8 +2,12 @@
 //!
 //! Handshakes run on their own tasks, a bounded number at once and each
 //! bounded in time, so that a client that connects and stays silent holds
-//! neither the accept loop nor anyone else's handshake.
+//! neither the accept loop nor anyone else's handshake. When every slot is
+//! taken, the handshake that started first is dropped to make room: sockets
+//! that never send a ClientHello cannot make real clients wait for the
+//! handshake timeout.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -72,10 +76,9 @@ impl TlsListener {
         let (tx, ready) = mpsc::channel(64);
         let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         let accept_task = tokio::spawn(async move {
+            // Handshakes in the order they started (some already over).
+            let mut started: VecDeque<tokio::task::AbortHandle> = VecDeque::new();
             loop {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
                 let (stream, peer) = match tcp.accept().await {
                     Ok(c) => c,
                     Err(e) => {
@@ -85,18 +88,43 @@ impl TlsListener {
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                started.retain(|h| !h.is_finished());
+                let permit = match slots.clone().try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        // Full: the oldest handshake goes (dropping its task
+                        // closes its socket and frees its slot).
+                        if let Some(oldest) = started.pop_front() {
+                            oldest.abort();
+                            tracing::debug!(
+                                "TLS handshake slots full; dropped the oldest handshake"
+                            );
+                        }
+                        let Ok(permit) = slots.clone().acquire_owned().await else {
+                            return;
+                        };
+                        permit
+                    }
+                };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
+                let task = tokio::spawn(async move {
                     let shake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
                     match shake.await {
                         Ok(Ok(tls)) => {
                             drop(permit);
-                            let _ = tx.send((tls, peer)).await;
+                            // Handed over from a task of its own: this one
+                            // ends here, so that a connection whose
+                            // handshake is done is never dropped to make
+                            // room for another handshake.
+                            tokio::spawn(async move {
+                                let _ = tx.send((tls, peer)).await;
+                            });
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 });
+                started.push_back(task.abort_handle());
             }
         });
         Ok(Self {

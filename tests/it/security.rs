@@ -575,6 +575,48 @@ async fn tls_serves_clients_and_peers() {
     cluster.kill(1).await;
 }
 
+/// More sockets than there are TLS handshake slots (1,024), none sending a
+/// ClientHello: a real HTTPS client is served at once, because the oldest
+/// pending handshake is dropped to make room; before, it waited for the
+/// 10 s handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_do_not_hold_every_tls_handshake_slot() {
+    // This test holds 1,100 sockets: its own soft limit may be 1,024.
+    let mut limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    limit.current = limit.maximum;
+    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_pki(dir.path());
+    let node = BinNode::start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..1100 {
+        silent.push(tokio::net::TcpStream::connect(node.addr).await.unwrap());
+    }
+    let ca_pem = std::fs::read(&ca).unwrap();
+    let client =
+        chunkbus_client::Client::with_tls(&format!("https://{}", node.addr), None, Some(&ca_pem))
+            .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), client.status())
+        .await
+        .expect("an HTTPS client waited behind silent sockets")
+        .unwrap();
+    assert_eq!(status.node, "t1");
+    // The oldest silent sockets were dropped.
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(CONDITION_DEADLINE, silent[0].readable()).await;
+    assert!(closed.is_ok(), "the oldest silent socket is still held");
+    assert!(matches!(silent[0].try_read(&mut buf), Ok(0) | Err(_)));
+}
+
 #[tokio::test]
 async fn bad_tls_settings_are_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -895,6 +937,132 @@ async fn silent_and_idle_connections_are_closed_after_the_idle_timeout() {
             assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"));
         }
     }
+}
+
+/// With the connection cap full, a new client does not wait for the idle
+/// timeout: the connection idle longest (a silent socket, a keep-alive one
+/// between requests) is closed to make room. A connection with a request in
+/// progress (a long poll) is never chosen, and when every connection is busy
+/// a new one waits for a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_connection_cap_closes_the_longest_idle_connection_for_a_new_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    // An idle timeout far beyond the test: only making room can serve it.
+    let node = BinNode::start(
+        dir.path(),
+        &["--max-connections", "3", "--idle-timeout", "10m"],
+    )
+    .await;
+    let produced: chunkbus_client::ProduceResponse = reqwest::Client::new()
+        .post(node.url("/v1/categories/app/lines"))
+        .header("connection", "close")
+        .body("first\n")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chunk = produced.chunk.unwrap();
+    let long_poll = |offset: u64| {
+        format!(
+            "GET /v1/categories/app/chunks/{chunk}?offset={offset}&wait=5m HTTP/1.1\r\nhost: t\r\n\r\n"
+        )
+    };
+    // Slot 1: a long poll, in progress. Slots 2 and 3: silent sockets.
+    let mut polling = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    polling
+        .write_all(long_poll(produced.next_offset).as_bytes())
+        .await
+        .unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(tokio::net::TcpStream::connect(node.addr).await.unwrap());
+    }
+    // A new client is served: a silent socket made room.
+    let served = tokio::time::timeout(
+        CONDITION_DEADLINE,
+        reqwest::Client::new()
+            .get(node.url("/healthz"))
+            .header("connection", "close")
+            .send(),
+    )
+    .await
+    .expect("a new client waited behind idle sockets")
+    .unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    let mut buf = vec![0u8; 4096];
+    let mut closed = 0;
+    for s in &mut silent {
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 1, "no silent socket was closed");
+    // The long poll is still in progress: a write ends it with the line.
+    let written = reqwest::Client::new()
+        .post(node.url("/v1/categories/app/lines"))
+        .header("connection", "close")
+        .body("second\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(written.status(), StatusCode::OK);
+    let n = tokio::time::timeout(CONDITION_DEADLINE, polling.read(&mut buf))
+        .await
+        .expect("the long poll never answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("second\n"), "{answer}");
+    drop((polling, silent));
+    // Every slot busy with a long poll: a new client waits (past the grace
+    // after which an idle connection may be closed), and is served as soon
+    // as one of them ends.
+    let end: chunkbus_client::ProduceResponse = reqwest::Client::new()
+        .post(node.url("/v1/categories/app/lines"))
+        .header("connection", "close")
+        .body("third\n")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut polls = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        s.write_all(long_poll(end.next_offset).as_bytes())
+            .await
+            .unwrap();
+        polls.push(s);
+    }
+    let mut waiting = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    waiting
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(1500), waiting.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "a busy connection was closed for a new one: {early:?}"
+    );
+    for p in &polls {
+        let mut probe = [0u8; 1];
+        assert!(
+            matches!(p.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a long poll was closed or answered"
+        );
+    }
+    drop(polls.pop());
+    let n = tokio::time::timeout(CONDITION_DEADLINE, waiting.read(&mut buf))
+        .await
+        .expect("the waiting client was never served")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 }
 
 /// `forget-node` on a node without tokens used to relay to its peers with
