@@ -37,7 +37,8 @@ struct Table {
 
 #[derive(Debug)]
 struct CategoryConsumers {
-    dir: PathBuf,
+    /// Where the positions are kept (see `Storage::consumers_file`).
+    file: PathBuf,
     /// A std mutex: held only to read or change entries, never across an await.
     table: Mutex<Table>,
     /// The highest `seq` written to disk; held while writing, so that
@@ -68,12 +69,15 @@ pub struct Consumers {
 impl Consumers {
     /// Loads the positions of every category held by `storage`.
     pub async fn open(storage: Storage) -> Result<Arc<Self>, StorageError> {
-        let dir = storage.options().data_dir.clone();
-        let names = storage.categories();
+        let files = storage
+            .categories()
+            .into_iter()
+            .map(|n| storage.consumers_file(&n).map(|f| (n, f)))
+            .collect::<Result<Vec<_>, _>>()?;
         let loaded = tokio::task::spawn_blocking(move || {
-            names
+            files
                 .into_iter()
-                .map(|n| store::load(&dir.join(&n)).map(|c| (n, c)))
+                .map(|(n, f)| store::load(&f).map(|c| (n, c)))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
@@ -85,7 +89,7 @@ impl Consumers {
             notify: watch::Sender::new(0),
         });
         for (cat, consumers) in loaded {
-            let c = me.category(&cat);
+            let c = me.category(&cat)?;
             let mut t = c.table.lock().unwrap();
             for (name, entry) in consumers {
                 let version = me.next_version();
@@ -99,17 +103,18 @@ impl Consumers {
         self.counter.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    fn category(&self, category: &str) -> Arc<CategoryConsumers> {
+    fn category(&self, category: &str) -> Result<Arc<CategoryConsumers>, StorageError> {
         let mut cats = self.cats.lock().unwrap();
-        cats.entry(category.to_owned())
-            .or_insert_with(|| {
-                Arc::new(CategoryConsumers {
-                    dir: self.storage.options().data_dir.join(category),
-                    table: Mutex::new(Table::default()),
-                    persisted: tokio::sync::Mutex::new(0),
-                })
-            })
-            .clone()
+        if let Some(c) = cats.get(category) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(CategoryConsumers {
+            file: self.storage.consumers_file(category)?,
+            table: Mutex::new(Table::default()),
+            persisted: tokio::sync::Mutex::new(0),
+        });
+        cats.insert(category.to_owned(), c.clone());
+        Ok(c)
     }
 
     /// The last change version of positions on this node.
@@ -212,7 +217,7 @@ impl Consumers {
                 return Ok(probe);
             }
         }
-        let c = self.category(category);
+        let c = self.category(category)?;
         let (entry, seq) = {
             let mut t = c.table.lock().unwrap();
             let mut v = t.entries.get(consumer).cloned().unwrap_or(Versioned {
@@ -250,14 +255,12 @@ impl Consumers {
                 .collect();
             (snapshot, t.seq)
         };
-        let dir = c.dir.clone();
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| StorageError::io(format!("cannot create {}", dir.display()), e))?;
-            store::save(&dir, &snapshot)
-        })
-        .await
-        .map_err(|e| StorageError::io("writing positions failed", std::io::Error::other(e)))??;
+        let file = c.file.clone();
+        tokio::task::spawn_blocking(move || store::save(&file, &snapshot))
+            .await
+            .map_err(|e| {
+                StorageError::io("writing positions failed", std::io::Error::other(e))
+            })??;
         *persisted = snap_seq;
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! Durable consumer positions: `<data>/<category>/.consumers.json`.
+//! Durable consumer positions: one file per category, where storage says
+//! (`<data>/<category>/.consumers.json`).
 //!
 //! ```json
 //! {"version":1,"consumers":{"billing":{"positions":{"eu1":{"generation":0,"index":42,"offset":4096}}}}}
@@ -16,8 +17,6 @@ use serde::{Deserialize, Serialize};
 use super::position::ConsumerEntry;
 use crate::storage::StorageError;
 
-/// File name inside a category directory.
-pub const CONSUMERS_FILE: &str = ".consumers.json";
 /// Version of the format written by this build.
 pub const CONSUMERS_VERSION: u32 = 1;
 
@@ -38,16 +37,15 @@ fn invalid(path: &Path, msg: String) -> StorageError {
     )
 }
 
-/// Loads the consumers of the category at `dir` (none when absent).
-pub fn load(dir: &Path) -> Result<BTreeMap<String, ConsumerEntry>, StorageError> {
-    let path = dir.join(CONSUMERS_FILE);
-    match std::fs::read(&path) {
+/// Loads the consumers kept in `path` (none when absent).
+pub fn load(path: &Path) -> Result<BTreeMap<String, ConsumerEntry>, StorageError> {
+    match std::fs::read(path) {
         Ok(bytes) => {
             let f: ConsumersFile =
-                serde_json::from_slice(&bytes).map_err(|e| invalid(&path, e.to_string()))?;
+                serde_json::from_slice(&bytes).map_err(|e| invalid(path, e.to_string()))?;
             if f.version != CONSUMERS_VERSION {
                 return Err(invalid(
-                    &path,
+                    path,
                     format!(
                         "consumers format version {} is not supported by this build",
                         f.version
@@ -64,14 +62,14 @@ pub fn load(dir: &Path) -> Result<BTreeMap<String, ConsumerEntry>, StorageError>
     }
 }
 
-/// Writes the consumers of the category at `dir` atomically.
-pub fn save(dir: &Path, consumers: &BTreeMap<String, ConsumerEntry>) -> Result<(), StorageError> {
+/// Writes the consumers to `path` atomically.
+pub fn save(path: &Path, consumers: &BTreeMap<String, ConsumerEntry>) -> Result<(), StorageError> {
     let file = ConsumersFile {
         version: CONSUMERS_VERSION,
         consumers: consumers.clone(),
     };
-    crate::durable::write_json(&dir.join(CONSUMERS_FILE), &file)
-        .map_err(|e| StorageError::io(format!("cannot write consumers of {}", dir.display()), e))
+    crate::durable::write_json(path, &file)
+        .map_err(|e| StorageError::io(format!("cannot write {}", path.display()), e))
 }
 
 #[cfg(test)]
@@ -82,7 +80,8 @@ mod tests {
     #[test]
     fn round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(load(dir.path()).unwrap().is_empty());
+        let path = dir.path().join(".consumers.json");
+        assert!(load(&path).unwrap().is_empty());
         let mut m = BTreeMap::new();
         let mut e = ConsumerEntry::default();
         e.raise(
@@ -94,9 +93,9 @@ mod tests {
             },
         );
         m.insert("billing".to_string(), e);
-        save(dir.path(), &m).unwrap();
-        assert_eq!(load(dir.path()).unwrap(), m);
-        let text = std::fs::read_to_string(dir.path().join(CONSUMERS_FILE)).unwrap();
+        save(&path, &m).unwrap();
+        assert_eq!(load(&path).unwrap(), m);
+        let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(
             text,
             r#"{"version":1,"consumers":{"billing":{"positions":{"eu1":{"generation":0,"index":42,"offset":4096}}}}}"#

@@ -6,9 +6,18 @@
 //!
 //! ```text
 //! <data>/.lock                          flock held by the running node (pid inside)
+//! <data>/.forgotten.json                owners this node treats as lost
+//! <data>/.uploads.log                   chunks known to be in the object store
+//! <data>/.multipart/<category>/<chunk>.json   progress of a multipart upload
 //! <data>/<category>/                    one directory per category
 //! <data>/<category>/<node>-chunk<9 digits>   raw newline-delimited bytes, as posted
+//! <data>/<category>/.state.json         complete copies, next own index
+//! <data>/<category>/.consumers.json     consumer positions
 //! ```
+//!
+//! This module owns that layout: other modules ask it for an open chunk
+//! file or for the path of their own file ([`Storage::consumers_file`],
+//! [`Storage::upload_progress_file`]), never build paths into it.
 //!
 //! # Invariants
 //!
@@ -77,6 +86,11 @@ use crate::metrics::Metrics;
 const WRITER_QUEUE_MESSAGES: usize = 4096;
 /// Bound of the queue of completed copies to record.
 const COMPLETION_QUEUE: usize = 1024;
+/// A category's consumer positions, inside its directory.
+pub const CONSUMERS_FILE: &str = ".consumers.json";
+/// Progress files of multipart uploads, under the data directory.
+pub const MULTIPART_DIR: &str = ".multipart";
+
 /// Longest an append waits for writes to open before it is refused.
 const WRITES_CLOSED_WAIT: Duration = Duration::from_secs(5);
 
@@ -413,6 +427,57 @@ impl Storage {
                 }
             }
         });
+    }
+
+    /// Where the consumer positions of `category` are kept (the file may not
+    /// exist yet).
+    pub fn consumers_file(&self, category: &str) -> Result<PathBuf, StorageError> {
+        validate_category(category)?;
+        Ok(self
+            .shared
+            .opts
+            .data_dir
+            .join(category)
+            .join(CONSUMERS_FILE))
+    }
+
+    /// Where the progress of a multipart upload of `chunk` is kept (the
+    /// file may not exist yet).
+    pub fn upload_progress_file(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> Result<PathBuf, StorageError> {
+        validate_category(category)?;
+        Ok(self
+            .shared
+            .opts
+            .data_dir
+            .join(MULTIPART_DIR)
+            .join(category)
+            .join(format!("{chunk}.json")))
+    }
+
+    /// This node's copy of `chunk`, opened for reading (for uploads: the
+    /// file stays readable while it is open, whatever happens to the chunk).
+    pub async fn open_chunk_file(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> Result<std::fs::File, StorageError> {
+        let cat = self.category(category)?;
+        if !cat.meta(chunk).is_some_and(|m| m.local) {
+            return Err(StorageError::UnknownChunk {
+                category: category.to_owned(),
+                chunk: chunk.to_string(),
+            });
+        }
+        let path = cat.chunk_path(chunk);
+        let name = chunk.to_string();
+        tokio::task::spawn_blocking(move || std::fs::File::open(path))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|e| StorageError::io(format!("cannot open the local copy of {name}"), e))
     }
 
     fn category(&self, name: &str) -> Result<Arc<Category>, StorageError> {

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -310,23 +310,30 @@ async fn upload(
             return Ok(Done::NotYet);
         }
     }
-    let data_dir = &tier.storage.options().data_dir;
-    let path = data_dir.join(&job.category).join(job.chunk.to_string());
+    let file = tier
+        .storage
+        .open_chunk_file(&job.category, &job.chunk)
+        .await
+        .map_err(|e| S3Error {
+            message: e.to_string(),
+            kind: S3ErrorKind::Chunk,
+        })?;
+    let chunk = LocalCopy {
+        file: Arc::new(file),
+        name: job.chunk.to_string(),
+    };
     if job.size <= cfg.part_bytes {
-        let data = read_range(&path, 0, job.size).await?;
+        let data = chunk.read(0, job.size).await?;
         store.put(&key, data).await?;
     } else {
-        let state_path = data_dir
-            .join(MULTIPART_DIR)
-            .join(&job.category)
-            .join(format!("{}.json", job.chunk));
-        multipart(store, &key, &path, &state_path, job.size, cfg.part_bytes).await?;
+        let state_path = tier
+            .storage
+            .upload_progress_file(&job.category, &job.chunk)
+            .map_err(|e| local_error("no place for the upload's progress".into(), e))?;
+        multipart(store, &key, &chunk, &state_path, job.size, cfg.part_bytes).await?;
     }
     Ok(Done::Uploaded { bytes: job.size })
 }
-
-/// Directory of multipart progress files, under the data directory.
-pub const MULTIPART_DIR: &str = ".multipart";
 
 /// Durable progress of one multipart upload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -341,7 +348,7 @@ struct MultipartState {
 async fn multipart(
     store: &ObjectStore,
     key: &str,
-    path: &Path,
+    chunk: &LocalCopy,
     state_path: &Path,
     size: u64,
     part_bytes: u64,
@@ -373,7 +380,7 @@ async fn multipart(
     let parts = size.div_ceil(part_bytes);
     for n in state.parts.len() as u64..parts {
         let offset = n * part_bytes;
-        let data = read_range(path, offset, part_bytes.min(size - offset)).await?;
+        let data = chunk.read(offset, part_bytes.min(size - offset)).await?;
         let part = match store
             .put_part(key, &state.upload_id, n as i32 + 1, data)
             .await
@@ -412,21 +419,28 @@ fn local_error(what: String, e: impl std::fmt::Display) -> S3Error {
     }
 }
 
-async fn read_range(path: &Path, offset: u64, len: u64) -> Result<Bytes, S3Error> {
-    let p: PathBuf = path.to_owned();
-    tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; len as usize];
-        std::fs::File::open(&p)
-            .and_then(|f| f.read_exact_at(&mut buf, offset))
-            .map(|()| Bytes::from(buf))
-            .map_err(|e| S3Error {
-                message: format!("cannot read the local copy {}: {e}", p.display()),
-                kind: S3ErrorKind::Chunk,
-            })
-    })
-    .await
-    .map_err(|e| local_error("read task failed".into(), e))?
+/// This node's copy of the chunk being uploaded, open.
+struct LocalCopy {
+    file: Arc<std::fs::File>,
+    name: String,
+}
+
+impl LocalCopy {
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, S3Error> {
+        let (file, name) = (self.file.clone(), self.name.clone());
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, offset)
+                .map(|()| Bytes::from(buf))
+                .map_err(|e| S3Error {
+                    message: format!("cannot read the local copy of {name}: {e}"),
+                    kind: S3ErrorKind::Chunk,
+                })
+        })
+        .await
+        .map_err(|e| local_error("read task failed".into(), e))?
+    }
 }
 
 async fn load_state(path: &Path) -> Option<MultipartState> {
