@@ -3,10 +3,12 @@
 //!
 //! Positions are a CRDT ([`position`]): each node applies acks locally and
 //! replication carries every changed entry to the peers, which merge it.
-//! This module owns the positions and their persistence ([`store`]); the
-//! routes (`next`, `acks`, ...) are in `http::consumers`.
+//! This module owns the positions, their persistence ([`store`]) and what
+//! consumers do with them (`next`, acks, moving every position, lag); the
+//! routes in `http::consumers` only parse requests and shape answers.
 
 pub mod position;
+mod reading;
 pub mod retention;
 pub mod store;
 
@@ -20,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::storage::{ChunkStatus, Storage, StorageError};
 pub use position::{ConsumerEntry, Position};
+pub use reading::{AckError, NextLines, NextOptions};
 
 /// One consumer entry with the change version it was last changed at.
 #[derive(Debug, Clone)]

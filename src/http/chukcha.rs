@@ -151,9 +151,11 @@ pub(super) async fn ack(
             meta.size
         )));
     }
-    let entry =
-        super::consumers::ack_chunk(&st, category, CHUKCHA_CONSUMER, &chunk, meta.size).await?;
-    Ok(Json(super::consumers::detail(&st, category, &entry)))
+    let entry = st
+        .consumers
+        .ack(category, CHUKCHA_CONSUMER, &chunk, meta.size)
+        .await?;
+    Ok(Json(st.consumers.detail(category, &entry)))
 }
 
 /// `GET /listChunks?category=C` → `[{"name","complete","size"}]`, without

@@ -1,7 +1,6 @@
 //! Consumer routes: `next`, `acks`, `position`, list, detail, delete.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
@@ -11,17 +10,12 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chunkbus_client::names::{validate_category, validate_consumer};
 use chunkbus_client::raw::{HEADER_CHUNK, HEADER_NEXT_OFFSET, HEADER_OFFSET};
-use chunkbus_client::{
-    AckRequest, ChunkName, ChunkPosition, ConsumerDetail, ConsumerSummary, PositionRequest,
-};
+use chunkbus_client::{AckRequest, ChunkName, ConsumerDetail, ConsumerSummary, PositionRequest};
 use serde::Deserialize;
 
 use super::read::{parse_max_bytes, parse_wait};
 use super::{ApiError, AppState};
-use crate::consumers::{
-    ConsumerEntry, Position, chunks_by_owner, lag_bytes, next_unread, position_after,
-};
-use crate::storage::StorageError;
+use crate::consumers::{ConsumerEntry, NextOptions};
 
 type ConsumerPath = Result<Path<(String, String)>, PathRejection>;
 
@@ -30,32 +24,6 @@ fn names(path: ConsumerPath) -> Result<(String, String), ApiError> {
     validate_category(&category)?;
     validate_consumer(&consumer)?;
     Ok((category, consumer))
-}
-
-/// The detail answer for `entry` as seen from this node's chunks.
-pub(super) fn detail(st: &AppState, category: &str, entry: &ConsumerEntry) -> ConsumerDetail {
-    let by_owner = chunks_by_owner(&st.storage, category);
-    let lag = by_owner
-        .iter()
-        .map(|(owner, chunks)| lag_bytes(entry.positions.get(owner), chunks))
-        .sum();
-    ConsumerDetail {
-        positions: entry
-            .positions
-            .iter()
-            .map(|(owner, p)| {
-                (
-                    owner.clone(),
-                    ChunkPosition {
-                        chunk: ChunkName::new(owner.clone(), p.index).to_string(),
-                        offset: p.offset,
-                    },
-                )
-            })
-            .collect(),
-        lag_bytes: lag,
-        generation: entry.generation(),
-    }
 }
 
 fn unknown(category: &str, consumer: &str) -> ApiError {
@@ -76,7 +44,7 @@ pub(super) async fn list(
         .list(&category)
         .into_iter()
         .map(|(name, entry)| ConsumerSummary {
-            lag_bytes: detail(&st, &category, &entry).lag_bytes,
+            lag_bytes: st.consumers.detail(&category, &entry).lag_bytes,
             name,
         })
         .collect();
@@ -90,7 +58,7 @@ pub(super) async fn get(
 ) -> Result<Json<ConsumerDetail>, ApiError> {
     let (category, consumer) = names(path)?;
     match st.consumers.get(&category, &consumer) {
-        Some(e) if e.is_live() => Ok(Json(detail(&st, &category, &e))),
+        Some(e) if e.is_live() => Ok(Json(st.consumers.detail(&category, &e))),
         _ => Err(unknown(&category, &consumer)),
     }
 }
@@ -128,37 +96,11 @@ pub(super) async fn ack(
         ))
     })?;
     let chunk = ChunkName::parse(&req.chunk)?;
-    let entry = ack_chunk(&st, &category, &consumer, &chunk, req.offset).await?;
-    Ok(Json(detail(&st, &category, &entry)))
-}
-
-/// Moves `consumer` past `chunk` up to `offset`, which must be a line
-/// boundary of data this node holds.
-pub(super) async fn ack_chunk(
-    st: &AppState,
-    category: &str,
-    consumer: &str,
-    chunk: &ChunkName,
-    offset: u64,
-) -> Result<ConsumerEntry, ApiError> {
-    let meta = st
-        .storage
-        .check_boundary(category, chunk, offset)
-        .await
-        .map_err(|e| match e {
-            StorageError::UnknownCategory(_) | StorageError::UnknownChunk { .. } => ApiError::BadRequest(format!(
-                "chunk {chunk} of category {category:?} is not held by this node; ack where you read it, or once it has replicated"
-            )),
-            StorageError::OffsetPastEnd { .. } => ApiError::BadRequest(e.to_string()),
-            e => e.into(),
-        })?;
-    Ok(st
+    let entry = st
         .consumers
-        .update(category, consumer, |e| {
-            let p = position_after(e.generation(), chunk, offset, meta.size, meta.complete);
-            e.raise(&chunk.owner, p)
-        })
-        .await?)
+        .ack(&category, &consumer, &chunk, req.offset)
+        .await?;
+    Ok(Json(st.consumers.detail(&category, &entry)))
 }
 
 /// `PUT /v1/categories/{category}/consumers/{consumer}/position`:
@@ -184,50 +126,11 @@ pub(super) async fn set_position(
             )));
         }
     };
-    let entry = move_all(&st, &category, &consumer, latest, true).await?;
-    Ok(Json(detail(&st, &category, &entry)))
-}
-
-/// Sets every owner's position to the start (or the end) of what this node
-/// holds, in a new generation when `rewind`.
-async fn move_all(
-    st: &AppState,
-    category: &str,
-    consumer: &str,
-    latest: bool,
-    rewind: bool,
-) -> Result<ConsumerEntry, ApiError> {
-    let by_owner = chunks_by_owner(&st.storage, category);
-    Ok(st
+    let entry = st
         .consumers
-        .update(category, consumer, |e| {
-            let generation = if rewind {
-                e.generation() + 1
-            } else {
-                e.generation()
-            };
-            let mut changed = false;
-            for (owner, chunks) in &by_owner {
-                let p = match (latest, chunks.first(), chunks.last()) {
-                    (false, Some(first), _) => Position {
-                        generation,
-                        index: first.name.index,
-                        offset: 0,
-                    },
-                    (true, _, Some(last)) => position_after(
-                        generation,
-                        &last.name,
-                        last.meta.size,
-                        last.meta.size,
-                        last.meta.complete,
-                    ),
-                    _ => continue,
-                };
-                changed |= e.raise(owner, p);
-            }
-            changed
-        })
-        .await?)
+        .move_all(&category, &consumer, latest, true)
+        .await?;
+    Ok(Json(st.consumers.detail(&category, &entry)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -280,59 +183,36 @@ pub(super) async fn next(
             Ok::<_, ApiError>((ChunkName::parse(chunk)?, offset))
         })
         .transpose()?;
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut changes = st.storage.subscribe_feed();
-    loop {
-        changes.borrow_and_update();
-        let mut entry = st.consumers.get(&category, &consumer).unwrap_or_default();
-        if start_latest && !entry.is_live() {
-            entry = move_all(&st, &category, &consumer, true, false).await?;
-        }
-        if let Some((chunk, offset)) = &after
-            && let Some(meta) = st.storage.chunk_meta(&category, chunk)
-        {
-            let p = position_after(entry.generation(), chunk, *offset, meta.size, meta.complete);
-            entry.raise(&chunk.owner, p);
-        }
-        let pick = chunks_by_owner(&st.storage, &category)
-            .iter()
-            .filter_map(|(owner, chunks)| next_unread(entry.positions.get(owner), chunks))
-            .min_by_key(|(c, _)| (c.meta.created_ms, c.name.clone()));
-        if let Some((chunk, offset)) = pick {
-            let r = st
-                .storage
-                .read(
-                    &category,
-                    &chunk.name,
-                    offset,
-                    max_bytes,
-                    Duration::ZERO,
-                    &st.shutdown,
-                )
-                .await?;
-            let mut resp = (StatusCode::OK, Body::from(r.data)).into_response();
-            let h = resp.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/x-ndjson"),
-            );
-            h.insert(
-                HEADER_CHUNK,
-                HeaderValue::from_str(&chunk.name.to_string()).expect("chunk names are ASCII"),
-            );
-            h.insert(HEADER_OFFSET, HeaderValue::from(offset));
-            h.insert(HEADER_NEXT_OFFSET, HeaderValue::from(r.next_offset));
-            return Ok(resp);
-        }
-        if tokio::time::Instant::now() >= deadline || st.shutdown.is_cancelled() {
-            return Ok(StatusCode::NO_CONTENT.into_response());
-        }
-        st.metrics.read_waiters.inc();
-        tokio::select! {
-            _ = changes.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = st.shutdown.cancelled() => {}
-        }
-        st.metrics.read_waiters.dec();
-    }
+    let opts = NextOptions {
+        max_bytes,
+        wait,
+        start_latest,
+        after,
+    };
+    let Some(lines) = st
+        .consumers
+        .next(
+            &category,
+            &consumer,
+            &opts,
+            &st.metrics.read_waiters,
+            &st.shutdown,
+        )
+        .await?
+    else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let mut resp = (StatusCode::OK, Body::from(lines.data)).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    h.insert(
+        HEADER_CHUNK,
+        HeaderValue::from_str(&lines.chunk.to_string()).expect("chunk names are ASCII"),
+    );
+    h.insert(HEADER_OFFSET, HeaderValue::from(lines.offset));
+    h.insert(HEADER_NEXT_OFFSET, HeaderValue::from(lines.next_offset));
+    Ok(resp)
 }

@@ -169,6 +169,18 @@ impl From<StorageError> for ApiError {
     }
 }
 
+impl From<crate::consumers::AckError> for ApiError {
+    fn from(e: crate::consumers::AckError) -> Self {
+        use crate::consumers::AckError;
+        match e {
+            AckError::NotHeld { .. } | AckError::NotABoundary(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
+            AckError::Storage(e) => e.into(),
+        }
+    }
+}
+
 impl From<PathRejection> for ApiError {
     fn from(e: PathRejection) -> Self {
         ApiError::BadRequest(format!("invalid path: {}", e.body_text()))
