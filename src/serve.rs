@@ -10,7 +10,7 @@
 //! At most `--max-connections` are open at once. When the cap is full and
 //! another client connects, the connection that has been idle longest (no
 //! request in progress: a silent socket, a half-sent header, a keep-alive
-//! connection between requests), and for at least [`EVICT_GRACE`], is asked
+//! connection between requests), and for at least one second, is asked
 //! to close, so that sockets that do nothing cannot keep clients with
 //! requests waiting until their timeout. A connection with a request in
 //! progress (long polls included) is never chosen; when every connection is
