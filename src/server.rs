@@ -201,7 +201,7 @@ pub async fn run(
     let pullers = TaskTracker::new();
     let stop_pullers = CancellationToken::new();
     replication.start(&pullers, &stop_pullers);
-    pullers.spawn(crate::consumers::retention::run(
+    pullers.spawn(crate::consumers::release::run(
         storage.clone(),
         consumers.clone(),
         stop_pullers.clone(),

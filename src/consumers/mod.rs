@@ -9,7 +9,7 @@
 
 pub mod position;
 mod reading;
-pub mod retention;
+pub mod release;
 pub mod store;
 
 use std::collections::BTreeMap;

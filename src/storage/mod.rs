@@ -50,6 +50,7 @@ mod drop_behind;
 mod error;
 pub mod lock;
 mod read;
+mod reclaim;
 pub(crate) mod recovery;
 mod replica;
 mod restore;
@@ -74,6 +75,7 @@ use tokio_util::task::TaskTracker;
 pub use category::{ChunkMeta, ChunkStatus, now_ms};
 pub use disk::{DiskMonitor, DiskUsage};
 pub use error::StorageError;
+pub use reclaim::Reclaim;
 pub use replica::OwnChange;
 pub use tier::{RemoteChunks, TierOutcome};
 
@@ -667,12 +669,9 @@ impl Storage {
 
     /// Deletes a complete chunk held here (its file and its entry). For this
     /// node's own chunks, the category state first records that the index
-    /// must not be used again. Incomplete chunks are never deleted.
-    pub async fn delete_chunk(
-        &self,
-        category: &str,
-        chunk: &ChunkName,
-    ) -> Result<bool, StorageError> {
+    /// must not be used again. Incomplete chunks are never deleted. Only
+    /// through [`Storage::reclaim`].
+    async fn delete_chunk(&self, category: &str, chunk: &ChunkName) -> Result<bool, StorageError> {
         let cat = self.category(category)?;
         if !cat.meta(chunk).is_some_and(|m| m.complete) {
             return Ok(false);
@@ -704,7 +703,6 @@ impl Storage {
         .await
         .map_err(|e| StorageError::io("delete task failed", std::io::Error::other(e)))??;
         cat.remove(chunk);
-        tracing::info!(category, chunk = %chunk, "chunk deleted: every consumer has acked it");
         Ok(true)
     }
 

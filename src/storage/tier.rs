@@ -29,7 +29,7 @@ use std::sync::Arc;
 use chunkbus_client::ChunkName;
 
 use super::category::{Category, ChunkMeta, now_ms};
-use super::{Storage, StorageError, fsync_dir, state};
+use super::{Reclaim, Storage, StorageError, fsync_dir, state};
 
 /// File name of the upload log inside a category directory.
 pub const UPLOAD_LOG: &str = ".uploads.log";
@@ -296,8 +296,9 @@ impl Storage {
     }
 
     /// Deletes the local copy of a complete, uploaded chunk; it stays listed
-    /// (`local: false`) and readable from the object store.
-    pub async fn evict(
+    /// (`local: false`) and readable from the object store. Only through
+    /// [`Storage::reclaim`].
+    pub(super) async fn evict(
         &self,
         category: &str,
         chunk: &ChunkName,
@@ -324,8 +325,8 @@ impl Storage {
     }
 
     /// Forgets a complete chunk here entirely: its file, its upload record,
-    /// its entry (retention past `--retention`).
-    pub async fn purge(
+    /// its entry (past `--retention`). Only through [`Storage::reclaim`].
+    pub(super) async fn purge(
         &self,
         category: &str,
         chunk: &ChunkName,
@@ -378,11 +379,10 @@ impl Storage {
             if excess == 0 {
                 break;
             }
-            match self.evict(&category, &chunk).await {
+            match self.reclaim(&category, &chunk, Reclaim::DiskPressure).await {
                 Ok(TierOutcome::Done) => {
                     freed += meta.size;
                     excess = excess.saturating_sub(meta.size);
-                    tracing::info!(category, chunk = %chunk, bytes = meta.size, "disk above the high-water mark: uploaded chunk evicted");
                 }
                 Ok(_) => {}
                 Err(e) => {

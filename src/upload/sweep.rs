@@ -6,8 +6,8 @@
 //!   the node that uploads a chunk deletes its object, every node deletes its
 //!   copy and its record. Without S3 this is plain local retention.
 //!
-//! Eviction of acknowledged chunks is event-driven (the consumers'
-//! retention); eviction under disk pressure is the storage's disk monitor's.
+//! Both decide when; `Storage::reclaim` decides how (see `storage::reclaim`
+//! for every reason a chunk leaves a node).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{Responsibility, Tiering};
-use crate::storage::TierOutcome;
+use crate::storage::Reclaim;
 use crate::storage::now_ms;
 
 /// Shortest and longest time between two sweeps.
@@ -61,10 +61,11 @@ async fn sweep(tier: &Tiering) {
                 && m.local
                 && older_than(m.created_ms, tier.retention.local_retention)
             {
-                match tier.storage.evict(&category, &c.name).await {
-                    Ok(TierOutcome::Done) => {
-                        tracing::info!(category, chunk = %c.name, "local copy evicted: older than --local-retention")
-                    }
+                match tier
+                    .storage
+                    .reclaim(&category, &c.name, Reclaim::LocalAge)
+                    .await
+                {
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(category, chunk = %c.name, error = %e, "cannot evict a chunk")
@@ -97,10 +98,11 @@ async fn expire(
             return;
         }
     }
-    match tier.storage.purge(category, chunk).await {
-        Ok(TierOutcome::Done) => {
-            tracing::info!(category, chunk = %chunk, "chunk deleted: older than --retention")
-        }
+    match tier
+        .storage
+        .reclaim(category, chunk, Reclaim::Expired)
+        .await
+    {
         Ok(_) => {}
         Err(e) => {
             tracing::warn!(category, chunk = %chunk, error = %e, "cannot delete an expired chunk")

@@ -1,12 +1,12 @@
-//! Retention that respects readers (Chukcha's behaviour): a complete chunk
-//! that every consumer of its category has fully acknowledged is deleted
-//! locally. With S3 on, its local copy is evicted instead, once it is
-//! uploaded; it stays listed and readable from S3. A category without
-//! consumers keeps everything.
+//! Releasing what readers are done with (Chukcha's behaviour): a complete
+//! chunk that every consumer of its category has fully acknowledged is
+//! reclaimed ([`Reclaim::Acknowledged`]: deleted, or with S3 its local copy
+//! evicted once uploaded, the chunk staying listed and readable from S3). A
+//! category without consumers keeps everything.
 //!
 //! The task wakes on position changes and on chunk changes (a chunk read to
-//! its end becomes deletable when it completes), at most once per
-//! [`RETENTION_MIN_INTERVAL`], and scans the categories that have consumers.
+//! its end becomes releasable when it completes), at most once per
+//! [`RELEASE_MIN_INTERVAL`], and scans the categories that have consumers.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,10 +15,10 @@ use chunkbus_client::ChunkName;
 use tokio_util::sync::CancellationToken;
 
 use super::{Consumers, fully_read};
-use crate::storage::{ChunkStatus, Storage};
+use crate::storage::{ChunkStatus, Reclaim, Storage};
 
 /// Shortest time between two scans.
-pub const RETENTION_MIN_INTERVAL: Duration = Duration::from_secs(1);
+pub const RELEASE_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Consumers {
     /// True when the category has consumers and every one of them has
@@ -32,8 +32,8 @@ impl Consumers {
     }
 }
 
-/// The chunks of `category` held here that may be deleted now.
-pub fn deletable(storage: &Storage, consumers: &Consumers, category: &str) -> Vec<ChunkName> {
+/// The chunks of `category` held here that every consumer is done with.
+pub fn releasable(storage: &Storage, consumers: &Consumers, category: &str) -> Vec<ChunkName> {
     storage
         .chunks(category)
         .unwrap_or_default()
@@ -43,20 +43,16 @@ pub fn deletable(storage: &Storage, consumers: &Consumers, category: &str) -> Ve
         .collect()
 }
 
-/// Deletes fully acknowledged chunks until `cancel`.
+/// Releases fully acknowledged chunks until `cancel`.
 pub async fn run(storage: Storage, consumers: Arc<Consumers>, cancel: CancellationToken) {
     let mut positions = consumers.subscribe();
     let mut chunks = storage.subscribe_feed();
     loop {
         for category in storage.categories() {
-            for chunk in deletable(&storage, &consumers, &category) {
-                // With S3 the local copy goes once uploaded (the chunk stays
-                // readable); without it the chunk is deleted.
-                let done = if storage.tiered() {
-                    storage.evict(&category, &chunk).await.map(|_| ())
-                } else {
-                    storage.delete_chunk(&category, &chunk).await.map(|_| ())
-                };
+            for chunk in releasable(&storage, &consumers, &category) {
+                let done = storage
+                    .reclaim(&category, &chunk, Reclaim::Acknowledged)
+                    .await;
                 if let Err(e) = done {
                     tracing::warn!(category, chunk = %chunk, error = %e, "cannot release an acknowledged chunk");
                 }
@@ -64,7 +60,7 @@ pub async fn run(storage: Storage, consumers: Arc<Consumers>, cancel: Cancellati
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(RETENTION_MIN_INTERVAL) => {}
+            _ = tokio::time::sleep(RELEASE_MIN_INTERVAL) => {}
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
