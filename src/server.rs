@@ -67,7 +67,10 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         })?;
     raise_fd_limit(cfg.max_connections, cfg.max_categories);
     let shutdown = CancellationToken::new();
-    let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
+    let signals = tokio::spawn(stop_on_signal(
+        shutdown.clone(),
+        "finishing in-flight requests",
+    ));
     let result = run(cfg, listener, shutdown).await;
     signals.abort();
     result
@@ -145,9 +148,14 @@ fn reload_on_sighup(
     }
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT; the handlers are installed when
-/// this is called (see [`reload_on_sighup`]).
-fn stop_on_signal(shutdown: CancellationToken) -> impl Future<Output = ()> {
+/// Cancels `shutdown` on SIGTERM or SIGINT, logging `doing` ("stopping:
+/// ..."); the handlers are installed when this is called, not when the
+/// future first runs (see [`reload_on_sighup`]). The node and `chunkbus
+/// ship` stop this way.
+pub fn stop_on_signal(
+    shutdown: CancellationToken,
+    doing: &'static str,
+) -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let handlers = (
         signal(SignalKind::terminate()),
@@ -162,7 +170,7 @@ fn stop_on_signal(shutdown: CancellationToken) -> impl Future<Output = ()> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!(signal = name, "stopping: finishing in-flight requests");
+        tracing::info!(signal = name, "stopping: {doing}");
         shutdown.cancel();
     }
 }

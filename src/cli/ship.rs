@@ -124,20 +124,10 @@ pub fn groups(cmd: ShipCmd) -> Result<Vec<ShipConfig>, String> {
 pub async fn ship(cmd: ShipCmd) -> Result<(), String> {
     let groups = groups(cmd)?;
     let stop = CancellationToken::new();
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            if let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
-                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-                tracing::info!("stopping: sending what was read and saving the registry");
-                stop.cancel();
-            }
-        });
-    }
+    tokio::spawn(crate::server::stop_on_signal(
+        stop.clone(),
+        "sending what was read and saving the registry",
+    ));
     let mut tasks = tokio::task::JoinSet::new();
     for g in groups {
         tasks.spawn(ship::run(g, stop.clone()));

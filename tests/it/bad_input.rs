@@ -369,6 +369,49 @@ async fn writes_create_categories_up_to_the_limit_only() {
     node.stop().await;
 }
 
+/// A category costs a task, not an OS thread: 200 categories created by
+/// synced writes leave the node's thread count where it was (each took a
+/// group-commit thread of its own before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn categories_do_not_cost_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = crate::harness::BinNode::start(dir.path(), &["--sync", "always"]).await;
+    let threads = || {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", node.child.id().unwrap())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let client = reqwest::Client::new();
+    let write = |cat: String| {
+        client
+            .post(node.url(&format!("/v1/categories/{cat}/lines")))
+            .body("x\n")
+            .send()
+    };
+    // The first synced write starts whatever the node starts once.
+    assert_eq!(write("warm".into()).await.unwrap().status(), StatusCode::OK);
+    let before = threads();
+    for i in 0..200 {
+        assert_eq!(
+            write(format!("cat{i}")).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    let after = threads();
+    // Blocking-pool threads come and go with load; a thread per category
+    // would add 200.
+    assert!(
+        after < before + 20,
+        "{before} threads before, {after} after"
+    );
+}
+
 /// The node raises its soft limit of open files to the hard one at start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_open_files_limit_is_raised_to_the_hard_limit() {
