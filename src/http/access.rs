@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -69,13 +69,11 @@ fn category_of(route: &str, req: &Request) -> Option<String> {
 /// Refuses requests without the credentials their route's `access` needs;
 /// hands the handler the [`crate::auth::Principal`] as a request extension.
 pub(super) async fn authorize(
-    State((st, access)): State<(Arc<AppState>, Access)>,
-    matched: Option<MatchedPath>,
+    State((st, access, route)): State<(Arc<AppState>, Access, &'static str)>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let route = matched.map(|m| m.as_str().to_owned()).unwrap_or_default();
-    let category = category_of(&route, &req);
+    let category = category_of(route, &req);
     match st
         .auth
         .check(req.headers(), access.need(category.as_deref()))
@@ -86,7 +84,7 @@ pub(super) async fn authorize(
         }
         Err(e) => {
             if let crate::auth::AuthError::Unauthenticated(why) = &e {
-                st.auth.note_refused(&route, why);
+                st.auth.note_refused(route, why);
             }
             ApiError::from(e).into_response()
         }

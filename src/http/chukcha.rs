@@ -5,10 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use chunkbus_client::{ChukchaChunk, ChunkName, ProduceResponse};
 use serde::Deserialize;
@@ -44,9 +42,9 @@ pub(super) struct WriteQuery {
 pub(super) async fn write(
     State(st): State<Arc<AppState>>,
     query: Result<Query<WriteQuery>, QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
+    req: axum::extract::Request,
 ) -> Result<Json<ProduceResponse>, ApiError> {
+    let (parts, body) = req.into_parts();
     let Query(q) = query?;
     let category = category(&q.category)?;
     let min_replicas = q
@@ -60,7 +58,9 @@ pub(super) async fn write(
         min_replicas,
         timeout: CHUKCHA_REPLICA_TIMEOUT,
     };
-    ingest(&st, category, &headers, body, opts).await.map(Json)
+    ingest(&st, category, &parts.headers, body, opts)
+        .await
+        .map(Json)
 }
 
 #[derive(Debug, Deserialize)]

@@ -238,6 +238,18 @@ pub fn route_table() -> Vec<(Method, &'static str, Access)> {
         .collect()
 }
 
+/// The name of one of the methods routes use.
+fn method_name(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        _ => "OTHER",
+    }
+}
+
 /// Every route of a node, each behind the check of its access.
 pub fn router(state: Arc<AppState>) -> Router {
     let mut router = Router::new();
@@ -249,17 +261,22 @@ pub fn router(state: Arc<AppState>) -> Router {
                 ops::bounded_body,
             ));
         }
-        let guarded = handler.route_layer(axum::middleware::from_fn_with_state(
-            (state.clone(), r.access),
-            access::authorize,
-        ));
+        let guarded = handler
+            .route_layer(axum::middleware::from_fn_with_state(
+                (state.clone(), r.access, r.path),
+                access::authorize,
+            ))
+            .route_layer(axum::middleware::from_fn_with_state(
+                Arc::new(ops::RouteMetrics::new(
+                    state.metrics.clone(),
+                    method_name(&r.method),
+                    r.path,
+                )),
+                ops::track,
+            ));
         router = router.route(r.path, guarded);
     }
     router
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            ops::track,
-        ))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .with_state(state)

@@ -1,16 +1,19 @@
 //! Operations routes (`/healthz`, `/metrics`), request metrics and the
 //! JSON fallbacks for unknown routes and methods.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, AppState};
-use crate::metrics::{RequestLabels, RouteLabels};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 
 /// Largest body of the routes that take small JSON bodies (acks,
 /// positions, the internal routes).
@@ -90,31 +93,78 @@ fn visible_metrics(text: &str, principal: &crate::auth::Principal) -> String {
     out
 }
 
-/// Counts every routed request by route and status, and times it.
+/// One route's request metrics, resolved once per route and status rather
+/// than looked up by their labels on every request.
+#[derive(Debug)]
+pub(super) struct RouteMetrics {
+    metrics: Arc<Metrics>,
+    method: &'static str,
+    route: &'static str,
+    /// Created with the route's first answer, so that /metrics lists the
+    /// routes that were used.
+    seconds: OnceLock<Histogram>,
+    by_status: RwLock<Vec<(u16, Counter)>>,
+}
+
+impl RouteMetrics {
+    pub(super) fn new(metrics: Arc<Metrics>, method: &'static str, route: &'static str) -> Self {
+        Self {
+            metrics,
+            method,
+            route,
+            seconds: OnceLock::new(),
+            by_status: RwLock::new(Vec::new()),
+        }
+    }
+
+    fn observe(&self, seconds: f64, status: u16) {
+        self.seconds
+            .get_or_init(|| {
+                self.metrics
+                    .http_request_seconds
+                    .get_or_create(&RouteLabels {
+                        method: self.method.to_owned(),
+                        route: self.route.to_owned(),
+                    })
+                    .clone()
+            })
+            .observe(seconds);
+        let known = self
+            .by_status
+            .read()
+            .unwrap()
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map(|(_, c)| c.clone());
+        let counter = known.unwrap_or_else(|| {
+            let counter = self
+                .metrics
+                .http_requests
+                .get_or_create(&RequestLabels {
+                    method: self.method.to_owned(),
+                    route: self.route.to_owned(),
+                    status,
+                })
+                .clone();
+            self.by_status
+                .write()
+                .unwrap()
+                .push((status, counter.clone()));
+            counter
+        });
+        counter.inc();
+    }
+}
+
+/// Counts every request of a route by status, and times it.
 pub(super) async fn track(
-    State(st): State<Arc<AppState>>,
-    matched: Option<MatchedPath>,
+    State(route): State<Arc<RouteMetrics>>,
     req: Request,
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let method = req.method().as_str().to_owned();
-    let route = matched.map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let resp = next.run(req).await;
-    let m = &st.metrics;
-    m.http_request_seconds
-        .get_or_create(&RouteLabels {
-            method: method.clone(),
-            route: route.clone(),
-        })
-        .observe(started.elapsed().as_secs_f64());
-    m.http_requests
-        .get_or_create(&RequestLabels {
-            method,
-            route,
-            status: resp.status().as_u16(),
-        })
-        .inc();
+    route.observe(started.elapsed().as_secs_f64(), resp.status().as_u16());
     resp
 }
 

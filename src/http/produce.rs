@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use chunkbus_client::ProduceResponse;
@@ -40,9 +40,11 @@ pub(super) async fn produce(
     State(st): State<Arc<AppState>>,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<ProduceQuery>, QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
+    // The request whole, not `HeaderMap` and `Body`: that extractor clones
+    // every header.
+    req: Request,
 ) -> Result<Json<ProduceResponse>, ApiError> {
+    let (parts, body) = req.into_parts();
     let Path(category) = path?;
     let Query(q) = query?;
     let opts = WriteOptions {
@@ -64,7 +66,9 @@ pub(super) async fn produce(
             .transpose()?
             .unwrap_or(DEFAULT_REPLICA_TIMEOUT),
     };
-    ingest(&st, &category, &headers, body, opts).await.map(Json)
+    ingest(&st, &category, &parts.headers, body, opts)
+        .await
+        .map(Json)
 }
 
 /// Validates, decodes and appends one request body.
