@@ -89,12 +89,14 @@ pub async fn serve<L>(
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => loop {
+                open.waiting.store(true, Ordering::SeqCst);
                 let turned_idle = open.turned_idle.notified();
                 if open.evict_longest_idle() {
                     limits.evicted.inc();
                 }
                 tokio::select! {
                     slot = slots.clone().acquire_owned() => {
+                        open.waiting.store(false, Ordering::SeqCst);
                         break slot.expect("the connection semaphore is never closed");
                     }
                     _ = turned_idle => {}
@@ -176,8 +178,12 @@ struct OpenConnections {
     next_id: AtomicU64,
     /// When the map was made; `Conn::idle_since` counts from here.
     epoch: Instant,
-    /// Signalled when a connection's last request ends.
+    /// Signalled when a connection's last request ends, while `waiting`.
     turned_idle: Notify,
+    /// A new connection waits for a slot (only then is `turned_idle`
+    /// signalled: a missed signal costs at most the grace, which the
+    /// waiter sleeps anyway).
+    waiting: AtomicBool,
 }
 
 impl Default for OpenConnections {
@@ -187,6 +193,7 @@ impl Default for OpenConnections {
             next_id: AtomicU64::new(0),
             epoch: Instant::now(),
             turned_idle: Notify::new(),
+            waiting: AtomicBool::new(false),
         }
     }
 }
@@ -265,7 +272,9 @@ impl Drop for Busy {
         self.conn
             .idle_since
             .store(self.open.now(), Ordering::Relaxed);
-        if self.conn.requests.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.conn.requests.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.open.waiting.load(Ordering::SeqCst)
+        {
             self.open.turned_idle.notify_waiters();
         }
     }
