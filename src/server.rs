@@ -150,7 +150,7 @@ fn reload_on_sighup(
 
 /// Cancels `shutdown` on SIGTERM or SIGINT, logging `doing` ("stopping:
 /// ..."); the handlers are installed when this is called, not when the
-/// future first runs (see [`reload_on_sighup`]). The node and `chunkbus
+/// future first runs (as for SIGHUP). The node and `chunkbus
 /// ship` stop this way.
 pub fn stop_on_signal(
     shutdown: CancellationToken,

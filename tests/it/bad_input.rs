@@ -417,18 +417,11 @@ async fn categories_do_not_cost_threads() {
 async fn the_open_files_limit_is_raised_to_the_hard_limit() {
     let dir = tempfile::tempdir().unwrap();
     // Started with a soft limit below the hard one.
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\""])
-        .arg(env!("CARGO_BIN_EXE_chunkbus"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--node",
-            "t1",
-            "--data-dir",
-        ])
-        .arg(dir.path());
+    let cmd = crate::harness::wrapped_serve_command(
+        &["sh", "-c", "ulimit -Sn 256 && exec \"$0\" \"$@\""],
+        "t1",
+        dir.path(),
+    );
     let node = crate::harness::BinNode::spawn(cmd).await;
     let limits =
         std::fs::read_to_string(format!("/proc/{}/limits", node.child.id().unwrap())).unwrap();
@@ -451,20 +444,9 @@ async fn the_open_files_limit_is_raised_to_the_hard_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_file_descriptors_is_a_retryable_503() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = tokio::process::Command::new("prlimit");
-    cmd.arg("--nofile=64:64")
-        .arg(env!("CARGO_BIN_EXE_chunkbus"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--node",
-            "t1",
-            "--max-connections",
-            "8",
-            "--data-dir",
-        ])
-        .arg(dir.path());
+    let mut cmd =
+        crate::harness::wrapped_serve_command(&["prlimit", "--nofile=64:64"], "t1", dir.path());
+    cmd.args(["--max-connections", "8"]);
     let node = crate::harness::BinNode::spawn(cmd).await;
     assert!(
         node.stderr

@@ -181,7 +181,21 @@ pub async fn wait_healthy(http: &reqwest::Client, url: &str) {
 
 /// `chunkbus serve --listen 127.0.0.1:0 --node NODE --data-dir DIR`.
 pub fn serve_command(node: &str, dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chunkbus"));
+    wrapped_serve_command(&[], node, dir)
+}
+
+/// [`serve_command`] run by `wrapper` (a program and its arguments, before
+/// the binary's path), e.g. `prlimit --nofile=64:64`; none: run directly.
+pub fn wrapped_serve_command(wrapper: &[&str], node: &str, dir: &Path) -> Command {
+    let bin = env!("CARGO_BIN_EXE_chunkbus");
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    };
     cmd.args([
         "serve",
         "--listen",
