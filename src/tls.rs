@@ -3,14 +3,18 @@
 //! Handshakes run on their own tasks, a bounded number at once and each
 //! bounded in time, so that a client that connects and stays silent holds
 //! neither the accept loop nor anyone else's handshake. When every slot is
-//! taken, the handshake that started first is dropped to make room: sockets
-//! that never send a ClientHello cannot make real clients wait for the
-//! handshake timeout.
+//! taken, the handshake that started first and is not finished is dropped
+//! to make room: sockets that never send a ClientHello cannot make real
+//! clients wait for the handshake timeout. A finished handshake keeps its
+//! slot until the server takes the connection, so that while the
+//! connection cap is full, connections wait in the kernel's backlog rather
+//! than pile up here.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
@@ -76,8 +80,10 @@ impl TlsListener {
         let (tx, ready) = mpsc::channel(64);
         let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         let accept_task = tokio::spawn(async move {
-            // Handshakes in the order they started (some already over).
-            let mut started: VecDeque<tokio::task::AbortHandle> = VecDeque::new();
+            // Handshakes in the order they started, each with whether it
+            // is finished (its connection waiting for the server).
+            let mut started: VecDeque<(tokio::task::AbortHandle, Arc<AtomicBool>)> =
+                VecDeque::new();
             loop {
                 let (stream, peer) = match tcp.accept().await {
                     Ok(c) => c,
@@ -88,13 +94,18 @@ impl TlsListener {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                started.retain(|h| !h.is_finished());
+                started.retain(|(h, _)| !h.is_finished());
                 let permit = match slots.clone().try_acquire_owned() {
                     Ok(permit) => permit,
                     Err(_) => {
-                        // Full: the oldest handshake goes (dropping its task
-                        // closes its socket and frees its slot).
-                        if let Some(oldest) = started.pop_front() {
+                        // Full: the oldest unfinished handshake goes
+                        // (dropping its task closes its socket and frees its
+                        // slot); if every one is finished, wait.
+                        if let Some(at) = started
+                            .iter()
+                            .position(|(_, shaken)| !shaken.load(Ordering::Acquire))
+                            && let Some((oldest, _)) = started.remove(at)
+                        {
                             oldest.abort();
                             tracing::debug!(
                                 "TLS handshake slots full; dropped the oldest handshake"
@@ -107,24 +118,23 @@ impl TlsListener {
                     }
                 };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let shaken = Arc::new(AtomicBool::new(false));
+                let done = shaken.clone();
                 let task = tokio::spawn(async move {
                     let shake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
                     match shake.await {
                         Ok(Ok(tls)) => {
+                            // Set before the next await: from here on this
+                            // task is never chosen to make room.
+                            done.store(true, Ordering::Release);
+                            let _ = tx.send((tls, peer)).await;
                             drop(permit);
-                            // Handed over from a task of its own: this one
-                            // ends here, so that a connection whose
-                            // handshake is done is never dropped to make
-                            // room for another handshake.
-                            tokio::spawn(async move {
-                                let _ = tx.send((tls, peer)).await;
-                            });
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 });
-                started.push_back(task.abort_handle());
+                started.push_back((task.abort_handle(), shaken));
             }
         });
         Ok(Self {
