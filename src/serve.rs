@@ -21,7 +21,6 @@
 //! return at once); after [`DRAIN_DEADLINE`] the rest are dropped.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +28,6 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::serve::Listener;
-use http_body_util::BodyExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -122,14 +120,13 @@ pub async fn serve<L>(
                 let mut app = app.clone();
                 async move {
                     // A router is always ready: no poll_ready needed.
-                    let resp = app.call(req.map(Body::new)).await?;
-                    // Busy until the response body is sent (or dropped).
-                    Ok::<_, Infallible>(resp.map(|body| {
-                        Body::new(body.map_frame(move |frame| {
-                            let _ = &busy;
-                            frame
-                        }))
-                    }))
+                    let resp = app.call(req.map(Body::new)).await;
+                    // Busy until the handler answers (a long poll while it
+                    // waits). A connection chosen while its answer is still
+                    // being sent finishes sending it before it closes: no
+                    // wrapper around every response body is needed.
+                    drop(busy);
+                    resp
                 }
             })
         };
@@ -243,7 +240,7 @@ impl OpenConnections {
 #[derive(Debug)]
 struct Conn {
     id: u64,
-    /// Requests in progress (received, response not yet all sent).
+    /// Requests in progress (received, not yet answered).
     requests: AtomicUsize,
     /// When its last request ended (or it was accepted), in µs from
     /// `OpenConnections::epoch`.
@@ -253,8 +250,8 @@ struct Conn {
     evicted: AtomicBool,
 }
 
-/// A request in progress on a connection, from its head to the end of its
-/// response body.
+/// A request in progress on a connection, from its head to its handler's
+/// answer.
 struct Busy {
     conn: Arc<Conn>,
     open: Arc<OpenConnections>,
