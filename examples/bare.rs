@@ -10,10 +10,14 @@
 //!                         covers every request waiting when it starts
 //! bare pread FILE         GET any path ?offset=N&max_bytes=M: one pread of
 //!                         that range of FILE into a buffer, answered whole
+//! bare mmap FILE          the same range answered from one mapping of the
+//!                         whole FILE, made at start (no copy but the
+//!                         kernel's into the socket; FILE must not change)
 //! ```
 //!
 //! Each listens on 127.0.0.1 (an ephemeral port) and prints
 //! `bare listening on http://ADDR`.
+#![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -77,6 +81,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let file = Arc::new(File::open(path)?);
             Router::new().fallback(get(pread)).with_state(file)
         }
+        "mmap" => Router::new()
+            .fallback(get(mapped))
+            .with_state(Bytes::from_owner(Mapped::new(&File::open(path)?)?)),
         other => return Err(format!("unknown mode {other}").into()),
     };
     tokio::runtime::Runtime::new()?.block_on(async move {
@@ -154,4 +161,39 @@ async fn pread(State(file): State<Arc<File>>, Query(q): Query<ReadQuery>) -> Res
         Ok(()) => buf.into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+/// A read-only mapping of a whole file, never unmapped (the process ends).
+struct Mapped(&'static [u8]);
+
+impl Mapped {
+    fn new(file: &File) -> std::io::Result<Self> {
+        let len = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
+        // SAFETY: a new read-only mapping of a file nothing changes while
+        // this process runs; it is never unmapped, so the slice stays valid.
+        let bytes = unsafe {
+            let ptr = rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ,
+                rustix::mm::MapFlags::SHARED,
+                file,
+                0,
+            )?;
+            std::slice::from_raw_parts(ptr.cast::<u8>(), len)
+        };
+        Ok(Mapped(bytes))
+    }
+}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        self.0
+    }
+}
+
+async fn mapped(State(file): State<Bytes>, Query(q): Query<ReadQuery>) -> Response {
+    let start = q.offset.min(file.len() as u64) as usize;
+    let end = q.offset.saturating_add(q.max_bytes).min(file.len() as u64) as usize;
+    file.slice(start..end).into_response()
 }

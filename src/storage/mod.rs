@@ -49,6 +49,7 @@ pub mod disk;
 mod drop_behind;
 mod error;
 pub mod lock;
+mod mapped;
 mod read;
 mod reclaim;
 pub(crate) mod recovery;
@@ -214,6 +215,8 @@ struct Shared {
     replica_cache: std::sync::Mutex<HashMap<(String, String), drop_behind::DropBehind>>,
     /// The group-commit threads of every category.
     syncers: syncer::SyncPool,
+    /// Mappings of recently read complete chunks.
+    mapped: Arc<mapped::MappedChunks>,
     tasks: TaskTracker,
     cancel: CancellationToken,
     _lock: lock::DirLock,
@@ -270,6 +273,7 @@ impl Storage {
                 completions,
                 replica_cache: Default::default(),
                 syncers,
+                mapped: Arc::default(),
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
                 _lock: lock,
@@ -651,15 +655,15 @@ impl Storage {
             waiters.dec();
         };
         let name = chunk.to_string();
-        let (data, next_offset) = self
-            .with_bytes(&cat, chunk, meta.local, move |file| {
-                read::read_lines(file, &name, offset, meta.size, max_bytes)
+        let (data, next_offset, lines) = self
+            .with_bytes(&cat, chunk, &meta, move |file| {
+                let (data, next) = read::read_lines(file, &name, offset, meta.size, max_bytes)?;
+                let lines = file.count_lines(&data, offset);
+                Ok((data, next, lines))
             })
             .await?;
         cat.metrics.bytes_out.inc_by(data.len() as u64);
-        cat.metrics
-            .lines_out
-            .inc_by(memchr::memchr_iter(b'\n', &data).count() as u64);
+        cat.metrics.lines_out.inc_by(lines);
         Ok(ReadResult {
             data,
             next_offset,
@@ -730,7 +734,7 @@ impl Storage {
             return Ok(meta);
         }
         let name = chunk.to_string();
-        self.with_bytes(&cat, chunk, meta.local, move |file| {
+        self.with_bytes(&cat, chunk, &meta, move |file| {
             let mut b = [0u8; 1];
             file.read_exact_at(&mut b, offset - 1)
                 .map_err(|e| StorageError::io(format!("cannot read chunk {name}"), e))?;
@@ -738,7 +742,7 @@ impl Storage {
                 Ok(meta)
             } else {
                 Err(StorageError::NotLineBoundary {
-                    chunk: name,
+                    chunk: name.clone(),
                     offset,
                 })
             }
@@ -753,16 +757,37 @@ impl Storage {
         &self,
         cat: &Arc<Category>,
         chunk: &ChunkName,
-        local: bool,
-        f: impl FnOnce(&dyn read::ReadAt) -> Result<T, StorageError> + Send + 'static,
+        meta: &ChunkMeta,
+        f: impl Fn(&dyn read::ReadAt) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
+        let (local, complete, size) = (meta.local, meta.complete, meta.size);
+        let mapped = self.shared.mapped.clone();
         let path = cat.chunk_path(chunk);
+        // Bytes of a complete chunk read before and still in memory are
+        // served here, without a hand-off to a blocking thread.
+        if local
+            && complete
+            && size > 0
+            && let Some(m) = mapped.cached(&path, size)
+        {
+            match f(&m) {
+                Err(StorageError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::WouldBlock => {}
+                done => return done,
+            }
+        }
         let remote = self.remote().cloned();
         let (category, chunk) = (cat.name.clone(), chunk.clone());
         tokio::task::spawn_blocking(move || {
             if local {
-                match std::fs::File::open(&path) {
-                    Ok(file) => return f(&file),
+                // A complete chunk never changes: read from its mapping.
+                let opened: std::io::Result<Box<dyn read::ReadAt>> = if complete && size > 0 {
+                    mapped.get(&path, size).map(|m| Box::new(m) as _)
+                } else {
+                    std::fs::File::open(&path).map(|file| Box::new(file) as _)
+                };
+                match opened {
+                    Ok(file) => return f(&*file),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound && remote.is_some() => {}
                     Err(e) => {
                         return Err(StorageError::io(format!("cannot read chunk {chunk}"), e));

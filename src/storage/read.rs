@@ -18,6 +18,16 @@ pub(super) trait ReadAt {
         self.read_exact_at(&mut buf, offset)?;
         Ok(buf)
     }
+
+    /// Exactly `len` bytes from `offset`, copied or shared.
+    fn read_bytes_at(&self, len: usize, offset: u64) -> std::io::Result<Bytes> {
+        self.read_vec_at(len, offset).map(Bytes::from)
+    }
+
+    /// Lines in `data`, which was read from `offset`.
+    fn count_lines(&self, data: &[u8], _offset: u64) -> u64 {
+        memchr::memchr_iter(b'\n', data).count() as u64
+    }
 }
 
 impl ReadAt for File {
@@ -42,6 +52,21 @@ impl ReadAt for File {
         // The capacity may exceed `len`, and a read fill it.
         buf.truncate(len);
         Ok(buf)
+    }
+}
+
+/// A complete chunk's reads share its mapping's pages.
+impl ReadAt for super::mapped::MappedChunk {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.read_into(buf, offset)
+    }
+
+    fn read_bytes_at(&self, len: usize, offset: u64) -> std::io::Result<Bytes> {
+        self.read(len, offset)
+    }
+
+    fn count_lines(&self, data: &[u8], offset: u64) -> u64 {
+        super::mapped::MappedChunk::count_lines(self, offset, data.len())
     }
 }
 
@@ -72,7 +97,7 @@ pub(super) fn read_lines(
     let mut first_round = true;
     loop {
         let buf = file
-            .read_vec_at((lead + want) as usize, start)
+            .read_bytes_at((lead + want) as usize, start)
             .map_err(io)?;
         if lead == 1 && buf[0] != b'\n' {
             return Err(StorageError::NotLineBoundary {
@@ -95,7 +120,7 @@ pub(super) fn read_lines(
         if let Some(last) = found {
             let end = lead as usize + last + 1;
             let next = offset + last as u64 + 1;
-            return Ok((Bytes::from(buf).slice(lead as usize..end), next));
+            return Ok((buf.slice(lead as usize..end), next));
         }
         // A single line longer than max_bytes: read on until its end. The
         // bytes up to `size` always end with a newline, so this terminates.

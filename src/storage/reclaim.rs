@@ -69,6 +69,9 @@ impl Storage {
             Reclaim::Expired => self.purge(category, chunk).await?,
         };
         if outcome == TierOutcome::Done {
+            if let Ok(cat) = self.category(category) {
+                self.shared.mapped.forget(&cat.chunk_path(chunk));
+            }
             let how = match why {
                 Reclaim::Expired => "deleted",
                 _ if self.tiered() => "local copy evicted",

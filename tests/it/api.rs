@@ -239,6 +239,72 @@ async fn sync_modes_and_restart_keep_every_line() {
     node.stop().await;
 }
 
+/// A complete chunk is read from a mapping of its file (faulted in and
+/// counted on a first read, then served from memory): every range comes
+/// back as whole lines, the same each time, and lines_out counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_a_complete_chunk_are_whole_lines_every_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = crate::harness::config(tmp.path());
+    let node = TestNode::start_config(cfg.clone()).await;
+    let mut body = String::new();
+    for i in 0..5_000 {
+        body.push_str(&format!("{i:05} {}\n", "x".repeat(i % 113)));
+    }
+    assert_eq!(
+        node.post("app", "", body.clone()).await.status(),
+        StatusCode::OK
+    );
+    node.stop().await;
+    // After the restart the chunk is complete.
+    let node = TestNode::start_config(cfg).await;
+    let chunk = "t1-chunk000000000";
+    let (mut served_lines, mut served_bytes) = (0, 0);
+    for round in 0..3 {
+        let mut offset = 0;
+        let mut got = String::new();
+        // Ranges that start and end inside blocks and span several.
+        for max_bytes in [1, 5_000, 4_096, 70_000, 300].iter().cycle() {
+            let r = node
+                .get(&format!(
+                    "/v1/categories/app/chunks/{chunk}?offset={offset}&max_bytes={max_bytes}"
+                ))
+                .await;
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(header(&r, "chunkbus-complete"), "true");
+            let next: usize = header(&r, "chunkbus-next-offset").parse().unwrap();
+            let text = r.text().await.unwrap();
+            assert!(
+                text.ends_with('\n'),
+                "round {round}: not whole lines at {offset}"
+            );
+            assert_eq!(next, offset + text.len());
+            served_lines += text.matches('\n').count();
+            served_bytes += text.len();
+            got.push_str(&text);
+            offset = next;
+            if offset == body.len() {
+                break;
+            }
+        }
+        assert_eq!(got, body, "round {round}");
+    }
+    // Not on a line boundary: refused, from memory as from the file.
+    let r = node
+        .get(&format!("/v1/categories/app/chunks/{chunk}?offset=3"))
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let text = node.get("/metrics").await.text().await.unwrap();
+    for want in [
+        format!("chunkbus_lines_out_total{{category=\"app\"}} {served_lines}"),
+        format!("chunkbus_bytes_out_total{{category=\"app\"}} {served_bytes}"),
+    ] {
+        assert!(text.contains(&want), "missing {want:?} in\n{text}");
+    }
+    assert_eq!(served_lines, 3 * 5_000);
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_bytes_and_fsyncs() {
     let node = TestNode::start().await;
