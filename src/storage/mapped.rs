@@ -18,8 +18,7 @@
 //! sending from it are done.
 //!
 //! The only `unsafe` code of the server (mmap, munmap, madvise, mincore),
-//! allowed
-//! here because `scripts/bench overhead` shows what it pays: see
+//! allowed here because `scripts/bench overhead` shows what it pays: see
 //! `docs/benchmarks.md`.
 #![allow(unsafe_code)]
 
