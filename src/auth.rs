@@ -352,6 +352,13 @@ impl Auth {
         self.cluster.is_some()
     }
 
+    /// Whether requests of this kind pass without credentials (no tokens;
+    /// for `peer` routes, no cluster secret either): the same answer as
+    /// [`Auth::check`] giving [`Principal::Anonymous`] for any need.
+    pub fn is_open(&self, peer: bool) -> bool {
+        self.tokens.read().unwrap().is_empty() && (!peer || self.cluster.is_none())
+    }
+
     /// Authenticates the request's credentials and checks `need`.
     pub fn check(&self, headers: &HeaderMap, need: Need<'_>) -> Result<Principal, AuthError> {
         if need == Need::Nothing {

@@ -195,8 +195,23 @@ impl ChunkName {
 }
 
 impl fmt::Display for ChunkName {
+    /// `owner-chunk000000042`. Written without the formatting machinery:
+    /// every produce answer names its chunk.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}{CHUNK_INFIX}{:09}", self.owner, self.index)
+        // u32::MAX has 10 digits; at least 9 are written.
+        let mut digits = [b'0'; 10];
+        let mut at = digits.len();
+        let mut n = self.index;
+        while n > 0 {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        let start = at.min(digits.len() - 9);
+        f.write_str(&self.owner)?;
+        f.write_str(CHUNK_INFIX)?;
+        // Only ASCII digits were written.
+        f.write_str(std::str::from_utf8(&digits[start..]).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -252,6 +267,16 @@ mod tests {
         let dashed = ChunkName::parse("eu-west-1-chunk999999999").unwrap();
         assert_eq!(dashed.owner, "eu-west-1");
         assert_eq!(dashed.index, MAX_CHUNK_INDEX);
+        for (index, want) in [
+            (0, "n-chunk000000000"),
+            (7, "n-chunk000000007"),
+            (123_456_789, "n-chunk123456789"),
+            (u32::MAX, "n-chunk4294967295"),
+        ] {
+            let name = ChunkName::new("n", index);
+            assert_eq!(name.to_string(), want);
+            assert_eq!(name.to_string(), format!("n-chunk{index:09}"));
+        }
     }
 
     #[test]

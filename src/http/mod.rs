@@ -261,19 +261,18 @@ pub fn router(state: Arc<AppState>) -> Router {
                 ops::bounded_body,
             ));
         }
-        let guarded = handler
-            .route_layer(axum::middleware::from_fn_with_state(
-                (state.clone(), r.access, r.path),
-                access::authorize,
-            ))
-            .route_layer(axum::middleware::from_fn_with_state(
-                Arc::new(ops::RouteMetrics::new(
+        let guarded = handler.route_layer(axum::middleware::from_fn_with_state(
+            Arc::new(ops::RouteGuard {
+                state: state.clone(),
+                access: r.access,
+                metrics: ops::RouteMetrics::new(
                     state.metrics.clone(),
                     method_name(&r.method),
                     r.path,
-                )),
-                ops::track,
-            ));
+                ),
+            }),
+            ops::guard,
+        ));
         router = router.route(r.path, guarded);
     }
     router

@@ -156,15 +156,27 @@ impl RouteMetrics {
     }
 }
 
-/// Counts every request of a route by status, and times it.
-pub(super) async fn track(
-    State(route): State<Arc<RouteMetrics>>,
+/// What stands in front of one route's handler.
+#[derive(Debug)]
+pub(super) struct RouteGuard {
+    pub state: Arc<AppState>,
+    pub access: super::access::Access,
+    pub metrics: RouteMetrics,
+}
+
+/// The one layer in front of every route: checks the request's access
+/// ([`super::access::authorize`]), then counts it by status and times it.
+pub(super) async fn guard(
+    State(route): State<Arc<RouteGuard>>,
     req: Request,
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let resp = next.run(req).await;
-    route.observe(started.elapsed().as_secs_f64(), resp.status().as_u16());
+    let resp =
+        super::access::authorize(&route.state, route.access, route.metrics.route, req, next).await;
+    route
+        .metrics
+        .observe(started.elapsed().as_secs_f64(), resp.status().as_u16());
     resp
 }
 
