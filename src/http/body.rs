@@ -135,16 +135,86 @@ fn too_large(max: u64) -> ApiError {
     ))
 }
 
-/// Reads the whole body, at most `max` bytes, reserving memory as it goes.
-/// One spare byte is kept so that a missing final newline can be appended
-/// without copying.
+/// A request body as it arrived: the frames the HTTP layer handed over,
+/// not copied into one buffer. The storage writes them with one vectored
+/// write, so a large body costs its own size in memory, once.
+#[derive(Debug, Default)]
+pub struct Frames {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Frames {
+    /// The body held in one buffer.
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        let mut f = Frames::default();
+        f.push(Bytes::from(v));
+        f
+    }
+
+    /// Adds a frame at the end.
+    pub fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.len += b.len();
+            self.parts.push(b);
+        }
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the body is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The frames, in order.
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+
+    /// The frames, in order.
+    pub fn into_parts(self) -> Vec<Bytes> {
+        self.parts
+    }
+
+    /// The bytes, in order.
+    pub fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
+        self.parts.iter().flat_map(|p| p.iter().copied())
+    }
+
+    /// The last byte, if any.
+    pub fn last(&self) -> Option<u8> {
+        self.parts.last().and_then(|p| p.last().copied())
+    }
+
+    /// The body in one buffer (a copy unless it is one frame already).
+    pub fn into_contiguous(mut self) -> Bytes {
+        match self.parts.len() {
+            0 => Bytes::new(),
+            1 => self.parts.pop().unwrap_or_default(),
+            _ => {
+                let mut buf = Vec::with_capacity(self.len);
+                for p in &self.parts {
+                    buf.extend_from_slice(p);
+                }
+                Bytes::from(buf)
+            }
+        }
+    }
+}
+
+/// Reads the whole body, at most `max` bytes, reserving memory as it goes
+/// (and one byte more, for a final newline the body may lack).
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
     max: u64,
     timeout: std::time::Duration,
     res: &mut Reservation,
-) -> Result<Vec<u8>, ApiError> {
+) -> Result<Frames, ApiError> {
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -155,10 +225,9 @@ pub async fn read_body(
         return Err(too_large(max));
     }
     // Memory and budget are taken as bytes arrive, so that a slow sender
-    // holds what it sent, not what it promised: the frames are kept as
-    // received and copied once, into a buffer of the exact size, at the end.
-    let mut frames: Vec<Bytes> = Vec::new();
-    let mut len = 0usize;
+    // holds what it sent, not what it promised; the frames are kept as
+    // received.
+    let mut frames = Frames::default();
     let mut body = body;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -178,36 +247,32 @@ pub async fn read_body(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        let new_len = (len + data.len()) as u64;
+        let new_len = (frames.len() + data.len()) as u64;
         if new_len > max {
             return Err(too_large(max));
         }
         if new_len + 1 > res.bytes {
             res.grow(new_len + 1 - res.bytes)?;
         }
-        len += data.len();
         frames.push(data);
     }
-    let mut buf = Vec::with_capacity(len + 1);
-    for f in frames {
-        buf.extend_from_slice(&f);
-    }
-    Ok(buf)
+    Ok(frames)
 }
 
 /// Decodes `raw` per `enc`, at most `max` decoded bytes, reserving memory as
 /// it grows. 415 when the body does not decode, 413 when it is too large.
 pub async fn decode(
     enc: Encoding,
-    raw: Vec<u8>,
+    raw: Frames,
     max: u64,
     res: &mut Reservation,
-) -> Result<Vec<u8>, ApiError> {
+) -> Result<Frames, ApiError> {
     if enc == Encoding::Identity {
         return Ok(raw);
     }
+    let raw = raw.into_contiguous();
     if raw.len() <= DECODE_INLINE_MAX_BYTES {
-        return decode_blocking(enc, &raw, max, res);
+        return decode_blocking(enc, &raw, max, res).map(Frames::from_vec);
     }
     // The reservation moves to the blocking thread and back.
     let mut moved = std::mem::replace(res, res.budget.reservation());
@@ -218,7 +283,7 @@ pub async fn decode(
     .await
     .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?;
     *res = moved;
-    out
+    out.map(Frames::from_vec)
 }
 
 pub(crate) fn decode_blocking(

@@ -6,21 +6,23 @@ use axum::http::HeaderMap;
 use axum::http::header::CONTENT_TYPE;
 use serde_json::value::RawValue;
 
+use bytes::Bytes;
+
 use super::ApiError;
+use super::body::Frames;
 use crate::config::ByteSize;
 
 /// True when the body must be read as a JSON array: Content-Type
 /// `application/json` and `[` as first non-blank byte.
-pub fn is_json_array(headers: &HeaderMap, body: &[u8]) -> bool {
+pub fn is_json_array(headers: &HeaderMap, mut body: impl Iterator<Item = u8>) -> bool {
     let json = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
     json && body
-        .iter()
         .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|&b| b == b'[')
+        .is_some_and(|b| b == b'[')
 }
 
 /// One compact JSON line per element of the array in `body`. The elements
@@ -83,25 +85,32 @@ fn minify_into(json: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Checks line lengths, appends a final `\n` if missing, and counts lines.
-pub fn finish_lines(body: &mut Vec<u8>, max_line: u64) -> Result<u64, ApiError> {
+/// A line may span frames.
+pub fn finish_lines(body: &mut Frames, max_line: u64) -> Result<u64, ApiError> {
     if body.is_empty() {
         return Ok(0);
     }
-    if body.last() != Some(&b'\n') {
-        body.push(b'\n');
+    if body.last() != Some(b'\n') {
+        body.push(Bytes::from_static(b"\n"));
     }
-    let mut start = 0usize;
     let mut count = 0u64;
-    for end in memchr::memchr_iter(b'\n', body) {
-        count += 1;
-        let len = (end - start) as u64;
-        if len > max_line {
-            return Err(ApiError::TooLarge(format!(
-                "line {count} is {len} bytes long, above the limit of {} (--max-line-bytes); nothing was written",
-                ByteSize(max_line)
-            )));
+    // Bytes of the line in progress held by earlier frames.
+    let mut carried = 0u64;
+    for part in body.parts() {
+        let mut start = 0usize;
+        for end in memchr::memchr_iter(b'\n', part) {
+            count += 1;
+            let len = carried + (end - start) as u64;
+            if len > max_line {
+                return Err(ApiError::TooLarge(format!(
+                    "line {count} is {len} bytes long, above the limit of {} (--max-line-bytes); nothing was written",
+                    ByteSize(max_line)
+                )));
+            }
+            carried = 0;
+            start = end + 1;
         }
-        start = end + 1;
+        carried += (part.len() - start) as u64;
     }
     Ok(count)
 }
@@ -129,24 +138,49 @@ mod tests {
     #[test]
     fn json_detection_needs_both_signals() {
         let mut h = HeaderMap::new();
-        assert!(!is_json_array(&h, b"[1]"));
+        assert!(!is_json_array(&h, b"[1]".iter().copied()));
         h.insert(
             CONTENT_TYPE,
             HeaderValue::from_static("application/json; charset=utf-8"),
         );
-        assert!(is_json_array(&h, b" \n[1]"));
-        assert!(!is_json_array(&h, b"{\"a\":1}\n"));
+        assert!(is_json_array(&h, b" \n[1]".iter().copied()));
+        assert!(!is_json_array(&h, b"{\"a\":1}\n".iter().copied()));
+    }
+
+    fn frames(parts: &[&'static [u8]]) -> Frames {
+        let mut f = Frames::default();
+        for p in parts {
+            f.push(Bytes::from_static(p));
+        }
+        f
+    }
+
+    fn joined(f: &Frames) -> Vec<u8> {
+        f.bytes().collect()
     }
 
     #[test]
     fn lines_are_counted_and_limited() {
-        let mut b = b"a\nbb\nccc".to_vec();
+        let mut b = frames(&[b"a\nbb\nccc"]);
         assert_eq!(finish_lines(&mut b, 3).unwrap(), 3);
-        assert_eq!(b, b"a\nbb\nccc\n");
-        let mut b = b"a\n\nbbbb\n".to_vec();
+        assert_eq!(joined(&b), b"a\nbb\nccc\n");
+        let mut b = frames(&[b"a\n\nbbbb\n"]);
         let err = finish_lines(&mut b, 3).unwrap_err().to_string();
         assert!(err.contains("line 3") && err.contains("4 bytes"), "{err}");
-        let mut empty = Vec::new();
+        let mut empty = Frames::default();
         assert_eq!(finish_lines(&mut empty, 3).unwrap(), 0);
+    }
+
+    #[test]
+    fn lines_across_frames_are_measured_whole() {
+        let mut b = frames(&[b"ab", b"c\nd", b"", b"ef", b"\n"]);
+        assert_eq!(finish_lines(&mut b, 3).unwrap(), 2);
+        assert_eq!(joined(&b), b"abc\ndef\n");
+        let mut b = frames(&[b"ab", b"cd", b"\nx"]);
+        let err = finish_lines(&mut b, 3).unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("4 bytes"), "{err}");
+        let mut b = frames(&[b"ab\n", b"cd"]);
+        assert_eq!(finish_lines(&mut b, 3).unwrap(), 2);
+        assert_eq!(joined(&b), b"ab\ncd\n");
     }
 }

@@ -7,7 +7,6 @@ use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::HeaderMap;
-use bytes::Bytes;
 use chunkbus_client::ProduceResponse;
 use chunkbus_client::names::validate_category;
 use serde::Deserialize;
@@ -111,20 +110,21 @@ pub(super) async fn ingest(
     let mut data = body::decode(encoding, raw, max, &mut reservation)
         .await
         .inspect_err(|e| count_shed(st, e))?;
-    if lines::is_json_array(headers, &data) {
+    if lines::is_json_array(headers, data.bytes()) {
         // The lines are a second buffer of about the body's size: counted
         // in the in-flight budget too; large bodies are turned into lines
         // on the blocking pool, off the threads that serve requests.
         reservation
             .grow(data.len() as u64 + 1)
             .inspect_err(|e| count_shed(st, e))?;
-        data = if data.len() <= body::DECODE_INLINE_MAX_BYTES {
-            lines::json_array_to_lines(&data)?
+        let json = data.into_contiguous();
+        data = body::Frames::from_vec(if json.len() <= body::DECODE_INLINE_MAX_BYTES {
+            lines::json_array_to_lines(&json)?
         } else {
-            tokio::task::spawn_blocking(move || lines::json_array_to_lines(&data))
+            tokio::task::spawn_blocking(move || lines::json_array_to_lines(&json))
                 .await
                 .map_err(|e| ApiError::Internal(format!("JSON array task failed: {e}")))??
-        };
+        });
     }
     let count = lines::finish_lines(&mut data, st.limits.max_line_bytes)?;
     if count == 0 {
@@ -139,7 +139,7 @@ pub(super) async fn ingest(
     let sync = opts.sync.unwrap_or_else(|| st.default_sync());
     let appended = st
         .storage
-        .append(category, Bytes::from(data), count, sync)
+        .append_parts(category, data.into_parts(), count, sync)
         .await?;
     drop(reservation);
     let mut written = ProduceResponse {

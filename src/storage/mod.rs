@@ -554,7 +554,19 @@ impl Storage {
         lines: u64,
         sync: bool,
     ) -> Result<Appended, StorageError> {
-        debug_assert!(data.last() == Some(&b'\n'));
+        self.append_parts(category, vec![data], lines, sync).await
+    }
+
+    /// [`Storage::append`] of lines held in several buffers, in order (a
+    /// request body as it arrived), written without joining them.
+    pub async fn append_parts(
+        &self,
+        category: &str,
+        data: Vec<Bytes>,
+        lines: u64,
+        sync: bool,
+    ) -> Result<Appended, StorageError> {
+        debug_assert!(data.last().and_then(|d| d.last()) == Some(&b'\n'));
         self.wait_writable().await?;
         let disk = &self.shared.disk;
         if disk.over_high_water() {

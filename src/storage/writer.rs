@@ -64,11 +64,18 @@ pub(crate) enum WriterMsg {
 /// One request's lines, validated: whole lines, ending with `\n`, not empty.
 #[derive(Debug)]
 pub(crate) struct AppendRequest {
-    pub data: Bytes,
+    /// The lines, in one or more buffers.
+    pub data: Vec<Bytes>,
     pub lines: u64,
     /// Answer only once the bytes are on stable storage.
     pub sync: bool,
     pub reply: Reply,
+}
+
+impl AppendRequest {
+    fn len(&self) -> u64 {
+        self.data.iter().map(|d| d.len() as u64).sum()
+    }
 }
 
 #[derive(Debug)]
@@ -282,12 +289,12 @@ impl Writer {
                     // A chunk with a runway takes no NUL byte: such a
                     // request starts a new chunk, which never gets one.
                     let nul = self.open.as_ref().is_some_and(|o| o.runway.checks_nul())
-                        && memchr::memchr(0, &req.data).is_some();
+                        && req.data.iter().any(|d| memchr::memchr(0, d).is_some());
                     if nul {
                         self.write_run(std::mem::take(&mut run)).await;
                         self.complete_open().await;
                     }
-                    let len = req.data.len() as u64;
+                    let len = req.len();
                     let used = self.open.as_ref().map_or(0, |o| o.size) + run.bytes;
                     if used > 0 && used + len > self.cfg.max_chunk_bytes {
                         self.write_run(std::mem::take(&mut run)).await;
@@ -326,7 +333,7 @@ impl Writer {
         };
         let open = self.open.as_mut().expect("ensure_open succeeded");
         let start = open.size;
-        let bufs: Vec<Bytes> = run.iter().map(|r| r.data.clone()).collect();
+        let bufs: Vec<Bytes> = run.iter().flat_map(|r| r.data.iter().cloned()).collect();
         let total: usize = bufs.iter().map(Bytes::len).sum();
         let written = if total <= INLINE_WRITE_MAX_BYTES {
             // A small copy into the page cache: cheaper than two thread switches.
@@ -367,7 +374,7 @@ impl Writer {
             let appended = Appended {
                 chunk: open.name.clone(),
                 offset,
-                next_offset: offset + req.data.len() as u64,
+                next_offset: offset + req.len(),
                 lines: req.lines,
             };
             offset = appended.next_offset;
