@@ -58,6 +58,14 @@ pub struct ConnectionLimits {
     pub evicted: Counter,
 }
 
+/// Largest read buffer of a connection, and so the largest request head
+/// (request line and headers) accepted. A body streams through it in
+/// frames that are kept until the request is answered, so each new buffer
+/// is a new allocation: hyper's default (about 400 KB) made a node taking
+/// 1 MiB bodies on 4 connections peak at ~50 MiB of memory; 128 KiB gives
+/// ~30 MiB at the same speed (docs/benchmarks.md).
+pub const READ_BUFFER_MAX_BYTES: usize = 128 << 10;
+
 /// Serves `app` on every connection `listener` accepts until `shutdown`.
 pub async fn serve<L>(
     mut listener: L,
@@ -72,6 +80,7 @@ pub async fn serve<L>(
     http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.idle_timeout)
+        .max_buf_size(READ_BUFFER_MAX_BYTES)
         .keep_alive(true);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let open = Arc::new(OpenConnections::default());
