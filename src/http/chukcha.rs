@@ -8,7 +8,7 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::Response;
-use chunkbus_client::{ChukchaChunk, ChunkName, ProduceResponse};
+use chunkbus_client::{ChukchaChunk, ChunkName};
 use serde::Deserialize;
 
 use super::params::parse_u64;
@@ -43,7 +43,7 @@ pub(super) async fn write(
     State(st): State<Arc<AppState>>,
     query: Result<Query<WriteQuery>, QueryRejection>,
     req: axum::extract::Request,
-) -> Result<Json<ProduceResponse>, ApiError> {
+) -> Result<super::produce::Produced, ApiError> {
     let (parts, body) = req.into_parts();
     let Query(q) = query?;
     let category = category(&q.category)?;
@@ -60,7 +60,7 @@ pub(super) async fn write(
     };
     ingest(&st, category, &parts.headers, body, opts)
         .await
-        .map(Json)
+        .map(super::produce::Produced)
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,7 +6,8 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 use chunkbus_client::ProduceResponse;
 use chunkbus_client::names::validate_category;
 use serde::Deserialize;
@@ -42,7 +43,7 @@ pub(super) async fn produce(
     // The request whole, not `HeaderMap` and `Body`: that extractor clones
     // every header.
     req: Request,
-) -> Result<Json<ProduceResponse>, ApiError> {
+) -> Result<Produced, ApiError> {
     let (parts, body) = req.into_parts();
     let Path(category) = path?;
     let Query(q) = query?;
@@ -67,7 +68,59 @@ pub(super) async fn produce(
     };
     ingest(&st, &category, &parts.headers, body, opts)
         .await
-        .map(Json)
+        .map(Produced)
+}
+
+/// A produce answer as JSON, written directly rather than through a
+/// serializer: it is built for every request, and its fields are numbers
+/// and a chunk name (the same bytes `serde_json` would give; see tests).
+#[derive(Debug)]
+pub(super) struct Produced(pub ProduceResponse);
+
+impl IntoResponse for Produced {
+    fn into_response(self) -> Response {
+        let r = &self.0;
+        // A chunk name is letters, digits, '-', '_' and '.': nothing to escape.
+        let plain = |c: &str| {
+            c.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if r.chunk.as_deref().is_some_and(|c| !plain(c)) {
+            return Json(self.0).into_response();
+        }
+        let mut out = Vec::with_capacity(112);
+        out.extend_from_slice(b"{\"chunk\":");
+        match &r.chunk {
+            Some(c) => {
+                out.push(b'"');
+                out.extend_from_slice(c.as_bytes());
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        let mut num = itoa::Buffer::new();
+        for (key, value) in [
+            (&b",\"offset\":"[..], r.offset),
+            (b",\"next_offset\":", r.next_offset),
+            (b",\"lines\":", r.lines),
+        ] {
+            out.extend_from_slice(key);
+            out.extend_from_slice(num.format(value).as_bytes());
+        }
+        if let Some(n) = r.replicas {
+            out.extend_from_slice(b",\"replicas\":");
+            out.extend_from_slice(num.format(n).as_bytes());
+        }
+        out.push(b'}');
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            out,
+        )
+            .into_response()
+    }
 }
 
 /// Validates, decodes and appends one request body.
@@ -180,5 +233,46 @@ pub(super) async fn ingest(
 fn count_shed(st: &AppState, e: &ApiError) {
     if matches!(e, ApiError::Overloaded(_)) {
         st.metrics.shed_requests.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn answers_are_the_json_serde_would_write() {
+        let answers = [
+            ProduceResponse {
+                chunk: Some("eu-1.a_b-chunk000000042".into()),
+                offset: 0,
+                next_offset: u64::MAX,
+                lines: 7,
+                replicas: None,
+            },
+            ProduceResponse {
+                chunk: None,
+                offset: 0,
+                next_offset: 0,
+                lines: 0,
+                replicas: Some(2),
+            },
+            ProduceResponse {
+                chunk: Some("we\"ird\\".into()),
+                offset: 12,
+                next_offset: 34,
+                lines: 1,
+                replicas: Some(0),
+            },
+        ];
+        for a in answers {
+            let want = serde_json::to_vec(&a).unwrap();
+            let resp = Produced(a.clone()).into_response();
+            assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 10)
+                .await
+                .unwrap();
+            assert_eq!(body, want, "{a:?}");
+        }
     }
 }
