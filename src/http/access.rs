@@ -65,7 +65,8 @@ fn category_of(route: &str, req: &Request) -> Option<String> {
 }
 
 /// Refuses requests without the credentials their route's `access` needs;
-/// hands the handler the [`crate::auth::Principal`] as a request extension.
+/// hands the handler the [`crate::auth::Principal`] as a request extension
+/// (none when the node checks no credentials: anonymous).
 pub(super) async fn authorize(
     st: &AppState,
     access: Access,
