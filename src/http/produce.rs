@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
@@ -80,23 +79,12 @@ pub(super) struct Produced(pub ProduceResponse);
 impl IntoResponse for Produced {
     fn into_response(self) -> Response {
         let r = &self.0;
-        // A chunk name is letters, digits, '-', '_' and '.': nothing to escape.
-        let plain = |c: &str| {
-            c.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        };
-        if r.chunk.as_deref().is_some_and(|c| !plain(c)) {
-            return Json(self.0).into_response();
-        }
         let mut out = Vec::with_capacity(112);
         out.extend_from_slice(b"{\"chunk\":");
-        match &r.chunk {
-            Some(c) => {
-                out.push(b'"');
-                out.extend_from_slice(c.as_bytes());
-                out.push(b'"');
-            }
-            None => out.extend_from_slice(b"null"),
+        // The one string, escaped as JSON wants (a chunk name never needs
+        // it, but the answer does not depend on that).
+        if serde_json::to_writer(&mut out, &r.chunk).is_err() {
+            return ApiError::Internal("cannot write a produce answer".into()).into_response();
         }
         let mut num = itoa::Buffer::new();
         for (key, value) in [

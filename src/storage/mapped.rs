@@ -322,31 +322,37 @@ impl MappedChunks {
     /// they touch was read before and is still in memory.
     pub fn cached(&self, path: &Path, size: u64) -> Option<MappedChunk> {
         let meta = std::fs::metadata(path).ok()?;
+        self.lookup(path, &meta, size, Instant::now())
+            .map(|map| MappedChunk {
+                map,
+                may_block: false,
+            })
+    }
+
+    /// The mapping kept for `path` if it maps the file `meta` describes,
+    /// `size` bytes long; marks it used at `now`.
+    fn lookup(
+        &self,
+        path: &Path,
+        meta: &std::fs::Metadata,
+        size: u64,
+        now: Instant,
+    ) -> Option<Arc<Mapping>> {
         let mut entries = self.entries.lock().unwrap();
         let e = entries.get_mut(path)?;
         if (e.dev, e.ino) != (meta.dev(), meta.ino()) || e.map.len as u64 != size {
             return None;
         }
-        e.used = Instant::now();
-        Some(MappedChunk {
-            map: e.map.clone(),
-            may_block: false,
-        })
+        e.used = now;
+        Some(e.map.clone())
     }
 
     /// The mapping of `path` as it is now, made if needed.
     fn mapping(&self, path: &Path, size: u64) -> std::io::Result<Arc<Mapping>> {
         let meta = std::fs::metadata(path)?;
         let now = Instant::now();
-        {
-            let mut entries = self.entries.lock().unwrap();
-            if let Some(e) = entries.get_mut(path)
-                && (e.dev, e.ino) == (meta.dev(), meta.ino())
-                && e.map.len as u64 == size
-            {
-                e.used = now;
-                return Ok(e.map.clone());
-            }
+        if let Some(map) = self.lookup(path, &meta, size, now) {
+            return Ok(map);
         }
         let len = usize::try_from(size).map_err(std::io::Error::other)?;
         let file = File::open(path)?;
