@@ -137,12 +137,20 @@ fn too_large(max: u64) -> ApiError {
 
 /// A request body as it arrived: the frames the HTTP layer handed over,
 /// not copied into one buffer. The storage writes them with one vectored
-/// write, so a large body costs its own size in memory, once.
+/// write, so a large body costs its own size in memory, once. Frames
+/// smaller than [`SMALL_FRAME_BYTES`] (a chunked body sent a few bytes at a
+/// time) are copied together instead, so that what a body costs beyond its
+/// bytes, and the number of buffers the write takes, stay bounded.
 #[derive(Debug, Default)]
 pub struct Frames {
     parts: Vec<Bytes>,
+    /// Small frames gathered, after `parts`.
+    tail: Vec<u8>,
     len: usize,
 }
+
+/// Frames below this size are gathered into one buffer.
+pub const SMALL_FRAME_BYTES: usize = 4096;
 
 impl Frames {
     /// The body held in one buffer.
@@ -154,9 +162,21 @@ impl Frames {
 
     /// Adds a frame at the end.
     pub fn push(&mut self, b: Bytes) {
-        if !b.is_empty() {
-            self.len += b.len();
+        self.len += b.len();
+        if b.len() < SMALL_FRAME_BYTES {
+            self.tail.extend_from_slice(&b);
+            if self.tail.len() >= SMALL_FRAME_BYTES {
+                self.flush_tail();
+            }
+        } else {
+            self.flush_tail();
             self.parts.push(b);
+        }
+    }
+
+    fn flush_tail(&mut self) {
+        if !self.tail.is_empty() {
+            self.parts.push(Bytes::from(std::mem::take(&mut self.tail)));
         }
     }
 
@@ -170,34 +190,39 @@ impl Frames {
         self.len == 0
     }
 
-    /// The frames, in order.
-    pub fn parts(&self) -> &[Bytes] {
-        &self.parts
+    /// The buffers, in order.
+    pub fn chunks(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.parts
+            .iter()
+            .map(|p| &p[..])
+            .chain((!self.tail.is_empty()).then_some(&self.tail[..]))
     }
 
-    /// The frames, in order.
-    pub fn into_parts(self) -> Vec<Bytes> {
+    /// The buffers, in order.
+    pub fn into_parts(mut self) -> Vec<Bytes> {
+        self.flush_tail();
         self.parts
     }
 
     /// The bytes, in order.
     pub fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
-        self.parts.iter().flat_map(|p| p.iter().copied())
+        self.chunks().flat_map(|p| p.iter().copied())
     }
 
     /// The last byte, if any.
     pub fn last(&self) -> Option<u8> {
-        self.parts.last().and_then(|p| p.last().copied())
+        self.chunks().last().and_then(|p| p.last().copied())
     }
 
-    /// The body in one buffer (a copy unless it is one frame already).
-    pub fn into_contiguous(mut self) -> Bytes {
-        match self.parts.len() {
+    /// The body in one buffer (a copy unless it is one buffer already).
+    pub fn into_contiguous(self) -> Bytes {
+        let mut parts = self.into_parts();
+        match parts.len() {
             0 => Bytes::new(),
-            1 => self.parts.pop().unwrap_or_default(),
+            1 => parts.pop().unwrap_or_default(),
             _ => {
-                let mut buf = Vec::with_capacity(self.len);
-                for p in &self.parts {
+                let mut buf = Vec::with_capacity(parts.iter().map(Bytes::len).sum());
+                for p in &parts {
                     buf.extend_from_slice(p);
                 }
                 Bytes::from(buf)
@@ -347,6 +372,35 @@ mod tests {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         e.write_all(data).unwrap();
         e.finish().unwrap()
+    }
+
+    #[test]
+    fn small_frames_are_gathered_and_large_ones_kept() {
+        let mut f = Frames::default();
+        let mut want = Vec::new();
+        for i in 0..100_000u32 {
+            let b = [(i % 251) as u8];
+            want.extend_from_slice(&b);
+            f.push(Bytes::copy_from_slice(&b));
+        }
+        let big = Bytes::from(vec![7u8; 3 * SMALL_FRAME_BYTES]);
+        want.extend_from_slice(&big);
+        f.push(big.clone());
+        f.push(Bytes::from_static(b"\n"));
+        want.push(b'\n');
+        assert_eq!(f.len(), want.len());
+        assert_eq!(f.last(), Some(b'\n'));
+        assert_eq!(f.bytes().collect::<Vec<u8>>(), want);
+        let parts = f.into_parts();
+        // One buffer per 4 KiB of one-byte frames, the large frame as it
+        // came (not copied), the final newline.
+        assert!(
+            parts.len() <= 100_000 / SMALL_FRAME_BYTES + 3,
+            "{}",
+            parts.len()
+        );
+        assert!(parts.iter().any(|p| p.as_ptr() == big.as_ptr()));
+        assert_eq!(parts.concat(), want);
     }
 
     #[test]

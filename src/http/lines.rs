@@ -96,7 +96,7 @@ pub fn finish_lines(body: &mut Frames, max_line: u64) -> Result<u64, ApiError> {
     let mut count = 0u64;
     // Bytes of the line in progress held by earlier frames.
     let mut carried = 0u64;
-    for part in body.parts() {
+    for part in body.chunks() {
         let mut start = 0usize;
         for end in memchr::memchr_iter(b'\n', part) {
             count += 1;

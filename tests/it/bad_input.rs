@@ -184,6 +184,32 @@ async fn oversized_lines_and_bodies_are_413_and_write_nothing() {
     node.stop().await;
 }
 
+/// A chunked body sent a few bytes per chunk (each chunk its own frame at
+/// the node) is stored whole and in order, lines split across chunks
+/// included; its frames are gathered, not kept one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_in_tiny_chunks_is_stored_whole() {
+    let node = TestNode::start().await;
+    let body: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+    let pieces: Vec<String> = body
+        .as_bytes()
+        .chunks(3)
+        .map(|c| String::from_utf8(c.to_vec()).unwrap())
+        .collect();
+    let stream = futures_util::stream::iter(pieces.into_iter().map(Ok::<_, std::io::Error>));
+    let r = reqwest::Client::new()
+        .post(node.url("/v1/categories/app/lines"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let files = node.files("app");
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].1, body.as_bytes());
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_encodings_are_415_and_bad_json_is_400() {
     let node = TestNode::start().await;
