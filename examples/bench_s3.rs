@@ -60,7 +60,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         puts.spawn(async move {
             for i in 0..8 {
                 store
-                    .put(&format!("raw/{stream}-{i}"), part.clone())
+                    .put(&format!("raw/{stream}-{i}"), part.clone(), None)
                     .await?;
             }
             Ok::<(), chunkbus::upload::S3Error>(())

@@ -35,6 +35,14 @@ pub struct ChunkInfo {
     pub local: bool,
     /// True when the chunk is in the object store.
     pub uploaded: bool,
+    /// Number of the chunk's first line in its owner's numbering of the
+    /// category's lines (0, 1, 2, ... across the owner's chunks; the same
+    /// on every node), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_line: Option<u64>,
+    /// Lines in the `size` bytes held, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lines: Option<u64>,
 }
 
 /// One entry of Chukcha's `GET /listChunks`.

@@ -72,12 +72,12 @@ pub(super) async fn changes(
         if !changed.is_empty() || !positions.is_empty() || since == 0 || waited_out {
             let chunks = changed
                 .into_iter()
-                .map(|c| ChangedChunk {
-                    category: c.category,
-                    chunk: c.name.to_string(),
-                    size: c.meta.size,
-                    complete: c.meta.complete,
-                    uploaded: c.meta.uploaded,
+                .map(|c| {
+                    let status = crate::storage::ChunkStatus {
+                        name: c.name,
+                        meta: c.meta,
+                    };
+                    ChangedChunk::new(c.category, &status)
                 })
                 .collect();
             return Ok(Json(ChangesResponse {
@@ -110,18 +110,13 @@ pub(super) async fn copies(
         .storage
         .chunks_of(&node)
         .into_iter()
-        .map(|(category, c)| ChangedChunk {
-            category,
-            chunk: c.name.to_string(),
-            size: c.meta.size,
-            complete: c.meta.complete,
-            uploaded: c.meta.uploaded,
-        })
+        .map(|(category, c)| ChangedChunk::new(category, &c))
         .collect();
     Ok(Json(CopiesResponse {
         node: st.storage.node().to_owned(),
         incarnation: st.storage.incarnation(),
         chunks,
         positions: st.consumers.highest_index_of(&node),
+        line_ends: st.storage.line_ends_of(&node),
     }))
 }

@@ -86,6 +86,8 @@ pub(super) async fn chunks(
             complete: c.meta.complete,
             local: c.meta.local,
             uploaded: c.meta.uploaded,
+            first_line: c.meta.first_line,
+            lines: c.meta.lines,
         })
         .collect();
     Ok(Json(out))

@@ -50,8 +50,21 @@ const RESTORE_READ_BYTES: u64 = 16 << 20;
 struct Best {
     size: u64,
     uploaded: bool,
+    /// The copy's numbers, when the peer knows them.
+    first_line: Option<u64>,
+    lines: Option<u64>,
     /// Index of the peer in `repl.links`.
     peer: usize,
+}
+
+impl Best {
+    fn line_record(&self) -> Option<crate::storage::numbering::LineRecord> {
+        Some(crate::storage::numbering::LineRecord {
+            size: self.size,
+            first: self.first_line?,
+            lines: self.lines?,
+        })
+    }
 }
 
 /// Holds writes when the data directory is new (called before the node
@@ -74,13 +87,26 @@ pub(super) async fn run(repl: Arc<Replication>, cancel: CancellationToken) {
     if fresh && let Err(e) = storage.set_restore_pending(true).await {
         tracing::error!(error = %e, "cannot record that this node restores its chunks from its peers");
     }
-    let Some((held, mut highest)) = ask_every_peer(&repl, fresh, &cancel).await else {
+    let Some((held, mut highest, mut line_ends)) = ask_every_peer(&repl, fresh, &cancel).await
+    else {
         return;
     };
     // Reserve before writes go through: retried until it is durable.
     for (category, chunk) in held.keys() {
         let h = highest.entry(category.clone()).or_insert(0);
         *h = (*h).max(chunk.index);
+    }
+    // Lines are numbered on after the highest number the peers know.
+    for ((category, _), b) in &held {
+        if let Some(r) = b.line_record() {
+            let e = line_ends.entry(category.clone()).or_insert(0);
+            *e = (*e).max(r.end());
+        }
+    }
+    for (category, end) in line_ends {
+        if let Err(e) = storage.reserve_own_line(&category, end) {
+            tracing::error!(category = %category, error = %e, "cannot number this node's next lines after those its peers know");
+        }
     }
     for (category, index) in highest {
         let mut backoff = BACKOFF_INITIAL;
@@ -128,7 +154,11 @@ fn gate_reason(waiting: &[&str]) -> String {
 
 /// The best copy of each of this node's chunks the peers hold, and per
 /// category the highest index of this node their consumer positions name.
-type Answers = (BTreeMap<(String, ChunkName), Best>, BTreeMap<String, u32>);
+type Answers = (
+    BTreeMap<(String, ChunkName), Best>,
+    BTreeMap<String, u32>,
+    BTreeMap<String, u64>,
+);
 
 /// Asks every peer that is not forgotten which of this node's chunks it
 /// holds, until each answered (a peer forgotten meanwhile is not waited
@@ -144,12 +174,17 @@ async fn ask_every_peer(
         .collect();
     let mut best: BTreeMap<(String, ChunkName), Best> = BTreeMap::new();
     let mut named: BTreeMap<String, u32> = BTreeMap::new();
+    let mut line_ends: BTreeMap<String, u64> = BTreeMap::new();
     while let Some((i, answer)) = asks.next().await {
         if cancel.is_cancelled() {
             return None;
         }
         waiting.remove(&repl.links[i].peer.name);
         let Some(answer) = answer else { continue };
+        for (category, end) in answer.line_ends {
+            let e = line_ends.entry(category).or_insert(0);
+            *e = (*e).max(end);
+        }
         for (category, index) in answer.positions {
             if validate_category(&category).is_ok() {
                 let h = named.entry(category).or_insert(0);
@@ -163,17 +198,16 @@ async fn ask_every_peer(
             if name.owner != repl.node() || validate_category(&c.category).is_err() {
                 continue;
             }
-            let entry = best.entry((c.category, name)).or_insert(Best {
+            let this = Best {
                 size: c.size,
                 uploaded: c.uploaded,
+                first_line: c.first_line,
+                lines: c.lines,
                 peer: i,
-            });
+            };
+            let entry = best.entry((c.category, name)).or_insert(this);
             if c.size > entry.size || (c.size == entry.size && c.uploaded) {
-                *entry = Best {
-                    size: c.size,
-                    uploaded: c.uploaded,
-                    peer: i,
-                };
+                *entry = this;
             }
         }
         if gated && !waiting.is_empty() && !repl.cfg.first_start {
@@ -181,7 +215,7 @@ async fn ask_every_peer(
             repl.storage.close_writes(WRITE_GATE, gate_reason(&names));
         }
     }
-    Some((best, named))
+    Some((best, named, line_ends))
 }
 
 /// Asks peer `i` until it answers, it is forgotten (`None`) or `cancel`.
@@ -253,12 +287,18 @@ async fn restore(
             return false;
         }
         if storage.chunk_meta(category, chunk).is_some() {
-            // Listed from S3 meanwhile, or restored before a restart.
+            // Listed from S3 meanwhile, or restored before a restart; the
+            // peer's copy may know its numbers.
+            if let Some(numbers) = best.line_record()
+                && let Err(e) = storage.learn_numbers(category, chunk, numbers).await
+            {
+                tracing::warn!(category, chunk = %chunk, error = %e, "cannot record the line numbers of a restored chunk");
+            }
             return true;
         }
         let result = if best.uploaded && storage.tiered() {
             storage
-                .add_remote(category, chunk, best.size, 0)
+                .add_remote(category, chunk, best.size, 0, best.line_record())
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())
@@ -313,7 +353,7 @@ async fn copy_from(
         offset = read.next_offset;
     }
     repl.storage
-        .restore_finish(category, chunk, best.size)
+        .restore_finish(category, chunk, best.size, best.first_line)
         .await
         .map_err(|e| e.to_string())
 }

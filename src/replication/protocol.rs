@@ -104,6 +104,37 @@ pub struct ChangedChunk {
     /// records it without copying what it does not hold yet.
     #[serde(default)]
     pub uploaded: bool,
+    /// Number of the chunk's first line in the owner's numbering, when
+    /// known (see `storage::numbering`; absent from earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_line: Option<u64>,
+    /// Lines in the `size` bytes, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lines: Option<u64>,
+}
+
+impl ChangedChunk {
+    /// The listing entry of a chunk held here.
+    pub fn new(category: String, chunk: &crate::storage::ChunkStatus) -> Self {
+        Self {
+            category,
+            chunk: chunk.name.to_string(),
+            size: chunk.meta.size,
+            complete: chunk.meta.complete,
+            uploaded: chunk.meta.uploaded,
+            first_line: chunk.meta.first_line,
+            lines: chunk.meta.lines,
+        }
+    }
+
+    /// The numbers of the listed bytes, when both are known.
+    pub fn line_record(&self) -> Option<crate::storage::numbering::LineRecord> {
+        Some(crate::storage::numbering::LineRecord {
+            size: self.size,
+            first: self.first_line?,
+            lines: self.lines?,
+        })
+    }
 }
 
 /// Answer of `GET /v1/internal/copies/{node}`: every chunk of `{node}` the
@@ -121,4 +152,9 @@ pub struct CopiesResponse {
     /// position held by the asked node (its copies may be deleted since).
     #[serde(default)]
     pub positions: std::collections::BTreeMap<String, u32>,
+    /// Per category, the highest end of `{node}`'s line numbers the asked
+    /// node recorded (its copies may be deleted since): `{node}` numbers
+    /// its next lines after it.
+    #[serde(default)]
+    pub line_ends: std::collections::BTreeMap<String, u64>,
 }

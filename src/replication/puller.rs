@@ -27,6 +27,8 @@ const COPY_READ_BYTES: u64 = 16 << 20;
 struct Target {
     size: u64,
     complete: bool,
+    /// The owner's number of the chunk's first line, when it gave one.
+    first_line: Option<u64>,
 }
 
 /// Why a round failed.
@@ -131,10 +133,20 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
                 if c.uploaded && c.complete && repl.storage.tiered() {
                     // In S3 already: read through it rather than copy it.
                     let held = repl.storage.chunk_meta(&c.category, &name);
-                    if !held.is_some_and(|m| m.uploaded) {
-                        repl.storage
-                            .add_remote(&c.category, &name, c.size, 0)
-                            .await?;
+                    match (held, c.line_record()) {
+                        (Some(m), Some(numbers)) if m.uploaded => {
+                            if m.line_record() != Some(numbers) {
+                                repl.storage
+                                    .learn_numbers(&c.category, &name, numbers)
+                                    .await?;
+                            }
+                        }
+                        (Some(m), None) if m.uploaded => {}
+                        _ => {
+                            repl.storage
+                                .add_remote(&c.category, &name, c.size, 0, c.line_record())
+                                .await?;
+                        }
                     }
                     targets.remove(&(c.category, name));
                     continue;
@@ -144,6 +156,7 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
                     Target {
                         size: c.size,
                         complete: c.complete,
+                        first_line: c.first_line,
                     },
                 );
             }
@@ -266,6 +279,12 @@ async fn copy(
             }
             let held = storage.chunk_meta(category, chunk);
             let have = held.map_or(0, |m| m.size);
+            if let (Some(first), Some(m)) = (target.first_line, held)
+                && m.first_line != Some(first)
+            {
+                // The owner numbers its lines; a copy takes its numbers.
+                storage.learn_first_line(category, chunk, first).await?;
+            }
             if held.is_none()
                 && target.complete
                 && !storage.tiered()

@@ -33,6 +33,11 @@ pub struct ChunkMeta {
     pub local: bool,
     /// True once the chunk is in the object store.
     pub uploaded: bool,
+    /// Number of the chunk's first line in its owner's numbering, when
+    /// known (see `numbering`).
+    pub first_line: Option<u64>,
+    /// Lines in the `size` bytes held here, when known.
+    pub lines: Option<u64>,
 }
 
 impl ChunkMeta {
@@ -45,7 +50,18 @@ impl ChunkMeta {
             created_ms,
             local: true,
             uploaded: false,
+            first_line: None,
+            lines: None,
         }
+    }
+
+    /// The numbers of the bytes held, when both are known.
+    pub fn line_record(&self) -> Option<super::numbering::LineRecord> {
+        Some(super::numbering::LineRecord {
+            size: self.size,
+            first: self.first_line?,
+            lines: self.lines?,
+        })
     }
 }
 
@@ -153,6 +169,12 @@ pub(crate) struct Category {
     /// This node's lowest usable chunk index as reserved in `state` since
     /// start-up (read by the writer without taking the state's lock).
     reserved: AtomicU32,
+    /// The lowest number the next own chunk's first line may take (see
+    /// `numbering`): known at start-up, or learned from the peers.
+    reserved_line: AtomicU64,
+    /// Per owner, the highest end of the numbers recorded here (see
+    /// `numbering`), deleted chunks included.
+    line_ends: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Category {
@@ -180,6 +202,8 @@ impl Category {
             metrics,
             feed,
             reserved: AtomicU32::new(state.next_own_index.unwrap_or(0)),
+            reserved_line: AtomicU64::new(0),
+            line_ends: Mutex::default(),
             state: Mutex::new(state),
         }
     }
@@ -192,6 +216,45 @@ impl Category {
     /// Raises the reserved index (after the state recording it was saved).
     pub fn reserve_index(&self, next: u32) {
         self.reserved.fetch_max(next, Ordering::SeqCst);
+    }
+
+    /// The lowest number the next own chunk's first line may take.
+    pub fn reserved_line(&self) -> u64 {
+        self.reserved_line.load(Ordering::SeqCst)
+    }
+
+    /// Raises the number the next own chunk's first line takes at least.
+    pub fn reserve_line(&self, next: u64) {
+        self.reserved_line.fetch_max(next, Ordering::SeqCst);
+    }
+
+    /// Appends line records to the category's line log, durably; called
+    /// with the state lock held (records never interleave).
+    pub fn record_numbers(
+        &self,
+        records: &[(ChunkName, super::numbering::LineRecord)],
+    ) -> Result<(), super::StorageError> {
+        super::numbering::append(&self.dir, records)?;
+        self.note_line_ends(records.iter().map(|(c, r)| (c.owner.as_str(), r.end())));
+        Ok(())
+    }
+
+    /// Raises the highest recorded end of each owner's numbers.
+    pub fn note_line_ends<'a>(&self, ends: impl IntoIterator<Item = (&'a str, u64)>) {
+        let mut known = self.line_ends.lock().unwrap();
+        for (owner, end) in ends {
+            match known.get_mut(owner) {
+                Some(e) => *e = (*e).max(end),
+                None => {
+                    known.insert(owner.to_owned(), end);
+                }
+            }
+        }
+    }
+
+    /// The highest end of `owner`'s numbers recorded here.
+    pub fn line_end_of(&self, owner: &str) -> Option<u64> {
+        self.line_ends.lock().unwrap().get(owner).copied()
     }
 
     /// Path of a chunk file. The name is a parsed [`ChunkName`], so it cannot
@@ -221,16 +284,33 @@ impl Category {
     /// change version, and wakes everyone waiting on this category or on the
     /// change feed. The version is taken under the lock, so a feed reader
     /// that saw version `v` as current also sees every update up to `v`.
-    pub fn update(&self, chunk: &ChunkName, size: u64, complete: bool) {
+    ///
+    /// `first_line` is set when given; `lines` counts the lines in `size`
+    /// bytes; when not given, the count is kept if the size is, and unknown
+    /// otherwise.
+    pub fn update(
+        &self,
+        chunk: &ChunkName,
+        size: u64,
+        complete: bool,
+        first_line: Option<u64>,
+        lines: Option<u64>,
+    ) {
         let version = {
             let mut chunks = self.chunks.lock().unwrap();
             let meta = match chunks.map.get(chunk) {
                 Some(m) => ChunkMeta {
                     size,
                     complete,
+                    first_line: first_line.or(m.first_line),
+                    lines: lines.or(m.lines.filter(|_| m.size == size)),
                     ..*m
                 },
-                None => ChunkMeta::local(size, complete, now_ms()),
+                None => ChunkMeta {
+                    first_line,
+                    lines,
+                    ..ChunkMeta::local(size, complete, now_ms())
+                },
             };
             chunks.put(&self.feed, chunk, meta)
         };
@@ -239,6 +319,35 @@ impl Category {
         }
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
         self.feed.announce(version);
+    }
+
+    /// Sets the number of a chunk's first line, without a new version (it
+    /// comes from the owner's listing). False when unknown or unchanged.
+    pub fn set_first_line(&self, chunk: &ChunkName, first_line: u64) -> bool {
+        let mut chunks = self.chunks.lock().unwrap();
+        match chunks.map.get_mut(chunk) {
+            Some(m) if m.first_line != Some(first_line) => {
+                m.first_line = Some(first_line);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sets the numbers of a chunk whose size is `rec.size` (learned from
+    /// its owner or its peers, or from the object store), without a new
+    /// version. False when the chunk is unknown, of another size, or
+    /// already numbered so.
+    pub fn set_numbers(&self, chunk: &ChunkName, rec: super::numbering::LineRecord) -> bool {
+        let mut chunks = self.chunks.lock().unwrap();
+        match chunks.map.get_mut(chunk) {
+            Some(m) if m.size == rec.size && m.line_record() != Some(rec) => {
+                m.first_line = Some(rec.first);
+                m.lines = Some(rec.lines);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Sets a chunk's `uploaded` and `local` flags; returns false when the
@@ -273,7 +382,14 @@ impl Category {
     }
 
     /// Records a complete chunk that is only in the object store.
-    pub fn insert_remote(&self, chunk: &ChunkName, size: u64, created_ms: u64) {
+    pub fn insert_remote(
+        &self,
+        chunk: &ChunkName,
+        size: u64,
+        created_ms: u64,
+        numbers: Option<super::numbering::LineRecord>,
+    ) {
+        let numbers = numbers.filter(|r| r.size == size);
         let version = self.chunks.lock().unwrap().put(
             &self.feed,
             chunk,
@@ -284,6 +400,8 @@ impl Category {
                 created_ms,
                 local: false,
                 uploaded: true,
+                first_line: numbers.map(|r| r.first),
+                lines: numbers.map(|r| r.lines),
             },
         );
         self.feed.completed();

@@ -50,8 +50,10 @@ mod drop_behind;
 mod error;
 pub mod lock;
 mod mapped;
+pub mod numbering;
 mod read;
 mod reclaim;
+mod record_log;
 pub(crate) mod recovery;
 mod replica;
 mod restore;
@@ -284,8 +286,13 @@ impl Storage {
             let mut cats = storage.shared.categories.write().unwrap();
             for (name, rec) in recovered {
                 chunks += rec.chunks.len();
-                let cat =
-                    storage.start_category(name.clone(), rec.chunks, rec.next_index, rec.state);
+                let cat = storage.start_category(
+                    name.clone(),
+                    rec.chunks,
+                    (rec.next_index, rec.next_line),
+                    rec.state,
+                );
+                cat.note_line_ends(rec.line_ends.iter().map(|(o, e)| (o.as_str(), *e)));
                 cats.insert(name, cat);
             }
             tracing::info!(
@@ -363,7 +370,7 @@ impl Storage {
         &self,
         name: String,
         chunks: BTreeMap<ChunkName, ChunkMeta>,
-        next_index: u32,
+        (next_index, next_line): (u32, u64),
         state: state::CategoryState,
     ) -> Arc<Category> {
         let s = &self.shared;
@@ -378,6 +385,7 @@ impl Storage {
             s.feed.clone(),
             state,
         ));
+        cat.reserve_line(next_line);
         let writer = Writer::new(
             cat.clone(),
             WriterConfig {
@@ -537,7 +545,7 @@ impl Storage {
         let cat = self.start_category(
             name.to_owned(),
             BTreeMap::new(),
-            0,
+            (0, 0),
             state::CategoryState::default(),
         );
         cats.insert(name.to_owned(), cat.clone());

@@ -19,6 +19,7 @@ use chunkbus_client::names::validate_category;
 use walkdir::WalkDir;
 
 use super::category::ChunkMeta;
+use super::numbering::{self, LineRecord};
 use super::state::{self, CategoryState};
 use super::tier;
 use super::{StorageError, runway};
@@ -34,6 +35,10 @@ pub(crate) struct RecoveredCategory {
     pub next_index: u32,
     /// The category's durable state (completeness of other owners' chunks).
     pub state: CategoryState,
+    /// Number of the next line this node writes to the category.
+    pub next_line: u64,
+    /// Per owner, the highest end of the numbers recorded.
+    pub line_ends: BTreeMap<String, u64>,
 }
 
 /// Scans `data_dir`; returns every category with its chunks.
@@ -145,8 +150,92 @@ pub(crate) fn scan(
         if let Some(n) = rec.state.next_own_index {
             rec.next_index = rec.next_index.max(n);
         }
+        number_chunks(&data_dir.join(name), node, rec)?;
     }
     Ok(out)
+}
+
+/// Gives the chunks found their line numbers (see `numbering`): from the
+/// line log; by counting the lines of a local chunk without a record; and
+/// for this node's own chunks without a first number, from the chunk
+/// before them. Records what it learned, and compacts the log.
+fn number_chunks(dir: &Path, node: &str, rec: &mut RecoveredCategory) -> Result<(), StorageError> {
+    let (records, read) = numbering::load(dir)?;
+    let count = |chunk: &ChunkName, size: u64| {
+        let path = dir.join(chunk.to_string());
+        File::open(&path)
+            .and_then(|f| numbering::count_lines(&f, size))
+            .map_err(|e| {
+                StorageError::io(format!("cannot count the lines of {}", path.display()), e)
+            })
+    };
+    // Own chunks by index, numbered or not, including the records of
+    // chunks no longer held (the chain goes on from them).
+    let mut own: BTreeMap<u32, (Option<u64>, Option<u64>)> = records
+        .iter()
+        .filter(|(c, _)| c.owner == node)
+        .map(|(c, r)| (c.index, (Some(r.first), Some(r.lines))))
+        .collect();
+    for (chunk, m) in rec.chunks.iter_mut() {
+        if let Some(r) = records.get(chunk) {
+            m.first_line = Some(r.first);
+            m.lines = (r.size == m.size).then_some(r.lines);
+        }
+        if m.lines.is_none() && m.local {
+            m.lines = Some(count(chunk, m.size)?);
+        }
+        if chunk.owner != node {
+            continue;
+        }
+        if m.first_line.is_none() {
+            // Numbered after the chunk before it; the first chunk ever
+            // from 0. A chunk before it with an unknown count (evicted by
+            // an earlier version) leaves it unnumbered.
+            m.first_line = match own.range(..chunk.index).next_back() {
+                Some((_, (Some(first), Some(lines)))) => Some(first + lines),
+                Some(_) => None,
+                None => Some(0),
+            };
+        }
+        own.insert(chunk.index, (m.first_line, m.lines));
+    }
+    rec.next_line = own
+        .values()
+        .filter_map(|&(first, lines)| Some(first? + lines?))
+        .max()
+        .unwrap_or(0);
+    let mut live: BTreeMap<ChunkName, LineRecord> = BTreeMap::new();
+    let mut new = Vec::new();
+    for (chunk, m) in &rec.chunks {
+        if let Some(r) = m.line_record().filter(|_| m.complete) {
+            if records.get(chunk) != Some(&r) {
+                new.push((chunk.clone(), r));
+            }
+            live.insert(chunk.clone(), r);
+        }
+    }
+    // The highest record of each owner stays: numbering goes on from it
+    // (for this node's own chunks; for a peer that lost its disk and asks).
+    let mut highest: BTreeMap<&str, (&ChunkName, &LineRecord)> = BTreeMap::new();
+    for (chunk, r) in records.iter().chain(live.iter()) {
+        let h = highest.entry(chunk.owner.as_str()).or_insert((chunk, r));
+        if r.end() > h.1.end() {
+            *h = (chunk, r);
+        }
+    }
+    rec.line_ends = highest
+        .iter()
+        .map(|(owner, (_, r))| ((*owner).to_owned(), r.end()))
+        .collect();
+    let kept: Vec<_> = highest
+        .into_values()
+        .map(|(c, r)| (c.clone(), *r))
+        .collect();
+    for (chunk, r) in kept {
+        live.entry(chunk).or_insert(r);
+    }
+    numbering::append(dir, &new)?;
+    numbering::compact(dir, read + new.len(), &live)
 }
 
 /// Truncates `path` back to just past its last `\n` (for a chunk marked

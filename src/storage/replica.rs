@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::category::Category;
 use super::drop_behind::{self, DropBehind};
-use super::{ChunkMeta, Storage, StorageError, fsync_dir, state};
+use super::{ChunkMeta, Storage, StorageError, fsync_dir, numbering, state};
 
 /// A copy is flushed in the background each time it grows past a multiple
 /// of this many bytes.
@@ -68,10 +68,13 @@ async fn persist(job: Completion) {
         // Under the state lock, as a reopening for repair is: a copy
         // reopened since it was queued is not recorded complete.
         let mut st = cat.state.lock().unwrap();
-        let still = cat
+        let meta = cat
             .meta(&chunk)
-            .is_some_and(|m| m.complete && m.local && m.size == size);
-        if still && st.mark_complete(&chunk.owner, chunk.index) {
+            .filter(|m| m.complete && m.local && m.size == size);
+        if let Some(numbers) = meta.and_then(|m| m.line_record()) {
+            cat.record_numbers(&[(chunk.clone(), numbers)])?;
+        }
+        if meta.is_some() && st.mark_complete(&chunk.owner, chunk.index) {
             state::save(&cat.dir, &st)?;
         }
         Ok::<(), StorageError>(())
@@ -174,6 +177,7 @@ impl Storage {
         let path = cat.chunk_path(chunk);
         let name = chunk.to_string();
         let len = data.len() as u64;
+        let new_lines = memchr::memchr_iter(b'\n', &data).count() as u64;
         let creating = held.is_none();
         let (cat2, chunk2) = (cat.clone(), chunk.clone());
         tokio::task::spawn_blocking(move || {
@@ -233,8 +237,68 @@ impl Storage {
             });
         }
         cat.metrics.bytes_replicated.inc_by(len);
-        cat.update(chunk, size + len, false);
+        let lines = match held {
+            Some(m) => m.lines,
+            None => Some(0),
+        }
+        .map(|n| n + new_lines);
+        cat.update(chunk, size + len, false, None, lines);
         Ok(size + len)
+    }
+
+    /// Sets the number of the first line of a copy as its owner lists it
+    /// (see `numbering`), and records it with the lines held so far, so
+    /// that the copy keeps it across a restart of this node (a node that
+    /// lost its disk may restore the chunk from this copy while the owner
+    /// cannot say).
+    pub async fn learn_first_line(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        first_line: u64,
+    ) -> Result<(), StorageError> {
+        let Ok(cat) = self.category(category) else {
+            return Ok(());
+        };
+        if !cat.set_first_line(chunk, first_line) {
+            return Ok(());
+        }
+        let Some(numbers) = cat.meta(chunk).and_then(|m| m.line_record()) else {
+            return Ok(());
+        };
+        let chunk = chunk.clone();
+        tokio::task::spawn_blocking(move || {
+            let _serial = cat.state.lock().unwrap();
+            cat.record_numbers(&[(chunk, numbers)])
+        })
+        .await
+        .map_err(|e| StorageError::io("line log task failed", std::io::Error::other(e)))?
+    }
+
+    /// Sets the numbers of a complete chunk held or listed here whose size
+    /// is `numbers.size`, and records them (see `numbering`). False when
+    /// nothing changed.
+    pub async fn learn_numbers(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        numbers: numbering::LineRecord,
+    ) -> Result<bool, StorageError> {
+        let cat = self.category(category)?;
+        if !cat.meta(chunk).is_some_and(|m| m.complete) || !cat.set_numbers(chunk, numbers) {
+            return Ok(false);
+        }
+        if chunk.owner == self.node() {
+            cat.reserve_line(numbers.end());
+        }
+        let chunk = chunk.clone();
+        tokio::task::spawn_blocking(move || {
+            let _serial = cat.state.lock().unwrap();
+            cat.record_numbers(&[(chunk, numbers)])
+        })
+        .await
+        .map_err(|e| StorageError::io("line log task failed", std::io::Error::other(e)))??;
+        Ok(true)
     }
 
     /// Marks a copy complete at `size`, the owner's final size. Readers see
@@ -294,7 +358,7 @@ impl Storage {
             .map_err(|e| StorageError::io("replica task failed", std::io::Error::other(e)))?
             .map_err(|e| StorageError::io(format!("cannot create copy {chunk}"), e))?;
         }
-        cat.update(chunk, size, true);
+        cat.update(chunk, size, true, None, held.is_none().then_some(0));
         self.shared
             .completions
             .send(Completion {
@@ -333,7 +397,7 @@ impl Storage {
             if st.unmark_complete(&chunk2.owner, chunk2.index) {
                 state::save(&cat2.dir, &st)?;
             }
-            cat2.update(&chunk2, m.size, false);
+            cat2.update(&chunk2, m.size, false, None, None);
             Ok::<_, StorageError>(Some(m.size))
         })
         .await
@@ -381,7 +445,7 @@ impl Storage {
             .map_err(|e| StorageError::io("forget task failed", std::io::Error::other(e)))??;
             for c in open {
                 tracing::warn!(category = %cat.name, chunk = %c.name, size = c.meta.size, "owner forgotten: chunk completed here");
-                cat.update(&c.name, c.meta.size, true);
+                cat.update(&c.name, c.meta.size, true, None, None);
                 changed += 1;
             }
         }

@@ -181,12 +181,12 @@ async fn an_uploaded_chunk_replaces_a_short_complete_copy_never_a_longer_one() {
             .unwrap();
         s.replica_complete("app", c, 2).await.unwrap();
     }
-    s.add_remote("app", &short, 4, 0).await.unwrap();
+    s.add_remote("app", &short, 4, 0, None).await.unwrap();
     let m = s.chunk_meta("app", &short).unwrap();
     assert!(m.complete && m.uploaded && !m.local && m.size == 4, "{m:?}");
     assert!(!dir.path().join("app").join(short.to_string()).exists());
     assert_eq!(
-        s.add_remote("app", &long, 1, 0).await.unwrap(),
+        s.add_remote("app", &long, 1, 0, None).await.unwrap(),
         TierOutcome::NotEligible
     );
     let m = s.chunk_meta("app", &long).unwrap();

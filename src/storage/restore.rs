@@ -28,7 +28,7 @@ use chunkbus_client::ChunkName;
 use serde::{Deserialize, Serialize};
 
 use super::category::ChunkStatus;
-use super::{Storage, StorageError, fsync_dir, state};
+use super::{Storage, StorageError, fsync_dir, numbering, state};
 
 /// Marks, in the data directory, a restore from peers not yet finished.
 const RESTORING_FILE: &str = ".restoring.json";
@@ -81,6 +81,24 @@ impl Storage {
         }
         out.sort_by(|a, b| (&a.0, &a.1.name).cmp(&(&b.0, &b.1.name)));
         out
+    }
+
+    /// Makes this node number its next lines of `category` from `next` on
+    /// at least (the end of its chunks that its peers hold). In memory: a
+    /// restart finds the restored chunks, or asks the peers again.
+    pub fn reserve_own_line(&self, category: &str, next: u64) -> Result<(), StorageError> {
+        self.category_or_create(category)?.reserve_line(next);
+        Ok(())
+    }
+
+    /// Per category, the highest end of `owner`'s line numbers recorded
+    /// here, chunks deleted since included (for a node that lost its disk
+    /// and asks where its numbering stood).
+    pub fn line_ends_of(&self, owner: &str) -> std::collections::BTreeMap<String, u64> {
+        self.all_categories()
+            .into_iter()
+            .filter_map(|cat| Some((cat.name.clone(), cat.line_end_of(owner)?)))
+            .collect()
     }
 
     /// Reserves this node's chunk indices of `category` below `next`: the
@@ -138,18 +156,36 @@ impl Storage {
 
     /// Makes a restored chunk of `size` bytes this node's own, complete
     /// chunk: fsync, rename into place, fsync of the directory, listed.
+    /// `first_line`: the number its first line had (from the peer's copy);
+    /// its lines are counted, and the numbers recorded.
     pub async fn restore_finish(
         &self,
         category: &str,
         chunk: &ChunkName,
         size: u64,
+        first_line: Option<u64>,
     ) -> Result<(), StorageError> {
         let cat = self.check_restorable(category, chunk)?;
+        // A copy that does not know its numbers (it was open when its
+        // holder restarted): numbered after this node's chunk before it, as
+        // start-up numbers its own chunks; the first chunk ever from 0.
+        let first_line = first_line.or_else(|| {
+            let before = cat
+                .list()
+                .into_iter()
+                .rfind(|c| c.name.owner == chunk.owner && c.name.index < chunk.index);
+            match before {
+                Some(c) => c.meta.line_record().map(|r| r.end()),
+                None => (chunk.index == 0).then_some(0),
+            }
+        });
         let tmp = self.restore_path(&cat.name, chunk);
         let (path, dir) = (cat.chunk_path(chunk), cat.dir.clone());
         let name = chunk.to_string();
-        tokio::task::spawn_blocking(move || {
+        let (cat2, chunk2) = (cat.clone(), chunk.clone());
+        let lines = tokio::task::spawn_blocking(move || {
             let f = OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
@@ -160,14 +196,25 @@ impl Storage {
                     "holds {len} bytes, not {size}"
                 )));
             }
+            let lines = numbering::count_lines(&f, size)?;
+            if let Some(first) = first_line {
+                let rec = numbering::LineRecord { size, first, lines };
+                let _serial = cat2.state.lock().unwrap();
+                cat2.record_numbers(&[(chunk2, rec)])
+                    .map_err(std::io::Error::other)?;
+            }
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
-            fsync_dir(&dir)
+            fsync_dir(&dir)?;
+            Ok(lines)
         })
         .await
         .map_err(|e| StorageError::io("restore task failed", std::io::Error::other(e)))?
         .map_err(|e| StorageError::io(format!("cannot restore chunk {name}"), e))?;
-        cat.update(chunk, size, true);
+        cat.update(chunk, size, true, first_line, Some(lines));
+        if let Some(first) = first_line {
+            cat.reserve_line(first + lines);
+        }
         Ok(())
     }
 

@@ -333,8 +333,9 @@ enum Op {
     },
     /// Complete the open chunk of a category.
     Rotate { cat: usize },
-    /// Stop the store and open it again.
-    Restart,
+    /// Stop the store and open it again; `lose_line_log`: after deleting
+    /// the line logs (the numbers are counted again from the chunks).
+    Restart { lose_line_log: bool },
 }
 
 const CATS: [&str; 2] = ["a", "b.c"];
@@ -345,7 +346,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (0..CATS.len(), prop::collection::vec("[a-z0-9 ]{0,20}", 1..4), any::<bool>())
             .prop_map(|(cat, lines, sync)| Op::Append { cat, lines, sync }),
         1 => (0..CATS.len()).prop_map(|cat| Op::Rotate { cat }),
-        1 => Just(Op::Restart),
+        1 => any::<bool>().prop_map(|lose_line_log| Op::Restart { lose_line_log }),
     ]
 }
 
@@ -356,7 +357,7 @@ fn runway_op() -> impl Strategy<Value = Op> {
         20 => (0..CATS.len(), prop::collection::vec("[a-z\0]{0,60}", 1..4), prop::bool::weighted(0.9))
             .prop_map(|(cat, lines, sync)| Op::Append { cat, lines, sync }),
         1 => (0..CATS.len()).prop_map(|cat| Op::Rotate { cat }),
-        1 => Just(Op::Restart),
+        1 => Just(Op::Restart { lose_line_log: false }),
     ]
 }
 
@@ -460,11 +461,20 @@ async fn check(s: &Storage, models: &[Model]) {
             Err(e) => panic!("{e}"),
         };
         assert_eq!(got.len(), model.chunks.len(), "category {cat}");
+        // Lines are numbered 0, 1, 2, ... across the chunks.
+        let mut next_line = 0;
         for (i, (status, (content, complete))) in got.iter().zip(&model.chunks).enumerate() {
             assert_eq!(status.name, ChunkName::new("n1", i as u32));
             assert_eq!(status.meta.size, content.len() as u64);
             assert_eq!(status.meta.complete, *complete, "chunk {i} of {cat}");
             assert_eq!(read_all(s, cat, &status.name).await, *content);
+            let lines = content.iter().filter(|&&b| b == b'\n').count() as u64;
+            assert_eq!(
+                (status.meta.first_line, status.meta.lines),
+                (Some(next_line), Some(lines)),
+                "numbers of chunk {i} of {cat}"
+            );
+            next_line += lines;
         }
     }
 }
@@ -519,9 +529,16 @@ fn run_model(ops: Vec<Op>, max_chunk_bytes: u64) {
                         Err(e) => panic!("{e}"),
                     }
                 }
-                Op::Restart => {
+                Op::Restart { lose_line_log } => {
                     s.shutdown().await;
                     drop(s);
+                    if lose_line_log {
+                        for cat in CATS {
+                            let _ = std::fs::remove_file(
+                                dir.path().join(cat).join(numbering::LINES_LOG),
+                            );
+                        }
+                    }
                     for m in &mut models {
                         m.complete_all();
                     }
@@ -706,4 +723,32 @@ async fn data_behind_the_window_is_dropped_from_the_page_cache_once_on_disk() {
         }
         s.shutdown().await;
     }
+}
+
+#[tokio::test]
+async fn numbering_goes_on_after_every_chunk_was_deleted_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 10);
+    let s = Storage::open(o.clone(), Metrics::new()).await.unwrap();
+    for text in ["a\nb\nc\n", "d\ne\n", "f\n"] {
+        let (d, n) = lines(text);
+        s.append("app", d, n, true).await.unwrap();
+    }
+    s.rotate("app").await.unwrap();
+    for c in s.chunks("app").unwrap() {
+        let done = s.reclaim("app", &c.name, Reclaim::Expired).await.unwrap();
+        assert_eq!(done, TierOutcome::Done);
+    }
+    assert!(s.chunks("app").unwrap().is_empty());
+    s.shutdown().await;
+    drop(s);
+    let s = Storage::open(o, Metrics::new()).await.unwrap();
+    let (d, n) = lines("g\n");
+    let g = s.append("app", d, n, true).await.unwrap();
+    let meta = s.chunk_meta("app", &g.chunk).unwrap();
+    assert_eq!(
+        (g.chunk.index, meta.first_line, meta.lines),
+        (2, Some(6), Some(1))
+    );
+    s.shutdown().await;
 }

@@ -15,20 +15,21 @@
 //! Records are idempotent, so replaying the log rebuilds the set; a torn last
 //! line (a crash while appending) is ignored, and the upload it recorded is
 //! simply done again. Each record is flushed (`fdatasync`) before it counts.
-//! The log is compacted at start-up when most of it is dead.
+//! The log is compacted at start-up when most of it is dead (see
+//! `record_log`).
 //!
 //! A chunk that is uploaded and whose file is gone is *evicted*: listed with
 //! `local: false`, read through [`RemoteChunks`].
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
 use chunkbus_client::ChunkName;
 
 use super::category::{Category, ChunkMeta, now_ms};
+use super::numbering::LineRecord;
+use super::record_log::RecordLog;
 use super::{Reclaim, Storage, StorageError, fsync_dir, state};
 
 /// File name of the upload log inside a category directory.
@@ -70,75 +71,40 @@ pub(super) struct UploadRecord {
     pub created_ms: u64,
 }
 
+/// The upload log.
+const LOG: RecordLog = RecordLog {
+    file: UPLOAD_LOG,
+    header: HEADER,
+    what: "upload",
+};
+
 /// Replays the upload log of the category at `dir`; compacts it when most
 /// records are dead. Absent log: nothing uploaded.
 pub(super) fn load(dir: &Path) -> Result<BTreeMap<ChunkName, UploadRecord>, StorageError> {
-    let path = dir.join(UPLOAD_LOG);
-    let text = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(e) => {
-            return Err(StorageError::io(
-                format!("cannot read {}", path.display()),
-                e,
-            ));
-        }
-    };
-    let (map, records) = replay(&text).map_err(|msg| {
-        StorageError::io(
-            format!("cannot use {}", path.display()),
-            std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
-        )
-    })?;
-    if records > 2 * map.len() + 64 {
-        rewrite(dir, &map)?;
+    let mut map = BTreeMap::new();
+    let records = LOG.replay(dir, |line| apply(&mut map, line))?;
+    if RecordLog::mostly_dead(records, map.len()) {
+        let text: String = map.iter().map(|(n, r)| record_line(n, Some(*r))).collect();
+        LOG.rewrite(dir, &text)?;
     }
     Ok(map)
 }
 
-/// Parses a log; returns the live set and the number of records read.
-fn replay(text: &[u8]) -> Result<(BTreeMap<ChunkName, UploadRecord>, usize), String> {
-    let mut map = BTreeMap::new();
-    let mut lines = text.split(|&b| b == b'\n');
-    match lines.next() {
-        Some(h) if h == HEADER.as_bytes() => {}
-        Some(h) if h.is_empty() && text.len() <= 1 => return Ok((map, 0)),
-        Some(h) => {
-            return Err(format!(
-                "unknown upload log format {:?} (this build reads {HEADER:?})",
-                String::from_utf8_lossy(&h[..h.len().min(40)])
-            ));
+/// Applies one record; `None` when it is malformed.
+fn apply(map: &mut BTreeMap<ChunkName, UploadRecord>, line: &str) -> Option<()> {
+    let mut f = line.split(' ');
+    match (f.next()?, ChunkName::parse(f.next()?).ok()?) {
+        ("u", name) => {
+            let size = f.next()?.parse().ok()?;
+            let created_ms = f.next()?.parse().ok()?;
+            map.insert(name, UploadRecord { size, created_ms });
         }
-        None => return Ok((map, 0)),
+        ("d", name) => {
+            map.remove(&name);
+        }
+        _ => return None,
     }
-    let whole = if text.ends_with(b"\n") {
-        text
-    } else {
-        // A torn last record: the upload it recorded is done again.
-        &text[..text.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1)]
-    };
-    let mut records = 0;
-    for line in whole.split(|&b| b == b'\n').skip(1) {
-        if line.is_empty() {
-            continue;
-        }
-        records += 1;
-        let line = std::str::from_utf8(line).map_err(|_| "a record is not UTF-8".to_owned())?;
-        let bad = || format!("bad upload record {line:?}");
-        let mut f = line.split(' ');
-        match (f.next(), f.next().map(ChunkName::parse)) {
-            (Some("u"), Some(Ok(name))) => {
-                let size = f.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-                let created_ms = f.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-                map.insert(name, UploadRecord { size, created_ms });
-            }
-            (Some("d"), Some(Ok(name))) => {
-                map.remove(&name);
-            }
-            _ => return Err(bad()),
-        }
-    }
-    Ok((map, records))
+    Some(())
 }
 
 fn record_line(chunk: &ChunkName, rec: Option<UploadRecord>) -> String {
@@ -148,36 +114,9 @@ fn record_line(chunk: &ChunkName, rec: Option<UploadRecord>) -> String {
     }
 }
 
-/// Writes the log afresh (temp file, fsync, rename, fsync of the directory).
-fn rewrite(dir: &Path, map: &BTreeMap<ChunkName, UploadRecord>) -> Result<(), StorageError> {
-    let mut text = format!("{HEADER}\n");
-    for (name, rec) in map {
-        text.push_str(&record_line(name, Some(*rec)));
-    }
-    crate::durable::write_atomic(&dir.join(UPLOAD_LOG), text.as_bytes()).map_err(|e| {
-        StorageError::io(
-            format!("cannot compact the upload log of {}", dir.display()),
-            e,
-        )
-    })
-}
-
-/// Appends one record durably. Called with the category's state lock held,
-/// so that records of one category never interleave.
+/// Appends one record durably (with the category's state lock held).
 fn append(dir: &Path, line: &str) -> Result<(), StorageError> {
-    let path = dir.join(UPLOAD_LOG);
-    let write = || -> std::io::Result<()> {
-        let mut f = OpenOptions::new().append(true).create(true).open(&path)?;
-        let new = f.metadata()?.len() == 0;
-        if new {
-            f.write_all(format!("{HEADER}\n{line}").as_bytes())?;
-        } else {
-            f.write_all(line.as_bytes())?;
-        }
-        f.sync_data()?;
-        if new { fsync_dir(dir) } else { Ok(()) }
-    };
-    write().map_err(|e| StorageError::io(format!("cannot append to {}", path.display()), e))
+    LOG.append(dir, line)
 }
 
 /// Why a tier operation did nothing.
@@ -239,18 +178,26 @@ impl Storage {
     /// copy of another owner's chunk shorter than the object; a complete one
     /// of the object's size is marked uploaded; a complete one longer than
     /// the object is kept as it is. Creates the category if needed.
+    ///
+    /// `numbers`: the chunk's line numbers, when the caller knows them (from
+    /// the owner's listing or the object's metadata); recorded with it.
     pub async fn add_remote(
         &self,
         category: &str,
         chunk: &ChunkName,
         size: u64,
         created_ms: u64,
+        numbers: Option<LineRecord>,
     ) -> Result<TierOutcome, StorageError> {
         let cat = self.category_or_create(category)?;
         let own = chunk.owner == self.node();
         match cat.meta(chunk) {
             Some(m) if m.complete && (own || m.size == size || !m.local) => {
-                return self.mark_uploaded(category, chunk).await;
+                let outcome = self.mark_uploaded(category, chunk).await?;
+                if let Some(numbers) = numbers {
+                    self.learn_numbers(category, chunk, numbers).await?;
+                }
+                return Ok(outcome);
             }
             Some(_) if own => return Ok(TierOutcome::NotEligible),
             Some(m) if m.complete && m.size > size => {
@@ -290,8 +237,22 @@ impl Storage {
                 created_ms
             },
         };
+        let numbers = numbers.filter(|r| r.size == size);
+        if let Some(numbers) = numbers {
+            let (cat2, chunk2) = (cat.clone(), chunk.clone());
+            tokio::task::spawn_blocking(move || {
+                let _serial = cat2.state.lock().unwrap();
+                cat2.record_numbers(&[(chunk2, numbers)])
+            })
+            .await
+            .map_err(|e| StorageError::io("line log task failed", std::io::Error::other(e)))??;
+        }
         self.write_record(&cat, chunk, Some(rec)).await?;
-        cat.insert_remote(chunk, rec.size, rec.created_ms);
+        cat.insert_remote(chunk, rec.size, rec.created_ms, numbers);
+        if let Some(numbers) = numbers.filter(|_| own) {
+            // A node that lost its disk numbers its next lines after these.
+            cat.reserve_line(numbers.end());
+        }
         Ok(TierOutcome::Done)
     }
 
@@ -471,6 +432,9 @@ async fn remove_file(path: &Path) -> Result<(), StorageError> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::OpenOptions;
+    use std::io::Write;
+
     use super::*;
 
     #[test]

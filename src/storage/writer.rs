@@ -85,6 +85,9 @@ struct OpenChunk {
     /// `None` while closed for being idle (see `WriterConfig::idle_close_after`).
     file: Option<Arc<File>>,
     size: u64,
+    /// Number of the chunk's first line, and lines written to it.
+    first_line: u64,
+    lines: u64,
     /// When the first byte went in; the chunk completes `rotate_after` later.
     first_write: Option<Instant>,
     /// When it was last written (or opened).
@@ -149,6 +152,8 @@ pub(crate) struct Writer {
     cat: Arc<Category>,
     cfg: WriterConfig,
     next_index: u32,
+    /// Number of the next line this node writes to the category.
+    next_line: u64,
     open: Option<OpenChunk>,
     /// Queue of this category's group-commit thread and where its jobs
     /// come back; `None` once shutting down.
@@ -172,6 +177,7 @@ impl Writer {
             drop_behind: DropBehind::new(cfg.drop_behind),
             cfg,
             next_index,
+            next_line: 0,
             open: None,
             syncer: Some((syncer, done)),
             synced,
@@ -386,13 +392,15 @@ impl Writer {
             }
         }
         open.size = offset;
+        open.lines += lines;
         open.unflushed_bytes += offset - start;
         self.drop_behind.written(&open.path, start, offset);
         open.last_write = Instant::now();
         open.first_write.get_or_insert(open.last_write);
         self.cat.metrics.bytes_in.inc_by(offset - start);
         self.cat.metrics.lines_in.inc_by(lines);
-        self.cat.update(&open.name, offset, false);
+        self.cat
+            .update(&open.name, offset, false, None, Some(open.lines));
         if !to_sync.is_empty() || open.unflushed_bytes >= FLUSH_EVERY_BYTES {
             // Requests that asked for sync; or, without them, a flush every
             // few MiB so that the kernel writes back steadily instead of in
@@ -491,6 +499,8 @@ impl Writer {
         // Names reserved since this writer started (learned from the peers
         // by a node that lost its disk) are never used.
         self.next_index = self.next_index.max(self.cat.reserved_index());
+        // Likewise numbers: found at start-up, or learned from the peers.
+        self.next_line = self.next_line.max(self.cat.reserved_line());
         if self.next_index > MAX_CHUNK_INDEX {
             return Err(StorageError::IndexExhausted {
                 category: self.cat.name.clone(),
@@ -511,7 +521,21 @@ impl Writer {
         let create = path.clone();
         let data_dir = self.cfg.data_dir.clone();
         let disk = self.cfg.disk.clone();
+        // The chunk's first number is durable before any of its lines is
+        // acknowledged: a restart numbers it so even when every chunk
+        // before it is gone (see `numbering`).
+        let (cat, opened) = (self.cat.clone(), name.clone());
+        let numbers = super::numbering::LineRecord {
+            size: 0,
+            first: self.next_line,
+            lines: 0,
+        };
         let file = tokio::task::spawn_blocking(move || {
+            {
+                let _serial = cat.state.lock().unwrap();
+                cat.record_numbers(&[(opened, numbers)])
+                    .map_err(std::io::Error::other)?;
+            }
             let file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -530,12 +554,15 @@ impl Writer {
         })?;
         self.next_index += 1;
         tracing::debug!(category = %self.cat.name, chunk = %name, "chunk opened");
-        self.cat.update(&name, 0, false);
+        self.cat
+            .update(&name, 0, false, Some(self.next_line), Some(0));
         self.open = Some(OpenChunk {
             name,
             path,
             file: Some(Arc::new(file)),
             size: 0,
+            first_line: self.next_line,
+            lines: 0,
             first_write: None,
             last_write: Instant::now(),
             unflushed_bytes: 0,
@@ -565,7 +592,15 @@ impl Writer {
             (None, false) => None,
         };
         let open = self.open.take().expect("checked above");
-        self.cat.update(&open.name, open.size, true);
+        self.cat
+            .update(&open.name, open.size, true, None, Some(open.lines));
+        let numbers = super::numbering::LineRecord {
+            size: open.size,
+            first: open.first_line,
+            lines: open.lines,
+        };
+        self.next_line = numbers.end();
+        self.record_numbers(&open.name, numbers).await;
         self.cat.metrics.chunks_completed.inc();
         tracing::debug!(category = %self.cat.name, chunk = %open.name, size = open.size, "chunk completed");
         if let Some(file) = file
@@ -580,6 +615,28 @@ impl Writer {
                 finish: marked.then_some(open.size),
             })
             .await;
+        }
+    }
+
+    /// Records a completed chunk's numbers durably, before anything can
+    /// upload and evict it. A failure is logged: the next start-up counts
+    /// the lines of a local chunk without a record.
+    async fn record_numbers(&self, chunk: &ChunkName, numbers: super::numbering::LineRecord) {
+        let cat = self.cat.clone();
+        let rec = [(chunk.clone(), numbers)];
+        let written = tokio::task::spawn_blocking(move || {
+            let _serial = cat.state.lock().unwrap();
+            cat.record_numbers(&rec)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(StorageError::io(
+                "line log task failed",
+                std::io::Error::other(e),
+            ))
+        });
+        if let Err(e) = written {
+            tracing::warn!(category = %self.cat.name, chunk = %chunk, error = %e, "cannot record the line numbers of a completed chunk");
         }
     }
 

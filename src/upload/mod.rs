@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use chunkbus_client::{ChunkName, S3Status};
+use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -354,6 +355,7 @@ impl Tiering {
     async fn list_once(&self, cfg: &S3Config, store: &ObjectStore) -> Result<usize, S3Error> {
         let listed = store.list(&cfg.prefix).await?;
         let mut found = 0;
+        let mut new = Vec::new();
         for o in listed {
             let Some((category, chunk)) = parse_key(&cfg.prefix, &o.key) else {
                 continue;
@@ -368,9 +370,27 @@ impl Tiering {
                 }
                 _ => {}
             }
+            new.push((category, chunk, o));
+        }
+        // The objects' metadata numbers their lines (uploads by earlier
+        // versions have none): a few lookups at a time.
+        let mut heads = futures_util::stream::iter(new)
+            .map(|(category, chunk, o)| async move {
+                let numbers = match store.head(&o.key).await {
+                    Ok(Some((size, numbers))) if size == o.size => numbers,
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::warn!(key = %o.key, error = %e, "cannot read the line numbers of a chunk in S3");
+                        None
+                    }
+                };
+                (category, chunk, o, numbers)
+            })
+            .buffered(LIST_LOOKUPS);
+        while let Some((category, chunk, o, numbers)) = heads.next().await {
             if let Err(e) = self
                 .storage
-                .add_remote(&category, &chunk, o.size, o.modified_ms)
+                .add_remote(&category, &chunk, o.size, o.modified_ms, numbers)
                 .await
             {
                 tracing::warn!(category, chunk = %chunk, error = %e, "cannot record a chunk found in S3");
@@ -379,6 +399,9 @@ impl Tiering {
         Ok(found)
     }
 }
+
+/// Object lookups in flight while recording the chunks found in S3.
+const LIST_LOOKUPS: usize = 16;
 
 /// Who uploads a chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

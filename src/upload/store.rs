@@ -17,6 +17,8 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
+
+use crate::storage::numbering::LineRecord;
 use md5::{Digest, Md5};
 
 use super::{ChecksumMode, S3Config};
@@ -165,14 +167,21 @@ impl ObjectStore {
         })
     }
 
-    /// Uploads `data` as `key` in one request.
-    pub async fn put(&self, key: &str, data: Bytes) -> Result<(), S3Error> {
+    /// Uploads `data` as `key` in one request, with the chunk's line
+    /// numbers as object metadata when known.
+    pub async fn put(
+        &self,
+        key: &str,
+        data: Bytes,
+        numbers: Option<LineRecord>,
+    ) -> Result<(), S3Error> {
         let mut req = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
-            .content_type(CONTENT_TYPE);
+            .content_type(CONTENT_TYPE)
+            .set_metadata(numbers.map(line_metadata));
         req = match self.checksum {
             ChecksumMode::Md5 => req.content_md5(md5_base64(&data)),
             ChecksumMode::Crc32c => req.checksum_algorithm(ChecksumAlgorithm::Crc32C),
@@ -184,14 +193,20 @@ impl ObjectStore {
             .map_err(|e| classify(&format!("cannot upload {key}"), e))
     }
 
-    /// Starts a multipart upload of `key`; returns its id.
-    pub async fn start_multipart(&self, key: &str) -> Result<String, S3Error> {
+    /// Starts a multipart upload of `key` (with the chunk's line numbers
+    /// as metadata when known); returns its id.
+    pub async fn start_multipart(
+        &self,
+        key: &str,
+        numbers: Option<LineRecord>,
+    ) -> Result<String, S3Error> {
         let mut req = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
-            .content_type(CONTENT_TYPE);
+            .content_type(CONTENT_TYPE)
+            .set_metadata(numbers.map(line_metadata));
         if self.checksum == ChecksumMode::Crc32c {
             req = req.checksum_algorithm(ChecksumAlgorithm::Crc32C);
         }
@@ -284,6 +299,12 @@ impl ObjectStore {
 
     /// The size of `key`, or `None` when it does not exist.
     pub async fn size(&self, key: &str) -> Result<Option<u64>, S3Error> {
+        Ok(self.head(key).await?.map(|(size, _)| size))
+    }
+
+    /// The size of `key` and the line numbers its metadata holds (when
+    /// uploaded with them), or `None` when it does not exist.
+    pub async fn head(&self, key: &str) -> Result<Option<(u64, Option<LineRecord>)>, S3Error> {
         match self
             .client
             .head_object()
@@ -292,7 +313,15 @@ impl ObjectStore {
             .send()
             .await
         {
-            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            Ok(out) => {
+                let size = out.content_length().unwrap_or(0).max(0) as u64;
+                let number = |name: &str| out.metadata()?.get(name)?.parse::<u64>().ok();
+                let numbers = match (number(META_FIRST_LINE), number(META_LINES)) {
+                    (Some(first), Some(lines)) => Some(LineRecord { size, first, lines }),
+                    _ => None,
+                };
+                Ok(Some((size, numbers)))
+            }
             Err(e) => {
                 let e = classify(&format!("cannot look up {key}"), e);
                 if e.kind == S3ErrorKind::NotFound {
@@ -391,4 +420,19 @@ pub struct UploadedPart {
     /// The part's CRC32C, when `--s3-checksum crc32c`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crc32c: Option<String>,
+}
+
+/// Object metadata naming the number of a chunk's first line (see
+/// `storage::numbering`), so that a node that lost its disk, and every
+/// other node, numbers an evicted chunk's lines as its owner did.
+const META_FIRST_LINE: &str = "chunkbus-first-line";
+/// Object metadata: the lines in the chunk.
+const META_LINES: &str = "chunkbus-lines";
+
+fn line_metadata(r: LineRecord) -> std::collections::HashMap<String, String> {
+    [
+        (META_FIRST_LINE.to_owned(), r.first.to_string()),
+        (META_LINES.to_owned(), r.lines.to_string()),
+    ]
+    .into()
 }

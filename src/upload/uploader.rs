@@ -78,6 +78,8 @@ struct Job {
     size: u64,
     created_ms: u64,
     role: Responsibility,
+    /// The chunk's line numbers, stored as object metadata.
+    numbers: Option<crate::storage::numbering::LineRecord>,
 }
 
 /// How a job ended.
@@ -267,6 +269,7 @@ fn pending(tier: &Tiering) -> Vec<Job> {
                 size: m.size,
                 created_ms: m.created_ms,
                 role,
+                numbers: m.line_record(),
             });
         }
     }
@@ -324,13 +327,13 @@ async fn upload(
     };
     if job.size <= cfg.part_bytes {
         let data = chunk.read(0, job.size).await?;
-        store.put(&key, data).await?;
+        store.put(&key, data, job.numbers).await?;
     } else {
         let state_path = tier
             .storage
             .upload_progress_file(&job.category, &job.chunk)
             .map_err(|e| local_error("no place for the upload's progress".into(), e))?;
-        multipart(store, &key, &chunk, &state_path, job.size, cfg.part_bytes).await?;
+        multipart(store, &key, &chunk, &state_path, job, cfg.part_bytes).await?;
     }
     Ok(Done::Uploaded { bytes: job.size })
 }
@@ -350,9 +353,10 @@ async fn multipart(
     key: &str,
     chunk: &LocalCopy,
     state_path: &Path,
-    size: u64,
+    job: &Job,
     part_bytes: u64,
 ) -> Result<(), S3Error> {
+    let size = job.size;
     let mut state = match load_state(state_path).await {
         Some(st) if st.size == size && st.part_bytes == part_bytes => {
             tracing::info!(
@@ -366,7 +370,7 @@ async fn multipart(
             if let Some(old) = other {
                 let _ = store.abort_multipart(key, &old.upload_id).await;
             }
-            let upload_id = store.start_multipart(key).await?;
+            let upload_id = store.start_multipart(key, job.numbers).await?;
             MultipartState {
                 version: 1,
                 upload_id,

@@ -450,9 +450,10 @@ async fn check(soak: &Soak, mut rng: rand::rngs::StdRng) -> usize {
             for i in 0..NODES {
                 per_node.push(cluster.client(i).chunks(cat).await.unwrap_or_default());
             }
-            let key = |l: &Vec<ChunkInfo>| -> Vec<(String, u64, bool)> {
+            type Key = (String, u64, bool, Option<u64>, Option<u64>);
+            let key = |l: &Vec<ChunkInfo>| -> Vec<Key> {
                 l.iter()
-                    .map(|c| (c.name.clone(), c.size, c.complete))
+                    .map(|c| (c.name.clone(), c.size, c.complete, c.first_line, c.lines))
                     .collect()
             };
             let same = per_node.windows(2).all(|w| key(&w[0]) == key(&w[1]));
@@ -460,6 +461,8 @@ async fn check(soak: &Soak, mut rng: rand::rngs::StdRng) -> usize {
                 .iter()
                 .all(|l| l.iter().all(|c| !c.complete || c.uploaded));
             if same && uploaded {
+                // Every line numbered once, the same on every node.
+                crate::cluster::check_numbering(cat, &per_node[0]);
                 break per_node.swap_remove(0);
             }
             assert!(
@@ -491,6 +494,13 @@ async fn check(soak: &Soak, mut rng: rand::rngs::StdRng) -> usize {
                 let object = soak.s3.get(&key).await;
                 assert!(object.as_ref() == Some(&first), "{key} differs in S3");
             }
+            let newlines = first.iter().filter(|&&b| b == b'\n').count() as u64;
+            assert_eq!(
+                chunk.lines,
+                Some(newlines),
+                "lines of {} of {cat}",
+                chunk.name
+            );
             let text = String::from_utf8(first).unwrap();
             for l in text.lines() {
                 assert!(

@@ -191,20 +191,23 @@ impl TestCluster {
     }
 
     /// Waits until every running node lists the same chunks of each
-    /// category (names, sizes, completeness), then checks that the chunk
-    /// files hold the same bytes on every node (an owner's open chunk may
-    /// also hold zeros past its data: a zero runway).
+    /// category (names, sizes, completeness, line numbers), then checks
+    /// that the chunk files hold the same bytes on every node (an owner's
+    /// open chunk may also hold zeros past its data: a zero runway), and
+    /// that each owner's lines are numbered 0, 1, 2, ... across its chunks.
     pub async fn wait_converged(&self, categories: &[&str]) {
         let deadline = tokio::time::Instant::now() + CONVERGE_DEADLINE;
         for cat in categories {
             let sizes: BTreeMap<String, u64> = loop {
                 let lists = self.chunk_lists(cat).await;
-                let key = |l: &Vec<ChunkInfo>| -> Vec<(String, u64, bool)> {
+                type Key = (String, u64, bool, Option<u64>, Option<u64>);
+                let key = |l: &Vec<ChunkInfo>| -> Vec<Key> {
                     l.iter()
-                        .map(|c| (c.name.clone(), c.size, c.complete))
+                        .map(|c| (c.name.clone(), c.size, c.complete, c.first_line, c.lines))
                         .collect()
                 };
                 if lists.windows(2).all(|w| key(&w[0]) == key(&w[1])) && !lists[0].is_empty() {
+                    check_numbering(cat, &lists[0]);
                     break lists[0].iter().map(|c| (c.name.clone(), c.size)).collect();
                 }
                 assert!(
@@ -245,6 +248,14 @@ impl TestCluster {
                     );
                 }
             }
+            let lists = self.chunk_lists(cat).await;
+            for (name, data) in files.first().into_iter().flatten() {
+                let listed = lists[0].iter().find(|c| c.name == *name).unwrap();
+                let lines = data.iter().filter(|&&b| b == b'\n').count() as u64;
+                if listed.size == data.len() as u64 {
+                    assert_eq!(listed.lines, Some(lines), "lines of chunk {name} of {cat}");
+                }
+            }
         }
     }
 
@@ -266,5 +277,24 @@ impl TestCluster {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// Checks that every chunk of `list` is numbered and that each owner's
+/// chunks number their lines one after the other (from 0 when the owner's
+/// first chunk is listed).
+pub fn check_numbering(category: &str, list: &[ChunkInfo]) {
+    let mut next: BTreeMap<&str, u64> = BTreeMap::new();
+    for c in list {
+        let (Some(first), Some(lines)) = (c.first_line, c.lines) else {
+            panic!("chunk {} of {category} is not numbered: {c:?}", c.name);
+        };
+        let want = match next.get(c.owner.as_str()) {
+            Some(&n) => n,
+            None if c.index == 0 => 0,
+            None => first,
+        };
+        assert_eq!(first, want, "first line of chunk {} of {category}", c.name);
+        next.insert(&c.owner, first + lines);
     }
 }

@@ -306,6 +306,13 @@ async fn a_wiped_node_reuses_no_name_a_consumer_position_holds() {
         .await
         .unwrap();
     assert_ne!(p.chunk, first.chunk, "a chunk name was used twice");
+    // Nor a line number: the peer remembers where n2's numbering stood.
+    let listed = cluster.client(1).chunks("app").await.unwrap();
+    let new = listed
+        .iter()
+        .find(|c| Some(&c.name) == p.chunk.as_ref())
+        .unwrap();
+    assert_eq!((new.first_line, new.lines), (Some(1), Some(1)), "{new:?}");
     let batch = reader.next("app", "c", &opts).await.unwrap();
     assert_eq!(
         batch.map(|b| b.data),

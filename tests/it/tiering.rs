@@ -451,7 +451,16 @@ async fn a_node_that_lost_its_disk_serves_everything_from_s3_and_reuses_no_name(
             !l.local && l.uploaded && l.complete && l.size == c.size,
             "{l:?}"
         );
+        // Numbered as before, from the objects' metadata.
+        assert_eq!((l.first_line, l.lines), (c.first_line, c.lines), "{l:?}");
     }
+    crate::cluster::check_numbering("lost", &listed);
+    let end = chunks
+        .iter()
+        .filter_map(|c| Some(c.first_line? + c.lines?))
+        .max();
+    let new = listed.iter().find(|l| l.name == new_chunk).unwrap();
+    assert_eq!((new.first_line, new.lines), (end, Some(1)), "{new:?}");
     let mut want = sent.clone();
     want.push("after the wipe".to_owned());
     assert_eq!(all_lines(&client, "lost").await, want);
