@@ -28,6 +28,7 @@ pub mod durable;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod kafka;
 pub mod metrics;
 pub mod replication;
 pub mod serve;

@@ -21,6 +21,13 @@ pub struct CategoryLabels {
     pub category: String,
 }
 
+/// Labels of the Kafka request counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KafkaLabels {
+    /// The API's name (`Produce`, `Fetch`, ...).
+    pub api: &'static str,
+}
+
 /// Labels of per-peer families.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
@@ -94,6 +101,10 @@ pub struct Metrics {
     pub read_waiters: Gauge,
     /// Requests refused because of load or disk pressure.
     pub shed_requests: Counter,
+    /// Kafka requests answered, by API.
+    pub kafka_requests: Family<KafkaLabels, Counter>,
+    /// Kafka connections closed for a frame that could not be a request.
+    pub kafka_bad_frames: Counter,
     /// 1 while a peer's change feed answers, 0 otherwise.
     pub peer_connected: Family<PeerLabels, Gauge>,
     /// Bytes of a peer's chunks not yet copied here, per category.
@@ -146,6 +157,8 @@ impl Metrics {
             idle_connections_closed: Counter::default(),
             read_waiters: Gauge::default(),
             shed_requests: Counter::default(),
+            kafka_requests: Family::default(),
+            kafka_bad_frames: Counter::default(),
             peer_connected: Family::default(),
             replication_lag_bytes: Family::default(),
             replication_lag_seconds: Family::default(),
@@ -234,6 +247,16 @@ impl Metrics {
             "shed_requests",
             "Write requests refused with 503 because of load or disk pressure",
             m.shed_requests.clone(),
+        );
+        r.register(
+            "kafka_requests",
+            "Kafka requests answered, by API",
+            m.kafka_requests.clone(),
+        );
+        r.register(
+            "kafka_bad_frames",
+            "Kafka connections closed for a frame too large or unreadable",
+            m.kafka_bad_frames.clone(),
         );
         r.register(
             "peer_connected",

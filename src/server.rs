@@ -184,6 +184,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    let kafka_listener = match &cfg.kafka {
+        Some(k) => Some(
+            TcpListener::bind(k.listen)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr: k.listen,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let auth = Arc::new(cfg.auth.build().map_err(ServeError::Auth)?);
     if let Some(path) = &cfg.auth.cluster_secret_file {
         crate::auth::warn_if_others_read(path, "cluster secret file");
@@ -239,6 +250,7 @@ pub async fn run(
             consumers,
             tiering,
             auth: auth.clone(),
+            kafka_advertised: cfg.kafka.as_ref().map(|k| k.advertised.clone()),
         },
         Limits {
             max_line_bytes: cfg.max_line_bytes,
@@ -264,6 +276,19 @@ pub async fn run(
         open: state.metrics.connections.clone(),
         evicted: state.metrics.idle_connections_closed.clone(),
     };
+    let kafka = match (kafka_listener, &cfg.kafka) {
+        (Some(listener), Some(settings)) => {
+            let addr = listener.local_addr().map_err(ServeError::Http)?;
+            tracing::info!(%addr, advertised = %settings.advertised, partitions = settings.nodes.len(), "kafka listening");
+            Some(tokio::spawn(crate::kafka::serve(
+                listener,
+                state.clone(),
+                settings.clone(),
+                shutdown.clone(),
+            )))
+        }
+        _ => None,
+    };
     let app = router(state);
     match &cfg.tls {
         Some(tls) => {
@@ -279,6 +304,9 @@ pub async fn run(
             println!("chunkbus listening on http://{addr}");
             crate::serve::serve(listener, app, limits, shutdown.clone()).await;
         }
+    }
+    if let Some(kafka) = kafka {
+        let _ = kafka.await;
     }
     stop_pullers.cancel();
     pullers.wait().await;

@@ -369,6 +369,23 @@ pub struct ServeArgs {
     /// A private CA (PEM) that signed the peers' certificates [default: the system's roots].
     #[arg(long, env = "CHUNKBUS_TLS_CA", value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
+
+    /// Also serve the Kafka protocol on this address (topics are categories,
+    /// partitions are nodes; see docs/kafka.md) [default: off].
+    #[arg(long, env = "CHUNKBUS_KAFKA_LISTEN", value_name = "HOST:PORT")]
+    pub kafka_listen: Option<String>,
+
+    /// The host:port Kafka clients are told to reach this node at
+    /// [default: --kafka-listen].
+    #[arg(long, env = "CHUNKBUS_KAFKA_ADVERTISED_ADDR", value_name = "HOST:PORT")]
+    pub kafka_advertised_addr: Option<String>,
+
+    /// Serve Kafka clients while tokens are configured: the Kafka listener
+    /// takes no token (it speaks no SASL), so anyone who reaches it may read
+    /// and write every category.
+    #[arg(long, env = "CHUNKBUS_KAFKA_ALLOW_ANONYMOUS")]
+    #[serde(default)]
+    pub kafka_allow_anonymous: bool,
 }
 
 impl ServeArgs {
@@ -413,6 +430,9 @@ impl ServeArgs {
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             tls_ca: self.tls_ca.or(file.tls_ca),
+            kafka_listen: self.kafka_listen.or(file.kafka_listen),
+            kafka_advertised_addr: self.kafka_advertised_addr.or(file.kafka_advertised_addr),
+            kafka_allow_anonymous: self.kafka_allow_anonymous || file.kafka_allow_anonymous,
         }
     }
 }

@@ -262,6 +262,23 @@ pub struct ServeConfig {
     pub max_connections: usize,
     /// Categories writes may create at most.
     pub max_categories: usize,
+    /// The Kafka listener; `None`: off.
+    pub kafka: Option<KafkaSettings>,
+    /// `--kafka-allow-anonymous`: serve Kafka clients although tokens are
+    /// configured (the listener takes no token).
+    pub kafka_allow_anonymous: bool,
+}
+
+/// `--kafka-listen` and what goes with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSettings {
+    /// Where the Kafka listener listens.
+    pub listen: SocketAddr,
+    /// `host:port` clients are told to reach this node at.
+    pub advertised: String,
+    /// Every node of the cluster in `--peers` order, this one included:
+    /// partition `p` of every topic is the `p`-th node's lines.
+    pub nodes: Vec<String>,
 }
 
 /// `--tls-cert`, `--tls-key`, `--tls-ca`.
@@ -396,6 +413,8 @@ impl ServeConfig {
             idle_timeout: args.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
             max_connections: args.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             max_categories: args.max_categories.unwrap_or(DEFAULT_MAX_CATEGORIES),
+            kafka: None,
+            kafka_allow_anonymous: false,
             retention: RetentionConfig {
                 local_retention: args
                     .local_retention
@@ -404,7 +423,15 @@ impl ServeConfig {
             },
         };
         let mut cfg = cfg;
-        cfg.peers = others(&cfg.node, listen, args.peers.unwrap_or_default())?;
+        let peers = args.peers.unwrap_or_default();
+        cfg.kafka = kafka_settings(
+            &cfg.node,
+            args.kafka_listen.as_deref(),
+            args.kafka_advertised_addr,
+            &peers,
+        )?;
+        cfg.kafka_allow_anonymous = args.kafka_allow_anonymous;
+        cfg.peers = others(&cfg.node, listen, peers)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -455,6 +482,11 @@ impl ServeConfig {
                 "no tokens are configured, so chunkbus listens on loopback only, not on {}: give --tokens-file (see docs/security.md), or --allow-anonymous to serve anyone who can reach it",
                 self.listen
             ));
+        }
+        if auth.required() && self.kafka.is_some() && !self.kafka_allow_anonymous {
+            return invalid(
+                "tokens are configured, but Kafka clients cannot present one (the Kafka listener speaks no SASL): without --kafka-listen, or with --kafka-allow-anonymous to let anyone who reaches it read and write every category".into(),
+            );
         }
         if auth.required() && !self.peers.is_empty() && !auth.has_cluster_secret() {
             return invalid(
@@ -561,6 +593,62 @@ fn s3_config(args: &ServeArgs) -> Result<Option<S3Config>, ConfigError> {
         checksum,
         part_bytes,
         concurrency,
+    }))
+}
+
+/// The Kafka listener's settings (`None` without `--kafka-listen`).
+fn kafka_settings(
+    node: &str,
+    listen: Option<&str>,
+    advertised: Option<String>,
+    peers: &PeerList,
+) -> Result<Option<KafkaSettings>, ConfigError> {
+    let Some(listen_raw) = listen else {
+        if advertised.is_some() {
+            return Err(ConfigError::Invalid(
+                "--kafka-advertised-addr needs --kafka-listen".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let listen: SocketAddr = listen_raw.parse().map_err(|_| {
+        ConfigError::Invalid(format!(
+            "--kafka-listen {listen_raw:?} is not an address like 127.0.0.1:9092"
+        ))
+    })?;
+    let advertised = match advertised {
+        Some(a) => {
+            let port_ok = a
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !port_ok {
+                return Err(ConfigError::Invalid(format!(
+                    "--kafka-advertised-addr {a:?} must be host:port"
+                )));
+            }
+            a
+        }
+        None if listen.ip().is_unspecified() => {
+            return Err(ConfigError::Invalid(format!(
+                "--kafka-listen {listen} listens on every address: say which one clients reach this node at with --kafka-advertised-addr"
+            )));
+        }
+        None => listen.to_string(),
+    };
+    let nodes: Vec<String> = if peers.0.is_empty() {
+        vec![node.to_owned()]
+    } else {
+        peers.0.iter().map(|p| p.name.clone()).collect()
+    };
+    if !nodes.iter().any(|n| n == node) {
+        return Err(ConfigError::Invalid(format!(
+            "with --kafka-listen, --peers must name every node, this one ({node}) included, in the same order on every node: partition p of every topic is the p-th node of that list"
+        )));
+    }
+    Ok(Some(KafkaSettings {
+        listen,
+        advertised,
+        nodes,
     }))
 }
 

@@ -87,6 +87,7 @@ pub(super) async fn changes(
                 chunks,
                 positions_version,
                 positions,
+                kafka_addr: st.kafka_advertised.clone(),
             }));
         }
         tokio::select! {

@@ -89,6 +89,9 @@ pub struct Services {
     pub tiering: Arc<Tiering>,
     /// Tokens and the cluster secret.
     pub auth: Arc<Auth>,
+    /// Where Kafka clients reach this node (`--kafka-advertised-addr`);
+    /// `None` when its Kafka listener is off.
+    pub kafka_advertised: Option<String>,
 }
 
 impl AppState {

@@ -96,6 +96,8 @@ struct PeerState {
     /// (category, chunk) → (owner's size, size here) of the peer's chunks
     /// whose copy here holds more than the peer lists.
     disagreeing: BTreeMap<(String, String), (u64, u64)>,
+    /// Where Kafka clients reach the peer, as it last said.
+    kafka_addr: Option<String>,
 }
 
 impl Replication {
@@ -182,6 +184,14 @@ impl Replication {
     }
 
     /// Number of other nodes.
+    /// Whether peer `name` answers now, and where Kafka clients reach it
+    /// (as it last said); `None` for a node that is not a peer.
+    pub fn peer_kafka(&self, name: &str) -> Option<(bool, Option<String>)> {
+        let link = self.links.iter().find(|l| l.peer.name == name)?;
+        let st = link.state.lock().unwrap();
+        Some((st.connected, st.kafka_addr.clone()))
+    }
+
     pub fn peer_count(&self) -> usize {
         self.links.len()
     }
@@ -312,6 +322,11 @@ impl Replication {
 
     /// The in-memory part of [`Replication::set_connected`]; true when a
     /// forgotten peer answered.
+    /// Records where Kafka clients reach a peer, as its answer said.
+    fn note_kafka_addr(&self, link: &PeerLink, addr: Option<String>) {
+        link.state.lock().unwrap().kafka_addr = addr;
+    }
+
     fn note_connected(&self, link: &PeerLink, connected: bool, error: Option<String>) -> bool {
         let mut st = link.state.lock().unwrap();
         let returned = connected && std::mem::take(&mut st.forgotten);

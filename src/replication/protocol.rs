@@ -76,6 +76,10 @@ pub struct ChangesResponse {
     /// `positions_since` (merged by the asking node: positions are a CRDT).
     #[serde(default)]
     pub positions: Vec<ChangedConsumer>,
+    /// `host:port` Kafka clients reach the owner at (absent when its Kafka
+    /// listener is off): peers name it in their Kafka metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_addr: Option<String>,
 }
 
 /// A consumer's positions in one category, as the asked node holds them.

@@ -170,6 +170,9 @@ pub struct Appended {
     pub next_offset: u64,
     /// Lines written.
     pub lines: u64,
+    /// Number of the first line written in this node's numbering of the
+    /// category's lines (see `numbering`).
+    pub first_line: u64,
 }
 
 /// Lines read from a chunk.
@@ -630,6 +633,12 @@ impl Storage {
             .keys()
             .cloned()
             .collect()
+    }
+
+    /// Wakes on every append and completion in `category`; `None` when the
+    /// category does not exist (yet).
+    pub fn watch(&self, category: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.category(category).ok().map(|c| c.subscribe())
     }
 
     /// Chunks of `category`, sorted by owner then index.

@@ -382,6 +382,7 @@ impl Writer {
                 offset,
                 next_offset: offset + req.len(),
                 lines: req.lines,
+                first_line: open.first_line + open.lines + lines,
             };
             offset = appended.next_offset;
             lines += req.lines;

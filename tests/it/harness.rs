@@ -47,6 +47,8 @@ pub fn config(dir: &Path) -> ServeConfig {
         idle_timeout: Duration::from_secs(30),
         max_connections: 10_000,
         max_categories: 10_000,
+        kafka: None,
+        kafka_allow_anonymous: false,
     }
 }
 

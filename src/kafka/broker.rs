@@ -1,0 +1,642 @@
+//! What the Kafka listener answers, API by API.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use chunkbus_client::ChunkName;
+use chunkbus_client::names::validate_category;
+use kafka_protocol::messages::api_versions_response::ApiVersion;
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::metadata_response::{
+    MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsResponse, BrokerId, FetchResponse, ListOffsetsResponse, MetadataResponse,
+    ProduceResponse, ResponseHeader, TopicName,
+};
+use kafka_protocol::protocol::{Encodable, StrBytes};
+use tokio_util::sync::CancellationToken;
+
+use super::records::{self, BatchError};
+use super::requests::{self, FetchPartition, Header, ProducePartition};
+use super::wire::Reader;
+use crate::config::KafkaSettings;
+use crate::http::AppState;
+use crate::http::body::Reservation;
+use crate::metrics::KafkaLabels;
+use crate::storage::{ChunkStatus, StorageError};
+
+/// Kafka error codes used here.
+mod code {
+    pub const NONE: i16 = 0;
+    pub const OFFSET_OUT_OF_RANGE: i16 = 1;
+    pub const CORRUPT_MESSAGE: i16 = 2;
+    pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+    pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
+    pub const REQUEST_TIMED_OUT: i16 = 7;
+    pub const MESSAGE_TOO_LARGE: i16 = 10;
+    pub const INVALID_TOPIC_EXCEPTION: i16 = 17;
+    pub const NOT_ENOUGH_REPLICAS_AFTER_APPEND: i16 = 20;
+    pub const UNSUPPORTED_VERSION: i16 = 35;
+    pub const UNSUPPORTED_FOR_MESSAGE_FORMAT: i16 = 43;
+    pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
+    pub const KAFKA_STORAGE_ERROR: i16 = 56;
+    pub const UNSUPPORTED_COMPRESSION_TYPE: i16 = 76;
+    pub const INVALID_RECORD: i16 = 87;
+}
+
+/// Bytes scanned per step while finding where a line starts in a chunk.
+const LOCATE_STEP_BYTES: u64 = 1 << 20;
+/// Longest `max_wait_ms` honoured.
+const MAX_FETCH_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+pub(super) struct Broker {
+    pub st: Arc<AppState>,
+    settings: KafkaSettings,
+    /// This node's partition number.
+    me: i32,
+}
+
+/// What one connection remembers between requests: where the line after
+/// its last fetch of each partition starts, so that a consumer reading on
+/// does not scan its chunk again.
+#[derive(Debug, Default)]
+pub(super) struct Connection {
+    cursors: HashMap<(String, i32), Cursor>,
+}
+
+#[derive(Debug, Clone)]
+struct Cursor {
+    line: u64,
+    chunk: ChunkName,
+    byte: u64,
+}
+
+/// A partition as this node holds it: the owner's chunks here.
+#[derive(Debug)]
+struct Partition {
+    chunks: Vec<ChunkStatus>,
+    /// Number of the first line still held (retention deleted those below).
+    log_start: u64,
+    /// Number of the line after the last one held here.
+    end: u64,
+}
+
+impl Broker {
+    pub fn new(st: Arc<AppState>, settings: KafkaSettings) -> Self {
+        let me = settings
+            .nodes
+            .iter()
+            .position(|n| n == st.storage.node())
+            .unwrap_or(0) as i32;
+        Self { st, settings, me }
+    }
+
+    /// Answers one request frame; `None` for a produce with `acks=0`.
+    /// An error closes the connection (an unknown API, a malformed frame).
+    pub async fn handle(
+        &self,
+        conn: &mut Connection,
+        frame: Bytes,
+        reservation: &mut Reservation,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Bytes>, String> {
+        let mut r = Reader::new(frame);
+        let h = requests::header(&mut r).map_err(|e| e.to_string())?;
+        let key =
+            ApiKey::try_from(h.api_key).map_err(|_| format!("unknown API key {}", h.api_key))?;
+        let Some((lo, hi)) = requests::supported(key) else {
+            return Err(format!("{key:?} is not served (see docs/kafka.md)"));
+        };
+        self.st
+            .metrics
+            .kafka_requests
+            .get_or_create(&KafkaLabels { api: api_name(key) })
+            .inc();
+        let v = h.api_version;
+        if !(lo..=hi).contains(&v) {
+            if key == ApiKey::ApiVersions {
+                // Answered in version 0, so the client learns what is served.
+                return Ok(Some(self.api_versions(&h, 0, code::UNSUPPORTED_VERSION)?));
+            }
+            return Err(format!("{key:?} v{v} is not served (v{lo}-v{hi})"));
+        }
+        let bad = |e: super::wire::Malformed| format!("{key:?} v{v}: {e}");
+        match key {
+            ApiKey::ApiVersions => {
+                requests::api_versions(&mut r, v).map_err(bad)?;
+                Ok(Some(self.api_versions(&h, v, code::NONE)?))
+            }
+            ApiKey::Metadata => {
+                let req = requests::metadata(&mut r, v).map_err(bad)?;
+                let resp = self.metadata(req);
+                encode(&h, key, v, &resp).map(Some)
+            }
+            ApiKey::Produce => {
+                let req = requests::produce(&mut r, v).map_err(bad)?;
+                let acks = req.acks;
+                let resp = self.produce(req, reservation).await;
+                if acks == 0 {
+                    return Ok(None);
+                }
+                encode(&h, key, v, &resp).map(Some)
+            }
+            ApiKey::Fetch => {
+                let req = requests::fetch(&mut r, v).map_err(bad)?;
+                let resp = self.fetch(conn, req, shutdown).await;
+                encode(&h, key, v, &resp).map(Some)
+            }
+            ApiKey::ListOffsets => {
+                let req = requests::list_offsets(&mut r, v).map_err(bad)?;
+                let resp = self.list_offsets(req);
+                encode(&h, key, v, &resp).map(Some)
+            }
+            other => Err(format!("{other:?} is not served")),
+        }
+    }
+
+    fn api_versions(&self, h: &Header, v: i16, error: i16) -> Result<Bytes, String> {
+        let mut resp = ApiVersionsResponse::default();
+        resp.error_code = error;
+        for &(key, lo, hi) in requests::SUPPORTED {
+            let mut a = ApiVersion::default();
+            a.api_key = key as i16;
+            a.min_version = lo;
+            a.max_version = hi;
+            resp.api_keys.push(a);
+        }
+        encode(h, ApiKey::ApiVersions, v, &resp)
+    }
+
+    /// The owner of partition `p`, if there is such a partition.
+    fn owner(&self, p: i32) -> Option<&str> {
+        usize::try_from(p)
+            .ok()
+            .and_then(|i| self.settings.nodes.get(i))
+            .map(String::as_str)
+    }
+
+    fn metadata(&self, req: requests::Metadata) -> MetadataResponse {
+        let mut resp = MetadataResponse::default();
+        let mut up = Vec::new();
+        for (i, node) in self.settings.nodes.iter().enumerate() {
+            let (reachable, addr) = if node == self.st.storage.node() {
+                (true, Some(self.settings.advertised.clone()))
+            } else {
+                self.st
+                    .replication
+                    .peer_kafka(node)
+                    .unwrap_or((false, None))
+            };
+            up.push(reachable && addr.is_some());
+            // A peer whose address is not known yet is listed with this
+            // node's: clients must know every broker a partition names.
+            let addr = addr.unwrap_or_else(|| self.settings.advertised.clone());
+            let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, "9092"));
+            let mut b = MetadataResponseBroker::default();
+            b.node_id = BrokerId(i as i32);
+            b.host = StrBytes::from_string(host.to_owned());
+            b.port = port.parse().unwrap_or(9092);
+            resp.brokers.push(b);
+        }
+        resp.cluster_id = Some(StrBytes::from_static_str("chunkbus"));
+        resp.controller_id = BrokerId(self.me);
+        let names = match req.topics {
+            Some(t) => t,
+            None => self.st.storage.categories(),
+        };
+        for name in names {
+            let mut t = MetadataResponseTopic::default();
+            t.name = Some(TopicName(StrBytes::from_string(name.clone())));
+            if validate_category(&name).is_err() {
+                t.error_code = code::INVALID_TOPIC_EXCEPTION;
+                resp.topics.push(t);
+                continue;
+            }
+            // Every valid name is a topic: a category exists once written.
+            let all: Vec<BrokerId> = (0..self.settings.nodes.len() as i32)
+                .map(BrokerId)
+                .collect();
+            for (p, &reachable) in up.iter().enumerate() {
+                let mut part = MetadataResponsePartition::default();
+                part.partition_index = p as i32;
+                // The owner leads its partition while it answers; every
+                // node serves fetches of every partition, so another node
+                // is named while it does not.
+                part.leader_id = BrokerId(if reachable { p as i32 } else { self.me });
+                part.replica_nodes = all.clone();
+                part.isr_nodes = all.clone();
+                t.partitions.push(part);
+            }
+            resp.topics.push(t);
+        }
+        resp
+    }
+
+    async fn produce(
+        &self,
+        mut req: requests::Produce,
+        reservation: &mut Reservation,
+    ) -> ProduceResponse {
+        let mut resp = ProduceResponse::default();
+        for (topic, parts) in std::mem::take(&mut req.topics) {
+            let mut t = TopicProduceResponse::default();
+            t.name = TopicName(StrBytes::from_string(topic.clone()));
+            for part in parts {
+                let index = part.index;
+                let mut pr = PartitionProduceResponse::default();
+                pr.index = index;
+                pr.log_append_time_ms = -1;
+                pr.log_start_offset = -1;
+                match self
+                    .produce_partition(&topic, part, &req, reservation)
+                    .await
+                {
+                    Ok(base) => pr.base_offset = base as i64,
+                    Err((code, message)) => {
+                        pr.error_code = code;
+                        pr.base_offset = -1;
+                        pr.error_message = Some(StrBytes::from_string(message));
+                    }
+                }
+                t.partition_responses.push(pr);
+            }
+            resp.responses.push(t);
+        }
+        resp
+    }
+
+    /// Stores one partition's records; returns the offset of the first.
+    async fn produce_partition(
+        &self,
+        topic: &str,
+        part: ProducePartition,
+        req: &requests::Produce,
+        reservation: &mut Reservation,
+    ) -> Result<u64, (i16, String)> {
+        if req.transactional_id.is_some() {
+            return Err((
+                code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+                "transactions are not supported".into(),
+            ));
+        }
+        validate_category(topic).map_err(|e| (code::INVALID_TOPIC_EXCEPTION, e.to_string()))?;
+        match self.owner(part.index) {
+            None => {
+                return Err((
+                    code::UNKNOWN_TOPIC_OR_PARTITION,
+                    format!("partition {} does not exist", part.index),
+                ));
+            }
+            Some(owner) if owner != self.st.storage.node() => {
+                return Err((
+                    code::NOT_LEADER_OR_FOLLOWER,
+                    format!("partition {} is written on node {owner}", part.index),
+                ));
+            }
+            Some(_) => {}
+        }
+        let data = part.records.unwrap_or_default();
+        let limits = &self.st.limits;
+        let values = records::produced_values(data, limits.max_body_bytes, limits.max_line_bytes)
+            .map_err(|e| {
+            let code = match &e {
+                BatchError::Corrupt(_) => code::CORRUPT_MESSAGE,
+                BatchError::OldFormat(_) => code::UNSUPPORTED_FOR_MESSAGE_FORMAT,
+                BatchError::Compression(_) => code::UNSUPPORTED_COMPRESSION_TYPE,
+                BatchError::InvalidRecord(_) => code::INVALID_RECORD,
+                BatchError::TooLarge(_) => code::MESSAGE_TOO_LARGE,
+            };
+            (code, e.to_string())
+        })?;
+        if values.is_empty() {
+            return Err((code::CORRUPT_MESSAGE, "no records".into()));
+        }
+        let len: u64 = values.iter().map(|v| v.len() as u64 + 1).sum();
+        reservation
+            .grow(len)
+            .map_err(|e| (code::KAFKA_STORAGE_ERROR, e.to_string()))?;
+        if self.st.storage.disk().over_high_water() {
+            self.st.metrics.shed_requests.inc();
+            return Err((
+                code::KAFKA_STORAGE_ERROR,
+                "disk usage is above --disk-high-water; retry later".into(),
+            ));
+        }
+        let mut lines = BytesMut::with_capacity(len as usize);
+        for v in &values {
+            lines.extend_from_slice(v);
+            lines.extend_from_slice(b"\n");
+        }
+        let sync = self.st.default_sync();
+        let appended = self
+            .st
+            .storage
+            .append_parts(topic, vec![lines.freeze()], values.len() as u64, sync)
+            .await
+            .map_err(|e| (storage_code(&e), e.to_string()))?;
+        if req.acks == -1 {
+            // All replicas: at least one other node holds the lines.
+            let want = self.st.replication.peer_count().min(1) as u32;
+            if want > 0 {
+                let timeout = Duration::from_millis(req.timeout_ms.max(0) as u64);
+                let have = self
+                    .st
+                    .replication
+                    .progress
+                    .wait(topic, &appended.chunk, appended.next_offset, want, timeout)
+                    .await;
+                if have < want {
+                    return Err((
+                        code::NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+                        "stored on this node; no other node confirmed it in time".into(),
+                    ));
+                }
+            }
+        }
+        Ok(appended.first_line)
+    }
+
+    /// The lines of partition `p` of `topic` this node holds, by number.
+    fn partition(&self, topic: &str, owner: &str) -> Partition {
+        let chunks: Vec<ChunkStatus> = self
+            .st
+            .storage
+            .chunks(topic)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.name.owner == owner && c.meta.first_line.is_some())
+            .collect();
+        let log_start = chunks
+            .iter()
+            .filter_map(|c| c.meta.first_line)
+            .min()
+            .unwrap_or(0);
+        let end = chunks
+            .iter()
+            .filter_map(|c| Some(c.meta.first_line? + c.meta.lines?))
+            .max()
+            .unwrap_or(0);
+        Partition {
+            chunks,
+            log_start,
+            end,
+        }
+    }
+
+    fn list_offsets(&self, req: requests::ListOffsets) -> ListOffsetsResponse {
+        let mut resp = ListOffsetsResponse::default();
+        for (topic, parts) in req.topics {
+            let mut t = ListOffsetsTopicResponse::default();
+            t.name = TopicName(StrBytes::from_string(topic.clone()));
+            for (p, timestamp) in parts {
+                let mut pr = ListOffsetsPartitionResponse::default();
+                pr.partition_index = p;
+                pr.timestamp = -1;
+                match self.owner(p) {
+                    None => pr.error_code = code::UNKNOWN_TOPIC_OR_PARTITION,
+                    Some(owner) => {
+                        let part = self.partition(&topic, owner);
+                        pr.offset = match timestamp {
+                            -2 => part.log_start as i64,
+                            -1 => part.end as i64,
+                            ts => {
+                                // Chunk-level time: the first chunk created
+                                // at or after `ts`.
+                                match part.chunks.iter().find(|c| c.meta.created_ms as i64 >= ts) {
+                                    Some(c) => {
+                                        pr.timestamp = c.meta.created_ms as i64;
+                                        c.meta.first_line.unwrap_or(0) as i64
+                                    }
+                                    None => -1,
+                                }
+                            }
+                        };
+                    }
+                }
+                t.partitions.push(pr);
+            }
+            resp.topics.push(t);
+        }
+        resp
+    }
+
+    async fn fetch(
+        &self,
+        conn: &mut Connection,
+        req: requests::Fetch,
+        shutdown: &CancellationToken,
+    ) -> FetchResponse {
+        let wait = Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_FETCH_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        let max_total = req.max_bytes.max(1) as u64;
+        loop {
+            // Watch before reading, so that nothing appended in between is
+            // missed.
+            let mut watches: Vec<_> = req
+                .topics
+                .iter()
+                .filter_map(|(t, _)| self.st.storage.watch(t))
+                .collect();
+            for w in &mut watches {
+                w.borrow_and_update();
+            }
+            let mut resp = FetchResponse::default();
+            let mut total = 0u64;
+            for (topic, parts) in &req.topics {
+                let mut t = FetchableTopicResponse::default();
+                t.topic = TopicName(StrBytes::from_string(topic.clone()));
+                for p in parts {
+                    let budget = max_total.saturating_sub(total);
+                    let pd = self.fetch_partition(conn, topic, p, budget).await;
+                    total += pd.records.as_ref().map_or(0, |r| r.len() as u64);
+                    t.partitions.push(pd);
+                }
+                resp.responses.push(t);
+            }
+            let now = tokio::time::Instant::now();
+            if total >= req.min_bytes.max(1) as u64 || now >= deadline || shutdown.is_cancelled() {
+                return resp;
+            }
+            // No category yet: nothing can wake this fetch but time.
+            let changed = async {
+                if watches.is_empty() {
+                    std::future::pending::<()>().await;
+                }
+                let any = watches.iter_mut().map(|w| Box::pin(w.changed()));
+                let _ = futures_util::future::select_all(any).await;
+            };
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    async fn fetch_partition(
+        &self,
+        conn: &mut Connection,
+        topic: &str,
+        p: &FetchPartition,
+        budget: u64,
+    ) -> PartitionData {
+        let mut pd = PartitionData::default();
+        pd.partition_index = p.partition;
+        pd.records = Some(Bytes::new());
+        let Some(owner) = self.owner(p.partition) else {
+            pd.error_code = code::UNKNOWN_TOPIC_OR_PARTITION;
+            return pd;
+        };
+        if validate_category(topic).is_err() {
+            pd.error_code = code::UNKNOWN_TOPIC_OR_PARTITION;
+            return pd;
+        }
+        let part = self.partition(topic, owner);
+        pd.high_watermark = part.end as i64;
+        pd.last_stable_offset = part.end as i64;
+        pd.log_start_offset = part.log_start as i64;
+        let offset = p.fetch_offset;
+        let mine = owner == self.st.storage.node();
+        if offset < 0 || (offset as u64) < part.log_start || (mine && offset as u64 > part.end) {
+            // Below the log start, or past the owner's end. Past what a
+            // copy holds is not an error: it catches up.
+            pd.error_code = code::OFFSET_OUT_OF_RANGE;
+            return pd;
+        }
+        let offset = offset as u64;
+        if offset >= part.end || budget == 0 {
+            return pd;
+        }
+        let Some(chunk) = part.chunks.iter().find(|c| {
+            let first = c.meta.first_line.unwrap_or(u64::MAX);
+            offset >= first && c.meta.lines.is_some_and(|n| offset < first + n)
+        }) else {
+            return pd;
+        };
+        let first = chunk.meta.first_line.unwrap_or(0);
+        let key = (topic.to_owned(), p.partition);
+        let start = match conn.cursors.get(&key) {
+            Some(c) if c.line == offset && c.chunk == chunk.name => Ok(c.byte),
+            _ => self.locate(topic, &chunk.name, offset - first).await,
+        };
+        let start = match start {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(topic, chunk = %chunk.name, error = %e, "kafka fetch cannot read a chunk");
+                pd.error_code = code::KAFKA_STORAGE_ERROR;
+                return pd;
+            }
+        };
+        let max = (p.max_bytes.max(1) as u64).min(budget);
+        let read = self
+            .st
+            .storage
+            .read(
+                topic,
+                &chunk.name,
+                start,
+                max,
+                Duration::ZERO,
+                &CancellationToken::new(),
+            )
+            .await;
+        let read = match read {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(topic, chunk = %chunk.name, error = %e, "kafka fetch cannot read a chunk");
+                pd.error_code = storage_code(&e);
+                return pd;
+            }
+        };
+        let lines = memchr::memchr_iter(b'\n', &read.data).count() as u64;
+        let mut out = BytesMut::new();
+        if let Err(e) = records::encode_batch(
+            &mut out,
+            offset as i64,
+            chunk.meta.created_ms as i64,
+            &read.data,
+        ) {
+            tracing::error!(topic, error = %e, "cannot encode a record batch");
+            pd.error_code = code::KAFKA_STORAGE_ERROR;
+            return pd;
+        }
+        conn.cursors.insert(
+            key,
+            Cursor {
+                line: offset + lines,
+                chunk: chunk.name.clone(),
+                byte: read.next_offset,
+            },
+        );
+        pd.records = Some(out.freeze());
+        pd
+    }
+
+    /// Where line `skip` (counted from 0) of `chunk` starts.
+    async fn locate(&self, topic: &str, chunk: &ChunkName, skip: u64) -> Result<u64, StorageError> {
+        let (mut at, mut left) = (0u64, skip);
+        let never = CancellationToken::new();
+        while left > 0 {
+            let read = self
+                .st
+                .storage
+                .read(topic, chunk, at, LOCATE_STEP_BYTES, Duration::ZERO, &never)
+                .await?;
+            if read.data.is_empty() {
+                break;
+            }
+            let n = memchr::memchr_iter(b'\n', &read.data).count() as u64;
+            if n <= left {
+                left -= n;
+                at = read.next_offset;
+                continue;
+            }
+            let pos = memchr::memchr_iter(b'\n', &read.data)
+                .nth(left as usize - 1)
+                .map_or(0, |i| i + 1);
+            return Ok(at + pos as u64);
+        }
+        Ok(at)
+    }
+}
+
+fn storage_code(e: &StorageError) -> i16 {
+    match e {
+        StorageError::UnknownCategory(_) | StorageError::UnknownChunk { .. } => {
+            code::UNKNOWN_TOPIC_OR_PARTITION
+        }
+        StorageError::ShuttingDown => code::REQUEST_TIMED_OUT,
+        _ => code::KAFKA_STORAGE_ERROR,
+    }
+}
+
+fn api_name(key: ApiKey) -> &'static str {
+    match key {
+        ApiKey::Produce => "Produce",
+        ApiKey::Fetch => "Fetch",
+        ApiKey::ListOffsets => "ListOffsets",
+        ApiKey::Metadata => "Metadata",
+        ApiKey::ApiVersions => "ApiVersions",
+        _ => "other",
+    }
+}
+
+/// A response frame's body: header, then the message.
+fn encode<M: Encodable>(h: &Header, key: ApiKey, v: i16, msg: &M) -> Result<Bytes, String> {
+    let mut out = BytesMut::new();
+    let mut header = ResponseHeader::default();
+    header.correlation_id = h.correlation_id;
+    header
+        .encode(&mut out, key.response_header_version(v))
+        .map_err(|e| e.to_string())?;
+    msg.encode(&mut out, v).map_err(|e| e.to_string())?;
+    Ok(out.freeze())
+}

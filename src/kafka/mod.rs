@@ -1,0 +1,129 @@
+//! The Kafka listener (`--kafka-listen`): every node is also a Kafka broker
+//! for every category. Topic = category; partition `p` = the lines of the
+//! `p`-th node of `--peers`, numbered as the storage numbers them (see
+//! `storage::numbering`), so an offset names the same line on every node.
+//! See docs/kafka.md for the mapping and what is not supported.
+//!
+//! Frames are length-checked before anything is read into memory and
+//! reserved from the node's in-flight budget; requests of one connection
+//! are answered in order, one at a time.
+
+mod broker;
+pub mod records;
+pub mod requests;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::KafkaSettings;
+use crate::http::AppState;
+
+/// A connection that sends nothing for this long is closed (clients
+/// reconnect; Kafka brokers close idle connections after 10 minutes).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Room in a frame for everything but the records of a produce request.
+const FRAME_OVERHEAD_BYTES: u64 = 1 << 20;
+
+/// Serves Kafka clients on `listener` until `shutdown`; then stops
+/// accepting and closes every connection after its current request.
+pub async fn serve(
+    listener: TcpListener,
+    st: Arc<AppState>,
+    settings: KafkaSettings,
+    shutdown: CancellationToken,
+) {
+    let broker = Arc::new(broker::Broker::new(st, settings));
+    let conns = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let (broker, shutdown) = (broker.clone(), shutdown.clone());
+                conns.spawn(async move {
+                    if let Err(e) = connection(&broker, stream, &shutdown).await {
+                        tracing::debug!(%peer, error = %e, "kafka connection closed");
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of descriptors or similar: back off a little.
+                tracing::warn!(error = %e, "kafka listener cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    conns.close();
+    conns.wait().await;
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+async fn connection(
+    broker: &broker::Broker,
+    mut stream: TcpStream,
+    shutdown: &CancellationToken,
+) -> Result<(), ConnError> {
+    let max_frame = broker.st.limits.max_body_bytes + FRAME_OVERHEAD_BYTES;
+    let mut conn = broker::Connection::default();
+    loop {
+        let mut len = [0u8; 4];
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut len)) => match r {
+                Err(_) => return Err(ConnError::Protocol("idle".into())),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Ok(r) => { r?; }
+            },
+        }
+        let len = i32::from_be_bytes(len);
+        if len < 0 || len as u64 > max_frame {
+            broker.st.metrics.kafka_bad_frames.inc();
+            return Err(ConnError::Protocol(format!(
+                "a frame of {len} bytes (at most {max_frame})"
+            )));
+        }
+        let mut reservation = broker.st.inflight.reservation();
+        if reservation.grow(len as u64).is_err() {
+            broker.st.metrics.shed_requests.inc();
+            return Err(ConnError::Protocol(
+                "the in-flight budget is spent; the client reconnects and retries".into(),
+            ));
+        }
+        let mut frame = vec![0u8; len as usize];
+        tokio::time::timeout(
+            broker.st.limits.request_timeout,
+            stream.read_exact(&mut frame),
+        )
+        .await
+        .map_err(|_| ConnError::Protocol("a frame took too long to arrive".into()))??;
+        let answer = broker
+            .handle(&mut conn, Bytes::from(frame), &mut reservation, shutdown)
+            .await
+            .map_err(ConnError::Protocol)?;
+        drop(reservation);
+        if let Some(body) = answer {
+            let mut out = BytesMut::with_capacity(4 + body.len());
+            out.put_i32(body.len() as i32);
+            out.put_slice(&body);
+            stream.write_all(&out).await?;
+        }
+    }
+}

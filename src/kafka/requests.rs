@@ -1,0 +1,225 @@
+//! The requests the Kafka listener serves, read with [`Reader`] (see
+//! `wire` for why not with the protocol crate's decoders). Only the
+//! versions in [`SUPPORTED`] are read; they are the ones ApiVersions
+//! advertises, so clients never send others.
+
+use bytes::Bytes;
+use kafka_protocol::messages::ApiKey;
+
+use super::wire::{Malformed, Reader};
+
+/// The API keys served and their version ranges (inclusive). Non-flexible
+/// versions only, except ApiVersions v3: every client in use negotiates
+/// down to these (Kafka 4 clients included: they dropped only older ones).
+pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 8),
+    (ApiKey::Fetch, 4, 11),
+    (ApiKey::ListOffsets, 1, 5),
+    (ApiKey::Metadata, 1, 8),
+    (ApiKey::ApiVersions, 0, 3),
+];
+
+/// The version range served for `key`, if any.
+pub fn supported(key: ApiKey) -> Option<(i16, i16)> {
+    SUPPORTED
+        .iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|&(_, lo, hi)| (lo, hi))
+}
+
+/// A request header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub api_key: i16,
+    pub api_version: i16,
+    pub correlation_id: i32,
+    pub client_id: Option<String>,
+}
+
+/// Reads the header of a request frame.
+pub fn header(r: &mut Reader) -> Result<Header, Malformed> {
+    let api_key = r.i16()?;
+    let api_version = r.i16()?;
+    let correlation_id = r.i32()?;
+    let client_id = r.nullable_string()?;
+    let h = Header {
+        api_key,
+        api_version,
+        correlation_id,
+        client_id,
+    };
+    if let Ok(key) = ApiKey::try_from(api_key)
+        && supported(key).is_some()
+        && key.request_header_version(api_version) >= 2
+    {
+        r.skip_tagged_fields()?;
+    }
+    Ok(h)
+}
+
+/// Metadata: which topics (all when `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata {
+    pub topics: Option<Vec<String>>,
+    pub allow_auto_topic_creation: bool,
+}
+
+pub fn metadata(r: &mut Reader, v: i16) -> Result<Metadata, Malformed> {
+    let topics = match r.nullable_array_len()? {
+        None => None,
+        Some(n) => Some((0..n).map(|_| r.string()).collect::<Result<_, _>>()?),
+    };
+    let allow_auto_topic_creation = if v >= 4 { r.bool()? } else { true };
+    if v >= 8 {
+        r.bool()?;
+        r.bool()?;
+    }
+    Ok(Metadata {
+        topics,
+        allow_auto_topic_creation,
+    })
+}
+
+/// One partition's records in a produce request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducePartition {
+    pub index: i32,
+    pub records: Option<Bytes>,
+}
+
+/// Produce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Produce {
+    pub transactional_id: Option<String>,
+    pub acks: i16,
+    pub timeout_ms: i32,
+    pub topics: Vec<(String, Vec<ProducePartition>)>,
+}
+
+pub fn produce(r: &mut Reader, _v: i16) -> Result<Produce, Malformed> {
+    let transactional_id = r.nullable_string()?;
+    let acks = r.i16()?;
+    let timeout_ms = r.i32()?;
+    let mut topics = Vec::new();
+    for _ in 0..r.array_len()? {
+        let name = r.string()?;
+        let mut parts = Vec::new();
+        for _ in 0..r.array_len()? {
+            let index = r.i32()?;
+            let records = r.nullable_bytes()?;
+            parts.push(ProducePartition { index, records });
+        }
+        topics.push((name, parts));
+    }
+    Ok(Produce {
+        transactional_id,
+        acks,
+        timeout_ms,
+        topics,
+    })
+}
+
+/// One partition of a fetch request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchPartition {
+    pub partition: i32,
+    pub fetch_offset: i64,
+    pub max_bytes: i32,
+}
+
+/// Fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetch {
+    pub max_wait_ms: i32,
+    pub min_bytes: i32,
+    pub max_bytes: i32,
+    pub topics: Vec<(String, Vec<FetchPartition>)>,
+}
+
+pub fn fetch(r: &mut Reader, v: i16) -> Result<Fetch, Malformed> {
+    let _replica_id = r.i32()?;
+    let max_wait_ms = r.i32()?;
+    let min_bytes = r.i32()?;
+    let max_bytes = r.i32()?;
+    let _isolation = r.i8()?;
+    if v >= 7 {
+        let _session_id = r.i32()?;
+        let _session_epoch = r.i32()?;
+    }
+    let mut topics = Vec::new();
+    for _ in 0..r.array_len()? {
+        let name = r.string()?;
+        let mut parts = Vec::new();
+        for _ in 0..r.array_len()? {
+            let partition = r.i32()?;
+            if v >= 9 {
+                let _leader_epoch = r.i32()?;
+            }
+            let fetch_offset = r.i64()?;
+            if v >= 5 {
+                let _log_start = r.i64()?;
+            }
+            let max_bytes = r.i32()?;
+            parts.push(FetchPartition {
+                partition,
+                fetch_offset,
+                max_bytes,
+            });
+        }
+        topics.push((name, parts));
+    }
+    if v >= 7 {
+        for _ in 0..r.array_len()? {
+            r.string()?;
+            for _ in 0..r.array_len()? {
+                r.i32()?;
+            }
+        }
+    }
+    if v >= 11 {
+        r.string()?;
+    }
+    Ok(Fetch {
+        max_wait_ms,
+        min_bytes,
+        max_bytes,
+        topics,
+    })
+}
+
+/// ListOffsets: per topic, (partition, timestamp) pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListOffsets {
+    pub topics: Vec<(String, Vec<(i32, i64)>)>,
+}
+
+pub fn list_offsets(r: &mut Reader, v: i16) -> Result<ListOffsets, Malformed> {
+    let _replica_id = r.i32()?;
+    if v >= 2 {
+        let _isolation = r.i8()?;
+    }
+    let mut topics = Vec::new();
+    for _ in 0..r.array_len()? {
+        let name = r.string()?;
+        let mut parts = Vec::new();
+        for _ in 0..r.array_len()? {
+            let partition = r.i32()?;
+            if v >= 4 {
+                let _leader_epoch = r.i32()?;
+            }
+            parts.push((partition, r.i64()?));
+        }
+        topics.push((name, parts));
+    }
+    Ok(ListOffsets { topics })
+}
+
+/// ApiVersions v3 carries the client's name and version.
+pub fn api_versions(r: &mut Reader, v: i16) -> Result<(), Malformed> {
+    if v >= 3 {
+        r.compact_string()?;
+        r.compact_string()?;
+        r.skip_tagged_fields()?;
+    }
+    Ok(())
+}
