@@ -184,17 +184,26 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    // The Kafka listener, and where clients are told to reach it.
     let kafka_listener = match &cfg.kafka {
-        Some(k) => Some(
-            TcpListener::bind(k.listen)
-                .await
-                .map_err(|source| ServeError::Bind {
-                    addr: k.listen,
-                    source,
-                })?,
-        ),
+        Some(k) => {
+            let listener =
+                TcpListener::bind(k.listen)
+                    .await
+                    .map_err(|source| ServeError::Bind {
+                        addr: k.listen,
+                        source,
+                    })?;
+            let bound = listener.local_addr().map_err(ServeError::Http)?;
+            let mut settings = k.clone();
+            settings.advertised = Some(k.advertised.clone().unwrap_or(bound.to_string()));
+            Some((listener, settings))
+        }
         None => None,
     };
+    let kafka_advertised = kafka_listener
+        .as_ref()
+        .and_then(|(_, k)| k.advertised.clone());
     let auth = Arc::new(cfg.auth.build().map_err(ServeError::Auth)?);
     if let Some(path) = &cfg.auth.cluster_secret_file {
         crate::auth::warn_if_others_read(path, "cluster secret file");
@@ -250,7 +259,7 @@ pub async fn run(
             consumers,
             tiering,
             auth: auth.clone(),
-            kafka_advertised: cfg.kafka.as_ref().map(|k| k.advertised.clone()),
+            kafka_advertised,
         },
         Limits {
             max_line_bytes: cfg.max_line_bytes,
@@ -276,18 +285,20 @@ pub async fn run(
         open: state.metrics.connections.clone(),
         evicted: state.metrics.idle_connections_closed.clone(),
     };
-    let kafka = match (kafka_listener, &cfg.kafka) {
-        (Some(listener), Some(settings)) => {
+    let kafka = match kafka_listener {
+        Some((listener, settings)) => {
             let addr = listener.local_addr().map_err(ServeError::Http)?;
-            tracing::info!(%addr, advertised = %settings.advertised, partitions = settings.nodes.len(), "kafka listening");
+            tracing::info!(%addr, advertised = ?settings.advertised, partitions = settings.nodes.len(), "kafka listening");
+            // Before the HTTP line, which scripts and tests wait for.
+            println!("chunkbus kafka listening on {addr}");
             Some(tokio::spawn(crate::kafka::serve(
                 listener,
                 state.clone(),
-                settings.clone(),
+                settings,
                 shutdown.clone(),
             )))
         }
-        _ => None,
+        None => None,
     };
     let app = router(state);
     match &cfg.tls {

@@ -274,8 +274,9 @@ pub struct ServeConfig {
 pub struct KafkaSettings {
     /// Where the Kafka listener listens.
     pub listen: SocketAddr,
-    /// `host:port` clients are told to reach this node at.
-    pub advertised: String,
+    /// `host:port` clients are told to reach this node at; `None`: the
+    /// address the listener is bound to (known once bound, for port 0).
+    pub advertised: Option<String>,
     /// Every node of the cluster in `--peers` order, this one included:
     /// partition `p` of every topic is the `p`-th node's lines.
     pub nodes: Vec<String>,
@@ -626,14 +627,14 @@ fn kafka_settings(
                     "--kafka-advertised-addr {a:?} must be host:port"
                 )));
             }
-            a
+            Some(a)
         }
         None if listen.ip().is_unspecified() => {
             return Err(ConfigError::Invalid(format!(
                 "--kafka-listen {listen} listens on every address: say which one clients reach this node at with --kafka-advertised-addr"
             )));
         }
-        None => listen.to_string(),
+        None => None,
     };
     let nodes: Vec<String> = if peers.0.is_empty() {
         vec![node.to_owned()]

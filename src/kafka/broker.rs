@@ -60,6 +60,8 @@ const MAX_FETCH_WAIT: Duration = Duration::from_secs(30);
 pub(super) struct Broker {
     pub st: Arc<AppState>,
     settings: KafkaSettings,
+    /// Where clients reach this node.
+    advertised: String,
     /// This node's partition number.
     me: i32,
 }
@@ -96,7 +98,13 @@ impl Broker {
             .iter()
             .position(|n| n == st.storage.node())
             .unwrap_or(0) as i32;
-        Self { st, settings, me }
+        let advertised = settings.advertised.clone().unwrap_or_default();
+        Self {
+            st,
+            settings,
+            advertised,
+            me,
+        }
     }
 
     /// Answers one request frame; `None` for a produce with `acks=0`.
@@ -188,7 +196,7 @@ impl Broker {
         let mut up = Vec::new();
         for (i, node) in self.settings.nodes.iter().enumerate() {
             let (reachable, addr) = if node == self.st.storage.node() {
-                (true, Some(self.settings.advertised.clone()))
+                (true, Some(self.advertised.clone()))
             } else {
                 self.st
                     .replication
@@ -198,7 +206,7 @@ impl Broker {
             up.push(reachable && addr.is_some());
             // A peer whose address is not known yet is listed with this
             // node's: clients must know every broker a partition names.
-            let addr = addr.unwrap_or_else(|| self.settings.advertised.clone());
+            let addr = addr.unwrap_or_else(|| self.advertised.clone());
             let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, "9092"));
             let mut b = MetadataResponseBroker::default();
             b.node_id = BrokerId(i as i32);

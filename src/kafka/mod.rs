@@ -117,7 +117,10 @@ async fn connection(
         let answer = broker
             .handle(&mut conn, Bytes::from(frame), &mut reservation, shutdown)
             .await
-            .map_err(ConnError::Protocol)?;
+            .map_err(|e| {
+                broker.st.metrics.kafka_bad_frames.inc();
+                ConnError::Protocol(e)
+            })?;
         drop(reservation);
         if let Some(body) = answer {
             let mut out = BytesMut::with_capacity(4 + body.len());

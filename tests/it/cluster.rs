@@ -103,15 +103,16 @@ impl TestCluster {
     }
 
     /// Starts (or restarts) node `i` and points its inbound proxies at it.
+    /// With `--kafka-listen` among the flags, `--peers` names every node,
+    /// this one too (at its own `--listen`), in the same order everywhere:
+    /// partition numbers come from that list.
     pub async fn start_node(&mut self, i: usize) {
+        let kafka = self.extra.iter().any(|a| a == "--kafka-listen");
         let peers: Vec<String> = (0..self.names.len())
-            .filter(|&j| j != i)
-            .map(|j| {
-                format!(
-                    "{}={}",
-                    self.names[j],
-                    self.proxies[i][j].as_ref().unwrap().addr
-                )
+            .filter(|&j| j != i || kafka)
+            .map(|j| match &self.proxies[i][j] {
+                Some(p) => format!("{}={}", self.names[j], p.addr),
+                None => format!("{}=127.0.0.1:0", self.names[j]),
             })
             .collect();
         let mut cmd = serve_command(&self.names[i], &self.dirs[i]);
@@ -127,6 +128,12 @@ impl TestCluster {
             }
         }
         self.nodes[i] = Some(node);
+    }
+
+    /// Where node `i`'s Kafka listener listens.
+    pub fn kafka_addr(&self, i: usize) -> String {
+        let node = self.nodes[i].as_ref().expect("node running");
+        node.kafka_addr.expect("--kafka-listen is on").to_string()
     }
 
     /// SIGKILLs node `i`.

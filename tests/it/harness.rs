@@ -214,6 +214,8 @@ pub fn wrapped_serve_command(wrapper: &[&str], node: &str, dir: &Path) -> Comman
 pub struct BinNode {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Where its Kafka listener listens (`--kafka-listen`), if on.
+    pub kafka_addr: Option<SocketAddr>,
     /// Everything the process wrote to stderr so far (also echoed).
     pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
@@ -249,8 +251,12 @@ impl BinNode {
         });
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
+        let mut kafka_addr = None;
         let addr = tokio::time::timeout(START_DEADLINE, async {
             while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(k) = line.strip_prefix("chunkbus kafka listening on ") {
+                    kafka_addr = Some(k.parse::<SocketAddr>().unwrap());
+                }
                 let rest = line
                     .strip_prefix("chunkbus listening on http://")
                     .or_else(|| line.strip_prefix("chunkbus listening on https://"));
@@ -267,6 +273,7 @@ impl BinNode {
         Self {
             child,
             addr,
+            kafka_addr,
             stderr,
         }
     }

@@ -13,6 +13,7 @@ mod crash;
 mod durability;
 mod fuzz_regressions;
 mod harness;
+mod kafka;
 mod proxy;
 mod replication;
 mod s3_server;

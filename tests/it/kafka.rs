@@ -1,0 +1,327 @@
+//! The Kafka listener against a real Kafka client (kcat, librdkafka),
+//! installed by `scripts/test`: topic = category, partition = node,
+//! offsets = line numbers.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use chunkbus_client::{Client, ProduceOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::cluster::{TestCluster, check_numbering};
+use crate::harness::{BinNode, all_lines};
+
+/// Longest a kcat run may take.
+const KCAT_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Runs kcat with `args`, feeding it `input`; returns its stdout.
+async fn kcat(args: &[&str], input: &[u8]) -> String {
+    let mut child = tokio::process::Command::new("kcat")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kcat is installed by scripts/test");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let feed = tokio::spawn(async move {
+        stdin.write_all(&input).await.unwrap();
+        drop(stdin);
+    });
+    let out = tokio::time::timeout(KCAT_DEADLINE, child.wait_with_output())
+        .await
+        .expect("kcat finished in time")
+        .unwrap();
+    feed.await.unwrap();
+    assert!(
+        out.status.success(),
+        "kcat {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `(offset, value)` of every message of `topic` partition `p`, read from
+/// the beginning to the end through `broker`.
+async fn consume(broker: &str, topic: &str, p: i32) -> Vec<(u64, String)> {
+    let p = p.to_string();
+    let out = kcat(
+        &[
+            "-b",
+            broker,
+            "-C",
+            "-t",
+            topic,
+            "-p",
+            &p,
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "-f",
+            "%o %s\\n",
+        ],
+        b"",
+    )
+    .await;
+    out.lines()
+        .map(|l| {
+            let (o, v) = l.split_once(' ').unwrap();
+            (o.parse().unwrap(), v.to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kcat_produces_in_every_codec_and_reads_back_every_line_by_its_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = BinNode::start(
+        dir.path(),
+        &[
+            "--kafka-listen",
+            "127.0.0.1:0",
+            "--max-chunk-bytes",
+            "256KiB",
+        ],
+    )
+    .await;
+    let broker = node.kafka_addr.unwrap().to_string();
+    let client = Client::new(&node.url("")).unwrap();
+    // Lines written over HTTP are numbered like the others.
+    client
+        .produce(
+            "mixed",
+            "over http 1\nover http 2\n",
+            &ProduceOptions::default(),
+        )
+        .await
+        .unwrap();
+    let mut sent: Vec<String> = vec!["over http 1".into(), "over http 2".into()];
+    for codec in ["none", "gzip", "snappy", "lz4", "zstd"] {
+        let lines: Vec<String> = (0..20_000)
+            .map(|i| format!("{codec} line {i} {}", "x".repeat(i % 50)))
+            .collect();
+        let input = lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+        kcat(
+            &["-b", &broker, "-P", "-t", "mixed", "-p", "0", "-z", codec],
+            input.as_bytes(),
+        )
+        .await;
+        sent.extend(lines);
+    }
+    let got = consume(&broker, "mixed", 0).await;
+    let want: Vec<(u64, String)> = sent
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, l)| (i as u64, l))
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "lines or their offsets differ");
+    // The same bytes over HTTP, and the same numbers in the listing.
+    assert_eq!(all_lines(&client, "mixed").await, sent);
+    let listed = client.chunks("mixed").await.unwrap();
+    assert!(listed.len() > 10, "{} chunks", listed.len());
+    check_numbering("mixed", &listed);
+    // The latest offset, and a read from the middle.
+    let end = kcat(&["-b", &broker, "-Q", "-t", "mixed:0:-1"], b"").await;
+    assert!(end.contains(&format!("offset {}", sent.len())), "{end}");
+    let mid = kcat(
+        &[
+            "-b", &broker, "-C", "-t", "mixed", "-p", "0", "-o", "61234", "-c", "3", "-e", "-q",
+            "-f", "%o %s\\n",
+        ],
+        b"",
+    )
+    .await;
+    let want_mid: String = (61234..61237)
+        .map(|i| format!("{i} {}\n", sent[i]))
+        .collect();
+    assert_eq!(mid, want_mid);
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_partition_is_read_from_one_node_after_its_owners_died() {
+    let mut cluster = TestCluster::start(
+        3,
+        &[
+            "--kafka-listen",
+            "127.0.0.1:0",
+            "--max-chunk-bytes",
+            "64KiB",
+        ],
+    )
+    .await;
+    let mut sent: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+    for p in 0..3 {
+        // Through node 2's listener: the client sends each partition to its
+        // owner, as metadata names it.
+        let lines: Vec<String> = (0..5_000).map(|i| format!("p{p} line {i}")).collect();
+        let input = lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+        let part = p.to_string();
+        kcat(
+            &[
+                "-b",
+                &cluster.kafka_addr(1),
+                "-P",
+                "-t",
+                "app",
+                "-p",
+                &part,
+                "-z",
+                "lz4",
+            ],
+            input.as_bytes(),
+        )
+        .await;
+        sent.insert(p, lines);
+    }
+    cluster.wait_converged(&["app"]).await;
+    // Every node numbers every partition alike.
+    for p in 0..3 {
+        let from_owner = consume(&cluster.kafka_addr(p as usize), "app", p).await;
+        let want: Vec<(u64, String)> = sent[&p]
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, l)| (i as u64, l))
+            .collect();
+        assert!(from_owner == want, "partition {p} read through its owner");
+    }
+    cluster.kill(0).await;
+    cluster.kill(1).await;
+    cluster.wait_peer_connected(2, "n1", false).await;
+    cluster.wait_peer_connected(2, "n2", false).await;
+    // Node 3 now names itself leader of the dead owners' partitions and
+    // serves them from its copies.
+    let broker = cluster.kafka_addr(2);
+    for p in 0..3 {
+        let got = consume(&broker, "app", p).await;
+        let want: Vec<(u64, String)> = sent[&p]
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, l)| (i as u64, l))
+            .collect();
+        assert!(got == want, "partition {p} read through node 3 alone");
+    }
+    // A write to a dead owner's partition is refused as Kafka does.
+    let meta = kcat(&["-b", &broker, "-L", "-t", "app"], b"").await;
+    assert!(meta.contains("partition 0, leader 2"), "{meta}");
+}
+
+/// A request frame: length, then the bytes.
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    out.put_i32(body.len() as i32);
+    out.put_slice(body);
+    out.to_vec()
+}
+
+/// Sends `bytes` to `addr`; returns what came back before the node closed
+/// the connection (or after 5 s).
+async fn exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_close_the_connection_and_leave_the_node_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = BinNode::start(
+        dir.path(),
+        &["--kafka-listen", "127.0.0.1:0", "--max-body-bytes", "1MiB"],
+    )
+    .await;
+    let broker = node.kafka_addr.unwrap().to_string();
+    // A frame claiming 2 GiB: closed before anything is read into memory.
+    assert!(exchange(&broker, &i32::MAX.to_be_bytes()).await.is_empty());
+    // An unknown API key.
+    let mut unknown = BytesMut::new();
+    unknown.put_i16(9999);
+    unknown.put_i16(0);
+    unknown.put_i32(7);
+    unknown.put_i16(-1);
+    assert!(exchange(&broker, &frame(&unknown)).await.is_empty());
+    // A metadata request claiming two billion topics in a few bytes.
+    let mut meta = BytesMut::new();
+    meta.put_i16(3);
+    meta.put_i16(4);
+    meta.put_i32(8);
+    meta.put_i16(-1);
+    meta.put_i32(i32::MAX);
+    meta.put_slice(b"ab");
+    assert!(exchange(&broker, &frame(&meta)).await.is_empty());
+    // A produce request whose batch claims two billion records: answered
+    // with CORRUPT_MESSAGE (2), nothing stored.
+    let mut batch = BytesMut::new();
+    batch.put_i64(0);
+    let len_at = batch.len();
+    batch.put_i32(0);
+    batch.put_i32(0);
+    batch.put_i8(2);
+    let crc_at = batch.len();
+    batch.put_u32(0);
+    batch.put_i16(0);
+    batch.put_i32(0);
+    batch.put_i64(0);
+    batch.put_i64(0);
+    batch.put_i64(-1);
+    batch.put_i16(-1);
+    batch.put_i32(-1);
+    batch.put_i32(i32::MAX);
+    batch.put_slice(&[0u8; 16]);
+    let len = (batch.len() - 12) as i32;
+    batch[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+    let crc = crc32c::crc32c(&batch[crc_at + 4..]);
+    batch[crc_at..crc_at + 4].copy_from_slice(&crc.to_be_bytes());
+    let mut produce = BytesMut::new();
+    produce.put_i16(0);
+    produce.put_i16(3);
+    produce.put_i32(9);
+    produce.put_i16(-1);
+    produce.put_i16(-1); // transactional id: null
+    produce.put_i16(1); // acks
+    produce.put_i32(1000);
+    produce.put_i32(1); // one topic
+    produce.put_i16(4);
+    produce.put_slice(b"evil");
+    produce.put_i32(1); // one partition
+    produce.put_i32(0);
+    produce.put_i32(batch.len() as i32);
+    produce.put_slice(&batch);
+    let answer = exchange(&broker, &frame(&produce)).await;
+    // ... length, correlation id, 1 topic "evil", 1 partition 0, error code.
+    assert!(answer.len() > 30, "{answer:?}");
+    assert_eq!(&answer[4..8], &9i32.to_be_bytes());
+    let code_at = 4 + 4 + 4 + 2 + 4 + 4 + 4;
+    assert_eq!(
+        &answer[code_at..code_at + 2],
+        &2i16.to_be_bytes(),
+        "{answer:?}"
+    );
+    // Nothing stored, the node unharmed and counting what it refused.
+    let client = Client::new(&node.url("")).unwrap();
+    assert!(client.chunks("evil").await.unwrap().is_empty());
+    let metrics = reqwest::get(node.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("chunkbus_kafka_bad_frames_total 3"),
+        "{metrics}"
+    );
+    let meta = kcat(&["-b", &broker, "-L"], b"").await;
+    assert!(meta.contains("1 brokers"), "{meta}");
+    node.kill().await;
+}
