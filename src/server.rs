@@ -291,12 +291,20 @@ pub async fn run(
             tracing::info!(%addr, advertised = ?settings.advertised, partitions = settings.nodes.len(), "kafka listening");
             // Before the HTTP line, which scripts and tests wait for.
             println!("chunkbus kafka listening on {addr}");
-            Some(tokio::spawn(crate::kafka::serve(
-                listener,
-                state.clone(),
-                settings,
-                shutdown.clone(),
-            )))
+            let (st, stop) = (state.clone(), shutdown.clone());
+            Some(match &cfg.tls {
+                Some(tls) => {
+                    let listener =
+                        TlsListener::new(listener, tls.server.clone()).map_err(ServeError::Http)?;
+                    tokio::spawn(crate::kafka::serve(listener, st, settings, stop))
+                }
+                None => {
+                    let listener = listener.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
+                    tokio::spawn(crate::kafka::serve(listener, st, settings, stop))
+                }
+            })
         }
         None => None,
     };

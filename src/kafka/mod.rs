@@ -17,8 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -31,37 +30,32 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Room in a frame for everything but the records of a produce request.
 const FRAME_OVERHEAD_BYTES: u64 = 1 << 20;
 
-/// Serves Kafka clients on `listener` until `shutdown`; then stops
-/// accepting and closes every connection after its current request.
-pub async fn serve(
-    listener: TcpListener,
+/// Serves Kafka clients on `listener` (plain TCP, or TLS with the HTTP
+/// listener's certificate) until `shutdown`; then stops accepting and
+/// closes every connection after its current request.
+pub async fn serve<L>(
+    mut listener: L,
     st: Arc<AppState>,
     settings: KafkaSettings,
     shutdown: CancellationToken,
-) {
+) where
+    L: axum::serve::Listener,
+    L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    L::Addr: std::fmt::Debug,
+{
     let broker = Arc::new(broker::Broker::new(st, settings));
     let conns = TaskTracker::new();
     loop {
-        let accepted = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let (broker, shutdown) = (broker.clone(), shutdown.clone());
-                conns.spawn(async move {
-                    if let Err(e) = connection(&broker, stream, &shutdown).await {
-                        tracing::debug!(%peer, error = %e, "kafka connection closed");
-                    }
-                });
+        let (broker, shutdown) = (broker.clone(), shutdown.clone());
+        conns.spawn(async move {
+            if let Err(e) = connection(&broker, stream, &shutdown).await {
+                tracing::debug!(?peer, error = %e, "kafka connection closed");
             }
-            Err(e) => {
-                // Out of descriptors or similar: back off a little.
-                tracing::warn!(error = %e, "kafka listener cannot accept");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        });
     }
     conns.close();
     conns.wait().await;
@@ -78,7 +72,7 @@ enum ConnError {
 
 async fn connection(
     broker: &broker::Broker,
-    mut stream: TcpStream,
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
     shutdown: &CancellationToken,
 ) -> Result<(), ConnError> {
     let max_frame = broker.st.limits.max_body_bytes + FRAME_OVERHEAD_BYTES;

@@ -325,3 +325,55 @@ async fn bad_frames_close_the_connection_and_leave_the_node_serving() {
     assert!(meta.contains("1 brokers"), "{meta}");
     node.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_clients_use_tls_when_the_node_serves_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = crate::security::test_pki(dir.path());
+    let data = dir.path().join("data");
+    let node = BinNode::start(
+        &data,
+        &[
+            "--kafka-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let broker = node.kafka_addr.unwrap().to_string();
+    let ca = ca.to_str().unwrap();
+    let tls = ["-X", "security.protocol=ssl", "-X"];
+    let ca_opt = format!("ssl.ca.location={ca}");
+    let mut produce = vec!["-b", &broker, "-P", "-t", "secure", "-p", "0"];
+    produce.extend(tls);
+    produce.push(&ca_opt);
+    kcat(&produce, b"over tls 1\nover tls 2\n").await;
+    let mut read = vec![
+        "-b",
+        &broker,
+        "-C",
+        "-t",
+        "secure",
+        "-p",
+        "0",
+        "-o",
+        "beginning",
+        "-e",
+        "-q",
+    ];
+    read.extend(tls);
+    read.push(&ca_opt);
+    assert_eq!(kcat(&read, b"").await, "over tls 1\nover tls 2\n");
+    // Plain TCP gets no Kafka answer from a TLS listener.
+    let mut api_versions = BytesMut::new();
+    api_versions.put_i16(18);
+    api_versions.put_i16(0);
+    api_versions.put_i32(1);
+    api_versions.put_i16(-1);
+    let answer = exchange(&broker, &frame(&api_versions)).await;
+    assert!(!answer.starts_with(&[0, 0]), "{answer:?}");
+    node.kill().await;
+}

@@ -510,7 +510,9 @@ async fn without_tokens_a_node_refuses_to_listen_beyond_loopback() {
 
 /// A private CA and a certificate it signed for 127.0.0.1 and localhost, as
 /// PEM files in `dir`: (ca, cert, key).
-fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+pub(crate) fn test_pki(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
