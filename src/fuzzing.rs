@@ -195,3 +195,40 @@ fn tempfile_dir() -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
+
+/// A Kafka request frame (without its length): read as the listener reads
+/// it, never a panic, and whatever a produce request carries comes out as
+/// lines within the bounds given; the same bytes read as record batches.
+pub fn kafka_frame(data: &[u8]) {
+    use crate::kafka::{records, requests, wire::Reader};
+    const MAX_DECODED: u64 = 1 << 16;
+    const MAX_LINE: u64 = 64;
+    let check = |batches: bytes::Bytes| {
+        if let Ok(values) = records::produced_values(batches, MAX_DECODED, MAX_LINE) {
+            for v in &values {
+                assert!(v.len() as u64 <= MAX_LINE && memchr::memchr(b'\n', v).is_none());
+            }
+        }
+    };
+    let frame = bytes::Bytes::copy_from_slice(data);
+    check(frame.clone());
+    let mut r = Reader::new(frame);
+    let Ok(h) = requests::header(&mut r) else {
+        return;
+    };
+    let v = h.api_version;
+    match h.api_key {
+        0 => {
+            if let Ok(p) = requests::produce(&mut r, v) {
+                for part in p.topics.into_iter().flat_map(|(_, parts)| parts) {
+                    check(part.records.unwrap_or_default());
+                }
+            }
+        }
+        1 => drop(requests::fetch(&mut r, v)),
+        2 => drop(requests::list_offsets(&mut r, v)),
+        3 => drop(requests::metadata(&mut r, v)),
+        18 => drop(requests::api_versions(&mut r, v)),
+        _ => {}
+    }
+}

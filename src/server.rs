@@ -65,7 +65,9 @@ pub async fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             addr: cfg.listen,
             source,
         })?;
-    raise_fd_limit(cfg.max_connections, cfg.max_categories);
+    // The Kafka listener takes up to as many connections again.
+    let connections = cfg.max_connections * if cfg.kafka.is_some() { 2 } else { 1 };
+    raise_fd_limit(connections, cfg.max_categories);
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(stop_on_signal(
         shutdown.clone(),
@@ -292,17 +294,18 @@ pub async fn run(
             // Before the HTTP line, which scripts and tests wait for.
             println!("chunkbus kafka listening on {addr}");
             let (st, stop) = (state.clone(), shutdown.clone());
+            let max_conns = cfg.max_connections;
             Some(match &cfg.tls {
                 Some(tls) => {
                     let listener =
                         TlsListener::new(listener, tls.server.clone()).map_err(ServeError::Http)?;
-                    tokio::spawn(crate::kafka::serve(listener, st, settings, stop))
+                    tokio::spawn(crate::kafka::serve(listener, st, settings, max_conns, stop))
                 }
                 None => {
                     let listener = listener.tap_io(|tcp| {
                         let _ = tcp.set_nodelay(true);
                     });
-                    tokio::spawn(crate::kafka::serve(listener, st, settings, stop))
+                    tokio::spawn(crate::kafka::serve(listener, st, settings, max_conns, stop))
                 }
             })
         }

@@ -484,6 +484,16 @@ impl ServeConfig {
                 self.listen
             ));
         }
+        if let Some(k) = &self.kafka
+            && !auth.required()
+            && !self.auth.allow_anonymous
+            && !k.listen.ip().is_loopback()
+        {
+            return invalid(format!(
+                "no tokens are configured, so chunkbus listens on loopback only, not on --kafka-listen {}: give --allow-anonymous to serve anyone who can reach it",
+                k.listen
+            ));
+        }
         if auth.required() && self.kafka.is_some() && !self.kafka_allow_anonymous {
             return invalid(
                 "tokens are configured, but Kafka clients cannot present one (the Kafka listener speaks no SASL): without --kafka-listen, or with --kafka-allow-anonymous to let anyone who reaches it read and write every category".into(),

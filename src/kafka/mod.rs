@@ -31,12 +31,14 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const FRAME_OVERHEAD_BYTES: u64 = 1 << 20;
 
 /// Serves Kafka clients on `listener` (plain TCP, or TLS with the HTTP
-/// listener's certificate) until `shutdown`; then stops accepting and
-/// closes every connection after its current request.
+/// listener's certificate), at most `max_connections` at once, until
+/// `shutdown`; then stops accepting and closes every connection after its
+/// current request.
 pub async fn serve<L>(
     mut listener: L,
     st: Arc<AppState>,
     settings: KafkaSettings,
+    max_connections: usize,
     shutdown: CancellationToken,
 ) where
     L: axum::serve::Listener,
@@ -45,13 +47,21 @@ pub async fn serve<L>(
 {
     let broker = Arc::new(broker::Broker::new(st, settings));
     let conns = TaskTracker::new();
+    // At the cap, new connections wait in the kernel's backlog.
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = slots.clone().acquire_owned() => s,
+        };
+        let Ok(slot) = slot else { break };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
         let (broker, shutdown) = (broker.clone(), shutdown.clone());
         conns.spawn(async move {
+            let _slot = slot;
             if let Err(e) = connection(&broker, stream, &shutdown).await {
                 tracing::debug!(?peer, error = %e, "kafka connection closed");
             }

@@ -531,27 +531,28 @@ impl Writer {
             first: self.next_line,
             lines: 0,
         };
+        let context = format!("cannot create chunk {name} in category {:?}", self.cat.name);
         let file = tokio::task::spawn_blocking(move || {
             {
+                // A full disk or no descriptor left is reported as such.
                 let _serial = cat.state.lock().unwrap();
-                cat.record_numbers(&[(opened, numbers)])
-                    .map_err(std::io::Error::other)?;
+                cat.record_numbers(&[(opened, numbers)])?;
             }
             let file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o644)
-                .open(&create)?;
+                .open(&create)
+                .map_err(|e| StorageError::io(context, e))?;
             let _ = disk.refresh(&data_dir);
-            Ok::<File, std::io::Error>(file)
+            Ok::<File, StorageError>(file)
         })
         .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-        .map_err(|e| {
-            StorageError::io(
-                format!("cannot create chunk {name} in category {:?}", self.cat.name),
-                e,
-            )
+        .unwrap_or_else(|e| {
+            Err(StorageError::io(
+                "chunk creation task failed",
+                std::io::Error::other(e),
+            ))
         })?;
         self.next_index += 1;
         tracing::debug!(category = %self.cat.name, chunk = %name, "chunk opened");

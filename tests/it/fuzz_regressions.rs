@@ -23,8 +23,9 @@ fn replay(target: &str, check: Check) -> usize {
 
 #[test]
 fn kept_fuzz_inputs_still_pass() {
-    let targets: [(&str, Check); 4] = [
+    let targets: [(&str, Check); 5] = [
         ("lines", chunkbus::fuzzing::lines),
+        ("kafka", chunkbus::fuzzing::kafka_frame),
         ("decoders", chunkbus::fuzzing::decoders),
         ("names", chunkbus::fuzzing::names),
         ("recovery", chunkbus::fuzzing::recovery),
