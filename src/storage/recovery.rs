@@ -212,6 +212,9 @@ fn number_chunks(dir: &Path, node: &str, rec: &mut RecoveredCategory) -> Result<
                 new.push((chunk.clone(), r));
             }
             live.insert(chunk.clone(), r);
+        } else if let Some(r) = records.get(chunk) {
+            // An open copy's record keeps its first number.
+            live.insert(chunk.clone(), *r);
         }
     }
     // The highest record of each owner stays: numbering goes on from it
