@@ -204,10 +204,15 @@ pub fn kafka_frame(data: &[u8]) {
     const MAX_DECODED: u64 = 1 << 16;
     const MAX_LINE: u64 = 64;
     let check = |batches: bytes::Bytes| {
-        if let Ok(values) = records::produced_values(batches, MAX_DECODED, MAX_LINE) {
-            for v in &values {
-                assert!(v.len() as u64 <= MAX_LINE && memchr::memchr(b'\n', v).is_none());
-            }
+        if let Ok((lines, count)) = records::produced_lines(batches, MAX_DECODED, MAX_LINE) {
+            assert!(lines.len() as u64 <= MAX_DECODED + count);
+            assert_eq!(memchr::memchr_iter(b'\n', &lines).count() as u64, count);
+            assert!(lines.is_empty() || lines.ends_with(b"\n"));
+            assert!(
+                lines
+                    .split(|&b| b == b'\n')
+                    .all(|l| l.len() as u64 <= MAX_LINE)
+            );
         }
     };
     let frame = bytes::Bytes::copy_from_slice(data);

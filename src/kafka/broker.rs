@@ -107,7 +107,8 @@ impl Broker {
         }
     }
 
-    /// Answers one request frame; `None` for a produce with `acks=0`.
+    /// Answers one request frame with a whole response frame (length
+    /// first); `None` for a produce with `acks=0`.
     /// An error closes the connection (an unknown API, a malformed frame).
     pub async fn handle(
         &self,
@@ -313,24 +314,6 @@ impl Broker {
         }
         let data = part.records.unwrap_or_default();
         let limits = &self.st.limits;
-        let values = records::produced_values(data, limits.max_body_bytes, limits.max_line_bytes)
-            .map_err(|e| {
-            let code = match &e {
-                BatchError::Corrupt(_) => code::CORRUPT_MESSAGE,
-                BatchError::OldFormat(_) => code::UNSUPPORTED_FOR_MESSAGE_FORMAT,
-                BatchError::Compression(_) => code::UNSUPPORTED_COMPRESSION_TYPE,
-                BatchError::InvalidRecord(_) => code::INVALID_RECORD,
-                BatchError::TooLarge(_) => code::MESSAGE_TOO_LARGE,
-            };
-            (code, e.to_string())
-        })?;
-        if values.is_empty() {
-            return Err((code::CORRUPT_MESSAGE, "no records".into()));
-        }
-        let len: u64 = values.iter().map(|v| v.len() as u64 + 1).sum();
-        reservation
-            .grow(len)
-            .map_err(|e| (code::KAFKA_STORAGE_ERROR, e.to_string()))?;
         if self.st.storage.disk().over_high_water() {
             self.st.metrics.shed_requests.inc();
             return Err((
@@ -338,16 +321,36 @@ impl Broker {
                 "disk usage is above --disk-high-water; retry later".into(),
             ));
         }
-        let mut lines = BytesMut::with_capacity(len as usize);
-        for v in &values {
-            lines.extend_from_slice(v);
-            lines.extend_from_slice(b"\n");
+        // What decoding may allocate is reserved first: the records' own
+        // size when the batch is not compressed, --max-body-bytes when it is.
+        let compressed = data.len() > 22 && i16::from_be_bytes([data[21], data[22]]) & 7 != 0;
+        let budget = match compressed {
+            true => limits.max_body_bytes,
+            false => data.len() as u64,
+        };
+        reservation.grow(budget).map_err(|e| {
+            self.st.metrics.shed_requests.inc();
+            (code::KAFKA_STORAGE_ERROR, e.to_string())
+        })?;
+        let (lines, count) =
+            records::produced_lines(data, budget, limits.max_line_bytes).map_err(|e| {
+                let code = match &e {
+                    BatchError::Corrupt(_) => code::CORRUPT_MESSAGE,
+                    BatchError::OldFormat(_) => code::UNSUPPORTED_FOR_MESSAGE_FORMAT,
+                    BatchError::Compression(_) => code::UNSUPPORTED_COMPRESSION_TYPE,
+                    BatchError::InvalidRecord(_) => code::INVALID_RECORD,
+                    BatchError::TooLarge(_) => code::MESSAGE_TOO_LARGE,
+                };
+                (code, e.to_string())
+            })?;
+        if count == 0 {
+            return Err((code::CORRUPT_MESSAGE, "no records".into()));
         }
         let sync = self.st.default_sync();
         let appended = self
             .st
             .storage
-            .append_parts(topic, vec![lines.freeze()], values.len() as u64, sync)
+            .append_parts(topic, vec![lines], count, sync)
             .await
             .map_err(|e| (storage_code(&e), e.to_string()))?;
         if req.acks == -1 {
@@ -566,16 +569,12 @@ impl Broker {
         };
         let lines = memchr::memchr_iter(b'\n', &read.data).count() as u64;
         let mut out = BytesMut::new();
-        if let Err(e) = records::encode_batch(
+        records::encode_batch(
             &mut out,
             offset as i64,
             chunk.meta.created_ms as i64,
             &read.data,
-        ) {
-            tracing::error!(topic, error = %e, "cannot encode a record batch");
-            pd.error_code = code::KAFKA_STORAGE_ERROR;
-            return pd;
-        }
+        );
         conn.cursors.insert(
             key,
             Cursor {
@@ -637,14 +636,17 @@ fn api_name(key: ApiKey) -> &'static str {
     }
 }
 
-/// A response frame's body: header, then the message.
+/// A whole response frame: its length, the header, then the message.
 fn encode<M: Encodable>(h: &Header, key: ApiKey, v: i16, msg: &M) -> Result<Bytes, String> {
     let mut out = BytesMut::new();
+    out.extend_from_slice(&[0; 4]);
     let mut header = ResponseHeader::default();
     header.correlation_id = h.correlation_id;
     header
         .encode(&mut out, key.response_header_version(v))
         .map_err(|e| e.to_string())?;
     msg.encode(&mut out, v).map_err(|e| e.to_string())?;
+    let len = i32::try_from(out.len() - 4).map_err(|_| "a response over 2 GiB".to_owned())?;
+    out[..4].copy_from_slice(&len.to_be_bytes());
     Ok(out.freeze())
 }

@@ -16,7 +16,7 @@ pub mod wire;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -126,11 +126,8 @@ async fn connection(
                 ConnError::Protocol(e)
             })?;
         drop(reservation);
-        if let Some(body) = answer {
-            let mut out = BytesMut::with_capacity(4 + body.len());
-            out.put_i32(body.len() as i32);
-            out.put_slice(&body);
-            stream.write_all(&out).await?;
+        if let Some(frame) = answer {
+            stream.write_all(&frame).await?;
         }
     }
 }

@@ -245,8 +245,8 @@ mod tests {
         let p = produce(&mut r, 3).unwrap();
         assert_eq!((p.acks, p.topics.len()), (1, 1));
         let records = p.topics[0].1[0].records.clone().unwrap();
-        let values = crate::kafka::records::produced_values(records, 1 << 20, 100).unwrap();
-        assert_eq!(values, [&b"one"[..], b"two", b""]);
+        let (lines, count) = crate::kafka::records::produced_lines(records, 1 << 20, 100).unwrap();
+        assert_eq!((&lines[..], count), (&b"one\ntwo\n\n"[..], 3));
 
         let mut r = seed("fetch-v11");
         let h = header(&mut r).unwrap();
