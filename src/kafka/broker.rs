@@ -567,9 +567,8 @@ impl Broker {
                 return pd;
             }
         };
-        let lines = memchr::memchr_iter(b'\n', &read.data).count() as u64;
         let mut out = BytesMut::new();
-        records::encode_batch(
+        let lines = records::encode_batch(
             &mut out,
             offset as i64,
             chunk.meta.created_ms as i64,
