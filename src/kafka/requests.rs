@@ -100,17 +100,11 @@ pub fn produce(r: &mut Reader, _v: i16) -> Result<Produce, Malformed> {
     let transactional_id = r.nullable_string()?;
     let acks = r.i16()?;
     let timeout_ms = r.i32()?;
-    let mut topics = Vec::new();
-    for _ in 0..r.array_len()? {
-        let name = r.string()?;
-        let mut parts = Vec::new();
-        for _ in 0..r.array_len()? {
-            let index = r.i32()?;
-            let records = r.nullable_bytes()?;
-            parts.push(ProducePartition { index, records });
-        }
-        topics.push((name, parts));
-    }
+    let topics = per_topic(r, |r| {
+        let index = r.i32()?;
+        let records = r.nullable_bytes()?;
+        Ok(ProducePartition { index, records })
+    })?;
     Ok(Produce {
         transactional_id,
         acks,
@@ -146,35 +140,25 @@ pub fn fetch(r: &mut Reader, v: i16) -> Result<Fetch, Malformed> {
         let _session_id = r.i32()?;
         let _session_epoch = r.i32()?;
     }
-    let mut topics = Vec::new();
-    for _ in 0..r.array_len()? {
-        let name = r.string()?;
-        let mut parts = Vec::new();
-        for _ in 0..r.array_len()? {
-            let partition = r.i32()?;
-            if v >= 9 {
-                let _leader_epoch = r.i32()?;
-            }
-            let fetch_offset = r.i64()?;
-            if v >= 5 {
-                let _log_start = r.i64()?;
-            }
-            let max_bytes = r.i32()?;
-            parts.push(FetchPartition {
-                partition,
-                fetch_offset,
-                max_bytes,
-            });
+    let topics = per_topic(r, |r| {
+        let partition = r.i32()?;
+        if v >= 9 {
+            let _leader_epoch = r.i32()?;
         }
-        topics.push((name, parts));
-    }
+        let fetch_offset = r.i64()?;
+        if v >= 5 {
+            let _log_start = r.i64()?;
+        }
+        let max_bytes = r.i32()?;
+        Ok(FetchPartition {
+            partition,
+            fetch_offset,
+            max_bytes,
+        })
+    })?;
     if v >= 7 {
-        for _ in 0..r.array_len()? {
-            r.string()?;
-            for _ in 0..r.array_len()? {
-                r.i32()?;
-            }
-        }
+        // Forgotten topics (fetch sessions are not kept).
+        per_topic(r, Reader::i32)?;
     }
     if v >= 11 {
         r.string()?;
@@ -198,20 +182,32 @@ pub fn list_offsets(r: &mut Reader, v: i16) -> Result<ListOffsets, Malformed> {
     if v >= 2 {
         let _isolation = r.i8()?;
     }
+    let topics = per_topic(r, |r| {
+        let partition = r.i32()?;
+        if v >= 4 {
+            let _leader_epoch = r.i32()?;
+        }
+        Ok((partition, r.i64()?))
+    })?;
+    Ok(ListOffsets { topics })
+}
+
+/// The array of topics most requests carry: each a name and an array of
+/// partitions, each read by `partition`.
+fn per_topic<T>(
+    r: &mut Reader,
+    mut partition: impl FnMut(&mut Reader) -> Result<T, Malformed>,
+) -> Result<Vec<(String, Vec<T>)>, Malformed> {
     let mut topics = Vec::new();
     for _ in 0..r.array_len()? {
         let name = r.string()?;
         let mut parts = Vec::new();
         for _ in 0..r.array_len()? {
-            let partition = r.i32()?;
-            if v >= 4 {
-                let _leader_epoch = r.i32()?;
-            }
-            parts.push((partition, r.i64()?));
+            parts.push(partition(r)?);
         }
         topics.push((name, parts));
     }
-    Ok(ListOffsets { topics })
+    Ok(topics)
 }
 
 /// ApiVersions v3 carries the client's name and version.

@@ -133,11 +133,7 @@ impl ChangedChunk {
 
     /// The numbers of the listed bytes, when both are known.
     pub fn line_record(&self) -> Option<crate::storage::numbering::LineRecord> {
-        Some(crate::storage::numbering::LineRecord {
-            size: self.size,
-            first: self.first_line?,
-            lines: self.lines?,
-        })
+        crate::storage::numbering::LineRecord::known(self.size, self.first_line, self.lines)
     }
 }
 

@@ -57,11 +57,7 @@ impl ChunkMeta {
 
     /// The numbers of the bytes held, when both are known.
     pub fn line_record(&self) -> Option<super::numbering::LineRecord> {
-        Some(super::numbering::LineRecord {
-            size: self.size,
-            first: self.first_line?,
-            lines: self.lines?,
-        })
+        super::numbering::LineRecord::known(self.size, self.first_line, self.lines)
     }
 }
 

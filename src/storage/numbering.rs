@@ -57,6 +57,15 @@ pub struct LineRecord {
 }
 
 impl LineRecord {
+    /// The numbers of `size` bytes, when both are known.
+    pub fn known(size: u64, first: Option<u64>, lines: Option<u64>) -> Option<Self> {
+        Some(Self {
+            size,
+            first: first?,
+            lines: lines?,
+        })
+    }
+
     /// The number the owner gives to the line after this chunk's last.
     pub fn end(&self) -> u64 {
         self.first + self.lines

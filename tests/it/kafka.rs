@@ -45,6 +45,16 @@ async fn kcat(args: &[&str], input: &[u8]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `lines` with the offsets they must have: 0, 1, 2...
+fn numbered(lines: &[String]) -> Vec<(u64, String)> {
+    lines
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, l)| (i as u64, l))
+        .collect()
+}
+
 /// `(offset, value)` of every message of `topic` partition `p`, read from
 /// the beginning to the end through `broker`.
 async fn consume(broker: &str, topic: &str, p: i32) -> Vec<(u64, String)> {
@@ -114,12 +124,7 @@ async fn kcat_produces_in_every_codec_and_reads_back_every_line_by_its_number() 
         sent.extend(lines);
     }
     let got = consume(&broker, "mixed", 0).await;
-    let want: Vec<(u64, String)> = sent
-        .iter()
-        .cloned()
-        .enumerate()
-        .map(|(i, l)| (i as u64, l))
-        .collect();
+    let want = numbered(&sent);
     assert_eq!(got.len(), want.len());
     assert!(got == want, "lines or their offsets differ");
     // The same bytes over HTTP, and the same numbers in the listing.
@@ -185,12 +190,7 @@ async fn every_partition_is_read_from_one_node_after_its_owners_died() {
     // Every node numbers every partition alike.
     for p in 0..3 {
         let from_owner = consume(&cluster.kafka_addr(p as usize), "app", p).await;
-        let want: Vec<(u64, String)> = sent[&p]
-            .iter()
-            .cloned()
-            .enumerate()
-            .map(|(i, l)| (i as u64, l))
-            .collect();
+        let want = numbered(&sent[&p]);
         assert!(from_owner == want, "partition {p} read through its owner");
     }
     cluster.kill(0).await;
@@ -202,15 +202,10 @@ async fn every_partition_is_read_from_one_node_after_its_owners_died() {
     let broker = cluster.kafka_addr(2);
     for p in 0..3 {
         let got = consume(&broker, "app", p).await;
-        let want: Vec<(u64, String)> = sent[&p]
-            .iter()
-            .cloned()
-            .enumerate()
-            .map(|(i, l)| (i as u64, l))
-            .collect();
+        let want = numbered(&sent[&p]);
         assert!(got == want, "partition {p} read through node 3 alone");
     }
-    // A write to a dead owner's partition is refused as Kafka does.
+    // Its metadata names it leader of the dead owners' partitions.
     let meta = kcat(&["-b", &broker, "-L", "-t", "app"], b"").await;
     assert!(meta.contains("partition 0, leader 2"), "{meta}");
 }
