@@ -204,7 +204,9 @@ pub fn kafka_frame(data: &[u8]) {
     const MAX_DECODED: u64 = 1 << 16;
     const MAX_LINE: u64 = 64;
     let check = |batches: bytes::Bytes| {
-        if let Ok((lines, count)) = records::produced_lines(batches, MAX_DECODED, MAX_LINE) {
+        if let Ok(records::Produced { lines, count, .. }) =
+            records::produced_lines(batches, MAX_DECODED, MAX_LINE)
+        {
             assert!(lines.len() as u64 <= MAX_DECODED + count);
             assert_eq!(memchr::memchr_iter(b'\n', &lines).count() as u64, count);
             assert!(lines.is_empty() || lines.ends_with(b"\n"));

@@ -17,12 +17,13 @@ use kafka_protocol::messages::metadata_response::{
 };
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsResponse, BrokerId, FetchResponse, ListOffsetsResponse, MetadataResponse,
-    ProduceResponse, ResponseHeader, TopicName,
+    ApiKey, ApiVersionsResponse, BrokerId, FetchResponse, InitProducerIdResponse,
+    ListOffsetsResponse, MetadataResponse, ProduceResponse, ProducerId, ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Encodable, StrBytes};
 use tokio_util::sync::CancellationToken;
 
+use super::producers::{self, Check, Producers};
 use super::records::{self, BatchError};
 use super::requests::{self, FetchPartition, Header, ProducePartition};
 use super::wire::Reader;
@@ -48,6 +49,9 @@ mod code {
     pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
     pub const KAFKA_STORAGE_ERROR: i16 = 56;
     pub const UNSUPPORTED_COMPRESSION_TYPE: i16 = 76;
+    pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+    pub const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
+    pub const INVALID_PRODUCER_EPOCH: i16 = 47;
     pub const INVALID_RECORD: i16 = 87;
 }
 
@@ -64,6 +68,8 @@ pub(super) struct Broker {
     advertised: String,
     /// This node's partition number.
     me: i32,
+    /// Idempotent producers writing this node's partition.
+    producers: Producers,
 }
 
 /// What one connection remembers between requests: where the line after
@@ -104,6 +110,7 @@ impl Broker {
             settings,
             advertised,
             me,
+            producers: Producers::default(),
         }
     }
 
@@ -165,6 +172,19 @@ impl Broker {
             ApiKey::ListOffsets => {
                 let req = requests::list_offsets(&mut r, v).map_err(bad)?;
                 let resp = self.list_offsets(req);
+                encode(&h, key, v, &resp).map(Some)
+            }
+            ApiKey::InitProducerId => {
+                let transactional = requests::init_producer_id(&mut r, v).map_err(bad)?;
+                let mut resp = InitProducerIdResponse::default();
+                if transactional.is_some() {
+                    resp.error_code = code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED;
+                    resp.producer_id = ProducerId(-1);
+                    resp.producer_epoch = -1;
+                } else {
+                    resp.producer_id = ProducerId(producers::new_producer_id());
+                    resp.producer_epoch = 0;
+                }
                 encode(&h, key, v, &resp).map(Some)
             }
             other => Err(format!("{other:?} is not served")),
@@ -332,7 +352,7 @@ impl Broker {
             self.st.metrics.shed_requests.inc();
             (code::KAFKA_STORAGE_ERROR, e.to_string())
         })?;
-        let (lines, count) =
+        let produced =
             records::produced_lines(data, budget, limits.max_line_bytes).map_err(|e| {
                 let code = match &e {
                     BatchError::Corrupt(_) => code::CORRUPT_MESSAGE,
@@ -343,16 +363,54 @@ impl Broker {
                 };
                 (code, e.to_string())
             })?;
-        if count == 0 {
+        if produced.count == 0 {
             return Err((code::CORRUPT_MESSAGE, "no records".into()));
+        }
+        // An idempotent producer's state stays locked until its batch is
+        // stored (or refused), so that a retry racing the first attempt
+        // on another connection waits and is then seen as a duplicate.
+        let state = produced
+            .sequence
+            .map(|s| self.producers.state(s.producer_id, topic));
+        let mut state = match &state {
+            Some(s) => Some(s.lock().await),
+            None => None,
+        };
+        if let (Some(state), Some(seq)) = (&state, &produced.sequence) {
+            match state.check(seq) {
+                Check::Append => {}
+                Check::Duplicate(line) => return Ok(line),
+                Check::OldDuplicate => {
+                    return Err((
+                        code::DUPLICATE_SEQUENCE_NUMBER,
+                        format!("sequence {} was stored before", seq.first),
+                    ));
+                }
+                Check::OutOfOrder { expected } => {
+                    return Err((
+                        code::OUT_OF_ORDER_SEQUENCE_NUMBER,
+                        format!("sequence {} where {expected} was expected", seq.first),
+                    ));
+                }
+                Check::Fenced { current } => {
+                    return Err((
+                        code::INVALID_PRODUCER_EPOCH,
+                        format!("epoch {} is older than {current}", seq.epoch),
+                    ));
+                }
+            }
         }
         let sync = self.st.default_sync();
         let appended = self
             .st
             .storage
-            .append_parts(topic, vec![lines], count, sync)
+            .append_parts(topic, vec![produced.lines], produced.count, sync)
             .await
             .map_err(|e| (storage_code(&e), e.to_string()))?;
+        if let (Some(state), Some(seq)) = (&mut state, &produced.sequence) {
+            state.stored(seq, appended.first_line);
+        }
+        drop(state);
         if req.acks == -1 {
             // All replicas: at least one other node holds the lines.
             let want = self.st.replication.peer_count().min(1) as u32;
@@ -631,6 +689,7 @@ fn api_name(key: ApiKey) -> &'static str {
         ApiKey::ListOffsets => "ListOffsets",
         ApiKey::Metadata => "Metadata",
         ApiKey::ApiVersions => "ApiVersions",
+        ApiKey::InitProducerId => "InitProducerId",
         _ => "other",
     }
 }

@@ -9,6 +9,7 @@
 //! are answered in order, one at a time.
 
 mod broker;
+pub mod producers;
 pub mod records;
 pub mod requests;
 pub mod wire;

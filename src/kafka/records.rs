@@ -10,6 +10,7 @@ use std::io::Read;
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use super::producers::Sequence;
 use super::wire::{Malformed, Reader};
 
 /// Why a produced batch is refused (each maps to a Kafka error code).
@@ -38,20 +39,35 @@ impl From<Malformed> for BatchError {
     }
 }
 
+/// What a produce request carries for one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Produced {
+    /// Every record's value, then `\n`.
+    pub lines: Bytes,
+    /// How many records.
+    pub count: u64,
+    /// Set when an idempotent producer sent the batch.
+    pub sequence: Option<Sequence>,
+}
+
 /// The values of every record of the batches in `data`, in order, as
 /// lines (each value checked to be one line of at most `max_line` bytes,
 /// then `\n`), and how many; decoding stops past `max_decoded` bytes of
-/// records.
+/// records. An idempotent producer's records must come in one batch (as
+/// Kafka requires).
 pub fn produced_lines(
     data: Bytes,
     max_decoded: u64,
     max_line: u64,
-) -> Result<(Bytes, u64), BatchError> {
+) -> Result<Produced, BatchError> {
     let mut r = Reader::new(data);
     let mut lines = BytesMut::new();
     let mut count = 0u64;
     let mut decoded = 0u64;
+    let mut sequence = None;
+    let mut batches = 0;
     while r.remaining() > 0 {
+        batches += 1;
         let _base_offset = r.i64()?;
         let len = r.i32()?;
         if len < 0 {
@@ -73,13 +89,31 @@ pub fn produced_lines(
         let _last_offset_delta = batch.i32()?;
         let _first_timestamp = batch.i64()?;
         let _max_timestamp = batch.i64()?;
-        let _producer_id = batch.i64()?;
-        let _producer_epoch = batch.i16()?;
-        let _base_sequence = batch.i32()?;
+        let producer_id = batch.i64()?;
+        let producer_epoch = batch.i16()?;
+        let base_sequence = batch.i32()?;
         let records_claimed = batch.i32()?;
         if attributes & (1 << 5) != 0 {
             // A control batch (transaction markers): no user records.
             continue;
+        }
+        if producer_id >= 0 {
+            if batches > 1 || r.remaining() > 0 {
+                return Err(BatchError::InvalidRecord(
+                    "an idempotent producer's records come in exactly one batch".into(),
+                ));
+            }
+            if base_sequence < 0 || records_claimed <= 0 {
+                return Err(BatchError::Corrupt(format!(
+                    "base sequence {base_sequence} of {records_claimed} records"
+                )));
+            }
+            sequence = Some(Sequence::of_batch(
+                producer_id,
+                producer_epoch,
+                base_sequence,
+                records_claimed as u64,
+            ));
         }
         let budget = max_decoded.saturating_sub(decoded);
         let records = decompress(attributes & 0x7, batch.bytes(batch.remaining())?, budget)?;
@@ -102,7 +136,11 @@ pub fn produced_lines(
             return Err(BatchError::Corrupt("bytes past the last record".into()));
         }
     }
-    Ok((lines.freeze(), count))
+    Ok(Produced {
+        lines: lines.freeze(),
+        count,
+        sequence,
+    })
 }
 
 /// Reads one record and appends its value and `\n` to `out` (a null value
@@ -338,7 +376,8 @@ mod tests {
     #[test]
     fn values_come_back_in_order_and_fetch_batches_round_trip() {
         let data = batch(&[b"one", b"", b"three"], Compression::None);
-        let (lines, count) = produced_lines(data, 1 << 20, 100).unwrap();
+        let p = produced_lines(data, 1 << 20, 100).unwrap();
+        let (lines, count) = (p.lines, p.count);
         assert_eq!((&lines[..], count), (&b"one\n\nthree\n"[..], 3));
         let mut out = BytesMut::new();
         let long = "x".repeat(300);

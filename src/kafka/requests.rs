@@ -17,6 +17,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ListOffsets, 1, 5),
     (ApiKey::Metadata, 1, 8),
     (ApiKey::ApiVersions, 0, 3),
+    (ApiKey::InitProducerId, 0, 1),
 ];
 
 /// The version range served for `key`, if any.
@@ -210,6 +211,13 @@ fn per_topic<T>(
     Ok(topics)
 }
 
+/// InitProducerId: the transactional id (transactions are refused).
+pub fn init_producer_id(r: &mut Reader, _v: i16) -> Result<Option<String>, Malformed> {
+    let transactional_id = r.nullable_string()?;
+    let _transaction_timeout_ms = r.i32()?;
+    Ok(transactional_id)
+}
+
 /// ApiVersions v3 carries the client's name and version.
 pub fn api_versions(r: &mut Reader, v: i16) -> Result<(), Malformed> {
     if v >= 3 {
@@ -241,8 +249,8 @@ mod tests {
         let p = produce(&mut r, 3).unwrap();
         assert_eq!((p.acks, p.topics.len()), (1, 1));
         let records = p.topics[0].1[0].records.clone().unwrap();
-        let (lines, count) = crate::kafka::records::produced_lines(records, 1 << 20, 100).unwrap();
-        assert_eq!((&lines[..], count), (&b"one\ntwo\n\n"[..], 3));
+        let p = crate::kafka::records::produced_lines(records, 1 << 20, 100).unwrap();
+        assert_eq!((&p.lines[..], p.count), (&b"one\ntwo\n\n"[..], 3));
 
         let mut r = seed("fetch-v11");
         let h = header(&mut r).unwrap();

@@ -372,3 +372,97 @@ async fn kafka_clients_use_tls_when_the_node_serves_https() {
     assert!(!answer.starts_with(&[0, 0]), "{answer:?}");
     node.kill().await;
 }
+
+/// An idempotent producer's batch: `values` from sequence `seq`.
+fn idempotent_batch(pid: i64, epoch: i16, seq: i32, values: &[&str]) -> bytes::Bytes {
+    use kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+    let records: Vec<Record> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: 0,
+            producer_id: pid,
+            producer_epoch: epoch,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: seq + i as i32,
+            timestamp: 0,
+            key: None,
+            value: Some(bytes::Bytes::copy_from_slice(v.as_bytes())),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut out = BytesMut::new();
+    let options = RecordEncodeOptions {
+        version: 2,
+        compression: Compression::None,
+    };
+    RecordBatchEncoder::encode(&mut out, &records, &options).unwrap();
+    out.freeze()
+}
+
+/// Sends one produce request (v3, acks=1) of `batch` to partition 0 of
+/// `topic` on `conn`; returns the partition's error code and base offset.
+async fn produce_raw(conn: &mut tokio::net::TcpStream, topic: &str, batch: &[u8]) -> (i16, i64) {
+    let mut p = BytesMut::new();
+    p.put_i16(0);
+    p.put_i16(3);
+    p.put_i32(11);
+    p.put_i16(-1);
+    p.put_i16(-1); // transactional id: null
+    p.put_i16(1); // acks
+    p.put_i32(5000);
+    p.put_i32(1);
+    p.put_i16(topic.len() as i16);
+    p.put_slice(topic.as_bytes());
+    p.put_i32(1);
+    p.put_i32(0);
+    p.put_i32(batch.len() as i32);
+    p.put_slice(batch);
+    conn.write_all(&frame(&p)).await.unwrap();
+    let len = conn.read_i32().await.unwrap();
+    let mut answer = vec![0u8; len as usize];
+    conn.read_exact(&mut answer).await.unwrap();
+    // Correlation id, 1 topic (name), 1 partition: index, error, offset.
+    let at = 4 + 4 + 2 + topic.len() + 4 + 4;
+    let code = i16::from_be_bytes(answer[at..at + 2].try_into().unwrap());
+    let offset = i64::from_be_bytes(answer[at + 2..at + 10].try_into().unwrap());
+    (code, offset)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_idempotent_batch_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = BinNode::start(dir.path(), &["--kafka-listen", "127.0.0.1:0"]).await;
+    let broker = node.kafka_addr.unwrap().to_string();
+    let mut conn = tokio::net::TcpStream::connect(&broker).await.unwrap();
+    let (pid, topic) = (4242, "idem");
+    let first = idempotent_batch(pid, 0, 0, &["a", "b"]);
+    assert_eq!(produce_raw(&mut conn, topic, &first).await, (0, 0));
+    let second = idempotent_batch(pid, 0, 2, &["c"]);
+    assert_eq!(produce_raw(&mut conn, topic, &second).await, (0, 2));
+    // Both sent again, on another connection (the first one broke): each
+    // answered with the offset it got, nothing stored again.
+    let mut again = tokio::net::TcpStream::connect(&broker).await.unwrap();
+    assert_eq!(produce_raw(&mut again, topic, &first).await, (0, 0));
+    assert_eq!(produce_raw(&mut again, topic, &second).await, (0, 2));
+    // A gap: OUT_OF_ORDER_SEQUENCE_NUMBER (45), nothing stored.
+    let gap = idempotent_batch(pid, 0, 5, &["x"]);
+    assert_eq!(produce_raw(&mut again, topic, &gap).await.0, 45);
+    // An older epoch of the same producer: INVALID_PRODUCER_EPOCH (47).
+    let newer = idempotent_batch(pid, 1, 0, &["d"]);
+    assert_eq!(produce_raw(&mut again, topic, &newer).await, (0, 3));
+    let fenced = idempotent_batch(pid, 0, 3, &["y"]);
+    assert_eq!(produce_raw(&mut again, topic, &fenced).await.0, 47);
+    // Another producer is independent of the first.
+    let other = idempotent_batch(pid + 1, 0, 0, &["e"]);
+    assert_eq!(produce_raw(&mut again, topic, &other).await, (0, 4));
+    let client = Client::new(&node.url("")).unwrap();
+    assert_eq!(all_lines(&client, topic).await, ["a", "b", "c", "d", "e"]);
+    node.kill().await;
+}
