@@ -6,28 +6,40 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use chunkbus_client::ChunkName;
-use chunkbus_client::names::validate_category;
+use chunkbus_client::names::{validate_category, validate_consumer};
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
+use kafka_protocol::messages::leave_group_response::MemberResponse;
 use kafka_protocol::messages::list_offsets_response::{
     ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
 };
 use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
+use kafka_protocol::messages::offset_commit_response::{
+    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::offset_fetch_response::{
+    OffsetFetchResponsePartition, OffsetFetchResponseTopic,
+};
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsResponse, BrokerId, FetchResponse, InitProducerIdResponse,
-    ListOffsetsResponse, MetadataResponse, ProduceResponse, ProducerId, ResponseHeader, TopicName,
+    ApiKey, ApiVersionsResponse, BrokerId, FetchResponse, FindCoordinatorResponse,
+    HeartbeatResponse, InitProducerIdResponse, JoinGroupResponse, LeaveGroupResponse,
+    ListOffsetsResponse, MetadataResponse, OffsetCommitResponse, OffsetFetchResponse,
+    ProduceResponse, ProducerId, ResponseHeader, SyncGroupResponse, TopicName,
 };
 use kafka_protocol::protocol::{Encodable, StrBytes};
 use tokio_util::sync::CancellationToken;
 
+use super::groups::{self, Groups, Join};
 use super::producers::{self, Check, Producers};
 use super::records::{self, BatchError};
 use super::requests::{self, FetchPartition, Header, ProducePartition};
 use super::wire::Reader;
 use crate::config::KafkaSettings;
+use crate::consumers::position::Position;
 use crate::http::AppState;
 use crate::http::body::Reservation;
 use crate::metrics::KafkaLabels;
@@ -37,6 +49,9 @@ use crate::storage::{ChunkStatus, StorageError};
 mod code {
     pub const NONE: i16 = 0;
     pub const OFFSET_OUT_OF_RANGE: i16 = 1;
+    pub const COORDINATOR_LOAD_IN_PROGRESS: i16 = 14;
+    pub const COORDINATOR_NOT_AVAILABLE: i16 = 15;
+    pub const NOT_COORDINATOR: i16 = 16;
     pub const CORRUPT_MESSAGE: i16 = 2;
     pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
     pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
@@ -57,6 +72,8 @@ mod code {
 
 /// Bytes scanned per step while finding where a line starts in a chunk.
 const LOCATE_STEP_BYTES: u64 = 1 << 20;
+/// Longest a commit waits for the lines it names to reach this node.
+const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// Longest `max_wait_ms` honoured.
 const MAX_FETCH_WAIT: Duration = Duration::from_secs(30);
 
@@ -70,6 +87,8 @@ pub(super) struct Broker {
     me: i32,
     /// Idempotent producers writing this node's partition.
     producers: Producers,
+    /// The consumer groups this node coordinates.
+    pub groups: Groups,
 }
 
 /// What one connection remembers between requests: where the line after
@@ -111,6 +130,7 @@ impl Broker {
             advertised,
             me,
             producers: Producers::default(),
+            groups: Groups::default(),
         }
     }
 
@@ -174,6 +194,87 @@ impl Broker {
                 let resp = self.list_offsets(req);
                 encode(&h, key, v, &resp).map(Some)
             }
+            ApiKey::FindCoordinator => {
+                let (group, key_type) = requests::find_coordinator(&mut r, v).map_err(bad)?;
+                let mut resp = FindCoordinatorResponse::default();
+                if key_type != 0 {
+                    resp.error_code = code::COORDINATOR_NOT_AVAILABLE;
+                    resp.error_message =
+                        Some(StrBytes::from_static_str("transactions are not supported"));
+                    resp.node_id = BrokerId(-1);
+                } else {
+                    let (id, addr) = self.coordinator(&group);
+                    let (host, port) = split_addr(&addr);
+                    resp.node_id = BrokerId(id);
+                    resp.host = StrBytes::from_string(host);
+                    resp.port = port;
+                }
+                encode(&h, key, v, &resp).map(Some)
+            }
+            ApiKey::JoinGroup => {
+                let req = requests::join_group(&mut r, v).map_err(bad)?;
+                let resp = self.join_group(&h, req, shutdown).await;
+                encode(&h, key, v, &resp).map(Some)
+            }
+            ApiKey::SyncGroup => {
+                let req = requests::sync_group(&mut r, v).map_err(bad)?;
+                let mut resp = SyncGroupResponse::default();
+                resp.error_code = self.group_error(&req.group_id);
+                if resp.error_code == code::NONE {
+                    let (error, assignment) = self
+                        .groups
+                        .sync(
+                            &req.group_id,
+                            req.generation_id,
+                            &req.member_id,
+                            req.assignments,
+                            shutdown,
+                        )
+                        .await;
+                    resp.error_code = error;
+                    resp.assignment = assignment;
+                }
+                encode(&h, key, v, &resp).map(Some)
+            }
+            ApiKey::Heartbeat => {
+                let (group, generation, member) = requests::heartbeat(&mut r, v).map_err(bad)?;
+                let mut resp = HeartbeatResponse::default();
+                resp.error_code = self.group_error(&group);
+                if resp.error_code == code::NONE {
+                    resp.error_code = self.groups.heartbeat(&group, generation, &member);
+                }
+                encode(&h, key, v, &resp).map(Some)
+            }
+            ApiKey::LeaveGroup => {
+                let (group, members) = requests::leave_group(&mut r, v).map_err(bad)?;
+                let mut resp = LeaveGroupResponse::default();
+                resp.error_code = self.group_error(&group);
+                if resp.error_code == code::NONE {
+                    let codes = self.groups.leave(&group, &members);
+                    if v < 3 {
+                        // One member, answered in the top-level code.
+                        resp.error_code = codes[0];
+                        return encode(&h, key, v, &resp).map(Some);
+                    }
+                    for (id, error) in members.into_iter().zip(codes) {
+                        let mut m = MemberResponse::default();
+                        m.member_id = StrBytes::from_string(id);
+                        m.error_code = error;
+                        resp.members.push(m);
+                    }
+                }
+                encode(&h, key, v, &resp).map(Some)
+            }
+            ApiKey::OffsetCommit => {
+                let req = requests::offset_commit(&mut r, v).map_err(bad)?;
+                let resp = self.offset_commit(req).await;
+                encode(&h, key, v, &resp).map(Some)
+            }
+            ApiKey::OffsetFetch => {
+                let req = requests::offset_fetch(&mut r, v).map_err(bad)?;
+                let resp = self.offset_fetch(req).await;
+                encode(&h, key, v, &resp).map(Some)
+            }
             ApiKey::InitProducerId => {
                 let transactional = requests::init_producer_id(&mut r, v).map_err(bad)?;
                 let mut resp = InitProducerIdResponse::default();
@@ -212,27 +313,333 @@ impl Broker {
             .map(String::as_str)
     }
 
+    /// Every node in partition order: whether this node sees it up (it
+    /// answers and its Kafka address is known), and where clients reach
+    /// it. A peer whose address is not known yet is given this node's:
+    /// clients must know every broker a partition names.
+    fn nodes(&self) -> Vec<(bool, String)> {
+        self.settings
+            .nodes
+            .iter()
+            .map(|node| {
+                let (reachable, addr) = if node == self.st.storage.node() {
+                    (true, Some(self.advertised.clone()))
+                } else {
+                    self.st
+                        .replication
+                        .peer_kafka(node)
+                        .unwrap_or((false, None))
+                };
+                let up = reachable && addr.is_some();
+                (up, addr.unwrap_or_else(|| self.advertised.clone()))
+            })
+            .collect()
+    }
+
+    /// The coordinator of `group`: of the nodes up, the one whose name
+    /// hashed with the group's scores highest (rendezvous hashing), so
+    /// every node that sees the same nodes up names the same one, and a
+    /// node going down moves only its own groups.
+    fn coordinator(&self, group: &str) -> (i32, String) {
+        let nodes = self.nodes();
+        let score = |name: &str| {
+            let mut key = Vec::with_capacity(name.len() + group.len() + 1);
+            key.extend_from_slice(name.as_bytes());
+            key.push(0);
+            key.extend_from_slice(group.as_bytes());
+            crc32c::crc32c(&key)
+        };
+        self.settings
+            .nodes
+            .iter()
+            .zip(nodes)
+            .enumerate()
+            .filter(|(_, (_, (up, _)))| *up)
+            .max_by_key(|(_, (name, _))| score(name))
+            .map(|(i, (_, (_, addr)))| (i as i32, addr))
+            .unwrap_or((self.me, self.advertised.clone()))
+    }
+
+    /// The error for a group request sent here: the id must name a
+    /// chunkbus consumer, and this node must be its coordinator.
+    fn group_error(&self, group: &str) -> i16 {
+        if validate_consumer(group).is_err() {
+            return groups::code::INVALID_GROUP_ID;
+        }
+        if self.coordinator(group).0 != self.me {
+            return code::NOT_COORDINATOR;
+        }
+        code::NONE
+    }
+
+    async fn join_group(
+        &self,
+        h: &Header,
+        req: requests::JoinGroup,
+        shutdown: &CancellationToken,
+    ) -> JoinGroupResponse {
+        let mut resp = JoinGroupResponse::default();
+        resp.member_id = StrBytes::from_string(req.member_id.clone());
+        resp.generation_id = -1;
+        resp.error_code = self.group_error(&req.group_id);
+        if resp.error_code != code::NONE {
+            return resp;
+        }
+        let join = Join {
+            group_id: &req.group_id,
+            member_id: &req.member_id,
+            client_id: h.client_id.as_deref().unwrap_or("kafka"),
+            session_timeout_ms: req.session_timeout_ms,
+            rebalance_timeout_ms: req.rebalance_timeout_ms,
+            protocol_type: &req.protocol_type,
+            protocols: &req.protocols,
+        };
+        let a = self.groups.join(join, shutdown).await;
+        resp.error_code = a.error;
+        resp.generation_id = a.generation;
+        resp.protocol_name = Some(StrBytes::from_string(a.protocol));
+        resp.leader = StrBytes::from_string(a.leader);
+        resp.member_id = StrBytes::from_string(a.member_id);
+        for (id, metadata) in a.members {
+            let mut m = JoinGroupResponseMember::default();
+            m.member_id = StrBytes::from_string(id);
+            m.metadata = metadata;
+            resp.members.push(m);
+        }
+        resp
+    }
+
+    /// Commits are chunkbus consumer positions: group `g` is consumer `g`,
+    /// and offset `n` of partition `p` is where line `n` of the `p`-th
+    /// node starts.
+    async fn offset_commit(&self, req: requests::OffsetCommit) -> OffsetCommitResponse {
+        let group = &req.group_id;
+        let mut error = self.group_error(group);
+        if error == code::NOT_COORDINATOR && req.generation_id < 0 {
+            // A consumer outside any group may commit through any node.
+            error = code::NONE;
+        }
+        if error == code::NONE {
+            error = self
+                .groups
+                .check_commit(group, req.generation_id, &req.member_id);
+        }
+        let mut resp = OffsetCommitResponse::default();
+        for (topic, parts) in req.topics {
+            let mut t = OffsetCommitResponseTopic::default();
+            t.name = TopicName(StrBytes::from_string(topic.clone()));
+            for (p, offset) in parts {
+                let mut pr = OffsetCommitResponsePartition::default();
+                pr.partition_index = p;
+                pr.error_code = match error {
+                    code::NONE => self.commit(group, &topic, p, offset).await,
+                    e => e,
+                };
+                t.partitions.push(pr);
+            }
+            resp.topics.push(t);
+        }
+        resp
+    }
+
+    /// Moves consumer `group`'s position in `owner`'s lines of `topic` to
+    /// where line `line` starts; backwards too (in a new generation, as a
+    /// rewind does), since a Kafka consumer may commit an earlier offset.
+    async fn commit(&self, group: &str, topic: &str, p: i32, line: i64) -> i16 {
+        let Some(owner) = self.owner(p) else {
+            return code::UNKNOWN_TOPIC_OR_PARTITION;
+        };
+        if validate_category(topic).is_err() {
+            return code::UNKNOWN_TOPIC_OR_PARTITION;
+        }
+        let Ok(line) = u64::try_from(line) else {
+            return code::NONE;
+        };
+        let deadline = tokio::time::Instant::now() + COMMIT_WAIT;
+        let (index, byte) = loop {
+            let mut watch = self.st.storage.watch(topic);
+            if let Some(w) = &mut watch {
+                w.borrow_and_update();
+            }
+            match self.position_of(topic, owner, line).await {
+                Ok(Some(at)) => break at,
+                Ok(None) if line == 0 => return code::NONE,
+                Ok(None) => {}
+                Err(e) => return storage_code(&e),
+            }
+            // The lines are not here yet: wait for replication a little.
+            let Some(mut w) = watch else {
+                return code::COORDINATOR_LOAD_IN_PROGRESS;
+            };
+            tokio::select! {
+                r = w.changed() => if r.is_err() { return code::COORDINATOR_LOAD_IN_PROGRESS },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return code::COORDINATOR_LOAD_IN_PROGRESS;
+                }
+            }
+        };
+        let stored = self
+            .st
+            .consumers
+            .update(topic, group, |e| {
+                let g = e.generation();
+                let ahead = e
+                    .positions
+                    .get(owner)
+                    .is_some_and(|cur| (cur.index, cur.offset) > (index, byte));
+                let p = Position {
+                    generation: if ahead { g + 1 } else { g },
+                    index,
+                    offset: byte,
+                };
+                e.raise(owner, p)
+            })
+            .await;
+        match stored {
+            Ok(_) => code::NONE,
+            Err(e) => storage_code(&e),
+        }
+    }
+
+    /// Where line `line` of `owner`'s lines of `topic` starts, as a chunk
+    /// index and byte offset; `None` when this node does not hold it (yet).
+    /// A line below those held maps to the first held.
+    async fn position_of(
+        &self,
+        topic: &str,
+        owner: &str,
+        line: u64,
+    ) -> Result<Option<(u32, u64)>, StorageError> {
+        let part = self.partition(topic, owner);
+        let Some(first) = part.chunks.first() else {
+            return Ok(None);
+        };
+        if line <= part.log_start {
+            return Ok(Some((first.name.index, 0)));
+        }
+        for c in &part.chunks {
+            let (Some(start), Some(lines)) = (c.meta.first_line, c.meta.lines) else {
+                continue;
+            };
+            if line < start || line > start + lines {
+                continue;
+            }
+            if line == start + lines {
+                if c.meta.complete {
+                    // The next chunk's start (it may not exist yet).
+                    continue;
+                }
+                return Ok(Some((c.name.index, c.meta.size)));
+            }
+            let byte = self.locate(topic, &c.name, line - start).await?;
+            return Ok(Some((c.name.index, byte)));
+        }
+        // Just past a complete chunk: the start of the one after it.
+        Ok(part
+            .chunks
+            .iter()
+            .find(|c| c.meta.complete && c.meta.line_record().map(|r| r.end()) == Some(line))
+            .map(|c| (c.name.index + 1, 0)))
+    }
+
+    /// The line number a consumer position stands at: the number of the
+    /// first line it has not passed.
+    async fn line_of(
+        &self,
+        topic: &str,
+        owner: &str,
+        pos: &Position,
+    ) -> Result<Option<u64>, StorageError> {
+        let part = self.partition(topic, owner);
+        if let Some(c) = part.chunks.iter().find(|c| c.name.index == pos.index) {
+            let Some(start) = c.meta.first_line else {
+                return Ok(None);
+            };
+            if pos.offset == 0 {
+                return Ok(Some(start));
+            }
+            if pos.offset >= c.meta.size
+                && let Some(lines) = c.meta.lines
+            {
+                return Ok(Some(start + lines));
+            }
+            let n = self.count_lines(topic, &c.name, pos.offset).await?;
+            return Ok(Some(start + n));
+        }
+        // The chunk is gone (deleted) or not made yet: past the last
+        // chunk before it, or before everything held.
+        if let Some(c) = part
+            .chunks
+            .iter()
+            .rev()
+            .find(|c| c.name.index < pos.index && c.meta.complete)
+        {
+            return Ok(c.meta.line_record().map(|r| r.end()));
+        }
+        Ok(part
+            .chunks
+            .iter()
+            .find(|c| c.name.index > pos.index)
+            .and_then(|c| c.meta.first_line))
+    }
+
+    async fn offset_fetch(&self, (group, topics): requests::OffsetFetch) -> OffsetFetchResponse {
+        let mut resp = OffsetFetchResponse::default();
+        if validate_consumer(&group).is_err() {
+            resp.error_code = groups::code::INVALID_GROUP_ID;
+            return resp;
+        }
+        let all = self.settings.nodes.len() as i32;
+        let topics = topics.unwrap_or_else(|| {
+            self.st
+                .storage
+                .categories()
+                .into_iter()
+                .filter(|c| {
+                    self.st
+                        .consumers
+                        .get(c, &group)
+                        .is_some_and(|e| e.is_live())
+                })
+                .map(|c| (c, (0..all).collect()))
+                .collect()
+        });
+        for (topic, parts) in topics {
+            let mut t = OffsetFetchResponseTopic::default();
+            t.name = TopicName(StrBytes::from_string(topic.clone()));
+            let entry = self.st.consumers.get(&topic, &group);
+            for p in parts {
+                let mut pr = OffsetFetchResponsePartition::default();
+                pr.partition_index = p;
+                pr.committed_offset = -1;
+                pr.committed_leader_epoch = -1;
+                pr.metadata = Some(StrBytes::default());
+                let owner = self.owner(p);
+                let pos = owner.and_then(|o| entry.as_ref()?.positions.get(o).copied());
+                if let (Some(owner), Some(pos)) = (owner, pos) {
+                    match self.line_of(&topic, owner, &pos).await {
+                        Ok(Some(line)) => pr.committed_offset = line as i64,
+                        Ok(None) => {}
+                        Err(e) => pr.error_code = storage_code(&e),
+                    }
+                }
+                t.partitions.push(pr);
+            }
+            resp.topics.push(t);
+        }
+        resp
+    }
+
     fn metadata(&self, req: requests::Metadata) -> MetadataResponse {
         let mut resp = MetadataResponse::default();
         let mut up = Vec::new();
-        for (i, node) in self.settings.nodes.iter().enumerate() {
-            let (reachable, addr) = if node == self.st.storage.node() {
-                (true, Some(self.advertised.clone()))
-            } else {
-                self.st
-                    .replication
-                    .peer_kafka(node)
-                    .unwrap_or((false, None))
-            };
-            up.push(reachable && addr.is_some());
-            // A peer whose address is not known yet is listed with this
-            // node's: clients must know every broker a partition names.
-            let addr = addr.unwrap_or_else(|| self.advertised.clone());
-            let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, "9092"));
+        for (i, (reachable, addr)) in self.nodes().into_iter().enumerate() {
+            up.push(reachable);
+            let (host, port) = split_addr(&addr);
             let mut b = MetadataResponseBroker::default();
             b.node_id = BrokerId(i as i32);
-            b.host = StrBytes::from_string(host.to_owned());
-            b.port = port.parse().unwrap_or(9092);
+            b.host = StrBytes::from_string(host);
+            b.port = port;
             resp.brokers.push(b);
         }
         resp.cluster_id = Some(StrBytes::from_static_str("chunkbus"));
@@ -644,6 +1051,31 @@ impl Broker {
         pd
     }
 
+    /// How many lines of `chunk` end before byte `upto`.
+    async fn count_lines(
+        &self,
+        topic: &str,
+        chunk: &ChunkName,
+        upto: u64,
+    ) -> Result<u64, StorageError> {
+        let (mut at, mut n) = (0u64, 0u64);
+        let never = CancellationToken::new();
+        while at < upto {
+            let step = LOCATE_STEP_BYTES.min(upto - at);
+            let read = self
+                .st
+                .storage
+                .read(topic, chunk, at, step, Duration::ZERO, &never)
+                .await?;
+            if read.data.is_empty() {
+                break;
+            }
+            n += memchr::memchr_iter(b'\n', &read.data).count() as u64;
+            at = read.next_offset;
+        }
+        Ok(n)
+    }
+
     /// Where line `skip` (counted from 0) of `chunk` starts.
     async fn locate(&self, topic: &str, chunk: &ChunkName, skip: u64) -> Result<u64, StorageError> {
         let (mut at, mut left) = (0u64, skip);
@@ -672,6 +1104,12 @@ impl Broker {
     }
 }
 
+/// `host:port` split (port 9092 when missing or bad).
+fn split_addr(addr: &str) -> (String, i32) {
+    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "9092"));
+    (host.to_owned(), port.parse().unwrap_or(9092))
+}
+
 fn storage_code(e: &StorageError) -> i16 {
     match e {
         StorageError::UnknownCategory(_) | StorageError::UnknownChunk { .. } => {
@@ -690,6 +1128,13 @@ fn api_name(key: ApiKey) -> &'static str {
         ApiKey::Metadata => "Metadata",
         ApiKey::ApiVersions => "ApiVersions",
         ApiKey::InitProducerId => "InitProducerId",
+        ApiKey::FindCoordinator => "FindCoordinator",
+        ApiKey::JoinGroup => "JoinGroup",
+        ApiKey::SyncGroup => "SyncGroup",
+        ApiKey::Heartbeat => "Heartbeat",
+        ApiKey::LeaveGroup => "LeaveGroup",
+        ApiKey::OffsetCommit => "OffsetCommit",
+        ApiKey::OffsetFetch => "OffsetFetch",
         _ => "other",
     }
 }

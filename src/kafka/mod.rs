@@ -9,6 +9,7 @@
 //! are answered in order, one at a time.
 
 mod broker;
+pub mod groups;
 pub mod producers;
 pub mod records;
 pub mod requests;
@@ -28,6 +29,8 @@ use crate::http::AppState;
 /// A connection that sends nothing for this long is closed (clients
 /// reconnect; Kafka brokers close idle connections after 10 minutes).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often consumer group members' deadlines are checked.
+const GROUP_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// Room in a frame for everything but the records of a produce request.
 const FRAME_OVERHEAD_BYTES: u64 = 1 << 20;
 
@@ -48,6 +51,21 @@ pub async fn serve<L>(
 {
     let broker = Arc::new(broker::Broker::new(st, settings));
     let conns = TaskTracker::new();
+    // Consumer group members whose session or rebalance time ran out are
+    // dropped (Kafka checks them on the same scale).
+    conns.spawn({
+        let (broker, shutdown) = (broker.clone(), shutdown.clone());
+        async move {
+            let mut tick = tokio::time::interval(GROUP_CHECK_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => broker.groups.expire(),
+                }
+            }
+        }
+    });
     // At the cap, new connections wait in the kernel's backlog.
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {

@@ -18,6 +18,13 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Metadata, 1, 8),
     (ApiKey::ApiVersions, 0, 3),
     (ApiKey::InitProducerId, 0, 1),
+    (ApiKey::FindCoordinator, 0, 2),
+    (ApiKey::JoinGroup, 0, 5),
+    (ApiKey::SyncGroup, 0, 3),
+    (ApiKey::Heartbeat, 0, 3),
+    (ApiKey::LeaveGroup, 0, 3),
+    (ApiKey::OffsetCommit, 2, 7),
+    (ApiKey::OffsetFetch, 1, 5),
 ];
 
 /// The version range served for `key`, if any.
@@ -216,6 +223,166 @@ pub fn init_producer_id(r: &mut Reader, _v: i16) -> Result<Option<String>, Malfo
     let transactional_id = r.nullable_string()?;
     let _transaction_timeout_ms = r.i32()?;
     Ok(transactional_id)
+}
+
+/// FindCoordinator: the key (a group id) and its type (0 = group).
+pub fn find_coordinator(r: &mut Reader, v: i16) -> Result<(String, i8), Malformed> {
+    let key = r.string()?;
+    let key_type = if v >= 1 { r.i8()? } else { 0 };
+    Ok((key, key_type))
+}
+
+/// JoinGroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinGroup {
+    pub group_id: String,
+    pub session_timeout_ms: i32,
+    pub rebalance_timeout_ms: i32,
+    pub member_id: String,
+    pub group_instance_id: Option<String>,
+    pub protocol_type: String,
+    /// (name, metadata), in the member's order of preference.
+    pub protocols: Vec<(String, Bytes)>,
+}
+
+pub fn join_group(r: &mut Reader, v: i16) -> Result<JoinGroup, Malformed> {
+    let group_id = r.string()?;
+    let session_timeout_ms = r.i32()?;
+    let rebalance_timeout_ms = if v >= 1 { r.i32()? } else { session_timeout_ms };
+    let member_id = r.string()?;
+    let group_instance_id = if v >= 5 { r.nullable_string()? } else { None };
+    let protocol_type = r.string()?;
+    let mut protocols = Vec::new();
+    for _ in 0..r.array_len()? {
+        let name = r.string()?;
+        let metadata = r.nullable_bytes()?.unwrap_or_default();
+        protocols.push((name, metadata));
+    }
+    Ok(JoinGroup {
+        group_id,
+        session_timeout_ms,
+        rebalance_timeout_ms,
+        member_id,
+        group_instance_id,
+        protocol_type,
+        protocols,
+    })
+}
+
+/// SyncGroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncGroup {
+    pub group_id: String,
+    pub generation_id: i32,
+    pub member_id: String,
+    /// Sent by the leader: (member id, assignment).
+    pub assignments: Vec<(String, Bytes)>,
+}
+
+pub fn sync_group(r: &mut Reader, v: i16) -> Result<SyncGroup, Malformed> {
+    let group_id = r.string()?;
+    let generation_id = r.i32()?;
+    let member_id = r.string()?;
+    if v >= 3 {
+        r.nullable_string()?;
+    }
+    let mut assignments = Vec::new();
+    for _ in 0..r.array_len()? {
+        let member = r.string()?;
+        let assignment = r.nullable_bytes()?.unwrap_or_default();
+        assignments.push((member, assignment));
+    }
+    Ok(SyncGroup {
+        group_id,
+        generation_id,
+        member_id,
+        assignments,
+    })
+}
+
+/// Heartbeat: (group id, generation, member id).
+pub fn heartbeat(r: &mut Reader, v: i16) -> Result<(String, i32, String), Malformed> {
+    let group_id = r.string()?;
+    let generation_id = r.i32()?;
+    let member_id = r.string()?;
+    if v >= 3 {
+        r.nullable_string()?;
+    }
+    Ok((group_id, generation_id, member_id))
+}
+
+/// LeaveGroup: the group id and the members leaving.
+pub fn leave_group(r: &mut Reader, v: i16) -> Result<(String, Vec<String>), Malformed> {
+    let group_id = r.string()?;
+    if v < 3 {
+        return Ok((group_id, vec![r.string()?]));
+    }
+    let mut members = Vec::new();
+    for _ in 0..r.array_len()? {
+        members.push(r.string()?);
+        r.nullable_string()?;
+    }
+    Ok((group_id, members))
+}
+
+/// OffsetCommit: per topic, (partition, offset) pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetCommit {
+    pub group_id: String,
+    pub generation_id: i32,
+    pub member_id: String,
+    pub topics: Vec<(String, Vec<(i32, i64)>)>,
+}
+
+pub fn offset_commit(r: &mut Reader, v: i16) -> Result<OffsetCommit, Malformed> {
+    let group_id = r.string()?;
+    let generation_id = r.i32()?;
+    let member_id = r.string()?;
+    if v >= 7 {
+        r.nullable_string()?;
+    }
+    if v <= 4 {
+        let _retention_time_ms = r.i64()?;
+    }
+    let topics = per_topic(r, |r| {
+        let partition = r.i32()?;
+        let offset = r.i64()?;
+        if v >= 6 {
+            let _leader_epoch = r.i32()?;
+        }
+        let _metadata = r.nullable_string()?;
+        Ok((partition, offset))
+    })?;
+    Ok(OffsetCommit {
+        group_id,
+        generation_id,
+        member_id,
+        topics,
+    })
+}
+
+/// OffsetFetch: the group and, per topic, the partitions (all topics the
+/// group has positions in when `None`).
+pub type OffsetFetch = (String, Option<Vec<(String, Vec<i32>)>>);
+
+pub fn offset_fetch(r: &mut Reader, _v: i16) -> Result<OffsetFetch, Malformed> {
+    let group_id = r.string()?;
+    let topics = match r.nullable_array_len()? {
+        None => None,
+        Some(n) => {
+            let mut topics = Vec::new();
+            for _ in 0..n {
+                let name = r.string()?;
+                let mut parts = Vec::new();
+                for _ in 0..r.array_len()? {
+                    parts.push(r.i32()?);
+                }
+                topics.push((name, parts));
+            }
+            Some(topics)
+        }
+    };
+    Ok((group_id, topics))
 }
 
 /// ApiVersions v3 carries the client's name and version.

@@ -14,6 +14,7 @@ mod durability;
 mod fuzz_regressions;
 mod harness;
 mod kafka;
+mod kafka_clients;
 mod proxy;
 mod replication;
 mod s3_server;
