@@ -506,7 +506,10 @@ impl Groups {
     /// Drops members whose session or rebalance time ran out; called
     /// periodically by the listener.
     pub fn expire(&self) {
-        let now = Instant::now();
+        self.expire_at(Instant::now());
+    }
+
+    fn expire_at(&self, now: Instant) {
         let changed = {
             let mut groups = self.groups.lock().unwrap();
             let mut changed = false;
@@ -519,5 +522,162 @@ impl Groups {
         if changed {
             self.bump();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    fn join<'a>(group: &'a str, member: &'a str, protocols: &'a [(String, Bytes)]) -> Join<'a> {
+        Join {
+            group_id: group,
+            member_id: member,
+            client_id: "c",
+            session_timeout_ms: 10_000,
+            rebalance_timeout_ms: 20_000,
+            protocol_type: "consumer",
+            protocols,
+        }
+    }
+
+    fn range() -> Vec<(String, Bytes)> {
+        vec![("range".into(), Bytes::from_static(b"meta"))]
+    }
+
+    /// Waits (yielding to the other tasks) until `f` holds.
+    async fn until(mut f: impl FnMut() -> bool) {
+        for _ in 0..10_000 {
+            if f() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("never happened");
+    }
+
+    #[tokio::test]
+    async fn a_second_member_rebalances_the_group_and_the_leader_assigns() {
+        let g = Arc::new(Groups::default());
+        let never = CancellationToken::new();
+        let p = range();
+        let a = g.join(join("g", "", &p), &never).await;
+        assert_eq!((a.error, a.generation), (0, 1));
+        assert_eq!((a.leader == a.member_id, a.members.len()), (true, 1));
+        let one = vec![(a.member_id.clone(), Bytes::from_static(b"all"))];
+        assert_eq!(g.sync("g", 1, &a.member_id, one, &never).await.0, 0);
+        assert_eq!(g.heartbeat("g", 1, &a.member_id), 0);
+        // A second member joins and waits for the first, which learns of
+        // the rebalance from its heartbeat and joins again.
+        let second = tokio::spawn({
+            let (g, p) = (g.clone(), p.clone());
+            async move { g.join(join("g", "", &p), &CancellationToken::new()).await }
+        });
+        until(|| g.heartbeat("g", 1, &a.member_id) == code::REBALANCE_IN_PROGRESS).await;
+        // Commits of the generation ending are still taken meanwhile.
+        assert_eq!(g.check_commit("g", 1, &a.member_id), 0);
+        let a2 = g.join(join("g", &a.member_id, &p), &never).await;
+        let b = second.await.unwrap();
+        assert_eq!(
+            (a2.error, a2.generation, b.error, b.generation),
+            (0, 2, 0, 2)
+        );
+        // The leader stays the leader; only it is told the members.
+        assert_eq!((&a2.leader, &b.leader), (&a.member_id, &a.member_id));
+        assert_eq!((a2.members.len(), b.members.len()), (2, 0));
+        assert_eq!(
+            g.sync("g", 1, &b.member_id, vec![], &never).await.0,
+            code::ILLEGAL_GENERATION
+        );
+        assert_eq!(
+            g.check_commit("g", 2, &b.member_id),
+            code::REBALANCE_IN_PROGRESS
+        );
+        // The follower waits for the leader's assignment.
+        let follower = tokio::spawn({
+            let (g, id) = (g.clone(), b.member_id.clone());
+            async move { g.sync("g", 2, &id, vec![], &CancellationToken::new()).await }
+        });
+        let assign = vec![
+            (a.member_id.clone(), Bytes::from_static(b"0,1")),
+            (b.member_id.clone(), Bytes::from_static(b"2")),
+        ];
+        let (e, mine) = g.sync("g", 2, &a.member_id, assign, &never).await;
+        assert_eq!((e, &mine[..]), (0, &b"0,1"[..]));
+        let (e, theirs) = follower.await.unwrap();
+        assert_eq!((e, &theirs[..]), (0, &b"2"[..]));
+        assert_eq!(g.check_commit("g", 2, &b.member_id), 0);
+        assert_eq!(
+            g.check_commit("g", 1, &b.member_id),
+            code::ILLEGAL_GENERATION
+        );
+        assert_eq!(g.check_commit("g", 2, "stranger"), code::UNKNOWN_MEMBER_ID);
+        assert_eq!(g.check_commit("g", -1, ""), 0);
+        assert_eq!(g.members("g").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_silent_member_is_dropped_and_the_rest_rebalance_without_it() {
+        let g = Arc::new(Groups::default());
+        let never = CancellationToken::new();
+        let p = range();
+        let a = g.join(join("g", "", &p), &never).await;
+        let second = tokio::spawn({
+            let (g, p) = (g.clone(), p.clone());
+            async move { g.join(join("g", "", &p), &CancellationToken::new()).await }
+        });
+        until(|| g.heartbeat("g", 1, &a.member_id) == code::REBALANCE_IN_PROGRESS).await;
+        // `a` never joins again: its session (10 s) runs out first.
+        g.expire_at(Instant::now() + Duration::from_secs(5));
+        assert_eq!(g.members("g").len(), 2);
+        g.expire_at(Instant::now() + Duration::from_secs(11));
+        let b = second.await.unwrap();
+        assert_eq!((b.error, b.generation, b.members.len()), (0, 2, 1));
+        assert_eq!(b.leader, b.member_id);
+        assert_eq!(g.heartbeat("g", 2, &a.member_id), code::UNKNOWN_MEMBER_ID);
+        // A stable member silent past its session is dropped too, and the
+        // group, empty now, is forgotten.
+        let one = vec![(b.member_id.clone(), Bytes::new())];
+        assert_eq!(g.sync("g", 2, &b.member_id, one, &never).await.0, 0);
+        g.expire_at(Instant::now() + Duration::from_secs(11));
+        assert!(g.members("g").is_empty());
+        assert_eq!(g.heartbeat("g", 2, &b.member_id), code::UNKNOWN_MEMBER_ID);
+    }
+
+    #[tokio::test]
+    async fn a_member_that_leaves_starts_a_rebalance_and_bad_joins_are_refused() {
+        let g = Arc::new(Groups::default());
+        let never = CancellationToken::new();
+        let p = range();
+        let a = g.join(join("g", "", &p), &never).await;
+        assert_eq!(
+            g.leave("g", &[a.member_id.clone(), "x".into()]),
+            [0, code::UNKNOWN_MEMBER_ID]
+        );
+        assert!(g.members("g").is_empty());
+        let other = vec![("roundrobin".to_owned(), Bytes::new())];
+        let b = g.join(join("g", "", &p), &never).await;
+        assert_eq!(
+            b.generation, 3,
+            "a generation for the empty group in between"
+        );
+        let mut j = join("g", "", &other);
+        assert_eq!(
+            g.join(j.clone(), &never).await.error,
+            code::INCONSISTENT_GROUP_PROTOCOL
+        );
+        j.protocols = &p;
+        j.member_id = "made-up";
+        assert_eq!(
+            g.join(j.clone(), &never).await.error,
+            code::UNKNOWN_MEMBER_ID
+        );
+        j.member_id = "";
+        j.session_timeout_ms = 10;
+        assert_eq!(g.join(j, &never).await.error, code::INVALID_SESSION_TIMEOUT);
     }
 }
