@@ -54,6 +54,7 @@ mod code {
     pub const NOT_COORDINATOR: i16 = 16;
     pub const CORRUPT_MESSAGE: i16 = 2;
     pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+    pub const LEADER_NOT_AVAILABLE: i16 = 5;
     pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
     pub const REQUEST_TIMED_OUT: i16 = 7;
     pub const MESSAGE_TOO_LARGE: i16 = 10;
@@ -93,10 +94,12 @@ pub(super) struct Broker {
 
 /// What one connection remembers between requests: where the line after
 /// its last fetch of each partition starts, so that a consumer reading on
-/// does not scan its chunk again.
+/// does not scan its chunk again; and whether it is a producer's.
 #[derive(Debug, Default)]
 pub(super) struct Connection {
     cursors: HashMap<(String, i32), Cursor>,
+    /// A Produce or InitProducerId came through it.
+    producer: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -172,11 +175,12 @@ impl Broker {
             }
             ApiKey::Metadata => {
                 let req = requests::metadata(&mut r, v).map_err(bad)?;
-                let resp = self.metadata(req);
+                let resp = self.metadata(req, conn.producer);
                 encode(&h, key, v, &resp).map(Some)
             }
             ApiKey::Produce => {
                 let req = requests::produce(&mut r, v).map_err(bad)?;
+                conn.producer = true;
                 let acks = req.acks;
                 let resp = self.produce(req, reservation).await;
                 if acks == 0 {
@@ -277,6 +281,7 @@ impl Broker {
             }
             ApiKey::InitProducerId => {
                 let transactional = requests::init_producer_id(&mut r, v).map_err(bad)?;
+                conn.producer = true;
                 let mut resp = InitProducerIdResponse::default();
                 if transactional.is_some() {
                     resp.error_code = code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED;
@@ -630,7 +635,12 @@ impl Broker {
         resp
     }
 
-    fn metadata(&self, req: requests::Metadata) -> MetadataResponse {
+    /// The brokers and partitions. A partition whose owner does not answer
+    /// is named led by this node, so that consumers go on reading it from
+    /// the copies here; but on a producer's connection it is named without
+    /// a leader, since only its owner can store its lines: Kafka clients
+    /// then send records without a key to the partitions that have one.
+    fn metadata(&self, req: requests::Metadata, producer: bool) -> MetadataResponse {
         let mut resp = MetadataResponse::default();
         let mut up = Vec::new();
         for (i, (reachable, addr)) in self.nodes().into_iter().enumerate() {
@@ -660,15 +670,20 @@ impl Broker {
             let all: Vec<BrokerId> = (0..self.settings.nodes.len() as i32)
                 .map(BrokerId)
                 .collect();
+            let isr: Vec<BrokerId> = all.iter().copied().filter(|b| up[b.0 as usize]).collect();
             for (p, &reachable) in up.iter().enumerate() {
                 let mut part = MetadataResponsePartition::default();
                 part.partition_index = p as i32;
-                // The owner leads its partition while it answers; every
-                // node serves fetches of every partition, so another node
-                // is named while it does not.
-                part.leader_id = BrokerId(if reachable { p as i32 } else { self.me });
+                part.leader_id = BrokerId(match (reachable, producer) {
+                    (true, _) => p as i32,
+                    (false, false) => self.me,
+                    (false, true) => {
+                        part.error_code = code::LEADER_NOT_AVAILABLE;
+                        -1
+                    }
+                });
                 part.replica_nodes = all.clone();
-                part.isr_nodes = all.clone();
+                part.isr_nodes = isr.clone();
                 t.partitions.push(part);
             }
             resp.topics.push(t);

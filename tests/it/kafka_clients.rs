@@ -245,3 +245,101 @@ async fn a_consumer_group_splits_the_partitions_and_takes_over_a_dead_members() 
     }
     b.child.kill().await.unwrap();
 }
+
+/// The node (index into `names`) that coordinates `group`: as the nodes
+/// choose it when all are up (rendezvous hashing of name and group).
+fn coordinator_of(group: &str, names: &[&str]) -> usize {
+    let score = |name: &str| crc32c::crc32c(format!("{name}\0{group}").as_bytes());
+    (0..names.len()).max_by_key(|&i| score(names[i])).unwrap()
+}
+
+/// The lines in a file, one per line.
+fn lines_of(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_kafka_producers_and_consumers_loses_no_acknowledged_line() {
+    let mut cluster = TestCluster::start(3, &["--kafka-listen", "127.0.0.1:0"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let topic = "metrics";
+    // The node that dies owns partition 0 and coordinates the group.
+    let group = (0..)
+        .map(|i| format!("dashboards-{i}"))
+        .find(|g| coordinator_of(g, &["n1", "n2", "n3"]) == 0)
+        .unwrap();
+    let all = (0..3)
+        .map(|i| cluster.kafka_addr(i))
+        .collect::<Vec<_>>()
+        .join(",");
+    let member = Member::start(&all, topic, &group, dir.path().join("seen"));
+    let (acked, stop) = (dir.path().join("acked"), dir.path().join("stop"));
+    let producer = tokio::process::Command::new(python())
+        .arg(script("produce_steady.py"))
+        .args(["--bootstrap", &all, "--topic", topic, "--prefix", "m"])
+        .arg("--acked")
+        .arg(&acked)
+        .arg("--stop")
+        .arg(&stop)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(60), "lines acked and read", || {
+        lines_of(&acked).len() >= 2_000 && member.seen().len() >= 1_000
+    })
+    .await;
+    cluster.kill(0).await;
+    let at_kill = lines_of(&acked).len();
+    // The producer goes on with the partitions whose owners live.
+    wait_for(Duration::from_secs(60), "the producer to go on", || {
+        lines_of(&acked).len() >= at_kill + 4_000
+    })
+    .await;
+    std::fs::write(&stop, b"").unwrap();
+    let out = tokio::time::timeout(PRODUCE_DEADLINE, producer.wait_with_output())
+        .await
+        .expect("the producer stopped in time")
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("done sent"),
+        "{said}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Records stay unacknowledged only if they were bound for the dead
+    // owner before the producer learned it had no leader any more.
+    let counts: Vec<usize> = said
+        .split_whitespace()
+        .skip_while(|w| *w != "sent")
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [sent, acked_n] = counts[..] else {
+        panic!("{said}")
+    };
+    assert!(sent - acked_n <= 1_000, "{said}");
+    // Every acknowledged line is read, the dead owner's too (from the
+    // copies on the nodes left), by the member, which found a new
+    // coordinator.
+    let acked: BTreeSet<String> = lines_of(&acked).into_iter().collect();
+    let mut missing = usize::MAX;
+    let end = tokio::time::Instant::now() + CONSUME_DEADLINE;
+    while missing > 0 {
+        let seen: BTreeSet<String> = member.seen().into_iter().map(|(_, _, v)| v).collect();
+        missing = acked.difference(&seen).count();
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{missing} of {} acknowledged lines never read; producer: {said}; member:\n{}",
+            acked.len(),
+            member.said()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut member = member;
+    member.child.kill().await.unwrap();
+}
