@@ -386,6 +386,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CHUNKBUS_KAFKA_ALLOW_ANONYMOUS")]
     #[serde(default)]
     pub kafka_allow_anonymous: bool,
+
+    /// How many other nodes must hold a Kafka producer's records before a
+    /// produce with acks=all (-1) is answered [default: 1 with peers, else 0].
+    #[arg(long, env = "CHUNKBUS_KAFKA_ACKS_ALL_REPLICAS", value_name = "N")]
+    pub kafka_acks_all_replicas: Option<u32>,
 }
 
 impl ServeArgs {
@@ -433,6 +438,7 @@ impl ServeArgs {
             kafka_listen: self.kafka_listen.or(file.kafka_listen),
             kafka_advertised_addr: self.kafka_advertised_addr.or(file.kafka_advertised_addr),
             kafka_allow_anonymous: self.kafka_allow_anonymous || file.kafka_allow_anonymous,
+            kafka_acks_all_replicas: self.kafka_acks_all_replicas.or(file.kafka_acks_all_replicas),
         }
     }
 }

@@ -280,6 +280,9 @@ pub struct KafkaSettings {
     /// Every node of the cluster in `--peers` order, this one included:
     /// partition `p` of every topic is the `p`-th node's lines.
     pub nodes: Vec<String>,
+    /// Other nodes that must hold a produce with acks=all before it is
+    /// answered.
+    pub acks_all_replicas: u32,
 }
 
 /// `--tls-cert`, `--tls-key`, `--tls-ca`.
@@ -429,6 +432,7 @@ impl ServeConfig {
             &cfg.node,
             args.kafka_listen.as_deref(),
             args.kafka_advertised_addr,
+            args.kafka_acks_all_replicas,
             &peers,
         )?;
         cfg.kafka_allow_anonymous = args.kafka_allow_anonymous;
@@ -612,12 +616,13 @@ fn kafka_settings(
     node: &str,
     listen: Option<&str>,
     advertised: Option<String>,
+    acks_all_replicas: Option<u32>,
     peers: &PeerList,
 ) -> Result<Option<KafkaSettings>, ConfigError> {
     let Some(listen_raw) = listen else {
-        if advertised.is_some() {
+        if advertised.is_some() || acks_all_replicas.is_some() {
             return Err(ConfigError::Invalid(
-                "--kafka-advertised-addr needs --kafka-listen".into(),
+                "--kafka-advertised-addr and --kafka-acks-all-replicas need --kafka-listen".into(),
             ));
         }
         return Ok(None);
@@ -656,10 +661,18 @@ fn kafka_settings(
             "with --kafka-listen, --peers must name every node, this one ({node}) included, in the same order on every node: partition p of every topic is the p-th node of that list"
         )));
     }
+    let others = nodes.len() as u32 - 1;
+    let acks_all_replicas = acks_all_replicas.unwrap_or(others.min(1));
+    if acks_all_replicas > others {
+        return Err(ConfigError::Invalid(format!(
+            "--kafka-acks-all-replicas {acks_all_replicas}: there are only {others} other nodes"
+        )));
+    }
     Ok(Some(KafkaSettings {
         listen,
         advertised,
         nodes,
+        acks_all_replicas,
     }))
 }
 
@@ -759,6 +772,27 @@ mod tests {
         let cfg = ServeConfig::resolve(serve_args(&["chunkbus", "serve", "--drop-behind", "1GiB"]))
             .unwrap();
         assert_eq!(cfg.drop_behind, Some(1 << 30));
+    }
+
+    #[test]
+    fn kafka_acks_all_waits_for_one_other_node_by_default_and_at_most_all() {
+        let kafka = |extra: &[&str]| {
+            let mut argv = vec!["chunkbus", "serve", "--node", "a", "--kafka-listen"];
+            argv.extend_from_slice(&["127.0.0.1:9092", "--listen", "127.0.0.1:8080"]);
+            argv.extend_from_slice(extra);
+            ServeConfig::resolve(serve_args(&argv)).map(|c| c.kafka.unwrap().acks_all_replicas)
+        };
+        assert_eq!(kafka(&[]).unwrap(), 0);
+        let peers = ["--peers", "a=127.0.0.1:8080,b=127.0.0.1:8081,c=127.0.0.1:8082"];
+        assert_eq!(kafka(&peers).unwrap(), 1);
+        let two = [&peers[..], &["--kafka-acks-all-replicas", "2"]].concat();
+        assert_eq!(kafka(&two).unwrap(), 2);
+        let three = [&peers[..], &["--kafka-acks-all-replicas", "3"]].concat();
+        let e = kafka(&three).unwrap_err().to_string();
+        assert!(e.contains("only 2 other nodes"), "{e}");
+        let argv = ["chunkbus", "serve", "--kafka-acks-all-replicas", "1"];
+        let e = ServeConfig::resolve(serve_args(&argv)).unwrap_err().to_string();
+        assert!(e.contains("need --kafka-listen"), "{e}");
     }
 
     #[test]

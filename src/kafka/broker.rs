@@ -834,8 +834,8 @@ impl Broker {
         }
         drop(state);
         if req.acks == -1 {
-            // All replicas: at least one other node holds the lines.
-            let want = self.st.replication.peer_count().min(1) as u32;
+            // All replicas: as many other nodes as configured hold them.
+            let want = self.settings.acks_all_replicas;
             if want > 0 {
                 let timeout = Duration::from_millis(req.timeout_ms.max(0) as u64);
                 let have = self
