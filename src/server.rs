@@ -206,6 +206,7 @@ pub async fn run(
     let kafka_advertised = kafka_listener
         .as_ref()
         .and_then(|(_, k)| k.advertised.clone());
+    let kafka_nodes = kafka_listener.as_ref().map(|(_, k)| k.nodes.clone());
     let auth = Arc::new(cfg.auth.build().map_err(ServeError::Auth)?);
     if let Some(path) = &cfg.auth.cluster_secret_file {
         crate::auth::warn_if_others_read(path, "cluster secret file");
@@ -225,6 +226,7 @@ pub async fn run(
             cluster_secret: cfg.auth.cluster_secret.clone(),
             https: cfg.tls.is_some(),
             ca_pem: cfg.tls.as_ref().and_then(|t| t.ca_pem.clone()),
+            kafka_nodes: cfg.kafka.as_ref().map(|k| k.nodes.clone()),
         },
         metrics.clone(),
     );
@@ -262,6 +264,7 @@ pub async fn run(
             tiering,
             auth: auth.clone(),
             kafka_advertised,
+            kafka_nodes,
         },
         Limits {
             max_line_bytes: cfg.max_line_bytes,

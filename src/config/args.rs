@@ -438,7 +438,9 @@ impl ServeArgs {
             kafka_listen: self.kafka_listen.or(file.kafka_listen),
             kafka_advertised_addr: self.kafka_advertised_addr.or(file.kafka_advertised_addr),
             kafka_allow_anonymous: self.kafka_allow_anonymous || file.kafka_allow_anonymous,
-            kafka_acks_all_replicas: self.kafka_acks_all_replicas.or(file.kafka_acks_all_replicas),
+            kafka_acks_all_replicas: self
+                .kafka_acks_all_replicas
+                .or(file.kafka_acks_all_replicas),
         }
     }
 }

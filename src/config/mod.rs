@@ -783,7 +783,10 @@ mod tests {
             ServeConfig::resolve(serve_args(&argv)).map(|c| c.kafka.unwrap().acks_all_replicas)
         };
         assert_eq!(kafka(&[]).unwrap(), 0);
-        let peers = ["--peers", "a=127.0.0.1:8080,b=127.0.0.1:8081,c=127.0.0.1:8082"];
+        let peers = [
+            "--peers",
+            "a=127.0.0.1:8080,b=127.0.0.1:8081,c=127.0.0.1:8082",
+        ];
         assert_eq!(kafka(&peers).unwrap(), 1);
         let two = [&peers[..], &["--kafka-acks-all-replicas", "2"]].concat();
         assert_eq!(kafka(&two).unwrap(), 2);
@@ -791,7 +794,9 @@ mod tests {
         let e = kafka(&three).unwrap_err().to_string();
         assert!(e.contains("only 2 other nodes"), "{e}");
         let argv = ["chunkbus", "serve", "--kafka-acks-all-replicas", "1"];
-        let e = ServeConfig::resolve(serve_args(&argv)).unwrap_err().to_string();
+        let e = ServeConfig::resolve(serve_args(&argv))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("need --kafka-listen"), "{e}");
     }
 

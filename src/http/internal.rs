@@ -88,6 +88,7 @@ pub(super) async fn changes(
                 positions_version,
                 positions,
                 kafka_addr: st.kafka_advertised.clone(),
+                kafka_nodes: st.kafka_nodes.clone(),
             }));
         }
         tokio::select! {

@@ -92,6 +92,9 @@ pub struct Services {
     /// Where Kafka clients reach this node (`--kafka-advertised-addr`);
     /// `None` when its Kafka listener is off.
     pub kafka_advertised: Option<String>,
+    /// The nodes in partition order (`--peers`), when the Kafka listener
+    /// is on: told to peers, which check it is the same as theirs.
+    pub kafka_nodes: Option<Vec<String>>,
 }
 
 impl AppState {

@@ -322,21 +322,24 @@ impl Broker {
     /// answers and its Kafka address is known), and where clients reach
     /// it. A peer whose address is not known yet is given this node's:
     /// clients must know every broker a partition names.
+    ///
+    /// A peer that numbers partitions in another order (its `--peers`
+    /// differs) is never up: naming it would send clients to a node
+    /// where partition `p` is someone else's lines.
     fn nodes(&self) -> Vec<(bool, String)> {
         self.settings
             .nodes
             .iter()
             .map(|node| {
-                let (reachable, addr) = if node == self.st.storage.node() {
-                    (true, Some(self.advertised.clone()))
-                } else {
-                    self.st
-                        .replication
-                        .peer_kafka(node)
-                        .unwrap_or((false, None))
+                if node == self.st.storage.node() {
+                    return (true, self.advertised.clone());
+                }
+                let Some(peer) = self.st.replication.peer_kafka(node) else {
+                    return (false, self.advertised.clone());
                 };
-                let up = reachable && addr.is_some();
-                (up, addr.unwrap_or_else(|| self.advertised.clone()))
+                let agrees = peer.agrees(&self.settings.nodes);
+                let up = peer.connected && agrees && peer.addr.is_some();
+                (up, peer.addr.unwrap_or_else(|| self.advertised.clone()))
             })
             .collect()
     }

@@ -56,6 +56,8 @@ pub struct ReplicationConfig {
     pub https: bool,
     /// The CA (PEM) that signed the peers' certificates, when private.
     pub ca_pem: Option<Vec<u8>>,
+    /// This node's Kafka partition order (`None`: its listener is off).
+    pub kafka_nodes: Option<Vec<String>>,
 }
 
 /// Replication of one node: its pullers, their state, and its replicas'
@@ -98,6 +100,27 @@ struct PeerState {
     disagreeing: BTreeMap<(String, String), (u64, u64)>,
     /// Where Kafka clients reach the peer, as it last said.
     kafka_addr: Option<String>,
+    /// The peer's nodes in Kafka partition order, as it last said.
+    kafka_nodes: Option<Vec<String>>,
+}
+
+/// What a node knows of a peer's Kafka listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerKafka {
+    /// The peer answers now.
+    pub connected: bool,
+    /// Where Kafka clients reach it (`None`: listener off, or not said yet).
+    pub addr: Option<String>,
+    /// Its nodes in partition order.
+    pub nodes: Option<Vec<String>>,
+}
+
+impl PeerKafka {
+    /// True unless the peer numbers partitions in another order than
+    /// `ours` (then partition `p` names different nodes on the two).
+    pub fn agrees(&self, ours: &[String]) -> bool {
+        self.nodes.as_deref().is_none_or(|theirs| theirs == ours)
+    }
 }
 
 impl Replication {
@@ -183,15 +206,20 @@ impl Replication {
         format!("{scheme}://{}", link.peer.addr)
     }
 
-    /// Number of other nodes.
-    /// Whether peer `name` answers now, and where Kafka clients reach it
-    /// (as it last said); `None` for a node that is not a peer.
-    pub fn peer_kafka(&self, name: &str) -> Option<(bool, Option<String>)> {
+    /// Whether peer `name` answers now, where Kafka clients reach it and
+    /// its partition order (as it last said); `None` for a node that is
+    /// not a peer.
+    pub fn peer_kafka(&self, name: &str) -> Option<PeerKafka> {
         let link = self.links.iter().find(|l| l.peer.name == name)?;
         let st = link.state.lock().unwrap();
-        Some((st.connected, st.kafka_addr.clone()))
+        Some(PeerKafka {
+            connected: st.connected,
+            addr: st.kafka_addr.clone(),
+            nodes: st.kafka_nodes.clone(),
+        })
     }
 
+    /// Number of other nodes.
     pub fn peer_count(&self) -> usize {
         self.links.len()
     }
@@ -320,12 +348,29 @@ impl Replication {
         }
     }
 
+    /// Records where Kafka clients reach a peer and its partition order,
+    /// as its answer said.
+    /// A peer whose order differs from this node's is reported when it is
+    /// first seen (see `PeerKafka::agrees`).
+    fn note_kafka(&self, link: &PeerLink, addr: Option<String>, nodes: Option<Vec<String>>) {
+        let mut st = link.state.lock().unwrap();
+        st.kafka_addr = addr;
+        if st.kafka_nodes != nodes
+            && let (Some(theirs), Some(ours)) = (&nodes, &self.cfg.kafka_nodes)
+            && theirs != ours
+        {
+            tracing::error!(
+                peer = %link.peer.name,
+                ?theirs,
+                ?ours,
+                "a peer lists the nodes in another order: Kafka partition numbers would name different nodes, so neither names the other in its Kafka metadata until both have the same --peers order"
+            );
+        }
+        st.kafka_nodes = nodes;
+    }
+
     /// The in-memory part of [`Replication::set_connected`]; true when a
     /// forgotten peer answered.
-    /// Records where Kafka clients reach a peer, as its answer said.
-    fn note_kafka_addr(&self, link: &PeerLink, addr: Option<String>) {
-        link.state.lock().unwrap().kafka_addr = addr;
-    }
 
     fn note_connected(&self, link: &PeerLink, connected: bool, error: Option<String>) -> bool {
         let mut st = link.state.lock().unwrap();

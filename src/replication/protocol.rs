@@ -80,6 +80,12 @@ pub struct ChangesResponse {
     /// listener is off): peers name it in their Kafka metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka_addr: Option<String>,
+    /// The owner's nodes in Kafka partition order (its `--peers`), when
+    /// its Kafka listener is on: peers whose order differs do not name it
+    /// in their Kafka metadata (a partition number would mean different
+    /// nodes on different nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_nodes: Option<Vec<String>>,
 }
 
 /// A consumer's positions in one category, as the asked node holds them.

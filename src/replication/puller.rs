@@ -111,7 +111,7 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
             }
             since = resp.version;
             positions_since = resp.positions_version;
-            repl.note_kafka_addr(link, resp.kafka_addr.clone());
+            repl.note_kafka(link, resp.kafka_addr.clone(), resp.kafka_nodes.clone());
             for p in resp.positions {
                 validate_category(&p.category).map_err(|e| PullError::Peer(e.to_string()))?;
                 validate_consumer(&p.consumer).map_err(|e| PullError::Peer(e.to_string()))?;

@@ -11,7 +11,8 @@ use chunkbus_client::{Client, ProduceOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cluster::{TestCluster, check_numbering};
-use crate::harness::{BinNode, all_lines};
+use crate::harness::{BinNode, all_lines, serve_command};
+use crate::proxy::Proxy;
 
 /// Longest a kcat run may take.
 const KCAT_DEADLINE: Duration = Duration::from_secs(120);
@@ -465,4 +466,41 @@ async fn a_retried_idempotent_batch_is_stored_once() {
     let client = Client::new(&node.url("")).unwrap();
     assert_eq!(all_lines(&client, topic).await, ["a", "b", "c", "d", "e"]);
     node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_listing_the_nodes_in_another_order_is_not_named_a_leader() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (to_a, to_b) = (Proxy::start().await, Proxy::start().await);
+    // Partition 1 is b's lines on a, and a's on b.
+    let node = |name: &str, dir: &std::path::Path, peers: String| {
+        let mut cmd = serve_command(name, dir);
+        cmd.args(["--peers", &peers, "--kafka-listen", "127.0.0.1:0"])
+            .args(["--peer-timeout", "1s"]);
+        BinNode::spawn(cmd)
+    };
+    let a = node("a", da.path(), format!("a=127.0.0.1:0,b={}", to_b.addr)).await;
+    to_a.set_target(a.addr);
+    let b = node("b", db.path(), format!("b=127.0.0.1:0,a={}", to_a.addr)).await;
+    to_b.set_target(b.addr);
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !a
+        .stderr
+        .lock()
+        .unwrap()
+        .contains("lists the nodes in another order")
+    {
+        assert!(tokio::time::Instant::now() < end, "a never noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // b answers, but a names itself for b's partition: b would serve its
+    // own lines there, which are partition 0 by its order.
+    let meta = kcat(
+        &["-b", &a.kafka_addr.unwrap().to_string(), "-L", "-t", "t"],
+        b"",
+    )
+    .await;
+    assert!(meta.contains("partition 1, leader 0"), "{meta}");
+    a.kill().await;
+    b.kill().await;
 }
