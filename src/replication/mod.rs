@@ -371,7 +371,6 @@ impl Replication {
 
     /// The in-memory part of [`Replication::set_connected`]; true when a
     /// forgotten peer answered.
-
     fn note_connected(&self, link: &PeerLink, connected: bool, error: Option<String>) -> bool {
         let mut st = link.state.lock().unwrap();
         let returned = connected && std::mem::take(&mut st.forgotten);
