@@ -58,7 +58,7 @@ fn numbered(lines: &[String]) -> Vec<(u64, String)> {
 
 /// `(offset, value)` of every message of `topic` partition `p`, read from
 /// the beginning to the end through `broker`.
-async fn consume(broker: &str, topic: &str, p: i32) -> Vec<(u64, String)> {
+pub async fn consume(broker: &str, topic: &str, p: i32) -> Vec<(u64, String)> {
     let p = p.to_string();
     let out = kcat(
         &[

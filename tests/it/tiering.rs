@@ -418,9 +418,19 @@ async fn a_node_that_lost_its_disk_serves_everything_from_s3_and_reuses_no_name(
         "300ms",
         "--local-retention",
         "1s",
+        "--kafka-listen",
+        "127.0.0.1:0",
     ];
     let (node, client) = start(&s3, dir.path(), &args).await;
     let sent = produce(&client, "lost", 0, 1200, 100).await;
+    // Kafka offsets are the line numbers: 0, 1, 2...
+    let kafka = |node: &BinNode| node.kafka_addr.unwrap().to_string();
+    let numbered: Vec<(u64, String)> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u64, l.clone()))
+        .collect();
+    assert!(crate::kafka::consume(&kafka(&node), "lost", 0).await == numbered);
     let chunks = all_uploaded(&client, "lost", 2).await;
     // --local-retention evicts uploaded chunks by age alone.
     eventually(CONDITION_DEADLINE, "eviction by age", || async {
@@ -464,6 +474,10 @@ async fn a_node_that_lost_its_disk_serves_everything_from_s3_and_reuses_no_name(
     let mut want = sent.clone();
     want.push("after the wipe".to_owned());
     assert_eq!(all_lines(&client, "lost").await, want);
+    // The same offsets through Kafka, from S3 now, and the new line after.
+    let mut numbered = numbered;
+    numbered.push((sent.len() as u64, "after the wipe".to_owned()));
+    assert!(crate::kafka::consume(&kafka(&node), "lost", 0).await == numbered);
     assert_eq!(s3.upload_counts().values().copied().max(), Some(1));
     node.kill().await;
 }
