@@ -34,6 +34,7 @@ use kafka_protocol::protocol::{Encodable, StrBytes};
 use tokio_util::sync::CancellationToken;
 
 use super::groups::{self, Groups, Join};
+use super::landmarks::Landmarks;
 use super::producers::{self, Check, Producers};
 use super::records::{self, BatchError};
 use super::requests::{self, FetchPartition, Header, ProducePartition};
@@ -90,6 +91,8 @@ pub(super) struct Broker {
     producers: Producers,
     /// The consumer groups this node coordinates.
     pub groups: Groups,
+    /// Line starts found in chunks so far.
+    landmarks: Landmarks,
 }
 
 /// What one connection remembers between requests: where the line after
@@ -134,6 +137,7 @@ impl Broker {
             me,
             producers: Producers::default(),
             groups: Groups::default(),
+            landmarks: Landmarks::default(),
         }
     }
 
@@ -1057,6 +1061,9 @@ impl Broker {
             chunk.meta.created_ms as i64,
             &read.data,
         );
+        // Where the next fetch (or a commit of this offset) starts.
+        self.landmarks
+            .note(topic, &chunk.name, offset + lines - first, read.next_offset);
         conn.cursors.insert(
             key,
             Cursor {
@@ -1076,7 +1083,7 @@ impl Broker {
         chunk: &ChunkName,
         upto: u64,
     ) -> Result<u64, StorageError> {
-        let (mut at, mut n) = (0u64, 0u64);
+        let (mut n, mut at) = self.landmarks.at_or_before_byte(topic, chunk, upto);
         let never = CancellationToken::new();
         while at < upto {
             let step = LOCATE_STEP_BYTES.min(upto - at);
@@ -1091,12 +1098,28 @@ impl Broker {
             n += memchr::memchr_iter(b'\n', &read.data).count() as u64;
             at = read.next_offset;
         }
+        if at == upto {
+            // `upto` is a line boundary (a consumer position).
+            self.landmarks.note(topic, chunk, n, upto);
+        }
         Ok(n)
     }
 
     /// Where line `skip` (counted from 0) of `chunk` starts.
     async fn locate(&self, topic: &str, chunk: &ChunkName, skip: u64) -> Result<u64, StorageError> {
-        let (mut at, mut left) = (0u64, skip);
+        let at = self.locate_from_landmark(topic, chunk, skip).await?;
+        self.landmarks.note(topic, chunk, skip, at);
+        Ok(at)
+    }
+
+    async fn locate_from_landmark(
+        &self,
+        topic: &str,
+        chunk: &ChunkName,
+        skip: u64,
+    ) -> Result<u64, StorageError> {
+        let (known, mut at) = self.landmarks.at_or_before_line(topic, chunk, skip);
+        let mut left = skip - known;
         let never = CancellationToken::new();
         while left > 0 {
             let read = self

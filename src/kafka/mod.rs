@@ -10,6 +10,7 @@
 
 mod broker;
 pub mod groups;
+mod landmarks;
 pub mod producers;
 pub mod records;
 pub mod requests;
