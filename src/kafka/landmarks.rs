@@ -16,10 +16,13 @@ const PER_CHUNK: usize = 64;
 /// Chunks with landmarks; past it, all are forgotten.
 const CHUNKS: usize = 4096;
 
+/// (line in the chunk, byte it starts at), by line.
+type Starts = Vec<(u64, u64)>;
+
 #[derive(Debug, Default)]
 pub struct Landmarks {
-    /// (topic, chunk) → (line in the chunk, byte it starts at), by line.
-    map: Mutex<HashMap<(String, ChunkName), Vec<(u64, u64)>>>,
+    /// Per (topic, chunk).
+    map: Mutex<HashMap<(String, ChunkName), Starts>>,
 }
 
 impl Landmarks {
