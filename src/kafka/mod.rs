@@ -19,7 +19,6 @@ pub mod wire;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -131,15 +130,23 @@ async fn connection(
                 "the in-flight budget is spent; the client reconnects and retries".into(),
             ));
         }
-        let mut frame = vec![0u8; len as usize];
-        tokio::time::timeout(
-            broker.st.limits.request_timeout,
-            stream.read_exact(&mut frame),
-        )
+        // Read into spare capacity: nothing is zeroed first.
+        let mut frame = bytes::BytesMut::with_capacity(len as usize);
+        tokio::time::timeout(broker.st.limits.request_timeout, async {
+            while frame.len() < len as usize {
+                // Never past this frame: the next one stays in the socket.
+                let left = len as usize - frame.len();
+                let mut room = bytes::BufMut::limit(&mut frame, left);
+                if stream.read_buf(&mut room).await? == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                }
+            }
+            Ok(())
+        })
         .await
         .map_err(|_| ConnError::Protocol("a frame took too long to arrive".into()))??;
         let answer = broker
-            .handle(&mut conn, Bytes::from(frame), &mut reservation, shutdown)
+            .handle(&mut conn, frame.freeze(), &mut reservation, shutdown)
             .await
             .map_err(|e| {
                 broker.st.metrics.kafka_bad_frames.inc();

@@ -11,7 +11,7 @@ use std::io::Read;
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::producers::Sequence;
-use super::wire::{Malformed, Reader};
+use super::wire::{Malformed, Reader, SliceReader};
 
 /// Why a produced batch is refused (each maps to a Kafka error code).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -126,10 +126,18 @@ pub fn produced_lines(
                 records.len()
             )));
         }
-        let mut rr = Reader::new(records);
+        let mut rr = SliceReader::new(&records);
         lines.reserve(rr.remaining());
+        let start = lines.len();
         for _ in 0..records_claimed {
             record_line(&mut rr, max_line, &mut lines)?;
+        }
+        // One newline per record, the one written after its value: any
+        // other was in a value (counted once for the batch, not per value).
+        if memchr::memchr_iter(b'\n', &lines[start..]).count() != records_claimed as usize {
+            return Err(BatchError::InvalidRecord(
+                "a record value holds a newline: every record is stored as one line".into(),
+            ));
         }
         count += records_claimed as u64;
         if rr.remaining() != 0 {
@@ -144,25 +152,25 @@ pub fn produced_lines(
 }
 
 /// Reads one record and appends its value and `\n` to `out` (a null value
-/// is an empty line).
-fn record_line(r: &mut Reader, max_line: u64, out: &mut BytesMut) -> Result<(), BatchError> {
+/// is an empty line); the caller checks the value held no newline.
+fn record_line(r: &mut SliceReader, max_line: u64, out: &mut BytesMut) -> Result<(), BatchError> {
     let len = r.varint()?;
     if len < 0 {
         return Err(BatchError::Corrupt("negative record length".into()));
     }
-    let mut rec = Reader::new(r.bytes(len as usize)?);
+    let mut rec = SliceReader::new(r.take(len as usize)?);
     let _attributes = rec.i8()?;
     let _timestamp_delta = rec.varlong()?;
     let _offset_delta = rec.varint()?;
     let key_len = rec.varint()?;
     if key_len >= 0 {
-        rec.bytes(key_len as usize)?;
+        rec.take(key_len as usize)?;
     }
     let value_len = rec.varint()?;
-    let value = if value_len >= 0 {
-        rec.bytes(value_len as usize)?
+    let value: &[u8] = if value_len >= 0 {
+        rec.take(value_len as usize)?
     } else {
-        Bytes::new()
+        &[]
     };
     // Headers are not stored; they are read to check the record is whole.
     let headers = rec.varint()?;
@@ -171,16 +179,11 @@ fn record_line(r: &mut Reader, max_line: u64, out: &mut BytesMut) -> Result<(), 
     }
     for _ in 0..headers {
         let k = rec.varint()?;
-        rec.bytes(usize::try_from(k).map_err(|_| BatchError::Corrupt("bad header".into()))?)?;
+        rec.take(usize::try_from(k).map_err(|_| BatchError::Corrupt("bad header".into()))?)?;
         let v = rec.varint()?;
         if v >= 0 {
-            rec.bytes(v as usize)?;
+            rec.take(v as usize)?;
         }
-    }
-    if memchr::memchr(b'\n', &value).is_some() {
-        return Err(BatchError::InvalidRecord(
-            "a record value holds a newline: every record is stored as one line".into(),
-        ));
     }
     if value.len() as u64 > max_line {
         return Err(BatchError::InvalidRecord(format!(
@@ -188,7 +191,7 @@ fn record_line(r: &mut Reader, max_line: u64, out: &mut BytesMut) -> Result<(), 
             value.len()
         )));
     }
-    out.extend_from_slice(&value);
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\n");
     Ok(())
 }

@@ -225,3 +225,64 @@ mod tests {
         assert_eq!(null.array_len().unwrap(), 0);
     }
 }
+
+/// A cursor over borrowed bytes, for the records of a batch: the same
+/// checks as [`Reader`], without a reference count per field.
+#[derive(Debug)]
+pub struct SliceReader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> SliceReader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf }
+    }
+
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next `n` bytes.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
+        if self.buf.len() < n {
+            return Err(Malformed("a byte string is cut short".into()));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    pub fn i8(&mut self) -> Result<i8, Malformed> {
+        Ok(self.take(1)?[0] as i8)
+    }
+
+    /// An unsigned LEB128 varint of at most 64 bits.
+    pub fn uvarlong(&mut self) -> Result<u64, Malformed> {
+        let mut v: u64 = 0;
+        for (i, &b) in self.buf.iter().enumerate().take(10) {
+            if i == 9 && b > 1 {
+                break;
+            }
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                self.buf = &self.buf[i + 1..];
+                return Ok(v);
+            }
+        }
+        Err(Malformed("a varint is too long or cut short".into()))
+    }
+
+    /// A zigzag varint of at most 32 bits.
+    pub fn varint(&mut self) -> Result<i32, Malformed> {
+        let v = u32::try_from(self.uvarlong()?)
+            .map_err(|_| Malformed("a varint is out of range".into()))?;
+        Ok(((v >> 1) as i32) ^ -((v & 1) as i32))
+    }
+
+    /// A zigzag varint of at most 64 bits.
+    pub fn varlong(&mut self) -> Result<i64, Malformed> {
+        let v = self.uvarlong()?;
+        Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
+    }
+}
