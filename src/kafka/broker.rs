@@ -50,25 +50,25 @@ use crate::storage::{ChunkStatus, StorageError};
 mod code {
     pub const NONE: i16 = 0;
     pub const OFFSET_OUT_OF_RANGE: i16 = 1;
-    pub const COORDINATOR_LOAD_IN_PROGRESS: i16 = 14;
-    pub const COORDINATOR_NOT_AVAILABLE: i16 = 15;
-    pub const NOT_COORDINATOR: i16 = 16;
     pub const CORRUPT_MESSAGE: i16 = 2;
     pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
     pub const LEADER_NOT_AVAILABLE: i16 = 5;
     pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
     pub const REQUEST_TIMED_OUT: i16 = 7;
     pub const MESSAGE_TOO_LARGE: i16 = 10;
+    pub const COORDINATOR_LOAD_IN_PROGRESS: i16 = 14;
+    pub const COORDINATOR_NOT_AVAILABLE: i16 = 15;
+    pub const NOT_COORDINATOR: i16 = 16;
     pub const INVALID_TOPIC_EXCEPTION: i16 = 17;
     pub const NOT_ENOUGH_REPLICAS_AFTER_APPEND: i16 = 20;
     pub const UNSUPPORTED_VERSION: i16 = 35;
     pub const UNSUPPORTED_FOR_MESSAGE_FORMAT: i16 = 43;
-    pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
-    pub const KAFKA_STORAGE_ERROR: i16 = 56;
-    pub const UNSUPPORTED_COMPRESSION_TYPE: i16 = 76;
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
     pub const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
     pub const INVALID_PRODUCER_EPOCH: i16 = 47;
+    pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
+    pub const KAFKA_STORAGE_ERROR: i16 = 56;
+    pub const UNSUPPORTED_COMPRESSION_TYPE: i16 = 76;
     pub const INVALID_RECORD: i16 = 87;
 }
 
@@ -437,6 +437,8 @@ impl Broker {
                 .check_commit(group, req.generation_id, &req.member_id);
         }
         let mut resp = OffsetCommitResponse::default();
+        // One wait for the whole request, however many partitions it names.
+        let deadline = tokio::time::Instant::now() + COMMIT_WAIT;
         for (topic, parts) in req.topics {
             let mut t = OffsetCommitResponseTopic::default();
             t.name = TopicName(StrBytes::from_string(topic.clone()));
@@ -444,7 +446,7 @@ impl Broker {
                 let mut pr = OffsetCommitResponsePartition::default();
                 pr.partition_index = p;
                 pr.error_code = match error {
-                    code::NONE => self.commit(group, &topic, p, offset).await,
+                    code::NONE => self.commit(group, &topic, p, offset, deadline).await,
                     e => e,
                 };
                 t.partitions.push(pr);
@@ -457,7 +459,14 @@ impl Broker {
     /// Moves consumer `group`'s position in `owner`'s lines of `topic` to
     /// where line `line` starts; backwards too (in a new generation, as a
     /// rewind does), since a Kafka consumer may commit an earlier offset.
-    async fn commit(&self, group: &str, topic: &str, p: i32, line: i64) -> i16 {
+    async fn commit(
+        &self,
+        group: &str,
+        topic: &str,
+        p: i32,
+        line: i64,
+        deadline: tokio::time::Instant,
+    ) -> i16 {
         let Some(owner) = self.owner(p) else {
             return code::UNKNOWN_TOPIC_OR_PARTITION;
         };
@@ -467,7 +476,6 @@ impl Broker {
         let Ok(line) = u64::try_from(line) else {
             return code::NONE;
         };
-        let deadline = tokio::time::Instant::now() + COMMIT_WAIT;
         let (index, byte) = loop {
             let mut watch = self.st.storage.watch(topic);
             if let Some(w) = &mut watch {

@@ -39,6 +39,11 @@ pub mod code {
 pub const MAX_MEMBERS: usize = 1000;
 /// Groups a node coordinates at once (groups with no members are dropped).
 pub const MAX_GROUPS: usize = 10_000;
+/// Members of all the groups a node coordinates.
+pub const MAX_ALL_MEMBERS: usize = 10_000;
+/// Bytes of protocol metadata a member may send (a consumer's is its
+/// subscription: topic names, a few hundred bytes).
+pub const MAX_MEMBER_METADATA: usize = 16 << 10;
 /// Session timeouts accepted (Kafka's defaults for
 /// `group.min/max.session.timeout.ms`).
 const SESSION_TIMEOUT_MS: std::ops::RangeInclusive<i32> = 6_000..=1_800_000;
@@ -276,6 +281,10 @@ impl Groups {
         if !SESSION_TIMEOUT_MS.contains(&j.session_timeout_ms) {
             return JoinAnswer::error(code::INVALID_SESSION_TIMEOUT, j.member_id);
         }
+        let metadata: usize = j.protocols.iter().map(|(n, m)| n.len() + m.len()).sum();
+        if metadata > MAX_MEMBER_METADATA {
+            return JoinAnswer::error(code::GROUP_MAX_SIZE_REACHED, j.member_id);
+        }
         let mut changes = self.changed.subscribe();
         let member_id = {
             let mut groups = self.groups.lock().unwrap();
@@ -285,6 +294,7 @@ impl Groups {
                     return JoinAnswer::error(code::COORDINATOR_NOT_AVAILABLE, j.member_id);
                 }
             }
+            let all: usize = groups.values().map(|g| g.members.len()).sum();
             let g = groups
                 .entry(j.group_id.to_owned())
                 .or_insert_with(|| Group::new(j.protocol_type));
@@ -304,6 +314,9 @@ impl Groups {
             let member_id = if j.member_id.is_empty() {
                 if g.members.len() >= MAX_MEMBERS {
                     return JoinAnswer::error(code::GROUP_MAX_SIZE_REACHED, j.member_id);
+                }
+                if all >= MAX_ALL_MEMBERS {
+                    return JoinAnswer::error(code::COORDINATOR_NOT_AVAILABLE, j.member_id);
                 }
                 format!(
                     "{}-{:016x}",
@@ -677,6 +690,16 @@ mod tests {
             code::UNKNOWN_MEMBER_ID
         );
         j.member_id = "";
+        let big = vec![(
+            "range".to_owned(),
+            Bytes::from(vec![0u8; MAX_MEMBER_METADATA]),
+        )];
+        j.protocols = &big;
+        assert_eq!(
+            g.join(j.clone(), &never).await.error,
+            code::GROUP_MAX_SIZE_REACHED
+        );
+        j.protocols = &p;
         j.session_timeout_ms = 10;
         assert_eq!(g.join(j, &never).await.error, code::INVALID_SESSION_TIMEOUT);
     }
