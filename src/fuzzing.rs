@@ -235,7 +235,15 @@ pub fn kafka_frame(data: &[u8]) {
         1 => drop(requests::fetch(&mut r, v)),
         2 => drop(requests::list_offsets(&mut r, v)),
         3 => drop(requests::metadata(&mut r, v)),
+        8 => drop(requests::offset_commit(&mut r, v)),
+        9 => drop(requests::offset_fetch(&mut r, v)),
+        10 => drop(requests::find_coordinator(&mut r, v)),
+        11 => drop(requests::join_group(&mut r, v)),
+        12 => drop(requests::heartbeat(&mut r, v)),
+        13 => drop(requests::leave_group(&mut r, v)),
+        14 => drop(requests::sync_group(&mut r, v)),
         18 => drop(requests::api_versions(&mut r, v)),
+        22 => drop(requests::init_producer_id(&mut r, v)),
         _ => {}
     }
 }
