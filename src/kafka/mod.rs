@@ -6,7 +6,8 @@
 //!
 //! Frames are length-checked before anything is read into memory and
 //! reserved from the node's in-flight budget; requests of one connection
-//! are answered in order, one at a time.
+//! are handled in order, one at a time, the next one read while the one
+//! before is handled.
 
 mod broker;
 pub mod groups;
@@ -19,12 +20,14 @@ pub mod wire;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::KafkaSettings;
 use crate::http::AppState;
+use crate::http::body::Reservation;
 
 /// A connection that sends nothing for this long is closed (clients
 /// reconnect; Kafka brokers close idle connections after 10 minutes).
@@ -101,60 +104,110 @@ enum ConnError {
 
 async fn connection(
     broker: &broker::Broker,
-    mut stream: impl AsyncRead + AsyncWrite + Unpin,
+    stream: impl AsyncRead + AsyncWrite + Unpin,
     shutdown: &CancellationToken,
 ) -> Result<(), ConnError> {
-    let max_frame = broker.st.limits.max_body_bytes + FRAME_OVERHEAD_BYTES;
-    let mut conn = broker::Connection::default();
-    loop {
-        let mut len = [0u8; 4];
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut len)) => match r {
-                Err(_) => return Err(ConnError::Protocol("idle".into())),
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Ok(r) => { r?; }
-            },
-        }
-        let len = i32::from_be_bytes(len);
-        if len < 0 || len as u64 > max_frame {
-            broker.st.metrics.kafka_bad_frames.inc();
-            return Err(ConnError::Protocol(format!(
-                "a frame of {len} bytes (at most {max_frame})"
-            )));
-        }
-        let mut reservation = broker.st.inflight.reservation();
-        if reservation.grow(len as u64).is_err() {
-            broker.st.metrics.shed_requests.inc();
-            return Err(ConnError::Protocol(
-                "the in-flight budget is spent; the client reconnects and retries".into(),
-            ));
-        }
-        // Read into spare capacity: nothing is zeroed first.
-        let mut frame = bytes::BytesMut::with_capacity(len as usize);
-        tokio::time::timeout(broker.st.limits.request_timeout, async {
-            while frame.len() < len as usize {
-                // Never past this frame: the next one stays in the socket.
-                let left = len as usize - frame.len();
-                let mut room = bytes::BufMut::limit(&mut frame, left);
-                if stream.read_buf(&mut room).await? == 0 {
-                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    // The next frame is read while the one before it is handled (one ahead
+    // at most, reserved from the in-flight budget like the one handled), so
+    // reading a produce request overlaps storing the one before; answers
+    // stay in request order. The reader stops at EOF, at shutdown or once
+    // the answerer ended; the answerer ends once the reader did and every
+    // frame read is answered, so a bad frame read ahead does not cut short
+    // the request before it.
+    let (ahead, mut frames) = tokio::sync::mpsc::channel(1);
+    let stop = shutdown.child_token();
+    let reader = {
+        let stop = &stop;
+        async move {
+            let read = loop {
+                match read_frame(broker, &mut rd, stop).await {
+                    Ok(Some(frame)) => {
+                        if ahead.send(frame).await.is_err() {
+                            break Ok(());
+                        }
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
                 }
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|_| ConnError::Protocol("a frame took too long to arrive".into()))??;
-        let answer = broker
-            .handle(&mut conn, frame.freeze(), &mut reservation, shutdown)
-            .await
-            .map_err(|e| {
-                broker.st.metrics.kafka_bad_frames.inc();
-                ConnError::Protocol(e)
-            })?;
-        drop(reservation);
-        if let Some(frame) = answer {
-            stream.write_all(&frame).await?;
+            };
+            // Now, not when the joined future is dropped: the answerer
+            // waits for it.
+            drop(ahead);
+            read
         }
+    };
+    let answerer = async {
+        let mut conn = broker::Connection::default();
+        while let Some((frame, mut reservation)) = frames.recv().await {
+            let answer = broker
+                .handle(&mut conn, frame, &mut reservation, shutdown)
+                .await
+                .map_err(|e| {
+                    broker.st.metrics.kafka_bad_frames.inc();
+                    ConnError::Protocol(e)
+                })?;
+            drop(reservation);
+            if let Some(frame) = answer {
+                wr.write_all(&frame).await?;
+            }
+        }
+        Ok(())
+    };
+    let answerer = async {
+        let answered = answerer.await;
+        stop.cancel();
+        answered
+    };
+    let (read, answered) = tokio::join!(reader, answerer);
+    answered.and(read)
+}
+
+/// Reads the next request frame and reserves its bytes; `None` when the
+/// client closed the connection or the node shuts down.
+async fn read_frame(
+    broker: &broker::Broker,
+    stream: &mut (impl AsyncRead + Unpin),
+    shutdown: &CancellationToken,
+) -> Result<Option<(Bytes, Reservation)>, ConnError> {
+    let max_frame = broker.st.limits.max_body_bytes + FRAME_OVERHEAD_BYTES;
+    let mut len = [0u8; 4];
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(None),
+        r = tokio::time::timeout(IDLE_TIMEOUT, stream.read_exact(&mut len)) => match r {
+            Err(_) => return Err(ConnError::Protocol("idle".into())),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Ok(r) => { r?; }
+        },
     }
+    let len = i32::from_be_bytes(len);
+    if len < 0 || len as u64 > max_frame {
+        broker.st.metrics.kafka_bad_frames.inc();
+        return Err(ConnError::Protocol(format!(
+            "a frame of {len} bytes (at most {max_frame})"
+        )));
+    }
+    let mut reservation = broker.st.inflight.reservation();
+    if reservation.grow(len as u64).is_err() {
+        broker.st.metrics.shed_requests.inc();
+        return Err(ConnError::Protocol(
+            "the in-flight budget is spent; the client reconnects and retries".into(),
+        ));
+    }
+    // Read into spare capacity: nothing is zeroed first.
+    let mut frame = BytesMut::with_capacity(len as usize);
+    tokio::time::timeout(broker.st.limits.request_timeout, async {
+        while frame.len() < len as usize {
+            // Never past this frame: the next one stays in the socket.
+            let left = len as usize - frame.len();
+            let mut room = bytes::BufMut::limit(&mut frame, left);
+            if stream.read_buf(&mut room).await? == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| ConnError::Protocol("a frame took too long to arrive".into()))??;
+    Ok(Some((frame.freeze(), reservation)))
 }

@@ -374,8 +374,9 @@ async fn kafka_clients_use_tls_when_the_node_serves_https() {
     node.kill().await;
 }
 
-/// An idempotent producer's batch: `values` from sequence `seq`.
-fn idempotent_batch(pid: i64, epoch: i16, seq: i32, values: &[&str]) -> bytes::Bytes {
+/// A record batch of `values` from producer `pid` (-1: not idempotent),
+/// its sequences starting at `seq`.
+fn record_batch(pid: i64, epoch: i16, seq: i32, values: &[&str]) -> bytes::Bytes {
     use kafka_protocol::records::{
         Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
     };
@@ -407,13 +408,13 @@ fn idempotent_batch(pid: i64, epoch: i16, seq: i32, values: &[&str]) -> bytes::B
     out.freeze()
 }
 
-/// Sends one produce request (v3, acks=1) of `batch` to partition 0 of
-/// `topic` on `conn`; returns the partition's error code and base offset.
-async fn produce_raw(conn: &mut tokio::net::TcpStream, topic: &str, batch: &[u8]) -> (i16, i64) {
+/// A produce request frame (v3, acks=1) of `batch` to partition 0 of
+/// `topic`.
+fn produce_request(topic: &str, batch: &[u8], correlation: i32) -> Vec<u8> {
     let mut p = BytesMut::new();
     p.put_i16(0);
     p.put_i16(3);
-    p.put_i32(11);
+    p.put_i32(correlation);
     p.put_i16(-1);
     p.put_i16(-1); // transactional id: null
     p.put_i16(1); // acks
@@ -425,15 +426,59 @@ async fn produce_raw(conn: &mut tokio::net::TcpStream, topic: &str, batch: &[u8]
     p.put_i32(0);
     p.put_i32(batch.len() as i32);
     p.put_slice(batch);
-    conn.write_all(&frame(&p)).await.unwrap();
+    frame(&p)
+}
+
+/// Reads a produce answer of one partition of `topic`: its correlation id,
+/// the partition's error code and base offset.
+async fn produce_answer(conn: &mut tokio::net::TcpStream, topic: &str) -> (i32, i16, i64) {
     let len = conn.read_i32().await.unwrap();
     let mut answer = vec![0u8; len as usize];
     conn.read_exact(&mut answer).await.unwrap();
+    let correlation = i32::from_be_bytes(answer[..4].try_into().unwrap());
     // Correlation id, 1 topic (name), 1 partition: index, error, offset.
     let at = 4 + 4 + 2 + topic.len() + 4 + 4;
     let code = i16::from_be_bytes(answer[at..at + 2].try_into().unwrap());
     let offset = i64::from_be_bytes(answer[at + 2..at + 10].try_into().unwrap());
+    (correlation, code, offset)
+}
+
+/// Sends one produce request and waits for its answer: the partition's
+/// error code and base offset.
+async fn produce_raw(conn: &mut tokio::net::TcpStream, topic: &str, batch: &[u8]) -> (i16, i64) {
+    conn.write_all(&produce_request(topic, batch, 11))
+        .await
+        .unwrap();
+    let (correlation, code, offset) = produce_answer(conn, topic).await;
+    assert_eq!(correlation, 11);
     (code, offset)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_even_when_a_bad_frame_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = BinNode::start(dir.path(), &["--kafka-listen", "127.0.0.1:0"]).await;
+    let broker = node.kafka_addr.unwrap().to_string();
+    let mut conn = tokio::net::TcpStream::connect(&broker).await.unwrap();
+    // Five produce requests and a frame claiming 2 GiB, in one write.
+    let mut bytes = Vec::new();
+    for i in 0..5 {
+        let batch = record_batch(-1, -1, -1, &[&format!("line {i}")]);
+        bytes.extend(produce_request("pipe", &batch, i));
+    }
+    bytes.extend_from_slice(&i32::MAX.to_be_bytes());
+    conn.write_all(&bytes).await.unwrap();
+    // Each is stored and answered, in order, before the connection closes.
+    for i in 0..5 {
+        assert_eq!(produce_answer(&mut conn, "pipe").await, (i, 0, i as i64));
+    }
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
+    let client = Client::new(&node.url("")).unwrap();
+    let want: Vec<String> = (0..5).map(|i| format!("line {i}")).collect();
+    assert_eq!(all_lines(&client, "pipe").await, want);
+    node.kill().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,9 +488,9 @@ async fn a_retried_idempotent_batch_is_stored_once() {
     let broker = node.kafka_addr.unwrap().to_string();
     let mut conn = tokio::net::TcpStream::connect(&broker).await.unwrap();
     let (pid, topic) = (4242, "idem");
-    let first = idempotent_batch(pid, 0, 0, &["a", "b"]);
+    let first = record_batch(pid, 0, 0, &["a", "b"]);
     assert_eq!(produce_raw(&mut conn, topic, &first).await, (0, 0));
-    let second = idempotent_batch(pid, 0, 2, &["c"]);
+    let second = record_batch(pid, 0, 2, &["c"]);
     assert_eq!(produce_raw(&mut conn, topic, &second).await, (0, 2));
     // Both sent again, on another connection (the first one broke): each
     // answered with the offset it got, nothing stored again.
@@ -453,15 +498,15 @@ async fn a_retried_idempotent_batch_is_stored_once() {
     assert_eq!(produce_raw(&mut again, topic, &first).await, (0, 0));
     assert_eq!(produce_raw(&mut again, topic, &second).await, (0, 2));
     // A gap: OUT_OF_ORDER_SEQUENCE_NUMBER (45), nothing stored.
-    let gap = idempotent_batch(pid, 0, 5, &["x"]);
+    let gap = record_batch(pid, 0, 5, &["x"]);
     assert_eq!(produce_raw(&mut again, topic, &gap).await.0, 45);
     // An older epoch of the same producer: INVALID_PRODUCER_EPOCH (47).
-    let newer = idempotent_batch(pid, 1, 0, &["d"]);
+    let newer = record_batch(pid, 1, 0, &["d"]);
     assert_eq!(produce_raw(&mut again, topic, &newer).await, (0, 3));
-    let fenced = idempotent_batch(pid, 0, 3, &["y"]);
+    let fenced = record_batch(pid, 0, 3, &["y"]);
     assert_eq!(produce_raw(&mut again, topic, &fenced).await.0, 47);
     // Another producer is independent of the first.
-    let other = idempotent_batch(pid + 1, 0, 0, &["e"]);
+    let other = record_batch(pid + 1, 0, 0, &["e"]);
     assert_eq!(produce_raw(&mut again, topic, &other).await, (0, 4));
     let client = Client::new(&node.url("")).unwrap();
     assert_eq!(all_lines(&client, topic).await, ["a", "b", "c", "d", "e"]);
