@@ -318,11 +318,10 @@ impl Groups {
                 if all >= MAX_ALL_MEMBERS {
                     return JoinAnswer::error(code::COORDINATOR_NOT_AVAILABLE, j.member_id);
                 }
-                format!(
-                    "{}-{:016x}",
-                    j.client_id,
-                    super::producers::new_producer_id()
-                )
+                // The client id names the member (as Kafka does), cut short:
+                // it comes from the wire and is kept as long as the member.
+                let client: String = j.client_id.chars().take(64).collect();
+                format!("{client}-{:016x}", super::producers::new_producer_id())
             } else if g.members.contains_key(j.member_id) {
                 j.member_id.to_owned()
             } else {
@@ -335,7 +334,7 @@ impl Groups {
             g.members.insert(
                 member_id.clone(),
                 Member {
-                    client_id: j.client_id.to_owned(),
+                    client_id: j.client_id.chars().take(64).collect(),
                     protocols: j.protocols.to_vec(),
                     session_timeout: Duration::from_millis(j.session_timeout_ms as u64),
                     rebalance_timeout,
