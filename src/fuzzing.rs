@@ -247,3 +247,23 @@ pub fn kafka_frame(data: &[u8]) {
         _ => {}
     }
 }
+
+/// The Elasticsearch bulk parser: any body is either refused whole or
+/// parsed into items; every document it would store is one line of valid
+/// JSON holding a JSON object, within the line limit, in a valid category.
+pub fn es_bulk(data: &[u8]) {
+    const MAX_LINE: u64 = 256;
+    let Ok(items) = crate::http::es::parse_bulk(data, Some("fallback"), MAX_LINE) else {
+        return;
+    };
+    for item in items {
+        if let Ok(line) = item.doc {
+            assert!(!line.contains(&b'\n'), "{line:?}");
+            assert!(line.len() as u64 <= MAX_LINE);
+            let v: serde_json::Value = serde_json::from_slice(&line).expect("valid JSON");
+            assert!(v.is_object());
+            let index = item.index.expect("an index");
+            assert!(chunkbus_client::names::validate_category(&index).is_ok());
+        }
+    }
+}

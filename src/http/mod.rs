@@ -11,6 +11,7 @@ pub(crate) mod body;
 mod chukcha;
 mod consumers;
 mod error;
+pub mod es;
 mod internal;
 pub(crate) mod lines;
 mod ops;
@@ -65,6 +66,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// When the node started.
     pub started: Instant,
+    /// Ids of documents created through the Elasticsearch bulk API.
+    pub es_ids: es::CreatedIds,
 }
 
 impl std::ops::Deref for AppState {
@@ -110,6 +113,7 @@ impl AppState {
             inflight,
             shutdown,
             started: Instant::now(),
+            es_ids: es::CreatedIds::default(),
         })
     }
 
@@ -231,6 +235,23 @@ fn routes() -> Vec<Route> {
         route("/v1/internal/changes", M::POST, Peer, internal::changes),
         route("/v1/internal/copies/{node}", M::GET, Peer, internal::copies),
         route("/healthz", M::GET, Open, ops::healthz),
+        // Elasticsearch's bulk API and what agents ask before using it
+        // (docs/ingest.md).
+        streaming(route("/_bulk", M::POST, Produce, es::bulk)),
+        streaming(route("/_bulk", M::PUT, Produce, es::bulk)),
+        streaming(route("/{index}/_bulk", M::POST, Produce, es::bulk_index)),
+        streaming(route("/{index}/_bulk", M::PUT, Produce, es::bulk_index)),
+        route("/", M::GET, Anyone, es::root),
+        route("/_license", M::GET, Anyone, es::license),
+        route("/_cluster/health", M::GET, Anyone, es::health),
+        route("/_index_template/{name}", M::GET, Anyone, es::none),
+        route("/_index_template/{name}", M::PUT, Produce, es::accepted),
+        route("/_template/{name}", M::GET, Anyone, es::none),
+        route("/_template/{name}", M::PUT, Produce, es::accepted),
+        route("/_ilm/policy/{name}", M::GET, Anyone, es::none),
+        route("/_ilm/policy/{name}", M::PUT, Produce, es::accepted),
+        route("/_ingest/pipeline/{name}", M::GET, Anyone, es::none),
+        route("/_ingest/pipeline/{name}", M::PUT, Produce, es::accepted),
         route("/metrics", M::GET, Anyone, ops::metrics),
     ]
 }

@@ -24,6 +24,31 @@ pub(super) struct ProduceQuery {
     timeout: Option<String>,
 }
 
+impl ProduceQuery {
+    /// The durability these parameters ask for.
+    pub(super) fn options(&self) -> Result<WriteOptions, ApiError> {
+        Ok(WriteOptions {
+            sync: self
+                .sync
+                .as_deref()
+                .map(|v| parse_bool("sync", v))
+                .transpose()?,
+            min_replicas: self
+                .min_replicas
+                .as_deref()
+                .map(|v| parse_u64("min_replicas", v))
+                .transpose()?
+                .unwrap_or(0),
+            timeout: self
+                .timeout
+                .as_deref()
+                .map(|t| parse_duration("timeout", t, MAX_REPLICA_TIMEOUT))
+                .transpose()?
+                .unwrap_or(DEFAULT_REPLICA_TIMEOUT),
+        })
+    }
+}
+
 /// `timeout=` of a `min_replicas` wait when the request does not say.
 pub(super) const DEFAULT_REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -46,25 +71,7 @@ pub(super) async fn produce(
     let (parts, body) = req.into_parts();
     let Path(category) = path?;
     let Query(q) = query?;
-    let opts = WriteOptions {
-        sync: q
-            .sync
-            .as_deref()
-            .map(|v| parse_bool("sync", v))
-            .transpose()?,
-        min_replicas: q
-            .min_replicas
-            .as_deref()
-            .map(|v| parse_u64("min_replicas", v))
-            .transpose()?
-            .unwrap_or(0),
-        timeout: q
-            .timeout
-            .as_deref()
-            .map(|t| parse_duration("timeout", t, MAX_REPLICA_TIMEOUT))
-            .transpose()?
-            .unwrap_or(DEFAULT_REPLICA_TIMEOUT),
-    };
+    let opts = q.options()?;
     ingest(&st, &category, &parts.headers, body, opts)
         .await
         .map(Produced)
@@ -120,37 +127,8 @@ pub(super) async fn ingest(
     opts: WriteOptions,
 ) -> Result<ProduceResponse, ApiError> {
     validate_category(category)?;
-    let peers = st.replication.peer_count() as u64;
-    if opts.min_replicas > peers {
-        return Err(ApiError::BadRequest(format!(
-            "min_replicas={} asks for more nodes than this node's {peers} peers",
-            opts.min_replicas
-        )));
-    }
-    let disk = st.storage.disk();
-    if disk.over_high_water() {
-        st.metrics.shed_requests.inc();
-        return Err(ApiError::Overloaded(format!(
-            "disk usage is {}%, above the high-water mark of {}% (--disk-high-water); retry later",
-            disk.usage().used_percent,
-            disk.limit_percent()
-        )));
-    }
-    let encoding = body::encoding(headers)?;
-    let max = st.limits.max_body_bytes;
-    let mut reservation = st.inflight.reservation();
-    let raw = body::read_body(
-        headers,
-        body,
-        max,
-        st.limits.request_timeout,
-        &mut reservation,
-    )
-    .await
-    .inspect_err(|e| count_shed(st, e))?;
-    let mut data = body::decode(encoding, raw, max, &mut reservation)
-        .await
-        .inspect_err(|e| count_shed(st, e))?;
+    check_writable(st, opts)?;
+    let (mut data, mut reservation) = read_decoded(st, headers, body).await?;
     if lines::is_json_array(headers, data.bytes()) {
         // The lines are a second buffer of about the body's size: counted
         // in the in-flight budget too; large bodies are turned into lines
@@ -168,6 +146,68 @@ pub(super) async fn ingest(
         });
     }
     let count = lines::finish_lines(&mut data, st.limits.max_line_bytes)?;
+    store(st, category, data, count, reservation, opts).await
+}
+
+/// Refuses a write before its body is read: `min_replicas` above the
+/// peers, or the disk above its high-water mark.
+pub(super) fn check_writable(st: &AppState, opts: WriteOptions) -> Result<(), ApiError> {
+    let peers = st.replication.peer_count() as u64;
+    if opts.min_replicas > peers {
+        return Err(ApiError::BadRequest(format!(
+            "min_replicas={} asks for more nodes than this node's {peers} peers",
+            opts.min_replicas
+        )));
+    }
+    let disk = st.storage.disk();
+    if disk.over_high_water() {
+        st.metrics.shed_requests.inc();
+        return Err(ApiError::Overloaded(format!(
+            "disk usage is {}%, above the high-water mark of {}% (--disk-high-water); retry later",
+            disk.usage().used_percent,
+            disk.limit_percent()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the body whole and decodes its `Content-Encoding`, within
+/// `--max-body-bytes`, `--request-timeout` and the in-flight budget (the
+/// reservation holds the body's share of it).
+pub(super) async fn read_decoded(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(body::Frames, body::Reservation), ApiError> {
+    let encoding = body::encoding(headers)?;
+    let max = st.limits.max_body_bytes;
+    let mut reservation = st.inflight.reservation();
+    let raw = body::read_body(
+        headers,
+        body,
+        max,
+        st.limits.request_timeout,
+        &mut reservation,
+    )
+    .await
+    .inspect_err(|e| count_shed(st, e))?;
+    let data = body::decode(encoding, raw, max, &mut reservation)
+        .await
+        .inspect_err(|e| count_shed(st, e))?;
+    Ok((data, reservation))
+}
+
+/// Appends `count` finished lines (each ending in `\n`) to `category`,
+/// then releases their share of the in-flight budget (`reservation`) and
+/// waits for `min_replicas` copies when asked.
+pub(super) async fn store(
+    st: &AppState,
+    category: &str,
+    data: body::Frames,
+    count: u64,
+    reservation: body::Reservation,
+    opts: WriteOptions,
+) -> Result<ProduceResponse, ApiError> {
     if count == 0 {
         return Ok(ProduceResponse {
             chunk: None,
@@ -218,7 +258,7 @@ pub(super) async fn ingest(
     Ok(written)
 }
 
-fn count_shed(st: &AppState, e: &ApiError) {
+pub(super) fn count_shed(st: &AppState, e: &ApiError) {
     if matches!(e, ApiError::Overloaded(_)) {
         st.metrics.shed_requests.inc();
     }

@@ -23,12 +23,13 @@ fn replay(target: &str, check: Check) -> usize {
 
 #[test]
 fn kept_fuzz_inputs_still_pass() {
-    let targets: [(&str, Check); 5] = [
+    let targets: [(&str, Check); 6] = [
         ("lines", chunkbus::fuzzing::lines),
         ("kafka", chunkbus::fuzzing::kafka_frame),
         ("decoders", chunkbus::fuzzing::decoders),
         ("names", chunkbus::fuzzing::names),
         ("recovery", chunkbus::fuzzing::recovery),
+        ("es_bulk", chunkbus::fuzzing::es_bulk),
     ];
     for (target, check) in targets {
         assert!(replay(target, check) > 0, "no inputs kept for {target}");

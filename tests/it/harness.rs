@@ -414,3 +414,19 @@ pub async fn all_lines(client: &chunkbus_client::Client, category: &str) -> Vec<
     }
     out
 }
+
+/// The Python of the venv `scripts/test` makes in `target/pyvenv` with the
+/// client libraries of `tests/python/requirements.txt`, or
+/// `CHUNKBUS_TEST_PYTHON`.
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("CHUNKBUS_TEST_PYTHON").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pyvenv/bin/python"),
+        PathBuf::from,
+    );
+    assert!(
+        p.exists(),
+        "{} is missing: scripts/test makes the venv with the Python client libraries",
+        p.display()
+    );
+    p
+}

@@ -12,25 +12,12 @@ use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 
 use crate::cluster::TestCluster;
+use crate::harness::python;
 
 /// Longest a producer script may take.
 const PRODUCE_DEADLINE: Duration = Duration::from_secs(120);
 /// Longest the group may take to read everything.
 const CONSUME_DEADLINE: Duration = Duration::from_secs(120);
-
-/// The venv's Python, or `CHUNKBUS_TEST_PYTHON`.
-fn python() -> PathBuf {
-    let p = std::env::var_os("CHUNKBUS_TEST_PYTHON").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pyvenv/bin/python"),
-        PathBuf::from,
-    );
-    assert!(
-        p.exists(),
-        "{} is missing: scripts/test makes the venv with the Kafka clients",
-        p.display()
-    );
-    p
-}
 
 fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -1,0 +1,859 @@
+//! Elasticsearch's bulk API, so that agents whose stock output is
+//! Elasticsearch (Filebeat, Logstash, Fluent Bit `es`, Vector
+//! `elasticsearch`, syslog-ng `elasticsearch-http()`, rsyslog
+//! `omelasticsearch`) write to chunkbus by changing a URL; and the calls
+//! they make before they send: `GET /` and `HEAD /` (the version), `GET
+//! /_license`, `GET /_cluster/health`, and index templates, ILM policies
+//! and ingest pipelines (accepted, not kept: chunkbus has no mappings).
+//!
+//! `POST /_bulk` and `POST /{index}/_bulk`: every `index` or `create`
+//! action stores its document as one line of JSON, without insignificant
+//! whitespace, in the category named by the action's `_index` (or the
+//! path's). The answer is Elasticsearch's: 200 with one item per action,
+//! in order, each with its own status, so that an agent retries exactly
+//! the items that failed for a reason that passes (429 and 5xx) and drops
+//! the ones that never will (other 4xx). A body that is not a bulk request
+//! at all (an action line that is not JSON, an action without its
+//! document) is refused whole with 400 and nothing is stored.
+//!
+//! A `create` with an `_id` this node accepted before in the same category,
+//! among the last [`KEPT_IDS`] it accepted, is answered 409 as
+//! Elasticsearch does for an existing document (agents count it as
+//! delivered): a retried batch with ids is not stored twice on one node.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chunkbus_client::names::validate_category;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::produce::{ProduceQuery, check_writable, count_shed, read_decoded, store};
+use super::{ApiError, AppState, body};
+use crate::auth::Principal;
+
+/// The version `GET /` reports. Agents check it: Filebeat refuses a
+/// cluster older than itself unless `allow_older_versions` is set, the
+/// official clients want the same major version as theirs.
+pub const ES_VERSION: &str = "9.1.0";
+
+/// Created ids remembered per node for the 409 of a repeated `create`.
+pub const KEPT_IDS: usize = 100_000;
+
+/// Most actions in one bulk request (413 above, which agents answer by
+/// splitting the batch). Each action's answer takes about 200 bytes and
+/// an action as little as 14: the cap bounds the answer of a body of many
+/// tiny actions (a few MiB), where the body limit alone would let one
+/// request of 64 MiB ask for a gigabyte of answer.
+pub const MAX_ACTIONS: usize = 100_000;
+
+/// Memory counted for each action's answer in the in-flight budget.
+const ANSWER_BYTES_PER_ACTION: u64 = 256;
+
+/// Why a bulk body is refused whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BulkRefusal {
+    /// Not a bulk request (400).
+    Malformed(String),
+    /// More than [`MAX_ACTIONS`] actions (413).
+    TooManyActions,
+}
+
+impl BulkRefusal {
+    fn into_response(self) -> Response {
+        match self {
+            BulkRefusal::Malformed(reason) => es_error(
+                StatusCode::BAD_REQUEST,
+                "illegal_argument_exception",
+                &reason,
+            ),
+            BulkRefusal::TooManyActions => es_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "content_too_long_exception",
+                &format!("more than {MAX_ACTIONS} actions in one bulk request: send fewer"),
+            ),
+        }
+    }
+}
+
+const ELASTIC_PRODUCT: HeaderName = HeaderName::from_static("x-elastic-product");
+
+/// An answer as Elasticsearch gives it: JSON, with the product header
+/// the official clients check on every answer.
+fn es_json(status: StatusCode, body: &Value) -> Response {
+    es_bytes(status, body.to_string().into_bytes())
+}
+
+/// [`es_json`] of JSON already written.
+fn es_bytes(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut resp = (status, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(ELASTIC_PRODUCT, HeaderValue::from_static("Elasticsearch"));
+    resp
+}
+
+/// An error answer in Elasticsearch's shape.
+fn es_error(status: StatusCode, kind: &str, reason: &str) -> Response {
+    es_json(
+        status,
+        &json!({
+            "error": {
+                "root_cause": [{"type": kind, "reason": reason}],
+                "type": kind,
+                "reason": reason,
+            },
+            "status": status.as_u16(),
+        }),
+    )
+}
+
+/// An [`ApiError`] in Elasticsearch's shape, with its status (and its
+/// `Retry-After`, when it has one).
+fn es_api_error(e: ApiError) -> Response {
+    let status = e.status();
+    let kind = match status.as_u16() {
+        413 => "content_too_long_exception",
+        429 | 503 => "es_rejected_execution_exception",
+        400..=499 => "illegal_argument_exception",
+        _ => "exception",
+    };
+    let mut resp = es_error(status, kind, &e.to_string());
+    if let Some(retry) = e.into_response().headers().get(header::RETRY_AFTER) {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, retry.clone());
+    }
+    resp
+}
+
+/// `GET /` (and `HEAD /`): who this is, in the shape agents and clients
+/// read the version from.
+pub(super) async fn root(State(st): State<Arc<AppState>>) -> Response {
+    es_json(
+        StatusCode::OK,
+        &json!({
+            "name": st.storage.node(),
+            "cluster_name": "chunkbus",
+            "cluster_uuid": "chunkbus",
+            "version": {
+                "number": ES_VERSION,
+                "build_flavor": "default",
+                "build_type": "chunkbus",
+                "build_hash": env!("CARGO_PKG_VERSION"),
+                "build_date": "2026-01-01T00:00:00.000Z",
+                "build_snapshot": false,
+                "lucene_version": "9.12.0",
+                "minimum_wire_compatibility_version": "7.17.0",
+                "minimum_index_compatibility_version": "7.0.0",
+            },
+            "tagline": "You Know, for Search",
+            "chunkbus": {
+                "version": env!("CARGO_PKG_VERSION"),
+                "note": "chunkbus answers the Elasticsearch bulk API only; see docs/ingest.md",
+            },
+        }),
+    )
+}
+
+/// `GET /_license`: a basic license, which is what agents check for.
+pub(super) async fn license() -> Response {
+    es_json(
+        StatusCode::OK,
+        &json!({"license": {"status": "active", "type": "basic", "uid": "chunkbus", "issued_to": "chunkbus", "issuer": "chunkbus"}}),
+    )
+}
+
+/// `GET /_cluster/health`: green while the node serves requests.
+pub(super) async fn health(State(st): State<Arc<AppState>>) -> Response {
+    let nodes = 1 + st.replication.peer_count();
+    es_json(
+        StatusCode::OK,
+        &json!({
+            "cluster_name": "chunkbus",
+            "status": "green",
+            "timed_out": false,
+            "number_of_nodes": nodes,
+            "number_of_data_nodes": nodes,
+            "active_primary_shards": 0,
+            "active_shards": 0,
+            "relocating_shards": 0,
+            "initializing_shards": 0,
+            "unassigned_shards": 0,
+        }),
+    )
+}
+
+/// `PUT` of an index template, ILM policy or ingest pipeline: accepted
+/// and not kept (chunkbus stores documents as they come).
+pub(super) async fn accepted() -> Response {
+    es_json(StatusCode::OK, &json!({"acknowledged": true}))
+}
+
+/// `GET` of an index template, ILM policy or ingest pipeline: there is
+/// none. Agents that check before they install one then `PUT` it, which
+/// is accepted.
+pub(super) async fn none(req: Request) -> Response {
+    let reason = format!("{} is not kept by chunkbus", req.uri().path());
+    es_error(
+        StatusCode::NOT_FOUND,
+        "resource_not_found_exception",
+        &reason,
+    )
+}
+
+/// What an action does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Stores its document.
+    Index,
+    /// Stores its document unless its `_id` was created before.
+    Create,
+    /// Answered with a per-item error: lines are not changed.
+    Update,
+    /// Answered with a per-item error: lines are not deleted.
+    Delete,
+}
+
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::Index => "index",
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Delete => "delete",
+        }
+    }
+}
+
+/// Why one item is not stored: its status and Elasticsearch's error type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemError {
+    /// Its HTTP status.
+    pub status: u16,
+    /// Elasticsearch's name for it.
+    pub kind: &'static str,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// One action of a bulk request, as parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    /// What it asks.
+    pub action: Action,
+    /// The category: its `_index`, or the path's.
+    pub index: Option<String>,
+    /// Its `_id`, if it has one.
+    pub id: Option<String>,
+    /// Its document as one line (compact JSON, no newline), for `index`
+    /// and `create`; or why it cannot be stored.
+    pub doc: Result<Vec<u8>, ItemError>,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    #[serde(rename = "_index")]
+    index: Option<String>,
+    #[serde(rename = "_id")]
+    id: Option<String>,
+}
+
+fn item_error(status: u16, kind: &'static str, reason: impl Into<String>) -> ItemError {
+    ItemError {
+        status,
+        kind,
+        reason: reason.into(),
+    }
+}
+
+/// Parses a bulk body: action lines, each `index`, `create` and `update`
+/// followed by its document line. `Err` is the reason the whole request is
+/// refused (nothing of it is stored); a document that cannot be stored is
+/// an item's error. Blank lines between actions are skipped.
+pub fn parse_bulk(
+    body: &[u8],
+    path_index: Option<&str>,
+    max_line: u64,
+) -> Result<Vec<Item>, BulkRefusal> {
+    let mut lines = body.split(|&b| b == b'\n').enumerate();
+    let mut items = Vec::new();
+    while let Some((n, line)) = lines.next() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if items.len() == MAX_ACTIONS {
+            return Err(BulkRefusal::TooManyActions);
+        }
+        let malformed = |why: String| {
+            BulkRefusal::Malformed(format!("Malformed action/metadata line [{}]: {why}", n + 1))
+        };
+        let action: HashMap<String, Meta> =
+            serde_json::from_slice(line).map_err(|e| malformed(e.to_string()))?;
+        let mut action = action.into_iter();
+        let (name, meta) = match (action.next(), action.next()) {
+            (Some(one), None) => one,
+            _ => return Err(malformed("expected exactly one action".into())),
+        };
+        let action = match name.as_str() {
+            "index" => Action::Index,
+            "create" => Action::Create,
+            "update" => Action::Update,
+            "delete" => Action::Delete,
+            other => {
+                return Err(malformed(format!(
+                    "expected field [create], [delete], [index] or [update] but found [{other}]"
+                )));
+            }
+        };
+        let doc = if action == Action::Delete {
+            None
+        } else {
+            match lines.next() {
+                Some((_, doc)) if !doc.iter().all(u8::is_ascii_whitespace) => Some(doc),
+                _ => {
+                    return Err(BulkRefusal::Malformed(format!(
+                        "the {} action on line [{}] is not followed by its document",
+                        action.name(),
+                        n + 1
+                    )));
+                }
+            }
+        };
+        let index = meta.index.or_else(|| path_index.map(str::to_owned));
+        let doc = match (action, doc) {
+            (Action::Index | Action::Create, Some(doc)) => {
+                document(doc, index.as_deref(), max_line)
+            }
+            _ => Err(item_error(
+                400,
+                "illegal_argument_exception",
+                format!(
+                    "chunkbus keeps lines as written: {} is not supported",
+                    action.name()
+                ),
+            )),
+        };
+        items.push(Item {
+            action,
+            index,
+            id: meta.id,
+            doc,
+        });
+    }
+    Ok(items)
+}
+
+/// A document's line, or why it cannot be stored in `index`.
+fn document(doc: &[u8], index: Option<&str>, max_line: u64) -> Result<Vec<u8>, ItemError> {
+    let Some(index) = index else {
+        return Err(item_error(
+            400,
+            "action_request_validation_exception",
+            "Validation Failed: 1: index is missing;",
+        ));
+    };
+    validate_category(index)
+        .map_err(|e| item_error(400, "invalid_index_name_exception", e.to_string()))?;
+    let first = doc.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(item_error(
+            400,
+            "document_parsing_exception",
+            "the document is not a JSON object",
+        ));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(doc).map_err(|e| {
+        item_error(
+            400,
+            "document_parsing_exception",
+            format!("the document is not valid JSON: {e}"),
+        )
+    })?;
+    let line = compact(doc);
+    if line.len() as u64 > max_line {
+        return Err(item_error(
+            413,
+            "illegal_argument_exception",
+            format!(
+                "the document is {} bytes as a line, above --max-line-bytes ({max_line})",
+                line.len()
+            ),
+        ));
+    }
+    Ok(line)
+}
+
+/// Valid JSON without the whitespace between its tokens: every byte of
+/// every string and number kept as written.
+fn compact(json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            in_string = b == b'"';
+            out.push(b);
+        }
+    }
+    out
+}
+
+/// The `_id`s of the last [`KEPT_IDS`] documents created on this node, by
+/// a keyed hash of (category, id).
+#[derive(Debug, Default)]
+pub struct CreatedIds {
+    hasher: RandomState,
+    kept: Mutex<(HashSet<u64>, VecDeque<u64>)>,
+}
+
+impl CreatedIds {
+    fn key(&self, category: &str, id: &str) -> u64 {
+        self.hasher.hash_one((category, id))
+    }
+
+    /// Takes `key` for a document about to be stored; false when it was
+    /// taken before.
+    fn claim(&self, key: u64) -> bool {
+        let mut kept = self.kept.lock().unwrap();
+        let (set, order) = &mut *kept;
+        if !set.insert(key) {
+            return false;
+        }
+        order.push_back(key);
+        while order.len() > KEPT_IDS {
+            if let Some(old) = order.pop_front() {
+                set.remove(&old);
+            }
+        }
+        true
+    }
+
+    /// Gives back a key whose document was not stored after all.
+    fn release(&self, key: u64) {
+        self.kept.lock().unwrap().0.remove(&key);
+    }
+}
+
+/// `POST /_bulk`.
+pub(super) async fn bulk(
+    State(st): State<Arc<AppState>>,
+    query: Result<Query<ProduceQuery>, QueryRejection>,
+    req: Request,
+) -> Response {
+    bulk_into(st, None, query, req).await
+}
+
+/// `POST /{index}/_bulk`.
+pub(super) async fn bulk_index(
+    State(st): State<Arc<AppState>>,
+    Path(index): Path<String>,
+    query: Result<Query<ProduceQuery>, QueryRejection>,
+    req: Request,
+) -> Response {
+    bulk_into(st, Some(index), query, req).await
+}
+
+async fn bulk_into(
+    st: Arc<AppState>,
+    path_index: Option<String>,
+    query: Result<Query<ProduceQuery>, QueryRejection>,
+    req: Request,
+) -> Response {
+    match bulk_items(&st, path_index, query, req).await {
+        Ok(answer) => es_bytes(StatusCode::OK, answer),
+        Err(e) => e,
+    }
+}
+
+/// Where one stored line went.
+struct Stored {
+    chunk: String,
+    offset: u64,
+    shards: (u64, u64),
+}
+
+async fn bulk_items(
+    st: &AppState,
+    path_index: Option<String>,
+    query: Result<Query<ProduceQuery>, QueryRejection>,
+    req: Request,
+) -> Result<Vec<u8>, Response> {
+    let started = Instant::now();
+    let opts = query
+        .map_err(ApiError::from)
+        .and_then(|Query(q)| q.options())
+        .map_err(es_api_error)?;
+    check_writable(st, opts).map_err(es_api_error)?;
+    let (parts, body) = req.into_parts();
+    let principal = parts.extensions.get::<Principal>().cloned();
+    let (data, mut reservation) = read_decoded(st, &parts.headers, body)
+        .await
+        .map_err(es_api_error)?;
+    // The lines are a second buffer of about the body's size.
+    reservation
+        .grow(data.len() as u64)
+        .inspect_err(|e| count_shed(st, e))
+        .map_err(es_api_error)?;
+    let raw = data.into_contiguous();
+    let max_line = st.limits.max_line_bytes;
+    let parsed = if raw.len() <= body::DECODE_INLINE_MAX_BYTES {
+        parse_bulk(&raw, path_index.as_deref(), max_line)
+    } else {
+        tokio::task::spawn_blocking(move || parse_bulk(&raw, path_index.as_deref(), max_line))
+            .await
+            .map_err(|e| es_api_error(ApiError::Internal(format!("bulk parse task failed: {e}"))))?
+    };
+    let mut items = parsed.map_err(BulkRefusal::into_response)?;
+    reservation
+        .grow(items.len() as u64 * ANSWER_BYTES_PER_ACTION)
+        .inspect_err(|e| count_shed(st, e))
+        .map_err(es_api_error)?;
+
+    // Per item: may this token write there, was this id created before.
+    let mut claimed: Vec<Option<u64>> = vec![None; items.len()];
+    for (i, item) in items.iter_mut().enumerate() {
+        let Ok(_) = &item.doc else { continue };
+        let index = item.index.as_deref().unwrap_or_default();
+        if let Some(p) = &principal
+            && !p.may_see(index)
+        {
+            item.doc = Err(item_error(
+                403,
+                "security_exception",
+                format!("this token may not write to {index:?}"),
+            ));
+            continue;
+        }
+        if let (Action::Create, Some(id)) = (item.action, &item.id) {
+            let key = st.es_ids.key(index, id);
+            if !st.es_ids.claim(key) {
+                item.doc = Err(item_error(
+                    409,
+                    "version_conflict_engine_exception",
+                    format!("[{id}]: version conflict, document already exists"),
+                ));
+                continue;
+            }
+            claimed[i] = Some(key);
+        }
+    }
+
+    // One append per category, in the order the categories first appear.
+    let mut groups: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let Ok(doc) = &item.doc else { continue };
+        let index = item.index.as_deref().unwrap_or_default();
+        let g = match groups.iter().position(|g| g.0 == index) {
+            Some(g) => g,
+            None => {
+                groups.push((index.to_owned(), Vec::new(), Vec::new()));
+                groups.len() - 1
+            }
+        };
+        groups[g].1.extend_from_slice(doc);
+        groups[g].1.push(b'\n');
+        groups[g].2.push(i);
+    }
+    let mut outcome: Vec<Option<Result<Stored, ItemError>>> =
+        (0..items.len()).map(|_| None).collect();
+    for (category, lines, members) in groups {
+        let lengths: Vec<u64> = members
+            .iter()
+            .map(|&i| items[i].doc.as_ref().map_or(0, |d| d.len() as u64 + 1))
+            .collect();
+        let count = members.len() as u64;
+        let frames = body::Frames::from_vec(lines);
+        let result = store(
+            st,
+            &category,
+            frames,
+            count,
+            st.inflight.reservation(),
+            opts,
+        )
+        .await;
+        let (written, shards) = match result {
+            Ok(w) => {
+                let want = opts.min_replicas;
+                (Ok(w), (1 + want, 1 + want))
+            }
+            // Stored here; fewer copies than asked within the timeout:
+            // Elasticsearch's shard failure, not the item's.
+            Err(ApiError::ReplicasTimeout { written, .. }) => {
+                let have = written.replicas.unwrap_or(0) as u64;
+                (Ok(written), (1 + opts.min_replicas, 1 + have))
+            }
+            Err(e) => (Err(e), (0, 0)),
+        };
+        match written {
+            Ok(w) => {
+                let chunk = w.chunk.unwrap_or_default();
+                let mut offset = w.offset;
+                for (&i, len) in members.iter().zip(lengths) {
+                    outcome[i] = Some(Ok(Stored {
+                        chunk: chunk.clone(),
+                        offset,
+                        shards,
+                    }));
+                    offset += len;
+                }
+            }
+            Err(e) => {
+                count_shed(st, &e);
+                let status = e.status().as_u16();
+                let kind = if matches!(status, 429 | 503) {
+                    "es_rejected_execution_exception"
+                } else {
+                    "exception"
+                };
+                for &i in &members {
+                    if let Some(key) = claimed[i] {
+                        st.es_ids.release(key);
+                    }
+                    outcome[i] = Some(Err(item_error(status, kind, e.to_string())));
+                }
+            }
+        }
+    }
+    let mut answer = Vec::with_capacity(items.len() * 200 + 64);
+    answer.extend_from_slice(b"{\"items\":[");
+    let mut errors = false;
+    for (n, (item, outcome)) in items.into_iter().zip(outcome).enumerate() {
+        let result = match (item.doc, outcome) {
+            (Err(e), _) | (Ok(_), Some(Err(e))) => Err(e),
+            (Ok(_), Some(Ok(stored))) => Ok(stored),
+            (Ok(_), None) => Err(item_error(500, "exception", "not stored")),
+        };
+        let index = item.index.as_deref().unwrap_or_default();
+        let generated;
+        let body = match &result {
+            Ok(s) => {
+                let id = match &item.id {
+                    Some(id) => id.as_str(),
+                    None => {
+                        generated = format!("{}@{}", s.chunk, s.offset);
+                        &generated
+                    }
+                };
+                ItemAnswer {
+                    index,
+                    id: Some(id),
+                    version: Some(1),
+                    result: Some("created"),
+                    shards: Some(Shards {
+                        total: s.shards.0,
+                        successful: s.shards.1,
+                        failed: s.shards.0 - s.shards.1,
+                    }),
+                    seq_no: Some(s.offset),
+                    primary_term: Some(1),
+                    status: 201,
+                    error: None,
+                }
+            }
+            Err(e) => {
+                errors = true;
+                ItemAnswer {
+                    index,
+                    id: item.id.as_deref(),
+                    version: None,
+                    result: None,
+                    shards: None,
+                    seq_no: None,
+                    primary_term: None,
+                    status: e.status,
+                    error: Some(ErrorAnswer {
+                        kind: e.kind,
+                        reason: &e.reason,
+                    }),
+                }
+            }
+        };
+        if n > 0 {
+            answer.push(b',');
+        }
+        answer.extend_from_slice(b"{\"");
+        answer.extend_from_slice(item.action.name().as_bytes());
+        answer.extend_from_slice(b"\":");
+        serde_json::to_writer(&mut answer, &body).map_err(|e| {
+            es_api_error(ApiError::Internal(format!("cannot write the answer: {e}")))
+        })?;
+        answer.push(b'}');
+    }
+    answer.extend_from_slice(b"],\"errors\":");
+    answer.extend_from_slice(if errors { b"true" } else { b"false" });
+    answer.extend_from_slice(b",\"took\":");
+    let took = started.elapsed().as_millis() as u64;
+    answer.extend_from_slice(itoa::Buffer::new().format(took).as_bytes());
+    answer.push(b'}');
+    drop(reservation);
+    Ok(answer)
+}
+
+/// One item of a bulk answer, as Elasticsearch writes it.
+#[derive(Serialize)]
+struct ItemAnswer<'a> {
+    #[serde(rename = "_index")]
+    index: &'a str,
+    #[serde(rename = "_id")]
+    id: Option<&'a str>,
+    #[serde(rename = "_version", skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'static str>,
+    #[serde(rename = "_shards", skip_serializing_if = "Option::is_none")]
+    shards: Option<Shards>,
+    #[serde(rename = "_seq_no", skip_serializing_if = "Option::is_none")]
+    seq_no: Option<u64>,
+    #[serde(rename = "_primary_term", skip_serializing_if = "Option::is_none")]
+    primary_term: Option<u64>,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorAnswer<'a>>,
+}
+
+#[derive(Serialize)]
+struct Shards {
+    total: u64,
+    successful: u64,
+    failed: u64,
+}
+
+#[derive(Serialize)]
+struct ErrorAnswer<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    reason: &'a str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(items: &[Item]) -> Vec<String> {
+        items
+            .iter()
+            .map(|i| match &i.doc {
+                Ok(d) => String::from_utf8(d.clone()).unwrap(),
+                Err(e) => format!("{} {}", e.status, e.kind),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parses_actions_and_documents_as_compact_lines() {
+        let body = b"{\"index\":{\"_index\":\"app\"}}\n{ \"msg\" : \"a b\\\" \\\\\" , \"n\": 1.50 }\r\n\n{\"create\":{\"_id\":\"x1\"}}\n{\"k\":[1, 2, {\"y\" :null}]}\n{\"delete\":{\"_index\":\"app\",\"_id\":\"1\"}}\n{\"update\":{\"_id\":\"1\"}}\n{\"doc\":{}}\n{\"index\":{}}\n[1]\n";
+        let items = parse_bulk(body, Some("dflt"), 1 << 20).unwrap();
+        assert_eq!(
+            ok(&items),
+            [
+                r#"{"msg":"a b\" \\","n":1.50}"#,
+                r#"{"k":[1,2,{"y":null}]}"#,
+                "400 illegal_argument_exception",
+                "400 illegal_argument_exception",
+                "400 document_parsing_exception",
+            ]
+        );
+        assert_eq!(items[0].index.as_deref(), Some("app"));
+        assert_eq!(items[1].index.as_deref(), Some("dflt"));
+        assert_eq!(items[1].id.as_deref(), Some("x1"));
+        assert_eq!(
+            items.iter().map(|i| i.action).collect::<Vec<_>>(),
+            [
+                Action::Index,
+                Action::Create,
+                Action::Delete,
+                Action::Update,
+                Action::Index
+            ]
+        );
+        // A document over two lines leaves its second line to be read as
+        // an action, which is malformed.
+        let body = b"{\"index\":{}}\n{\"a\":\n1}\n";
+        assert!(parse_bulk(body, Some("dflt"), 1 << 20).is_err());
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_bulk_request_whole() {
+        for (body, why) in [
+            (&b"{\"index\":{}}\n"[..], "not followed by its document"),
+            (b"{\"index\":{}}\n\n", "not followed by its document"),
+            (b"not json\n{}\n", "Malformed action/metadata line [1]"),
+            (b"{\"upsert\":{}}\n{}\n", "found [upsert]"),
+            (b"{\"index\":{},\"create\":{}}\n{}\n", "exactly one action"),
+            (b"{}\n", "exactly one action"),
+            (b"{\"index\":{\"_index\":5}}\n{}\n", "Malformed"),
+        ] {
+            let Err(BulkRefusal::Malformed(err)) = parse_bulk(body, Some("a"), 1 << 20) else {
+                panic!("{:?} is not refused", String::from_utf8_lossy(body));
+            };
+            assert!(
+                err.contains(why),
+                "{err:?} for {:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_of_too_many_actions_is_refused_whole() {
+        let body = "{\"delete\":{}}\n".repeat(MAX_ACTIONS);
+        assert_eq!(
+            parse_bulk(body.as_bytes(), Some("a"), 10).unwrap().len(),
+            MAX_ACTIONS
+        );
+        let more = body + "\n{\"delete\":{}}\n";
+        assert_eq!(
+            parse_bulk(more.as_bytes(), Some("a"), 10),
+            Err(BulkRefusal::TooManyActions)
+        );
+    }
+
+    #[test]
+    fn item_errors_name_their_cause() {
+        let body = b"{\"index\":{}}\n{\"a\":1}\n{\"index\":{\"_index\":\"Bad Name\"}}\n{\"a\":1}\n{\"index\":{\"_index\":\"ok\"}}\n{\"a\":\"0123456789\"}\n{\"index\":{\"_index\":\"ok\"}}\n{\"a\":1\n";
+        let items = parse_bulk(body, None, 12).unwrap();
+        assert_eq!(
+            ok(&items),
+            [
+                "400 action_request_validation_exception",
+                "400 invalid_index_name_exception",
+                "413 illegal_argument_exception",
+                "400 document_parsing_exception",
+            ]
+        );
+    }
+
+    #[test]
+    fn created_ids_are_kept_up_to_the_bound() {
+        let ids = CreatedIds::default();
+        let a = ids.key("c", "1");
+        assert_ne!(a, ids.key("d", "1"), "per category");
+        assert!(ids.claim(a));
+        assert!(!ids.claim(a));
+        ids.release(a);
+        assert!(ids.claim(a), "released when not stored");
+        for i in 0..KEPT_IDS {
+            assert!(ids.claim(ids.key("c", &format!("n{i}"))));
+        }
+        assert!(ids.claim(a), "the oldest is forgotten past the bound");
+        assert_eq!(ids.kept.lock().unwrap().0.len(), KEPT_IDS);
+    }
+}

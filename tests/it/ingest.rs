@@ -1,0 +1,419 @@
+//! Stock agent outputs (docs/ingest.md): the Elasticsearch bulk API, with
+//! raw requests, the official Python client and syslog-ng's
+//! `elasticsearch-http()` destination.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::time::Duration;
+
+use chunkbus::auth::{Role, TokenSpec};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::{CONDITION_DEADLINE, TestNode, python};
+
+/// Every line of `category` on `node` (none when it has no chunk yet).
+async fn lines(node: &TestNode, category: &str) -> Vec<String> {
+    if node.files(category).is_empty() {
+        return Vec::new();
+    }
+    crate::harness::all_lines(
+        &chunkbus_client::Client::new(&node.url("")).unwrap(),
+        category,
+    )
+    .await
+}
+
+async fn bulk(node: &TestNode, path: &str, body: &str) -> (StatusCode, Value) {
+    let r = node
+        .http
+        .post(node.url(path))
+        .header("content-type", "application/x-ndjson")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()
+            .get("x-elastic-product")
+            .map(|v| v.to_str().unwrap()),
+        Some("Elasticsearch"),
+        "{path}"
+    );
+    (r.status(), r.json().await.unwrap())
+}
+
+/// `(action, status)` of every item of a bulk answer.
+fn statuses(answer: &Value) -> Vec<(String, u64)> {
+    answer["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            let (action, body) = item.as_object().unwrap().iter().next().unwrap();
+            (action.clone(), body["status"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elasticsearch_bulk_stores_documents_and_answers_per_item() {
+    let node = TestNode::start().await;
+    let body = concat!(
+        "{\"index\":{\"_index\":\"web\"}}\n",
+        "{ \"message\" : \"GET / 200\", \"n\": 1.50 }\n",
+        "{\"create\":{\"_index\":\"web\",\"_id\":\"b7c1\"}}\n",
+        "{\"message\":\"GET /a 404\"}\n",
+        "{\"delete\":{\"_index\":\"web\",\"_id\":\"1\"}}\n",
+        "{\"index\":{\"_index\":\"bad name\"}}\n",
+        "{\"a\":1}\n",
+        "{\"index\":{}}\n",
+        "{\"to\":\"path index\"}\n",
+        "{\"index\":{\"_index\":\"web\"}}\n",
+        "[\"not an object\"]\n",
+    );
+    let (status, answer) = bulk(&node, "/api/_bulk", body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["errors"], true);
+    assert_eq!(
+        statuses(&answer),
+        [
+            ("index".into(), 201),
+            ("create".into(), 201),
+            ("delete".into(), 400),
+            ("index".into(), 400),
+            ("index".into(), 201),
+            ("index".into(), 400),
+        ]
+    );
+    let first = &answer["items"][0]["index"];
+    assert_eq!(first["_index"], "web");
+    assert_eq!(first["result"], "created");
+    let id = first["_id"].as_str().unwrap();
+    assert!(id.ends_with("@0"), "{id}: where the line starts");
+    assert_eq!(answer["items"][1]["create"]["_id"], "b7c1");
+    assert_eq!(answer["items"][1]["create"]["_seq_no"], 33);
+    assert_eq!(
+        answer["items"][3]["index"]["error"]["type"],
+        "invalid_index_name_exception"
+    );
+    assert_eq!(
+        lines(&node, "web").await,
+        [
+            r#"{"message":"GET / 200","n":1.50}"#,
+            r#"{"message":"GET /a 404"}"#
+        ]
+    );
+    assert_eq!(lines(&node, "api").await, [r#"{"to":"path index"}"#]);
+
+    // The same creates again: 409, nothing stored; an index without an id
+    // is stored again, as Elasticsearch would.
+    let again = concat!(
+        "{\"create\":{\"_index\":\"web\",\"_id\":\"b7c1\"}}\n",
+        "{\"message\":\"GET /a 404\"}\n",
+        "{\"create\":{\"_index\":\"other\",\"_id\":\"b7c1\"}}\n",
+        "{\"message\":\"same id, another index\"}\n",
+        "{\"index\":{\"_index\":\"web\"}}\n",
+        "{\"message\":\"GET / 200\"}",
+    );
+    let (status, answer) = bulk(&node, "/_bulk", again).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        statuses(&answer),
+        [
+            ("create".into(), 409),
+            ("create".into(), 201),
+            ("index".into(), 201)
+        ]
+    );
+    assert_eq!(
+        answer["items"][0]["create"]["error"]["type"],
+        "version_conflict_engine_exception"
+    );
+    assert_eq!(lines(&node, "web").await.len(), 3);
+    assert_eq!(lines(&node, "other").await.len(), 1);
+
+    // A gzip body, as Filebeat and Logstash send.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(b"{\"index\":{\"_index\":\"gz\"}}\n{\"z\":1}\n")
+        .unwrap();
+    let r = node
+        .http
+        .post(node.url("/_bulk"))
+        .header("content-encoding", "gzip")
+        .body(gz.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(lines(&node, "gz").await, [r#"{"z":1}"#]);
+
+    // What agents ask first.
+    let info: Value = node.get("/").await.json().await.unwrap();
+    assert_eq!(
+        info["version"]["number"],
+        chunkbus::http::es::ES_VERSION,
+        "{info}"
+    );
+    let head = node.http.head(node.url("/")).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(head.headers()["x-elastic-product"], "Elasticsearch");
+    let license: Value = node.get("/_license").await.json().await.unwrap();
+    assert_eq!(license["license"]["status"], "active");
+    let health: Value = node.get("/_cluster/health").await.json().await.unwrap();
+    assert_eq!(health["status"], "green");
+    for path in [
+        "/_index_template/logs",
+        "/_template/logs",
+        "/_ilm/policy/logs",
+        "/_ingest/pipeline/logs",
+    ] {
+        assert_eq!(
+            node.get(path).await.status(),
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+        let r = node
+            .http
+            .put(node.url(path))
+            .json(&json!({"index_patterns": ["logs-*"]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        assert_eq!(
+            r.json::<Value>().await.unwrap(),
+            json!({"acknowledged": true})
+        );
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_a_bulk_request_stores_nothing() {
+    let node = TestNode::start_with(|cfg| cfg.max_body_bytes = 64 << 10).await;
+    for body in [
+        // The first pair is fine; the second action has no document.
+        "{\"index\":{\"_index\":\"bad\"}}\n{\"a\":1}\n{\"index\":{\"_index\":\"bad\"}}\n",
+        "{\"index\":{\"_index\":\"bad\"}}\n{\"a\":1}\nnot json\n{\"b\":2}\n",
+        "{\"index\":{\"_index\":\"bad\"}}\n{\"a\":1}\n{\"upsert\":{}}\n{\"b\":2}\n",
+        "{\"index\":{\"_index\":\"bad\"},\"create\":{}}\n{\"a\":1}\n",
+    ] {
+        let (status, answer) = bulk(&node, "/_bulk", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}");
+        assert_eq!(answer["status"], 400);
+        assert_eq!(answer["error"]["type"], "illegal_argument_exception");
+        assert!(answer["error"]["reason"].as_str().unwrap().len() > 10);
+    }
+    assert!(node.files("bad").is_empty(), "nothing stored");
+    // Too large: 413 before anything is parsed.
+    let doc = format!(
+        "{{\"index\":{{}}}}\n{{\"a\":\"{}\"}}\n",
+        "x".repeat(70 << 10)
+    );
+    let (status, _) = bulk(&node, "/bad/_bulk", &doc).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    // Bad gzip: 415.
+    let r = node
+        .http
+        .post(node.url("/bad/_bulk"))
+        .header("content-encoding", "gzip")
+        .body("not gzip at all")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(node.files("bad").is_empty(), "nothing stored");
+    assert_eq!(node.get("/healthz").await.status(), StatusCode::OK);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_writes_only_the_indexes_it_may() {
+    let token = |name: &str, secret: &str, roles: &[Role], cats: Option<&[&str]>| TokenSpec {
+        name: Some(name.into()),
+        secret: secret.into(),
+        roles: roles.to_vec(),
+        categories: cats.map(|c| c.iter().map(|s| s.to_string()).collect()),
+    };
+    const APP: &str = "app-team-secret-0123456789";
+    const READER: &str = "reader-secret-0123456789";
+    let node = TestNode::start_with(|cfg| {
+        cfg.auth.tokens = vec![
+            token("app", APP, &[Role::Produce], Some(&["app*"])),
+            token("reader", READER, &[Role::Consume], None),
+        ];
+    })
+    .await;
+    let body = "{\"index\":{\"_index\":\"app.web\"}}\n{\"a\":1}\n{\"index\":{\"_index\":\"billing\"}}\n{\"b\":2}\n";
+    let send = |secret: Option<&str>| {
+        let mut req = node.http.post(node.url("/_bulk")).body(body);
+        if let Some(s) = secret {
+            // As agents send it: Basic, the token as password.
+            req = req.basic_auth("chunkbus", Some(s));
+        }
+        req.send()
+    };
+    assert_eq!(send(None).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send(Some(READER)).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    let r = send(Some(APP)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        statuses(&answer),
+        [("index".into(), 201), ("index".into(), 403)]
+    );
+    let stored = node.files("app.web");
+    assert!(stored[0].1.starts_with(b"{\"a\":1}\n"), "{stored:?}");
+    assert!(node.files("billing").is_empty());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_elasticsearch_client_bulk_helper_delivers() {
+    let node = TestNode::start().await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/es_bulk.py");
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(python())
+            .arg(script)
+            .args(["--url", &node.url(""), "--index", "pyes", "--count", "2000"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the client finishes")
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "es_bulk.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["version"], chunkbus::http::es::ES_VERSION);
+    assert_eq!(got["indexed"], 2000, "{got}");
+    assert_eq!(got["errors"], 0);
+    assert_eq!(got["created"], 10);
+    assert_eq!(got["again"], 0, "{got}");
+    assert_eq!(got["again_statuses"], json!([409]));
+    let stored = lines(&node, "pyes").await;
+    assert_eq!(stored.len(), 2010);
+    let ns: BTreeSet<u64> = stored
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["n"].as_u64())
+        .collect();
+    assert_eq!(ns.len(), 2000);
+    let first: Value = serde_json::from_str(&stored[0]).unwrap();
+    assert_eq!(first["tags"], json!(["a", "b"]));
+    node.stop().await;
+}
+
+/// The `destination d_elastic { ... };` block of docs/ingest.md.
+fn documented_destination() -> String {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/ingest.md")).unwrap();
+    let start = doc
+        .find("destination d_elastic {")
+        .expect("docs/ingest.md has the destination");
+    let end = start + doc[start..].find("\n};").expect("the block ends") + 3;
+    doc[start..end].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syslog_ng_elasticsearch_http_delivers_every_message_with_the_documented_config() {
+    const MESSAGES: usize = 10_000;
+    let node = TestNode::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("in.sock");
+    let destination = documented_destination().replace("http://127.0.0.1:8080", &node.url(""));
+    let conf = format!(
+        "@version: 3.38\n\
+         @include \"scl.conf\"\n\
+         options {{ stats_freq(0); }};\n\
+         source s_test {{ unix-stream(\"{}\" flags(no-parse)); }};\n\
+         {destination}\n\
+         log {{ source(s_test); destination(d_elastic); flags(flow-control); }};\n",
+        sock.display()
+    );
+    let conf_path = tmp.path().join("syslog-ng.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let bin = ["/usr/sbin/syslog-ng", "/usr/bin/syslog-ng"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("syslog-ng");
+    let mut syslog = tokio::process::Command::new(bin)
+        .arg("-F")
+        .arg("--no-caps")
+        .arg("-f")
+        .arg(&conf_path)
+        .arg("-R")
+        .arg(tmp.path().join("persist"))
+        .arg("-p")
+        .arg(tmp.path().join("pid"))
+        .arg("-c")
+        .arg(tmp.path().join("ctl"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("syslog-ng is installed by scripts/test");
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    let mut stream = loop {
+        if let Ok(s) = tokio::net::UnixStream::connect(&sock).await {
+            break s;
+        }
+        if let Ok(Some(status)) = syslog.try_wait() {
+            panic!("syslog-ng exited: {status}");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "syslog-ng did not open its socket"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut payload = String::new();
+    for i in 0..MESSAGES {
+        payload.push_str(&format!(
+            "app[42]: message {i:05} through elasticsearch-http\n"
+        ));
+    }
+    stream.write_all(payload.as_bytes()).await.unwrap();
+    stream.shutdown().await.unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let got = lines(&node, "syslog-ng").await;
+        if got.len() >= MESSAGES {
+            break got;
+        }
+        if let Ok(Some(status)) = syslog.try_wait() {
+            panic!("syslog-ng exited: {status}");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {MESSAGES} messages arrived",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut seen = BTreeSet::new();
+    for l in &got {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+        assert!(v["@timestamp"].is_string(), "{l}");
+        let msg = v["MESSAGE"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no MESSAGE in {l}"));
+        let n: usize = msg
+            .split_whitespace()
+            .nth(2)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected MESSAGE in {l}"));
+        seen.insert(n);
+    }
+    assert_eq!(seen.len(), MESSAGES, "every message arrived");
+    assert_eq!(got.len(), MESSAGES, "none twice");
+    syslog.kill().await.unwrap();
+    node.stop().await;
+}
