@@ -441,7 +441,8 @@ impl Auth {
 fn secret_of(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(AUTHORIZATION)?.to_str().ok()?.trim();
     let (scheme, rest) = value.split_once(' ')?;
-    if scheme.eq_ignore_ascii_case("bearer") {
+    // Splunk HEC clients send `Splunk <token>`.
+    if scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("splunk") {
         return Some(rest.trim().to_owned());
     }
     if scheme.eq_ignore_ascii_case("basic") {

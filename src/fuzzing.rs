@@ -267,3 +267,22 @@ pub fn es_bulk(data: &[u8]) {
         }
     }
 }
+
+/// The Splunk HEC event parser: the events it keeps are one line each of
+/// valid JSON objects holding an `event`, in valid categories, within the
+/// line limit; when it stops at an invalid event, that event's number is
+/// the count of those kept.
+pub fn hec_events(data: &[u8]) {
+    const MAX_LINE: u64 = 256;
+    let (events, invalid) = crate::http::hec::parse_events(data, "fallback", MAX_LINE);
+    for e in &events {
+        assert!(!e.line.contains(&b'\n'), "{:?}", e.line);
+        assert!(e.line.len() as u64 <= MAX_LINE);
+        let v: serde_json::Value = serde_json::from_slice(&e.line).expect("valid JSON");
+        assert!(v.get("event").is_some_and(|e| !e.is_null()), "{v}");
+        assert!(chunkbus_client::names::validate_category(&e.category).is_ok());
+    }
+    if let Some(i) = invalid {
+        assert_eq!(i.number, events.len());
+    }
+}

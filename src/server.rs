@@ -265,6 +265,7 @@ pub async fn run(
             auth: auth.clone(),
             kafka_advertised,
             kafka_nodes,
+            ingest: cfg.ingest.clone(),
         },
         Limits {
             max_line_bytes: cfg.max_line_bytes,

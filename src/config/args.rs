@@ -391,6 +391,16 @@ pub struct ServeArgs {
     /// produce with acks=all (-1) is answered [default: 1 with peers, else 0].
     #[arg(long, env = "CHUNKBUS_KAFKA_ACKS_ALL_REPLICAS", value_name = "N")]
     pub kafka_acks_all_replicas: Option<u32>,
+
+    /// Stock agent APIs served on the HTTP listener (docs/ingest.md), a
+    /// comma-separated list of es (Elasticsearch bulk) and hec (Splunk
+    /// HEC), or none [default: es,hec].
+    #[arg(long, env = "CHUNKBUS_INGEST_APIS", value_name = "LIST")]
+    pub ingest_apis: Option<String>,
+
+    /// Category of Splunk HEC events without an index [default: hec].
+    #[arg(long, env = "CHUNKBUS_HEC_DEFAULT_CATEGORY", value_name = "CATEGORY")]
+    pub hec_default_category: Option<String>,
 }
 
 impl ServeArgs {
@@ -441,6 +451,8 @@ impl ServeArgs {
             kafka_acks_all_replicas: self
                 .kafka_acks_all_replicas
                 .or(file.kafka_acks_all_replicas),
+            ingest_apis: self.ingest_apis.or(file.ingest_apis),
+            hec_default_category: self.hec_default_category.or(file.hec_default_category),
         }
     }
 }

@@ -267,6 +267,77 @@ pub struct ServeConfig {
     /// `--kafka-allow-anonymous`: serve Kafka clients although tokens are
     /// configured (the listener takes no token).
     pub kafka_allow_anonymous: bool,
+    /// The stock agent APIs.
+    pub ingest: IngestSettings,
+}
+
+/// A stock agent API the HTTP listener may serve (docs/ingest.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IngestApi {
+    /// Elasticsearch's bulk API and its probes.
+    Es,
+    /// Splunk's HTTP Event Collector.
+    Hec,
+}
+
+impl IngestApi {
+    /// Every one, in `--ingest-apis` order.
+    pub const ALL: [IngestApi; 2] = [IngestApi::Es, IngestApi::Hec];
+
+    /// Its name in `--ingest-apis`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IngestApi::Es => "es",
+            IngestApi::Hec => "hec",
+        }
+    }
+}
+
+/// `--ingest-apis` and the settings of each API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestSettings {
+    /// The APIs served.
+    pub apis: std::collections::BTreeSet<IngestApi>,
+    /// `--hec-default-category`.
+    pub hec_default_category: String,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            apis: IngestApi::ALL.into_iter().collect(),
+            hec_default_category: "hec".into(),
+        }
+    }
+}
+
+impl IngestSettings {
+    fn resolve(apis: Option<&str>, hec_default: Option<String>) -> Result<Self, ConfigError> {
+        let mut out = IngestSettings::default();
+        if let Some(list) = apis {
+            out.apis.clear();
+            for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                if name == "none" {
+                    continue;
+                }
+                let api = IngestApi::ALL
+                    .into_iter()
+                    .find(|a| a.name() == name)
+                    .ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "--ingest-apis: unknown API {name:?} (known: es, hec, or none)"
+                        ))
+                    })?;
+                out.apis.insert(api);
+            }
+        }
+        if let Some(c) = hec_default {
+            chunkbus_client::names::validate_category(&c)
+                .map_err(|e| ConfigError::Invalid(format!("--hec-default-category: {e}")))?;
+            out.hec_default_category = c;
+        }
+        Ok(out)
+    }
 }
 
 /// `--kafka-listen` and what goes with it.
@@ -419,6 +490,10 @@ impl ServeConfig {
             max_categories: args.max_categories.unwrap_or(DEFAULT_MAX_CATEGORIES),
             kafka: None,
             kafka_allow_anonymous: false,
+            ingest: IngestSettings::resolve(
+                args.ingest_apis.as_deref(),
+                args.hec_default_category,
+            )?,
             retention: RetentionConfig {
                 local_retention: args
                     .local_retention
@@ -744,6 +819,33 @@ mod tests {
         assert_eq!(cfg.storage_options().drop_behind, Some(64 << 20));
         assert_eq!(cfg.max_chunk_bytes, 64 << 20);
         assert!(chunkbus_client::names::validate_node(&cfg.node).is_ok());
+    }
+
+    #[test]
+    fn ingest_apis_are_all_on_unless_listed() {
+        let resolve = |extra: &[&str]| {
+            let argv = [&["chunkbus", "serve"][..], extra].concat();
+            ServeConfig::resolve(serve_args(&argv)).map(|c| c.ingest)
+        };
+        let all = resolve(&[]).unwrap();
+        assert_eq!(all.apis.len(), IngestApi::ALL.len());
+        assert_eq!(all.hec_default_category, "hec");
+        let es = resolve(&["--ingest-apis", "es"]).unwrap();
+        assert_eq!(es.apis.into_iter().collect::<Vec<_>>(), [IngestApi::Es]);
+        assert!(resolve(&["--ingest-apis", "none"]).unwrap().apis.is_empty());
+        assert!(
+            resolve(&["--ingest-apis", " hec , es "])
+                .unwrap()
+                .apis
+                .len()
+                == 2
+        );
+        let err = resolve(&["--ingest-apis", "es,kafka"]).unwrap_err();
+        assert!(err.to_string().contains("\"kafka\""), "{err}");
+        let c = resolve(&["--hec-default-category", "splunk.main"]).unwrap();
+        assert_eq!(c.hec_default_category, "splunk.main");
+        let err = resolve(&["--hec-default-category", "a/b"]).unwrap_err();
+        assert!(err.to_string().contains("--hec-default-category"), "{err}");
     }
 
     #[test]

@@ -34,7 +34,7 @@ use chunkbus_client::names::validate_category;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::produce::{ProduceQuery, check_writable, count_shed, read_decoded, store};
+use super::produce::{Batches, ProduceQuery, check_writable, count_shed, read_decoded};
 use super::{ApiError, AppState, body};
 use crate::auth::Principal;
 
@@ -378,7 +378,8 @@ fn document(doc: &[u8], index: Option<&str>, max_line: u64) -> Result<Vec<u8>, I
             format!("the document is not valid JSON: {e}"),
         )
     })?;
-    let line = compact(doc);
+    let mut line = Vec::with_capacity(doc.len());
+    super::lines::minify_into(doc, &mut line);
     if line.len() as u64 > max_line {
         return Err(item_error(
             413,
@@ -390,29 +391,6 @@ fn document(doc: &[u8], index: Option<&str>, max_line: u64) -> Result<Vec<u8>, I
         ));
     }
     Ok(line)
-}
-
-/// Valid JSON without the whitespace between its tokens: every byte of
-/// every string and number kept as written.
-fn compact(json: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(json.len());
-    let (mut in_string, mut escaped) = (false, false);
-    for &b in json {
-        if in_string {
-            out.push(b);
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
-            in_string = b == b'"';
-            out.push(b);
-        }
-    }
-    out
 }
 
 /// The `_id`s of the last [`KEPT_IDS`] documents created on this node, by
@@ -556,82 +534,49 @@ async fn bulk_items(
     }
 
     // One append per category, in the order the categories first appear.
-    let mut groups: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+    let mut batches = Batches::default();
     for (i, item) in items.iter().enumerate() {
-        let Ok(doc) = &item.doc else { continue };
-        let index = item.index.as_deref().unwrap_or_default();
-        let g = match groups.iter().position(|g| g.0 == index) {
-            Some(g) => g,
-            None => {
-                groups.push((index.to_owned(), Vec::new(), Vec::new()));
-                groups.len() - 1
-            }
-        };
-        groups[g].1.extend_from_slice(doc);
-        groups[g].1.push(b'\n');
-        groups[g].2.push(i);
+        if let Ok(doc) = &item.doc {
+            batches.push(item.index.as_deref().unwrap_or_default(), doc, i);
+        }
     }
     let mut outcome: Vec<Option<Result<Stored, ItemError>>> =
         (0..items.len()).map(|_| None).collect();
-    for (category, lines, members) in groups {
-        let lengths: Vec<u64> = members
-            .iter()
-            .map(|&i| items[i].doc.as_ref().map_or(0, |d| d.len() as u64 + 1))
-            .collect();
-        let count = members.len() as u64;
-        let frames = body::Frames::from_vec(lines);
-        let result = store(
-            st,
-            &category,
-            frames,
-            count,
-            st.inflight.reservation(),
-            opts,
-        )
-        .await;
-        let (written, shards) = match result {
-            Ok(w) => {
-                let want = opts.min_replicas;
-                (Ok(w), (1 + want, 1 + want))
-            }
+    for batch in batches.store(st, opts).await {
+        let want = opts.min_replicas;
+        let (written, shards) = match batch.written {
+            Ok(w) => (Ok(w), (1 + want, 1 + want)),
             // Stored here; fewer copies than asked within the timeout:
             // Elasticsearch's shard failure, not the item's.
             Err(ApiError::ReplicasTimeout { written, .. }) => {
                 let have = written.replicas.unwrap_or(0) as u64;
-                (Ok(written), (1 + opts.min_replicas, 1 + have))
+                (Ok(written), (1 + want, 1 + have))
             }
             Err(e) => (Err(e), (0, 0)),
         };
-        match written {
-            Ok(w) => {
-                let chunk = w.chunk.unwrap_or_default();
-                let mut offset = w.offset;
-                for (&i, len) in members.iter().zip(lengths) {
-                    outcome[i] = Some(Ok(Stored {
-                        chunk: chunk.clone(),
-                        offset,
-                        shards,
-                    }));
-                    offset += len;
-                }
-            }
-            Err(e) => {
-                count_shed(st, &e);
-                let status = e.status().as_u16();
-                let kind = if matches!(status, 429 | 503) {
-                    "es_rejected_execution_exception"
-                } else {
-                    "exception"
-                };
-                for &i in &members {
+        for (i, offset) in batch.lines {
+            outcome[i] = Some(match &written {
+                Ok(w) => Ok(Stored {
+                    chunk: w.chunk.clone().unwrap_or_default(),
+                    offset,
+                    shards,
+                }),
+                Err(e) => {
                     if let Some(key) = claimed[i] {
                         st.es_ids.release(key);
                     }
-                    outcome[i] = Some(Err(item_error(status, kind, e.to_string())));
+                    let status = e.status().as_u16();
+                    let kind = if matches!(status, 429 | 503) {
+                        "es_rejected_execution_exception"
+                    } else {
+                        "exception"
+                    };
+                    Err(item_error(status, kind, e.to_string()))
                 }
-            }
+            });
         }
     }
+
     let mut answer = Vec::with_capacity(items.len() * 200 + 64);
     answer.extend_from_slice(b"{\"items\":[");
     let mut errors = false;

@@ -64,7 +64,7 @@ impl<'de> serde::de::Visitor<'de> for ArrayToLines<'_> {
 
 /// Copies valid JSON without insignificant whitespace. Strings are copied
 /// verbatim; a raw newline cannot occur in valid JSON strings.
-fn minify_into(json: &[u8], out: &mut Vec<u8>) {
+pub fn minify_into(json: &[u8], out: &mut Vec<u8>) {
     let mut in_string = false;
     let mut escaped = false;
     for &b in json {

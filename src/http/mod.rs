@@ -12,6 +12,7 @@ mod chukcha;
 mod consumers;
 mod error;
 pub mod es;
+pub mod hec;
 mod internal;
 pub(crate) mod lines;
 mod ops;
@@ -33,6 +34,7 @@ pub use body::Inflight;
 pub use error::ApiError;
 
 use crate::auth::Auth;
+use crate::config::IngestApi;
 use crate::consumers::Consumers;
 use crate::metrics::Metrics;
 use crate::replication::Replication;
@@ -98,6 +100,8 @@ pub struct Services {
     /// The nodes in partition order (`--peers`), when the Kafka listener
     /// is on: told to peers, which check it is the same as theirs.
     pub kafka_nodes: Option<Vec<String>>,
+    /// The stock agent APIs served (`--ingest-apis`) and their settings.
+    pub ingest: crate::config::IngestSettings,
 }
 
 impl AppState {
@@ -134,6 +138,9 @@ struct Route {
     /// produce routes); other bodies are read whole first, within
     /// `--request-timeout` and [`ops::SMALL_BODY_BYTES`].
     own_body: bool,
+    /// The stock agent API it belongs to, served only when that API is on
+    /// (`--ingest-apis`).
+    api: Option<IngestApi>,
 }
 
 fn route<H, T>(path: &'static str, method: Method, access: Access, handler: H) -> Route
@@ -148,6 +155,15 @@ where
         access,
         handler: on(filter, handler),
         own_body: false,
+        api: None,
+    }
+}
+
+/// A route of a stock agent API.
+fn of_api(api: IngestApi, route: Route) -> Route {
+    Route {
+        api: Some(api),
+        ..route
     }
 }
 
@@ -235,8 +251,20 @@ fn routes() -> Vec<Route> {
         route("/v1/internal/changes", M::POST, Peer, internal::changes),
         route("/v1/internal/copies/{node}", M::GET, Peer, internal::copies),
         route("/healthz", M::GET, Open, ops::healthz),
-        // Elasticsearch's bulk API and what agents ask before using it
-        // (docs/ingest.md).
+        route("/metrics", M::GET, Anyone, ops::metrics),
+    ]
+    .into_iter()
+    .chain(es_routes().into_iter().map(|r| of_api(IngestApi::Es, r)))
+    .chain(hec_routes().into_iter().map(|r| of_api(IngestApi::Hec, r)))
+    .collect()
+}
+
+/// Elasticsearch's bulk API and what agents ask before using it
+/// (docs/ingest.md).
+fn es_routes() -> Vec<Route> {
+    use Access::*;
+    use Method as M;
+    vec![
         streaming(route("/_bulk", M::POST, Produce, es::bulk)),
         streaming(route("/_bulk", M::PUT, Produce, es::bulk)),
         streaming(route("/{index}/_bulk", M::POST, Produce, es::bulk_index)),
@@ -252,8 +280,37 @@ fn routes() -> Vec<Route> {
         route("/_ilm/policy/{name}", M::PUT, Produce, es::accepted),
         route("/_ingest/pipeline/{name}", M::GET, Anyone, es::none),
         route("/_ingest/pipeline/{name}", M::PUT, Produce, es::accepted),
-        route("/metrics", M::GET, Anyone, ops::metrics),
     ]
+}
+
+/// Splunk's HTTP Event Collector (docs/ingest.md).
+fn hec_routes() -> Vec<Route> {
+    use Access::*;
+    use Method as M;
+    let mut routes = Vec::new();
+    for path in [
+        "/services/collector",
+        "/services/collector/event",
+        "/services/collector/event/1.0",
+    ] {
+        routes.push(streaming(route(path, M::POST, Produce, hec::event)));
+    }
+    for path in ["/services/collector/raw", "/services/collector/raw/1.0"] {
+        routes.push(streaming(route(path, M::POST, Produce, hec::raw)));
+    }
+    routes.push(route(
+        "/services/collector/health",
+        M::GET,
+        Open,
+        hec::health,
+    ));
+    routes.push(route(
+        "/services/collector/health/1.0",
+        M::GET,
+        Open,
+        hec::health,
+    ));
+    routes
 }
 
 /// Every route's method, path and access, as the router serves them (for
@@ -281,6 +338,9 @@ fn method_name(method: &Method) -> &'static str {
 pub fn router(state: Arc<AppState>) -> Router {
     let mut router = Router::new();
     for r in routes() {
+        if r.api.is_some_and(|api| !state.ingest.apis.contains(&api)) {
+            continue;
+        }
         let mut handler = r.handler;
         if !r.own_body {
             handler = handler.route_layer(axum::middleware::from_fn_with_state(
@@ -300,6 +360,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             }),
             ops::guard,
         ));
+        let guarded = if r.api == Some(IngestApi::Hec) {
+            // HEC's own answers to a missing or refused token.
+            guarded.route_layer(axum::middleware::from_fn(hec::auth_answers))
+        } else {
+            guarded
+        };
         router = router.route(r.path, guarded);
     }
     router

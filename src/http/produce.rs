@@ -19,9 +19,9 @@ const MAX_REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 #[derive(Debug, Deserialize)]
 pub(super) struct ProduceQuery {
-    sync: Option<String>,
-    min_replicas: Option<String>,
-    timeout: Option<String>,
+    pub sync: Option<String>,
+    pub min_replicas: Option<String>,
+    pub timeout: Option<String>,
 }
 
 impl ProduceQuery {
@@ -256,6 +256,89 @@ pub(super) async fn store(
         });
     }
     Ok(written)
+}
+
+/// Lines of one request for several categories (the Elasticsearch bulk
+/// and Splunk HEC APIs name a category per record), appended with one
+/// write per category, in the order the categories first appear.
+#[derive(Debug, Default)]
+pub(super) struct Batches {
+    groups: Vec<Batch>,
+}
+
+#[derive(Debug)]
+struct Batch {
+    category: String,
+    lines: Vec<u8>,
+    /// The request's number for each line, and its length with its `\n`.
+    members: Vec<(usize, u64)>,
+}
+
+/// What became of one category's lines.
+#[derive(Debug)]
+pub(super) struct BatchResult {
+    /// Each line's request number and where it starts in `written.chunk`.
+    pub lines: Vec<(usize, u64)>,
+    /// The append: `ReplicasTimeout` when stored but fewer copies than
+    /// asked were confirmed.
+    pub written: Result<ProduceResponse, ApiError>,
+}
+
+impl Batches {
+    /// Adds `line` (without its `\n`, which is added), request number `n`.
+    pub fn push(&mut self, category: &str, line: &[u8], n: usize) {
+        let g = match self.groups.iter().position(|g| g.category == category) {
+            Some(g) => g,
+            None => {
+                self.groups.push(Batch {
+                    category: category.to_owned(),
+                    lines: Vec::new(),
+                    members: Vec::new(),
+                });
+                self.groups.len() - 1
+            }
+        };
+        let batch = &mut self.groups[g];
+        batch.lines.extend_from_slice(line);
+        batch.lines.push(b'\n');
+        batch.members.push((n, line.len() as u64 + 1));
+    }
+
+    /// Appends each category's lines; one result per category.
+    pub async fn store(self, st: &AppState, opts: WriteOptions) -> Vec<BatchResult> {
+        let mut results = Vec::with_capacity(self.groups.len());
+        for batch in self.groups {
+            let count = batch.members.len() as u64;
+            let frames = body::Frames::from_vec(batch.lines);
+            let written = store(
+                st,
+                &batch.category,
+                frames,
+                count,
+                st.inflight.reservation(),
+                opts,
+            )
+            .await;
+            if let Err(e) = &written {
+                count_shed(st, e);
+            }
+            let mut offset = match &written {
+                Ok(w) | Err(ApiError::ReplicasTimeout { written: w, .. }) => w.offset,
+                Err(_) => 0,
+            };
+            let lines = batch
+                .members
+                .into_iter()
+                .map(|(n, len)| {
+                    let at = offset;
+                    offset += len;
+                    (n, at)
+                })
+                .collect();
+            results.push(BatchResult { lines, written });
+        }
+        results
+    }
 }
 
 pub(super) fn count_shed(st: &AppState, e: &ApiError) {

@@ -23,13 +23,14 @@ fn replay(target: &str, check: Check) -> usize {
 
 #[test]
 fn kept_fuzz_inputs_still_pass() {
-    let targets: [(&str, Check); 6] = [
+    let targets: [(&str, Check); 7] = [
         ("lines", chunkbus::fuzzing::lines),
         ("kafka", chunkbus::fuzzing::kafka_frame),
         ("decoders", chunkbus::fuzzing::decoders),
         ("names", chunkbus::fuzzing::names),
         ("recovery", chunkbus::fuzzing::recovery),
         ("es_bulk", chunkbus::fuzzing::es_bulk),
+        ("hec_events", chunkbus::fuzzing::hec_events),
     ];
     for (target, check) in targets {
         assert!(replay(target, check) > 0, "no inputs kept for {target}");

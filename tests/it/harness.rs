@@ -49,6 +49,7 @@ pub fn config(dir: &Path) -> ServeConfig {
         max_categories: 10_000,
         kafka: None,
         kafka_allow_anonymous: false,
+        ingest: Default::default(),
     }
 }
 

@@ -207,13 +207,20 @@ async fn a_body_that_is_not_a_bulk_request_stores_nothing() {
         assert!(answer["error"]["reason"].as_str().unwrap().len() > 10);
     }
     assert!(node.files("bad").is_empty(), "nothing stored");
-    // Too large: 413 before anything is parsed.
+    // Too large: 413 before anything is parsed (on a connection of its
+    // own: the node closes it without reading the body).
     let doc = format!(
         "{{\"index\":{{}}}}\n{{\"a\":\"{}\"}}\n",
         "x".repeat(70 << 10)
     );
-    let (status, _) = bulk(&node, "/bad/_bulk", &doc).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let r = reqwest::Client::new()
+        .post(node.url("/bad/_bulk"))
+        .body(doc)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.headers()["x-elastic-product"], "Elasticsearch");
     // Bad gzip: 415.
     let r = node
         .http
@@ -415,5 +422,155 @@ async fn syslog_ng_elasticsearch_http_delivers_every_message_with_the_documented
     assert_eq!(seen.len(), MESSAGES, "every message arrived");
     assert_eq!(got.len(), MESSAGES, "none twice");
     syslog.kill().await.unwrap();
+    node.stop().await;
+}
+
+async fn hec_post(
+    node: &TestNode,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (StatusCode, Value) {
+    let mut req = node.http.post(node.url(path)).body(body.to_owned());
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Splunk {t}"));
+    }
+    let r = req.send().await.unwrap();
+    (r.status(), r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splunk_hec_events_and_raw_lines_are_stored_with_a_splunk_token() {
+    const TOKEN: &str = "hec-token-0123456789abcdef";
+    const WEB_ONLY: &str = "web-only-0123456789abcdef";
+    let node = TestNode::start_with(|cfg| {
+        cfg.auth.tokens = vec![
+            TokenSpec {
+                name: Some("forwarder".into()),
+                secret: TOKEN.into(),
+                roles: vec![Role::Produce, Role::Consume],
+                categories: None,
+            },
+            TokenSpec {
+                name: Some("web".into()),
+                secret: WEB_ONLY.into(),
+                roles: vec![Role::Produce],
+                categories: Some(vec!["web".into()]),
+            },
+        ];
+    })
+    .await;
+    let client = chunkbus_client::Client::with_token(&node.url(""), Some(TOKEN)).unwrap();
+    let read = |category: &'static str| {
+        let client = client.clone();
+        async move { crate::harness::all_lines(&client, category).await }
+    };
+
+    // Events one after another, as forwarders send them.
+    let body = concat!(
+        "{\"time\": 1700000000.5, \"host\": \"h1\", \"event\": \"plain text\"}\n",
+        "{\"event\": {\"msg\": \"GET /\", \"status\": 200}, \"index\": \"web\", \"fields\": {\"dc\": \"eu\"}}",
+        "{\"event\": \"third\", \"sourcetype\": \"app\"}",
+    );
+    let (status, answer) = hec_post(&node, "/services/collector/event", Some(TOKEN), body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer, json!({"text": "Success", "code": 0}));
+    assert_eq!(
+        read("hec").await,
+        [
+            r#"{"time":1700000000.5,"host":"h1","event":"plain text"}"#,
+            r#"{"event":"third","sourcetype":"app"}"#
+        ]
+    );
+    assert_eq!(
+        read("web").await,
+        [r#"{"event":{"msg":"GET /","status":200},"index":"web","fields":{"dc":"eu"}}"#]
+    );
+
+    // Raw lines, the index from the query.
+    let (status, answer) = hec_post(
+        &node,
+        "/services/collector/raw?index=raw&channel=00000000-0000-0000-0000-000000000000",
+        Some(TOKEN),
+        "line one\nline two",
+    )
+    .await;
+    assert_eq!((status, answer["code"].clone()), (StatusCode::OK, json!(0)));
+    assert_eq!(read("raw").await, ["line one", "line two"]);
+
+    // The events before the first invalid one are stored, as HEC does.
+    let body = "{\"event\":\"kept 1\"}{\"event\":\"kept 2\"}{\"time\":1}{\"event\":\"after\"}";
+    let (status, answer) = hec_post(&node, "/services/collector", Some(TOKEN), body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        answer,
+        json!({"text": "Event field is required", "code": 12, "invalid-event-number": 2})
+    );
+    let hec = read("hec").await;
+    assert_eq!(
+        &hec[2..],
+        [r#"{"event":"kept 1"}"#, r#"{"event":"kept 2"}"#]
+    );
+    for (body, code) in [
+        ("", 5),
+        ("{\"event\":\"\"}", 13),
+        ("{\"event\":\"x\",\"index\":\"no/slash\"}", 7),
+        ("not json", 6),
+    ] {
+        let (status, answer) =
+            hec_post(&node, "/services/collector/event", Some(TOKEN), body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}");
+        assert_eq!(answer["code"], code, "{body:?}: {answer}");
+    }
+    assert_eq!(read("hec").await.len(), 4, "nothing more stored");
+
+    // HEC's answers to tokens, and a token limited to one category.
+    let (status, answer) =
+        hec_post(&node, "/services/collector/event", None, "{\"event\":1}").await;
+    assert_eq!(
+        (status, answer["code"].clone()),
+        (StatusCode::UNAUTHORIZED, json!(2))
+    );
+    let (status, answer) = hec_post(
+        &node,
+        "/services/collector/event",
+        Some("wrong-token-0123456789"),
+        "{\"event\":1}",
+    )
+    .await;
+    assert_eq!(
+        (status, answer["code"].clone()),
+        (StatusCode::UNAUTHORIZED, json!(3))
+    );
+    let body = "{\"event\":\"ok\",\"index\":\"web\"}{\"event\":\"not mine\"}";
+    let (status, answer) = hec_post(&node, "/services/collector/event", Some(WEB_ONLY), body).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(answer["invalid-event-number"], 1, "{answer}");
+    assert_eq!(read("web").await.len(), 2);
+    assert_eq!(read("hec").await.len(), 4);
+
+    // Health needs no token.
+    let health = node.get("/services/collector/health").await;
+    assert_eq!(health.status(), StatusCode::OK);
+    assert_eq!(health.json::<Value>().await.unwrap()["code"], 17);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_turned_off_is_not_served() {
+    let node = TestNode::start_with(|cfg| {
+        cfg.ingest.apis = [chunkbus::config::IngestApi::Es].into_iter().collect();
+    })
+    .await;
+    let r = node
+        .http
+        .post(node.url("/services/collector/event"))
+        .body("{\"event\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let (status, _) = bulk(&node, "/_bulk", "{\"index\":{\"_index\":\"on\"}}\n{}\n").await;
+    assert_eq!(status, StatusCode::OK);
     node.stop().await;
 }
