@@ -371,7 +371,16 @@ fn document(doc: &[u8], index: Option<&str>, max_line: u64) -> Result<Vec<u8>, I
             "the document is not a JSON object",
         ));
     }
-    serde_json::from_slice::<serde::de::IgnoredAny>(doc).map_err(|e| {
+    // JSON is UTF-8; skipping a string's contents (`IgnoredAny`) does not
+    // check them, so the whole document is checked first.
+    let text = std::str::from_utf8(doc).map_err(|e| {
+        item_error(
+            400,
+            "document_parsing_exception",
+            format!("the document is not UTF-8: {e}"),
+        )
+    })?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| {
         item_error(
             400,
             "document_parsing_exception",
@@ -484,9 +493,10 @@ async fn bulk_items(
     let (data, mut reservation) = read_decoded(st, &parts.headers, body)
         .await
         .map_err(es_api_error)?;
-    // The lines are a second buffer of about the body's size.
+    // The documents parsed out of the body, then the lines appended: two
+    // more buffers of about its size.
     reservation
-        .grow(data.len() as u64)
+        .grow(2 * data.len() as u64)
         .inspect_err(|e| count_shed(st, e))
         .map_err(es_api_error)?;
     let raw = data.into_contiguous();
@@ -769,6 +779,13 @@ mod tests {
             parse_bulk(more.as_bytes(), Some("a"), 10),
             Err(BulkRefusal::TooManyActions)
         );
+    }
+
+    #[test]
+    fn a_document_that_is_not_utf8_is_not_stored() {
+        let body = b"{\"index\":{\"_index\":\"a\"}}\n{\"k\":\"\xff\xfe\"}\n";
+        let items = parse_bulk(body, None, 1 << 20).unwrap();
+        assert_eq!(ok(&items), ["400 document_parsing_exception"]);
     }
 
     #[test]

@@ -224,9 +224,10 @@ async fn store_events(
     let (data, mut reservation) = read_decoded(st, &parts.headers, body)
         .await
         .map_err(hec_error)?;
-    // The lines are a second buffer of about the body's size.
+    // The events parsed out of the body, then the lines appended: two
+    // more buffers of about its size.
     reservation
-        .grow(data.len() as u64)
+        .grow(2 * data.len() as u64)
         .inspect_err(|e| count_shed(st, e))
         .map_err(hec_error)?;
     let raw = data.into_contiguous();
