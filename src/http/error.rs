@@ -89,9 +89,33 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// Whether the answer ends the connection: the request's body was not
+    /// read to its end (too large, or too slow), so the connection cannot
+    /// carry another request. Saying so (`Connection: close`) keeps a
+    /// client from sending its next request on a connection the node is
+    /// closing, where it would fail.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, ApiError::TooLarge(_) | ApiError::RequestTimeout(_))
+    }
+
+    /// `resp`, this error written in another API's shape, with the headers
+    /// the native answer would carry (`Retry-After`, `Connection`).
+    pub fn with_headers_on(self, mut resp: Response) -> Response {
+        let native = self.into_response();
+        for h in [header::RETRY_AFTER, header::CONNECTION] {
+            if let Some(v) = native.headers().get(&h) {
+                resp.headers_mut().insert(h, v.clone());
+            }
+        }
+        resp
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let close = self.closes_connection();
         if status.is_server_error() && !matches!(self, ApiError::Overloaded(_)) {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         }
@@ -120,6 +144,10 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"chunkbus\", Basic realm=\"chunkbus\""),
             );
+        }
+        if close {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }

@@ -127,12 +127,8 @@ fn es_api_error(e: ApiError) -> Response {
         400..=499 => "illegal_argument_exception",
         _ => "exception",
     };
-    let mut resp = es_error(status, kind, &e.to_string());
-    if let Some(retry) = e.into_response().headers().get(header::RETRY_AFTER) {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, retry.clone());
-    }
-    resp
+    let resp = es_error(status, kind, &e.to_string());
+    e.with_headers_on(resp)
 }
 
 /// `GET /` (and `HEAD /`): who this is, in the shape agents and clients

@@ -67,12 +67,8 @@ fn hec_error(e: ApiError) -> Response {
         400..=499 => (6, "Invalid data format"),
         _ => (8, "Internal server error"),
     };
-    let mut resp = hec(status, code, &format!("{text}: {e}"), None);
-    if let Some(retry) = e.into_response().headers().get(header::RETRY_AFTER) {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, retry.clone());
-    }
-    resp
+    let resp = hec(status, code, &format!("{text}: {e}"), None);
+    e.with_headers_on(resp)
 }
 
 /// Turns the access check's 401 and 403 into HEC's answers (codes 2, 3

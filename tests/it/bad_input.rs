@@ -154,17 +154,19 @@ async fn oversized_lines_and_bodies_are_413_and_write_nothing() {
     // Without Content-Length (chunked transfer), the limit holds while reading.
     let stream =
         futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>("z\n".repeat(50))));
-    // (A body refused before it was read closes its connection: new client.)
-    let r = reqwest::Client::new()
+    let r = node
+        .http
         .post(node.url("/v1/categories/app/lines"))
         .body(reqwest::Body::wrap_stream(stream))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
-
-    // A body refused before it was read closes its connection: use a new one.
-    let http = reqwest::Client::new();
+    // A body refused before it was read closes its connection, and the
+    // answer says so: the client's next request goes on a new connection
+    // (it failed on the closed one before).
+    assert_eq!(r.headers()["connection"], "close");
+    let http = node.http.clone();
     // A small gzip body that decodes past the limit.
     let gz = {
         use std::io::Write;

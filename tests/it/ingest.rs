@@ -207,13 +207,14 @@ async fn a_body_that_is_not_a_bulk_request_stores_nothing() {
         assert!(answer["error"]["reason"].as_str().unwrap().len() > 10);
     }
     assert!(node.files("bad").is_empty(), "nothing stored");
-    // Too large: 413 before anything is parsed (on a connection of its
-    // own: the node closes it without reading the body).
+    // Too large: 413 before anything is parsed, and the connection is
+    // closed (it says so: the next request goes on a new one).
     let doc = format!(
         "{{\"index\":{{}}}}\n{{\"a\":\"{}\"}}\n",
         "x".repeat(70 << 10)
     );
-    let r = reqwest::Client::new()
+    let r = node
+        .http
         .post(node.url("/bad/_bulk"))
         .body(doc)
         .send()
@@ -221,6 +222,7 @@ async fn a_body_that_is_not_a_bulk_request_stores_nothing() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(r.headers()["x-elastic-product"], "Elasticsearch");
+    assert_eq!(r.headers()["connection"], "close");
     // Bad gzip: 415.
     let r = node
         .http
