@@ -172,6 +172,11 @@ pub fn parse_events(
             Some(Err(_)) => return (events, invalid(number, 6, "Invalid data format")),
             Some(Ok(raw)) => raw,
         };
+        // An object (a derived struct would also take an array, its
+        // fields by position).
+        if !raw.get().trim_start().starts_with('{') {
+            return (events, invalid(number, 6, "Invalid data format"));
+        }
         let Ok(envelope) = serde_json::from_str::<Envelope>(raw.get()) else {
             return (events, invalid(number, 6, "Invalid data format"));
         };
@@ -344,6 +349,8 @@ mod tests {
             (r#"{"event":"x","index":"no/slash"}"#, 7),
             (r#"{"event":"x""#, 6),
             (r#"[1,2]"#, 6),
+            (r#"["web",{"a":1}]"#, 6),
+            (r#""text""#, 6),
             (r#"{"event":"x","index":5}"#, 6),
         ] {
             let body = format!("{ok}{ok}{bad}{ok}");
