@@ -431,3 +431,70 @@ pub fn python() -> PathBuf {
     );
     p
 }
+
+/// A real syslog-ng reading messages from a Unix socket and sending them
+/// through `destination` (a `destination NAME { ... };` block, with
+/// `@include "scl.conf"` when `scl`), with flow control. Killed on drop.
+pub struct SyslogNg {
+    pub child: Child,
+    /// Its source: write messages here, one per line.
+    pub input: tokio::net::UnixStream,
+    _dir: tempfile::TempDir,
+}
+
+impl SyslogNg {
+    pub async fn start(destination: &str, name: &str, scl: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("in.sock");
+        let include = if scl { "@include \"scl.conf\"\n" } else { "" };
+        let conf = format!(
+            "@version: 3.38\n\
+             {include}\
+             options {{ stats_freq(0); }};\n\
+             source s_test {{ unix-stream(\"{}\" flags(no-parse)); }};\n\
+             {destination}\n\
+             log {{ source(s_test); destination({name}); flags(flow-control); }};\n",
+            sock.display()
+        );
+        let conf_path = dir.path().join("syslog-ng.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        // Debian installs it in /usr/sbin, which may not be on a user's PATH.
+        let bin = ["/usr/sbin/syslog-ng", "/usr/bin/syslog-ng"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("syslog-ng");
+        let mut child = Command::new(bin)
+            .arg("-F")
+            .arg("--no-caps")
+            .arg("-f")
+            .arg(&conf_path)
+            .arg("-R")
+            .arg(dir.path().join("persist"))
+            .arg("-p")
+            .arg(dir.path().join("pid"))
+            .arg("-c")
+            .arg(dir.path().join("ctl"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("syslog-ng is installed by scripts/test");
+        let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+        let input = loop {
+            if let Ok(s) = tokio::net::UnixStream::connect(&sock).await {
+                break s;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("syslog-ng exited: {status}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "syslog-ng did not open its socket"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Self {
+            child,
+            input,
+            _dir: dir,
+        }
+    }
+}

@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use crate::harness::{CONDITION_DEADLINE, TestNode, python};
+use crate::harness::{SyslogNg, TestNode, python};
 
 /// Every line of `category` on `node` (none when it has no chunk yet).
 async fn lines(node: &TestNode, category: &str) -> Vec<String> {
@@ -336,60 +336,16 @@ fn documented_destination() -> String {
 async fn syslog_ng_elasticsearch_http_delivers_every_message_with_the_documented_config() {
     const MESSAGES: usize = 10_000;
     let node = TestNode::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    let sock = tmp.path().join("in.sock");
     let destination = documented_destination().replace("http://127.0.0.1:8080", &node.url(""));
-    let conf = format!(
-        "@version: 3.38\n\
-         @include \"scl.conf\"\n\
-         options {{ stats_freq(0); }};\n\
-         source s_test {{ unix-stream(\"{}\" flags(no-parse)); }};\n\
-         {destination}\n\
-         log {{ source(s_test); destination(d_elastic); flags(flow-control); }};\n",
-        sock.display()
-    );
-    let conf_path = tmp.path().join("syslog-ng.conf");
-    std::fs::write(&conf_path, conf).unwrap();
-    let bin = ["/usr/sbin/syslog-ng", "/usr/bin/syslog-ng"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or("syslog-ng");
-    let mut syslog = tokio::process::Command::new(bin)
-        .arg("-F")
-        .arg("--no-caps")
-        .arg("-f")
-        .arg(&conf_path)
-        .arg("-R")
-        .arg(tmp.path().join("persist"))
-        .arg("-p")
-        .arg(tmp.path().join("pid"))
-        .arg("-c")
-        .arg(tmp.path().join("ctl"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("syslog-ng is installed by scripts/test");
-    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
-    let mut stream = loop {
-        if let Ok(s) = tokio::net::UnixStream::connect(&sock).await {
-            break s;
-        }
-        if let Ok(Some(status)) = syslog.try_wait() {
-            panic!("syslog-ng exited: {status}");
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "syslog-ng did not open its socket"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut syslog = SyslogNg::start(&destination, "d_elastic", true).await;
     let mut payload = String::new();
     for i in 0..MESSAGES {
         payload.push_str(&format!(
             "app[42]: message {i:05} through elasticsearch-http\n"
         ));
     }
-    stream.write_all(payload.as_bytes()).await.unwrap();
-    stream.shutdown().await.unwrap();
+    syslog.input.write_all(payload.as_bytes()).await.unwrap();
+    syslog.input.shutdown().await.unwrap();
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let got = loop {
@@ -397,7 +353,7 @@ async fn syslog_ng_elasticsearch_http_delivers_every_message_with_the_documented
         if got.len() >= MESSAGES {
             break got;
         }
-        if let Ok(Some(status)) = syslog.try_wait() {
+        if let Ok(Some(status)) = syslog.child.try_wait() {
             panic!("syslog-ng exited: {status}");
         }
         assert!(
@@ -423,7 +379,7 @@ async fn syslog_ng_elasticsearch_http_delivers_every_message_with_the_documented
     }
     assert_eq!(seen.len(), MESSAGES, "every message arrived");
     assert_eq!(got.len(), MESSAGES, "none twice");
-    syslog.kill().await.unwrap();
+    syslog.child.kill().await.unwrap();
     node.stop().await;
 }
 

@@ -9,7 +9,7 @@ use chunkbus_client::ProduceResponse;
 use reqwest::StatusCode;
 use tokio::io::AsyncWriteExt;
 
-use crate::harness::{CONDITION_DEADLINE, TestNode};
+use crate::harness::{SyslogNg, TestNode};
 
 const MESSAGES: usize = 10_000;
 
@@ -40,63 +40,16 @@ async fn lines(node: &TestNode, category: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syslog_ng_delivers_every_message_with_the_documented_config() {
     let node = TestNode::start().await;
-    let tmp = tempfile::tempdir().unwrap();
-    let sock = tmp.path().join("in.sock");
     let destination = documented_destination().replace("http://127.0.0.1:8080", &node.url(""));
-    let conf = format!(
-        "@version: 3.38\n\
-         options {{ stats_freq(0); }};\n\
-         source s_test {{ unix-stream(\"{}\" flags(no-parse)); }};\n\
-         {destination}\n\
-         log {{ source(s_test); destination(d_chunkbus); flags(flow-control); }};\n",
-        sock.display()
-    );
-    let conf_path = tmp.path().join("syslog-ng.conf");
-    std::fs::File::create(&conf_path)
-        .unwrap()
-        .write_all(conf.as_bytes())
-        .unwrap();
-    // Debian installs it in /usr/sbin, which may not be on a user's PATH.
-    let bin = ["/usr/sbin/syslog-ng", "/usr/bin/syslog-ng"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or("syslog-ng");
-    let mut syslog = tokio::process::Command::new(bin)
-        .arg("-F")
-        .arg("--no-caps")
-        .arg("-f")
-        .arg(&conf_path)
-        .arg("-R")
-        .arg(tmp.path().join("persist"))
-        .arg("-p")
-        .arg(tmp.path().join("pid"))
-        .arg("-c")
-        .arg(tmp.path().join("ctl"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("syslog-ng is installed by scripts/test");
-    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
-    let mut stream = loop {
-        if let Ok(s) = tokio::net::UnixStream::connect(&sock).await {
-            break s;
-        }
-        if let Ok(Some(status)) = syslog.try_wait() {
-            panic!("syslog-ng exited: {status}");
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "syslog-ng did not open its socket"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut syslog = SyslogNg::start(&destination, "d_chunkbus", false).await;
     let mut payload = String::new();
     for i in 0..MESSAGES {
         payload.push_str(&format!(
             "app[42]: message {i:05} from the syslog-ng test\n"
         ));
     }
-    stream.write_all(payload.as_bytes()).await.unwrap();
-    stream.shutdown().await.unwrap();
+    syslog.input.write_all(payload.as_bytes()).await.unwrap();
+    syslog.input.shutdown().await.unwrap();
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let got = loop {
@@ -125,7 +78,7 @@ async fn syslog_ng_delivers_every_message_with_the_documented_config() {
         seen.insert(n);
     }
     assert_eq!(seen.len(), MESSAGES, "every message arrived");
-    syslog.kill().await.unwrap();
+    syslog.child.kill().await.unwrap();
     node.stop().await;
 }
 
