@@ -231,6 +231,23 @@ impl Frames {
     }
 }
 
+/// `work(body)`: inline for a small body, on the blocking pool for a
+/// larger one, so that work proportional to a large body stays off the
+/// threads that serve requests. `what` names the work in the 500 of a
+/// task that failed.
+pub async fn off_runtime_if_large<T: Send + 'static>(
+    body: Bytes,
+    what: &str,
+    work: impl FnOnce(&[u8]) -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    if body.len() <= DECODE_INLINE_MAX_BYTES {
+        return Ok(work(&body));
+    }
+    tokio::task::spawn_blocking(move || work(&body))
+        .await
+        .map_err(|e| ApiError::Internal(format!("{what} task failed: {e}")))
+}
+
 /// Reads the whole body, at most `max` bytes, reserving memory as it goes
 /// (and one byte more, for a final newline the body may lack).
 pub async fn read_body(

@@ -497,13 +497,11 @@ async fn bulk_items(
         .map_err(es_api_error)?;
     let raw = data.into_contiguous();
     let max_line = st.limits.max_line_bytes;
-    let parsed = if raw.len() <= body::DECODE_INLINE_MAX_BYTES {
-        parse_bulk(&raw, path_index.as_deref(), max_line)
-    } else {
-        tokio::task::spawn_blocking(move || parse_bulk(&raw, path_index.as_deref(), max_line))
-            .await
-            .map_err(|e| es_api_error(ApiError::Internal(format!("bulk parse task failed: {e}"))))?
-    };
+    let parsed = body::off_runtime_if_large(raw, "bulk parse", move |raw| {
+        parse_bulk(raw, path_index.as_deref(), max_line)
+    })
+    .await
+    .map_err(es_api_error)?;
     let mut items = parsed.map_err(BulkRefusal::into_response)?;
     reservation
         .grow(items.len() as u64 * ANSWER_BYTES_PER_ACTION)

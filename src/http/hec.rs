@@ -234,13 +234,11 @@ async fn store_events(
     let raw = data.into_contiguous();
     let default = st.ingest.hec_default_category.clone();
     let max_line = st.limits.max_line_bytes;
-    let (events, invalid) = if raw.len() <= super::body::DECODE_INLINE_MAX_BYTES {
-        parse_events(&raw, &default, max_line)
-    } else {
-        tokio::task::spawn_blocking(move || parse_events(&raw, &default, max_line))
-            .await
-            .map_err(|e| hec_error(ApiError::Internal(format!("HEC parse task failed: {e}"))))?
-    };
+    let (events, invalid) = super::body::off_runtime_if_large(raw, "HEC parse", move |raw| {
+        parse_events(raw, &default, max_line)
+    })
+    .await
+    .map_err(hec_error)?;
     let principal = parts.extensions.get::<crate::auth::Principal>();
     let mut batches = Batches::default();
     for (n, e) in events.iter().enumerate() {

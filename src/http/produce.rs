@@ -137,13 +137,9 @@ pub(super) async fn ingest(
             .grow(data.len() as u64 + 1)
             .inspect_err(|e| count_shed(st, e))?;
         let json = data.into_contiguous();
-        data = body::Frames::from_vec(if json.len() <= body::DECODE_INLINE_MAX_BYTES {
-            lines::json_array_to_lines(&json)?
-        } else {
-            tokio::task::spawn_blocking(move || lines::json_array_to_lines(&json))
-                .await
-                .map_err(|e| ApiError::Internal(format!("JSON array task failed: {e}")))??
-        });
+        data = body::Frames::from_vec(
+            body::off_runtime_if_large(json, "JSON array", lines::json_array_to_lines).await??,
+        );
     }
     let count = lines::finish_lines(&mut data, st.limits.max_line_bytes)?;
     store(st, category, data, count, reservation, opts).await
