@@ -260,6 +260,9 @@ pub(super) async fn store(
 #[derive(Debug, Default)]
 pub(super) struct Batches {
     groups: Vec<Batch>,
+    /// Where each category's batch is in `groups` (a request may name as
+    /// many categories as it has records).
+    index: std::collections::HashMap<String, usize>,
 }
 
 #[derive(Debug)]
@@ -283,14 +286,16 @@ pub(super) struct BatchResult {
 impl Batches {
     /// Adds `line` (without its `\n`, which is added), request number `n`.
     pub fn push(&mut self, category: &str, line: &[u8], n: usize) {
-        let g = match self.groups.iter().position(|g| g.category == category) {
-            Some(g) => g,
+        let g = match self.index.get(category) {
+            Some(&g) => g,
             None => {
                 self.groups.push(Batch {
                     category: category.to_owned(),
                     lines: Vec::new(),
                     members: Vec::new(),
                 });
+                self.index
+                    .insert(category.to_owned(), self.groups.len() - 1);
                 self.groups.len() - 1
             }
         };
@@ -346,6 +351,37 @@ pub(super) fn count_shed(st: &AppState, e: &ApiError) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_keep_the_order_of_first_appearance_and_each_lines_number() {
+        let mut b = Batches::default();
+        for (i, (cat, line)) in [("a", "x"), ("b", "yy"), ("a", "zzz"), ("c", "")]
+            .into_iter()
+            .enumerate()
+        {
+            b.push(cat, line.as_bytes(), i);
+        }
+        let got: Vec<_> = b
+            .groups
+            .iter()
+            .map(|g| (g.category.as_str(), g.lines.as_slice(), g.members.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a", &b"x\nzzz\n"[..], vec![(0, 2), (2, 4)]),
+                ("b", &b"yy\n"[..], vec![(1, 3)]),
+                ("c", &b"\n"[..], vec![(3, 1)]),
+            ]
+        );
+        // Many categories: one lookup each, not a scan of those before.
+        let mut many = Batches::default();
+        for i in 0..100_000 {
+            many.push(&format!("c{i}"), b"l", i);
+        }
+        assert_eq!(many.groups.len(), 100_000);
+        assert_eq!(many.index["c99999"], 99_999);
+    }
 
     #[tokio::test]
     async fn answers_are_the_json_serde_would_write() {
