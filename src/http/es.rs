@@ -34,7 +34,7 @@ use chunkbus_client::names::validate_category;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::produce::{Batches, ProduceQuery, check_writable, count_shed, read_decoded};
+use super::produce::{Batches, ProduceQuery, check_writable, count_shed, read_records};
 use super::{ApiError, AppState, body};
 use crate::auth::Principal;
 
@@ -486,16 +486,9 @@ async fn bulk_items(
     check_writable(st, opts).map_err(es_api_error)?;
     let (parts, body) = req.into_parts();
     let principal = parts.extensions.get::<Principal>().cloned();
-    let (data, mut reservation) = read_decoded(st, &parts.headers, body)
+    let (raw, mut reservation) = read_records(st, &parts.headers, body)
         .await
         .map_err(es_api_error)?;
-    // The documents parsed out of the body, then the lines appended: two
-    // more buffers of about its size.
-    reservation
-        .grow(2 * data.len() as u64)
-        .inspect_err(|e| count_shed(st, e))
-        .map_err(es_api_error)?;
-    let raw = data.into_contiguous();
     let max_line = st.limits.max_line_bytes;
     let parsed = body::off_runtime_if_large(raw, "bulk parse", move |raw| {
         parse_bulk(raw, path_index.as_deref(), max_line)

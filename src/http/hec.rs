@@ -28,7 +28,7 @@ use chunkbus_client::names::validate_category;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::produce::{Batches, WriteOptions, check_writable, count_shed, read_decoded, store};
+use super::produce::{Batches, WriteOptions, check_writable, read_decoded, read_records, store};
 use super::{ApiError, AppState, lines};
 
 /// An answer in HEC's shape: `{"text":..,"code":..}`, and the number of
@@ -100,19 +100,13 @@ pub(super) async fn health() -> Response {
 #[derive(Debug, Deserialize)]
 pub(super) struct HecQuery {
     index: Option<String>,
-    sync: Option<String>,
-    min_replicas: Option<String>,
-    timeout: Option<String>,
+    #[serde(flatten)]
+    native: super::produce::ProduceQuery,
 }
 
 impl HecQuery {
     fn options(&self) -> Result<WriteOptions, ApiError> {
-        super::produce::ProduceQuery {
-            sync: self.sync.clone(),
-            min_replicas: self.min_replicas.clone(),
-            timeout: self.timeout.clone(),
-        }
-        .options()
+        self.native.options()
     }
 }
 
@@ -222,16 +216,9 @@ async fn store_events(
     let opts = q.options().map_err(hec_error)?;
     check_writable(st, opts).map_err(hec_error)?;
     let (parts, body) = req.into_parts();
-    let (data, mut reservation) = read_decoded(st, &parts.headers, body)
+    let (raw, reservation) = read_records(st, &parts.headers, body)
         .await
         .map_err(hec_error)?;
-    // The events parsed out of the body, then the lines appended: two
-    // more buffers of about its size.
-    reservation
-        .grow(2 * data.len() as u64)
-        .inspect_err(|e| count_shed(st, e))
-        .map_err(hec_error)?;
-    let raw = data.into_contiguous();
     let default = st.ingest.hec_default_category.clone();
     let max_line = st.limits.max_line_bytes;
     let (events, invalid) = super::body::off_runtime_if_large(raw, "HEC parse", move |raw| {

@@ -19,9 +19,9 @@ const MAX_REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 #[derive(Debug, Deserialize)]
 pub(super) struct ProduceQuery {
-    pub sync: Option<String>,
-    pub min_replicas: Option<String>,
-    pub timeout: Option<String>,
+    sync: Option<String>,
+    min_replicas: Option<String>,
+    timeout: Option<String>,
 }
 
 impl ProduceQuery {
@@ -191,6 +191,22 @@ pub(super) async fn read_decoded(
         .await
         .inspect_err(|e| count_shed(st, e))?;
     Ok((data, reservation))
+}
+
+/// [`read_decoded`] for a body of records that are parsed and turned into
+/// lines of their own categories (Elasticsearch bulk, Splunk HEC): the
+/// body as one buffer, with two more buffers of its size reserved (the
+/// records parsed out of it, then the lines appended).
+pub(super) async fn read_records(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(bytes::Bytes, body::Reservation), ApiError> {
+    let (data, mut reservation) = read_decoded(st, headers, body).await?;
+    reservation
+        .grow(2 * data.len() as u64)
+        .inspect_err(|e| count_shed(st, e))?;
+    Ok((data.into_contiguous(), reservation))
 }
 
 /// Appends `count` finished lines (each ending in `\n`) to `category`,

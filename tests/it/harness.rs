@@ -498,3 +498,62 @@ impl SyslogNg {
         }
     }
 }
+
+/// The block of `docs/{doc}` that starts with `start` and ends with the
+/// first `};` line after it (a documented syslog-ng destination).
+pub fn documented_block(doc: &str, start: &str) -> String {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join(doc))
+            .unwrap();
+    let from = text
+        .find(start)
+        .unwrap_or_else(|| panic!("docs/{doc} has {start:?}"));
+    let end = from + text[from..].find("\n};").expect("the block ends") + 3;
+    text[from..end].to_owned()
+}
+
+/// Every line of `category` on `node`, read anonymously through its API
+/// (none while it has no chunk).
+pub async fn node_lines(node: &TestNode, category: &str) -> Vec<String> {
+    if node.files(category).is_empty() {
+        return Vec::new();
+    }
+    all_lines(
+        &chunkbus_client::Client::new(&node.url("")).unwrap(),
+        category,
+    )
+    .await
+}
+
+impl SyslogNg {
+    /// Sends `messages` (one per line) and ends the input, then waits (at
+    /// most 60 s) until `category` on `node` holds `want` lines; returns
+    /// them. Fails if syslog-ng exits first.
+    pub async fn deliver(
+        &mut self,
+        messages: &str,
+        node: &TestNode,
+        category: &str,
+        want: usize,
+    ) -> Vec<String> {
+        use tokio::io::AsyncWriteExt;
+        self.input.write_all(messages.as_bytes()).await.unwrap();
+        self.input.shutdown().await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = node_lines(node, category).await;
+            if got.len() >= want {
+                return got;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("syslog-ng exited: {status}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {want} messages arrived",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -9,21 +9,8 @@ use std::time::Duration;
 use chunkbus::auth::{Role, TokenSpec};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
 
-use crate::harness::{SyslogNg, TestNode, python};
-
-/// Every line of `category` on `node` (none when it has no chunk yet).
-async fn lines(node: &TestNode, category: &str) -> Vec<String> {
-    if node.files(category).is_empty() {
-        return Vec::new();
-    }
-    crate::harness::all_lines(
-        &chunkbus_client::Client::new(&node.url("")).unwrap(),
-        category,
-    )
-    .await
-}
+use crate::harness::{SyslogNg, TestNode, documented_block, node_lines, python};
 
 async fn bulk(node: &TestNode, path: &str, body: &str) -> (StatusCode, Value) {
     let r = node
@@ -99,13 +86,13 @@ async fn elasticsearch_bulk_stores_documents_and_answers_per_item() {
         "invalid_index_name_exception"
     );
     assert_eq!(
-        lines(&node, "web").await,
+        node_lines(&node, "web").await,
         [
             r#"{"message":"GET / 200","n":1.50}"#,
             r#"{"message":"GET /a 404"}"#
         ]
     );
-    assert_eq!(lines(&node, "api").await, [r#"{"to":"path index"}"#]);
+    assert_eq!(node_lines(&node, "api").await, [r#"{"to":"path index"}"#]);
 
     // The same creates again: 409, nothing stored; an index without an id
     // is stored again, as Elasticsearch would.
@@ -131,8 +118,8 @@ async fn elasticsearch_bulk_stores_documents_and_answers_per_item() {
         answer["items"][0]["create"]["error"]["type"],
         "version_conflict_engine_exception"
     );
-    assert_eq!(lines(&node, "web").await.len(), 3);
-    assert_eq!(lines(&node, "other").await.len(), 1);
+    assert_eq!(node_lines(&node, "web").await.len(), 3);
+    assert_eq!(node_lines(&node, "other").await.len(), 1);
 
     // A gzip body, as Filebeat and Logstash send.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -147,7 +134,7 @@ async fn elasticsearch_bulk_stores_documents_and_answers_per_item() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(lines(&node, "gz").await, [r#"{"z":1}"#]);
+    assert_eq!(node_lines(&node, "gz").await, [r#"{"z":1}"#]);
 
     // What agents ask first.
     let info: Value = node.get("/").await.json().await.unwrap();
@@ -309,7 +296,7 @@ async fn the_python_elasticsearch_client_bulk_helper_delivers() {
     assert_eq!(got["created"], 10);
     assert_eq!(got["again"], 0, "{got}");
     assert_eq!(got["again_statuses"], json!([409]));
-    let stored = lines(&node, "pyes").await;
+    let stored = node_lines(&node, "pyes").await;
     assert_eq!(stored.len(), 2010);
     let ns: BTreeSet<u64> = stored
         .iter()
@@ -321,22 +308,13 @@ async fn the_python_elasticsearch_client_bulk_helper_delivers() {
     node.stop().await;
 }
 
-/// The `destination d_elastic { ... };` block of docs/ingest.md.
-fn documented_destination() -> String {
-    let doc =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/ingest.md")).unwrap();
-    let start = doc
-        .find("destination d_elastic {")
-        .expect("docs/ingest.md has the destination");
-    let end = start + doc[start..].find("\n};").expect("the block ends") + 3;
-    doc[start..end].to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syslog_ng_elasticsearch_http_delivers_every_message_with_the_documented_config() {
     const MESSAGES: usize = 10_000;
     let node = TestNode::start().await;
-    let destination = documented_destination().replace("http://127.0.0.1:8080", &node.url(""));
+    // The `destination d_elastic { ... };` block of docs/ingest.md.
+    let destination = documented_block("ingest.md", "destination d_elastic {")
+        .replace("http://127.0.0.1:8080", &node.url(""));
     let mut syslog = SyslogNg::start(&destination, "d_elastic", true).await;
     let mut payload = String::new();
     for i in 0..MESSAGES {
@@ -344,25 +322,7 @@ async fn syslog_ng_elasticsearch_http_delivers_every_message_with_the_documented
             "app[42]: message {i:05} through elasticsearch-http\n"
         ));
     }
-    syslog.input.write_all(payload.as_bytes()).await.unwrap();
-    syslog.input.shutdown().await.unwrap();
-
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let got = loop {
-        let got = lines(&node, "syslog-ng").await;
-        if got.len() >= MESSAGES {
-            break got;
-        }
-        if let Ok(Some(status)) = syslog.child.try_wait() {
-            panic!("syslog-ng exited: {status}");
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of {MESSAGES} messages arrived",
-            got.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let got = syslog.deliver(&payload, &node, "syslog-ng", MESSAGES).await;
     let mut seen = BTreeSet::new();
     for l in &got {
         let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
@@ -448,13 +408,29 @@ async fn splunk_hec_events_and_raw_lines_are_stored_with_a_splunk_token() {
     // Raw lines, the index from the query.
     let (status, answer) = hec_post(
         &node,
-        "/services/collector/raw?index=raw&channel=00000000-0000-0000-0000-000000000000",
+        "/services/collector/raw?index=raw&sync=true&channel=00000000-0000-0000-0000-000000000000",
         Some(TOKEN),
         "line one\nline two",
     )
     .await;
     assert_eq!((status, answer["code"].clone()), (StatusCode::OK, json!(0)));
     assert_eq!(read("raw").await, ["line one", "line two"]);
+    // The native durability parameters are read, and checked.
+    let (status, answer) = hec_post(
+        &node,
+        "/services/collector/raw?index=raw&sync=maybe",
+        Some(TOKEN),
+        "line three",
+    )
+    .await;
+    assert_eq!(
+        (status, answer["code"].clone()),
+        (StatusCode::BAD_REQUEST, json!(6))
+    );
+    assert!(
+        answer["text"].as_str().unwrap().contains("sync"),
+        "{answer}"
+    );
 
     // The events before the first invalid one are stored, as HEC does.
     let body = "{\"event\":\"kept 1\"}{\"event\":\"kept 2\"}{\"time\":1}{\"event\":\"after\"}";

@@ -3,44 +3,19 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::time::Duration;
 
 use chunkbus_client::ProduceResponse;
 use reqwest::StatusCode;
-use tokio::io::AsyncWriteExt;
 
-use crate::harness::{SyslogNg, TestNode};
+use crate::harness::{SyslogNg, TestNode, documented_block, node_lines};
 
 const MESSAGES: usize = 10_000;
-
-/// The `destination d_chunkbus { ... };` block of docs/shippers.md.
-fn documented_destination() -> String {
-    let doc =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/shippers.md")).unwrap();
-    let start = doc
-        .find("destination d_chunkbus {")
-        .expect("docs/shippers.md has the destination");
-    let end = start
-        + doc[start..]
-            .find("\n};")
-            .expect("the destination block ends")
-        + 3;
-    doc[start..end].to_owned()
-}
-
-/// Every line of `category` on `node`.
-async fn lines(node: &TestNode, category: &str) -> Vec<String> {
-    crate::harness::all_lines(
-        &chunkbus_client::Client::new(&node.url("")).unwrap(),
-        category,
-    )
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syslog_ng_delivers_every_message_with_the_documented_config() {
     let node = TestNode::start().await;
-    let destination = documented_destination().replace("http://127.0.0.1:8080", &node.url(""));
+    let destination = documented_block("shippers.md", "destination d_chunkbus {")
+        .replace("http://127.0.0.1:8080", &node.url(""));
     let mut syslog = SyslogNg::start(&destination, "d_chunkbus", false).await;
     let mut payload = String::new();
     for i in 0..MESSAGES {
@@ -48,26 +23,7 @@ async fn syslog_ng_delivers_every_message_with_the_documented_config() {
             "app[42]: message {i:05} from the syslog-ng test\n"
         ));
     }
-    syslog.input.write_all(payload.as_bytes()).await.unwrap();
-    syslog.input.shutdown().await.unwrap();
-
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let got = loop {
-        let got = if node.files("syslog").is_empty() {
-            Vec::new()
-        } else {
-            lines(&node, "syslog").await
-        };
-        if got.len() >= MESSAGES {
-            break got;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of {MESSAGES} messages arrived",
-            got.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let got = syslog.deliver(&payload, &node, "syslog", MESSAGES).await;
     let mut seen = BTreeSet::new();
     for l in &got {
         let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
@@ -167,7 +123,7 @@ async fn vector_and_fluent_bit_request_shapes() {
         )
         .await;
     }
-    let got = lines(&node, "shapes").await;
+    let got = node_lines(&node, "shapes").await;
     assert_eq!(
         &got[..6],
         [
