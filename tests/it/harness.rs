@@ -139,14 +139,15 @@ impl TestNode {
 /// Every chunk file of a category directory, sorted by name.
 pub fn chunk_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<_> = match std::fs::read_dir(dir) {
+        // A chunk the node deletes between the listing and the read is
+        // left out, as if listed a moment later.
         Ok(rd) => rd
             .map(|e| e.unwrap())
             .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .map(|e| {
-                (
-                    e.file_name().to_string_lossy().into_owned(),
-                    std::fs::read(e.path()).unwrap(),
-                )
+            .filter_map(|e| match std::fs::read(e.path()) {
+                Ok(bytes) => Some((e.file_name().to_string_lossy().into_owned(), bytes)),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+                Err(err) => panic!("{}: {err}", e.path().display()),
             })
             .collect(),
         Err(_) => Vec::new(),
