@@ -295,3 +295,78 @@ pub fn hec_events(data: &[u8]) {
         assert_eq!(i.number, events.len());
     }
 }
+
+/// The OTLP logs decoder: never a panic; what it accepts becomes lines
+/// that are JSON objects within the line limit, and every record is
+/// either a line or counted as refused.
+pub fn otlp_logs(data: &[u8]) {
+    use crate::http::otlp::{Encoding, Rules, decode};
+    let Some((&which, raw)) = data.split_first() else {
+        return;
+    };
+    let encoding = if which % 2 == 0 {
+        Encoding::Protobuf
+    } else {
+        Encoding::Json
+    };
+    let rules = Rules {
+        category_attribute: "service.name".into(),
+        default_category: "otlp".into(),
+        max_line: u64::from(which) * 8,
+        max_lines_bytes: 1 << 20,
+    };
+    let mut asked = 0u64;
+    let mut reserve = |n: u64| {
+        asked += n;
+        Ok(())
+    };
+    if let Ok(d) = decode(
+        raw,
+        encoding,
+        &rules,
+        &|c| !c.starts_with('x'),
+        &mut reserve,
+    ) {
+        check_json_lines(&d.batches, rules.max_line);
+    }
+}
+
+/// The Loki push decoder (snappy protobuf and JSON), as [`otlp_logs`].
+pub fn loki_push(data: &[u8]) {
+    use crate::http::loki::{Encoding, Rules, decode};
+    let Some((&which, raw)) = data.split_first() else {
+        return;
+    };
+    let encoding = if which % 2 == 0 {
+        Encoding::SnappyProtobuf
+    } else {
+        Encoding::Json
+    };
+    let rules = Rules {
+        category_label: "job".into(),
+        default_category: "loki".into(),
+        tenant: (which % 3 == 0).then(|| "t".into()),
+        max_line: u64::from(which) * 8,
+        max_lines_bytes: 1 << 20,
+    };
+    let mut reserve = |_: u64| Ok(());
+    if let Ok(d) = decode(
+        raw,
+        encoding,
+        &rules,
+        &|c| !c.starts_with('x'),
+        &mut reserve,
+    ) {
+        check_json_lines(&d.batches, rules.max_line);
+    }
+}
+
+fn check_json_lines(batches: &crate::http::produce::Batches, max_line: u64) {
+    for (category, line) in batches.lines() {
+        assert!(chunkbus_client::names::validate_category(category).is_ok());
+        assert!(line.len() as u64 <= max_line);
+        assert!(!line.contains(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(line).expect("a line is JSON");
+        assert!(v.is_object());
+    }
+}

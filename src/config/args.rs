@@ -393,14 +393,34 @@ pub struct ServeArgs {
     pub kafka_acks_all_replicas: Option<u32>,
 
     /// Stock agent APIs served on the HTTP listener (docs/ingest.md), a
-    /// comma-separated list of es (Elasticsearch bulk) and hec (Splunk
-    /// HEC), or none [default: es,hec].
+    /// comma-separated list of es (Elasticsearch bulk), otlp (OTLP/HTTP
+    /// logs), loki (Loki push) and hec (Splunk HEC), or none [default:
+    /// es,otlp,loki,hec].
     #[arg(long, env = "CHUNKBUS_INGEST_APIS", value_name = "LIST")]
     pub ingest_apis: Option<String>,
 
     /// Category of Splunk HEC events without an index [default: hec].
     #[arg(long, env = "CHUNKBUS_HEC_DEFAULT_CATEGORY", value_name = "CATEGORY")]
     pub hec_default_category: Option<String>,
+
+    /// The resource attribute whose value names the category of OTLP log
+    /// records [default: service.name].
+    #[arg(long, env = "CHUNKBUS_OTLP_CATEGORY_ATTRIBUTE", value_name = "KEY")]
+    pub otlp_category_attribute: Option<String>,
+
+    /// Category of OTLP log records whose resource lacks that attribute
+    /// [default: otlp].
+    #[arg(long, env = "CHUNKBUS_OTLP_DEFAULT_CATEGORY", value_name = "CATEGORY")]
+    pub otlp_default_category: Option<String>,
+
+    /// The stream label whose value names the category of Loki entries
+    /// [default: job].
+    #[arg(long, env = "CHUNKBUS_LOKI_CATEGORY_LABEL", value_name = "LABEL")]
+    pub loki_category_label: Option<String>,
+
+    /// Category of Loki streams without that label [default: loki].
+    #[arg(long, env = "CHUNKBUS_LOKI_DEFAULT_CATEGORY", value_name = "CATEGORY")]
+    pub loki_default_category: Option<String>,
 }
 
 impl ServeArgs {
@@ -453,6 +473,12 @@ impl ServeArgs {
                 .or(file.kafka_acks_all_replicas),
             ingest_apis: self.ingest_apis.or(file.ingest_apis),
             hec_default_category: self.hec_default_category.or(file.hec_default_category),
+            otlp_category_attribute: self
+                .otlp_category_attribute
+                .or(file.otlp_category_attribute),
+            otlp_default_category: self.otlp_default_category.or(file.otlp_default_category),
+            loki_category_label: self.loki_category_label.or(file.loki_category_label),
+            loki_default_category: self.loki_default_category.or(file.loki_default_category),
         }
     }
 }

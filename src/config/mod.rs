@@ -276,18 +276,29 @@ pub struct ServeConfig {
 pub enum IngestApi {
     /// Elasticsearch's bulk API and its probes.
     Es,
+    /// OTLP/HTTP logs.
+    Otlp,
+    /// Loki's push API.
+    Loki,
     /// Splunk's HTTP Event Collector.
     Hec,
 }
 
 impl IngestApi {
     /// Every one, in `--ingest-apis` order.
-    pub const ALL: [IngestApi; 2] = [IngestApi::Es, IngestApi::Hec];
+    pub const ALL: [IngestApi; 4] = [
+        IngestApi::Es,
+        IngestApi::Otlp,
+        IngestApi::Loki,
+        IngestApi::Hec,
+    ];
 
     /// Its name in `--ingest-apis`.
     pub fn name(self) -> &'static str {
         match self {
             IngestApi::Es => "es",
+            IngestApi::Otlp => "otlp",
+            IngestApi::Loki => "loki",
             IngestApi::Hec => "hec",
         }
     }
@@ -300,6 +311,14 @@ pub struct IngestSettings {
     pub apis: std::collections::BTreeSet<IngestApi>,
     /// `--hec-default-category`.
     pub hec_default_category: String,
+    /// `--otlp-category-attribute`.
+    pub otlp_category_attribute: String,
+    /// `--otlp-default-category`.
+    pub otlp_default_category: String,
+    /// `--loki-category-label`.
+    pub loki_category_label: String,
+    /// `--loki-default-category`.
+    pub loki_default_category: String,
 }
 
 impl Default for IngestSettings {
@@ -307,14 +326,18 @@ impl Default for IngestSettings {
         Self {
             apis: IngestApi::ALL.into_iter().collect(),
             hec_default_category: "hec".into(),
+            otlp_category_attribute: "service.name".into(),
+            otlp_default_category: "otlp".into(),
+            loki_category_label: "job".into(),
+            loki_default_category: "loki".into(),
         }
     }
 }
 
 impl IngestSettings {
-    fn resolve(apis: Option<&str>, hec_default: Option<String>) -> Result<Self, ConfigError> {
+    fn resolve(args: &ServeArgs) -> Result<Self, ConfigError> {
         let mut out = IngestSettings::default();
-        if let Some(list) = apis {
+        if let Some(list) = args.ingest_apis.as_deref() {
             out.apis.clear();
             for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                 if name == "none" {
@@ -325,16 +348,53 @@ impl IngestSettings {
                     .find(|a| a.name() == name)
                     .ok_or_else(|| {
                         ConfigError::Invalid(format!(
-                            "--ingest-apis: unknown API {name:?} (known: es, hec, or none)"
+                            "--ingest-apis: unknown API {name:?} (known: es, otlp, loki, hec, or none)"
                         ))
                     })?;
                 out.apis.insert(api);
             }
         }
-        if let Some(c) = hec_default {
-            chunkbus_client::names::validate_category(&c)
-                .map_err(|e| ConfigError::Invalid(format!("--hec-default-category: {e}")))?;
-            out.hec_default_category = c;
+        for (flag, given, setting) in [
+            (
+                "--hec-default-category",
+                &args.hec_default_category,
+                &mut out.hec_default_category,
+            ),
+            (
+                "--otlp-default-category",
+                &args.otlp_default_category,
+                &mut out.otlp_default_category,
+            ),
+            (
+                "--loki-default-category",
+                &args.loki_default_category,
+                &mut out.loki_default_category,
+            ),
+        ] {
+            if let Some(c) = given {
+                chunkbus_client::names::validate_category(c)
+                    .map_err(|e| ConfigError::Invalid(format!("{flag}: {e}")))?;
+                *setting = c.clone();
+            }
+        }
+        for (flag, given, setting) in [
+            (
+                "--otlp-category-attribute",
+                &args.otlp_category_attribute,
+                &mut out.otlp_category_attribute,
+            ),
+            (
+                "--loki-category-label",
+                &args.loki_category_label,
+                &mut out.loki_category_label,
+            ),
+        ] {
+            if let Some(key) = given {
+                if key.is_empty() {
+                    return Err(ConfigError::Invalid(format!("{flag} may not be empty")));
+                }
+                *setting = key.clone();
+            }
         }
         Ok(out)
     }
@@ -399,6 +459,7 @@ impl ServeConfig {
             None => args,
         };
         let s3 = s3_config(&args)?;
+        let ingest = IngestSettings::resolve(&args)?;
         let auth = AuthSettings {
             tokens_file: args.tokens_file.clone(),
             tokens: args.token.clone().unwrap_or_default(),
@@ -490,10 +551,7 @@ impl ServeConfig {
             max_categories: args.max_categories.unwrap_or(DEFAULT_MAX_CATEGORIES),
             kafka: None,
             kafka_allow_anonymous: false,
-            ingest: IngestSettings::resolve(
-                args.ingest_apis.as_deref(),
-                args.hec_default_category,
-            )?,
+            ingest,
             retention: RetentionConfig {
                 local_retention: args
                     .local_retention
@@ -846,6 +904,46 @@ mod tests {
         assert_eq!(c.hec_default_category, "splunk.main");
         let err = resolve(&["--hec-default-category", "a/b"]).unwrap_err();
         assert!(err.to_string().contains("--hec-default-category"), "{err}");
+        assert_eq!(
+            (
+                all.otlp_category_attribute.as_str(),
+                all.otlp_default_category.as_str()
+            ),
+            ("service.name", "otlp")
+        );
+        assert_eq!(
+            (
+                all.loki_category_label.as_str(),
+                all.loki_default_category.as_str()
+            ),
+            ("job", "loki")
+        );
+        let c = resolve(&[
+            "--otlp-category-attribute",
+            "k8s.namespace.name",
+            "--otlp-default-category",
+            "otel",
+            "--loki-category-label",
+            "app",
+            "--loki-default-category",
+            "logs",
+        ])
+        .unwrap();
+        assert_eq!(
+            [
+                c.otlp_category_attribute,
+                c.otlp_default_category,
+                c.loki_category_label,
+                c.loki_default_category
+            ],
+            ["k8s.namespace.name", "otel", "app", "logs"]
+        );
+        for flag in ["--otlp-default-category", "--loki-default-category"] {
+            let err = resolve(&[flag, "a b"]).unwrap_err();
+            assert!(err.to_string().contains(flag), "{err}");
+        }
+        let err = resolve(&["--loki-category-label", ""]).unwrap_err();
+        assert!(err.to_string().contains("--loki-category-label"), "{err}");
     }
 
     #[test]

@@ -63,6 +63,11 @@ impl Inflight {
 }
 
 impl Reservation {
+    /// The bytes it holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// Reserves `n` more bytes or answers 503.
     pub fn grow(&mut self, n: u64) -> Result<(), ApiError> {
         if n == 0 {

@@ -15,9 +15,12 @@ pub mod es;
 pub mod hec;
 mod internal;
 pub(crate) mod lines;
+pub(crate) mod loki;
 mod ops;
+pub(crate) mod otlp;
 mod params;
-mod produce;
+pub(crate) mod produce;
+pub(crate) mod protobuf;
 mod read;
 
 use std::sync::Arc;
@@ -256,6 +259,17 @@ fn routes() -> Vec<Route> {
     .into_iter()
     .chain(es_routes().into_iter().map(|r| of_api(IngestApi::Es, r)))
     .chain(hec_routes().into_iter().map(|r| of_api(IngestApi::Hec, r)))
+    .chain([of_api(
+        IngestApi::Otlp,
+        streaming(route("/v1/logs", M::POST, Produce, otlp::export)),
+    )])
+    .chain([
+        of_api(
+            IngestApi::Loki,
+            streaming(route("/loki/api/v1/push", M::POST, Produce, loki::push)),
+        ),
+        of_api(IngestApi::Loki, route("/ready", M::GET, Open, loki::ready)),
+    ])
     .collect()
 }
 

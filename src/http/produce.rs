@@ -274,7 +274,7 @@ pub(super) async fn store(
 /// and Splunk HEC APIs name a category per record), appended with one
 /// write per category, in the order the categories first appear.
 #[derive(Debug, Default)]
-pub(super) struct Batches {
+pub struct Batches {
     groups: Vec<Batch>,
     /// Where each category's batch is in `groups` (a request may name as
     /// many categories as it has records).
@@ -321,8 +321,21 @@ impl Batches {
         batch.members.push((n, line.len() as u64 + 1));
     }
 
+    /// Every line (without its `\n`) with its category, category by
+    /// category.
+    pub fn lines(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.groups.iter().flat_map(|g| {
+            let mut at = 0usize;
+            g.members.iter().map(move |&(_, len)| {
+                let line = &g.lines[at..at + len as usize - 1];
+                at += len as usize;
+                (g.category.as_str(), line)
+            })
+        })
+    }
+
     /// Appends each category's lines; one result per category.
-    pub async fn store(self, st: &AppState, opts: WriteOptions) -> Vec<BatchResult> {
+    pub(super) async fn store(self, st: &AppState, opts: WriteOptions) -> Vec<BatchResult> {
         let mut results = Vec::with_capacity(self.groups.len());
         for batch in self.groups {
             let count = batch.members.len() as u64;

@@ -1,0 +1,798 @@
+//! OTLP/HTTP logs, so that the OpenTelemetry Collector's `otlphttp`
+//! exporter and the SDKs' OTLP/HTTP log exporters write to chunkbus by
+//! changing a URL.
+//!
+//! `POST /v1/logs` takes an `ExportLogsServiceRequest` as protobuf
+//! (`application/x-protobuf`) or in OTLP's JSON mapping
+//! (`application/json`), with any `Content-Encoding` the native route
+//! takes (gzip, as exporters send it). Every log record becomes one line:
+//! a JSON object with its time, severity, body, attributes, trace and span
+//! ids, and its resource's and scope's attributes (see [`Line`]), in the
+//! category named by the resource attribute `--otlp-category-attribute`
+//! (`service.name`), else `--otlp-default-category` (`otlp`).
+//!
+//! Answers as the OTLP/HTTP specification asks: 200 with an
+//! `ExportLogsServiceResponse` in the request's encoding, with
+//! `partial_success` naming how many records were refused and why (a
+//! category name chunkbus cannot take, a token that may not write there, a
+//! record above `--max-line-bytes`); on failure a `google.rpc.Status` with
+//! 400 (not retried by exporters), 413, or 429/503/504 with `Retry-After`
+//! (retried).
+
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use chunkbus_client::names::validate_category;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::common::v1::{
+    AnyValue, ArrayValue, EntityRef, InstrumentationScope, KeyValue, KeyValueList,
+};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::Message;
+use serde::Serialize;
+use serde::ser::{SerializeMap, SerializeSeq};
+
+use super::produce::{
+    Batches, ProduceQuery, WriteOptions, check_writable, count_shed, read_decoded,
+};
+use super::protobuf::{Shape, decoded_bytes};
+use super::{ApiError, AppState, body};
+use crate::auth::Principal;
+
+/// The encodings of a request and its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// `application/x-protobuf`.
+    Protobuf,
+    /// `application/json`, OTLP's JSON mapping.
+    Json,
+}
+
+impl Encoding {
+    fn of(headers: &HeaderMap) -> Result<Encoding, ApiError> {
+        let ct = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        if mime.eq_ignore_ascii_case("application/x-protobuf")
+            || mime.eq_ignore_ascii_case("application/protobuf")
+        {
+            Ok(Encoding::Protobuf)
+        } else if mime.eq_ignore_ascii_case("application/json") {
+            Ok(Encoding::Json)
+        } else {
+            Err(ApiError::UnsupportedMediaType(format!(
+                "Content-Type {ct:?}: OTLP/HTTP takes application/x-protobuf or application/json"
+            )))
+        }
+    }
+
+    fn content_type(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Encoding::Protobuf => "application/x-protobuf",
+            Encoding::Json => "application/json",
+        })
+    }
+}
+
+/// The memory layout of an `ExportLogsServiceRequest`, for the bound of
+/// what decoding a body costs.
+static REQUEST: Shape = Shape::message::<ExportLogsServiceRequest>(&[(1, &RESOURCE_LOGS)]);
+static RESOURCE_LOGS: Shape = Shape::message::<ResourceLogs>(&[(1, &RESOURCE), (2, &SCOPE_LOGS)]);
+static RESOURCE: Shape = Shape::message::<Resource>(&[(1, &KEY_VALUE), (3, &ENTITY_REF)]);
+static ENTITY_REF: Shape = Shape::message::<EntityRef>(&[(3, &STRING), (4, &STRING)]);
+static SCOPE_LOGS: Shape = Shape::message::<ScopeLogs>(&[(1, &SCOPE), (2, &LOG_RECORD)]);
+static SCOPE: Shape = Shape::message::<InstrumentationScope>(&[(3, &KEY_VALUE)]);
+static LOG_RECORD: Shape = Shape::message::<LogRecord>(&[(5, &ANY_VALUE), (6, &KEY_VALUE)]);
+static KEY_VALUE: Shape = Shape::message::<KeyValue>(&[(2, &ANY_VALUE)]);
+static ANY_VALUE: Shape = Shape::message::<AnyValue>(&[(5, &ARRAY), (6, &KV_LIST)]);
+static ARRAY: Shape = Shape::message::<ArrayValue>(&[(1, &ANY_VALUE)]);
+static KV_LIST: Shape = Shape::message::<KeyValueList>(&[(1, &KEY_VALUE)]);
+static STRING: Shape = Shape::repeated_string();
+
+/// The largest struct a JSON object of a request can become.
+const LARGEST_MESSAGE: usize = {
+    let sizes = [
+        size_of::<ResourceLogs>(),
+        size_of::<Resource>(),
+        size_of::<EntityRef>(),
+        size_of::<ScopeLogs>(),
+        size_of::<InstrumentationScope>(),
+        size_of::<LogRecord>(),
+        size_of::<KeyValue>(),
+        size_of::<AnyValue>(),
+    ];
+    let mut max = 0;
+    let mut i = 0;
+    while i < sizes.len() {
+        if sizes[i] > max {
+            max = sizes[i];
+        }
+        i += 1;
+    }
+    max
+};
+
+/// An upper bound of the memory a JSON request decodes into: every object
+/// as the largest message, four times (a `Vec`'s spare room), every string
+/// as an element of a `Vec<String>`, and the bytes of the body.
+fn json_decoded_bytes(body: &[u8]) -> u64 {
+    let objects = memchr::memchr_iter(b'{', body).count() as u64;
+    let strings = memchr::memchr_iter(b'"', body).count() as u64 / 2;
+    objects * 4 * LARGEST_MESSAGE as u64
+        + strings * (4 * size_of::<String>() as u64 + 16)
+        + body.len() as u64
+}
+
+/// What `--otlp-*` say, and the limits a request's lines are held to.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// The resource attribute that names the category.
+    pub category_attribute: String,
+    /// The category when the resource has no such attribute.
+    pub default_category: String,
+    /// Longest line (`--max-line-bytes`): a longer record is refused.
+    pub max_line: u64,
+    /// Most bytes of lines one request may produce (413 above).
+    pub max_lines_bytes: u64,
+}
+
+/// A request decoded into lines: each category's lines, and the records
+/// refused with the first reason.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    /// The lines by category, each record's number in the request.
+    pub batches: Batches,
+    /// Records refused.
+    pub rejected: u64,
+    /// Why the first of them was.
+    pub reason: Option<String>,
+}
+
+impl Decoded {
+    fn reject(&mut self, n: u64, reason: impl FnOnce() -> String) {
+        if n == 0 {
+            return;
+        }
+        if self.reason.is_none() {
+            self.reason = Some(reason());
+        }
+        self.rejected += n;
+    }
+}
+
+/// Decodes a request (protobuf or JSON) and turns its records into lines.
+/// `may_write` says whether the request's token may write a category;
+/// `reserve` is asked for the memory the decode and the lines will take,
+/// before they take it.
+pub fn decode(
+    raw: &[u8],
+    encoding: Encoding,
+    rules: &Rules,
+    may_write: &dyn Fn(&str) -> bool,
+    reserve: &mut dyn FnMut(u64) -> Result<(), ApiError>,
+) -> Result<Decoded, ApiError> {
+    let request = match encoding {
+        Encoding::Protobuf => {
+            let bound = decoded_bytes(raw, &REQUEST)
+                .map_err(|e| ApiError::BadRequest(format!("not an OTLP logs request: {e}")))?;
+            reserve(bound)?;
+            ExportLogsServiceRequest::decode(raw)
+                .map_err(|e| ApiError::BadRequest(format!("not an OTLP logs request: {e}")))?
+        }
+        Encoding::Json => {
+            reserve(json_decoded_bytes(raw))?;
+            serde_json::from_slice::<ExportLogsServiceRequest>(raw)
+                .map_err(|e| ApiError::BadRequest(format!("not an OTLP/JSON logs request: {e}")))?
+        }
+    };
+    to_lines(&request, rules, may_write, reserve)
+}
+
+/// Grows the reservation for the lines a megabyte at a time.
+const LINES_RESERVE_STEP: u64 = 1 << 20;
+
+fn to_lines(
+    request: &ExportLogsServiceRequest,
+    rules: &Rules,
+    may_write: &dyn Fn(&str) -> bool,
+    reserve: &mut dyn FnMut(u64) -> Result<(), ApiError>,
+) -> Result<Decoded, ApiError> {
+    let mut out = Decoded::default();
+    let mut line = Vec::new();
+    let (mut written, mut reserved) = (0u64, 0u64);
+    let mut number = 0usize;
+    for rl in &request.resource_logs {
+        let resource: &[KeyValue] = rl.resource.as_ref().map_or(&[], |r| &r.attributes);
+        let records: u64 = rl
+            .scope_logs
+            .iter()
+            .map(|s| s.log_records.len() as u64)
+            .sum();
+        let category = match resource
+            .iter()
+            .find(|kv| kv.key == rules.category_attribute)
+            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+        {
+            None => rules.default_category.clone(),
+            Some(Value::StringValue(s)) => s.clone(),
+            Some(_) => {
+                out.reject(records, || {
+                    format!(
+                        "the resource attribute {:?} is not a string",
+                        rules.category_attribute
+                    )
+                });
+                number += records as usize;
+                continue;
+            }
+        };
+        if let Err(e) = validate_category(&category) {
+            out.reject(records, || {
+                format!(
+                    "the resource attribute {:?} is not a category name: {e}",
+                    rules.category_attribute
+                )
+            });
+            number += records as usize;
+            continue;
+        }
+        if !may_write(&category) {
+            out.reject(records, || {
+                format!("this token may not write to the category {category:?}")
+            });
+            number += records as usize;
+            continue;
+        }
+        for sl in &rl.scope_logs {
+            for record in &sl.log_records {
+                line.clear();
+                serde_json::to_writer(&mut line, &Line::new(record, resource, sl.scope.as_ref()))
+                    .map_err(|e| ApiError::Internal(format!("cannot write a log record: {e}")))?;
+                if line.len() as u64 > rules.max_line {
+                    out.reject(1, || {
+                        format!(
+                            "a log record of {} bytes as a line, above the limit of {} (--max-line-bytes)",
+                            line.len(),
+                            rules.max_line
+                        )
+                    });
+                    number += 1;
+                    continue;
+                }
+                written += line.len() as u64 + 1;
+                if written > rules.max_lines_bytes {
+                    return Err(ApiError::TooLarge(format!(
+                        "the log records of this request make more than {} of lines (--max-body-bytes): send fewer at a time",
+                        crate::config::ByteSize(rules.max_lines_bytes)
+                    )));
+                }
+                if written > reserved {
+                    reserve(LINES_RESERVE_STEP)?;
+                    reserved += LINES_RESERVE_STEP;
+                }
+                out.batches.push(&category, &line, number);
+                number += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The line stored for one log record. Fields at their default (zero,
+/// empty) are left out.
+#[derive(Serialize)]
+pub struct Line<'a> {
+    #[serde(skip_serializing_if = "is_zero")]
+    time_unix_nano: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    observed_time_unix_nano: u64,
+    #[serde(skip_serializing_if = "is_zero_i32")]
+    severity_number: i32,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    severity_text: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    event_name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body: Option<Any<'a>>,
+    #[serde(skip_serializing_if = "Attributes::is_empty")]
+    attributes: Attributes<'a>,
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    dropped_attributes_count: u32,
+    #[serde(skip_serializing_if = "Hex::is_empty")]
+    trace_id: Hex<'a>,
+    #[serde(skip_serializing_if = "Hex::is_empty")]
+    span_id: Hex<'a>,
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    flags: u32,
+    #[serde(skip_serializing_if = "Attributes::is_empty")]
+    resource: Attributes<'a>,
+    #[serde(skip_serializing_if = "Scope::is_empty")]
+    scope: Scope<'a>,
+}
+
+impl<'a> Line<'a> {
+    /// The line of `record`, from a resource with `resource` attributes,
+    /// in `scope`.
+    pub fn new(
+        record: &'a LogRecord,
+        resource: &'a [KeyValue],
+        scope: Option<&'a InstrumentationScope>,
+    ) -> Self {
+        Line {
+            time_unix_nano: record.time_unix_nano,
+            observed_time_unix_nano: record.observed_time_unix_nano,
+            severity_number: record.severity_number,
+            severity_text: &record.severity_text,
+            event_name: &record.event_name,
+            body: record.body.as_ref().map(Any),
+            attributes: Attributes(&record.attributes),
+            dropped_attributes_count: record.dropped_attributes_count,
+            trace_id: Hex(&record.trace_id),
+            span_id: Hex(&record.span_id),
+            flags: record.flags,
+            resource: Attributes(resource),
+            scope: Scope {
+                name: scope.map_or("", |s| &s.name),
+                version: scope.map_or("", |s| &s.version),
+                attributes: Attributes(scope.map_or(&[], |s| &s.attributes)),
+            },
+        }
+    }
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+fn is_zero_i32(v: &i32) -> bool {
+    *v == 0
+}
+
+#[derive(Serialize)]
+struct Scope<'a> {
+    #[serde(skip_serializing_if = "str::is_empty")]
+    name: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    version: &'a str,
+    #[serde(skip_serializing_if = "Attributes::is_empty")]
+    attributes: Attributes<'a>,
+}
+
+impl Scope<'_> {
+    fn is_empty(&self) -> bool {
+        self.name.is_empty() && self.version.is_empty() && self.attributes.is_empty()
+    }
+}
+
+/// Bytes as lowercase hex (trace and span ids, as OTLP/JSON writes them).
+struct Hex<'a>(&'a [u8]);
+
+impl Hex<'_> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for Hex<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&const_hex::encode(self.0))
+    }
+}
+
+/// Attributes as one JSON object.
+struct Attributes<'a>(&'a [KeyValue]);
+
+impl Attributes<'_> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for Attributes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for kv in self.0 {
+            map.serialize_entry(&kv.key, &kv.value.as_ref().map(Any))?;
+        }
+        map.end()
+    }
+}
+
+/// An attribute value or a body as plain JSON: strings, booleans, numbers
+/// (64-bit integers exactly; a double that is not finite is `null`),
+/// arrays, objects (key-value lists), bytes as base64, an empty value as
+/// `null`.
+struct Any<'a>(&'a AnyValue);
+
+impl Serialize for Any<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0.value {
+            None | Some(Value::StringValueStrindex(_)) => s.serialize_unit(),
+            Some(Value::StringValue(v)) => s.serialize_str(v),
+            Some(Value::BoolValue(v)) => s.serialize_bool(*v),
+            Some(Value::IntValue(v)) => s.serialize_i64(*v),
+            Some(Value::DoubleValue(v)) => s.serialize_f64(*v),
+            Some(Value::BytesValue(v)) => {
+                s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+            }
+            Some(Value::ArrayValue(a)) => {
+                let mut seq = s.serialize_seq(Some(a.values.len()))?;
+                for v in &a.values {
+                    seq.serialize_element(&Any(v))?;
+                }
+                seq.end()
+            }
+            Some(Value::KvlistValue(kv)) => Attributes(&kv.values).serialize(s),
+        }
+    }
+}
+
+/// `google.rpc.Status`, the body of OTLP/HTTP's failure answers.
+#[derive(Clone, PartialEq, Message, Serialize)]
+struct Status {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+/// A failure as OTLP/HTTP answers it: the status (with the native
+/// answer's `Retry-After` and `Connection`) and a `Status` in the
+/// request's encoding.
+fn failure(e: ApiError, encoding: Encoding) -> Response {
+    let status = e.status();
+    // The gRPC code nearest to the HTTP status, as the spec maps them.
+    let code = match status.as_u16() {
+        400 | 413 | 415 => 3,
+        401 => 16,
+        403 => 7,
+        404 => 5,
+        408 | 504 => 4,
+        429 | 507 => 8,
+        503 => 14,
+        _ => 13,
+    };
+    let status_msg = Status {
+        code,
+        message: e.to_string(),
+    };
+    let body = match encoding {
+        Encoding::Protobuf => status_msg.encode_to_vec(),
+        Encoding::Json => serde_json::to_vec(&status_msg).unwrap_or_default(),
+    };
+    let mut resp = (status, body).into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, encoding.content_type());
+    e.with_headers_on(resp)
+}
+
+/// `POST /v1/logs`.
+pub(super) async fn export(
+    State(st): State<Arc<AppState>>,
+    query: Result<Query<ProduceQuery>, QueryRejection>,
+    req: Request,
+) -> Response {
+    // A Content-Type OTLP does not know is answered in JSON.
+    let encoding = match Encoding::of(req.headers()) {
+        Ok(enc) => enc,
+        Err(e) => return failure(e, Encoding::Json),
+    };
+    match export_records(&st, query, req, encoding).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            count_shed(&st, &e);
+            failure(e, encoding)
+        }
+    }
+}
+
+async fn export_records(
+    st: &AppState,
+    query: Result<Query<ProduceQuery>, QueryRejection>,
+    req: Request,
+    encoding: Encoding,
+) -> Result<Response, ApiError> {
+    let Query(q) = query?;
+    let opts = q.options()?;
+    check_writable(st, opts)?;
+    let (parts, body) = req.into_parts();
+    let principal = parts.extensions.get::<Principal>().cloned();
+    let (data, mut reservation) = read_decoded(st, &parts.headers, body).await?;
+    let rules = Rules {
+        category_attribute: st.ingest.otlp_category_attribute.clone(),
+        default_category: st.ingest.otlp_default_category.clone(),
+        max_line: st.limits.max_line_bytes,
+        max_lines_bytes: st.limits.max_body_bytes,
+    };
+    let budget = st.limits.max_inflight_bytes;
+    let (decoded, reservation) =
+        body::off_runtime_if_large(data.into_contiguous(), "OTLP decode", move |raw| {
+            let may_write = |c: &str| principal.as_ref().is_none_or(|p| p.may_see(c));
+            let mut reserve = |n: u64| reserve_or_refuse(&mut reservation, n, budget);
+            decode(raw, encoding, &rules, &may_write, &mut reserve).map(|d| (d, reservation))
+        })
+        .await??;
+    store_all(st, decoded.batches, opts).await?;
+    drop(reservation);
+    let response = ExportLogsServiceResponse {
+        partial_success: decoded.reason.map(|reason| ExportLogsPartialSuccess {
+            rejected_log_records: decoded.rejected as i64,
+            error_message: if decoded.rejected > 1 {
+                format!(
+                    "{} log records refused; the first: {reason}",
+                    decoded.rejected
+                )
+            } else {
+                reason
+            },
+        }),
+    };
+    let body = match encoding {
+        Encoding::Protobuf => response.encode_to_vec(),
+        Encoding::Json => serde_json::to_vec(&response)
+            .map_err(|e| ApiError::Internal(format!("cannot write an OTLP answer: {e}")))?,
+    };
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, encoding.content_type())],
+        body,
+    )
+        .into_response())
+}
+
+/// Reserves `n` bytes of the in-flight budget: 503 (retried) when the
+/// node is busy, 413 (not retried) when the request needs more than the
+/// whole budget and would never fit.
+pub(super) fn reserve_or_refuse(
+    reservation: &mut body::Reservation,
+    n: u64,
+    budget: u64,
+) -> Result<(), ApiError> {
+    if reservation.bytes() + n > budget {
+        return Err(ApiError::TooLarge(format!(
+            "decoding this request would take {} of memory, more than --max-inflight-bytes ({}): send smaller requests",
+            crate::config::ByteSize(reservation.bytes() + n),
+            crate::config::ByteSize(budget)
+        )));
+    }
+    reservation.grow(n)
+}
+
+/// Appends every batch; the first failure is the answer (a `min_replicas`
+/// timeout included: the lines are stored, but not copied as asked).
+pub(super) async fn store_all(
+    st: &AppState,
+    batches: Batches,
+    opts: WriteOptions,
+) -> Result<(), ApiError> {
+    for result in batches.store(st, opts).await {
+        result.written?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: Value) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(value) }),
+            ..Default::default()
+        }
+    }
+
+    fn rules() -> Rules {
+        Rules {
+            category_attribute: "service.name".into(),
+            default_category: "otlp".into(),
+            max_line: 1 << 20,
+            max_lines_bytes: 1 << 30,
+        }
+    }
+
+    fn request(resources: Vec<(Vec<KeyValue>, Vec<LogRecord>)>) -> ExportLogsServiceRequest {
+        ExportLogsServiceRequest {
+            resource_logs: resources
+                .into_iter()
+                .map(|(attributes, records)| ResourceLogs {
+                    resource: Some(Resource {
+                        attributes,
+                        ..Default::default()
+                    }),
+                    scope_logs: vec![ScopeLogs {
+                        scope: Some(InstrumentationScope {
+                            name: "lib".into(),
+                            version: "1.2".into(),
+                            ..Default::default()
+                        }),
+                        log_records: records,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    fn lines_of(d: &Decoded) -> Vec<(String, String)> {
+        d.batches
+            .lines()
+            .map(|(c, l)| (c.to_owned(), String::from_utf8_lossy(l).into_owned()))
+            .collect()
+    }
+
+    fn unlimited(_: u64) -> Result<(), ApiError> {
+        Ok(())
+    }
+
+    #[test]
+    fn a_record_becomes_a_line_with_everything_a_consumer_needs() {
+        let record = LogRecord {
+            time_unix_nano: 1_700_000_000_123_456_789,
+            observed_time_unix_nano: 1_700_000_000_200_000_000,
+            severity_number: 9,
+            severity_text: "INFO".into(),
+            body: Some(AnyValue {
+                value: Some(Value::StringValue("user \"x\" logged in".into())),
+            }),
+            attributes: vec![
+                kv("n", Value::IntValue(i64::MAX)),
+                kv("ok", Value::BoolValue(true)),
+                kv("ratio", Value::DoubleValue(0.5)),
+                kv("raw", Value::BytesValue(vec![0, 1, 2])),
+                kv(
+                    "list",
+                    Value::ArrayValue(ArrayValue {
+                        values: vec![
+                            AnyValue {
+                                value: Some(Value::IntValue(1)),
+                            },
+                            AnyValue { value: None },
+                        ],
+                    }),
+                ),
+                kv(
+                    "map",
+                    Value::KvlistValue(KeyValueList {
+                        values: vec![kv("a", Value::StringValue("b".into()))],
+                    }),
+                ),
+            ],
+            trace_id: vec![0xab; 16],
+            span_id: vec![0x01; 8],
+            flags: 1,
+            ..Default::default()
+        };
+        let req = request(vec![(
+            vec![
+                kv("service.name", Value::StringValue("checkout".into())),
+                kv("host.name", Value::StringValue("h1".into())),
+            ],
+            vec![record, LogRecord::default()],
+        )]);
+        for encoding in [Encoding::Protobuf, Encoding::Json] {
+            let raw = match encoding {
+                Encoding::Protobuf => req.encode_to_vec(),
+                Encoding::Json => serde_json::to_vec(&req).unwrap(),
+            };
+            let d = decode(&raw, encoding, &rules(), &|_| true, &mut unlimited).unwrap();
+            assert_eq!(d.rejected, 0);
+            let lines = lines_of(&d);
+            assert_eq!(
+                lines[0],
+                (
+                    "checkout".into(),
+                    concat!(
+                        r#"{"time_unix_nano":1700000000123456789,"observed_time_unix_nano":1700000000200000000,"#,
+                        r#""severity_number":9,"severity_text":"INFO","body":"user \"x\" logged in","#,
+                        r#""attributes":{"n":9223372036854775807,"ok":true,"ratio":0.5,"raw":"AAEC","list":[1,null],"map":{"a":"b"}},"#,
+                        r#""trace_id":"abababababababababababababababab","span_id":"0101010101010101","flags":1,"#,
+                        r#""resource":{"service.name":"checkout","host.name":"h1"},"scope":{"name":"lib","version":"1.2"}}"#
+                    )
+                    .into()
+                ),
+                "{encoding:?}"
+            );
+            assert_eq!(
+                lines[1].1,
+                r#"{"resource":{"service.name":"checkout","host.name":"h1"},"scope":{"name":"lib","version":"1.2"}}"#
+            );
+        }
+    }
+
+    #[test]
+    fn records_that_cannot_be_stored_are_counted_with_the_first_reason() {
+        let req = request(vec![
+            (vec![], vec![LogRecord::default()]),
+            (
+                vec![kv("service.name", Value::StringValue("bad/name".into()))],
+                vec![LogRecord::default(); 2],
+            ),
+            (
+                vec![kv("service.name", Value::IntValue(3))],
+                vec![LogRecord::default()],
+            ),
+            (
+                vec![kv("service.name", Value::StringValue("secret".into()))],
+                vec![LogRecord::default()],
+            ),
+            (
+                vec![kv("service.name", Value::StringValue("big".into()))],
+                vec![LogRecord {
+                    severity_text: "x".repeat(200),
+                    ..Default::default()
+                }],
+            ),
+        ]);
+        let rules = Rules {
+            max_line: 150,
+            ..rules()
+        };
+        let d = decode(
+            &req.encode_to_vec(),
+            Encoding::Protobuf,
+            &rules,
+            &|c| c != "secret",
+            &mut unlimited,
+        )
+        .unwrap();
+        assert_eq!(d.rejected, 5);
+        assert!(d.reason.as_ref().unwrap().contains("not a category name"));
+        assert_eq!(lines_of(&d).len(), 1);
+        assert_eq!(lines_of(&d)[0].0, "otlp");
+    }
+
+    #[test]
+    fn memory_is_reserved_before_it_is_taken_and_bounded() {
+        // Ten thousand empty records: 20 KB on the wire, far more decoded.
+        let req = request(vec![(vec![], vec![LogRecord::default(); 10_000])]);
+        let raw = req.encode_to_vec();
+        let mut asked = 0u64;
+        let mut count = |n: u64| {
+            asked += n;
+            Ok(())
+        };
+        decode(&raw, Encoding::Protobuf, &rules(), &|_| true, &mut count).unwrap();
+        assert!(asked > 10_000 * size_of::<LogRecord>() as u64, "{asked}");
+        // A refusal stops the decode.
+        let mut refuse = |_: u64| Err(ApiError::Overloaded("busy".into()));
+        let err = decode(&raw, Encoding::Protobuf, &rules(), &|_| true, &mut refuse).unwrap_err();
+        assert!(matches!(err, ApiError::Overloaded(_)));
+        // Lines beyond the request limit: 413.
+        let rules = Rules {
+            max_lines_bytes: 100_000,
+            ..rules()
+        };
+        let err = decode(&raw, Encoding::Protobuf, &rules, &|_| true, &mut unlimited).unwrap_err();
+        assert!(matches!(err, ApiError::TooLarge(_)), "{err:?}");
+    }
+
+    #[test]
+    fn what_is_not_a_request_is_refused() {
+        for (raw, enc) in [
+            (&b"\x0a\x05\x01"[..], Encoding::Protobuf),
+            (b"\xff", Encoding::Protobuf),
+            (b"{\"resourceLogs\":", Encoding::Json),
+            (b"[1]", Encoding::Json),
+        ] {
+            let err = decode(raw, enc, &rules(), &|_| true, &mut unlimited).unwrap_err();
+            assert!(matches!(err, ApiError::BadRequest(_)), "{raw:?}: {err:?}");
+        }
+    }
+}
