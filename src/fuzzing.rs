@@ -370,3 +370,52 @@ fn check_json_lines(batches: &crate::http::produce::Batches, max_line: u64) {
         assert!(v.is_object());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The seeds kept for the OTLP and Loki targets are requests the
+    /// decoders accept, so that fuzzing starts from deep inside them.
+    #[test]
+    fn the_push_seeds_decode() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+        let read = |p: &str| std::fs::read(dir.join(p)).unwrap();
+        let mut ok = |_: u64| Ok(());
+        for (seed, encoding) in [
+            (
+                "otlp_logs/seed-protobuf",
+                crate::http::otlp::Encoding::Protobuf,
+            ),
+            ("otlp_logs/seed-json", crate::http::otlp::Encoding::Json),
+        ] {
+            let rules = crate::http::otlp::Rules {
+                category_attribute: "service.name".into(),
+                default_category: "otlp".into(),
+                max_line: 1 << 20,
+                max_lines_bytes: 1 << 20,
+            };
+            let d =
+                crate::http::otlp::decode(&read(seed)[1..], encoding, &rules, &|_| true, &mut ok)
+                    .unwrap();
+            assert!(d.batches.lines().count() > 0, "{seed}");
+        }
+        for (seed, encoding) in [
+            (
+                "loki_push/seed-snappy-protobuf",
+                crate::http::loki::Encoding::SnappyProtobuf,
+            ),
+            ("loki_push/seed-json", crate::http::loki::Encoding::Json),
+        ] {
+            let rules = crate::http::loki::Rules {
+                category_label: "job".into(),
+                default_category: "loki".into(),
+                tenant: None,
+                max_line: 1 << 20,
+                max_lines_bytes: 1 << 20,
+            };
+            let d =
+                crate::http::loki::decode(&read(seed)[1..], encoding, &rules, &|_| true, &mut ok)
+                    .unwrap();
+            assert!(d.batches.lines().count() > 1, "{seed}");
+        }
+    }
+}

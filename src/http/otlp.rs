@@ -543,6 +543,8 @@ async fn export_records(
     };
     let body = match encoding {
         Encoding::Protobuf => response.encode_to_vec(),
+        // OTLP/JSON leaves out what is not set.
+        Encoding::Json if response.partial_success.is_none() => b"{}".to_vec(),
         Encoding::Json => serde_json::to_vec(&response)
             .map_err(|e| ApiError::Internal(format!("cannot write an OTLP answer: {e}")))?,
     };

@@ -23,7 +23,7 @@ fn replay(target: &str, check: Check) -> usize {
 
 #[test]
 fn kept_fuzz_inputs_still_pass() {
-    let targets: [(&str, Check); 7] = [
+    let targets: [(&str, Check); 9] = [
         ("lines", chunkbus::fuzzing::lines),
         ("kafka", chunkbus::fuzzing::kafka_frame),
         ("decoders", chunkbus::fuzzing::decoders),
@@ -31,6 +31,8 @@ fn kept_fuzz_inputs_still_pass() {
         ("recovery", chunkbus::fuzzing::recovery),
         ("es_bulk", chunkbus::fuzzing::es_bulk),
         ("hec_events", chunkbus::fuzzing::hec_events),
+        ("otlp_logs", chunkbus::fuzzing::otlp_logs),
+        ("loki_push", chunkbus::fuzzing::loki_push),
     ];
     for (target, check) in targets {
         assert!(replay(target, check) > 0, "no inputs kept for {target}");

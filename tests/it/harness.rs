@@ -433,6 +433,37 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// Runs `tests/python/<script>` with `args` in the venv (at most two
+/// minutes) and returns the JSON object it prints; fails with its stderr
+/// when it fails.
+pub async fn run_python(script: &str, args: &[&str]) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new(python())
+            .arg(path)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{script} did not finish within two minutes"))
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{script} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 /// A real syslog-ng reading messages from a Unix socket and sending them
 /// through `destination` (a `destination NAME { ... };` block, with
 /// `@include "scl.conf"` when `scl`), with flow control. Killed on drop.

@@ -4,13 +4,12 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::time::Duration;
 
 use chunkbus::auth::{Role, TokenSpec};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::harness::{SyslogNg, TestNode, documented_block, node_lines, python};
+use crate::harness::{SyslogNg, TestNode, documented_block, node_lines, run_python};
 
 async fn bulk(node: &TestNode, path: &str, body: &str) -> (StatusCode, Value) {
     let r = node
@@ -272,24 +271,12 @@ async fn a_token_writes_only_the_indexes_it_may() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_elasticsearch_client_bulk_helper_delivers() {
     let node = TestNode::start().await;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/es_bulk.py");
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new(python())
-            .arg(script)
-            .args(["--url", &node.url(""), "--index", "pyes", "--count", "2000"])
-            .kill_on_drop(true)
-            .output(),
+    let url = node.url("");
+    let got = run_python(
+        "es_bulk.py",
+        &["--url", &url, "--index", "pyes", "--count", "2000"],
     )
-    .await
-    .expect("the client finishes")
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "es_bulk.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    .await;
     assert_eq!(got["version"], chunkbus::http::es::ES_VERSION);
     assert_eq!(got["indexed"], 2000, "{got}");
     assert_eq!(got["errors"], 0);
@@ -496,14 +483,16 @@ async fn an_api_turned_off_is_not_served() {
         cfg.ingest.apis = [chunkbus::config::IngestApi::Es].into_iter().collect();
     })
     .await;
-    let r = node
-        .http
-        .post(node.url("/services/collector/event"))
-        .body("{\"event\":1}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    for path in ["/services/collector/event", "/v1/logs", "/loki/api/v1/push"] {
+        let r = node
+            .http
+            .post(node.url(path))
+            .body("{\"event\":1}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+    }
     let (status, _) = bulk(&node, "/_bulk", "{\"index\":{\"_index\":\"on\"}}\n{}\n").await;
     assert_eq!(status, StatusCode::OK);
     node.stop().await;

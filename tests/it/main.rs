@@ -16,6 +16,7 @@ mod harness;
 mod ingest;
 mod kafka;
 mod kafka_clients;
+mod otlp_loki;
 mod proxy;
 mod replication;
 mod s3_server;
