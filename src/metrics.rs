@@ -101,6 +101,9 @@ pub struct Metrics {
     pub read_waiters: Gauge,
     /// Requests refused because of load or disk pressure.
     pub shed_requests: Counter,
+    /// Idempotent produce requests answered with the position of the
+    /// request they repeat, not stored again.
+    pub produce_repeats: Counter,
     /// Kafka requests answered, by API.
     pub kafka_requests: Family<KafkaLabels, Counter>,
     /// Kafka connections closed for a frame that could not be a request.
@@ -157,6 +160,7 @@ impl Metrics {
             idle_connections_closed: Counter::default(),
             read_waiters: Gauge::default(),
             shed_requests: Counter::default(),
+            produce_repeats: Counter::default(),
             kafka_requests: Family::default(),
             kafka_bad_frames: Counter::default(),
             peer_connected: Family::default(),
@@ -247,6 +251,11 @@ impl Metrics {
             "shed_requests",
             "Write requests refused with 503 because of load or disk pressure",
             m.shed_requests.clone(),
+        );
+        r.register(
+            "produce_repeats",
+            "Idempotent produce requests (Chunkbus-Producer, Chunkbus-Sequence) answered with the position of the request they repeat instead of being stored again",
+            m.produce_repeats.clone(),
         );
         r.register(
             "kafka_requests",

@@ -42,6 +42,22 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// True when the request may have been stored although it failed: the
+    /// answer did not come back (a timeout, a connection lost after the
+    /// request was sent), 504 (stored, fewer copies than asked) or another
+    /// 5xx but 503 (which says nothing was stored). An idempotent producer
+    /// retries those on the same node, which answers with the original
+    /// position if it had stored it.
+    pub fn may_be_stored(&self) -> bool {
+        match self {
+            ClientError::Transport { source, .. } => !source.is_connect(),
+            ClientError::Status { status, .. } => {
+                status.is_server_error() && *status != StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => false,
+        }
+    }
+
     /// True for errors a producer should retry (on this or another node):
     /// connection failures, 408, 429 and 5xx.
     pub fn is_retryable(&self) -> bool {

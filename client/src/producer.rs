@@ -21,9 +21,18 @@
 //! (compressed when asked), each to the next server in turn. By default one
 //! batch is in flight at a time, so batches are stored in the order they
 //! were sent; `max_in_flight` trades that order for throughput. A batch that fails with a connection
-//! error, 408, 429 or 5xx is sent again, to the next server, after a capped,
-//! jittered backoff; any other error fails the batch's deliveries. Memory is
-//! bounded: `send` waits while `max_buffered_bytes` are not yet acknowledged.
+//! error, 408, 429 or 5xx is sent again after a capped, jittered backoff;
+//! any other error fails the batch's deliveries. Memory is bounded: `send`
+//! waits while `max_buffered_bytes` are not yet acknowledged.
+//!
+//! Batches are idempotent by default (`idempotent`): each carries this
+//! producer's id and its own sequence number, and a batch whose failure
+//! says it may have been stored (a timeout, a connection lost after
+//! sending, a 5xx other than 503) is retried once on the same server,
+//! which answers with the original position instead of storing it again.
+//! Other failures, and a second one, move the batch to the next server,
+//! where a copy the first server stored would be stored again: delivery
+//! stays at least once (docs/consumers.md).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -80,6 +89,10 @@ pub struct ProducerConfig {
     pub token: Option<String>,
     /// A private CA (PEM) to trust for `https://` nodes.
     pub ca_pem: Option<Vec<u8>>,
+    /// Send each batch with this producer's id and a sequence number, so
+    /// that a node answers a retry of a batch it stored with the original
+    /// position (see the module documentation).
+    pub idempotent: bool,
 }
 
 impl Default for ProducerConfig {
@@ -97,6 +110,7 @@ impl Default for ProducerConfig {
             max_in_flight: 1,
             token: None,
             ca_pem: None,
+            idempotent: true,
         }
     }
 }
@@ -229,6 +243,8 @@ fn stopped() -> ClientError {
 }
 
 struct Batch {
+    /// Its sequence number (idempotent producers).
+    sequence: u64,
     data: BytesMut,
     lines: usize,
     waiters: Vec<oneshot::Sender<Result<ProduceResponse, Arc<ClientError>>>>,
@@ -239,6 +255,7 @@ struct Batch {
 impl Batch {
     fn new() -> Self {
         Self {
+            sequence: 0,
             data: BytesMut::new(),
             lines: 0,
             waiters: Vec::new(),
@@ -255,6 +272,8 @@ async fn run(cfg: ProducerConfig, clients: Vec<Client>, mut rx: mpsc::Receiver<C
         next_server: 0,
         cfg: Arc::new(cfg),
         clients: Arc::new(clients),
+        id: Arc::from(producer_id()),
+        next_sequence: 0,
     };
     let cfg = out.cfg.clone();
     let mut batch = Batch::new();
@@ -309,13 +328,37 @@ struct Sender {
     next_server: usize,
     cfg: Arc<ProducerConfig>,
     clients: Arc<Vec<Client>>,
+    /// This producer's id.
+    id: Arc<str>,
+    next_sequence: u64,
+}
+
+/// A producer id unlikely to be any other's: 128 random bits (from the
+/// standard library's randomly keyed hasher) in hex.
+fn producer_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut bits = [0u64; 2];
+    for (i, b) in bits.iter_mut().enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(i);
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        *b = h.finish();
+    }
+    format!("p-{:016x}{:016x}", bits[0], bits[1])
 }
 
 impl Sender {
-    async fn dispatch(&mut self, batch: Batch) {
+    async fn dispatch(&mut self, mut batch: Batch) {
         if batch.data.is_empty() {
             return;
         }
+        batch.sequence = self.next_sequence;
+        self.next_sequence += 1;
         let slot = self
             .slots
             .clone()
@@ -325,8 +368,9 @@ impl Sender {
         let server = self.next_server;
         self.next_server += 1;
         let (cfg, clients) = (self.cfg.clone(), self.clients.clone());
+        let id = cfg.idempotent.then(|| self.id.clone());
         self.tasks.spawn(async move {
-            send_batch(&cfg, &clients, server, batch).await;
+            send_batch(&cfg, &clients, server, id.as_deref(), batch).await;
             drop(slot);
         });
     }
@@ -357,20 +401,50 @@ fn encode(c: Compression, data: &[u8]) -> (Bytes, Option<&'static str>) {
     }
 }
 
-/// Sends one batch, retrying transient failures on the next server.
-async fn send_batch(cfg: &ProducerConfig, clients: &[Client], mut server: usize, batch: Batch) {
+/// Sends one batch, retrying transient failures (see the module
+/// documentation for where).
+async fn send_batch(
+    cfg: &ProducerConfig,
+    clients: &[Client],
+    mut server: usize,
+    id: Option<&str>,
+    batch: Batch,
+) {
     let (body, encoding) = encode(cfg.compression, &batch.data);
     let mut backoff = Duration::from_millis(50);
+    let mut retried_here = false;
     let result = loop {
         let client = &clients[server % clients.len()];
-        match client
-            .produce_encoded(&cfg.category, body.clone(), encoding, &cfg.options)
-            .await
-        {
+        let sent = match id {
+            Some(id) => {
+                client
+                    .produce_idempotent(
+                        &cfg.category,
+                        body.clone(),
+                        encoding,
+                        &cfg.options,
+                        id,
+                        batch.sequence,
+                    )
+                    .await
+            }
+            None => {
+                client
+                    .produce_encoded(&cfg.category, body.clone(), encoding, &cfg.options)
+                    .await
+            }
+        };
+        match sent {
             Ok(r) => break Ok(r),
             Err(e) if e.is_retryable() => {
-                tracing::warn!(server = %client.base_url(), error = %e, "batch not accepted; retrying on the next server");
-                server += 1;
+                if id.is_some() && e.may_be_stored() && !retried_here {
+                    tracing::warn!(server = %client.base_url(), error = %e, "batch may have been stored; retrying on the same server");
+                    retried_here = true;
+                } else {
+                    tracing::warn!(server = %client.base_url(), error = %e, "batch not accepted; retrying on the next server");
+                    retried_here = false;
+                    server += 1;
+                }
                 let jitter = 0.5 + f64::from(std::process::id() % 7 + (server as u32 % 5)) / 12.0;
                 tokio::time::sleep(backoff.mul_f64(jitter)).await;
                 backoff = (backoff * 2).min(cfg.max_backoff);

@@ -370,11 +370,52 @@ impl Client {
         content_encoding: Option<&'static str>,
         opts: &ProduceOptions,
     ) -> Result<ProduceResponse, ClientError> {
+        self.produce_as(category, body, content_encoding, opts, None)
+            .await
+    }
+
+    /// [`Client::produce_encoded`] of an idempotent request: the node that
+    /// stores it remembers (`producer`, `sequence`), and answers a retry of
+    /// the same pair with the original position instead of storing the
+    /// lines again (`Chunkbus-Producer`, `Chunkbus-Sequence`; see
+    /// docs/api.md). `producer` is 1 to 128 of `A-Z a-z 0-9 . _ : -`.
+    pub async fn produce_idempotent(
+        &self,
+        category: &str,
+        body: Bytes,
+        content_encoding: Option<&'static str>,
+        opts: &ProduceOptions,
+        producer: &str,
+        sequence: u64,
+    ) -> Result<ProduceResponse, ClientError> {
+        self.produce_as(
+            category,
+            body,
+            content_encoding,
+            opts,
+            Some((producer, sequence)),
+        )
+        .await
+    }
+
+    async fn produce_as(
+        &self,
+        category: &str,
+        body: Bytes,
+        content_encoding: Option<&'static str>,
+        opts: &ProduceOptions,
+        producer: Option<(&str, u64)>,
+    ) -> Result<ProduceResponse, ClientError> {
         validate_category(category)?;
         let url = self.produce_url(category, opts);
         let mut req = self.http.post(url.clone()).body(body);
         if let Some(enc) = content_encoding {
             req = req.header(reqwest::header::CONTENT_ENCODING, enc);
+        }
+        if let Some((id, seq)) = producer {
+            req = req
+                .header("chunkbus-producer", id)
+                .header("chunkbus-sequence", seq.to_string());
         }
         self.call(req, &url).await
     }

@@ -118,8 +118,10 @@ mod tests {
                 *access == Access::Peer,
                 "{method} {path}: {access:?}"
             );
-            // Health checks only (HEC's has its own path).
-            let health = *path == "/healthz" || path.starts_with("/services/collector/health");
+            // Health checks only (HEC's and Loki's have their own paths).
+            let health = *path == "/healthz"
+                || *path == "/ready"
+                || path.starts_with("/services/collector/health");
             assert_eq!(health, *access == Access::Open, "{method} {path}");
             if path.starts_with("/v1/admin/") {
                 assert_eq!(*access, Access::Admin, "{method} {path}");

@@ -44,6 +44,9 @@ use crate::replication::Replication;
 use crate::storage::{Storage, SyncPolicy};
 use crate::upload::Tiering;
 
+/// Stripes of [`AppState::producer_lock`].
+const PRODUCER_LOCK_STRIPES: usize = 64;
+
 /// Limits applied to requests.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -73,6 +76,9 @@ pub struct AppState {
     pub started: Instant,
     /// Ids of documents created through the Elasticsearch bulk API.
     pub es_ids: es::CreatedIds,
+    /// Idempotent produce: requests of one producer to one category are
+    /// served one at a time (a lock per stripe of producers).
+    producer_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
 impl std::ops::Deref for AppState {
@@ -121,7 +127,20 @@ impl AppState {
             shutdown,
             started: Instant::now(),
             es_ids: es::CreatedIds::default(),
+            producer_locks: (0..PRODUCER_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         })
+    }
+
+    /// The lock that serializes the idempotent requests of `producer` to
+    /// `category` (shared with the producers of the same stripe).
+    pub fn producer_lock(&self, category: &str, producer: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        // A fixed hasher: the stripe must be the same for every request.
+        let mut fixed = std::hash::DefaultHasher::new();
+        (category, producer).hash(&mut fixed);
+        &self.producer_locks[(fixed.finish() % PRODUCER_LOCK_STRIPES as u64) as usize]
     }
 
     /// The server's default for `sync=`.

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::params::{parse_bool, parse_duration, parse_u64};
 use super::{ApiError, AppState, body, lines};
+use crate::storage::producers::{ProducerTag, validate_producer};
 
 /// Longest `timeout=` accepted for a `min_replicas` wait.
 const MAX_REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
@@ -128,6 +129,29 @@ pub(super) async fn ingest(
 ) -> Result<ProduceResponse, ApiError> {
     validate_category(category)?;
     check_writable(st, opts)?;
+    let tag = producer_of(headers)?;
+    // One request of a producer at a time: a retry waits for the request
+    // it repeats, then finds it recorded.
+    let _serial = match &tag {
+        Some((producer, _)) => Some(st.producer_lock(category, producer).lock().await),
+        None => None,
+    };
+    if let Some((producer, sequence)) = &tag
+        && let Some(r) = st
+            .storage
+            .producer_lookup(category, producer, *sequence)
+            .await?
+    {
+        st.metrics.produce_repeats.inc();
+        let written = ProduceResponse {
+            chunk: Some(r.chunk.to_string()),
+            offset: r.offset,
+            next_offset: r.next_offset,
+            lines: r.lines,
+            replicas: None,
+        };
+        return wait_replicas(st, category, &r.chunk, written, opts).await;
+    }
     let (mut data, mut reservation) = read_decoded(st, headers, body).await?;
     if lines::is_json_array(headers, data.bytes()) {
         // The lines are a second buffer of about the body's size: counted
@@ -142,7 +166,41 @@ pub(super) async fn ingest(
         );
     }
     let count = lines::finish_lines(&mut data, st.limits.max_line_bytes)?;
-    store(st, category, data, count, reservation, opts).await
+    let tag = tag.map(|(producer, sequence)| ProducerTag {
+        producer,
+        sequence,
+        crc: data.chunks().fold(0, crc32c::crc32c_append),
+    });
+    store_tagged(st, category, data, count, reservation, opts, tag).await
+}
+
+/// `Chunkbus-Producer` and `Chunkbus-Sequence`: both or neither.
+fn producer_of(headers: &HeaderMap) -> Result<Option<(String, u64)>, ApiError> {
+    let text = |name: &str| -> Result<Option<&str>, ApiError> {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| ApiError::BadRequest(format!("{name} is not text")))
+            })
+            .transpose()
+    };
+    match (text("chunkbus-producer")?, text("chunkbus-sequence")?) {
+        (None, None) => Ok(None),
+        (Some(p), Some(s)) => {
+            validate_producer(p)
+                .map_err(|e| ApiError::BadRequest(format!("Chunkbus-Producer: {e}")))?;
+            let seq = s.trim().parse().map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "Chunkbus-Sequence {s:?} is not a number from 0 to 2^64-1"
+                ))
+            })?;
+            Ok(Some((p.to_owned(), seq)))
+        }
+        _ => Err(ApiError::BadRequest(
+            "Chunkbus-Producer and Chunkbus-Sequence go together".into(),
+        )),
+    }
 }
 
 /// Refuses a write before its body is read: `min_replicas` above the
@@ -220,6 +278,19 @@ pub(super) async fn store(
     reservation: body::Reservation,
     opts: WriteOptions,
 ) -> Result<ProduceResponse, ApiError> {
+    store_tagged(st, category, data, count, reservation, opts, None).await
+}
+
+/// [`store`] of an idempotent request (see `storage::producers`).
+async fn store_tagged(
+    st: &AppState,
+    category: &str,
+    data: body::Frames,
+    count: u64,
+    reservation: body::Reservation,
+    opts: WriteOptions,
+    tag: Option<ProducerTag>,
+) -> Result<ProduceResponse, ApiError> {
     if count == 0 {
         return Ok(ProduceResponse {
             chunk: None,
@@ -232,16 +303,28 @@ pub(super) async fn store(
     let sync = opts.sync.unwrap_or_else(|| st.default_sync());
     let appended = st
         .storage
-        .append_parts(category, data.into_parts(), count, sync)
+        .append_tagged(category, data.into_parts(), count, sync, tag)
         .await?;
     drop(reservation);
-    let mut written = ProduceResponse {
+    let written = ProduceResponse {
         chunk: Some(appended.chunk.to_string()),
         offset: appended.offset,
         next_offset: appended.next_offset,
         lines: appended.lines,
         replicas: None,
     };
+    wait_replicas(st, category, &appended.chunk, written, opts).await
+}
+
+/// Waits for the `min_replicas` copies of what `written` says was stored
+/// in `chunk`, when asked.
+async fn wait_replicas(
+    st: &AppState,
+    category: &str,
+    chunk: &chunkbus_client::ChunkName,
+    mut written: ProduceResponse,
+    opts: WriteOptions,
+) -> Result<ProduceResponse, ApiError> {
     if opts.min_replicas == 0 {
         return Ok(written);
     }
@@ -249,13 +332,7 @@ pub(super) async fn store(
     let have = st
         .replication
         .progress
-        .wait(
-            category,
-            &appended.chunk,
-            appended.next_offset,
-            want,
-            opts.timeout,
-        )
+        .wait(category, chunk, written.next_offset, want, opts.timeout)
         .await;
     written.replicas = Some(have);
     if have < want {

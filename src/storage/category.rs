@@ -171,6 +171,9 @@ pub(crate) struct Category {
     /// Per owner, the highest end of the numbers recorded here (see
     /// `numbering`), deleted chunks included.
     line_ends: Mutex<BTreeMap<String, u64>>,
+    /// The tagged requests stored here (idempotent produce), read from
+    /// the log when first needed.
+    pub producers: Mutex<super::producers::ProducerIndex>,
 }
 
 impl Category {
@@ -200,6 +203,7 @@ impl Category {
             reserved: AtomicU32::new(state.next_own_index.unwrap_or(0)),
             reserved_line: AtomicU64::new(0),
             line_ends: Mutex::default(),
+            producers: Mutex::default(),
             state: Mutex::new(state),
         }
     }

@@ -51,6 +51,7 @@ mod error;
 pub mod lock;
 mod mapped;
 pub mod numbering;
+pub mod producers;
 mod read;
 mod reclaim;
 mod record_log;
@@ -577,6 +578,20 @@ impl Storage {
         lines: u64,
         sync: bool,
     ) -> Result<Appended, StorageError> {
+        self.append_tagged(category, data, lines, sync, None).await
+    }
+
+    /// [`Storage::append_parts`] of an idempotent request: with `producer`,
+    /// the writer records (producer, sequence) with the lines, and the
+    /// category's index remembers where they went (see `producers`).
+    pub async fn append_tagged(
+        &self,
+        category: &str,
+        data: Vec<Bytes>,
+        lines: u64,
+        sync: bool,
+        producer: Option<producers::ProducerTag>,
+    ) -> Result<Appended, StorageError> {
         debug_assert!(data.last().and_then(|d| d.last()) == Some(&b'\n'));
         self.wait_writable().await?;
         let disk = &self.shared.disk;
@@ -605,12 +620,97 @@ impl Storage {
             lines,
             sync,
             reply,
+            producer: producer.clone(),
         });
         cat.writer
             .send(msg)
             .await
             .map_err(|_| StorageError::ShuttingDown)?;
-        rx.await.map_err(|_| StorageError::ShuttingDown)?
+        let appended = rx.await.map_err(|_| StorageError::ShuttingDown)??;
+        if let Some(tag) = producer {
+            let mut index = cat.producers.lock().unwrap();
+            // Not read yet: the log holds the record, read when needed.
+            if index.loaded {
+                index.insert(
+                    &tag.producer,
+                    producers::Recorded {
+                        sequence: tag.sequence,
+                        chunk: appended.chunk.clone(),
+                        offset: appended.offset,
+                        next_offset: appended.next_offset,
+                        lines: appended.lines,
+                        crc: tag.crc,
+                        verified: true,
+                    },
+                );
+            }
+        }
+        Ok(appended)
+    }
+
+    /// Where this node stored `sequence` of `producer` in `category`, if
+    /// it remembers: `None` for a request to store. A record read back
+    /// from the log is first checked against the bytes at its position
+    /// (see `producers`); one that does not match is forgotten.
+    pub async fn producer_lookup(
+        &self,
+        category: &str,
+        producer: &str,
+        sequence: u64,
+    ) -> Result<Option<producers::Recorded>, StorageError> {
+        let Ok(cat) = self.category(category) else {
+            return Ok(None);
+        };
+        if !cat.producers.lock().unwrap().loaded {
+            let dir = cat.dir.clone();
+            let index = tokio::task::spawn_blocking(move || producers::load(&dir))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(|e| StorageError::io("cannot read the producer log", e))?;
+            let mut held = cat.producers.lock().unwrap();
+            if !held.loaded {
+                *held = index;
+            }
+        }
+        let Some(r) = cat
+            .producers
+            .lock()
+            .unwrap()
+            .get(producer, sequence)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        if r.verified {
+            return Ok(Some(r));
+        }
+        let len = r.next_offset - r.offset;
+        let read = self
+            .read(
+                category,
+                &r.chunk,
+                r.offset,
+                len,
+                Duration::ZERO,
+                &CancellationToken::new(),
+            )
+            .await;
+        let stored = match read {
+            Ok(got) => got.data.len() as u64 == len && crc32c::crc32c(&got.data) == r.crc,
+            Err(StorageError::UnknownChunk { .. }) => false,
+            Err(e) => return Err(e),
+        };
+        let mut index = cat.producers.lock().unwrap();
+        if stored {
+            index.mark_verified(producer, sequence);
+            Ok(Some(producers::Recorded {
+                verified: true,
+                ..r
+            }))
+        } else {
+            index.remove(producer, sequence);
+            Ok(None)
+        }
     }
 
     /// Completes this node's open chunk of `category` now, if it holds data.

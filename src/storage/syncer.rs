@@ -49,6 +49,9 @@ pub(super) type Reply = oneshot::Sender<Result<Appended, StorageError>>;
 #[derive(Debug)]
 pub(super) struct SyncJob {
     pub file: Arc<File>,
+    /// Another file to flush in the same round (the category's producer
+    /// log); the job succeeds only if both are flushed.
+    pub also: Option<Arc<File>>,
     /// The chunk's directory, when the chunk was created since the last
     /// job: its new entry must be durable too.
     pub dir: Option<PathBuf>,
@@ -127,8 +130,10 @@ fn run(mut rx: mpsc::Receiver<SyncJob>, metrics: &Metrics) {
     let mut to_drop: Vec<CachedRange> = Vec::new();
     while rx.blocking_recv_many(&mut jobs, MAX_JOBS_PER_ROUND) > 0 {
         for job in &jobs {
-            if !files.iter().any(|(f, _)| Arc::ptr_eq(f, &job.file)) {
-                files.push((job.file.clone(), Ok(())));
+            for file in std::iter::once(&job.file).chain(&job.also) {
+                if !files.iter().any(|(f, _)| Arc::ptr_eq(f, file)) {
+                    files.push((file.clone(), Ok(())));
+                }
             }
             if let Some(size) = job.finish {
                 match job.file.set_len(size) {
@@ -155,10 +160,18 @@ fn run(mut rx: mpsc::Receiver<SyncJob>, metrics: &Metrics) {
         let mut synced: Vec<Synced> = Vec::new();
         to_drop.clear();
         for mut job in jobs.drain(..) {
-            let mut result = files
-                .iter()
-                .find(|(f, _)| Arc::ptr_eq(f, &job.file))
-                .map_or(Ok(()), |(_, r)| r.clone());
+            let result_of = |file: &Arc<File>| {
+                files
+                    .iter()
+                    .find(|(f, _)| Arc::ptr_eq(f, file))
+                    .map_or(Ok(()), |(_, r)| r.clone())
+            };
+            let mut result = result_of(&job.file);
+            if result.is_ok()
+                && let Some(also) = &job.also
+            {
+                result = result_of(also);
+            }
             if result.is_ok()
                 && let Some(dir) = &job.dir
                 && let Err(e) = super::fsync_dir(dir)

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::category::Category;
 use super::drop_behind::DropBehind;
+use super::producers::{COMPACT_AFTER_RECORDS, ProducerLog, Recorded, record_line};
 use super::runway;
 use super::syncer::{Reply, SyncJob, Synced};
 use super::{Appended, StorageError, SyncPolicy};
@@ -70,6 +71,8 @@ pub(crate) struct AppendRequest {
     /// Answer only once the bytes are on stable storage.
     pub sync: bool,
     pub reply: Reply,
+    /// Idempotent produce: the record written with the lines.
+    pub producer: Option<super::producers::ProducerTag>,
 }
 
 impl AppendRequest {
@@ -162,6 +165,8 @@ pub(crate) struct Writer {
     synced: mpsc::UnboundedReceiver<Synced>,
     /// What was written recently, to drop from the page cache in time.
     drop_behind: DropBehind,
+    /// The category's log of tagged requests, once one came.
+    producer_log: Option<ProducerLog>,
 }
 
 impl Writer {
@@ -181,6 +186,7 @@ impl Writer {
             open: None,
             syncer: Some((syncer, done)),
             synced,
+            producer_log: None,
         }
     }
 
@@ -243,6 +249,7 @@ impl Writer {
                     dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
                     replies: Vec::new(),
                     finish: Some(open.size),
+                    also: None,
                 };
                 self.queue_sync(job).await;
             }
@@ -269,6 +276,7 @@ impl Writer {
         };
         let job = SyncJob {
             file: job.file,
+            also: job.also,
             dir: job.dir,
             replies: job.replies,
             finish: job.finish,
@@ -337,6 +345,17 @@ impl Writer {
                 return;
             }
         };
+        // Tagged requests are recorded before their lines are written (see
+        // `producers`).
+        let tagged_sync = run.iter().any(|r| r.sync && r.producer.is_some());
+        if run.iter().any(|r| r.producer.is_some())
+            && let Err(e) = self.record_producers(&run).await
+        {
+            for req in run {
+                let _ = req.reply.send(Err(e.clone()));
+            }
+            return;
+        }
         let open = self.open.as_mut().expect("ensure_open succeeded");
         let start = open.size;
         let bufs: Vec<Bytes> = run.iter().flat_map(|r| r.data.iter().cloned()).collect();
@@ -417,8 +436,77 @@ impl Writer {
                 dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
                 replies: to_sync,
                 finish: None,
+                also: tagged_sync
+                    .then(|| self.producer_log.as_ref().map(|l| l.file.clone()))
+                    .flatten(),
             };
             self.queue_sync(job).await;
+        }
+        if self
+            .producer_log
+            .as_ref()
+            .is_some_and(|l| l.records >= COMPACT_AFTER_RECORDS)
+        {
+            self.compact_producers().await;
+        }
+    }
+
+    /// Appends the records of `run`'s tagged requests to the producer log
+    /// (opening it first when needed), at the positions `write_run` gives
+    /// them. Not flushed here: the group commit flushes it with the lines.
+    async fn record_producers(&mut self, run: &[AppendRequest]) -> Result<(), StorageError> {
+        let open = self.open.as_ref().expect("ensure_open succeeded");
+        let mut text = Vec::new();
+        let mut count = 0;
+        let mut offset = open.size;
+        for req in run {
+            let next_offset = offset + req.len();
+            if let Some(tag) = &req.producer {
+                let r = Recorded {
+                    sequence: tag.sequence,
+                    chunk: open.name.clone(),
+                    offset,
+                    next_offset,
+                    lines: req.lines,
+                    crc: tag.crc,
+                    verified: true,
+                };
+                record_line(&mut text, &tag.producer, &r);
+                count += 1;
+            }
+            offset = next_offset;
+        }
+        let failed = |e| StorageError::io("cannot record producer sequences", e);
+        if self.producer_log.is_none() {
+            let dir = self.cat.dir.clone();
+            let log = tokio::task::spawn_blocking(move || ProducerLog::open(&dir))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(failed)?;
+            self.producer_log = Some(log);
+        }
+        let log = self.producer_log.as_mut().expect("opened");
+        // A few hundred bytes into the page cache.
+        std::io::Write::write_all(&mut &*log.file, &text).map_err(failed)?;
+        log.records += count;
+        Ok(())
+    }
+
+    /// Rewrites the producer log with what it keeps. On failure the log
+    /// goes on growing and the next run tries again.
+    async fn compact_producers(&mut self) {
+        let dir = self.cat.dir.clone();
+        match tokio::task::spawn_blocking(move || ProducerLog::compact(&dir))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        {
+            Ok(log) => self.producer_log = Some(log),
+            Err(e) => {
+                tracing::warn!(category = %self.cat.name, error = %e, "cannot compact the producer log");
+                if let Some(log) = &mut self.producer_log {
+                    log.records = 0;
+                }
+            }
         }
     }
 
@@ -615,6 +703,7 @@ impl Writer {
                 dir: open.dir_pending.then(|| self.cat.dir.clone()),
                 replies: Vec::new(),
                 finish: marked.then_some(open.size),
+                also: None,
             })
             .await;
         }
@@ -684,6 +773,7 @@ impl Writer {
                 dir: std::mem::take(&mut open.dir_pending).then(|| self.cat.dir.clone()),
                 replies: Vec::new(),
                 finish: None,
+                also: None,
             };
             self.queue_sync(job).await;
         }
@@ -698,6 +788,8 @@ struct Job {
     dir: Option<std::path::PathBuf>,
     replies: Vec<(Reply, Appended)>,
     finish: Option<u64>,
+    /// The producer log, flushed with the chunk.
+    also: Option<Arc<File>>,
 }
 
 /// Requests to write back to back into one chunk.

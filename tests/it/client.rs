@@ -286,3 +286,77 @@ async fn cli_produce_consume_and_tail() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("error"));
     node.stop().await;
 }
+
+/// A front for a node that loses the node's first answer: it forwards the
+/// first request, drops the node's answer and closes the client's
+/// connection, as when a connection breaks after the request was sent.
+/// Later connections go through untouched.
+async fn lose_first_answer(node: std::net::SocketAddr) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut client, _)) = listener.accept().await {
+            let mut upstream = tokio::net::TcpStream::connect(node).await.unwrap();
+            if !std::mem::take(&mut first) {
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+                continue;
+            }
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let (mut from_client, _to_client) = client.split();
+                let (mut from_node, mut to_node) = upstream.split();
+                let forward = async {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = from_client.read(&mut buf).await {
+                        if n == 0 || to_node.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let answered = async {
+                    let mut buf = [0u8; 1];
+                    let _ = from_node.read(&mut buf).await;
+                };
+                // Once the node starts answering, everything is dropped.
+                tokio::select! {
+                    _ = forward => {}
+                    _ = answered => {}
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_producer_retry_after_a_lost_answer_is_stored_once() {
+    let node = TestNode::start().await;
+    for (category, idempotent, copies) in [("idem", true, 1), ("plain", false, 2)] {
+        let front = lose_first_answer(node.addr).await;
+        let producer = Producer::new(ProducerConfig {
+            servers: vec![format!("http://{front}")],
+            category: category.into(),
+            idempotent,
+            max_backoff: Duration::from_millis(100),
+            ..ProducerConfig::default()
+        })
+        .unwrap();
+        let delivery = producer.send("only once\n").await.unwrap();
+        delivery.wait().await.unwrap();
+        producer.close().await.unwrap();
+        let stored: Vec<u8> = node
+            .files(category)
+            .into_iter()
+            .flat_map(|(_, d)| d)
+            .collect();
+        assert_eq!(
+            stored,
+            b"only once\n".repeat(copies),
+            "idempotent: {idempotent}"
+        );
+    }
+    node.stop().await;
+}

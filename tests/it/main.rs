@@ -13,6 +13,7 @@ mod crash;
 mod durability;
 mod fuzz_regressions;
 mod harness;
+mod idempotent;
 mod ingest;
 mod kafka;
 mod kafka_clients;
