@@ -78,7 +78,7 @@ pub struct AppState {
     pub es_ids: es::CreatedIds,
     /// Idempotent produce: requests of one producer to one category are
     /// served one at a time (a lock per stripe of producers).
-    producer_locks: Vec<tokio::sync::Mutex<()>>,
+    producer_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl std::ops::Deref for AppState {
@@ -128,14 +128,14 @@ impl AppState {
             started: Instant::now(),
             es_ids: es::CreatedIds::default(),
             producer_locks: (0..PRODUCER_LOCK_STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
+                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
                 .collect(),
         })
     }
 
     /// The lock that serializes the idempotent requests of `producer` to
     /// `category` (shared with the producers of the same stripe).
-    pub fn producer_lock(&self, category: &str, producer: &str) -> &tokio::sync::Mutex<()> {
+    pub fn producer_lock(&self, category: &str, producer: &str) -> &Arc<tokio::sync::Mutex<()>> {
         use std::hash::{Hash, Hasher};
         // A fixed hasher: the stripe must be the same for every request.
         let mut fixed = std::hash::DefaultHasher::new();

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use super::params::{parse_bool, parse_duration, parse_u64};
 use super::{ApiError, AppState, body, lines};
 use crate::storage::producers::{ProducerTag, validate_producer};
+use tokio::sync::OwnedMutexGuard;
 
 /// Longest `timeout=` accepted for a `min_replicas` wait.
 const MAX_REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
@@ -132,8 +133,13 @@ pub(super) async fn ingest(
     let tag = producer_of(headers)?;
     // One request of a producer at a time: a retry waits for the request
     // it repeats, then finds it recorded.
-    let _serial = match &tag {
-        Some((producer, _)) => Some(st.producer_lock(category, producer).lock().await),
+    let serial = match &tag {
+        Some((producer, _)) => Some(
+            st.producer_lock(category, producer)
+                .clone()
+                .lock_owned()
+                .await,
+        ),
         None => None,
     };
     if let Some((producer, sequence)) = &tag
@@ -166,10 +172,13 @@ pub(super) async fn ingest(
         );
     }
     let count = lines::finish_lines(&mut data, st.limits.max_line_bytes)?;
-    let tag = tag.map(|(producer, sequence)| ProducerTag {
-        producer,
-        sequence,
-        crc: data.chunks().fold(0, crc32c::crc32c_append),
+    let tag = tag.map(|(producer, sequence)| {
+        let tag = ProducerTag {
+            producer,
+            sequence,
+            crc: data.chunks().fold(0, crc32c::crc32c_append),
+        };
+        (tag, serial)
     });
     store_tagged(st, category, data, count, reservation, opts, tag).await
 }
@@ -281,7 +290,8 @@ pub(super) async fn store(
     store_tagged(st, category, data, count, reservation, opts, None).await
 }
 
-/// [`store`] of an idempotent request (see `storage::producers`).
+/// [`store`] of an idempotent request (see `storage::producers`), holding
+/// its producer's lock.
 async fn store_tagged(
     st: &AppState,
     category: &str,
@@ -289,7 +299,7 @@ async fn store_tagged(
     count: u64,
     reservation: body::Reservation,
     opts: WriteOptions,
-    tag: Option<ProducerTag>,
+    tag: Option<(ProducerTag, Option<OwnedMutexGuard<()>>)>,
 ) -> Result<ProduceResponse, ApiError> {
     if count == 0 {
         return Ok(ProduceResponse {
@@ -301,10 +311,30 @@ async fn store_tagged(
         });
     }
     let sync = opts.sync.unwrap_or_else(|| st.default_sync());
-    let appended = st
-        .storage
-        .append_tagged(category, data.into_parts(), count, sync, tag)
-        .await?;
+    let appended = match tag {
+        None => {
+            st.storage
+                .append_parts(category, data.into_parts(), count, sync)
+                .await?
+        }
+        Some((tag, serial)) => {
+            // Finished even when the client goes away while it is being
+            // stored (a timeout, then a retry): the retry waits for the
+            // producer's lock, then finds the request recorded.
+            let storage = st.storage.clone();
+            let category = category.to_owned();
+            let parts = data.into_parts();
+            tokio::spawn(async move {
+                let stored = storage
+                    .append_tagged(&category, parts, count, sync, Some(tag))
+                    .await;
+                drop(serial);
+                stored
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("the append task failed: {e}")))??
+        }
+    };
     drop(reservation);
     let written = ProduceResponse {
         chunk: Some(appended.chunk.to_string()),
