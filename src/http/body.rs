@@ -133,6 +133,16 @@ pub fn encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
     }
 }
 
+/// The `Content-Type` as sent, and its media type without parameters
+/// (empty when absent or not text).
+pub fn content_type(headers: &HeaderMap) -> (&str, &str) {
+    let ct = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    (ct, ct.split(';').next().unwrap_or("").trim())
+}
+
 fn too_large(max: u64) -> ApiError {
     ApiError::TooLarge(format!(
         "the request body is larger than the limit of {} (--max-body-bytes)",

@@ -32,8 +32,10 @@ use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
 
-use super::otlp::{reserve_or_refuse, store_all};
-use super::produce::{Batches, ProduceQuery, check_writable, count_shed, read_decoded};
+use super::produce::{
+    ProduceQuery, PushLines, Pushed, check_writable, count_shed, read_decoded, reserve_or_refuse,
+    store_all,
+};
 use super::protobuf::{Shape, decoded_bytes};
 use super::{ApiError, AppState, body};
 use crate::auth::Principal;
@@ -214,18 +216,6 @@ pub struct Rules {
     pub max_lines_bytes: u64,
 }
 
-/// A push turned into lines, and the entries refused with the first
-/// reason.
-#[derive(Debug, Default)]
-pub struct Decoded {
-    /// The lines by category.
-    pub batches: Batches,
-    /// Entries refused.
-    pub refused: u64,
-    /// Why the first of them was.
-    pub reason: Option<String>,
-}
-
 /// The request encodings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
@@ -237,11 +227,7 @@ pub enum Encoding {
 
 impl Encoding {
     fn of(headers: &HeaderMap) -> Result<Encoding, ApiError> {
-        let ct = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let mime = ct.split(';').next().unwrap_or("").trim();
+        let (ct, mime) = body::content_type(headers);
         if mime.eq_ignore_ascii_case("application/json") {
             Ok(Encoding::Json)
         } else if mime.is_empty() || mime.eq_ignore_ascii_case("application/x-protobuf") {
@@ -264,8 +250,8 @@ pub fn decode(
     rules: &Rules,
     may_write: &dyn Fn(&str) -> bool,
     reserve: &mut dyn FnMut(u64) -> Result<(), ApiError>,
-) -> Result<Decoded, ApiError> {
-    let mut out = Lines::new(rules, may_write, reserve);
+) -> Result<Pushed, ApiError> {
+    let mut out = PushLines::new(rules.max_line, rules.max_lines_bytes, reserve);
     match encoding {
         Encoding::SnappyProtobuf => {
             let len = snap::raw::decompress_len(raw)
@@ -276,13 +262,13 @@ pub fn decode(
                     rules.max_lines_bytes
                 )));
             }
-            (out.reserve)(len as u64)?;
+            out.reserve(len as u64)?;
             let proto = snap::raw::Decoder::new()
                 .decompress_vec(raw)
                 .map_err(|e| ApiError::BadRequest(format!("not a snappy block: {e}")))?;
             let bound = decoded_bytes(&proto, &PUSH)
                 .map_err(|e| ApiError::BadRequest(format!("not a Loki push request: {e}")))?;
-            (out.reserve)(bound)?;
+            out.reserve(bound)?;
             let push = PushRequest::decode(proto.as_slice())
                 .map_err(|e| ApiError::BadRequest(format!("not a Loki push request: {e}")))?;
             drop(proto);
@@ -290,7 +276,9 @@ pub fn decode(
                 let labels = parse_labels(&stream.labels).map_err(|e| {
                     ApiError::BadRequest(format!("labels {:?}: {e}", stream.labels))
                 })?;
-                let Some(category) = out.category_of(&labels, stream.entries.len()) else {
+                let Some(category) =
+                    category_of(rules, may_write, &mut out, &labels, stream.entries.len())
+                else {
                     continue;
                 };
                 for entry in &stream.entries {
@@ -304,17 +292,25 @@ pub fn decode(
                             .map(|p| (Cow::from(p.name.as_str()), Cow::from(p.value.as_str())))
                             .collect(),
                     );
-                    out.push(&category, ts, &labels, &entry.line, &metadata)?;
+                    out.push(&category, "an entry", |line| {
+                        write_line(line, ts, &labels, &entry.line, &metadata)
+                    })?;
                 }
             }
         }
         Encoding::Json => {
-            (out.reserve)(json_decoded_bytes(raw))?;
+            out.reserve(json_decoded_bytes(raw))?;
             let push: JsonPush = serde_json::from_slice(raw)
                 .map_err(|e| ApiError::BadRequest(format!("not a Loki push request: {e}")))?;
             let no_metadata = Pairs::default();
             for stream in &push.streams {
-                let Some(category) = out.category_of(&stream.stream, stream.values.len()) else {
+                let Some(category) = category_of(
+                    rules,
+                    may_write,
+                    &mut out,
+                    &stream.stream,
+                    stream.values.len(),
+                ) else {
                     continue;
                 };
                 for JsonEntry(ts, line, metadata) in &stream.values {
@@ -325,121 +321,47 @@ pub fn decode(
                         ))
                     })?;
                     let metadata = metadata.as_ref().unwrap_or(&no_metadata);
-                    out.push(&category, ts, &stream.stream, &line.0, metadata)?;
+                    out.push(&category, "an entry", |out| {
+                        write_line(out, ts, &stream.stream, &line.0, metadata)
+                    })?;
                 }
             }
         }
     }
-    Ok(out.decoded)
+    Ok(out.finish())
 }
 
-/// Turns entries into lines within the request's limits.
-struct Lines<'r> {
-    rules: &'r Rules,
-    may_write: &'r dyn Fn(&str) -> bool,
-    reserve: &'r mut dyn FnMut(u64) -> Result<(), ApiError>,
-    decoded: Decoded,
-    line: Vec<u8>,
-    written: u64,
-    reserved: u64,
-    number: usize,
-}
-
-/// Grows the reservation for the lines a megabyte at a time.
-const LINES_RESERVE_STEP: u64 = 1 << 20;
-
-impl<'r> Lines<'r> {
-    fn new(
-        rules: &'r Rules,
-        may_write: &'r dyn Fn(&str) -> bool,
-        reserve: &'r mut dyn FnMut(u64) -> Result<(), ApiError>,
-    ) -> Self {
-        Lines {
-            rules,
-            may_write,
-            reserve,
-            decoded: Decoded::default(),
-            line: Vec::new(),
-            written: 0,
-            reserved: 0,
-            number: 0,
-        }
+/// The category of a stream with `labels`, or `None` when its `entries`
+/// are refused.
+fn category_of(
+    rules: &Rules,
+    may_write: &dyn Fn(&str) -> bool,
+    out: &mut PushLines,
+    labels: &Pairs,
+    entries: usize,
+) -> Option<String> {
+    let name = labels
+        .0
+        .iter()
+        .find(|(k, _)| *k == rules.category_label)
+        .map_or(rules.default_category.as_str(), |(_, v)| v);
+    let category = match &rules.tenant {
+        Some(org) => format!("{org}.{name}"),
+        None => name.to_owned(),
+    };
+    if let Err(e) = validate_category(&category) {
+        out.refuse(entries, || {
+            format!("the stream's category {category:?} is not a category name: {e}")
+        });
+        return None;
     }
-
-    fn refuse(&mut self, n: usize, reason: impl FnOnce() -> String) {
-        if n == 0 {
-            return;
-        }
-        if self.decoded.reason.is_none() {
-            self.decoded.reason = Some(reason());
-        }
-        self.decoded.refused += n as u64;
-        self.number += n;
+    if !may_write(&category) {
+        out.refuse(entries, || {
+            format!("this token may not write to the category {category:?}")
+        });
+        return None;
     }
-
-    /// The category of a stream with `labels`, or `None` when its
-    /// `entries` are refused.
-    fn category_of(&mut self, labels: &Pairs, entries: usize) -> Option<String> {
-        let rules = self.rules;
-        let name = labels
-            .0
-            .iter()
-            .find(|(k, _)| *k == rules.category_label)
-            .map_or(rules.default_category.as_str(), |(_, v)| v);
-        let category = match &rules.tenant {
-            Some(org) => format!("{org}.{name}"),
-            None => name.to_owned(),
-        };
-        if let Err(e) = validate_category(&category) {
-            self.refuse(entries, || {
-                format!("the stream's category {category:?} is not a category name: {e}")
-            });
-            return None;
-        }
-        if !(self.may_write)(&category) {
-            self.refuse(entries, || {
-                format!("this token may not write to the category {category:?}")
-            });
-            return None;
-        }
-        Some(category)
-    }
-
-    fn push(
-        &mut self,
-        category: &str,
-        ts: i128,
-        labels: &Pairs,
-        line: &str,
-        metadata: &Pairs,
-    ) -> Result<(), ApiError> {
-        self.line.clear();
-        write_line(&mut self.line, ts, labels, line, metadata)?;
-        let len = self.line.len() as u64;
-        if len > self.rules.max_line {
-            let max = self.rules.max_line;
-            self.refuse(1, || {
-                format!(
-                    "an entry of {len} bytes as a line, above the limit of {max} (--max-line-bytes)"
-                )
-            });
-            return Ok(());
-        }
-        self.written += len + 1;
-        if self.written > self.rules.max_lines_bytes {
-            return Err(ApiError::TooLarge(format!(
-                "the entries of this push make more than {} bytes of lines (--max-body-bytes): send fewer at a time",
-                self.rules.max_lines_bytes
-            )));
-        }
-        if self.written > self.reserved {
-            (self.reserve)(LINES_RESERVE_STEP)?;
-            self.reserved += LINES_RESERVE_STEP;
-        }
-        self.decoded.batches.push(category, &self.line, self.number);
-        self.number += 1;
-        Ok(())
-    }
+    Some(category)
 }
 
 /// The line of one entry: `{"ts":<unix nanoseconds>,"labels":{..},
@@ -450,7 +372,7 @@ pub fn write_line(
     labels: &Pairs,
     line: &str,
     metadata: &Pairs,
-) -> Result<(), ApiError> {
+) -> serde_json::Result<()> {
     #[derive(Serialize)]
     struct Line<'a> {
         ts: i128,
@@ -471,7 +393,6 @@ pub fn write_line(
             metadata,
         },
     )
-    .map_err(|e| ApiError::Internal(format!("cannot write a Loki entry: {e}")))
 }
 
 /// Parses labels as Prometheus writes them, `{name="value", ...}`, the
@@ -667,7 +588,7 @@ mod tests {
         Ok(())
     }
 
-    fn lines_of(d: &Decoded) -> Vec<String> {
+    fn lines_of(d: &Pushed) -> Vec<String> {
         d.batches
             .lines()
             .map(|(c, l)| format!("{c} {}", String::from_utf8_lossy(l)))

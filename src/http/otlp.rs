@@ -41,7 +41,8 @@ use serde::Serialize;
 use serde::ser::{SerializeMap, SerializeSeq};
 
 use super::produce::{
-    Batches, ProduceQuery, WriteOptions, check_writable, count_shed, read_decoded,
+    ProduceQuery, PushLines, Pushed, check_writable, count_shed, read_decoded, reserve_or_refuse,
+    store_all,
 };
 use super::protobuf::{Shape, decoded_bytes};
 use super::{ApiError, AppState, body};
@@ -58,11 +59,7 @@ pub enum Encoding {
 
 impl Encoding {
     fn of(headers: &HeaderMap) -> Result<Encoding, ApiError> {
-        let ct = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let mime = ct.split(';').next().unwrap_or("").trim();
+        let (ct, mime) = body::content_type(headers);
         if mime.eq_ignore_ascii_case("application/x-protobuf")
             || mime.eq_ignore_ascii_case("application/protobuf")
         {
@@ -146,30 +143,6 @@ pub struct Rules {
     pub max_lines_bytes: u64,
 }
 
-/// A request decoded into lines: each category's lines, and the records
-/// refused with the first reason.
-#[derive(Debug, Default)]
-pub struct Decoded {
-    /// The lines by category, each record's number in the request.
-    pub batches: Batches,
-    /// Records refused.
-    pub rejected: u64,
-    /// Why the first of them was.
-    pub reason: Option<String>,
-}
-
-impl Decoded {
-    fn reject(&mut self, n: u64, reason: impl FnOnce() -> String) {
-        if n == 0 {
-            return;
-        }
-        if self.reason.is_none() {
-            self.reason = Some(reason());
-        }
-        self.rejected += n;
-    }
-}
-
 /// Decodes a request (protobuf or JSON) and turns its records into lines.
 /// `may_write` says whether the request's token may write a category;
 /// `reserve` is asked for the memory the decode and the lines will take,
@@ -180,44 +153,35 @@ pub fn decode(
     rules: &Rules,
     may_write: &dyn Fn(&str) -> bool,
     reserve: &mut dyn FnMut(u64) -> Result<(), ApiError>,
-) -> Result<Decoded, ApiError> {
+) -> Result<Pushed, ApiError> {
+    let mut out = PushLines::new(rules.max_line, rules.max_lines_bytes, reserve);
     let request = match encoding {
         Encoding::Protobuf => {
             let bound = decoded_bytes(raw, &REQUEST)
                 .map_err(|e| ApiError::BadRequest(format!("not an OTLP logs request: {e}")))?;
-            reserve(bound)?;
+            out.reserve(bound)?;
             ExportLogsServiceRequest::decode(raw)
                 .map_err(|e| ApiError::BadRequest(format!("not an OTLP logs request: {e}")))?
         }
         Encoding::Json => {
-            reserve(json_decoded_bytes(raw))?;
+            out.reserve(json_decoded_bytes(raw))?;
             serde_json::from_slice::<ExportLogsServiceRequest>(raw)
                 .map_err(|e| ApiError::BadRequest(format!("not an OTLP/JSON logs request: {e}")))?
         }
     };
-    to_lines(&request, rules, may_write, reserve)
+    to_lines(&request, rules, may_write, &mut out)?;
+    Ok(out.finish())
 }
-
-/// Grows the reservation for the lines a megabyte at a time.
-const LINES_RESERVE_STEP: u64 = 1 << 20;
 
 fn to_lines(
     request: &ExportLogsServiceRequest,
     rules: &Rules,
     may_write: &dyn Fn(&str) -> bool,
-    reserve: &mut dyn FnMut(u64) -> Result<(), ApiError>,
-) -> Result<Decoded, ApiError> {
-    let mut out = Decoded::default();
-    let mut line = Vec::new();
-    let (mut written, mut reserved) = (0u64, 0u64);
-    let mut number = 0usize;
+    out: &mut PushLines,
+) -> Result<(), ApiError> {
     for rl in &request.resource_logs {
         let resource: &[KeyValue] = rl.resource.as_ref().map_or(&[], |r| &r.attributes);
-        let records: u64 = rl
-            .scope_logs
-            .iter()
-            .map(|s| s.log_records.len() as u64)
-            .sum();
+        let records: usize = rl.scope_logs.iter().map(|s| s.log_records.len()).sum();
         let category = match resource
             .iter()
             .find(|kv| kv.key == rules.category_attribute)
@@ -226,66 +190,39 @@ fn to_lines(
             None => rules.default_category.clone(),
             Some(Value::StringValue(s)) => s.clone(),
             Some(_) => {
-                out.reject(records, || {
+                out.refuse(records, || {
                     format!(
                         "the resource attribute {:?} is not a string",
                         rules.category_attribute
                     )
                 });
-                number += records as usize;
                 continue;
             }
         };
         if let Err(e) = validate_category(&category) {
-            out.reject(records, || {
+            out.refuse(records, || {
                 format!(
                     "the resource attribute {:?} is not a category name: {e}",
                     rules.category_attribute
                 )
             });
-            number += records as usize;
             continue;
         }
         if !may_write(&category) {
-            out.reject(records, || {
+            out.refuse(records, || {
                 format!("this token may not write to the category {category:?}")
             });
-            number += records as usize;
             continue;
         }
         for sl in &rl.scope_logs {
             for record in &sl.log_records {
-                line.clear();
-                serde_json::to_writer(&mut line, &Line::new(record, resource, sl.scope.as_ref()))
-                    .map_err(|e| ApiError::Internal(format!("cannot write a log record: {e}")))?;
-                if line.len() as u64 > rules.max_line {
-                    out.reject(1, || {
-                        format!(
-                            "a log record of {} bytes as a line, above the limit of {} (--max-line-bytes)",
-                            line.len(),
-                            rules.max_line
-                        )
-                    });
-                    number += 1;
-                    continue;
-                }
-                written += line.len() as u64 + 1;
-                if written > rules.max_lines_bytes {
-                    return Err(ApiError::TooLarge(format!(
-                        "the log records of this request make more than {} of lines (--max-body-bytes): send fewer at a time",
-                        crate::config::ByteSize(rules.max_lines_bytes)
-                    )));
-                }
-                if written > reserved {
-                    reserve(LINES_RESERVE_STEP)?;
-                    reserved += LINES_RESERVE_STEP;
-                }
-                out.batches.push(&category, &line, number);
-                number += 1;
+                out.push(&category, "a log record", |line| {
+                    serde_json::to_writer(line, &Line::new(record, resource, sl.scope.as_ref()))
+                })?;
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The line stored for one log record. Fields at their default (zero,
@@ -530,11 +467,11 @@ async fn export_records(
     drop(reservation);
     let response = ExportLogsServiceResponse {
         partial_success: decoded.reason.map(|reason| ExportLogsPartialSuccess {
-            rejected_log_records: decoded.rejected as i64,
-            error_message: if decoded.rejected > 1 {
+            rejected_log_records: decoded.refused as i64,
+            error_message: if decoded.refused > 1 {
                 format!(
                     "{} log records refused; the first: {reason}",
-                    decoded.rejected
+                    decoded.refused
                 )
             } else {
                 reason
@@ -554,37 +491,6 @@ async fn export_records(
         body,
     )
         .into_response())
-}
-
-/// Reserves `n` bytes of the in-flight budget: 503 (retried) when the
-/// node is busy, 413 (not retried) when the request needs more than the
-/// whole budget and would never fit.
-pub(super) fn reserve_or_refuse(
-    reservation: &mut body::Reservation,
-    n: u64,
-    budget: u64,
-) -> Result<(), ApiError> {
-    if reservation.bytes() + n > budget {
-        return Err(ApiError::TooLarge(format!(
-            "decoding this request would take {} of memory, more than --max-inflight-bytes ({}): send smaller requests",
-            crate::config::ByteSize(reservation.bytes() + n),
-            crate::config::ByteSize(budget)
-        )));
-    }
-    reservation.grow(n)
-}
-
-/// Appends every batch; the first failure is the answer (a `min_replicas`
-/// timeout included: the lines are stored, but not copied as asked).
-pub(super) async fn store_all(
-    st: &AppState,
-    batches: Batches,
-    opts: WriteOptions,
-) -> Result<(), ApiError> {
-    for result in batches.store(st, opts).await {
-        result.written?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -632,7 +538,7 @@ mod tests {
         }
     }
 
-    fn lines_of(d: &Decoded) -> Vec<(String, String)> {
+    fn lines_of(d: &Pushed) -> Vec<(String, String)> {
         d.batches
             .lines()
             .map(|(c, l)| (c.to_owned(), String::from_utf8_lossy(l).into_owned()))
@@ -694,7 +600,7 @@ mod tests {
                 Encoding::Json => serde_json::to_vec(&req).unwrap(),
             };
             let d = decode(&raw, encoding, &rules(), &|_| true, &mut unlimited).unwrap();
-            assert_eq!(d.rejected, 0);
+            assert_eq!(d.refused, 0);
             let lines = lines_of(&d);
             assert_eq!(
                 lines[0],
@@ -754,7 +660,7 @@ mod tests {
             &mut unlimited,
         )
         .unwrap();
-        assert_eq!(d.rejected, 5);
+        assert_eq!(d.refused, 5);
         assert!(d.reason.as_ref().unwrap().contains("not a category name"));
         assert_eq!(lines_of(&d).len(), 1);
         assert_eq!(lines_of(&d)[0].0, "otlp");

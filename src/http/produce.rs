@@ -478,6 +478,147 @@ impl Batches {
     }
 }
 
+/// The lines made from the records of one push request (OTLP, Loki), and
+/// the records refused with the first reason.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    /// The lines by category, each with its record's number.
+    pub batches: Batches,
+    /// Records refused.
+    pub refused: u64,
+    /// Why the first of them was.
+    pub reason: Option<String>,
+}
+
+/// Grows the reservation for a push's lines a megabyte at a time.
+const PUSH_RESERVE_STEP: u64 = 1 << 20;
+
+/// Turns the records of a push request into lines within its limits: a
+/// line above `max_line` refuses its record, lines above `max_lines_bytes`
+/// in all refuse the request (413), and their memory is asked of `reserve`
+/// before it is taken (a line repeats what its record shares with others,
+/// such as a resource's attributes or a stream's labels).
+pub struct PushLines<'r> {
+    max_line: u64,
+    max_lines_bytes: u64,
+    reserve: &'r mut dyn FnMut(u64) -> Result<(), ApiError>,
+    out: Pushed,
+    line: Vec<u8>,
+    written: u64,
+    reserved: u64,
+    number: usize,
+}
+
+impl<'r> PushLines<'r> {
+    /// A sink with these limits.
+    pub fn new(
+        max_line: u64,
+        max_lines_bytes: u64,
+        reserve: &'r mut dyn FnMut(u64) -> Result<(), ApiError>,
+    ) -> Self {
+        PushLines {
+            max_line,
+            max_lines_bytes,
+            reserve,
+            out: Pushed::default(),
+            line: Vec::new(),
+            written: 0,
+            reserved: 0,
+            number: 0,
+        }
+    }
+
+    /// Asks for `n` bytes of memory (the decoded request).
+    pub fn reserve(&mut self, n: u64) -> Result<(), ApiError> {
+        (self.reserve)(n)
+    }
+
+    /// Refuses the next `n` records, for `reason` unless one was given.
+    pub fn refuse(&mut self, n: usize, reason: impl FnOnce() -> String) {
+        if n == 0 {
+            return;
+        }
+        if self.out.reason.is_none() {
+            self.out.reason = Some(reason());
+        }
+        self.out.refused += n as u64;
+        self.number += n;
+    }
+
+    /// Adds the next record's line to `category`, as `write` writes it
+    /// (`what` names a record in the refusal of one too long).
+    pub fn push(
+        &mut self,
+        category: &str,
+        what: &str,
+        write: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>,
+    ) -> Result<(), ApiError> {
+        self.line.clear();
+        write(&mut self.line)
+            .map_err(|e| ApiError::Internal(format!("cannot write {what} as a line: {e}")))?;
+        let len = self.line.len() as u64;
+        if len > self.max_line {
+            let max = self.max_line;
+            self.refuse(1, || {
+                format!(
+                    "{what} of {len} bytes as a line, above the limit of {max} (--max-line-bytes)"
+                )
+            });
+            return Ok(());
+        }
+        self.written += len + 1;
+        if self.written > self.max_lines_bytes {
+            return Err(ApiError::TooLarge(format!(
+                "the records of this request make more than {} of lines (--max-body-bytes): send fewer at a time",
+                crate::config::ByteSize(self.max_lines_bytes)
+            )));
+        }
+        if self.written > self.reserved {
+            (self.reserve)(PUSH_RESERVE_STEP)?;
+            self.reserved += PUSH_RESERVE_STEP;
+        }
+        self.out.batches.push(category, &self.line, self.number);
+        self.number += 1;
+        Ok(())
+    }
+
+    /// The lines and the refusals.
+    pub fn finish(self) -> Pushed {
+        self.out
+    }
+}
+
+/// Reserves `n` bytes of the in-flight budget: 503 (retried) when the
+/// node is busy, 413 (not retried) when the request needs more than the
+/// whole budget and would never fit.
+pub(super) fn reserve_or_refuse(
+    reservation: &mut body::Reservation,
+    n: u64,
+    budget: u64,
+) -> Result<(), ApiError> {
+    if reservation.bytes() + n > budget {
+        return Err(ApiError::TooLarge(format!(
+            "decoding this request would take {} of memory, more than --max-inflight-bytes ({}): send smaller requests",
+            crate::config::ByteSize(reservation.bytes() + n),
+            crate::config::ByteSize(budget)
+        )));
+    }
+    reservation.grow(n)
+}
+
+/// Appends every batch; the first failure is the answer (a `min_replicas`
+/// timeout included: the lines are stored, but not copied as asked).
+pub(super) async fn store_all(
+    st: &AppState,
+    batches: Batches,
+    opts: WriteOptions,
+) -> Result<(), ApiError> {
+    for result in batches.store(st, opts).await {
+        result.written?;
+    }
+    Ok(())
+}
+
 pub(super) fn count_shed(st: &AppState, e: &ApiError) {
     if matches!(e, ApiError::Overloaded(_)) {
         st.metrics.shed_requests.inc();
