@@ -21,7 +21,8 @@
 //! Elasticsearch does for an existing document (agents count it as
 //! delivered): a retried batch with ids is not stored twice on one node.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::borrow::Cow;
+use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -255,12 +256,27 @@ pub struct Item {
     pub doc: Result<Vec<u8>, ItemError>,
 }
 
+/// An action line: exactly one of these is set. Read in place (the names
+/// borrowed from the body), once per action.
 #[derive(Deserialize)]
-struct Meta {
-    #[serde(rename = "_index")]
-    index: Option<String>,
-    #[serde(rename = "_id")]
-    id: Option<String>,
+#[serde(deny_unknown_fields)]
+struct ActionLine<'a> {
+    #[serde(borrow)]
+    index: Option<Meta<'a>>,
+    #[serde(borrow)]
+    create: Option<Meta<'a>>,
+    #[serde(borrow)]
+    update: Option<Meta<'a>>,
+    #[serde(borrow)]
+    delete: Option<Meta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Meta<'a> {
+    #[serde(rename = "_index", borrow)]
+    index: Option<Cow<'a, str>>,
+    #[serde(rename = "_id", borrow)]
+    id: Option<Cow<'a, str>>,
 }
 
 fn item_error(status: u16, kind: &'static str, reason: impl Into<String>) -> ItemError {
@@ -292,23 +308,19 @@ pub fn parse_bulk(
         let malformed = |why: String| {
             BulkRefusal::Malformed(format!("Malformed action/metadata line [{}]: {why}", n + 1))
         };
-        let action: HashMap<String, Meta> =
+        let parsed: ActionLine =
             serde_json::from_slice(line).map_err(|e| malformed(e.to_string()))?;
-        let mut action = action.into_iter();
-        let (name, meta) = match (action.next(), action.next()) {
+        let mut set = [
+            (Action::Index, parsed.index),
+            (Action::Create, parsed.create),
+            (Action::Update, parsed.update),
+            (Action::Delete, parsed.delete),
+        ]
+        .into_iter()
+        .filter_map(|(action, meta)| Some((action, meta?)));
+        let (action, meta) = match (set.next(), set.next()) {
             (Some(one), None) => one,
             _ => return Err(malformed("expected exactly one action".into())),
-        };
-        let action = match name.as_str() {
-            "index" => Action::Index,
-            "create" => Action::Create,
-            "update" => Action::Update,
-            "delete" => Action::Delete,
-            other => {
-                return Err(malformed(format!(
-                    "expected field [create], [delete], [index] or [update] but found [{other}]"
-                )));
-            }
         };
         let doc = if action == Action::Delete {
             None
@@ -324,7 +336,10 @@ pub fn parse_bulk(
                 }
             }
         };
-        let index = meta.index.or_else(|| path_index.map(str::to_owned));
+        let index = meta
+            .index
+            .map(Cow::into_owned)
+            .or_else(|| path_index.map(str::to_owned));
         let doc = match (action, doc) {
             (Action::Index | Action::Create, Some(doc)) => {
                 document(doc, index.as_deref(), max_line)
@@ -341,7 +356,7 @@ pub fn parse_bulk(
         items.push(Item {
             action,
             index,
-            id: meta.id,
+            id: meta.id.map(Cow::into_owned),
             doc,
         });
     }
@@ -738,7 +753,7 @@ mod tests {
             (&b"{\"index\":{}}\n"[..], "not followed by its document"),
             (b"{\"index\":{}}\n\n", "not followed by its document"),
             (b"not json\n{}\n", "Malformed action/metadata line [1]"),
-            (b"{\"upsert\":{}}\n{}\n", "found [upsert]"),
+            (b"{\"upsert\":{}}\n{}\n", "unknown field `upsert`"),
             (b"{\"index\":{},\"create\":{}}\n{}\n", "exactly one action"),
             (b"{}\n", "exactly one action"),
             (b"{\"index\":{\"_index\":5}}\n{}\n", "Malformed"),

@@ -27,6 +27,7 @@ use axum::response::{IntoResponse, Response};
 use chunkbus_client::names::validate_category;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 
 use super::produce::{Batches, WriteOptions, check_writable, read_decoded, read_records, store};
 use super::{ApiError, AppState, lines};
@@ -132,7 +133,8 @@ pub struct Event {
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
-    index: Option<String>,
+    #[serde(borrow, default)]
+    index: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     event: Given<'a>,
 }
@@ -148,52 +150,81 @@ impl<'de: 'a, 'a> Deserialize<'de> for Given<'a> {
     }
 }
 
-/// Parses a body of event objects: the valid events before the first
-/// invalid one, and that one's problem. An empty body is HEC's "No data".
+/// Parses a body of event objects (each read once) into `batches`, each
+/// event's line in its category, until the first invalid one, whose
+/// problem is returned (code 4 for a category `may_write` refuses). An
+/// empty body is HEC's "No data".
+pub fn parse_events_into(
+    body: &[u8],
+    default_category: &str,
+    max_line: u64,
+    may_write: &dyn Fn(&str) -> bool,
+    batches: &mut Batches,
+) -> Option<InvalidEvent> {
+    let mut stream = serde_json::Deserializer::from_slice(body).into_iter::<Envelope>();
+    let invalid = |number, code, text| Some(InvalidEvent { number, code, text });
+    for number in 0.. {
+        let start = stream.byte_offset();
+        let envelope = match stream.next() {
+            None if number == 0 => return invalid(0, 5, "No data"),
+            None => return None,
+            Some(Err(_)) => return invalid(number, 6, "Invalid data format"),
+            Some(Ok(envelope)) => envelope,
+        };
+        let raw = body[start..stream.byte_offset()].trim_ascii_start();
+        // An object (a derived struct would also take an array, its
+        // fields by position).
+        if raw.first() != Some(&b'{') {
+            return invalid(number, 6, "Invalid data format");
+        }
+        match envelope.event.0.map(RawValue::get) {
+            None => return invalid(number, 12, "Event field is required"),
+            Some("\"\"" | "null") => return invalid(number, 13, "Event field cannot be blank"),
+            Some(_) => {}
+        }
+        let category = envelope.index.as_deref().unwrap_or(default_category);
+        if validate_category(category).is_err() {
+            return invalid(number, 7, "Incorrect index");
+        }
+        if !may_write(category) {
+            return invalid(number, 4, "Invalid token");
+        }
+        if raw.len() as u64 <= max_line {
+            // Never longer without its whitespace: written in place.
+            batches.push_with(category, number, |buf| lines::minify_into(raw, buf));
+        } else {
+            let mut line = Vec::with_capacity(raw.len());
+            lines::minify_into(raw, &mut line);
+            if line.len() as u64 > max_line {
+                return invalid(number, 6, "Invalid data format");
+            }
+            batches.push(category, &line, number);
+        }
+    }
+    None
+}
+
+/// [`parse_events_into`] with every category allowed, as a list in request
+/// order (tests, fuzzing).
 pub fn parse_events(
     body: &[u8],
     default_category: &str,
     max_line: u64,
 ) -> (Vec<Event>, Option<InvalidEvent>) {
-    let mut events = Vec::new();
-    let mut stream = serde_json::Deserializer::from_slice(body).into_iter::<&RawValue>();
-    let invalid = |number, code, text| Some(InvalidEvent { number, code, text });
-    loop {
-        let number = events.len();
-        let raw = match stream.next() {
-            None if number == 0 => return (events, invalid(0, 5, "No data")),
-            None => return (events, None),
-            Some(Err(_)) => return (events, invalid(number, 6, "Invalid data format")),
-            Some(Ok(raw)) => raw,
-        };
-        // An object (a derived struct would also take an array, its
-        // fields by position).
-        if !raw.get().trim_start().starts_with('{') {
-            return (events, invalid(number, 6, "Invalid data format"));
-        }
-        let Ok(envelope) = serde_json::from_str::<Envelope>(raw.get()) else {
-            return (events, invalid(number, 6, "Invalid data format"));
-        };
-        match envelope.event.0.map(RawValue::get) {
-            None => return (events, invalid(number, 12, "Event field is required")),
-            Some("\"\"" | "null") => {
-                return (events, invalid(number, 13, "Event field cannot be blank"));
-            }
-            Some(_) => {}
-        }
-        let category = envelope
-            .index
-            .unwrap_or_else(|| default_category.to_owned());
-        if validate_category(&category).is_err() {
-            return (events, invalid(number, 7, "Incorrect index"));
-        }
-        let mut line = Vec::with_capacity(raw.get().len());
-        lines::minify_into(raw.get().as_bytes(), &mut line);
-        if line.len() as u64 > max_line {
-            return (events, invalid(number, 6, "Invalid data format"));
-        }
-        events.push(Event { category, line });
-    }
+    let mut batches = Batches::default();
+    let invalid = parse_events_into(body, default_category, max_line, &|_| true, &mut batches);
+    let mut events: Vec<(usize, Event)> = batches
+        .numbered_lines()
+        .map(|(n, category, line)| {
+            let event = Event {
+                category: category.to_owned(),
+                line: line.to_vec(),
+            };
+            (n, event)
+        })
+        .collect();
+    events.sort_by_key(|(n, _)| *n);
+    (events.into_iter().map(|(_, e)| e).collect(), invalid)
 }
 
 /// `POST /services/collector/event`.
@@ -221,28 +252,27 @@ async fn store_events(
         .map_err(hec_error)?;
     let default = st.ingest.hec_default_category.clone();
     let max_line = st.limits.max_line_bytes;
-    let (events, invalid) = super::body::off_runtime_if_large(raw, "HEC parse", move |raw| {
-        parse_events(raw, &default, max_line)
+    let principal = parts.extensions.get::<crate::auth::Principal>().cloned();
+    let (batches, invalid) = super::body::off_runtime_if_large(raw, "HEC parse", move |raw| {
+        let may_write = |c: &str| principal.as_ref().is_none_or(|p| p.may_see(c));
+        let mut batches = Batches::default();
+        let invalid = parse_events_into(raw, &default, max_line, &may_write, &mut batches);
+        (batches, invalid)
     })
     .await
     .map_err(hec_error)?;
-    let principal = parts.extensions.get::<crate::auth::Principal>();
-    let mut batches = Batches::default();
-    for (n, e) in events.iter().enumerate() {
-        if let Some(p) = principal
-            && !p.may_see(&e.category)
-        {
-            // Stored so far: the events before this one.
-            store_all(st, batches, opts).await?;
-            return Err(hec(StatusCode::FORBIDDEN, 4, "Invalid token", Some(n)));
-        }
-        batches.push(&e.category, &e.line, n);
-    }
+    // Stored: the events before the first invalid one.
     store_all(st, batches, opts).await?;
     drop(reservation);
     match invalid {
         None => Ok(success()),
-        Some(i) => Err(hec(StatusCode::BAD_REQUEST, i.code, i.text, Some(i.number))),
+        Some(i) => {
+            let status = match i.code {
+                4 => StatusCode::FORBIDDEN,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            Err(hec(status, i.code, i.text, Some(i.number)))
+        }
     }
 }
 

@@ -386,6 +386,8 @@ pub struct Batches {
     /// Where each category's batch is in `groups` (a request may name as
     /// many categories as it has records).
     index: std::collections::HashMap<String, usize>,
+    /// The group of the last line.
+    last: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -409,34 +411,51 @@ pub(super) struct BatchResult {
 impl Batches {
     /// Adds `line` (without its `\n`, which is added), request number `n`.
     pub fn push(&mut self, category: &str, line: &[u8], n: usize) {
-        let g = match self.index.get(category) {
-            Some(&g) => g,
-            None => {
-                self.groups.push(Batch {
-                    category: category.to_owned(),
-                    lines: Vec::new(),
-                    members: Vec::new(),
-                });
-                self.index
-                    .insert(category.to_owned(), self.groups.len() - 1);
-                self.groups.len() - 1
-            }
+        self.push_with(category, n, |buf| buf.extend_from_slice(line));
+    }
+
+    /// Adds the line `write` appends to its category's buffer (without
+    /// its `\n`, which is added), request number `n`.
+    pub fn push_with(&mut self, category: &str, n: usize, write: impl FnOnce(&mut Vec<u8>)) {
+        let g = match self.last {
+            // Most requests name one category: no lookup for it.
+            Some(g) if self.groups[g].category == category => g,
+            _ => match self.index.get(category) {
+                Some(&g) => g,
+                None => {
+                    self.groups.push(Batch {
+                        category: category.to_owned(),
+                        lines: Vec::new(),
+                        members: Vec::new(),
+                    });
+                    self.index
+                        .insert(category.to_owned(), self.groups.len() - 1);
+                    self.groups.len() - 1
+                }
+            },
         };
+        self.last = Some(g);
         let batch = &mut self.groups[g];
-        batch.lines.extend_from_slice(line);
+        let start = batch.lines.len();
+        write(&mut batch.lines);
         batch.lines.push(b'\n');
-        batch.members.push((n, line.len() as u64 + 1));
+        batch.members.push((n, (batch.lines.len() - start) as u64));
     }
 
     /// Every line (without its `\n`) with its category, category by
     /// category.
     pub fn lines(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.numbered_lines().map(|(_, c, l)| (c, l))
+    }
+
+    /// [`Batches::lines`] with each line's request number.
+    pub fn numbered_lines(&self) -> impl Iterator<Item = (usize, &str, &[u8])> {
         self.groups.iter().flat_map(|g| {
             let mut at = 0usize;
-            g.members.iter().map(move |&(_, len)| {
+            g.members.iter().map(move |&(n, len)| {
                 let line = &g.lines[at..at + len as usize - 1];
                 at += len as usize;
-                (g.category.as_str(), line)
+                (n, g.category.as_str(), line)
             })
         })
     }
