@@ -32,13 +32,9 @@ use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
 
-use super::produce::{
-    ProduceQuery, PushLines, Pushed, check_writable, count_shed, read_decoded, reserve_or_refuse,
-    store_all,
-};
+use super::produce::{ProduceQuery, PushLines, Pushed, count_shed, push_request};
 use super::protobuf::{Shape, decoded_bytes};
 use super::{ApiError, AppState, body};
-use crate::auth::Principal;
 
 /// Loki's `logproto.PushRequest`.
 #[derive(Clone, PartialEq, Message)]
@@ -531,10 +527,6 @@ async fn push_entries(
                 .to_owned(),
         ),
     };
-    check_writable(st, opts)?;
-    let (parts, body) = req.into_parts();
-    let principal = parts.extensions.get::<Principal>().cloned();
-    let (data, mut reservation) = read_decoded(st, &parts.headers, body).await?;
     let rules = Rules {
         category_label: st.ingest.loki_category_label.clone(),
         default_category: st.ingest.loki_default_category.clone(),
@@ -542,16 +534,14 @@ async fn push_entries(
         max_line: st.limits.max_line_bytes,
         max_lines_bytes: st.limits.max_body_bytes,
     };
-    let budget = st.limits.max_inflight_bytes;
-    let (decoded, reservation) =
-        body::off_runtime_if_large(data.into_contiguous(), "Loki decode", move |raw| {
-            let may_write = |c: &str| principal.as_ref().is_none_or(|p| p.may_see(c));
-            let mut reserve = |n: u64| reserve_or_refuse(&mut reservation, n, budget);
-            decode(raw, encoding, &rules, &may_write, &mut reserve).map(|d| (d, reservation))
-        })
-        .await??;
-    store_all(st, decoded.batches, opts).await?;
-    drop(reservation);
+    let decoded = push_request(
+        st,
+        req,
+        opts,
+        "Loki decode",
+        Box::new(move |raw, may_write, reserve| decode(raw, encoding, &rules, may_write, reserve)),
+    )
+    .await?;
     match decoded.reason {
         None => Ok(StatusCode::NO_CONTENT.into_response()),
         Some(reason) => Err(ApiError::BadRequest(format!(

@@ -40,13 +40,9 @@ use prost::Message;
 use serde::Serialize;
 use serde::ser::{SerializeMap, SerializeSeq};
 
-use super::produce::{
-    ProduceQuery, PushLines, Pushed, check_writable, count_shed, read_decoded, reserve_or_refuse,
-    store_all,
-};
+use super::produce::{ProduceQuery, PushLines, Pushed, count_shed, push_request};
 use super::protobuf::{Shape, decoded_bytes};
 use super::{ApiError, AppState, body};
-use crate::auth::Principal;
 
 /// The encodings of a request and its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -445,26 +441,20 @@ async fn export_records(
 ) -> Result<Response, ApiError> {
     let Query(q) = query?;
     let opts = q.options()?;
-    check_writable(st, opts)?;
-    let (parts, body) = req.into_parts();
-    let principal = parts.extensions.get::<Principal>().cloned();
-    let (data, mut reservation) = read_decoded(st, &parts.headers, body).await?;
     let rules = Rules {
         category_attribute: st.ingest.otlp_category_attribute.clone(),
         default_category: st.ingest.otlp_default_category.clone(),
         max_line: st.limits.max_line_bytes,
         max_lines_bytes: st.limits.max_body_bytes,
     };
-    let budget = st.limits.max_inflight_bytes;
-    let (decoded, reservation) =
-        body::off_runtime_if_large(data.into_contiguous(), "OTLP decode", move |raw| {
-            let may_write = |c: &str| principal.as_ref().is_none_or(|p| p.may_see(c));
-            let mut reserve = |n: u64| reserve_or_refuse(&mut reservation, n, budget);
-            decode(raw, encoding, &rules, &may_write, &mut reserve).map(|d| (d, reservation))
-        })
-        .await??;
-    store_all(st, decoded.batches, opts).await?;
-    drop(reservation);
+    let decoded = push_request(
+        st,
+        req,
+        opts,
+        "OTLP decode",
+        Box::new(move |raw, may_write, reserve| decode(raw, encoding, &rules, may_write, reserve)),
+    )
+    .await?;
     let response = ExportLogsServiceResponse {
         partial_success: decoded.reason.map(|reason| ExportLogsPartialSuccess {
             rejected_log_records: decoded.refused as i64,

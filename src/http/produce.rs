@@ -607,6 +607,42 @@ impl<'r> PushLines<'r> {
     }
 }
 
+/// The decoder of a push API: the body, whether the request's token may
+/// write a category, and where to ask for memory before taking it.
+pub(super) type PushDecoder = dyn FnOnce(
+        &[u8],
+        &dyn Fn(&str) -> bool,
+        &mut dyn FnMut(u64) -> Result<(), ApiError>,
+    ) -> Result<Pushed, ApiError>
+    + Send;
+
+/// Reads a push request's body (OTLP, Loki), decodes it with `decode`
+/// (off the request threads when large) within the in-flight budget, and
+/// stores its lines; returns the refusals.
+pub(super) async fn push_request(
+    st: &AppState,
+    req: Request,
+    opts: WriteOptions,
+    what: &'static str,
+    decode: Box<PushDecoder>,
+) -> Result<Pushed, ApiError> {
+    check_writable(st, opts)?;
+    let (parts, body) = req.into_parts();
+    let principal = parts.extensions.get::<crate::auth::Principal>().cloned();
+    let (data, mut reservation) = read_decoded(st, &parts.headers, body).await?;
+    let budget = st.limits.max_inflight_bytes;
+    let (mut pushed, reservation) =
+        body::off_runtime_if_large(data.into_contiguous(), what, move |raw| {
+            let may_write = |c: &str| principal.as_ref().is_none_or(|p| p.may_see(c));
+            let mut reserve = |n: u64| reserve_or_refuse(&mut reservation, n, budget);
+            decode(raw, &may_write, &mut reserve).map(|d| (d, reservation))
+        })
+        .await??;
+    store_all(st, std::mem::take(&mut pushed.batches), opts).await?;
+    drop(reservation);
+    Ok(pushed)
+}
+
 /// Reserves `n` bytes of the in-flight budget: 503 (retried) when the
 /// node is busy, 413 (not retried) when the request needs more than the
 /// whole budget and would never fit.
