@@ -45,7 +45,7 @@ use crate::storage::{Storage, SyncPolicy};
 use crate::upload::Tiering;
 
 /// Stripes of [`AppState::producer_lock`].
-const PRODUCER_LOCK_STRIPES: usize = 64;
+const PRODUCER_LOCK_STRIPES: usize = 256;
 
 /// Limits applied to requests.
 #[derive(Debug, Clone, Copy)]

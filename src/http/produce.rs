@@ -131,33 +131,6 @@ pub(super) async fn ingest(
     validate_category(category)?;
     check_writable(st, opts)?;
     let tag = producer_of(headers)?;
-    // One request of a producer at a time: a retry waits for the request
-    // it repeats, then finds it recorded.
-    let serial = match &tag {
-        Some((producer, _)) => Some(
-            st.producer_lock(category, producer)
-                .clone()
-                .lock_owned()
-                .await,
-        ),
-        None => None,
-    };
-    if let Some((producer, sequence)) = &tag
-        && let Some(r) = st
-            .storage
-            .producer_lookup(category, producer, *sequence)
-            .await?
-    {
-        st.metrics.produce_repeats.inc();
-        let written = ProduceResponse {
-            chunk: Some(r.chunk.to_string()),
-            offset: r.offset,
-            next_offset: r.next_offset,
-            lines: r.lines,
-            replicas: None,
-        };
-        return wait_replicas(st, category, &r.chunk, written, opts).await;
-    }
     let (mut data, mut reservation) = read_decoded(st, headers, body).await?;
     if lines::is_json_array(headers, data.bytes()) {
         // The lines are a second buffer of about the body's size: counted
@@ -172,15 +145,48 @@ pub(super) async fn ingest(
         );
     }
     let count = lines::finish_lines(&mut data, st.limits.max_line_bytes)?;
-    let tag = tag.map(|(producer, sequence)| {
-        let tag = ProducerTag {
-            producer,
-            sequence,
-            crc: data.chunks().fold(0, crc32c::crc32c_append),
+    let Some((producer, sequence)) = tag else {
+        return store(st, category, data, count, reservation, opts).await;
+    };
+    // One request of a producer at a time, once its body is here (a slow
+    // sender holds nobody up): a retry waits for the request it repeats,
+    // then finds it recorded.
+    let serial = st
+        .producer_lock(category, &producer)
+        .clone()
+        .lock_owned()
+        .await;
+    if let Some(r) = st
+        .storage
+        .producer_lookup(category, &producer, sequence)
+        .await?
+    {
+        drop(serial);
+        st.metrics.produce_repeats.inc();
+        let written = ProduceResponse {
+            chunk: Some(r.chunk.to_string()),
+            offset: r.offset,
+            next_offset: r.next_offset,
+            lines: r.lines,
+            replicas: None,
         };
-        (tag, serial)
-    });
-    store_tagged(st, category, data, count, reservation, opts, tag).await
+        return wait_replicas(st, category, &r.chunk, written, opts).await;
+    }
+    let tag = ProducerTag {
+        producer,
+        sequence,
+        crc: data.chunks().fold(0, crc32c::crc32c_append),
+    };
+    store_tagged(
+        st,
+        category,
+        data,
+        count,
+        reservation,
+        opts,
+        Some((tag, serial)),
+    )
+    .await
 }
 
 /// `Chunkbus-Producer` and `Chunkbus-Sequence`: both or neither.
@@ -299,7 +305,7 @@ async fn store_tagged(
     count: u64,
     reservation: body::Reservation,
     opts: WriteOptions,
-    tag: Option<(ProducerTag, Option<OwnedMutexGuard<()>>)>,
+    tag: Option<(ProducerTag, OwnedMutexGuard<()>)>,
 ) -> Result<ProduceResponse, ApiError> {
     if count == 0 {
         return Ok(ProduceResponse {

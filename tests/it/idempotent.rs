@@ -251,3 +251,43 @@ async fn retries_across_sigkill_store_each_request_once() {
         }
     }
 }
+
+/// A producer's request whose body is still arriving holds up none of the
+/// producer's other requests (the lock is taken once the body is here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_holds_up_no_other_request_of_its_producer() {
+    use tokio::io::AsyncWriteExt;
+    let node = TestNode::start().await;
+    let mut slow = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    slow.write_all(
+        b"POST /v1/categories/idem/lines HTTP/1.1\r\nHost: x\r\nChunkbus-Producer: p\r\nChunkbus-Sequence: 1\r\nContent-Length: 100\r\n\r\nslow li",
+    )
+    .await
+    .unwrap();
+    // The node is reading the slow body (it holds its first bytes) before
+    // the next request is sent.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = node.get("/metrics").await.text().await.unwrap();
+        let held: f64 = text
+            .lines()
+            .find(|l| l.starts_with("chunkbus_inflight_bytes "))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .expect("the inflight_bytes metric");
+        if held > 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow body never arrived"
+        );
+        tokio::task::yield_now().await;
+    }
+    let quick = tokio::time::timeout(Duration::from_secs(5), tagged(&node, "p", "2", "quick\n"))
+        .await
+        .expect("answered while the other body is still arriving");
+    assert_eq!(quick.0, StatusCode::OK);
+    assert_eq!(stored(&node), "quick\n");
+    drop(slow);
+    node.stop().await;
+}
