@@ -173,8 +173,9 @@ pub fn parse_events_into(
         };
         let raw = body[start..stream.byte_offset()].trim_ascii_start();
         // An object (a derived struct would also take an array, its
-        // fields by position).
-        if raw.first() != Some(&b'{') {
+        // fields by position), in UTF-8 (the fields skipped over, such as
+        // `fields` or `host`, are not checked by the parse).
+        if raw.first() != Some(&b'{') || std::str::from_utf8(raw).is_err() {
             return invalid(number, 6, "Invalid data format");
         }
         match envelope.event.0.map(RawValue::get) {
@@ -375,6 +376,14 @@ mod tests {
             assert_eq!((invalid.number, invalid.code), (2, code), "{bad}");
         }
         assert_eq!(parse_events(b"  ", "hec", 10).1.unwrap().code, 5);
+        // Not UTF-8 in a field the parse skips over: refused, not stored.
+        let (events, invalid) = parse_events(
+            b"{\"event\":\"ok\"}{\"event\":\"x\",\"host\":\"\xff\"}",
+            "hec",
+            1 << 20,
+        );
+        assert_eq!(events.len(), 1);
+        assert_eq!(invalid.map(|i| (i.number, i.code)), Some((1, 6)));
         let long = parse_events(br#"{"event":"0123456789"}"#, "hec", 10);
         assert_eq!(long.1.unwrap().code, 6);
     }
