@@ -118,6 +118,16 @@ impl Principal {
     }
 }
 
+impl Principal {
+    /// True when this principal may see every category (no patterns).
+    pub fn sees_every_category(&self) -> bool {
+        match self {
+            Principal::Anonymous | Principal::Peer => true,
+            Principal::Token { categories, .. } => categories.is_none(),
+        }
+    }
+}
+
 /// What a route needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need<'a> {

@@ -23,6 +23,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod consumers;
 pub mod durable;
 #[doc(hidden)]

@@ -70,6 +70,9 @@ pub struct Metrics {
     registry: Registry,
     /// HTTP requests answered, by route and status.
     pub http_requests: Family<RequestLabels, Counter>,
+    /// The counters of `http_requests` created so far, (method, route,
+    /// status, counter), for the console (a `Family` cannot be listed).
+    pub http_request_counters: std::sync::Mutex<Vec<(&'static str, &'static str, u16, Counter)>>,
     /// HTTP request latency, by route.
     pub http_request_seconds: Family<RouteLabels, Histogram>,
     /// Bytes appended, per category.
@@ -86,6 +89,8 @@ pub struct Metrics {
     pub runway_bytes: Family<CategoryLabels, Counter>,
     /// Bytes copied from other owners, per category.
     pub bytes_replicated: Family<CategoryLabels, Counter>,
+    /// Lines copied from other owners' chunks, per category.
+    pub lines_replicated: Family<CategoryLabels, Counter>,
     /// Latency of one fdatasync (which may cover many requests).
     pub fsync_seconds: Histogram,
     /// Requests covered by one group commit.
@@ -144,6 +149,7 @@ impl Metrics {
         let mut m = Self {
             registry: Registry::with_prefix("chunkbus"),
             http_requests: Family::default(),
+            http_request_counters: Default::default(),
             http_request_seconds: Family::new_with_constructor(latency),
             bytes_in: Family::default(),
             lines_in: Family::default(),
@@ -152,6 +158,7 @@ impl Metrics {
             chunks_completed: Family::default(),
             runway_bytes: Family::default(),
             bytes_replicated: Family::default(),
+            lines_replicated: Family::default(),
             fsync_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             group_commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             page_cache_dropped_bytes: Counter::default(),
@@ -211,6 +218,11 @@ impl Metrics {
             "bytes_replicated",
             "Bytes copied from other owners' chunks",
             m.bytes_replicated.clone(),
+        );
+        r.register(
+            "lines_replicated",
+            "Lines copied from other owners' chunks",
+            m.lines_replicated.clone(),
         );
         r.register(
             "fsync_seconds",
@@ -377,6 +389,7 @@ impl Metrics {
             chunks_completed: self.chunks_completed.get_or_create(&l).clone(),
             runway_bytes: self.runway_bytes.get_or_create(&l).clone(),
             bytes_replicated: self.bytes_replicated.get_or_create(&l).clone(),
+            lines_replicated: self.lines_replicated.get_or_create(&l).clone(),
             chunks_evicted: self.chunks_evicted.get_or_create(&l).clone(),
         }
     }
@@ -399,6 +412,8 @@ pub struct CategoryMetrics {
     pub runway_bytes: Counter,
     /// Bytes copied from other owners.
     pub bytes_replicated: Counter,
+    /// Lines copied from other owners.
+    pub lines_replicated: Counter,
     /// Local copies evicted.
     pub chunks_evicted: Counter,
 }

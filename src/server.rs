@@ -254,10 +254,18 @@ pub async fn run(
             stop_pullers.clone(),
         ));
     }
+    let console = crate::console::Console::new(
+        storage.clone(),
+        consumers.clone(),
+        metrics.clone(),
+        cfg.s3.is_some(),
+    );
+    pullers.spawn(console.clone().run(stop_pullers.clone()));
     pullers.close();
     let state = AppState::new(
         Services {
             storage: storage.clone(),
+            console,
             metrics,
             replication,
             consumers,

@@ -18,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod console;
 mod consumer;
 mod error;
 pub mod names;

@@ -488,6 +488,23 @@ impl Client {
         self.call(self.http.get(url.clone()), &url).await
     }
 
+    /// `GET /v1/console`: the operator's view of the node and its cluster.
+    pub async fn console(&self) -> Result<crate::console::ConsoleView, ClientError> {
+        let url = self.url(&["v1", "console"]);
+        self.call(self.http.get(url.clone()), &url).await
+    }
+
+    /// `GET /v1/categories/{category}/console`: a category's newest chunks
+    /// with their state.
+    pub async fn console_category(
+        &self,
+        category: &str,
+    ) -> Result<crate::console::CategoryChunks, ClientError> {
+        validate_category(category)?;
+        let url = self.url(&["v1", "categories", category, "console"]);
+        self.call(self.http.get(url.clone()), &url).await
+    }
+
     /// `POST /v1/admin/forget-node/{node}`: completes a permanently lost
     /// node's open chunks on every node.
     pub async fn forget_node(&self, node: &str) -> Result<crate::ForgetReport, ClientError> {

@@ -163,6 +163,15 @@ pub struct PeerStatus {
     /// never cut back, until the peer lists them at least as large.
     #[serde(default)]
     pub disagreeing_chunks: Vec<DisagreeingChunk>,
+    /// When its last replication answer arrived (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_contact: Option<String>,
+    /// Its version, as it last said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Its disk, as it last said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskStatus>,
 }
 
 /// A copy that holds more than its owner lists (see [`PeerStatus`]).

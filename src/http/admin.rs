@@ -7,7 +7,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use chunkbus_client::names::validate_node;
-use chunkbus_client::{DiskStatus, ForgetReport, NodeStatus};
+use chunkbus_client::{ForgetReport, NodeStatus};
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
@@ -19,8 +19,6 @@ pub(super) async fn status(
     principal: Option<axum::Extension<crate::auth::Principal>>,
 ) -> Json<NodeStatus> {
     let may_see = |c: &str| principal.as_ref().is_none_or(|p| p.0.may_see(c));
-    let disk = st.storage.disk();
-    let usage = disk.usage();
     let mut status = NodeStatus {
         node: st.storage.node().to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -29,12 +27,7 @@ pub(super) async fn status(
         tokens_reload_error: st.auth.reload_error(),
         peers: st.replication.status(),
         categories: st.storage.categories(),
-        disk: DiskStatus {
-            used_bytes: usage.used_bytes,
-            total_bytes: usage.total_bytes,
-            used_percent: usage.used_percent,
-            high_water_percent: disk.limit_percent(),
-        },
+        disk: st.storage.disk().status(),
         s3: st.tiering.status(),
     };
     status.categories.retain(|c| may_see(c));

@@ -89,6 +89,10 @@ pub(super) async fn changes(
                 positions,
                 kafka_addr: st.kafka_advertised.clone(),
                 kafka_nodes: st.kafka_nodes.clone(),
+                about: Some(crate::replication::protocol::NodeAbout {
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    disk: st.storage.disk().status(),
+                }),
             }));
         }
         tokio::select! {

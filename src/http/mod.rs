@@ -9,6 +9,7 @@ mod access;
 mod admin;
 pub(crate) mod body;
 mod chukcha;
+mod console;
 mod consumers;
 mod error;
 pub mod es;
@@ -93,6 +94,8 @@ impl std::ops::Deref for AppState {
 pub struct Services {
     /// The chunk store.
     pub storage: Storage,
+    /// Rates, consumer movements and recent errors for the console.
+    pub console: Arc<crate::console::Console>,
     /// The node's metrics.
     pub metrics: Arc<Metrics>,
     /// Replication.
@@ -163,6 +166,9 @@ struct Route {
     /// The stock agent API it belongs to, served only when that API is on
     /// (`--ingest-apis`).
     api: Option<IngestApi>,
+    /// A browser asking for a page (`Accept: text/html`) is sent to the
+    /// console instead, before any check.
+    browsers_to_console: bool,
 }
 
 fn route<H, T>(path: &'static str, method: Method, access: Access, handler: H) -> Route
@@ -178,6 +184,7 @@ where
         handler: on(filter, handler),
         own_body: false,
         api: None,
+        browsers_to_console: false,
     }
 }
 
@@ -264,6 +271,16 @@ fn routes() -> Vec<Route> {
         route("/listChunks", M::GET, Read, chukcha::list_chunks),
         route("/listCategories", M::GET, Read, read::categories),
         route("/v1/status", M::GET, Anyone, admin::status),
+        route("/v1/console", M::GET, Anyone, console::view),
+        route(
+            "/v1/categories/{category}/console",
+            M::GET,
+            Read,
+            console::category,
+        ),
+        route("/ui", M::GET, Open, console::page),
+        route("/ui/console.js", M::GET, Open, console::script),
+        route("/ui/console.css", M::GET, Open, console::style),
         route(
             "/v1/admin/forget-node/{node}",
             M::POST,
@@ -302,7 +319,10 @@ fn es_routes() -> Vec<Route> {
         streaming(route("/_bulk", M::PUT, Produce, es::bulk)),
         streaming(route("/{index}/_bulk", M::POST, Produce, es::bulk_index)),
         streaming(route("/{index}/_bulk", M::PUT, Produce, es::bulk_index)),
-        route("/", M::GET, Anyone, es::root),
+        Route {
+            browsers_to_console: true,
+            ..route("/", M::GET, Anyone, es::root)
+        },
         route("/_license", M::GET, Anyone, es::license),
         route("/_cluster/health", M::GET, Anyone, es::health),
         route("/_index_template/{name}", M::GET, Anyone, es::none),
@@ -399,7 +419,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         } else {
             guarded
         };
+        let guarded = if r.browsers_to_console {
+            guarded.route_layer(axum::middleware::from_fn(console::browser_to_console))
+        } else {
+            guarded
+        };
         router = router.route(r.path, guarded);
+    }
+    if !state.ingest.apis.contains(&IngestApi::Es) {
+        // `/` is Elasticsearch's; without it, browsers still find the console.
+        router = router.route("/", axum::routing::get(console::root));
     }
     router
         .fallback(ops::not_found)

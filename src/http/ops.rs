@@ -146,10 +146,16 @@ impl RouteMetrics {
                     status,
                 })
                 .clone();
-            self.by_status
-                .write()
-                .unwrap()
-                .push((status, counter.clone()));
+            let mut by_status = self.by_status.write().unwrap();
+            if !by_status.iter().any(|(s, _)| *s == status) {
+                by_status.push((status, counter.clone()));
+                self.metrics.http_request_counters.lock().unwrap().push((
+                    self.method,
+                    self.route,
+                    status,
+                    counter.clone(),
+                ));
+            }
             counter
         });
         counter.inc();

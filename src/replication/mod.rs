@@ -102,6 +102,10 @@ struct PeerState {
     kafka_addr: Option<String>,
     /// The peer's nodes in Kafka partition order, as it last said.
     kafka_nodes: Option<Vec<String>>,
+    /// When its last answer arrived.
+    last_contact: Option<SystemTime>,
+    /// Its version and disk, as it last said.
+    about: Option<protocol::NodeAbout>,
 }
 
 /// What a node knows of a peer's Kafka listener.
@@ -247,6 +251,11 @@ impl Replication {
                     lag_seconds: st.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()),
                     categories: st.lag.clone(),
                     forgotten: st.forgotten,
+                    last_contact: st
+                        .last_contact
+                        .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                    version: st.about.as_ref().map(|a| a.version.clone()),
+                    disk: st.about.as_ref().map(|a| a.disk.clone()),
                     disagreeing_chunks: st
                         .disagreeing
                         .iter()
@@ -345,6 +354,15 @@ impl Replication {
             if let Err(e) = self.storage.owner_returned(&link.peer.name).await {
                 tracing::error!(peer = %link.peer.name, error = %e, "cannot record that a forgotten peer is back");
             }
+        }
+    }
+
+    /// Records that a peer answered, with what it said of itself.
+    fn note_answer(&self, link: &PeerLink, about: Option<protocol::NodeAbout>) {
+        let mut st = link.state.lock().unwrap();
+        st.last_contact = Some(SystemTime::now());
+        if about.is_some() {
+            st.about = about;
         }
     }
 

@@ -86,6 +86,19 @@ pub struct ChangesResponse {
     /// nodes on different nodes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka_nodes: Option<Vec<String>>,
+    /// The owner's version and disk, for its peers' consoles (absent
+    /// from earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub about: Option<NodeAbout>,
+}
+
+/// What a node says of itself in its replication answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAbout {
+    /// `CARGO_PKG_VERSION` of its binary.
+    pub version: String,
+    /// Its data directory's disk.
+    pub disk: chunkbus_client::DiskStatus,
 }
 
 /// A consumer's positions in one category, as the asked node holds them.

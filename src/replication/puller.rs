@@ -60,7 +60,7 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
     let mut backoff = BACKOFF_INITIAL;
     loop {
         let round = async {
-            let resp = changes(
+            let mut resp = changes(
                 &repl,
                 link,
                 &base,
@@ -112,6 +112,7 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
             since = resp.version;
             positions_since = resp.positions_version;
             repl.note_kafka(link, resp.kafka_addr.clone(), resp.kafka_nodes.clone());
+            repl.note_answer(link, resp.about.take());
             for p in resp.positions {
                 validate_category(&p.category).map_err(|e| PullError::Peer(e.to_string()))?;
                 validate_consumer(&p.consumer).map_err(|e| PullError::Peer(e.to_string()))?;

@@ -73,6 +73,17 @@ impl DiskMonitor {
         Ok(usage)
     }
 
+    /// The last reading with the high-water mark, as nodes report it.
+    pub fn status(&self) -> chunkbus_client::DiskStatus {
+        let usage = self.usage();
+        chunkbus_client::DiskStatus {
+            used_bytes: usage.used_bytes,
+            total_bytes: usage.total_bytes,
+            used_percent: usage.used_percent,
+            high_water_percent: self.limit_percent(),
+        }
+    }
+
     /// The last reading.
     pub fn usage(&self) -> DiskUsage {
         let mut u = DiskUsage {

@@ -237,6 +237,7 @@ impl Storage {
             });
         }
         cat.metrics.bytes_replicated.inc_by(len);
+        cat.metrics.lines_replicated.inc_by(new_lines);
         let lines = match held {
             Some(m) => m.lines,
             None => Some(0),

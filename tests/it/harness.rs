@@ -300,6 +300,25 @@ impl BinNode {
 /// How long a condition may take to become true.
 pub const CONDITION_DEADLINE: Duration = Duration::from_secs(20);
 
+/// Polls `check` until it returns `Some`, or fails after `deadline` saying `what`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{what} did not happen within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls `/metrics` of the node at `base` until it has the line `want`.
 pub async fn wait_for_metric_at(http: &reqwest::Client, base: &str, want: &str) {
     let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;

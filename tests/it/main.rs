@@ -4,10 +4,12 @@
 mod api;
 mod bad_input;
 mod binary;
+mod browser;
 mod chaos;
 mod chukcha;
 mod client;
 mod cluster;
+mod console;
 mod consumers;
 mod crash;
 mod durability;

@@ -2,34 +2,16 @@
 //! loopback, with SigV4 authentication), with real `chunkbus` processes.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
 use chunkbus_client::{ChunkInfo, Client, NodeStatus, ProduceOptions};
 use tokio::process::Command;
 
-use crate::harness::{BinNode, CONDITION_DEADLINE, all_lines, metrics_text, serve_command};
+use crate::harness::{
+    BinNode, CONDITION_DEADLINE, all_lines, eventually, metrics_text, serve_command,
+};
 use crate::s3_server::{BUCKET, TestS3};
-
-/// Polls `check` until it returns `Some`, or fails after `deadline` saying `what`.
-async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let end = tokio::time::Instant::now() + deadline;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "{what} did not happen within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// `chunkbus serve` for node `node` on `dir`, using `s3`, plus `args`.
 fn s3_command(s3: &TestS3, node: &str, dir: &Path, args: &[&str]) -> Command {

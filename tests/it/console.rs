@@ -1,0 +1,277 @@
+//! The web console (`/ui`) in a real browser, its JSON, and `chunkbus top`.
+
+use std::time::Duration;
+
+use chunkbus::auth::{Role, TokenSpec};
+use chunkbus_client::{Client, ProduceOptions};
+use fantoccini::Locator;
+use tokio_util::sync::CancellationToken;
+
+use crate::browser::Browser;
+use crate::cluster::TestCluster;
+use crate::harness::TestNode;
+use crate::s3_server::TestS3;
+
+/// Produces a few lines to each of `categories` through `client` every
+/// 100 ms until `stop`.
+fn keep_producing(
+    client: Client,
+    categories: &'static [&'static str],
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while !stop.is_cancelled() {
+            for c in categories {
+                let lines: String = (0..5)
+                    .map(|i| format!("{{\"n\":{n},\"i\":{i}}}\n"))
+                    .collect();
+                // A node being killed may refuse; the next round goes on.
+                let _ = client.produce(c, lines, &ProduceOptions::default()).await;
+            }
+            n += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+    })
+}
+
+/// Describes the console page for failure messages.
+const DESCRIBE: &str = "return document.body.innerText.slice(0, 3000);";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_nodes_rates_lagging_consumers_and_a_dead_node_in_a_browser() {
+    let s3 = TestS3::start().await;
+    let env = s3
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let mut cluster = TestCluster::start_with(
+        3,
+        &["--max-chunk-bytes", "64KiB", "--rotate-after", "2s"],
+        vec![s3.args(); 3],
+        env,
+    )
+    .await;
+    let n1 = cluster.client(0);
+    let stop = CancellationToken::new();
+    let producer = keep_producing(n1.clone(), &["app", "web.access"], stop.clone());
+    // A consumer that never acks while lines keep coming.
+    n1.produce("app", "first\n", &ProduceOptions::default())
+        .await
+        .unwrap();
+    n1.set_position("app", "laggard", "earliest").await.unwrap();
+
+    let browser = Browser::start().await;
+    // A browser asking for `/` is sent to the console.
+    browser.client.goto(&cluster.url(2)).await.unwrap();
+    let here = browser.client.current_url().await.unwrap();
+    assert_eq!(here.path(), "/ui", "{here}");
+
+    browser
+        .wait_for(
+            "three nodes up",
+            "return document.querySelectorAll('#nodes tr[data-node][data-state=up]').length === 3 \
+             && document.getElementById('nodes-up').textContent === '3 up';",
+            DESCRIBE,
+        )
+        .await;
+    browser
+        .wait_for(
+            "both categories with lines arriving",
+            "const rate = (c) => Number(document.querySelector(`#categories tr[data-category='${c}']`)?.dataset.linesPerSecond || 0); \
+             return rate('app') > 0 && rate('web.access') > 0 && Number(document.getElementById('lines-in').textContent.replace(/[^0-9.]/g, '')) > 0;",
+            DESCRIBE,
+        )
+        .await;
+    browser
+        .wait_for(
+            "the lagging consumer marked stalled",
+            "const r = document.querySelector(\"#consumers tr[data-consumer='app/laggard']\"); \
+             return !!r && r.dataset.stalled === 'true' && r.innerText.includes('stalled');",
+            DESCRIBE,
+        )
+        .await;
+    // The uploads show: chunks in S3 and no error beside S3 (n3 uploads
+    // nothing of its own; its backlog is 0).
+    browser
+        .wait_for(
+            "uploaded chunks counted",
+            "const r = document.querySelector(\"#categories tr[data-category='app']\"); \
+             return !!r && /^\\d+: \\d+ \\/ \\d+ \\/ [1-9]\\d* \\//.test(r.cells[4].innerText) \
+             && document.getElementById('s3-backlog').textContent.startsWith('0 chunks');",
+            DESCRIBE,
+        )
+        .await;
+    if std::env::var_os("UPDATE_SCREENSHOTS").is_some_and(|v| v == "1") {
+        let png = browser.client.screenshot().await.unwrap();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/console.png");
+        std::fs::write(path, png).unwrap();
+    }
+
+    // A killed node shows as down within a few refreshes.
+    cluster.kill(1).await;
+    browser
+        .wait_for(
+            "n2 shown down",
+            "const r = document.querySelector(\"#nodes tr[data-node='n2']\"); \
+             return !!r && r.dataset.state === 'down' && r.innerText.includes('down') \
+             && document.getElementById('nodes-up').textContent === '2 up, 1 down';",
+            DESCRIBE,
+        )
+        .await;
+
+    // The category view: its chunks with their state, and a tail that
+    // follows new lines (written on n1, shown on n3 once copied).
+    let app = format!("{}/ui#/category/app", cluster.url(2));
+    browser.client.goto(&app).await.unwrap();
+    browser
+        .wait_for(
+            "the chunks of app",
+            "return document.getElementById('category-title').textContent === 'app' \
+             && document.querySelectorAll('#chunks tr[data-chunk]').length > 0 \
+             && [...document.querySelectorAll('#chunks tr[data-chunk]')].some((r) => r.innerText.includes('S3'));",
+            DESCRIBE,
+        )
+        .await;
+    // Give the tail its first listing, then write a line it must show.
+    browser
+        .wait_for(
+            "the tail following",
+            "return document.getElementById('tail').textContent.length > 0;",
+            DESCRIBE,
+        )
+        .await;
+    let marker = format!("tail-marker-{}", std::process::id());
+    n1.produce("app", format!("{marker}\n"), &ProduceOptions::default())
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            "the new line in the tail",
+            &format!("return document.getElementById('tail').textContent.includes('{marker}');"),
+            DESCRIBE,
+        )
+        .await;
+
+    stop.cancel();
+    producer.await.unwrap();
+    browser.close().await;
+}
+
+const ALL: &str = "all-secret-0123456789";
+const APP_ONLY: &str = "app-only-secret-0123456789";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_nothing_without_a_token_and_only_what_a_token_may_see() {
+    let token = |name: &str, secret: &str, roles: &[Role], cats: Option<&[&str]>| TokenSpec {
+        name: Some(name.into()),
+        secret: secret.into(),
+        roles: roles.to_vec(),
+        categories: cats.map(|c| c.iter().map(|s| s.to_string()).collect()),
+    };
+    let node = TestNode::start_with(|cfg| {
+        cfg.auth.tokens = vec![
+            token(
+                "ops",
+                ALL,
+                &[Role::Produce, Role::Consume, Role::Admin],
+                None,
+            ),
+            token(
+                "app-team",
+                APP_ONLY,
+                &[Role::Produce, Role::Consume],
+                Some(&["app*"]),
+            ),
+        ];
+    })
+    .await;
+    let all = Client::with_token(&node.url(""), Some(ALL)).unwrap();
+    for c in ["app1", "other"] {
+        all.produce(c, "x\n", &ProduceOptions::default())
+            .await
+            .unwrap();
+    }
+    // The JSON needs a token; the page itself holds no data.
+    let status = |path: &str| {
+        let url = node.url(path);
+        let http = node.http.clone();
+        async move { http.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status("/v1/console").await, 401);
+    assert_eq!(status("/ui").await, 200);
+
+    let browser = Browser::start().await;
+    browser.client.goto(&node.url("/ui")).await.unwrap();
+    browser
+        .wait_for(
+            "the token form, and nothing else",
+            "return !document.getElementById('login').hidden \
+             && document.getElementById('overview').hidden \
+             && document.querySelectorAll('tr[data-category], tr[data-node]').length === 0;",
+            DESCRIBE,
+        )
+        .await;
+
+    // A wrong token is refused and the form stays.
+    let form_token = browser.client.find(Locator::Id("token")).await.unwrap();
+    form_token.send_keys("not-a-token").await.unwrap();
+    browser
+        .client
+        .find(Locator::Css("#token-form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            "the wrong token refused",
+            "return document.getElementById('login-error').textContent.includes('refused') \
+             && document.getElementById('overview').hidden;",
+            DESCRIBE,
+        )
+        .await;
+
+    // A token limited to app* sees app1, not other, and no error log.
+    let form_token = browser.client.find(Locator::Id("token")).await.unwrap();
+    form_token.send_keys(APP_ONLY).await.unwrap();
+    browser
+        .client
+        .find(Locator::Css("#token-form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            "only app1 listed",
+            "return !document.getElementById('overview').hidden \
+             && !!document.querySelector(\"#categories tr[data-category='app1']\") \
+             && document.querySelectorAll('#categories tr[data-category]').length === 1 \
+             && !document.body.innerText.includes('other');",
+            DESCRIBE,
+        )
+        .await;
+    // Its view of a category it may not read says so and shows nothing.
+    browser
+        .client
+        .goto(&node.url("/ui#/category/other"))
+        .await
+        .unwrap();
+    browser
+        .wait_for(
+            "the refusal of another category",
+            "return document.getElementById('problem').textContent.includes('may not see') \
+             && document.getElementById('category-view').hidden \
+             && document.querySelectorAll('#chunks tr[data-chunk]').length === 0;",
+            DESCRIBE,
+        )
+        .await;
+    browser.close().await;
+}
