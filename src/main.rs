@@ -90,6 +90,12 @@ fn main() -> ExitCode {
         Command::Ship(cmd) => runtime().and_then(|rt| rt.block_on(cli::ship(cmd))),
         Command::Categories(s) => runtime().and_then(|rt| rt.block_on(cli::categories(&s))),
         Command::Status(s) => runtime().and_then(|rt| rt.block_on(cli::status(&s))),
+        Command::Top(cmd) => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let client = cli::first_client(&cmd.server)?;
+                cli::top(client, cmd.once, cmd.interval.0).await
+            })
+        }),
         Command::Admin(AdminCommand::ForgetNode {
             node,
             server,

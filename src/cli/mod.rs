@@ -1,15 +1,17 @@
 //! The client side of the `chunkbus` binary: `produce`, `consume`, `tail`,
-//! `categories`, `status`. Each talks HTTP through `chunkbus-client`.
+//! `categories`, `status`, `top`. Each talks HTTP through `chunkbus-client`.
 
 pub mod consume;
 pub mod produce;
 pub mod ship;
 mod tail;
+pub mod top;
 
 pub use consume::consume;
 pub use produce::produce;
 pub use ship::ship;
 pub use tail::tail;
+pub use top::top;
 
 use chunkbus_client::Client;
 

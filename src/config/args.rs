@@ -36,6 +36,9 @@ pub enum Command {
     Categories(ServerArgs),
     /// Show a node's status (peers, replication lag, disk).
     Status(ServerArgs),
+    /// Watch a node and its cluster: nodes, categories with rates,
+    /// consumers with lag, upload backlog (q or Ctrl-C to quit).
+    Top(TopCmd),
 }
 
 /// `--server`, repeatable.
@@ -164,6 +167,19 @@ pub struct TailCmd {
     /// Keep printing new lines as they arrive.
     #[arg(short, long)]
     pub follow: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// `chunkbus top`.
+#[derive(Debug, Clone, Args)]
+pub struct TopCmd {
+    /// Print the tables once and exit (for scripts; no terminal needed).
+    #[arg(long)]
+    pub once: bool,
+    /// Time between refreshes.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub interval: HumanDuration,
     #[command(flatten)]
     pub server: ServerArgs,
 }

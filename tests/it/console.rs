@@ -275,3 +275,73 @@ async fn the_console_shows_nothing_without_a_token_and_only_what_a_token_may_see
         .await;
     browser.close().await;
 }
+
+/// Runs `chunkbus top --once --server URL` and returns its output.
+async fn top_once(url: &str) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chunkbus"))
+        .args(["top", "--once", "--server", url])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The whitespace-separated cells of the row of `out` starting with `first`.
+fn row<'a>(out: &'a str, first: &[&str]) -> Option<Vec<&'a str>> {
+    out.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cells| cells.starts_with(first))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_once_prints_the_state_of_a_cluster() {
+    let cluster = TestCluster::start(2, &[]).await;
+    let n1 = cluster.client(0);
+    let lines: String = (0..100).map(|i| format!("line-{i:03}\n")).collect();
+    let produced = lines.len() as u64;
+    n1.produce("app", lines, &ProduceOptions::default())
+        .await
+        .unwrap();
+    n1.set_position("app", "laggard", "earliest").await.unwrap();
+    // n2 shows the cluster once it holds the copy and has sampled it.
+    let url = cluster.url(1);
+    let out = crate::harness::eventually(
+        crate::harness::CONDITION_DEADLINE,
+        "top to show the copy and the consumer",
+        || async {
+            let out = top_once(&url).await;
+            let lag = row(&out, &["app", "laggard"])?;
+            (lag[2] == produced.to_string()).then_some(out)
+        },
+    )
+    .await;
+    assert!(
+        out.starts_with("chunkbus ") && out.contains("node n2 ·") && out.contains("nodes 2 up, 0 down"),
+        "{out}"
+    );
+    assert_eq!(row(&out, &["n2"]).unwrap()[1..3], ["this", "node"], "{out}");
+    assert_eq!(row(&out, &["n1"]).unwrap()[1], "up", "{out}");
+    // CATEGORY LINES/S BYTES/S(2 cells) CHUNKS OPEN UPLOADED EVICTED ...
+    let app = row(&out, &["app"]).unwrap();
+    assert_eq!(app[4..8], ["1", "1", "0", "0"], "{out}");
+    assert_eq!(app[9..], [produced.to_string().as_str(), "B"], "{out}");
+    let laggard = row(&out, &["app", "laggard"]).unwrap();
+    assert_eq!(laggard[3], "B", "{out}");
+    assert!(
+        laggard.ends_with(&["behind"]) || laggard.ends_with(&["STALLED"]),
+        "{out}"
+    );
+    // Without a terminal and without --once, top says what to do.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chunkbus"))
+        .args(["top", "--server", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use --once"));
+}
