@@ -3,6 +3,7 @@
 
 pub mod consume;
 pub mod produce;
+mod progress;
 pub mod ship;
 mod tail;
 pub mod top;

@@ -1,15 +1,13 @@
 //! `chunkbus produce -c CATEGORY [FILE]...`: lines from files or stdin.
 
-use std::io::{IsTerminal, Read};
-use std::time::{Duration, Instant};
+use std::io::Read;
+use std::time::Instant;
 
 use bytes::Bytes;
 use chunkbus_client::{Compression, ProduceOptions, Producer, ProducerConfig};
 
 /// Bytes read from the input at a time.
 const READ_BLOCK_BYTES: usize = 1 << 20;
-/// How often the progress line is redrawn.
-const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 /// Options of `produce`.
 #[derive(Debug, Clone)]
@@ -30,8 +28,8 @@ pub struct ProduceArgs {
     pub ca_pem: Option<Vec<u8>>,
 }
 
-/// Sends every line of the inputs; prints a summary (and a progress line
-/// on a terminal when reading files) to stderr.
+/// Sends every line of the inputs; prints a summary (and a progress bar on
+/// a terminal, with an ETA when every input is a file) to stderr.
 pub async fn produce(args: ProduceArgs) -> Result<(), String> {
     let producer = Producer::new(ProducerConfig {
         servers: args.servers.clone(),
@@ -54,19 +52,27 @@ pub async fn produce(args: ProduceArgs) -> Result<(), String> {
     let started = Instant::now();
     let mut sent = 0u64;
     let mut deliveries = Vec::new();
-    for input in inputs {
-        let (mut reader, total): (Box<dyn Read + Send>, Option<u64>) = match &input {
+    // Open every input first: a missing file fails before anything is sent,
+    // and the total is known for the bar.
+    let mut opened: Vec<Box<dyn Read + Send>> = Vec::new();
+    let mut total = Some(0u64);
+    for input in &inputs {
+        match input {
             Some(path) => {
                 let f = std::fs::File::open(path)
                     .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
                 let len = f.metadata().map(|m| m.len()).ok();
-                (Box::new(f), len)
+                total = total.zip(len).map(|(a, b)| a + b);
+                opened.push(Box::new(f));
             }
-            None => (Box::new(std::io::stdin()), None),
-        };
-        let show = total.is_some() && std::io::stderr().is_terminal();
-        let mut last_draw = Instant::now();
-        let mut done_in_file = 0u64;
+            None => {
+                total = None;
+                opened.push(Box::new(std::io::stdin()));
+            }
+        }
+    }
+    let mut progress = super::progress::Progress::new(&args.category, total, true);
+    for mut reader in opened {
         let mut carry: Vec<u8> = Vec::new();
         loop {
             let (block, r) = tokio::task::spawn_blocking(move || {
@@ -82,7 +88,10 @@ pub async fn produce(args: ProduceArgs) -> Result<(), String> {
                 break;
             }
             carry.extend_from_slice(&block[..n]);
-            done_in_file += n as u64;
+            progress.add(
+                n as u64,
+                memchr::memchr_iter(b'\n', &block[..n]).count() as u64,
+            );
             // Send whole lines; keep a partial last line for the next block.
             if let Some(last) = memchr::memrchr(b'\n', &carry) {
                 let rest = carry.split_off(last + 1);
@@ -93,19 +102,6 @@ pub async fn produce(args: ProduceArgs) -> Result<(), String> {
                         .send(Bytes::from(whole))
                         .await
                         .map_err(|e| e.to_string())?,
-                );
-            }
-            if show && last_draw.elapsed() >= PROGRESS_EVERY {
-                last_draw = Instant::now();
-                let total = total.unwrap_or(1).max(1);
-                eprint!(
-                    "\r{}: {:5.1}% {:>8.1} MiB  {:>7.1} MiB/s ",
-                    input
-                        .as_ref()
-                        .map_or("stdin".into(), |p| p.display().to_string()),
-                    done_in_file as f64 * 100.0 / total as f64,
-                    done_in_file as f64 / 1048576.0,
-                    sent as f64 / 1048576.0 / started.elapsed().as_secs_f64()
                 );
             }
             // Keep the list of pending deliveries short.
@@ -124,14 +120,12 @@ pub async fn produce(args: ProduceArgs) -> Result<(), String> {
                     .map_err(|e| e.to_string())?,
             );
         }
-        if show {
-            eprintln!();
-        }
     }
     producer.close().await.map_err(|e| e.to_string())?;
     for d in deliveries {
         d.wait().await.map_err(|e| e.to_string())?;
     }
+    progress.finish();
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "produced {:.1} MiB to {} in {secs:.2} s ({:.1} MiB/s)",

@@ -14,7 +14,10 @@
 //! from = "end"
 //! ```
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chunkbus_client::Compression;
@@ -83,6 +86,7 @@ pub fn groups(cmd: ShipCmd) -> Result<Vec<ShipConfig>, String> {
             partial_line_timeout: cmd.partial_line_timeout.0,
             compression: compression(&cmd.compression)?,
             poll_interval: POLL_INTERVAL,
+            progress: None,
         }]);
     };
     let text = std::fs::read_to_string(&path)
@@ -115,14 +119,24 @@ pub fn groups(cmd: ShipCmd) -> Result<Vec<ShipConfig>, String> {
                     .map_or(Duration::from_secs(5), |d| d.0),
                 compression: comp,
                 poll_interval: POLL_INTERVAL,
+                progress: None,
             })
         })
         .collect()
 }
 
 /// Runs every group until SIGTERM or SIGINT, then flushes and saves.
+/// With one group and stderr a terminal, a progress bar shows the catching
+/// up (bytes acknowledged out of what the files held), until caught up.
 pub async fn ship(cmd: ShipCmd) -> Result<(), String> {
-    let groups = groups(cmd)?;
+    let mut groups = groups(cmd)?;
+    if let [group] = groups.as_mut_slice()
+        && std::io::stderr().is_terminal()
+    {
+        let progress = Arc::new(ship::ShipProgress::default());
+        group.progress = Some(progress.clone());
+        tokio::spawn(catching_up(group.category.clone(), progress));
+    }
     let stop = CancellationToken::new();
     tokio::spawn(crate::server::stop_on_signal(
         stop.clone(),
@@ -136,4 +150,25 @@ pub async fn ship(cmd: ShipCmd) -> Result<(), String> {
         r.map_err(|e| e.to_string())??;
     }
     Ok(())
+}
+
+/// Draws the shipper's catching up until nothing is left behind, then
+/// says so once.
+async fn catching_up(category: String, progress: Arc<ship::ShipProgress>) {
+    let mut bar = super::progress::Progress::new(&category, Some(0), true);
+    let (mut bytes, mut lines) = (0, 0);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let acked = progress.acked.load(Ordering::Relaxed);
+        let sent_lines = progress.lines.load(Ordering::Relaxed);
+        let behind = progress.behind.load(Ordering::Relaxed);
+        bar.set_total(acked + behind);
+        bar.add(acked - bytes, sent_lines - lines);
+        (bytes, lines) = (acked, sent_lines);
+        if behind == 0 && progress.measured.load(Ordering::Relaxed) {
+            bar.finish();
+            eprintln!("{category}: caught up ({acked} bytes shipped); following");
+            return;
+        }
+    }
 }

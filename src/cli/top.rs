@@ -115,7 +115,14 @@ pub fn render(v: &ConsoleView, width: Option<u16>) -> String {
     );
     let mut nodes = table(
         width,
-        &["NODE", "STATE", "LAST CONTACT", "COPY LAG", "DISK", "VERSION"],
+        &[
+            "NODE",
+            "STATE",
+            "LAST CONTACT",
+            "COPY LAG",
+            "DISK",
+            "VERSION",
+        ],
     );
     for n in &v.nodes {
         let state = if n.this_node {
@@ -179,7 +186,9 @@ pub fn render(v: &ConsoleView, width: Option<u16>) -> String {
     out.push_str(&format!("{cats}\n\n"));
     let mut consumers = table(
         width,
-        &["CATEGORY", "CONSUMER", "LAG", "LAG TIME", "LAST ACK", "STATE"],
+        &[
+            "CATEGORY", "CONSUMER", "LAG", "LAG TIME", "LAST ACK", "STATE",
+        ],
     );
     for cat in &v.categories {
         for co in &cat.consumers {

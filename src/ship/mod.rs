@@ -23,7 +23,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -66,6 +66,41 @@ pub struct ShipConfig {
     pub compression: Compression,
     /// Rescan interval (the fallback when no change event arrives).
     pub poll_interval: Duration,
+    /// Where to report how far the shipper is (for a progress bar).
+    pub progress: Option<Arc<ShipProgress>>,
+}
+
+/// How far a shipper is, updated as it goes.
+#[derive(Debug, Default)]
+pub struct ShipProgress {
+    /// Bytes acknowledged by the nodes since the start.
+    pub acked: AtomicU64,
+    /// Lines handed to the producer since the start.
+    pub lines: AtomicU64,
+    /// Bytes of the files found not acknowledged yet, as of the last round.
+    pub behind: AtomicU64,
+    /// At least one round went through every file found.
+    pub measured: AtomicBool,
+}
+
+/// Applies an acknowledgement to the file it belongs to (unless the file
+/// was truncated since); true when something moved.
+fn apply_ack(
+    files: &mut BTreeMap<(u64, u64), Tracked>,
+    (key, generation, end): Ack,
+    progress: Option<&ShipProgress>,
+) -> bool {
+    let Some(t) = files.get_mut(&key) else {
+        return false;
+    };
+    if t.generation != generation || end <= t.committed {
+        return false;
+    }
+    if let Some(p) = progress {
+        p.acked.fetch_add(end - t.committed, Ordering::Relaxed);
+    }
+    t.committed = end;
+    true
 }
 
 struct Tracked {
@@ -130,13 +165,19 @@ pub async fn run(cfg: ShipConfig, stop: CancellationToken) -> Result<(), String>
         for (key, t) in files.iter_mut() {
             ship_file(&cfg, &producer, &pending_tx, *key, t).await?;
         }
-        while let Ok((key, generation, end)) = ack_rx.try_recv() {
-            if let Some(t) = files.get_mut(&key)
-                && t.generation == generation
-            {
-                t.committed = t.committed.max(end);
-                dirty = true;
-            }
+        while let Ok(ack) = ack_rx.try_recv() {
+            dirty |= apply_ack(&mut files, ack, cfg.progress.as_deref());
+        }
+        if let Some(p) = &cfg.progress {
+            let behind: u64 = files
+                .values()
+                .map(|t| {
+                    let size = t.file.metadata().map_or(t.committed, |m| m.len());
+                    size.saturating_sub(t.committed)
+                })
+                .sum();
+            p.behind.store(behind, Ordering::Relaxed);
+            p.measured.store(true, Ordering::Relaxed);
         }
         // Forget files that are gone and fully acknowledged.
         files
@@ -152,12 +193,8 @@ pub async fn run(cfg: ShipConfig, stop: CancellationToken) -> Result<(), String>
             _ = stop.cancelled() => break,
             _ = wake.notified() => {}
             _ = tokio::time::sleep(cfg.poll_interval) => {}
-            Some(a) = ack_rx.recv() => {
-                let (key, generation, end) = a;
-                if let Some(t) = files.get_mut(&key) && t.generation == generation {
-                    t.committed = t.committed.max(end);
-                    dirty = true;
-                }
+            Some(ack) = ack_rx.recv() => {
+                dirty |= apply_ack(&mut files, ack, cfg.progress.as_deref());
             }
         }
     }
@@ -165,12 +202,8 @@ pub async fn run(cfg: ShipConfig, stop: CancellationToken) -> Result<(), String>
     producer.close().await.map_err(|e| e.to_string())?;
     drop(pending_tx);
     let _ = committer.await;
-    while let Ok((key, generation, end)) = ack_rx.try_recv() {
-        if let Some(t) = files.get_mut(&key)
-            && t.generation == generation
-        {
-            t.committed = t.committed.max(end);
-        }
+    while let Ok(ack) = ack_rx.try_recv() {
+        apply_ack(&mut files, ack, cfg.progress.as_deref());
     }
     save(&cfg.registry, &files)
 }
@@ -350,7 +383,7 @@ async fn ship_file(
         if let Some(last) = memchr::memrchr(b'\n', &t.partial) {
             let rest = t.partial.split_off(last + 1);
             let whole = std::mem::replace(&mut t.partial, rest);
-            send(producer, pending, key, t, whole).await?;
+            send(cfg, producer, pending, key, t, whole).await?;
         }
         if !t.partial.is_empty() {
             t.partial_since.get_or_insert_with(Instant::now);
@@ -364,18 +397,23 @@ async fn ship_file(
         && !t.partial.is_empty()
     {
         let line = std::mem::take(&mut t.partial);
-        send(producer, pending, key, t, line).await?;
+        send(cfg, producer, pending, key, t, line).await?;
     }
     Ok(())
 }
 
 async fn send(
+    cfg: &ShipConfig,
     producer: &Producer,
     pending: &mpsc::UnboundedSender<(Ack, Delivery)>,
     key: (u64, u64),
     t: &mut Tracked,
     data: Vec<u8>,
 ) -> Result<(), String> {
+    if let Some(p) = &cfg.progress {
+        let lines = memchr::memchr_iter(b'\n', &data).count() as u64;
+        p.lines.fetch_add(lines, Ordering::Relaxed);
+    }
     t.sent += data.len() as u64;
     t.partial_since = None;
     let delivery = producer

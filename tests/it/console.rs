@@ -321,7 +321,9 @@ async fn top_once_prints_the_state_of_a_cluster() {
     )
     .await;
     assert!(
-        out.starts_with("chunkbus ") && out.contains("node n2 ·") && out.contains("nodes 2 up, 0 down"),
+        out.starts_with("chunkbus ")
+            && out.contains("node n2 ·")
+            && out.contains("nodes 2 up, 0 down"),
         "{out}"
     );
     assert_eq!(row(&out, &["n2"]).unwrap()[1..3], ["this", "node"], "{out}");
@@ -344,4 +346,126 @@ async fn top_once_prints_the_state_of_a_cluster() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("use --once"));
+}
+
+/// Runs `sh -c command` with stdin, stdout and stderr on a pseudo-terminal
+/// (util-linux `script`) and returns what the terminal showed.
+async fn on_a_terminal(command: &str) -> String {
+    let out = tokio::process::Command::new("script")
+        .args(["-qec", command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("script (util-linux)");
+    assert!(out.status.success(), "{command}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_cli_work_shows_progress_on_a_terminal_and_stays_quiet_otherwise() {
+    let node = TestNode::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lines.txt");
+    let text: String = (0..200_000).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+    std::fs::write(&file, &text).unwrap();
+    let bin = env!("CARGO_BIN_EXE_chunkbus");
+    let server = node.url("");
+    let produce = format!("{bin} produce -c bars --server {server} {}", file.display());
+
+    // Not a terminal: the summary line only.
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", &produce])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.starts_with("produced ") && stderr.lines().count() == 1,
+        "{stderr:?}"
+    );
+    // A terminal: a bar with the total and an ETA, then the summary.
+    let shown = on_a_terminal(&produce).await;
+    assert!(
+        shown.contains("bars [") && shown.contains("ETA") && shown.contains("produced "),
+        "{shown:?}"
+    );
+
+    // consume --until-idle into a file, the bar on the terminal's stderr,
+    // out of the consumer's lag (it has a position: both files' lines).
+    let c = Client::new(&server).unwrap();
+    c.set_position("bars", "reader", "earliest").await.unwrap();
+    let out_file = dir.path().join("out.txt");
+    let shown = on_a_terminal(&format!(
+        "{bin} consume -c bars --consumer reader --until-idle 500ms --server {server} > {}",
+        out_file.display()
+    ))
+    .await;
+    assert_eq!(
+        std::fs::read(&out_file).unwrap().len(),
+        2 * text.len(),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains("bars [") && shown.contains("ETA") && shown.contains("consumed "),
+        "{shown:?}"
+    );
+    // ... and nothing on stderr without a terminal.
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "consume",
+            "-c",
+            "bars",
+            "--consumer",
+            "reader",
+            "--until-idle",
+            "200ms",
+            "--server",
+            &server,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+
+    // ship --from beginning: the catching up, then "caught up".
+    let registry = dir.path().join("registry.json");
+    let mut ship = tokio::process::Command::new("script")
+        .args([
+            "-qec",
+            &format!(
+                "RUST_LOG=warn {bin} ship -c shipped --from beginning --registry {} --server {server} {}",
+                registry.display(),
+                file.display()
+            ),
+            "/dev/null",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = ship.stdout.take().unwrap();
+    let mut shown = Vec::new();
+    let caught_up = tokio::time::timeout(crate::harness::CONDITION_DEADLINE, async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stdout.read(&mut buf).await.unwrap();
+            assert!(n > 0, "ship ended: {}", String::from_utf8_lossy(&shown));
+            shown.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&shown);
+            if text.contains("caught up") {
+                return text.into_owned();
+            }
+        }
+    })
+    .await
+    .expect("ship to say it caught up");
+    assert!(
+        caught_up.contains("shipped [")
+            && caught_up.contains(&format!("caught up ({} bytes shipped)", text.len())),
+        "{caught_up:?}"
+    );
+    ship.kill().await.unwrap();
 }
