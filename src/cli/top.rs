@@ -47,7 +47,9 @@ pub async fn top(client: Client, once: bool, every: Duration) -> Result<(), Stri
         }
         let text = match client.console().await {
             Ok(view) => {
-                let width = terminal::size().ok().map(|(w, _)| w);
+                // A terminal too narrow (or that does not say) gets plain
+                // columns rather than tables squeezed into it.
+                let width = terminal::size().ok().map(|(w, _)| w).filter(|&w| w >= 60);
                 render(&view, width)
             }
             Err(e) => format!("cannot read the console of the node: {e} (retrying)\n"),

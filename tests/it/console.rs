@@ -469,3 +469,60 @@ async fn long_cli_work_shows_progress_on_a_terminal_and_stays_quiet_otherwise() 
     );
     ship.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_on_a_terminal_refreshes_until_q() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::start().await;
+    let c = Client::new(&node.url("")).unwrap();
+    c.produce("shown", "x\n", &ProduceOptions::default())
+        .await
+        .unwrap();
+    let mut top = tokio::process::Command::new("script")
+        .args([
+            "-qec",
+            &format!(
+                "{} top --interval 200ms --server {}",
+                env!("CARGO_BIN_EXE_chunkbus"),
+                node.url("")
+            ),
+            "/dev/null",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = top.stdout.take().unwrap();
+    let mut shown = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Two refreshes (two "q to quit" footers), the category in them.
+    tokio::time::timeout(crate::harness::CONDITION_DEADLINE, async {
+        loop {
+            let n = stdout.read(&mut buf).await.unwrap();
+            assert!(n > 0, "top ended: {}", String::from_utf8_lossy(&shown));
+            shown.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&shown);
+            if text.matches("q to quit").count() >= 2 && text.contains("shown") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("top to draw twice");
+    top.stdin.as_mut().unwrap().write_all(b"q").await.unwrap();
+    let status = tokio::time::timeout(crate::harness::CONDITION_DEADLINE, top.wait())
+        .await
+        .expect("top to quit on q")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).await.unwrap();
+    shown.extend_from_slice(&rest);
+    // It drew on the alternate screen and gave the terminal back.
+    let text = String::from_utf8_lossy(&shown);
+    assert!(
+        text.contains("\x1b[?1049h") && text.contains("\x1b[?1049l"),
+        "{text:?}"
+    );
+}
