@@ -518,6 +518,7 @@ async fn push_entries(
     let Query(q) = query?;
     let opts = q.options()?;
     let encoding = Encoding::of(req.headers())?;
+    // An empty header is no tenant, as Loki takes it.
     let tenant = match req.headers().get("x-scope-orgid") {
         None => None,
         Some(v) => Some(
@@ -525,7 +526,8 @@ async fn push_entries(
                 .map_err(|_| ApiError::BadRequest("X-Scope-OrgID is not text".into()))?
                 .trim()
                 .to_owned(),
-        ),
+        )
+        .filter(|t| !t.is_empty()),
     };
     let rules = Rules {
         category_label: st.ingest.loki_category_label.clone(),

@@ -162,6 +162,21 @@ async fn the_console_shows_nodes_rates_lagging_consumers_and_a_dead_node_in_a_br
     browser.close().await;
 }
 
+/// Types `secret` into the console's token form, as a person would, and
+/// submits it.
+async fn submit_token(browser: &Browser, secret: &str) {
+    let field = browser.client.find(Locator::Id("token")).await.unwrap();
+    field.send_keys(secret).await.unwrap();
+    browser
+        .client
+        .find(Locator::Css("#token-form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
 const ALL: &str = "all-secret-0123456789";
 const APP_ONLY: &str = "app-only-secret-0123456789";
 
@@ -218,16 +233,7 @@ async fn the_console_shows_nothing_without_a_token_and_only_what_a_token_may_see
         .await;
 
     // A wrong token is refused and the form stays.
-    let form_token = browser.client.find(Locator::Id("token")).await.unwrap();
-    form_token.send_keys("not-a-token").await.unwrap();
-    browser
-        .client
-        .find(Locator::Css("#token-form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    submit_token(&browser, "not-a-token").await;
     browser
         .wait_for(
             "the wrong token refused",
@@ -238,22 +244,14 @@ async fn the_console_shows_nothing_without_a_token_and_only_what_a_token_may_see
         .await;
 
     // A token limited to app* sees app1, not other, and no error log.
-    let form_token = browser.client.find(Locator::Id("token")).await.unwrap();
-    form_token.send_keys(APP_ONLY).await.unwrap();
-    browser
-        .client
-        .find(Locator::Css("#token-form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    submit_token(&browser, APP_ONLY).await;
     browser
         .wait_for(
             "only app1 listed",
             "return !document.getElementById('overview').hidden \
              && !!document.querySelector(\"#categories tr[data-category='app1']\") \
              && document.querySelectorAll('#categories tr[data-category]').length === 1 \
+             && document.querySelector('#errors li').textContent === 'none' \
              && !document.body.innerText.includes('other');",
             DESCRIBE,
         )

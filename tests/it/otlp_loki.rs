@@ -383,6 +383,19 @@ async fn loki_pushes_from_python_logging_loki_and_snappy_protobuf_are_stored() {
     );
     assert_eq!(node_lines(&node, "acme.loki").await.len(), 1);
 
+    // An empty X-Scope-OrgID is no tenant (as Loki takes it).
+    let r = node
+        .http
+        .post(node.url("/loki/api/v1/push"))
+        .header("content-type", "application/x-protobuf")
+        .header("x-scope-orgid", "")
+        .body(snappy_push(&[(r#"{job="untenanted"}"#, &["plain"])]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(node_lines(&node, "untenanted").await.len(), 1);
+
     // A stream whose job is not a category name: 400 naming it, the
     // other stream stored (as Loki keeps the valid entries of a batch).
     let r = node
