@@ -50,6 +50,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         checksum: ChecksumMode::Md5,
         part_bytes: 16 << 20,
         concurrency: 4,
+        claim_refresh: chunkbus::upload::DEFAULT_CLAIM_REFRESH,
     })
     .await;
     let part = Bytes::from(vec![b'x'; 16 << 20]);

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use chunkbus_client::console::{CategoryView, ChunkCounts, ConsumerView, LoggedEvent};
@@ -43,7 +43,11 @@ pub struct Console {
     metrics: Arc<Metrics>,
     /// S3 is on: complete chunks are meant to be uploaded.
     s3: bool,
+    /// The sampler's own state (only it takes this lock).
     sampled: Mutex<Sampled>,
+    /// The per-category part of the view as of the last sample; replaced
+    /// whole, so that a request never waits for a sample being taken.
+    latest: RwLock<Arc<Vec<CategoryView>>>,
 }
 
 #[derive(Debug, Default)]
@@ -55,8 +59,6 @@ struct Sampled {
     counters: HashMap<String, VecDeque<(u64, u64)>>,
     /// Per (category, consumer), what was seen of it.
     consumers: HashMap<(String, String), Seen>,
-    /// The per-category part of the view, as of the last sample.
-    categories: Vec<CategoryView>,
 }
 
 /// What the sampler knows of one consumer.
@@ -85,6 +87,7 @@ impl Console {
             metrics,
             s3,
             sampled: Mutex::new(Sampled::default()),
+            latest: RwLock::default(),
         })
     }
 
@@ -101,8 +104,8 @@ impl Console {
     }
 
     /// The per-category part of the view as of the last sample.
-    pub fn categories(&self) -> Vec<CategoryView> {
-        self.sampled.lock().unwrap().categories.clone()
+    pub fn categories(&self) -> Arc<Vec<CategoryView>> {
+        self.latest.read().unwrap().clone()
     }
 
     /// Takes one sample at `now` (`wall`: the same instant on the clock).
@@ -228,7 +231,8 @@ impl Console {
                 name,
             });
         }
-        s.categories = views;
+        drop(guard);
+        *self.latest.write().unwrap() = Arc::new(views);
     }
 }
 

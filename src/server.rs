@@ -55,6 +55,9 @@ pub enum ServeError {
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(#[source] std::io::Error),
+    /// Another live process holds this node's name in the bucket.
+    #[error(transparent)]
+    NameTaken(#[from] crate::upload::claim::ClaimError),
 }
 
 /// Binds `cfg.listen`, runs until SIGINT or SIGTERM, then shuts down cleanly.
@@ -246,6 +249,14 @@ pub async fn run(
         metrics.clone(),
     )
     .await;
+    let address = listener.local_addr().map_err(ServeError::Http)?;
+    if let Err(e) = tiering.claim_name(address.to_string()).await {
+        stop_pullers.cancel();
+        pullers.close();
+        pullers.wait().await;
+        storage.shutdown().await;
+        return Err(e.into());
+    }
     tiering.start(&pullers, &stop_pullers);
     if cfg.auth.tokens_file.is_some() {
         pullers.spawn(reload_on_sighup(

@@ -323,6 +323,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CHUNKBUS_S3_UPLOAD_CONCURRENCY", value_name = "N")]
     pub s3_upload_concurrency: Option<usize>,
 
+    /// How often the node rewrites its record under its name in the bucket
+    /// (two processes must never run as one node; a restart after a crash
+    /// waits two of these) [default: 5s].
+    #[arg(long, env = "CHUNKBUS_S3_CLAIM_REFRESH", value_name = "DURATION")]
+    pub s3_claim_refresh: Option<HumanDuration>,
+
     /// Evict the local copy of an uploaded chunk older than this, acked or
     /// not [default: 24h].
     #[arg(long, env = "CHUNKBUS_LOCAL_RETENTION", value_name = "DURATION")]
@@ -468,6 +474,7 @@ impl ServeArgs {
             s3_checksum: self.s3_checksum.or(file.s3_checksum),
             s3_part_size: self.s3_part_size.or(file.s3_part_size),
             s3_upload_concurrency: self.s3_upload_concurrency.or(file.s3_upload_concurrency),
+            s3_claim_refresh: self.s3_claim_refresh.or(file.s3_claim_refresh),
             local_retention: self.local_retention.or(file.local_retention),
             retention: self.retention.or(file.retention),
             tokens_file: self.tokens_file.or(file.tokens_file),

@@ -683,6 +683,7 @@ fn s3_config(args: &ServeArgs) -> Result<Option<S3Config>, ConfigError> {
                 "--s3-upload-concurrency",
                 args.s3_upload_concurrency.is_some(),
             ),
+            ("--s3-claim-refresh", args.s3_claim_refresh.is_some()),
         ];
         if let Some((flag, _)) = stray.iter().find(|(_, set)| *set) {
             return Err(invalid(format!("{flag} needs --s3-bucket")));
@@ -733,6 +734,14 @@ fn s3_config(args: &ServeArgs) -> Result<Option<S3Config>, ConfigError> {
     if concurrency == 0 {
         return Err(invalid("--s3-upload-concurrency must be at least 1".into()));
     }
+    let claim_refresh = args
+        .s3_claim_refresh
+        .map_or(crate::upload::DEFAULT_CLAIM_REFRESH, |d| d.0);
+    if claim_refresh < Duration::from_millis(100) || claim_refresh > Duration::from_secs(60) {
+        return Err(invalid(
+            "--s3-claim-refresh must be between 100ms and 60s".into(),
+        ));
+    }
     Ok(Some(S3Config {
         bucket,
         prefix,
@@ -741,6 +750,7 @@ fn s3_config(args: &ServeArgs) -> Result<Option<S3Config>, ConfigError> {
         checksum,
         part_bytes,
         concurrency,
+        claim_refresh,
     }))
 }
 

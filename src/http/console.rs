@@ -29,8 +29,13 @@ pub(super) async fn view(
         .as_ref()
         .is_none_or(Principal::sees_every_category);
     let now = SystemTime::now();
-    let mut categories = st.console.categories();
-    categories.retain(|c| may_see(&c.name));
+    let categories: Vec<_> = st
+        .console
+        .categories()
+        .iter()
+        .filter(|c| may_see(&c.name))
+        .cloned()
+        .collect();
     let s3 = st.tiering.status().map(|mut s3| {
         s3.failing_chunks.retain(|f| may_see(&f.category));
         s3

@@ -21,6 +21,7 @@
 //! - **Retention** (`--retention`, `sweep`): chunks past that age are
 //!   deleted everywhere, S3 included.
 
+pub mod claim;
 pub mod store;
 mod sweep;
 mod uploader;
@@ -91,7 +92,14 @@ pub struct S3Config {
     pub part_bytes: u64,
     /// Uploads running at once.
     pub concurrency: usize,
+    /// How often this node rewrites its record under its name
+    /// ([`claim`]); a process whose record stood still for two of these is
+    /// taken for dead.
+    pub claim_refresh: Duration,
 }
+
+/// Default of [`S3Config::claim_refresh`].
+pub const DEFAULT_CLAIM_REFRESH: Duration = Duration::from_secs(5);
 
 /// Settings of eviction and retention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +134,9 @@ pub struct Tiering {
     listed: AtomicBool,
     /// True once writes were let through on a fresh data directory.
     writes_open: AtomicBool,
+    /// This process's claim on its node's name (S3 on, once
+    /// [`Tiering::claim_name`] ran).
+    claim: Mutex<Option<claim::Claim>>,
 }
 
 #[derive(Debug, Default)]
@@ -142,7 +153,8 @@ struct Status {
 
 impl Tiering {
     /// Builds the tier; with `s3`, connects the client and installs the
-    /// reader of evicted chunks. Nothing talks to S3 before [`Tiering::start`].
+    /// reader of evicted chunks. Nothing talks to S3 before
+    /// [`Tiering::claim_name`] and [`Tiering::start`].
     pub async fn new(
         storage: Storage,
         cluster: Arc<dyn Cluster>,
@@ -172,7 +184,67 @@ impl Tiering {
             status: Mutex::new(Status::default()),
             listed: AtomicBool::new(false),
             writes_open: AtomicBool::new(false),
+            claim: Mutex::new(None),
         })
+    }
+
+    /// With S3 on, claims this node's name in the bucket before the node
+    /// serves anything: refused when another live process holds it (see
+    /// [`claim`]). `address`: where this node listens, for the record.
+    pub async fn claim_name(&self, address: String) -> Result<(), claim::ClaimError> {
+        let Some((cfg, store)) = &self.s3 else {
+            return Ok(());
+        };
+        let mine = claim::NodeRecord::new(self.storage.node(), self.storage.incarnation(), address);
+        let mut c = claim::Claim::new(&cfg.prefix, mine);
+        claim::acquire(&mut c, store, cfg.claim_refresh).await?;
+        *self.claim.lock().unwrap() = Some(c);
+        Ok(())
+    }
+
+    /// Refreshes the claim until `cancel`, then releases it. Finding
+    /// another process under this node's name closes writes here.
+    async fn keep_claim(self: Arc<Self>, cancel: CancellationToken) {
+        let Some((cfg, store)) = &self.s3 else { return };
+        let Some(mut c) = self.claim.lock().unwrap().clone() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(cfg.claim_refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = cancel.cancelled() => break,
+            }
+            let was_claimed = c.claimed;
+            match c.refresh(store).await {
+                Ok(None) => {
+                    if c.claimed && !was_claimed {
+                        tracing::info!(key = %c.key, "claimed this node's name in the bucket");
+                    }
+                    failing = false;
+                }
+                Ok(Some(theirs)) => {
+                    let why = format!(
+                        "another process (incarnation {:016x} at {}) writes as this node in the bucket ({}): two processes under one node name would write chunks of the same names; this one takes no writes until it is restarted once the other is stopped or renamed",
+                        theirs.incarnation, theirs.address, c.key
+                    );
+                    tracing::error!("{why}");
+                    self.storage.close_writes(claim::WRITE_GATE, why);
+                    *self.claim.lock().unwrap() = Some(c);
+                    return;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(key = %c.key, error = %e, "cannot refresh this node's record in the bucket; retrying");
+                    }
+                    failing = true;
+                }
+            }
+        }
+        claim::release(&c, store).await;
     }
 
     /// Starts the uploader, the start-up listing and the sweeper, owned by
@@ -187,6 +259,7 @@ impl Tiering {
             }
             tasks.spawn(self.clone().discover(cancel.clone()));
             tasks.spawn(uploader::run(self.clone(), cancel.clone()));
+            tasks.spawn(self.clone().keep_claim(cancel.clone()));
         }
         tasks.spawn(sweep::run(self.clone(), cancel.clone()));
     }

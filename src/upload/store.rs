@@ -366,6 +366,49 @@ impl ObjectStore {
         Ok(data)
     }
 
+    /// The whole of a small object `key` (at most `max` bytes, else an
+    /// error), or `None` when it does not exist.
+    pub async fn get_small(&self, key: &str, max: u64) -> Result<Option<Bytes>, S3Error> {
+        let what = || format!("cannot read {key}");
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                let e = classify(&what(), e);
+                return if e.kind == S3ErrorKind::NotFound {
+                    Ok(None)
+                } else {
+                    Err(e)
+                };
+            }
+        };
+        if out
+            .content_length()
+            .is_some_and(|n| n < 0 || n as u64 > max)
+        {
+            return Err(S3Error {
+                message: format!("{}: larger than {max} bytes", what()),
+                kind: S3ErrorKind::Other,
+            });
+        }
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| S3Error {
+                message: format!("{}: {e}", what()),
+                kind: S3ErrorKind::Other,
+            })?
+            .into_bytes();
+        Ok(Some(data))
+    }
+
     /// Every object under `prefix` (all pages).
     pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>, S3Error> {
         let mut out = Vec::new();

@@ -209,8 +209,16 @@ impl TestS3 {
         Some(out.body.collect().await.unwrap().into_bytes().to_vec())
     }
 
-    /// Every key in the bucket, through the S3 API.
+    /// Every chunk key in the bucket, through the S3 API (not the nodes'
+    /// records under `_cluster/`).
     pub async fn keys(&self) -> Vec<String> {
+        let mut keys = self.all_keys().await;
+        keys.retain(|k| !k.contains("_cluster/nodes/"));
+        keys
+    }
+
+    /// Every key in the bucket, through the S3 API.
+    pub async fn all_keys(&self) -> Vec<String> {
         let mut out = Vec::new();
         let mut token = None;
         loop {
@@ -251,6 +259,9 @@ impl TestS3 {
             BUCKET.into(),
             "--s3-endpoint".into(),
             self.endpoint(),
+            // Restarts after a SIGKILL wait two of these.
+            "--s3-claim-refresh".into(),
+            "200ms".into(),
         ]
     }
 }

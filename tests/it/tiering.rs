@@ -758,3 +758,101 @@ async fn an_interrupted_multipart_upload_resumes_without_sending_parts_again() {
     assert!(!progress.exists(), "the progress file outlived the upload");
     node.kill().await;
 }
+
+/// Runs `chunkbus serve` as node `node` on `dir` with `s3` until it exits
+/// (within the deadline); returns its exit status and stderr.
+async fn serve_until_exit(s3: &TestS3, node: &str, dir: &Path) -> (bool, String) {
+    let mut cmd = s3_command(s3, node, dir, &[]);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(CONDITION_DEADLINE, cmd.output())
+        .await
+        .expect("the second process to exit")
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_under_a_live_node_name_refuses_to_start() {
+    let s3 = TestS3::start().await;
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = BinNode::spawn(s3_command(&s3, "n1", a.path(), &[])).await;
+    // Another data directory, the same name and bucket: refused, nothing
+    // served, the first one untouched.
+    let (ok, stderr) = serve_until_exit(&s3, "n1", b.path()).await;
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("another process runs as node n1")
+            && stderr.contains(&first.addr.to_string()),
+        "{stderr}"
+    );
+    let client = Client::new(&first.url("")).unwrap();
+    client
+        .produce("app", "still mine\n", &ProduceOptions::default())
+        .await
+        .unwrap();
+
+    // A SIGKILLed process cannot release the name: its successor watches
+    // the record until the beat stands still, then takes it over.
+    first.kill().await;
+    let second = BinNode::spawn(s3_command(&s3, "n1", a.path(), &[])).await;
+    assert!(
+        second
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("taking the name over"),
+    );
+    // A graceful stop releases it: the next start does not wait.
+    second.signal(rustix::process::Signal::TERM);
+    let mut child = second.child;
+    assert!(child.wait().await.unwrap().success());
+    let third = BinNode::spawn(s3_command(&s3, "n1", a.path(), &[])).await;
+    assert!(
+        !third
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("watching whether it still runs"),
+        "{}",
+        third.stderr.lock().unwrap()
+    );
+    let record = s3.get("_cluster/nodes/n1.json").await.expect("a record");
+    let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    assert_eq!(record["node"], "n1");
+    assert_eq!(record["stopped"], false);
+    assert_eq!(record["address"], third.addr.to_string());
+
+    // A process that finds another one writing under its name while it
+    // runs takes no more writes, and says why.
+    let mut other = record.clone();
+    other["incarnation"] = serde_json::json!(1);
+    other["address"] = serde_json::json!("10.9.9.9:8080");
+    s3.client()
+        .put_object()
+        .bucket(BUCKET)
+        .key("_cluster/nodes/n1.json")
+        .body(serde_json::to_vec(&other).unwrap().into())
+        .send()
+        .await
+        .unwrap();
+    let client = Client::new(&third.url("")).unwrap();
+    let held = eventually(CONDITION_DEADLINE, "writes closed", || async {
+        let st = client.status().await.ok()?;
+        st.writes_held
+            .into_iter()
+            .find(|w| w.contains("10.9.9.9:8080"))
+    })
+    .await;
+    assert!(held.contains("another process"), "{held}");
+    let refused = client
+        .produce("app", "not now\n", &ProduceOptions::default())
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("503"), "{refused}");
+    third.kill().await;
+}
