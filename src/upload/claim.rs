@@ -52,6 +52,9 @@ pub struct NodeRecord {
     pub incarnation: u64,
     /// Where it listens (`--listen`).
     pub address: String,
+    /// The machine it runs on (its host name).
+    #[serde(default)]
+    pub host: String,
     /// Its version.
     pub version: String,
     /// When it started, in milliseconds since the Unix epoch.
@@ -73,6 +76,10 @@ impl NodeRecord {
             node: node.to_owned(),
             incarnation,
             address,
+            host: rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             started_ms: now,
             refreshed_ms: now,
@@ -92,7 +99,7 @@ pub fn record_key(prefix: &str, node: &str) -> String {
 pub enum ClaimError {
     /// Another live process holds it.
     #[error(
-        "another process runs as node {node}: incarnation {incarnation:016x} at {address}, started {started}, still refreshing {key} in the bucket. Two processes must never write under one node name (their chunk names would collide); stop the other one, or give this one another --node"
+        "another process runs as node {node}: incarnation {incarnation:016x} on host {host:?} at {address}, started {started}, still refreshing {key} in the bucket. Two processes must never write under one node name (their chunk names would collide); stop the other one, or give this one another --node"
     )]
     Taken {
         /// The node name.
@@ -101,6 +108,8 @@ pub enum ClaimError {
         incarnation: u64,
         /// Its address.
         address: String,
+        /// Its host.
+        host: String,
         /// When it started (RFC 3339).
         started: String,
         /// The record's key.
@@ -113,6 +122,7 @@ fn taken(key: &str, r: &NodeRecord) -> ClaimError {
         node: r.node.clone(),
         incarnation: r.incarnation,
         address: r.address.clone(),
+        host: r.host.clone(),
         started: humantime::format_rfc3339_seconds(
             SystemTime::UNIX_EPOCH + Duration::from_millis(r.started_ms),
         )

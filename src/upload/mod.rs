@@ -228,8 +228,8 @@ impl Tiering {
                 }
                 Ok(Some(theirs)) => {
                     let why = format!(
-                        "another process (incarnation {:016x} at {}) writes as this node in the bucket ({}): two processes under one node name would write chunks of the same names; this one takes no writes until it is restarted once the other is stopped or renamed",
-                        theirs.incarnation, theirs.address, c.key
+                        "another process (incarnation {:016x} on host {:?} at {}) writes as this node in the bucket ({}): two processes under one node name would write chunks of the same names; this one takes no writes until it is restarted once the other is stopped or renamed",
+                        theirs.incarnation, theirs.host, theirs.address, c.key
                     );
                     tracing::error!("{why}");
                     self.storage.close_writes(claim::WRITE_GATE, why);
