@@ -199,6 +199,11 @@ impl Claim {
     /// watched (a recent record of a process that may be dead: taken over
     /// once its beat stood still for two refreshes).
     pub async fn refresh(&mut self, store: &ObjectStore) -> Result<Option<NodeRecord>, S3Error> {
+        if !self.claimed {
+            // Nothing is written to a bucket that is missing or refused
+            // (some S3-compatible stores create what a PUT names).
+            bounded(store.check()).await?;
+        }
         let found = bounded(read(store, &self.key)).await?;
         if let Some(theirs) = found
             && theirs.incarnation != self.mine.incarnation

@@ -156,9 +156,12 @@ impl TestS3 {
         c.uploads.get(key).copied().unwrap_or(0)
     }
 
-    /// Every key uploaded, with its upload count.
+    /// Every chunk key uploaded, with its upload count (not the nodes'
+    /// records under `_cluster/`, rewritten at every refresh).
     pub fn upload_counts(&self) -> BTreeMap<String, u32> {
-        self.counts.lock().unwrap().uploads.clone()
+        let mut counts = self.counts.lock().unwrap().uploads.clone();
+        counts.retain(|k, _| !k.contains("_cluster/nodes/"));
+        counts
     }
 
     /// How many parts of `key` were uploaded (all multipart uploads).
