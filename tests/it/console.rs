@@ -524,3 +524,38 @@ async fn top_on_a_terminal_refreshes_until_q() {
         "{text:?}"
     );
 }
+
+#[tokio::test]
+async fn a_browser_asking_for_the_root_is_sent_to_the_console_and_api_clients_are_not() {
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let ask = |node: &TestNode, accept: &'static str| {
+        let (http, url) = (no_redirects.clone(), node.url("/"));
+        async move {
+            let r = http.get(url).header("accept", accept).send().await.unwrap();
+            let location = r
+                .headers()
+                .get("location")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (r.status().as_u16(), location)
+        }
+    };
+    let browser_accept = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+    // With the Elasticsearch API on (the default), API clients get its
+    // root document.
+    let node = TestNode::start().await;
+    assert_eq!(
+        ask(&node, browser_accept).await,
+        (303, Some("/ui".to_owned()))
+    );
+    assert_eq!(ask(&node, "application/json").await, (200, None));
+    // With it off, `/` is nothing but the way to the console.
+    let node = TestNode::start_with(|cfg| cfg.ingest.apis.clear()).await;
+    assert_eq!(
+        ask(&node, browser_accept).await,
+        (303, Some("/ui".to_owned()))
+    );
+    assert_eq!(ask(&node, "application/json").await, (404, None));
+}
