@@ -325,7 +325,7 @@ pub struct ServeArgs {
 
     /// How often the node rewrites its record under its name in the bucket
     /// (two processes must never run as one node; a restart after a crash
-    /// waits two of these) [default: 5s].
+    /// waits about three of these) [default: 5s].
     #[arg(long, env = "CHUNKBUS_S3_CLAIM_REFRESH", value_name = "DURATION")]
     pub s3_claim_refresh: Option<HumanDuration>,
 

@@ -12,7 +12,8 @@
 //!   incarnation, or one whose last refresh is more than [`CLOCK_SKEW`] old
 //!   by this machine's clock: it writes its own;
 //! - otherwise the holder may be alive: the process watches the record for
-//!   two refresh periods (no clock comparison between machines). A beat
+//!   two and a half refresh periods (its own or the holder's, whichever
+//!   is longer; no clock comparison between machines). A beat
 //!   that moves means a live process: start-up is refused with a message
 //!   naming it. A beat that stands still means the holder is gone (it was
 //!   killed): the name is taken over.
@@ -63,6 +64,10 @@ pub struct NodeRecord {
     pub refreshed_ms: u64,
     /// Bumped by every refresh: what a watcher compares.
     pub beat: u64,
+    /// Its `--s3-claim-refresh` in milliseconds: a watcher waits for two
+    /// of these (or of its own, if longer) before it calls the beat still.
+    #[serde(default)]
+    pub refresh_ms: u64,
     /// Set by a graceful stop.
     #[serde(default)]
     pub stopped: bool,
@@ -70,7 +75,7 @@ pub struct NodeRecord {
 
 impl NodeRecord {
     /// A record for this process, not written yet.
-    pub fn new(node: &str, incarnation: u64, address: String) -> Self {
+    pub fn new(node: &str, incarnation: u64, address: String, refresh: Duration) -> Self {
         let now = now_ms();
         Self {
             node: node.to_owned(),
@@ -84,6 +89,7 @@ impl NodeRecord {
             started_ms: now,
             refreshed_ms: now,
             beat: 0,
+            refresh_ms: refresh.as_millis() as u64,
             stopped: false,
         }
     }
@@ -178,8 +184,8 @@ pub struct Claim {
     /// The record was written (and not found taken since).
     pub claimed: bool,
     /// Another process's record being watched before taking the name over,
-    /// and for how many refreshes its beat stood still.
-    watched: Option<(NodeRecord, u32)>,
+    /// and since when (this process's clock).
+    watched: Option<(NodeRecord, std::time::Instant)>,
 }
 
 impl Claim {
@@ -197,7 +203,8 @@ impl Claim {
     /// unless another process holds the name: then returns its record
     /// (nothing written) when it is a conflict, or `None` while it is
     /// watched (a recent record of a process that may be dead: taken over
-    /// once its beat stood still for two refreshes).
+    /// once its beat stood still for two and a half refresh periods, its
+    /// or this process's, whichever is longer).
     pub async fn refresh(&mut self, store: &ObjectStore) -> Result<Option<NodeRecord>, S3Error> {
         if !self.claimed {
             // Nothing is written to a bucket that is missing or refused
@@ -215,20 +222,21 @@ impl Claim {
             let recent =
                 now_ms().saturating_sub(theirs.refreshed_ms) < CLOCK_SKEW.as_millis() as u64;
             if recent {
-                match &mut self.watched {
-                    Some((w, still)) if w.incarnation == theirs.incarnation => {
+                match &self.watched {
+                    Some((w, since)) if w.incarnation == theirs.incarnation => {
                         if w.beat != theirs.beat {
                             return Ok(Some(theirs));
                         }
-                        *still += 1;
-                        if *still < 2 {
+                        let period =
+                            Duration::from_millis(theirs.refresh_ms.max(self.mine.refresh_ms));
+                        if since.elapsed() < period * 2 + period / 2 {
                             return Ok(None);
                         }
                         tracing::warn!(key = %self.key, other = theirs.incarnation, "the process that held this node's name stopped refreshing it (killed?); taking the name over");
                     }
                     _ => {
                         tracing::info!(key = %self.key, other = theirs.incarnation, "this node's name was refreshed lately by another process; watching whether it still runs");
-                        self.watched = Some((theirs, 0));
+                        self.watched = Some((theirs, std::time::Instant::now()));
                         return Ok(None);
                     }
                 }
@@ -259,7 +267,7 @@ pub async fn acquire(
         match claim.refresh(store).await {
             Ok(Some(theirs)) => return Err(taken(&claim.key, &theirs)),
             Ok(None) if claim.claimed => {}
-            Ok(None) => tokio::time::sleep(refresh).await,
+            Ok(None) => tokio::time::sleep(refresh / 2).await,
             Err(e) => {
                 unreachable(e);
                 return Ok(());
@@ -297,7 +305,7 @@ pub async fn release(claim: &Claim, store: &ObjectStore) {
     last.stopped = true;
     last.refreshed_ms = now_ms();
     if let Err(e) = bounded(write(store, &claim.key, &last)).await {
-        tracing::warn!(key = %claim.key, error = %e, "cannot mark this node's name released in the bucket; the next start under it waits two refreshes");
+        tracing::warn!(key = %claim.key, error = %e, "cannot mark this node's name released in the bucket; the next start under it watches it first");
     }
 }
 
@@ -311,7 +319,7 @@ mod tests {
         // A category may be called `_cluster`: its chunk keys are
         // `_cluster/<node>-chunk<digits>`, never `_cluster/nodes/...`.
         assert!(chunkbus_client::ChunkName::parse("nodes/n1.json").is_err());
-        let r = NodeRecord::new("n1", 7, "127.0.0.1:8080".into());
+        let r = NodeRecord::new("n1", 7, "127.0.0.1:8080".into(), Duration::from_secs(5));
         let back: NodeRecord = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
         assert_eq!(back, r);
     }

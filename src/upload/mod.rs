@@ -93,8 +93,8 @@ pub struct S3Config {
     /// Uploads running at once.
     pub concurrency: usize,
     /// How often this node rewrites its record under its name
-    /// ([`claim`]); a process whose record stood still for two of these is
-    /// taken for dead.
+    /// ([`claim`]); a process whose record stood still for two and a half
+    /// of these (or of its own, if longer) is taken for dead.
     pub claim_refresh: Duration,
 }
 
@@ -195,7 +195,12 @@ impl Tiering {
         let Some((cfg, store)) = &self.s3 else {
             return Ok(());
         };
-        let mine = claim::NodeRecord::new(self.storage.node(), self.storage.incarnation(), address);
+        let mine = claim::NodeRecord::new(
+            self.storage.node(),
+            self.storage.incarnation(),
+            address,
+            cfg.claim_refresh,
+        );
         let mut c = claim::Claim::new(&cfg.prefix, mine);
         claim::acquire(&mut c, store, cfg.claim_refresh).await?;
         *self.claim.lock().unwrap() = Some(c);
