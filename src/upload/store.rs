@@ -348,15 +348,7 @@ impl ObjectStore {
             .send()
             .await
             .map_err(|e| classify(&what(), e))?;
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| S3Error {
-                message: format!("{}: {e}", what()),
-                kind: S3ErrorKind::Other,
-            })?
-            .into_bytes();
+        let data = body(out, &what()).await?;
         if data.len() as u64 != len {
             return Err(S3Error {
                 message: format!("{}: the store returned {} bytes", what(), data.len()),
@@ -397,16 +389,7 @@ impl ObjectStore {
                 kind: S3ErrorKind::Other,
             });
         }
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| S3Error {
-                message: format!("{}: {e}", what()),
-                kind: S3ErrorKind::Other,
-            })?
-            .into_bytes();
-        Ok(Some(data))
+        Ok(Some(body(out, &what()).await?))
     }
 
     /// Every object under `prefix` (all pages).
@@ -453,6 +436,22 @@ impl ObjectStore {
             .map(|_| ())
             .map_err(|e| classify(&format!("cannot delete {key}"), e))
     }
+}
+
+/// The whole body of a GET (`what`: the error's context).
+async fn body(
+    out: aws_sdk_s3::operation::get_object::GetObjectOutput,
+    what: &str,
+) -> Result<Bytes, S3Error> {
+    Ok(out
+        .body
+        .collect()
+        .await
+        .map_err(|e| S3Error {
+            message: format!("{what}: {e}"),
+            kind: S3ErrorKind::Other,
+        })?
+        .into_bytes())
 }
 
 /// A part uploaded in a multipart upload.
