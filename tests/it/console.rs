@@ -453,7 +453,10 @@ async fn long_cli_work_shows_progress_on_a_terminal_and_stays_quiet_otherwise() 
             assert!(n > 0, "ship ended: {}", String::from_utf8_lossy(&shown));
             shown.extend_from_slice(&buf[..n]);
             let text = String::from_utf8_lossy(&shown);
-            if text.contains("caught up") {
+            // The whole message, which may arrive in more than one read.
+            if let Some(at) = text.find("caught up")
+                && text[at..].contains(')')
+            {
                 return text.into_owned();
             }
         }
