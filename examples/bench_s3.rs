@@ -51,6 +51,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         part_bytes: 16 << 20,
         concurrency: 4,
         claim_refresh: chunkbus::upload::DEFAULT_CLAIM_REFRESH,
+        bucket_membership: false,
     })
     .await;
     let part = Bytes::from(vec![b'x'; 16 << 20]);

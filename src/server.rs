@@ -32,6 +32,12 @@ impl Cluster for ClusterView {
     fn reachable_peers(&self) -> Vec<String> {
         self.0.reachable_peers()
     }
+    fn member(&self, name: &str, address: &str, still_since: Option<std::time::Instant>) {
+        self.0.member(name, address, still_since)
+    }
+    fn members_known(&self, named_before: bool) {
+        self.0.members_known(named_before)
+    }
 }
 
 /// Why a node could not start or run.
@@ -58,6 +64,9 @@ pub enum ServeError {
     /// Another live process holds this node's name in the bucket.
     #[error(transparent)]
     NameTaken(#[from] crate::upload::claim::ClaimError),
+    /// The bucket's membership does not allow this start.
+    #[error("{0}")]
+    Membership(String),
 }
 
 /// Binds `cfg.listen`, runs until SIGINT or SIGTERM, then shuts down cleanly.
@@ -180,6 +189,32 @@ pub fn stop_on_signal(
     }
 }
 
+/// With bucket membership, what a start needs beyond the name's claim:
+/// tokens need the cluster secret once there are peers; a Kafka listener
+/// needs to be the bucket's only node (partitions are numbered by
+/// `--peers`).
+fn bucket_start_checks(
+    cfg: &ServeConfig,
+    auth: &crate::auth::Auth,
+    replication: &Replication,
+) -> Result<(), String> {
+    if !cfg.bucket_membership() {
+        return Ok(());
+    }
+    let peers = replication.peer_count();
+    if peers > 0 && auth.required() && !auth.has_cluster_secret() {
+        return Err(format!(
+            "tokens are configured and the bucket names {peers} other node(s): the nodes need --cluster-secret-file to reach each other"
+        ));
+    }
+    if peers > 0 && cfg.kafka.is_some() {
+        return Err(format!(
+            "the bucket names {peers} other node(s), and a Kafka listener numbers its partitions by --peers: give every node --peers in the same order to serve Kafka from more than one node"
+        ));
+    }
+    Ok(())
+}
+
 /// Runs a node on `listener` until `shutdown` is cancelled.
 ///
 /// Prints `chunkbus listening on http://ADDR` on stdout once it accepts
@@ -230,17 +265,12 @@ pub async fn run(
             https: cfg.tls.is_some(),
             ca_pem: cfg.tls.as_ref().and_then(|t| t.ca_pem.clone()),
             kafka_nodes: cfg.kafka.as_ref().map(|k| k.nodes.clone()),
+            bucket: cfg.bucket_membership(),
         },
         metrics.clone(),
     );
     let pullers = TaskTracker::new();
     let stop_pullers = CancellationToken::new();
-    replication.start(&pullers, &stop_pullers);
-    pullers.spawn(crate::consumers::release::run(
-        storage.clone(),
-        consumers.clone(),
-        stop_pullers.clone(),
-    ));
     let tiering = Tiering::new(
         storage.clone(),
         Arc::new(ClusterView(replication.clone())),
@@ -249,14 +279,25 @@ pub async fn run(
         metrics.clone(),
     )
     .await;
-    let address = listener.local_addr().map_err(ServeError::Http)?;
-    if let Err(e) = tiering.claim_name(address.to_string()).await {
-        stop_pullers.cancel();
-        pullers.close();
-        pullers.wait().await;
+    let address = match &cfg.advertise_addr {
+        Some(a) => a.clone(),
+        None => listener.local_addr().map_err(ServeError::Http)?.to_string(),
+    };
+    // With bucket membership, the peers found are known from here on.
+    let started = match tiering.claim_name(address).await {
+        Ok(()) => bucket_start_checks(&cfg, &auth, &replication).map_err(ServeError::Membership),
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = started {
         storage.shutdown().await;
-        return Err(e.into());
+        return Err(e);
     }
+    replication.start(&pullers, &stop_pullers);
+    pullers.spawn(crate::consumers::release::run(
+        storage.clone(),
+        consumers.clone(),
+        stop_pullers.clone(),
+    ));
     tiering.start(&pullers, &stop_pullers);
     if cfg.auth.tokens_file.is_some() {
         pullers.spawn(reload_on_sighup(
@@ -295,7 +336,7 @@ pub async fn run(
         shutdown.clone(),
     );
     let addr = listener.local_addr().map_err(ServeError::Http)?;
-    tracing::info!(%addr, node = %cfg.node, sync = %cfg.sync, peers = cfg.peers.len(), s3 = cfg.s3.as_ref().map_or("off", |s| s.bucket.as_str()), "listening");
+    tracing::info!(%addr, node = %cfg.node, sync = %cfg.sync, peers = state.replication.peer_count(), bucket_membership = cfg.bucket_membership(), s3 = cfg.s3.as_ref().map_or("off", |s| s.bucket.as_str()), "listening");
     if auth.required() {
         tracing::info!(
             cluster_secret = auth.has_cluster_secret(),

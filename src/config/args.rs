@@ -270,6 +270,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CHUNKBUS_PEERS", value_name = "NAME=HOST:PORT,...")]
     pub peers: Option<PeerList>,
 
+    /// Where the other nodes reach this one (host:port of its HTTP
+    /// listener), written in its record when the nodes find each other
+    /// through the S3 bucket (S3 on, no --peers) [default: --listen].
+    #[arg(long, env = "CHUNKBUS_ADVERTISE_ADDR", value_name = "HOST:PORT")]
+    pub advertise_addr: Option<String>,
+
     /// Complete an unreachable peer's open chunks here after this long [default: never].
     #[arg(long, env = "CHUNKBUS_OWNER_LOST_AFTER", value_name = "DURATION")]
     pub owner_lost_after: Option<HumanDuration>,
@@ -463,6 +469,7 @@ impl ServeArgs {
             max_inflight_bytes: self.max_inflight_bytes.or(file.max_inflight_bytes),
             disk_high_water: self.disk_high_water.or(file.disk_high_water),
             peers: self.peers.or(file.peers),
+            advertise_addr: self.advertise_addr.or(file.advertise_addr),
             owner_lost_after: self.owner_lost_after.or(file.owner_lost_after),
             first_start: self.first_start,
             replication_wait: self.replication_wait.or(file.replication_wait),

@@ -233,8 +233,12 @@ pub struct ServeConfig {
     pub max_inflight_bytes: u64,
     /// Disk usage (percent of the file system) above which writes get 503.
     pub disk_high_water_percent: u8,
-    /// The other nodes of the cluster (this node excluded).
+    /// The other nodes of the cluster (this node excluded); with bucket
+    /// membership ([`S3Config::bucket_membership`]), found at run time.
     pub peers: Vec<Peer>,
+    /// Where peers reach this node (`--advertise-addr`); `None`: the
+    /// address it listens on.
+    pub advertise_addr: Option<String>,
     /// Declare a peer lost (complete its open chunks here) after it has been
     /// unreachable this long; `None`: never.
     pub owner_lost_after: Option<Duration>,
@@ -534,6 +538,7 @@ impl ServeConfig {
                 .disk_high_water
                 .map_or(DEFAULT_DISK_HIGH_WATER_PERCENT, |p| p.0),
             peers: Vec::new(),
+            advertise_addr: args.advertise_addr,
             owner_lost_after: args.owner_lost_after.map(|d| d.0),
             first_start: args.first_start,
             replication_wait: args
@@ -560,6 +565,9 @@ impl ServeConfig {
             },
         };
         let mut cfg = cfg;
+        if let Some(s3) = &mut cfg.s3 {
+            s3.bucket_membership = args.peers.is_none();
+        }
         let peers = args.peers.unwrap_or_default();
         cfg.kafka = kafka_settings(
             &cfg.node,
@@ -636,6 +644,24 @@ impl ServeConfig {
                 "tokens are configured, but Kafka clients cannot present one (the Kafka listener speaks no SASL): without --kafka-listen, or with --kafka-allow-anonymous to let anyone who reaches it read and write every category".into(),
             );
         }
+        let bucket = self.bucket_membership();
+        match &self.advertise_addr {
+            Some(_) if !bucket => {
+                return invalid(
+                    "--advertise-addr is where the nodes that find each other through the S3 bucket reach this one; with --peers (or without S3) the peers' addresses come from --peers".into(),
+                );
+            }
+            Some(a) if !is_host_port(a) => {
+                return invalid(format!("--advertise-addr {a:?} must be host:port"));
+            }
+            None if bucket && self.listen.ip().is_unspecified() => {
+                return invalid(format!(
+                    "--listen {} listens on every address, and the other nodes of the bucket need one to reach this node at: give --advertise-addr",
+                    self.listen
+                ));
+            }
+            _ => {}
+        }
         if auth.required() && !self.peers.is_empty() && !auth.has_cluster_secret() {
             return invalid(
                 "tokens are configured and --peers is set: the nodes need --cluster-secret-file to reach each other".into(),
@@ -649,6 +675,12 @@ impl ServeConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The nodes find each other through the S3 bucket (S3 on, no
+    /// `--peers`).
+    pub fn bucket_membership(&self) -> bool {
+        self.s3.as_ref().is_some_and(|s| s.bucket_membership)
     }
 
     /// The storage layer's part of the configuration.
@@ -751,6 +783,7 @@ fn s3_config(args: &ServeArgs) -> Result<Option<S3Config>, ConfigError> {
         part_bytes,
         concurrency,
         claim_refresh,
+        bucket_membership: false,
     }))
 }
 
@@ -777,10 +810,7 @@ fn kafka_settings(
     })?;
     let advertised = match advertised {
         Some(a) => {
-            let port_ok = a
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-            if !port_ok {
+            if !is_host_port(&a) {
                 return Err(ConfigError::Invalid(format!(
                     "--kafka-advertised-addr {a:?} must be host:port"
                 )));
@@ -817,6 +847,12 @@ fn kafka_settings(
         nodes,
         acks_all_replicas,
     }))
+}
+
+/// `host:port` with a port number.
+fn is_host_port(a: &str) -> bool {
+    a.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
 }
 
 /// The peers other than `node`; refuses a list that names `node` with an
@@ -1165,6 +1201,44 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn without_peers_the_nodes_of_a_bucket_find_each_other_through_it() {
+        let s3 = ["chunkbus", "serve", "--s3-bucket", "logs"];
+        let cfg = ServeConfig::resolve(serve_args(&s3)).unwrap();
+        assert!(cfg.bucket_membership() && cfg.advertise_addr.is_none());
+        let peers = [&s3[..], &["--peers", "eu2=127.0.0.1:8081"]].concat();
+        assert!(
+            !ServeConfig::resolve(serve_args(&peers))
+                .unwrap()
+                .bucket_membership()
+        );
+        let plain = ServeConfig::resolve(serve_args(&["chunkbus", "serve"])).unwrap();
+        assert!(!plain.bucket_membership());
+        let advertised = [&s3[..], &["--advertise-addr", "node1.internal:8080"]].concat();
+        let cfg = ServeConfig::resolve(serve_args(&advertised)).unwrap();
+        assert_eq!(cfg.advertise_addr.as_deref(), Some("node1.internal:8080"));
+        for (bad, says) in [
+            (&["--advertise-addr", "node1"][..], "must be host:port"),
+            (
+                &["--listen", "0.0.0.0:8080", "--allow-anonymous"],
+                "give --advertise-addr",
+            ),
+        ] {
+            let argv = [&s3[..], bad].concat();
+            let err = ServeConfig::resolve(serve_args(&argv))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+        for without_bucket in [&peers[..], &["chunkbus", "serve"]] {
+            let argv = [without_bucket, &["--advertise-addr", "h:1"]].concat();
+            let err = ServeConfig::resolve(serve_args(&argv))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("through the S3 bucket"), "{err}");
         }
     }
 

@@ -46,15 +46,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const RESTORE_READ_BYTES: u64 = 16 << 20;
 
 /// The best copy of one of this node's chunks among the peers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Best {
     size: u64,
     uploaded: bool,
     /// The copy's numbers, when the peer knows them.
     first_line: Option<u64>,
     lines: Option<u64>,
-    /// Index of the peer in `repl.links`.
-    peer: usize,
+    /// The peer that holds it.
+    peer: Arc<PeerLink>,
 }
 
 impl Best {
@@ -66,8 +66,20 @@ impl Best {
 /// Holds writes when the data directory is new (called before the node
 /// serves anything, so no write slips through before the gate).
 pub(super) fn hold_writes(repl: &Replication) {
-    if !repl.links.is_empty() && repl.storage.fresh() && !repl.cfg.first_start {
-        let names: Vec<&str> = repl.links.iter().map(|l| l.peer.name.as_str()).collect();
+    if !repl.storage.fresh() || repl.cfg.first_start {
+        return;
+    }
+    if repl.members_read.borrow().is_none() {
+        // Bucket membership: who the peers are is not known yet.
+        repl.storage.close_writes(
+            WRITE_GATE,
+            "this node's data directory is new: it takes writes once it has read the nodes' records in the S3 bucket and every peer found there has said which of this node's chunks it holds, so that no chunk name is used twice",
+        );
+        return;
+    }
+    let links = repl.links();
+    if !links.is_empty() && !repl.skip_bootstrap_wait() {
+        let names: Vec<&str> = links.iter().map(|l| l.name.as_str()).collect();
         repl.storage.close_writes(WRITE_GATE, gate_reason(&names));
     }
 }
@@ -77,13 +89,30 @@ pub(super) fn hold_writes(repl: &Replication) {
 pub(super) async fn run(repl: Arc<Replication>, cancel: CancellationToken) {
     let storage = &repl.storage;
     let fresh = storage.fresh();
-    if repl.links.is_empty() || !(fresh || storage.restore_pending()) {
+    if !(fresh || storage.restore_pending()) {
         return;
+    }
+    // With bucket membership the peers are known once the nodes' records
+    // were read (at once otherwise).
+    let mut known = repl.members_read.subscribe();
+    tokio::select! {
+        r = known.wait_for(Option::is_some) => if r.is_err() { return },
+        _ = cancel.cancelled() => return,
+    }
+    let links = repl.links();
+    if links.is_empty() || repl.name_is_new() {
+        storage.open_writes(WRITE_GATE);
+        return;
+    }
+    if fresh && !repl.skip_bootstrap_wait() {
+        let names: Vec<&str> = links.iter().map(|l| l.name.as_str()).collect();
+        storage.close_writes(WRITE_GATE, gate_reason(&names));
     }
     if fresh && let Err(e) = storage.set_restore_pending(true).await {
         tracing::error!(error = %e, "cannot record that this node restores its chunks from its peers");
     }
-    let Some((held, mut highest, mut line_ends)) = ask_every_peer(&repl, fresh, &cancel).await
+    let Some((held, mut highest, mut line_ends)) =
+        ask_every_peer(&repl, &links, fresh, &cancel).await
     else {
         return;
     };
@@ -161,21 +190,23 @@ type Answers = (
 /// for). `None` when cancelled.
 async fn ask_every_peer(
     repl: &Arc<Replication>,
+    links: &[Arc<PeerLink>],
     gated: bool,
     cancel: &CancellationToken,
 ) -> Option<Answers> {
-    let mut waiting: BTreeSet<String> = repl.links.iter().map(|l| l.peer.name.clone()).collect();
-    let mut asks: FuturesUnordered<_> = (0..repl.links.len())
-        .map(|i| ask_until_answered(repl, i, cancel))
+    let mut waiting: BTreeSet<String> = links.iter().map(|l| l.name.clone()).collect();
+    let mut asks: FuturesUnordered<_> = links
+        .iter()
+        .map(|l| ask_until_answered(repl, l.clone(), cancel))
         .collect();
     let mut best: BTreeMap<(String, ChunkName), Best> = BTreeMap::new();
     let mut named: BTreeMap<String, u32> = BTreeMap::new();
     let mut line_ends: BTreeMap<String, u64> = BTreeMap::new();
-    while let Some((i, answer)) = asks.next().await {
+    while let Some((link, answer)) = asks.next().await {
         if cancel.is_cancelled() {
             return None;
         }
-        waiting.remove(&repl.links[i].peer.name);
+        waiting.remove(&link.name);
         let Some(answer) = answer else { continue };
         for (category, end) in answer.line_ends {
             let e = line_ends.entry(category).or_insert(0);
@@ -199,14 +230,14 @@ async fn ask_every_peer(
                 uploaded: c.uploaded,
                 first_line: c.first_line,
                 lines: c.lines,
-                peer: i,
+                peer: link.clone(),
             };
-            let entry = best.entry((c.category, name)).or_insert(this);
+            let entry = best.entry((c.category, name)).or_insert(this.clone());
             if c.size > entry.size || (c.size == entry.size && c.uploaded) {
                 *entry = this;
             }
         }
-        if gated && !waiting.is_empty() && !repl.cfg.first_start {
+        if gated && !waiting.is_empty() && !repl.skip_bootstrap_wait() {
             let names: Vec<&str> = waiting.iter().map(String::as_str).collect();
             repl.storage.close_writes(WRITE_GATE, gate_reason(&names));
         }
@@ -214,35 +245,36 @@ async fn ask_every_peer(
     Some((best, named, line_ends))
 }
 
-/// Asks peer `i` until it answers, it is forgotten (`None`) or `cancel`.
+/// Asks the peer of `link` until it answers, it is forgotten (`None`) or
+/// `cancel`.
 async fn ask_until_answered(
     repl: &Arc<Replication>,
-    i: usize,
+    link: Arc<PeerLink>,
     cancel: &CancellationToken,
-) -> (usize, Option<CopiesResponse>) {
-    let link = &repl.links[i];
-    let url = format!(
-        "{}/v1/internal/copies/{}",
-        repl.peer_base(link),
-        repl.node()
-    );
+) -> (Arc<PeerLink>, Option<CopiesResponse>) {
     let mut backoff = BACKOFF_INITIAL;
     let mut logged = false;
     loop {
         if link.state.lock().unwrap().forgotten {
-            tracing::warn!(peer = %link.peer.name, "not waiting for a forgotten peer to say which of this node's chunks it holds");
-            return (i, None);
+            tracing::warn!(peer = %link.name, "not waiting for a forgotten peer to say which of this node's chunks it holds");
+            return (link, None);
         }
-        match ask(repl, link, &url).await {
-            Ok(answer) => return (i, Some(answer)),
+        // Asked again each time: the address may follow its record.
+        let url = format!(
+            "{}/v1/internal/copies/{}",
+            repl.peer_base(&link),
+            repl.node()
+        );
+        match ask(repl, &link, &url).await {
+            Ok(answer) => return (link, Some(answer)),
             Err(e) if !logged => {
-                tracing::warn!(peer = %link.peer.name, error = %e, "cannot ask a peer which of this node's chunks it holds; retrying");
+                tracing::warn!(peer = %link.name, error = %e, "cannot ask a peer which of this node's chunks it holds; retrying");
                 logged = true;
             }
             Err(_) => {}
         }
         if sleep_or_cancel(&mut backoff, cancel).await {
-            return (i, None);
+            return (link, None);
         }
     }
 }
@@ -259,10 +291,12 @@ async fn ask(repl: &Replication, link: &PeerLink, url: &str) -> Result<CopiesRes
         return Err(format!("answered {}", resp.status()));
     }
     let answer: CopiesResponse = resp.json().await.map_err(|e| e.to_string())?;
-    if answer.node != link.peer.name {
+    if answer.node != link.name {
         return Err(format!(
             "the node at {} is {}, not {} as --peers says",
-            link.peer.addr, answer.node, link.peer.name
+            link.addr(),
+            answer.node,
+            link.name
         ));
     }
     Ok(answer)
@@ -299,12 +333,12 @@ async fn restore(
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         } else {
-            copy_from(repl, category, chunk, best).await
+            copy_from(repl, category, chunk, &best).await
         };
         match result {
             Ok(()) => return true,
             Err(e) => {
-                tracing::warn!(category, chunk = %chunk, peer = %repl.links[best.peer].peer.name, error = %e, "cannot restore a chunk from its peer copy; retrying")
+                tracing::warn!(category, chunk = %chunk, peer = %best.peer.name, error = %e, "cannot restore a chunk from its peer copy; retrying")
             }
         }
         if sleep_or_cancel(&mut backoff, cancel).await {
@@ -318,9 +352,9 @@ async fn copy_from(
     repl: &Replication,
     category: &str,
     chunk: &ChunkName,
-    best: Best,
+    best: &Best,
 ) -> Result<(), String> {
-    let link = &repl.links[best.peer];
+    let link = &best.peer;
     let client =
         Client::with_http(&repl.peer_base(link), repl.http.clone()).map_err(|e| e.to_string())?;
     let name = chunk.to_string();

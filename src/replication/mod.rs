@@ -24,7 +24,7 @@ pub mod protocol;
 mod puller;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use chunkbus_client::{ForgetReport, PeerStatus};
@@ -58,6 +58,10 @@ pub struct ReplicationConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// This node's Kafka partition order (`None`: its listener is off).
     pub kafka_nodes: Option<Vec<String>>,
+    /// Membership through the bucket: peers are added as their records
+    /// appear ([`Replication::member`]), and a peer is declared lost only
+    /// when its record, too, stood still for `--owner-lost-after`.
+    pub bucket: bool,
 }
 
 /// Replication of one node: its pullers, their state, and its replicas'
@@ -67,7 +71,17 @@ pub struct Replication {
     storage: Storage,
     consumers: Arc<Consumers>,
     cfg: ReplicationConfig,
-    links: Vec<PeerLink>,
+    /// One per peer; only ever grows (a peer that left stays a peer that
+    /// does not answer, as with `--peers`).
+    links: RwLock<Vec<Arc<PeerLink>>>,
+    /// Where the pullers of peers found later start (set by `start`).
+    spawner: OnceLock<(TaskTracker, CancellationToken)>,
+    /// `None` until the nodes' records in the bucket were first read
+    /// (bucket membership), then whether this node's name was among them:
+    /// a name the bucket never held wrote no chunk, so a new data
+    /// directory has nothing to restore. `Some(true)` without bucket
+    /// membership.
+    members_read: tokio::sync::watch::Sender<Option<bool>>,
     /// What the replicas hold of this node's chunks.
     pub progress: ProgressStore,
     http: reqwest::Client,
@@ -79,9 +93,30 @@ pub struct Replication {
 
 #[derive(Debug)]
 struct PeerLink {
-    peer: Peer,
+    /// The peer's node name.
+    name: String,
+    /// `host:port` of its HTTP listener (with bucket membership, as its
+    /// record last said).
+    addr: Mutex<String>,
     /// A std mutex: held only to read or set a few fields.
     state: Mutex<PeerState>,
+}
+
+impl PeerLink {
+    fn new(peer: &Peer, forgotten: bool) -> Self {
+        Self {
+            name: peer.name.clone(),
+            addr: Mutex::new(peer.addr.clone()),
+            state: Mutex::new(PeerState {
+                forgotten,
+                ..PeerState::default()
+            }),
+        }
+    }
+
+    fn addr(&self) -> String {
+        self.addr.lock().unwrap().clone()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -106,6 +141,9 @@ struct PeerState {
     last_contact: Option<SystemTime>,
     /// Its version and disk, as it last said.
     about: Option<protocol::NodeAbout>,
+    /// With bucket membership: since when its record in the bucket has not
+    /// been refreshed (`None` while it is).
+    record_still_since: Option<Instant>,
 }
 
 /// What a node knows of a peer's Kafka listener.
@@ -139,13 +177,7 @@ impl Replication {
         let links = cfg
             .peers
             .iter()
-            .map(|p| PeerLink {
-                peer: p.clone(),
-                state: Mutex::new(PeerState {
-                    forgotten: forgotten.contains(&p.name),
-                    ..PeerState::default()
-                }),
-            })
+            .map(|p| Arc::new(PeerLink::new(p, forgotten.contains(&p.name))))
             .collect();
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(secret) = &cfg.cluster_secret
@@ -181,11 +213,14 @@ impl Replication {
                 })
                 .set(0);
         }
+        let members_read = (!cfg.bucket).then_some(true);
         Arc::new(Self {
             storage,
             consumers,
             cfg,
-            links,
+            links: RwLock::new(links),
+            spawner: OnceLock::new(),
+            members_read: tokio::sync::watch::Sender::new(members_read),
             progress: ProgressStore::default(),
             http,
             relay_http,
@@ -199,22 +234,124 @@ impl Replication {
     pub fn start(self: &Arc<Self>, tasks: &TaskTracker, cancel: &CancellationToken) {
         bootstrap::hold_writes(self);
         tasks.spawn(bootstrap::run(self.clone(), cancel.clone()));
-        for i in 0..self.links.len() {
-            tasks.spawn(puller::run(self.clone(), i, cancel.clone()));
+        // Under the lock that `member` adds links with: a peer added
+        // meanwhile gets its puller from exactly one of the two.
+        let links = self.links.read().unwrap();
+        for link in links.iter() {
+            tasks.spawn(puller::run(self.clone(), link.clone(), cancel.clone()));
+        }
+        self.spawner
+            .set((tasks.clone(), cancel.clone()))
+            .expect("replication starts once");
+    }
+
+    /// Says that the nodes' records in the bucket were read and every
+    /// member found was told ([`Replication::member`]); `named_before`:
+    /// this node's name was among them. Only the first call counts.
+    pub fn members_known(&self, named_before: bool) {
+        self.members_read.send_if_modified(|known| {
+            let first = known.is_none();
+            if first {
+                *known = Some(named_before);
+            }
+            first
+        });
+    }
+
+    /// The bucket held no record of this node's name before this process
+    /// claimed it: the name never wrote a chunk.
+    fn name_is_new(&self) -> bool {
+        *self.members_read.borrow() == Some(false)
+    }
+
+    /// A new data directory takes writes without asking the peers first.
+    fn skip_bootstrap_wait(&self) -> bool {
+        self.cfg.first_start || self.name_is_new()
+    }
+
+    /// A snapshot of the peers.
+    fn links(&self) -> Vec<Arc<PeerLink>> {
+        self.links.read().unwrap().clone()
+    }
+
+    fn link(&self, name: &str) -> Option<Arc<PeerLink>> {
+        self.links
+            .read()
+            .unwrap()
+            .iter()
+            .find(|l| l.name == name)
+            .cloned()
+    }
+
+    /// A node found in the bucket (bucket membership): a new one becomes a
+    /// peer, its puller started; a known one's address follows its record.
+    /// `still_since`: since when its record has not been refreshed (`None`
+    /// while it is), which `--owner-lost-after` also waits for.
+    pub fn member(self: &Arc<Self>, name: &str, addr: &str, still_since: Option<Instant>) {
+        if name == self.node() {
+            return;
+        }
+        if let Some(link) = self.link(name) {
+            let mut a = link.addr.lock().unwrap();
+            if *a != addr {
+                tracing::info!(peer = name, from = %a, to = addr, "a peer's record in the bucket names a new address");
+                *a = addr.to_owned();
+            }
+            drop(a);
+            link.state.lock().unwrap().record_still_since = still_since;
+            return;
+        }
+        let peer = Peer {
+            name: name.to_owned(),
+            addr: addr.to_owned(),
+        };
+        let link = Arc::new(PeerLink::new(
+            &peer,
+            self.storage.forgotten_owners().contains(name),
+        ));
+        link.state.lock().unwrap().record_still_since = still_since;
+        {
+            let mut links = self.links.write().unwrap();
+            if links.iter().any(|l| l.name == name) {
+                return;
+            }
+            links.push(link.clone());
+            if let Some((tasks, cancel)) = self.spawner.get()
+                && !cancel.is_cancelled()
+            {
+                tasks.spawn(puller::run(self.clone(), link, cancel.clone()));
+            }
+        }
+        self.metrics
+            .peer_connected
+            .get_or_create(&PeerLabels {
+                peer: name.to_owned(),
+            })
+            .set(0);
+        tracing::info!(
+            peer = name,
+            addr,
+            "a node found in the bucket is a peer now"
+        );
+        if self.cfg.kafka_nodes.is_some() {
+            tracing::error!(
+                peer = name,
+                "a node joined through the bucket while this node serves Kafka as the bucket's only node: Kafka clients of this node see its own partition only (serving Kafka from several nodes needs --peers in the same order on every node)"
+            );
         }
     }
 
     /// `http(s)://host:port` of a peer.
     fn peer_base(&self, link: &PeerLink) -> String {
         let scheme = if self.cfg.https { "https" } else { "http" };
-        format!("{scheme}://{}", link.peer.addr)
+        format!("{scheme}://{}", link.addr())
     }
 
     /// Whether peer `name` answers now, where Kafka clients reach it and
     /// its partition order (as it last said); `None` for a node that is
     /// not a peer.
     pub fn peer_kafka(&self, name: &str) -> Option<PeerKafka> {
-        let link = self.links.iter().find(|l| l.peer.name == name)?;
+        let link = self.link(name)?;
         let st = link.state.lock().unwrap();
         Some(PeerKafka {
             connected: st.connected,
@@ -225,7 +362,7 @@ impl Replication {
 
     /// Number of other nodes.
     pub fn peer_count(&self) -> usize {
-        self.links.len()
+        self.links.read().unwrap().len()
     }
 
     /// This node's name.
@@ -235,13 +372,13 @@ impl Replication {
 
     /// Replication state of every peer.
     pub fn status(&self) -> Vec<PeerStatus> {
-        self.links
+        self.links()
             .iter()
             .map(|l| {
                 let st = l.state.lock().unwrap();
                 PeerStatus {
-                    name: l.peer.name.clone(),
-                    address: l.peer.addr.clone(),
+                    name: l.name.clone(),
+                    address: l.addr(),
                     connected: st.connected,
                     since: st
                         .since
@@ -285,7 +422,7 @@ impl Replication {
     ) -> Result<ForgetReport, StorageError> {
         let chunks_completed = self.forget_here(node).await?;
         let mut peers = BTreeMap::new();
-        for link in self.links.iter().filter(|l| l.peer.name != node) {
+        for link in self.links().iter().filter(|l| l.name != node) {
             let url = format!(
                 "{}/v1/admin/forget-node/{node}?relayed=true",
                 self.peer_base(link)
@@ -302,7 +439,7 @@ impl Replication {
                 }
             });
             peers.insert(
-                link.peer.name.clone(),
+                link.name.clone(),
                 res.map_or_else(|e| format!("error: {e}"), |()| "ok".to_owned()),
             );
         }
@@ -317,7 +454,7 @@ impl Replication {
     /// answers again).
     pub async fn forget_here(&self, node: &str) -> Result<usize, StorageError> {
         let n = self.storage.forget_owner(node).await?;
-        for link in self.links.iter().filter(|l| l.peer.name == node) {
+        if let Some(link) = self.link(node) {
             link.state.lock().unwrap().forgotten = true;
         }
         Ok(n)
@@ -329,7 +466,7 @@ impl Replication {
         if owner == self.node() {
             return false;
         }
-        match self.links.iter().find(|l| l.peer.name == owner) {
+        match self.link(owner) {
             Some(link) => link.state.lock().unwrap().forgotten,
             None => true,
         }
@@ -338,9 +475,11 @@ impl Replication {
     /// Names of the peers whose change feed answers now.
     pub fn reachable_peers(&self) -> Vec<String> {
         self.links
+            .read()
+            .unwrap()
             .iter()
             .filter(|l| l.state.lock().unwrap().connected)
-            .map(|l| l.peer.name.clone())
+            .map(|l| l.name.clone())
             .collect()
     }
 
@@ -350,9 +489,9 @@ impl Replication {
     async fn set_connected(&self, link: &PeerLink, connected: bool, error: Option<String>) {
         let returned = self.note_connected(link, connected, error);
         if returned {
-            tracing::info!(peer = %link.peer.name, "a forgotten peer answers: no longer treated as lost");
-            if let Err(e) = self.storage.owner_returned(&link.peer.name).await {
-                tracing::error!(peer = %link.peer.name, error = %e, "cannot record that a forgotten peer is back");
+            tracing::info!(peer = %link.name, "a forgotten peer answers: no longer treated as lost");
+            if let Err(e) = self.storage.owner_returned(&link.name).await {
+                tracing::error!(peer = %link.name, error = %e, "cannot record that a forgotten peer is back");
             }
         }
     }
@@ -378,7 +517,7 @@ impl Replication {
             && theirs != ours
         {
             tracing::error!(
-                peer = %link.peer.name,
+                peer = %link.name,
                 ?theirs,
                 ?ours,
                 "a peer lists the nodes in another order: Kafka partition numbers would name different nodes, so neither names the other in its Kafka metadata until both have the same --peers order"
@@ -394,9 +533,9 @@ impl Replication {
         let returned = connected && std::mem::take(&mut st.forgotten);
         if st.connected != connected || st.since.is_none() {
             if connected {
-                tracing::info!(peer = %link.peer.name, addr = %link.peer.addr, "peer connected");
+                tracing::info!(peer = %link.name, addr = %link.addr(), "peer connected");
             } else {
-                tracing::warn!(peer = %link.peer.name, addr = %link.peer.addr, error = error.as_deref().unwrap_or(""), "peer unreachable; retrying with backoff");
+                tracing::warn!(peer = %link.name, addr = %link.addr(), error = error.as_deref().unwrap_or(""), "peer unreachable; retrying with backoff");
             }
             st.connected = connected;
             st.since = Some(SystemTime::now());
@@ -404,7 +543,7 @@ impl Replication {
             self.metrics
                 .peer_connected
                 .get_or_create(&PeerLabels {
-                    peer: link.peer.name.clone(),
+                    peer: link.name.clone(),
                 })
                 .set(i64::from(connected));
         }
@@ -424,7 +563,7 @@ impl Replication {
             self.metrics
                 .replication_lag_bytes
                 .get_or_create(&PeerCategoryLabels {
-                    peer: link.peer.name.clone(),
+                    peer: link.name.clone(),
                     category: cat.clone(),
                 })
                 .set(lag.get(cat).copied().unwrap_or(0) as i64);
@@ -432,7 +571,7 @@ impl Replication {
         self.metrics
             .replication_lag_seconds
             .get_or_create(&PeerLabels {
-                peer: link.peer.name.clone(),
+                peer: link.name.clone(),
             })
             .set(st.behind_since.map_or(0.0, |t| t.elapsed().as_secs_f64()));
         st.lag = lag;
@@ -453,7 +592,7 @@ impl Replication {
             Some(s) => {
                 let new = st.disagreeing.insert(key, s) != Some(s);
                 if new {
-                    tracing::error!(peer = %link.peer.name, category, chunk, owner_size = s.0, local_size = s.1, "the copy here holds more than its owner lists (the owner lost bytes or reused the name); the copy is kept as it is");
+                    tracing::error!(peer = %link.name, category, chunk, owner_size = s.0, local_size = s.1, "the copy here holds more than its owner lists (the owner lost bytes or reused the name); the copy is kept as it is");
                 }
                 new
             }
@@ -463,7 +602,7 @@ impl Replication {
             self.metrics
                 .copies_disagreeing
                 .get_or_create(&PeerLabels {
-                    peer: link.peer.name.clone(),
+                    peer: link.name.clone(),
                 })
                 .set(st.disagreeing.len() as i64);
         }
@@ -476,18 +615,23 @@ impl Replication {
         };
         let due = {
             let st = link.state.lock().unwrap();
-            !st.forgotten && st.down_since.is_some_and(|t| t.elapsed() >= after)
+            // With bucket membership, a peer that cannot be reached from
+            // here but still refreshes its record is alive (a one-way
+            // partition): it may still write its open chunks.
+            let record_still =
+                !self.cfg.bucket || st.record_still_since.is_some_and(|t| t.elapsed() >= after);
+            !st.forgotten && record_still && st.down_since.is_some_and(|t| t.elapsed() >= after)
         };
         if !due {
             return;
         }
-        match self.storage.forget_owner(&link.peer.name).await {
+        match self.storage.forget_owner(&link.name).await {
             Ok(n) => {
-                tracing::warn!(peer = %link.peer.name, chunks = n, after = %humantime::format_duration(after), "peer unreachable past --owner-lost-after: its open chunks are complete here");
+                tracing::warn!(peer = %link.name, chunks = n, after = %humantime::format_duration(after), "peer unreachable past --owner-lost-after: its open chunks are complete here");
                 link.state.lock().unwrap().forgotten = true;
             }
             Err(e) => {
-                tracing::error!(peer = %link.peer.name, error = %e, "cannot complete a lost peer's chunks")
+                tracing::error!(peer = %link.name, error = %e, "cannot complete a lost peer's chunks")
             }
         }
     }

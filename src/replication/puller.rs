@@ -42,11 +42,12 @@ enum PullError {
     Storage(#[from] StorageError),
 }
 
-/// Follows peer `idx` until `cancel`.
-pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: CancellationToken) {
-    let link = &repl.links[idx];
-    let base = repl.peer_base(link);
-    let client = Client::with_http(&base, repl.http.clone()).expect("peer addresses are validated");
+/// Follows the peer of `link` until `cancel`.
+pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: CancellationToken) {
+    let link = &*link;
+    let mut base = repl.peer_base(link);
+    let mut client =
+        Client::with_http(&base, repl.http.clone()).expect("peer addresses are validated");
     // The peer's incarnation that `since` and `positions_since` belong to.
     let mut incarnation = 0u64;
     let mut since = 0u64;
@@ -59,11 +60,22 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
     let mut progress: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut backoff = BACKOFF_INITIAL;
     loop {
+        // With bucket membership the address follows the peer's record.
+        let now = repl.peer_base(link);
+        if now != base {
+            match Client::with_http(&now, repl.http.clone()) {
+                Ok(c) => (base, client) = (now, c),
+                Err(e) => {
+                    tracing::warn!(peer = %link.name, addr = %now, error = %e, "a peer's new address is not usable; keeping the old one")
+                }
+            }
+        }
+        let (base, client) = (&base, &client);
         let round = async {
             let mut resp = changes(
                 &repl,
                 link,
-                &base,
+                base,
                 (incarnation, since, positions_since),
                 &mut progress,
             )
@@ -73,11 +85,11 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
                 // A new process of the peer: it answered with its full
                 // listing, which replaces what was known of the old one.
                 if incarnation != 0 {
-                    tracing::info!(peer = %link.peer.name, "peer restarted; resynchronising from its full listing");
+                    tracing::info!(peer = %link.name, "peer restarted; resynchronising from its full listing");
                     repl.metrics
                         .peer_restarts
                         .get_or_create(&crate::metrics::PeerLabels {
-                            peer: link.peer.name.clone(),
+                            peer: link.name.clone(),
                         })
                         .inc();
                 }
@@ -97,7 +109,7 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
                         if let Some(m) = repl.storage.chunk_meta(&c.category, &name)
                             && m.size > 0
                         {
-                            tracing::error!(peer = %link.peer.name, category = %c.category, chunk = %c.chunk, held = m.size, "a restarted peer lists as new a chunk whose copy here holds bytes (it lost its disk and reused the name); the copy is kept and not written again");
+                            tracing::error!(peer = %link.name, category = %c.category, chunk = %c.chunk, held = m.size, "a restarted peer lists as new a chunk whose copy here holds bytes (it lost its disk and reused the name); the copy is kept and not written again");
                             repl.set_disagreeing(
                                 link,
                                 &c.category,
@@ -123,10 +135,10 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
             for c in resp.chunks {
                 let name =
                     ChunkName::parse(&c.chunk).map_err(|e| PullError::Peer(e.to_string()))?;
-                if name.owner != link.peer.name {
+                if name.owner != link.name {
                     return Err(PullError::Peer(format!(
                         "peer {} listed chunk {name}, which it does not own",
-                        link.peer.name
+                        link.name
                     )));
                 }
                 if refused.contains(&(c.category.clone(), name.clone())) {
@@ -162,7 +174,7 @@ pub(super) async fn run(repl: Arc<Replication>, idx: usize, cancel: Cancellation
                     },
                 );
             }
-            copy(&repl, link, &client, &mut targets, &mut progress, &cancel).await
+            copy(&repl, link, client, &mut targets, &mut progress, &cancel).await
         };
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -225,10 +237,12 @@ async fn changes(
         .json()
         .await
         .map_err(|e| PullError::Peer(format!("bad changes answer: {e}")))?;
-    if resp.node != link.peer.name {
+    if resp.node != link.name {
         return Err(PullError::Peer(format!(
             "the node at {} is {}, not {} as --peers says",
-            link.peer.addr, resp.node, link.peer.name
+            link.addr(),
+            resp.node,
+            link.name
         )));
     }
     progress.clear();
@@ -304,11 +318,11 @@ async fn copy(
                     // Complete here but short of the owner's chunk: this
                     // copy missed the owner's restart (or the owner was
                     // forgotten and came back). Reopen it and copy the rest.
-                    tracing::warn!(peer = %link.peer.name, category, chunk = %chunk, held = m.size, owner_size = target.size, "a complete copy is short of its owner's chunk; reopening it to copy the rest");
+                    tracing::warn!(peer = %link.name, category, chunk = %chunk, held = m.size, owner_size = target.size, "a complete copy is short of its owner's chunk; reopening it to copy the rest");
                     repl.metrics
                         .copies_repaired
                         .get_or_create(&crate::metrics::PeerLabels {
-                            peer: link.peer.name.clone(),
+                            peer: link.name.clone(),
                         })
                         .inc();
                     storage.replica_reopen(category, chunk).await?;
@@ -359,7 +373,7 @@ async fn copy(
                     Err(ClientError::Status { status, message })
                         if status == StatusCode::NOT_FOUND =>
                     {
-                        tracing::warn!(peer = %link.peer.name, category, chunk = %chunk, error = %message, "peer no longer has a chunk it listed; skipping it");
+                        tracing::warn!(peer = %link.name, category, chunk = %chunk, error = %message, "peer no longer has a chunk it listed; skipping it");
                         targets.remove(&key);
                         break;
                     }

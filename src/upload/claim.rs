@@ -71,11 +71,40 @@ pub struct NodeRecord {
     /// Set by a graceful stop.
     #[serde(default)]
     pub stopped: bool,
+    /// How the node finds its peers.
+    #[serde(default)]
+    pub membership: Membership,
+}
+
+/// How a node finds its peers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Membership {
+    /// `--peers` (or no peers at all): records only guard the name.
+    #[default]
+    Static,
+    /// Through these records ([`super::members`]).
+    Bucket,
+}
+
+impl std::fmt::Display for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Static => "--peers",
+            Self::Bucket => "the bucket's membership",
+        })
+    }
 }
 
 impl NodeRecord {
     /// A record for this process, not written yet.
-    pub fn new(node: &str, incarnation: u64, address: String, refresh: Duration) -> Self {
+    pub fn new(
+        node: &str,
+        incarnation: u64,
+        address: String,
+        refresh: Duration,
+        membership: Membership,
+    ) -> Self {
         let now = now_ms();
         Self {
             node: node.to_owned(),
@@ -91,13 +120,19 @@ impl NodeRecord {
             beat: 0,
             refresh_ms: refresh.as_millis() as u64,
             stopped: false,
+            membership,
         }
     }
 }
 
 /// `<prefix>_cluster/nodes/<node>.json`.
 pub fn record_key(prefix: &str, node: &str) -> String {
-    format!("{prefix}_cluster/nodes/{node}.json")
+    format!("{}{node}.json", records_prefix(prefix))
+}
+
+/// `<prefix>_cluster/nodes/`: where every node's record is.
+pub fn records_prefix(prefix: &str) -> String {
+    format!("{prefix}_cluster/nodes/")
 }
 
 /// Why a process may not take its node's name.
@@ -121,6 +156,20 @@ pub enum ClaimError {
         /// The record's key.
         key: String,
     },
+    /// A live node of the bucket finds its peers the other way.
+    #[error(
+        "node {node} at {address} runs against this bucket with {theirs}, and this node would use {mine}: the nodes of one bucket must find each other the same way (all with --peers, or none); stop that node or start this one like it"
+    )]
+    Mixed {
+        /// The other node.
+        node: String,
+        /// Its address.
+        address: String,
+        /// Its kind of membership.
+        theirs: String,
+        /// This node's.
+        mine: String,
+    },
 }
 
 fn taken(key: &str, r: &NodeRecord) -> ClaimError {
@@ -137,7 +186,7 @@ fn taken(key: &str, r: &NodeRecord) -> ClaimError {
     }
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -145,7 +194,7 @@ fn now_ms() -> u64 {
 
 /// The record at `key`, if any; a record that does not parse counts as
 /// none (it names no live process).
-async fn read(store: &ObjectStore, key: &str) -> Result<Option<NodeRecord>, S3Error> {
+pub(super) async fn read(store: &ObjectStore, key: &str) -> Result<Option<NodeRecord>, S3Error> {
     let Some(data) = store.get_small(key, MAX_RECORD_BYTES).await? else {
         return Ok(None);
     };
@@ -163,7 +212,9 @@ async fn write(store: &ObjectStore, key: &str, r: &NodeRecord) -> Result<(), S3E
 /// a start by this much at most.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn bounded<T>(call: impl Future<Output = Result<T, S3Error>>) -> Result<T, S3Error> {
+pub(super) async fn bounded<T>(
+    call: impl Future<Output = Result<T, S3Error>>,
+) -> Result<T, S3Error> {
     tokio::time::timeout(CALL_TIMEOUT, call)
         .await
         .unwrap_or_else(|_| {
@@ -183,6 +234,10 @@ pub struct Claim {
     pub mine: NodeRecord,
     /// The record was written (and not found taken since).
     pub claimed: bool,
+    /// A record of this name was in the bucket before this process wrote
+    /// its own: the name was used before (`false` also when S3 could not
+    /// be asked).
+    pub named_before: bool,
     /// Another process's record being watched before taking the name over,
     /// and since when (this process's clock).
     watched: Option<(NodeRecord, std::time::Instant)>,
@@ -195,6 +250,7 @@ impl Claim {
             key: record_key(prefix, &mine.node),
             mine,
             claimed: false,
+            named_before: false,
             watched: None,
         }
     }
@@ -212,6 +268,9 @@ impl Claim {
             bounded(store.check()).await?;
         }
         let found = bounded(read(store, &self.key)).await?;
+        if !self.claimed && found.is_some() {
+            self.named_before = true;
+        }
         if let Some(theirs) = found
             && theirs.incarnation != self.mine.incarnation
             && !theirs.stopped
@@ -319,7 +378,13 @@ mod tests {
         // A category may be called `_cluster`: its chunk keys are
         // `_cluster/<node>-chunk<digits>`, never `_cluster/nodes/...`.
         assert!(chunkbus_client::ChunkName::parse("nodes/n1.json").is_err());
-        let r = NodeRecord::new("n1", 7, "127.0.0.1:8080".into(), Duration::from_secs(5));
+        let r = NodeRecord::new(
+            "n1",
+            7,
+            "127.0.0.1:8080".into(),
+            Duration::from_secs(5),
+            Membership::Bucket,
+        );
         let back: NodeRecord = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
         assert_eq!(back, r);
     }

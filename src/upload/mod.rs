@@ -22,6 +22,7 @@
 //!   deleted everywhere, S3 included.
 
 pub mod claim;
+pub mod members;
 pub mod store;
 mod sweep;
 mod uploader;
@@ -96,6 +97,9 @@ pub struct S3Config {
     /// ([`claim`]); a process whose record stood still for two and a half
     /// of these (or of its own, if longer) is taken for dead.
     pub claim_refresh: Duration,
+    /// The nodes find each other through their records in the bucket
+    /// (no `--peers`; see [`members`]).
+    pub bucket_membership: bool,
 }
 
 /// Default of [`S3Config::claim_refresh`].
@@ -118,6 +122,13 @@ pub trait Cluster: Send + Sync + std::fmt::Debug {
     fn owner_lost(&self, owner: &str) -> bool;
     /// Names of the peers that answer now.
     fn reachable_peers(&self) -> Vec<String>;
+    /// A node found in the bucket (bucket membership) at `address`, whose
+    /// record has stood still since `still_since` (`None`: refreshed).
+    fn member(&self, name: &str, address: &str, still_since: Option<std::time::Instant>);
+    /// Every node's record was read once (bucket membership): the members
+    /// found so far were told; `named_before`: this node's name was among
+    /// them (it may have written chunks before).
+    fn members_known(&self, named_before: bool);
 }
 
 /// The tier of one node. Shared as `Arc<Tiering>`.
@@ -137,6 +148,10 @@ pub struct Tiering {
     /// This process's claim on its node's name (S3 on, once
     /// [`Tiering::claim_name`] ran).
     claim: Mutex<Option<claim::Claim>>,
+    /// When each node's record last moved (bucket membership).
+    watch: Mutex<members::Watch>,
+    /// The nodes' records were read once (bucket membership).
+    members_read: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -185,26 +200,120 @@ impl Tiering {
             listed: AtomicBool::new(false),
             writes_open: AtomicBool::new(false),
             claim: Mutex::new(None),
+            watch: Mutex::new(members::Watch::default()),
+            members_read: AtomicBool::new(false),
         })
     }
 
     /// With S3 on, claims this node's name in the bucket before the node
     /// serves anything: refused when another live process holds it (see
-    /// [`claim`]). `address`: where this node listens, for the record.
+    /// [`claim`]), or when a live node of the bucket finds its peers the
+    /// other way ([`members::mixed`]). With bucket membership, the nodes
+    /// found are told to the cluster as members. `address`: where peers
+    /// reach this node, for the record.
+    ///
     pub async fn claim_name(&self, address: String) -> Result<(), claim::ClaimError> {
         let Some((cfg, store)) = &self.s3 else {
             return Ok(());
         };
+        let membership = if cfg.bucket_membership {
+            claim::Membership::Bucket
+        } else {
+            claim::Membership::Static
+        };
+        let node = self.storage.node();
+        let records = match members::read_all(store, &cfg.prefix).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the nodes' records in the bucket; reading them again every --s3-claim-refresh");
+                None
+            }
+        };
+        if let Some(other) = records
+            .as_deref()
+            .and_then(|r| members::mixed(r, node, membership))
+        {
+            return Err(claim::ClaimError::Mixed {
+                node: other.node.clone(),
+                address: other.address.clone(),
+                theirs: other.membership.to_string(),
+                mine: membership.to_string(),
+            });
+        }
         let mine = claim::NodeRecord::new(
-            self.storage.node(),
+            node,
             self.storage.incarnation(),
             address,
             cfg.claim_refresh,
+            membership,
         );
         let mut c = claim::Claim::new(&cfg.prefix, mine);
         claim::acquire(&mut c, store, cfg.claim_refresh).await?;
         *self.claim.lock().unwrap() = Some(c);
+        if cfg.bucket_membership
+            && let Some(records) = records
+        {
+            self.note_members(&records, cfg);
+        }
         Ok(())
+    }
+
+    /// Tells the cluster of the bucket-membership nodes in `records`; the
+    /// first time, also that the membership is known, and whether this
+    /// node's name was among the records (read before its claim, or, if
+    /// S3 did not answer then, a conservative yes).
+    fn note_members(&self, records: &[claim::NodeRecord], cfg: &S3Config) {
+        let me = self.storage.node();
+        {
+            let mut watch = self.watch.lock().unwrap();
+            for r in records {
+                if r.node == me || r.membership != claim::Membership::Bucket {
+                    continue;
+                }
+                let still = watch.observe(r, cfg.claim_refresh);
+                self.cluster.member(&r.node, &r.address, still);
+            }
+        }
+        if !self.members_read.swap(true, Ordering::Relaxed) {
+            self.cluster
+                .members_known(records.iter().any(|r| r.node == me));
+        }
+    }
+
+    /// Reads the nodes' records every `--s3-claim-refresh` until `cancel`
+    /// (bucket membership), telling the cluster of new nodes, new
+    /// addresses and records that stood still; a live node found with
+    /// `--peers` is reported (it is not a peer).
+    async fn keep_members(self: Arc<Self>, cancel: CancellationToken) {
+        let Some((cfg, store)) = &self.s3 else { return };
+        let mut tick = tokio::time::interval(cfg.claim_refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        let mut mixed_reported = std::collections::BTreeSet::new();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = cancel.cancelled() => return,
+            }
+            match members::read_all(store, &cfg.prefix).await {
+                Ok(records) => {
+                    failing = false;
+                    if let Some(other) =
+                        members::mixed(&records, self.storage.node(), claim::Membership::Bucket)
+                        && mixed_reported.insert(other.node.clone())
+                    {
+                        tracing::error!(peer = %other.node, addr = %other.address, "a node runs against this bucket with --peers: it is not a peer of the nodes that find each other through the bucket, and they are not its peers; give every node of a bucket the same kind of membership");
+                    }
+                    self.note_members(&records, cfg);
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "cannot read the nodes' records in the bucket; peers found so far are kept; retrying");
+                    }
+                    failing = true;
+                }
+            }
+        }
     }
 
     /// Refreshes the claim until `cancel`, then releases it. Finding
@@ -265,6 +374,9 @@ impl Tiering {
             tasks.spawn(self.clone().discover(cancel.clone()));
             tasks.spawn(uploader::run(self.clone(), cancel.clone()));
             tasks.spawn(self.clone().keep_claim(cancel.clone()));
+            if self.s3.as_ref().is_some_and(|(c, _)| c.bucket_membership) {
+                tasks.spawn(self.clone().keep_members(cancel.clone()));
+            }
         }
         tasks.spawn(sweep::run(self.clone(), cancel.clone()));
     }
@@ -380,6 +492,12 @@ impl Tiering {
             if self.storage.fresh() && !self.writes_open.swap(true, Ordering::SeqCst) {
                 tracing::warn!(bucket = %cfg.bucket, "{why}: taking writes without knowing which chunk names this node uploaded before (if it lost its disk, a colliding chunk stays local, never overwrites S3)");
                 self.storage.open_writes(WRITE_GATE);
+                if cfg.bucket_membership && !self.members_read.swap(true, Ordering::SeqCst) {
+                    // Nor who its peers are: those found later are not
+                    // asked which of its chunks they hold.
+                    tracing::warn!(bucket = %cfg.bucket, "{why}: taking writes without knowing this node's peers (the nodes' records in the bucket are unread)");
+                    self.cluster.members_known(true);
+                }
             }
         };
         match store.check().await {

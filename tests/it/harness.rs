@@ -32,6 +32,7 @@ pub fn config(dir: &Path) -> ServeConfig {
         max_inflight_bytes: 64 << 20,
         disk_high_water_percent: 100,
         peers: Vec::new(),
+        advertise_addr: None,
         owner_lost_after: None,
         first_start: false,
         replication_wait: Duration::from_secs(30),

@@ -19,6 +19,7 @@ mod idempotent;
 mod ingest;
 mod kafka;
 mod kafka_clients;
+mod membership;
 mod otlp_loki;
 mod proxy;
 mod replication;

@@ -14,7 +14,8 @@ use crate::harness::{
 use crate::s3_server::{BUCKET, TestS3};
 
 /// `chunkbus serve` for node `node` on `dir`, using `s3`, plus `args`.
-fn s3_command(s3: &TestS3, node: &str, dir: &Path, args: &[&str]) -> Command {
+/// `chunkbus serve` of `node` on `dir` against `s3`, with `args`.
+pub(crate) fn s3_command(s3: &TestS3, node: &str, dir: &Path, args: &[&str]) -> Command {
     let mut cmd = serve_command(node, dir);
     cmd.args(s3.args()).args(args);
     for (k, v) in s3.env() {
@@ -761,8 +762,15 @@ async fn an_interrupted_multipart_upload_resumes_without_sending_parts_again() {
 
 /// Runs `chunkbus serve` as node `node` on `dir` with `s3` until it exits
 /// (within the deadline); returns its exit status and stderr.
-async fn serve_until_exit(s3: &TestS3, node: &str, dir: &Path) -> (bool, String) {
-    let mut cmd = s3_command(s3, node, dir, &[]);
+/// Runs [`s3_command`] until it exits (a start that is refused): whether
+/// it succeeded, and its stderr.
+pub(crate) async fn serve_until_exit(
+    s3: &TestS3,
+    node: &str,
+    dir: &Path,
+    args: &[&str],
+) -> (bool, String) {
+    let mut cmd = s3_command(s3, node, dir, args);
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
@@ -783,7 +791,7 @@ async fn a_second_process_under_a_live_node_name_refuses_to_start() {
     let first = BinNode::spawn(s3_command(&s3, "n1", a.path(), &[])).await;
     // Another data directory, the same name and bucket: refused, nothing
     // served, the first one untouched.
-    let (ok, stderr) = serve_until_exit(&s3, "n1", b.path()).await;
+    let (ok, stderr) = serve_until_exit(&s3, "n1", b.path(), &[]).await;
     assert!(!ok, "{stderr}");
     assert!(
         stderr.contains("another process runs as node n1")

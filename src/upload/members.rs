@@ -1,0 +1,184 @@
+//! Membership through the bucket: with S3 on and no `--peers`, a node's
+//! peers are the nodes whose records ([`super::claim::NodeRecord`]) are
+//! under `<prefix>_cluster/nodes/` with `"membership": "bucket"`.
+//!
+//! Every node reads every record each `--s3-claim-refresh` ([`read_all`]):
+//! a new name becomes a peer (its puller starts), a known one's address
+//! follows its record. Whether a record is still refreshed is judged the
+//! way a start judges its own name ([`Watch`]): by whether its `beat`
+//! moves, on this process's clock, never by comparing clocks. A peer whose
+//! record stood still for `--owner-lost-after` (and that does not answer
+//! for as long) is declared lost like any lost owner. Records are never
+//! deleted: a node that left stays a peer that does not answer, so its
+//! chunks keep their owner's name and numbering.
+//!
+//! Nodes of one bucket use one kind of membership: a start that finds a
+//! live node of the other kind is refused ([`mixed`]).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+use super::claim::{self, Membership, NodeRecord};
+use super::store::{ObjectStore, S3Error};
+
+/// Records read at once.
+const READS_AT_ONCE: usize = 8;
+/// Most records read: far above any cluster this design is for, and a
+/// bound on what a bucket full of junk under the prefix costs.
+const MAX_RECORDS: usize = 10_000;
+
+/// Every node's record under `prefix` (records that do not parse are left
+/// out, with a warning).
+pub async fn read_all(store: &ObjectStore, prefix: &str) -> Result<Vec<NodeRecord>, S3Error> {
+    let listed = claim::bounded(store.list(&claim::records_prefix(prefix))).await?;
+    if listed.len() > MAX_RECORDS {
+        tracing::warn!(
+            records = listed.len(),
+            max = MAX_RECORDS,
+            "more node records in the bucket than read; the rest are left out"
+        );
+    }
+    let keys = listed
+        .into_iter()
+        .filter(|o| o.key.ends_with(".json"))
+        .take(MAX_RECORDS)
+        .map(|o| o.key);
+    let mut reads = futures_util::stream::iter(keys)
+        .map(|key| async move { claim::bounded(claim::read(store, &key)).await })
+        .buffer_unordered(READS_AT_ONCE);
+    let mut out = Vec::new();
+    while let Some(r) = reads.next().await {
+        // A record deleted between the listing and its read is no record.
+        if let Some(r) = r? {
+            out.push(r);
+        }
+    }
+    out.sort_by(|a, b| a.node.cmp(&b.node));
+    Ok(out)
+}
+
+/// A record that names a process that may be alive: not stopped, and
+/// refreshed within [`claim::CLOCK_SKEW`] by this machine's clock. Used
+/// only to refuse a start, where a wrong "alive" costs a retry.
+fn maybe_alive(r: &NodeRecord) -> bool {
+    !r.stopped
+        && claim::now_ms().saturating_sub(r.refreshed_ms) < claim::CLOCK_SKEW.as_millis() as u64
+}
+
+/// A node of `records` that runs with the other kind of membership than
+/// `mine`, if any is alive; a cluster uses one kind.
+pub fn mixed<'a>(
+    records: &'a [NodeRecord],
+    node: &str,
+    mine: Membership,
+) -> Option<&'a NodeRecord> {
+    records
+        .iter()
+        .find(|r| r.node != node && r.membership != mine && maybe_alive(r))
+}
+
+/// When each record last moved, by this process's clock.
+#[derive(Debug, Default)]
+pub struct Watch {
+    /// Node → (incarnation, beat, when either last changed).
+    seen: HashMap<String, (u64, u64, Instant)>,
+}
+
+impl Watch {
+    /// Notes `r` as read now; returns since when it has stood still, or
+    /// `None` while it is refreshed (its beat moved within two and a half
+    /// refresh periods, its own or `refresh`, whichever is longer). A
+    /// stopped record stands still from its last write. A record seen for
+    /// the first time is taken to have moved when it says it was written
+    /// (by its writer's clock, bounded by [`claim::CLOCK_SKEW`]), so a node
+    /// that starts after a peer died does not wait a whole
+    /// `--owner-lost-after` again.
+    pub fn observe(&mut self, r: &NodeRecord, refresh: Duration) -> Option<Instant> {
+        let now = Instant::now();
+        let entry = self.seen.entry(r.node.clone()).or_insert_with(|| {
+            let age = Duration::from_millis(claim::now_ms().saturating_sub(r.refreshed_ms))
+                .min(claim::CLOCK_SKEW);
+            (r.incarnation, r.beat, now.checked_sub(age).unwrap_or(now))
+        });
+        if (entry.0, entry.1) != (r.incarnation, r.beat) {
+            *entry = (r.incarnation, r.beat, now);
+        }
+        let changed = entry.2;
+        if r.stopped {
+            return Some(changed);
+        }
+        let period = Duration::from_millis(r.refresh_ms).max(refresh);
+        (now.duration_since(changed) > period * 2 + period / 2).then_some(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(node: &str, beat: u64, membership: Membership) -> NodeRecord {
+        let mut r = NodeRecord::new(
+            node,
+            1,
+            "127.0.0.1:1".into(),
+            Duration::from_millis(10),
+            membership,
+        );
+        r.beat = beat;
+        r
+    }
+
+    #[test]
+    fn a_record_is_still_once_its_beat_stops_for_two_and_a_half_periods() {
+        let mut w = Watch::default();
+        let refresh = Duration::from_millis(10);
+        assert_eq!(
+            w.observe(&record("a", 1, Membership::Bucket), refresh),
+            None
+        );
+        std::thread::sleep(Duration::from_millis(40));
+        // Moved: alive again, whatever the time since the last read.
+        assert_eq!(
+            w.observe(&record("a", 2, Membership::Bucket), refresh),
+            None
+        );
+        std::thread::sleep(Duration::from_millis(40));
+        let still = w.observe(&record("a", 2, Membership::Bucket), refresh);
+        assert!(still.is_some_and(|t| t.elapsed() >= Duration::from_millis(40)));
+        // A new incarnation with the same beat is a move too.
+        let mut r = record("a", 2, Membership::Bucket);
+        r.incarnation = 2;
+        assert_eq!(w.observe(&r, refresh), None);
+        // A stopped record is still at once.
+        r.stopped = true;
+        assert!(w.observe(&r, refresh).is_some());
+    }
+
+    #[test]
+    fn a_record_first_seen_long_after_its_last_write_is_still_already() {
+        let mut w = Watch::default();
+        let mut r = record("a", 7, Membership::Bucket);
+        r.refreshed_ms -= 60_000;
+        let still = w.observe(&r, Duration::from_millis(10)).unwrap();
+        assert!(still.elapsed() >= Duration::from_secs(59));
+    }
+
+    #[test]
+    fn only_a_live_node_of_the_other_kind_is_a_mix() {
+        let mut stat = record("s", 1, Membership::Static);
+        let records = vec![record("b", 1, Membership::Bucket), stat.clone()];
+        assert_eq!(
+            mixed(&records, "b", Membership::Bucket).map(|r| r.node.as_str()),
+            Some("s")
+        );
+        assert!(mixed(&records, "s", Membership::Static).is_some());
+        assert!(mixed(&records[..1], "x", Membership::Bucket).is_none());
+        stat.stopped = true;
+        assert!(mixed(&[stat.clone()], "b", Membership::Bucket).is_none());
+        stat.stopped = false;
+        stat.refreshed_ms -= 2 * claim::CLOCK_SKEW.as_millis() as u64;
+        assert!(mixed(&[stat], "b", Membership::Bucket).is_none());
+    }
+}
