@@ -488,14 +488,20 @@ impl Tiering {
     async fn discover(self: Arc<Self>, cancel: CancellationToken) {
         let Some((cfg, store)) = &self.s3 else { return };
         let started = tokio::time::Instant::now();
-        let give_up = |why: &str| {
+        let give_up = |why: &str, refused: bool| {
             if self.storage.fresh() && !self.writes_open.swap(true, Ordering::SeqCst) {
                 tracing::warn!(bucket = %cfg.bucket, "{why}: taking writes without knowing which chunk names this node uploaded before (if it lost its disk, a colliding chunk stays local, never overwrites S3)");
                 self.storage.open_writes(WRITE_GATE);
-                if cfg.bucket_membership && !self.members_read.swap(true, Ordering::SeqCst) {
-                    // Nor who its peers are: those found later are not
-                    // asked which of its chunks they hold.
-                    tracing::warn!(bucket = %cfg.bucket, "{why}: taking writes without knowing this node's peers (the nodes' records in the bucket are unread)");
+                // With bucket membership, the peers hold this node's open
+                // chunk if it lost its disk: they must be known first. A
+                // store that is only unreachable is waited for; one that
+                // refuses this node (no such bucket, bad credentials) names
+                // no peers it could wait for.
+                if refused
+                    && cfg.bucket_membership
+                    && !self.members_read.swap(true, Ordering::SeqCst)
+                {
+                    tracing::warn!(bucket = %cfg.bucket, "{why}: taking writes without knowing this node's peers (the nodes' records in the bucket cannot be read)");
                     self.cluster.members_known(true);
                 }
             }
@@ -517,7 +523,7 @@ impl Tiering {
                 tracing::error!(bucket = %cfg.bucket, error = %e, "{hint}; chunks stay on local disk and are uploaded once it works");
                 self.record_error(&e);
                 if e.kind != S3ErrorKind::Other {
-                    give_up("S3 refuses this node");
+                    give_up("S3 refuses this node", true);
                 }
             }
         }
@@ -535,7 +541,7 @@ impl Tiering {
                     tracing::warn!(error = %e, "cannot list the S3 bucket; retrying");
                     self.record_error(&e);
                     if started.elapsed() >= FRESH_LISTING_PATIENCE {
-                        give_up("S3 has been unreachable since start-up");
+                        give_up("S3 has been unreachable since start-up", false);
                     }
                 }
             }

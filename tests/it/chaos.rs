@@ -9,7 +9,9 @@
 //! line that was never written (no partial lines), no panic in any log.
 //!
 //! The suite runs it for `CHUNKBUS_CHAOS_SECONDS` (120 by default);
-//! `scripts/chaos --minutes N` runs it longer, in release mode.
+//! `scripts/chaos --minutes N` runs it longer, in release mode, and
+//! `--membership bucket` (`CHUNKBUS_CHAOS_MEMBERSHIP=bucket`) with nodes
+//! that find each other through the bucket instead of `--peers`.
 //!
 //! What a wipe may lose, by the durability contract: lines the wiped node
 //! acknowledged without `min_replicas` that no peer had copied and S3 did
@@ -122,7 +124,10 @@ fn chaos_seconds() -> u64 {
 async fn chaos_soak_loses_no_acknowledged_line() {
     let seconds = chaos_seconds();
     let seed = chaos_seed();
-    eprintln!("chaos: seed {seed} (CHUNKBUS_CHAOS_SEED), {seconds} s of faults");
+    let membership = std::env::var("CHUNKBUS_CHAOS_MEMBERSHIP").unwrap_or("peers".into());
+    eprintln!(
+        "chaos: seed {seed} (CHUNKBUS_CHAOS_SEED), {seconds} s of faults, membership {membership} (CHUNKBUS_CHAOS_MEMBERSHIP)"
+    );
     let s3 = TestS3::start().await;
     let mut extra: Vec<String> = s3.args();
     extra.extend(
@@ -143,7 +148,14 @@ async fn chaos_soak_loses_no_acknowledged_line() {
         .map(|(k, v)| (k.to_owned(), v))
         .chain([("RUST_LOG".to_owned(), "warn".to_owned())])
         .collect();
-    let cluster = TestCluster::start_with(NODES, &extra, vec![Vec::new(); NODES], env).await;
+    // `CHUNKBUS_CHAOS_MEMBERSHIP=bucket`: the nodes find each other through
+    // the bucket instead of `--peers` (a cut link to a node is then every
+    // peer's link to it).
+    let cluster = if membership == "bucket" {
+        TestCluster::start_through_bucket(NODES, &extra, env).await
+    } else {
+        TestCluster::start_with(NODES, &extra, vec![Vec::new(); NODES], env).await
+    };
     let soak = Arc::new(Soak {
         cluster: RwLock::new(cluster),
         s3,
@@ -175,7 +187,7 @@ async fn chaos_soak_loses_no_acknowledged_line() {
     let c = soak.counts.lock().unwrap();
     let acked = soak.acked.lock().unwrap().len();
     eprintln!(
-        "chaos: {seconds} s, {} SIGKILLs, {} pauses ({} with a kill of another node), {} one-way cuts ({} held and delivered late), {} both-way cuts, {} S3 freezes, {} wipes ({} with an open chunk not in S3); {} writes acknowledged ({acked} lines), {} failed; {} consumer batches; lost acknowledged lines: 0 (excused: {excused} acknowledged without min_replicas by a node, not yet copied when it was wiped)",
+        "chaos: {seconds} s, membership {membership}, {} SIGKILLs, {} pauses ({} with a kill of another node), {} one-way cuts ({} held and delivered late), {} both-way cuts, {} S3 freezes, {} wipes ({} with an open chunk not in S3); {} writes acknowledged ({acked} lines), {} failed; {} consumer batches; lost acknowledged lines: 0 (excused: {excused} acknowledged without min_replicas by a node, not yet copied when it was wiped)",
         c.kills + c.pause_and_kill,
         c.pauses + c.pause_and_kill,
         c.pause_and_kill,

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chunkbus_client::{ChunkInfo, Client};
@@ -19,8 +20,11 @@ pub struct TestCluster {
     pub names: Vec<String>,
     pub nodes: Vec<Option<BinNode>>,
     pub dirs: Vec<PathBuf>,
-    /// `proxies[from][to]`; `None` on the diagonal.
-    proxies: Vec<Vec<Option<Proxy>>>,
+    /// `proxies[from][to]`; `None` on the diagonal. With bucket
+    /// membership, one proxy per `to` that every `from` shares.
+    proxies: Vec<Vec<Option<Arc<Proxy>>>>,
+    /// The nodes find each other through the bucket (no `--peers`).
+    bucket: bool,
     extra: Vec<String>,
     /// Flags of one node only, and environment of every node.
     node_extra: Vec<Vec<String>>,
@@ -44,17 +48,47 @@ impl TestCluster {
         node_extra: Vec<Vec<String>>,
         env: Vec<(String, String)>,
     ) -> Self {
+        Self::launch(n, extra, node_extra, env, false).await
+    }
+
+    /// Like [`TestCluster::start_with`], but the nodes find each other
+    /// through the S3 bucket that `extra` names, without `--peers`. Each
+    /// advertises one proxy that every peer reaches it through, so a cut of
+    /// a link to a node cuts every peer's link to it.
+    pub async fn start_through_bucket(
+        n: usize,
+        extra: &[&str],
+        env: Vec<(String, String)>,
+    ) -> Self {
+        Self::launch(n, extra, vec![Vec::new(); n], env, true).await
+    }
+
+    async fn launch(
+        n: usize,
+        extra: &[&str],
+        node_extra: Vec<Vec<String>>,
+        env: Vec<(String, String)>,
+        bucket: bool,
+    ) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
         let dirs: Vec<PathBuf> = names.iter().map(|n| tmp.path().join(n)).collect();
+        let mut inbound = Vec::new();
+        if bucket {
+            for _ in 0..n {
+                inbound.push(Arc::new(Proxy::start().await));
+            }
+        }
         let mut proxies = Vec::new();
         for from in 0..n {
             let mut row = Vec::new();
             for to in 0..n {
                 row.push(if from == to {
                     None
+                } else if let Some(shared) = inbound.get(to) {
+                    Some(Arc::clone(shared))
                 } else {
-                    Some(Proxy::start().await)
+                    Some(Arc::new(Proxy::start().await))
                 });
             }
             proxies.push(row);
@@ -64,6 +98,7 @@ impl TestCluster {
             nodes: (0..n).map(|_| None).collect(),
             dirs,
             proxies,
+            bucket,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             node_extra,
             env,
@@ -116,8 +151,14 @@ impl TestCluster {
             })
             .collect();
         let mut cmd = serve_command(&self.names[i], &self.dirs[i]);
-        cmd.args(["--peers", &peers.join(",")])
-            .args(["--replication-wait", "2s", "--peer-timeout", "1s"])
+        if self.bucket {
+            let j = (i + 1) % self.names.len();
+            let inbound = self.proxies[j][i].as_ref().expect("a peer's proxy");
+            cmd.args(["--advertise-addr", &inbound.addr.to_string()]);
+        } else {
+            cmd.args(["--peers", &peers.join(",")]);
+        }
+        cmd.args(["--replication-wait", "2s", "--peer-timeout", "1s"])
             .args(&self.extra)
             .args(&self.node_extra[i])
             .envs(self.env.iter().map(|(k, v)| (k, v)));
@@ -166,7 +207,8 @@ impl TestCluster {
         }
     }
 
-    /// The proxy that carries node `from`'s connections to node `to`.
+    /// The proxy that carries node `from`'s connections to node `to` (with
+    /// bucket membership, every node's connections to `to`).
     pub fn link(&self, from: usize, to: usize) -> &Proxy {
         self.proxies[from][to]
             .as_ref()
