@@ -38,6 +38,9 @@ impl Cluster for ClusterView {
     fn members_known(&self, named_before: bool) {
         self.0.members_known(named_before)
     }
+    fn partitions(&self, order: &[String]) {
+        self.0.learn_partitions(order)
+    }
 }
 
 /// Why a node could not start or run.
@@ -191,12 +194,12 @@ pub fn stop_on_signal(
 
 /// With bucket membership, what a start needs beyond the name's claim:
 /// tokens need the cluster secret once there are peers; a Kafka listener
-/// needs to be the bucket's only node (partitions are numbered by
-/// `--peers`).
+/// needs this node's number (its partition).
 fn bucket_start_checks(
     cfg: &ServeConfig,
     auth: &crate::auth::Auth,
     replication: &Replication,
+    number: Option<u32>,
 ) -> Result<(), String> {
     if !cfg.bucket_membership() {
         return Ok(());
@@ -207,10 +210,10 @@ fn bucket_start_checks(
             "tokens are configured and the bucket names {peers} other node(s): the nodes need --cluster-secret-file to reach each other"
         ));
     }
-    if peers > 0 && cfg.kafka.is_some() {
-        return Err(format!(
-            "the bucket names {peers} other node(s), and a Kafka listener numbers its partitions by --peers: give every node --peers in the same order to serve Kafka from more than one node"
-        ));
+    if cfg.kafka.is_some() && number.is_none() {
+        return Err(
+            "the Kafka listener's partition is this node's number in the bucket, which could not be claimed (S3 did not answer; see the warnings above): start again once S3 answers".into(),
+        );
     }
     Ok(())
 }
@@ -244,7 +247,16 @@ pub async fn run(
     let kafka_advertised = kafka_listener
         .as_ref()
         .and_then(|(_, k)| k.advertised.clone());
-    let kafka_nodes = kafka_listener.as_ref().map(|(_, k)| k.nodes.clone());
+    // Fixed by --peers; learned from the bucket with bucket membership.
+    let kafka_nodes = kafka_listener.as_ref().map(|(_, k)| {
+        Arc::new(crate::replication::PartitionOrder::new(
+            if cfg.bucket_membership() {
+                Vec::new()
+            } else {
+                k.nodes.clone()
+            },
+        ))
+    });
     let auth = Arc::new(cfg.auth.build().map_err(ServeError::Auth)?);
     if let Some(path) = &cfg.auth.cluster_secret_file {
         crate::auth::warn_if_others_read(path, "cluster secret file");
@@ -264,7 +276,7 @@ pub async fn run(
             cluster_secret: cfg.auth.cluster_secret.clone(),
             https: cfg.tls.is_some(),
             ca_pem: cfg.tls.as_ref().and_then(|t| t.ca_pem.clone()),
-            kafka_nodes: cfg.kafka.as_ref().map(|k| k.nodes.clone()),
+            kafka_nodes: kafka_nodes.clone(),
             bucket: cfg.bucket_membership(),
         },
         metrics.clone(),
@@ -285,7 +297,8 @@ pub async fn run(
     };
     // With bucket membership, the peers found are known from here on.
     let started = match tiering.claim_name(address).await {
-        Ok(()) => bucket_start_checks(&cfg, &auth, &replication).map_err(ServeError::Membership),
+        Ok(()) => bucket_start_checks(&cfg, &auth, &replication, tiering.number())
+            .map_err(ServeError::Membership),
         Err(e) => Err(e.into()),
     };
     if let Err(e) = started {

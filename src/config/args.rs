@@ -416,7 +416,9 @@ pub struct ServeArgs {
     pub kafka_allow_anonymous: bool,
 
     /// How many other nodes must hold a Kafka producer's records before a
-    /// produce with acks=all (-1) is answered [default: 1 with peers, else 0].
+    /// produce with acks=all (-1) is answered; with bucket membership, at
+    /// most as many as the bucket names then [default: 1 with peers or
+    /// bucket membership, else 0].
     #[arg(long, env = "CHUNKBUS_KAFKA_ACKS_ALL_REPLICAS", value_name = "N")]
     pub kafka_acks_all_replicas: Option<u32>,
 

@@ -575,6 +575,7 @@ impl ServeConfig {
             args.kafka_advertised_addr,
             args.kafka_acks_all_replicas,
             &peers,
+            cfg.bucket_membership(),
         )?;
         cfg.kafka_allow_anonymous = args.kafka_allow_anonymous;
         cfg.peers = others(&cfg.node, listen, peers)?;
@@ -794,6 +795,7 @@ fn kafka_settings(
     advertised: Option<String>,
     acks_all_replicas: Option<u32>,
     peers: &PeerList,
+    bucket: bool,
 ) -> Result<Option<KafkaSettings>, ConfigError> {
     let Some(listen_raw) = listen else {
         if advertised.is_some() || acks_all_replicas.is_some() {
@@ -835,6 +837,16 @@ fn kafka_settings(
         )));
     }
     let others = nodes.len() as u32 - 1;
+    if bucket {
+        // The other nodes are known at run time: acks=all waits for at
+        // most as many as the bucket names then.
+        return Ok(Some(KafkaSettings {
+            listen,
+            advertised,
+            nodes,
+            acks_all_replicas: acks_all_replicas.unwrap_or(1),
+        }));
+    }
     let acks_all_replicas = acks_all_replicas.unwrap_or(others.min(1));
     if acks_all_replicas > others {
         return Err(ConfigError::Invalid(format!(
@@ -1217,6 +1229,14 @@ mod tests {
         );
         let plain = ServeConfig::resolve(serve_args(&["chunkbus", "serve"])).unwrap();
         assert!(!plain.bucket_membership());
+        // Kafka: acks=all waits for one other node by default, for as many
+        // as asked (at most those the bucket names when it is answered).
+        let kafka = [&s3[..], &["--kafka-listen", "127.0.0.1:9092"]].concat();
+        let k = ServeConfig::resolve(serve_args(&kafka)).unwrap().kafka.unwrap();
+        assert_eq!(k.acks_all_replicas, 1);
+        let three = [&kafka[..], &["--kafka-acks-all-replicas", "3"]].concat();
+        let k = ServeConfig::resolve(serve_args(&three)).unwrap().kafka.unwrap();
+        assert_eq!(k.acks_all_replicas, 3);
         let advertised = [&s3[..], &["--advertise-addr", "node1.internal:8080"]].concat();
         let cfg = ServeConfig::resolve(serve_args(&advertised)).unwrap();
         assert_eq!(cfg.advertise_addr.as_deref(), Some("node1.internal:8080"));

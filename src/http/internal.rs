@@ -88,7 +88,7 @@ pub(super) async fn changes(
                 positions_version,
                 positions,
                 kafka_addr: st.kafka_advertised.clone(),
-                kafka_nodes: st.kafka_nodes.clone(),
+                kafka_nodes: st.kafka_nodes.as_ref().map(|o| o.get().to_vec()),
                 about: Some(crate::replication::protocol::NodeAbout {
                     version: env!("CARGO_PKG_VERSION").to_owned(),
                     disk: st.storage.disk().status(),

@@ -111,7 +111,7 @@ pub struct Services {
     pub kafka_advertised: Option<String>,
     /// The nodes in partition order (`--peers`), when the Kafka listener
     /// is on: told to peers, which check it is the same as theirs.
-    pub kafka_nodes: Option<Vec<String>>,
+    pub kafka_nodes: Option<Arc<crate::replication::PartitionOrder>>,
     /// The stock agent APIs served (`--ingest-apis`) and their settings.
     pub ingest: crate::config::IngestSettings,
 }

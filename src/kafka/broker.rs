@@ -44,6 +44,7 @@ use crate::consumers::position::Position;
 use crate::http::AppState;
 use crate::http::body::Reservation;
 use crate::metrics::KafkaLabels;
+use crate::replication::PartitionOrder;
 use crate::storage::{ChunkStatus, StorageError};
 
 /// Kafka error codes used here.
@@ -83,6 +84,9 @@ const MAX_FETCH_WAIT: Duration = Duration::from_secs(30);
 pub(super) struct Broker {
     pub st: Arc<AppState>,
     settings: KafkaSettings,
+    /// Partition `p` is the lines of `order[p]` (fixed by `--peers`;
+    /// learned from the bucket with bucket membership).
+    order: Arc<PartitionOrder>,
     /// Where clients reach this node.
     advertised: String,
     /// This node's partition number.
@@ -124,8 +128,12 @@ struct Partition {
 
 impl Broker {
     pub fn new(st: Arc<AppState>, settings: KafkaSettings) -> Self {
-        let me = settings
-            .nodes
+        let order = st
+            .kafka_nodes
+            .clone()
+            .unwrap_or_else(|| Arc::new(PartitionOrder::new(settings.nodes.clone())));
+        let me = order
+            .get()
             .iter()
             .position(|n| n == st.storage.node())
             .unwrap_or(0) as i32;
@@ -133,6 +141,7 @@ impl Broker {
         Self {
             st,
             settings,
+            order,
             advertised,
             me,
             producers: Producers::default(),
@@ -315,11 +324,13 @@ impl Broker {
     }
 
     /// The owner of partition `p`, if there is such a partition.
-    fn owner(&self, p: i32) -> Option<&str> {
+    fn owner(&self, p: i32) -> Option<String> {
+        let order = self.order.get();
         usize::try_from(p)
             .ok()
-            .and_then(|i| self.settings.nodes.get(i))
-            .map(String::as_str)
+            .and_then(|i| order.get(i))
+            .filter(|n| !n.is_empty())
+            .cloned()
     }
 
     /// Every node in partition order: whether this node sees it up (it
@@ -331,8 +342,8 @@ impl Broker {
     /// differs) is never up: naming it would send clients to a node
     /// where partition `p` is someone else's lines.
     fn nodes(&self) -> Vec<(bool, String)> {
-        self.settings
-            .nodes
+        let order = self.order.get();
+        order
             .iter()
             .map(|node| {
                 if node == self.st.storage.node() {
@@ -341,7 +352,7 @@ impl Broker {
                 let Some(peer) = self.st.replication.peer_kafka(node) else {
                     return (false, self.advertised.clone());
                 };
-                let agrees = peer.agrees(&self.settings.nodes);
+                let agrees = peer.agrees(&order);
                 let up = peer.connected && agrees && peer.addr.is_some();
                 (up, peer.addr.unwrap_or_else(|| self.advertised.clone()))
             })
@@ -361,8 +372,8 @@ impl Broker {
             key.extend_from_slice(group.as_bytes());
             crc32c::crc32c(&key)
         };
-        self.settings
-            .nodes
+        self.order
+            .get()
             .iter()
             .zip(nodes)
             .enumerate()
@@ -470,6 +481,7 @@ impl Broker {
         let Some(owner) = self.owner(p) else {
             return code::UNKNOWN_TOPIC_OR_PARTITION;
         };
+        let owner = owner.as_str();
         if validate_category(topic).is_err() {
             return code::UNKNOWN_TOPIC_OR_PARTITION;
         }
@@ -609,7 +621,7 @@ impl Broker {
             resp.error_code = groups::code::INVALID_GROUP_ID;
             return resp;
         }
-        let all = self.settings.nodes.len() as i32;
+        let all = self.order.get().len() as i32;
         let topics = topics.unwrap_or_else(|| {
             self.st
                 .storage
@@ -635,6 +647,7 @@ impl Broker {
                 pr.committed_leader_epoch = -1;
                 pr.metadata = Some(StrBytes::default());
                 let owner = self.owner(p);
+                let owner = owner.as_deref();
                 let pos = owner.and_then(|o| entry.as_ref()?.positions.get(o).copied());
                 if let (Some(owner), Some(pos)) = (owner, pos) {
                     match self.line_of(&topic, owner, &pos).await {
@@ -682,9 +695,7 @@ impl Broker {
                 continue;
             }
             // Every valid name is a topic: a category exists once written.
-            let all: Vec<BrokerId> = (0..self.settings.nodes.len() as i32)
-                .map(BrokerId)
-                .collect();
+            let all: Vec<BrokerId> = (0..up.len() as i32).map(BrokerId).collect();
             let isr: Vec<BrokerId> = all.iter().copied().filter(|b| up[b.0 as usize]).collect();
             for (p, &reachable) in up.iter().enumerate() {
                 let mut part = MetadataResponsePartition::default();
@@ -754,7 +765,7 @@ impl Broker {
             ));
         }
         validate_category(topic).map_err(|e| (code::INVALID_TOPIC_EXCEPTION, e.to_string()))?;
-        match self.owner(part.index) {
+        match self.owner(part.index).as_deref() {
             None => {
                 return Err((
                     code::UNKNOWN_TOPIC_OR_PARTITION,
@@ -849,8 +860,14 @@ impl Broker {
         }
         drop(state);
         if req.acks == -1 {
-            // All replicas: as many other nodes as configured hold them.
-            let want = self.settings.acks_all_replicas;
+            // All replicas: as many other nodes as configured hold them
+            // (with bucket membership, at most as many as there are).
+            let want = if self.st.replication.bucket_membership() {
+                let peers = self.st.replication.peer_count() as u32;
+                self.settings.acks_all_replicas.min(peers)
+            } else {
+                self.settings.acks_all_replicas
+            };
             if want > 0 {
                 let timeout = Duration::from_millis(req.timeout_ms.max(0) as u64);
                 let have = self
@@ -906,7 +923,7 @@ impl Broker {
                 let mut pr = ListOffsetsPartitionResponse::default();
                 pr.partition_index = p;
                 pr.timestamp = -1;
-                match self.owner(p) {
+                match self.owner(p).as_deref() {
                     None => pr.error_code = code::UNKNOWN_TOPIC_OR_PARTITION,
                     Some(owner) => {
                         let part = self.partition(&topic, owner);
@@ -1001,6 +1018,7 @@ impl Broker {
             pd.error_code = code::UNKNOWN_TOPIC_OR_PARTITION;
             return pd;
         };
+        let owner = owner.as_str();
         if validate_category(topic).is_err() {
             pd.error_code = code::UNKNOWN_TOPIC_OR_PARTITION;
             return pd;

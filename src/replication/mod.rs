@@ -57,7 +57,7 @@ pub struct ReplicationConfig {
     /// The CA (PEM) that signed the peers' certificates, when private.
     pub ca_pem: Option<Vec<u8>>,
     /// This node's Kafka partition order (`None`: its listener is off).
-    pub kafka_nodes: Option<Vec<String>>,
+    pub kafka_nodes: Option<Arc<PartitionOrder>>,
     /// Membership through the bucket: peers are added as their records
     /// appear ([`Replication::member`]), and a peer is declared lost only
     /// when its record, too, stood still for `--owner-lost-after`.
@@ -161,7 +161,57 @@ impl PeerKafka {
     /// True unless the peer numbers partitions in another order than
     /// `ours` (then partition `p` names different nodes on the two).
     pub fn agrees(&self, ours: &[String]) -> bool {
-        self.nodes.as_deref().is_none_or(|theirs| theirs == ours)
+        self.nodes
+            .as_deref()
+            .is_none_or(|theirs| orders_agree(theirs, ours))
+    }
+}
+
+/// True when no partition names two different nodes in `a` and `b`: a
+/// partition one of them does not know yet (beyond its end, or `""`)
+/// disagrees with nothing.
+pub fn orders_agree(a: &[String], b: &[String]) -> bool {
+    a.iter()
+        .zip(b)
+        .all(|(x, y)| x == y || x.is_empty() || y.is_empty())
+}
+
+/// The Kafka partition order: entry `p` names the node whose lines are
+/// partition `p` of every topic (`""`: a partition whose node is not known
+/// here). Fixed by `--peers`; with bucket membership it grows as the
+/// nodes' numbers are read, and a known entry never changes (a number is
+/// never given twice).
+#[derive(Debug, Default)]
+pub struct PartitionOrder(RwLock<Arc<Vec<String>>>);
+
+impl PartitionOrder {
+    /// An order of `nodes`.
+    pub fn new(nodes: Vec<String>) -> Self {
+        Self(RwLock::new(Arc::new(nodes)))
+    }
+
+    /// The order now.
+    pub fn get(&self) -> Arc<Vec<String>> {
+        self.0.read().unwrap().clone()
+    }
+
+    /// Learns the entries of `nodes` not known yet; true when it grew.
+    pub fn learn(&self, nodes: &[String]) -> bool {
+        let mut cur = self.0.write().unwrap();
+        let mut next = (**cur).clone();
+        if next.len() < nodes.len() {
+            next.resize(nodes.len(), String::new());
+        }
+        for (slot, n) in next.iter_mut().zip(nodes) {
+            if slot.is_empty() && !n.is_empty() {
+                slot.clone_from(n);
+            }
+        }
+        let grew = next != **cur;
+        if grew {
+            *cur = Arc::new(next);
+        }
+        grew
     }
 }
 
@@ -333,11 +383,15 @@ impl Replication {
             addr,
             "a node found in the bucket is a peer now"
         );
-        if self.cfg.kafka_nodes.is_some() {
-            tracing::error!(
-                peer = name,
-                "a node joined through the bucket while this node serves Kafka as the bucket's only node: Kafka clients of this node see its own partition only (serving Kafka from several nodes needs --peers in the same order on every node)"
-            );
+    }
+
+    /// The nodes' numbers as the bucket's records give them (bucket
+    /// membership): the Kafka partition order learns the new ones.
+    pub fn learn_partitions(&self, order: &[String]) {
+        if let Some(o) = &self.cfg.kafka_nodes
+            && o.learn(order)
+        {
+            tracing::info!(partitions = ?o.get(), "Kafka partitions: the nodes in the bucket by number");
         }
     }
 
@@ -358,6 +412,11 @@ impl Replication {
             addr: st.kafka_addr.clone(),
             nodes: st.kafka_nodes.clone(),
         })
+    }
+
+    /// The peers are found through the bucket.
+    pub fn bucket_membership(&self) -> bool {
+        self.cfg.bucket
     }
 
     /// Number of other nodes.
@@ -514,12 +573,12 @@ impl Replication {
         st.kafka_addr = addr;
         if st.kafka_nodes != nodes
             && let (Some(theirs), Some(ours)) = (&nodes, &self.cfg.kafka_nodes)
-            && theirs != ours
+            && !orders_agree(theirs, &ours.get())
         {
             tracing::error!(
                 peer = %link.name,
                 ?theirs,
-                ?ours,
+                ours = ?ours.get(),
                 "a peer lists the nodes in another order: Kafka partition numbers would name different nodes, so neither names the other in its Kafka metadata until both have the same --peers order"
             );
         }

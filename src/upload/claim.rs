@@ -74,6 +74,10 @@ pub struct NodeRecord {
     /// How the node finds its peers.
     #[serde(default)]
     pub membership: Membership,
+    /// Its number in the bucket (bucket membership; see
+    /// [`super::members::claim_number`]): its Kafka partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number: Option<u32>,
 }
 
 /// How a node finds its peers.
@@ -121,6 +125,7 @@ impl NodeRecord {
             refresh_ms: refresh.as_millis() as u64,
             stopped: false,
             membership,
+            number: None,
         }
     }
 }

@@ -14,11 +14,19 @@
 //!
 //! Nodes of one bucket use one kind of membership: a start that finds a
 //! live node of the other kind is refused ([`mixed`]).
+//!
+//! Each node also holds a number, claimed once ([`claim_number`]) and kept
+//! for good: `<prefix>_cluster/numbers/<n>.json` names the node that holds
+//! `n`, created with `If-None-Match: *` and never deleted, so no two nodes
+//! ever hold one number and none is given twice. Its record repeats it;
+//! the Kafka listener uses it as the node's partition.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
 
 use super::claim::{self, Membership, NodeRecord};
 use super::store::{ObjectStore, S3Error};
@@ -57,6 +65,133 @@ pub async fn read_all(store: &ObjectStore, prefix: &str) -> Result<Vec<NodeRecor
     }
     out.sort_by(|a, b| a.node.cmp(&b.node));
     Ok(out)
+}
+
+/// `<prefix>_cluster/numbers/`: one object per number ever given.
+pub fn numbers_prefix(prefix: &str) -> String {
+    format!("{prefix}_cluster/numbers/")
+}
+
+/// What `numbers/<n>.json` says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct NumberRecord {
+    /// The node that holds the number.
+    node: String,
+    /// The process that claimed it.
+    incarnation: u64,
+    /// When, in milliseconds since the Unix epoch (its clock).
+    claimed_ms: u64,
+}
+
+/// Who holds number `n`, if anyone; an object that does not parse names
+/// nobody but keeps its number taken.
+async fn holder(store: &ObjectStore, key: &str) -> Result<Option<String>, S3Error> {
+    let Some(data) = claim::bounded(store.get_small(key, 4096)).await? else {
+        return Ok(None);
+    };
+    Ok(Some(
+        serde_json::from_slice::<NumberRecord>(&data)
+            .map(|r| r.node)
+            .unwrap_or_default(),
+    ))
+}
+
+/// This node's number: the one it holds (`previous`, as its record said,
+/// or found among the numbers: a start that stopped between claiming one
+/// and writing its record), else the smallest one never given, created
+/// with `If-None-Match: *`. A created number is read back, so that a
+/// store that ignores the condition is caught when the other writer's
+/// object is already there.
+pub async fn claim_number(
+    store: &ObjectStore,
+    prefix: &str,
+    node: &str,
+    incarnation: u64,
+    previous: Option<u32>,
+) -> Result<u32, S3Error> {
+    let key = |n: u32| format!("{}{n}.json", numbers_prefix(prefix));
+    if let Some(n) = previous {
+        match holder(store, &key(n)).await? {
+            Some(h) if h == node => return Ok(n),
+            Some(h) => {
+                tracing::error!(number = n, holder = %h, "this node's record names a number held by another node; claiming another");
+            }
+            None => {
+                tracing::warn!(
+                    number = n,
+                    "this node's number is missing from the bucket; claiming it again"
+                );
+            }
+        }
+    }
+    let listed = claim::bounded(store.list(&numbers_prefix(prefix))).await?;
+    let mut taken: BTreeSet<u32> = listed
+        .iter()
+        .filter_map(|o| {
+            o.key
+                .strip_prefix(&numbers_prefix(prefix))?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    for &n in taken.iter().take(MAX_RECORDS) {
+        if holder(store, &key(n)).await?.as_deref() == Some(node) {
+            return Ok(n);
+        }
+    }
+    let body = Bytes::from(
+        serde_json::to_vec(&NumberRecord {
+            node: node.to_owned(),
+            incarnation,
+            claimed_ms: claim::now_ms(),
+        })
+        .expect("a number record serializes"),
+    );
+    let mut n = 0u32;
+    for _ in 0..MAX_RECORDS {
+        while taken.contains(&n) {
+            n += 1;
+        }
+        let created = claim::bounded(store.put_if_absent(&key(n), body.clone())).await?;
+        let now = holder(store, &key(n)).await?;
+        if now.as_deref() == Some(node) {
+            if !created {
+                // This node's own earlier attempt (its answer was lost).
+                tracing::info!(
+                    number = n,
+                    "this node's number was created by an earlier try"
+                );
+            }
+            return Ok(n);
+        }
+        if created {
+            tracing::error!(number = n, holder = ?now, "a number this node created names another node: the store may not honour If-None-Match; claiming another");
+        }
+        taken.insert(n);
+    }
+    Err(S3Error {
+        message: format!("no free number among the first {MAX_RECORDS}"),
+        kind: super::store::S3ErrorKind::Other,
+    })
+}
+
+/// The Kafka partition order the records give: entry `p` is the node that
+/// holds number `p` (`""` for a number no record read names).
+pub fn partition_order(records: &[NodeRecord]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in records {
+        let Some(n) = r.number else { continue };
+        let n = n as usize;
+        if n >= MAX_RECORDS {
+            continue;
+        }
+        if out.len() <= n {
+            out.resize(n + 1, String::new());
+        }
+        out[n] = r.node.clone();
+    }
+    out
 }
 
 /// A record that names a process that may be alive: not stopped, and

@@ -129,6 +129,9 @@ pub trait Cluster: Send + Sync + std::fmt::Debug {
     /// found so far were told; `named_before`: this node's name was among
     /// them (it may have written chunks before).
     fn members_known(&self, named_before: bool);
+    /// The nodes by number (bucket membership): entry `p` holds number `p`
+    /// (`""`: not known).
+    fn partitions(&self, order: &[String]);
 }
 
 /// The tier of one node. Shared as `Arc<Tiering>`.
@@ -152,6 +155,8 @@ pub struct Tiering {
     watch: Mutex<members::Watch>,
     /// The nodes' records were read once (bucket membership).
     members_read: AtomicBool,
+    /// This node's number in the bucket, once claimed (bucket membership).
+    number: Mutex<Option<u32>>,
 }
 
 #[derive(Debug, Default)]
@@ -202,6 +207,7 @@ impl Tiering {
             claim: Mutex::new(None),
             watch: Mutex::new(members::Watch::default()),
             members_read: AtomicBool::new(false),
+            number: Mutex::new(None),
         })
     }
 
@@ -240,13 +246,22 @@ impl Tiering {
                 mine: membership.to_string(),
             });
         }
-        let mine = claim::NodeRecord::new(
+        let mut mine = claim::NodeRecord::new(
             node,
             self.storage.incarnation(),
             address,
             cfg.claim_refresh,
             membership,
         );
+        if cfg.bucket_membership
+            && let Some(records) = &records
+        {
+            let previous = records
+                .iter()
+                .find(|r| r.node == node)
+                .and_then(|r| r.number);
+            mine.number = self.claim_number(cfg, store, previous).await;
+        }
         let mut c = claim::Claim::new(&cfg.prefix, mine);
         claim::acquire(&mut c, store, cfg.claim_refresh).await?;
         *self.claim.lock().unwrap() = Some(c);
@@ -256,6 +271,46 @@ impl Tiering {
             self.note_members(&records, cfg);
         }
         Ok(())
+    }
+
+    /// This node's number in the bucket ([`members::claim_number`]), kept
+    /// for the record's next refresh; `None` when S3 did not answer.
+    async fn claim_number(
+        &self,
+        cfg: &S3Config,
+        store: &ObjectStore,
+        previous: Option<u32>,
+    ) -> Option<u32> {
+        let node = self.storage.node();
+        match members::claim_number(
+            store,
+            &cfg.prefix,
+            node,
+            self.storage.incarnation(),
+            previous,
+        )
+        .await
+        {
+            Ok(n) => {
+                if previous != Some(n) {
+                    tracing::info!(
+                        number = n,
+                        "this node holds number {n} in the bucket (its Kafka partition)"
+                    );
+                }
+                *self.number.lock().unwrap() = Some(n);
+                Some(n)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot claim this node's number in the bucket; retrying every --s3-claim-refresh");
+                None
+            }
+        }
+    }
+
+    /// This node's number in the bucket, once claimed.
+    pub fn number(&self) -> Option<u32> {
+        *self.number.lock().unwrap()
     }
 
     /// Tells the cluster of the bucket-membership nodes in `records`; the
@@ -274,6 +329,15 @@ impl Tiering {
                 self.cluster.member(&r.node, &r.address, still);
             }
         }
+        let mut order = members::partition_order(records);
+        if let Some(n) = self.number() {
+            let n = n as usize;
+            if order.len() <= n {
+                order.resize(n + 1, String::new());
+            }
+            me.clone_into(&mut order[n]);
+        }
+        self.cluster.partitions(&order);
         if !self.members_read.swap(true, Ordering::Relaxed) {
             self.cluster
                 .members_known(records.iter().any(|r| r.node == me));
@@ -298,6 +362,11 @@ impl Tiering {
             match members::read_all(store, &cfg.prefix).await {
                 Ok(records) => {
                     failing = false;
+                    if self.number().is_none() {
+                        let me = self.storage.node();
+                        let previous = records.iter().find(|r| r.node == me).and_then(|r| r.number);
+                        self.claim_number(cfg, store, previous).await;
+                    }
                     if let Some(other) =
                         members::mixed(&records, self.storage.node(), claim::Membership::Bucket)
                         && mixed_reported.insert(other.node.clone())
@@ -333,6 +402,7 @@ impl Tiering {
                 _ = cancel.cancelled() => break,
             }
             let was_claimed = c.claimed;
+            c.mine.number = self.number().or(c.mine.number);
             match c.refresh(store).await {
                 Ok(None) => {
                     if c.claimed && !was_claimed {

@@ -193,6 +193,32 @@ impl ObjectStore {
             .map_err(|e| classify(&format!("cannot upload {key}"), e))
     }
 
+    /// Creates `key` with `data` unless it exists (`If-None-Match: *`):
+    /// `true` when this request created it, `false` when it was there.
+    pub async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, S3Error> {
+        let res = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("application/json")
+            .if_none_match("*")
+            .content_md5(md5_base64(&data))
+            .body(ByteStream::from(data))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.raw_response().map(|r| r.status().as_u16()) == Some(412)
+                    || e.code() == Some("PreconditionFailed") =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(classify(&format!("cannot create {key}"), e)),
+        }
+    }
+
     /// Starts a multipart upload of `key` (with the chunk's line numbers
     /// as metadata when known); returns its id.
     pub async fn start_multipart(

@@ -549,3 +549,88 @@ async fn a_peer_listing_the_nodes_in_another_order_is_not_named_a_leader() {
     a.kill().await;
     b.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_bucket_membership_partitions_are_the_nodes_numbers_and_grow_as_nodes_join() {
+    use crate::harness::{CONDITION_DEADLINE, eventually};
+    let s3 = crate::s3_server::TestS3::start().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let args = ["--kafka-listen", "127.0.0.1:0"];
+    let start = |i: usize| {
+        let name = format!("n{}", i + 1);
+        BinNode::spawn(crate::tiering::s3_command(
+            &s3,
+            &name,
+            dirs[i].path(),
+            &args,
+        ))
+    };
+    let number_of = |n: u32| {
+        let key = format!("_cluster/numbers/{n}.json");
+        let s3 = &s3;
+        async move {
+            let body = s3.get(&key).await?;
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            Some(v["node"].as_str().unwrap().to_owned())
+        }
+    };
+    let n1 = start(0).await;
+    let n2 = start(1).await;
+    assert_eq!(number_of(0).await.as_deref(), Some("n1"));
+    assert_eq!(number_of(1).await.as_deref(), Some("n2"));
+    let k = |n: &BinNode| n.kafka_addr.unwrap().to_string();
+    // Each node's metadata names both partitions once it read the other's
+    // record.
+    for n in [&n1, &n2] {
+        let broker = k(n);
+        eventually(CONDITION_DEADLINE, "two partitions", || async {
+            let meta = kcat(&["-b", &broker, "-L", "-t", "app"], b"").await;
+            meta.contains("2 partitions").then_some(())
+        })
+        .await;
+    }
+    // A producer sends partition 1 to n2, through n1's metadata.
+    let lines: Vec<String> = (0..2_000).map(|i| format!("p1 line {i}")).collect();
+    let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    kcat(
+        &["-b", &k(&n1), "-P", "-t", "app", "-p", "1"],
+        input.as_bytes(),
+    )
+    .await;
+    let c2 = Client::new(&n2.url("")).unwrap();
+    let on_n2 = all_lines(&c2, "app").await;
+    assert_eq!(on_n2, lines, "partition 1 is n2's lines");
+    let want = numbered(&lines);
+    let broker = k(&n1);
+    eventually(CONDITION_DEADLINE, "n1 serves partition 1", || async {
+        (consume(&broker, "app", 1).await == want).then_some(())
+    })
+    .await;
+
+    // A third node joins: partition 2, without a restart of the others.
+    let n3 = start(2).await;
+    assert_eq!(number_of(2).await.as_deref(), Some("n3"));
+    let broker = k(&n1);
+    eventually(CONDITION_DEADLINE, "n1 names three partitions", || async {
+        let meta = kcat(&["-b", &broker, "-L", "-t", "app"], b"").await;
+        meta.contains("3 partitions").then_some(())
+    })
+    .await;
+    // n2 killed and restarted keeps its number; so does n3 with a new data
+    // directory (its number is found among the numbers).
+    n2.kill().await;
+    let n2 = start(1).await;
+    n3.kill().await;
+    std::fs::remove_dir_all(dirs[2].path()).unwrap();
+    let _n3 = start(2).await;
+    assert!(number_of(3).await.is_none());
+    let broker = k(&n2);
+    eventually(
+        CONDITION_DEADLINE,
+        "n2 serves partition 1 again",
+        || async { (consume(&broker, "app", 1).await == want).then_some(()) },
+    )
+    .await;
+    let meta = kcat(&["-b", &broker, "-L", "-t", "app"], b"").await;
+    assert!(meta.contains("3 partitions"), "{meta}");
+}
