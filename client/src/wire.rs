@@ -72,6 +72,15 @@ pub struct NodeStatus {
     pub version: String,
     /// Seconds since the node started.
     pub uptime_seconds: u64,
+    /// How the node finds its peers: `peers` (`--peers`, or none) or
+    /// `bucket` (the nodes' records in the S3 bucket); empty from a node
+    /// that does not say.
+    #[serde(default)]
+    pub membership: String,
+    /// The node's number in the bucket (bucket membership, once claimed):
+    /// its Kafka partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number: Option<u32>,
     /// Why writes are held (answered 503) now; empty when they go through.
     #[serde(default)]
     pub writes_held: Vec<String>,

@@ -1232,10 +1232,16 @@ mod tests {
         // Kafka: acks=all waits for one other node by default, for as many
         // as asked (at most those the bucket names when it is answered).
         let kafka = [&s3[..], &["--kafka-listen", "127.0.0.1:9092"]].concat();
-        let k = ServeConfig::resolve(serve_args(&kafka)).unwrap().kafka.unwrap();
+        let k = ServeConfig::resolve(serve_args(&kafka))
+            .unwrap()
+            .kafka
+            .unwrap();
         assert_eq!(k.acks_all_replicas, 1);
         let three = [&kafka[..], &["--kafka-acks-all-replicas", "3"]].concat();
-        let k = ServeConfig::resolve(serve_args(&three)).unwrap().kafka.unwrap();
+        let k = ServeConfig::resolve(serve_args(&three))
+            .unwrap()
+            .kafka
+            .unwrap();
         assert_eq!(k.acks_all_replicas, 3);
         let advertised = [&s3[..], &["--advertise-addr", "node1.internal:8080"]].concat();
         let cfg = ServeConfig::resolve(serve_args(&advertised)).unwrap();

@@ -23,6 +23,13 @@ pub(super) async fn status(
         node: st.storage.node().to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_seconds: st.started.elapsed().as_secs(),
+        membership: if st.replication.bucket_membership() {
+            "bucket"
+        } else {
+            "peers"
+        }
+        .to_owned(),
+        number: st.tiering.number(),
         writes_held: st.storage.writes_held(),
         tokens_reload_error: st.auth.reload_error(),
         peers: st.replication.status(),

@@ -142,6 +142,10 @@ async fn nodes_find_each_other_through_the_bucket_and_a_node_joins_while_writes_
     let st = c1.status().await.unwrap();
     let p = st.peers.iter().find(|p| p.name == "n2").unwrap();
     assert_eq!(p.address, n2.addr.to_string());
+    // Numbers in the order the names first started, kept across restarts.
+    assert_eq!((st.membership.as_str(), st.number), ("bucket", Some(0)));
+    assert_eq!(c2.status().await.unwrap().number, Some(1));
+    assert_eq!(c4.status().await.unwrap().number, Some(3));
 
     // A node started with --peers against the same bucket is refused: a
     // cluster finds its nodes one way. Nothing of it is written there.
