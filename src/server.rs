@@ -41,6 +41,10 @@ impl Cluster for ClusterView {
     fn partitions(&self, order: &[String]) {
         self.0.learn_partitions(order)
     }
+    fn forgotten(&self, name: &str) {
+        let (replication, name) = (self.0.clone(), name.to_owned());
+        tokio::spawn(async move { replication.forget_member(&name).await });
+    }
 }
 
 /// Why a node could not start or run.

@@ -218,6 +218,11 @@ pub struct ForgetReport {
     pub chunks_completed: usize,
     /// Per peer: `ok` or the error it answered.
     pub peers: std::collections::BTreeMap<String, String>,
+    /// With bucket membership: `recorded` (every node, those down now
+    /// included, and any node started later, forgets it while it stays
+    /// down) or why it could not be recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
 }
 
 /// Body of `POST /v1/categories/{c}/consumers/{consumer}/acks`.

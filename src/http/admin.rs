@@ -77,10 +77,13 @@ pub(super) async fn forget_node(
             node,
             chunks_completed,
             peers: Default::default(),
+            bucket: None,
         }));
     }
     let caller = headers.get(axum::http::header::AUTHORIZATION).cloned();
-    Ok(Json(st.replication.forget_everywhere(&node, caller).await?))
+    let mut report = st.replication.forget_everywhere(&node, caller).await?;
+    report.bucket = st.tiering.mark_forgotten(&node).await;
+    Ok(Json(report))
 }
 
 /// 400 when asked to forget this very node.

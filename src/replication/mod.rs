@@ -506,6 +506,7 @@ impl Replication {
             node: node.to_owned(),
             chunks_completed,
             peers,
+            bucket: None,
         })
     }
 
@@ -517,6 +518,30 @@ impl Replication {
             link.state.lock().unwrap().forgotten = true;
         }
         Ok(n)
+    }
+
+    /// A peer forgotten through the bucket (bucket membership): forgotten
+    /// here too, unless it answers now or is forgotten already.
+    pub async fn forget_member(&self, node: &str) {
+        let Some(link) = self.link(node) else { return };
+        {
+            let st = link.state.lock().unwrap();
+            if st.connected || st.forgotten {
+                return;
+            }
+        }
+        match self.forget_here(node).await {
+            Ok(n) => {
+                tracing::warn!(
+                    peer = node,
+                    chunks = n,
+                    "a peer forgotten with forget-node (recorded in the bucket) is forgotten here: its open chunks are complete here"
+                )
+            }
+            Err(e) => {
+                tracing::error!(peer = node, error = %e, "cannot complete a forgotten peer's chunks")
+            }
+        }
     }
 
     /// True when `owner` will not upload its own chunks: forgotten, declared

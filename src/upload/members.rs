@@ -40,12 +40,25 @@ const MAX_RECORDS: usize = 10_000;
 /// Every node's record under `prefix` (records that do not parse are left
 /// out, with a warning).
 pub async fn read_all(store: &ObjectStore, prefix: &str) -> Result<Vec<NodeRecord>, S3Error> {
-    let listed = claim::bounded(store.list(&claim::records_prefix(prefix))).await?;
+    let mut out: Vec<NodeRecord> = read_objects(store, &claim::records_prefix(prefix)).await?;
+    out.sort_by(|a, b| a.node.cmp(&b.node));
+    Ok(out)
+}
+
+/// Every `.json` object under `under`, parsed (one that does not parse is
+/// left out with a warning; one deleted between the listing and its read
+/// is no object).
+async fn read_objects<T: serde::de::DeserializeOwned>(
+    store: &ObjectStore,
+    under: &str,
+) -> Result<Vec<T>, S3Error> {
+    let listed = claim::bounded(store.list(under)).await?;
     if listed.len() > MAX_RECORDS {
         tracing::warn!(
-            records = listed.len(),
+            objects = listed.len(),
             max = MAX_RECORDS,
-            "more node records in the bucket than read; the rest are left out"
+            under,
+            "more objects in the bucket than read; the rest are left out"
         );
     }
     let keys = listed
@@ -54,17 +67,71 @@ pub async fn read_all(store: &ObjectStore, prefix: &str) -> Result<Vec<NodeRecor
         .take(MAX_RECORDS)
         .map(|o| o.key);
     let mut reads = futures_util::stream::iter(keys)
-        .map(|key| async move { claim::bounded(claim::read(store, &key)).await })
+        .map(|key| async move {
+            let data = claim::bounded(store.get_small(&key, MAX_OBJECT_BYTES)).await?;
+            Ok::<_, S3Error>(data.and_then(|d| {
+                serde_json::from_slice(&d)
+                    .inspect_err(|e| tracing::warn!(key, error = %e, "an object of the cluster's records does not parse; leaving it out"))
+                    .ok()
+            }))
+        })
         .buffer_unordered(READS_AT_ONCE);
     let mut out = Vec::new();
     while let Some(r) = reads.next().await {
-        // A record deleted between the listing and its read is no record.
-        if let Some(r) = r? {
-            out.push(r);
-        }
+        out.extend(r?);
     }
-    out.sort_by(|a, b| a.node.cmp(&b.node));
     Ok(out)
+}
+
+/// Largest record object read.
+const MAX_OBJECT_BYTES: u64 = 64 << 10;
+
+/// `<prefix>_cluster/forgotten/`: nodes forgotten with `forget-node`.
+pub fn forgotten_prefix(prefix: &str) -> String {
+    format!("{prefix}_cluster/forgotten/")
+}
+
+/// `forgotten/<node>.json`: `forget-node` forgot `node` while it ran as
+/// `incarnation`. Every node forgets it too while its record stands still
+/// at that incarnation, those down when it was forgotten and those started
+/// later included (a node that lost its disk would otherwise wait for it
+/// forever before it takes writes). A new process of the node writes
+/// another incarnation, which the mark does not name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetMark {
+    /// The forgotten node.
+    pub node: String,
+    /// The incarnation its record had.
+    pub incarnation: u64,
+    /// When, in milliseconds since the Unix epoch (the writer's clock).
+    pub forgotten_ms: u64,
+}
+
+/// Every forget mark in the bucket.
+pub async fn read_marks(store: &ObjectStore, prefix: &str) -> Result<Vec<ForgetMark>, S3Error> {
+    read_objects(store, &forgotten_prefix(prefix)).await
+}
+
+/// Marks `node` forgotten at the incarnation of its record; `false` when
+/// the bucket holds no record of it.
+pub async fn mark_forgotten(
+    store: &ObjectStore,
+    prefix: &str,
+    node: &str,
+) -> Result<bool, S3Error> {
+    let Some(r) = claim::bounded(claim::read(store, &claim::record_key(prefix, node))).await?
+    else {
+        return Ok(false);
+    };
+    let mark = ForgetMark {
+        node: node.to_owned(),
+        incarnation: r.incarnation,
+        forgotten_ms: claim::now_ms(),
+    };
+    let body = Bytes::from(serde_json::to_vec(&mark).expect("a mark serializes"));
+    let key = format!("{}{node}.json", forgotten_prefix(prefix));
+    claim::bounded(store.put(&key, body, None)).await?;
+    Ok(true)
 }
 
 /// `<prefix>_cluster/numbers/`: one object per number ever given.

@@ -132,6 +132,9 @@ pub trait Cluster: Send + Sync + std::fmt::Debug {
     /// The nodes by number (bucket membership): entry `p` holds number `p`
     /// (`""`: not known).
     fn partitions(&self, order: &[String]);
+    /// A node forgotten with `forget-node` and still down (bucket
+    /// membership): to be forgotten here too.
+    fn forgotten(&self, name: &str);
 }
 
 /// The tier of one node. Shared as `Arc<Tiering>`.
@@ -268,9 +271,19 @@ impl Tiering {
         if cfg.bucket_membership
             && let Some(records) = records
         {
-            self.note_members(&records, cfg);
+            let marks = self.forget_marks(cfg, store).await;
+            self.note_members(&records, &marks, cfg);
         }
         Ok(())
+    }
+
+    /// The nodes forgotten with `forget-node`, as the bucket says (none,
+    /// with a warning, when it cannot be read).
+    async fn forget_marks(&self, cfg: &S3Config, store: &ObjectStore) -> Vec<members::ForgetMark> {
+        members::read_marks(store, &cfg.prefix)
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot read which nodes were forgotten in the bucket; retrying every --s3-claim-refresh"))
+            .unwrap_or_default()
     }
 
     /// This node's number in the bucket ([`members::claim_number`]), kept
@@ -313,12 +326,39 @@ impl Tiering {
         *self.number.lock().unwrap()
     }
 
+    /// With bucket membership, records that `node` was forgotten
+    /// ([`members::mark_forgotten`]): `Some("recorded")` or the error;
+    /// `None` without bucket membership.
+    pub async fn mark_forgotten(&self, node: &str) -> Option<String> {
+        let (cfg, store) = self.s3.as_ref()?;
+        if !cfg.bucket_membership {
+            return None;
+        }
+        Some(
+            match members::mark_forgotten(store, &cfg.prefix, node).await {
+                Ok(true) => "recorded".to_owned(),
+                Ok(false) => format!("error: the bucket holds no record of {node}"),
+                Err(e) => format!("error: {e}"),
+            },
+        )
+    }
+
     /// Tells the cluster of the bucket-membership nodes in `records`; the
     /// first time, also that the membership is known, and whether this
     /// node's name was among the records (read before its claim, or, if
     /// S3 did not answer then, a conservative yes).
-    fn note_members(&self, records: &[claim::NodeRecord], cfg: &S3Config) {
+    ///
+    /// A node forgotten with `forget-node` whose record stands still at
+    /// the incarnation that was forgotten is forgotten here too
+    /// ([`members::ForgetMark`]).
+    fn note_members(
+        &self,
+        records: &[claim::NodeRecord],
+        marks: &[members::ForgetMark],
+        cfg: &S3Config,
+    ) {
         let me = self.storage.node();
+        let mut forget = Vec::new();
         {
             let mut watch = self.watch.lock().unwrap();
             for r in records {
@@ -327,7 +367,17 @@ impl Tiering {
                 }
                 let still = watch.observe(r, cfg.claim_refresh);
                 self.cluster.member(&r.node, &r.address, still);
+                if still.is_some()
+                    && marks
+                        .iter()
+                        .any(|m| m.node == r.node && m.incarnation == r.incarnation)
+                {
+                    forget.push(r.node.clone());
+                }
             }
+        }
+        for node in forget {
+            self.cluster.forgotten(&node);
         }
         let mut order = members::partition_order(records);
         if let Some(n) = self.number() {
@@ -373,7 +423,8 @@ impl Tiering {
                     {
                         tracing::error!(peer = %other.node, addr = %other.address, "a node runs against this bucket with --peers: it is not a peer of the nodes that find each other through the bucket, and they are not its peers; give every node of a bucket the same kind of membership");
                     }
-                    self.note_members(&records, cfg);
+                    let marks = self.forget_marks(cfg, store).await;
+                    self.note_members(&records, &marks, cfg);
                 }
                 Err(e) => {
                     if !failing {

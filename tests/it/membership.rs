@@ -201,3 +201,52 @@ async fn a_node_that_lost_its_disk_asks_the_peers_the_bucket_names_and_reuses_no
     let mine: Vec<_> = after.iter().filter(|c| c.name.starts_with("n1-")).collect();
     assert!(mine.len() >= 2, "{mine:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_forgotten_through_the_bucket_is_not_waited_for_by_a_node_that_lost_its_disk() {
+    let s3 = TestS3::start().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (_n1, c1) = node(&s3, "n1", dirs[0].path()).await;
+    let (n2, c2) = node(&s3, "n2", dirs[1].path()).await;
+    let (n3, _c3) = node(&s3, "n3", dirs[2].path()).await;
+    sees(&c1, "n1", &["n2", "n3"]).await;
+    let mut acked: BTreeSet<String> = produce(&c2, "n2", 50).await.into_iter().collect();
+    serves_all(&c1, "n1", &acked).await;
+
+    // n3 is gone for good: forgotten once, through n1. The bucket keeps it.
+    n3.kill().await;
+    let report = c1.forget_node("n3").await.unwrap();
+    assert_eq!(report.bucket.as_deref(), Some("recorded"), "{report:?}");
+
+    // n2 loses its disk. Its new data directory knows nothing of the
+    // forget, and n3 never answers: the bucket tells it n3 is forgotten,
+    // so it takes writes once n1 has answered.
+    n2.kill().await;
+    std::fs::remove_dir_all(dirs[1].path()).unwrap();
+    let (_n2, c2) = node(&s3, "n2", dirs[1].path()).await;
+    eventually(CONDITION_DEADLINE, "n2 takes writes", || async {
+        let st = c2.status().await.ok()?;
+        st.writes_held.is_empty().then_some(st)
+    })
+    .await;
+    acked.extend(produce(&c2, "n2-again", 50).await);
+    serves_all(&c2, "n2", &acked).await;
+    serves_all(&c1, "n1", &acked).await;
+    let st = c2.status().await.unwrap();
+    assert!(
+        st.peers.iter().any(|p| p.name == "n3" && p.forgotten),
+        "{:?}",
+        st.peers
+    );
+
+    // n3 comes back as a new process: the mark no longer names it.
+    let (_n3, _c3) = node(&s3, "n3", dirs[2].path()).await;
+    eventually(CONDITION_DEADLINE, "n3 no longer forgotten", || async {
+        let st = c1.status().await.ok()?;
+        st.peers
+            .iter()
+            .any(|p| p.name == "n3" && p.connected && !p.forgotten)
+            .then_some(())
+    })
+    .await;
+}
