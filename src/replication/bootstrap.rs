@@ -293,7 +293,7 @@ async fn ask(repl: &Replication, link: &PeerLink, url: &str) -> Result<CopiesRes
     let answer: CopiesResponse = resp.json().await.map_err(|e| e.to_string())?;
     if answer.node != link.name {
         return Err(format!(
-            "the node at {} is {}, not {} as --peers says",
+            "the node at {} is {}, not {} (as --peers or its record in the bucket says)",
             link.addr(),
             answer.node,
             link.name

@@ -239,7 +239,7 @@ async fn changes(
         .map_err(|e| PullError::Peer(format!("bad changes answer: {e}")))?;
     if resp.node != link.name {
         return Err(PullError::Peer(format!(
-            "the node at {} is {}, not {} as --peers says",
+            "the node at {} is {}, not {} (as --peers or its record in the bucket says)",
             link.addr(),
             resp.node,
             link.name

@@ -220,7 +220,6 @@ impl Tiering {
     /// other way ([`members::mixed`]). With bucket membership, the nodes
     /// found are told to the cluster as members. `address`: where peers
     /// reach this node, for the record.
-    ///
     pub async fn claim_name(&self, address: String) -> Result<(), claim::ClaimError> {
         let Some((cfg, store)) = &self.s3 else {
             return Ok(());

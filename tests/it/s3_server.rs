@@ -45,6 +45,19 @@ struct Counters {
 
 type Counts = Arc<Mutex<Counters>>;
 
+/// A key of the nodes' own records under `_cluster/` (their claims, numbers
+/// and forget marks), not a chunk: a category named `_cluster` has chunk
+/// keys `_cluster/<node>-chunk...`.
+fn cluster_record(key: &str) -> bool {
+    [
+        "_cluster/nodes/",
+        "_cluster/numbers/",
+        "_cluster/forgotten/",
+    ]
+    .iter()
+    .any(|p| key.contains(p))
+}
+
 /// A running (or stopped) S3 server.
 pub struct TestS3 {
     /// Where it listens (kept across restarts).
@@ -160,7 +173,7 @@ impl TestS3 {
     /// records under `_cluster/`, rewritten at every refresh).
     pub fn upload_counts(&self) -> BTreeMap<String, u32> {
         let mut counts = self.counts.lock().unwrap().uploads.clone();
-        counts.retain(|k, _| !k.contains("_cluster/nodes/"));
+        counts.retain(|k, _| !cluster_record(k));
         counts
     }
 
@@ -216,7 +229,7 @@ impl TestS3 {
     /// records under `_cluster/`).
     pub async fn keys(&self) -> Vec<String> {
         let mut keys = self.all_keys().await;
-        keys.retain(|k| !k.contains("_cluster/nodes/"));
+        keys.retain(|k| !cluster_record(k));
         keys
     }
 
