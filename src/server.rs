@@ -301,8 +301,14 @@ pub async fn run(
     };
     // With bucket membership, the peers found are known from here on.
     let started = match tiering.claim_name(address).await {
-        Ok(()) => bucket_start_checks(&cfg, &auth, &replication, tiering.number())
-            .map_err(ServeError::Membership),
+        Ok(()) => match bucket_start_checks(&cfg, &auth, &replication, tiering.number()) {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                // Claimed, but not starting: the next start need not wait.
+                tiering.release_name().await;
+                Err(ServeError::Membership(why))
+            }
+        },
         Err(e) => Err(e.into()),
     };
     if let Err(e) = started {

@@ -276,6 +276,16 @@ impl Tiering {
         Ok(())
     }
 
+    /// Marks this process's record stopped (a start refused after the
+    /// claim).
+    pub async fn release_name(&self) {
+        let Some((_, store)) = &self.s3 else { return };
+        let claim = self.claim.lock().unwrap().clone();
+        if let Some(c) = claim {
+            claim::release(&c, store).await;
+        }
+    }
+
     /// The nodes forgotten with `forget-node`, as the bucket says (none,
     /// with a warning, when it cannot be read).
     async fn forget_marks(&self, cfg: &S3Config, store: &ObjectStore) -> Vec<members::ForgetMark> {

@@ -250,3 +250,22 @@ async fn a_node_forgotten_through_the_bucket_is_not_waited_for_by_a_node_that_lo
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tokens_a_node_the_bucket_gives_peers_needs_the_cluster_secret() {
+    let s3 = TestS3::start().await;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let tokens = d1.path().join("tokens.toml");
+    crate::security::write_tokens_file(&tokens, "ops", "s3cret-token-value", &["admin"]);
+    let with_tokens = ["--tokens-file", tokens.to_str().unwrap()];
+    // Alone in the bucket, tokens without a cluster secret are fine.
+    let _n1 = BinNode::spawn(s3_command(&s3, "n1", d1.path(), &with_tokens)).await;
+    // The second node would have a peer it cannot reach: refused, and its
+    // name released at once (its record marked stopped).
+    let (ok, stderr) = serve_until_exit(&s3, "n2", d2.path(), &with_tokens).await;
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("--cluster-secret-file"), "{stderr}");
+    let record = s3.get("_cluster/nodes/n2.json").await.expect("n2's record");
+    let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    assert_eq!(record["stopped"], true, "{record}");
+}

@@ -42,7 +42,7 @@ async fn secured() -> TestNode {
 
 /// Writes a tokens file at `path` with one token `name` holding `secret`
 /// and `roles` (e.g. `["admin"]`).
-fn write_tokens_file(path: &std::path::Path, name: &str, secret: &str, roles: &[&str]) {
+pub(crate) fn write_tokens_file(path: &std::path::Path, name: &str, secret: &str, roles: &[&str]) {
     let roles: Vec<String> = roles.iter().map(|r| format!("{r:?}")).collect();
     std::fs::write(
         path,
