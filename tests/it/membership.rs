@@ -20,7 +20,8 @@ async fn node(s3: &TestS3, name: &str, dir: &Path) -> (BinNode, Client) {
     (node, client)
 }
 
-/// Posts `lines` to `client` one request at a time; returns them.
+/// Posts `n` lines tagged `tag` to category `m` through `client`, one
+/// request each; returns them.
 async fn produce(client: &Client, tag: &str, n: usize) -> Vec<String> {
     let mut out = Vec::new();
     for i in 0..n {
