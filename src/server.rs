@@ -35,7 +35,7 @@ impl Cluster for ClusterView {
     fn member(&self, name: &str, address: &str, still_since: Option<std::time::Instant>) {
         self.0.member(name, address, still_since)
     }
-    fn members_known(&self, named_before: bool) {
+    fn members_known(&self, named_before: bool) -> bool {
         self.0.members_known(named_before)
     }
     fn partitions(&self, order: &[String]) {

@@ -836,17 +836,13 @@ fn kafka_settings(
             "with --kafka-listen, --peers must name every node, this one ({node}) included, in the same order on every node: partition p of every topic is the p-th node of that list"
         )));
     }
-    let others = nodes.len() as u32 - 1;
-    if bucket {
-        // The other nodes are known at run time: acks=all waits for at
-        // most as many as the bucket names then.
-        return Ok(Some(KafkaSettings {
-            listen,
-            advertised,
-            nodes,
-            acks_all_replicas: acks_all_replicas.unwrap_or(1),
-        }));
-    }
+    // With bucket membership the other nodes are known at run time:
+    // acks=all waits for at most as many as the bucket names then.
+    let others = if bucket {
+        u32::MAX
+    } else {
+        nodes.len() as u32 - 1
+    };
     let acks_all_replicas = acks_all_replicas.unwrap_or(others.min(1));
     if acks_all_replicas > others {
         return Err(ConfigError::Invalid(format!(

@@ -77,7 +77,12 @@ pub(super) fn hold_writes(repl: &Replication) {
         );
         return;
     }
-    let links = repl.links();
+    hold_for_peers(repl, &repl.links());
+}
+
+/// Holds writes until `links` have answered (unless they need not be
+/// waited for).
+fn hold_for_peers(repl: &Replication, links: &[Arc<PeerLink>]) {
     if !links.is_empty() && !repl.skip_bootstrap_wait() {
         let names: Vec<&str> = links.iter().map(|l| l.name.as_str()).collect();
         repl.storage.close_writes(WRITE_GATE, gate_reason(&names));
@@ -104,9 +109,9 @@ pub(super) async fn run(repl: Arc<Replication>, cancel: CancellationToken) {
         storage.open_writes(WRITE_GATE);
         return;
     }
-    if fresh && !repl.skip_bootstrap_wait() {
-        let names: Vec<&str> = links.iter().map(|l| l.name.as_str()).collect();
-        storage.close_writes(WRITE_GATE, gate_reason(&names));
+    if fresh {
+        // The gate's reason names the peers now known.
+        hold_for_peers(&repl, &links);
     }
     if fresh && let Err(e) = storage.set_restore_pending(true).await {
         tracing::error!(error = %e, "cannot record that this node restores its chunks from its peers");

@@ -297,15 +297,16 @@ impl Replication {
 
     /// Says that the nodes' records in the bucket were read and every
     /// member found was told ([`Replication::member`]); `named_before`:
-    /// this node's name was among them. Only the first call counts.
-    pub fn members_known(&self, named_before: bool) {
+    /// this node's name was among them. Only the first call counts: true
+    /// for it.
+    pub fn members_known(&self, named_before: bool) -> bool {
         self.members_read.send_if_modified(|known| {
             let first = known.is_none();
             if first {
                 *known = Some(named_before);
             }
             first
-        });
+        })
     }
 
     /// The bucket held no record of this node's name before this process

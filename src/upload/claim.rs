@@ -40,7 +40,7 @@ use super::store::{ObjectStore, S3Error};
 /// process is long gone, whatever the clocks say.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(120);
 /// Largest record read.
-const MAX_RECORD_BYTES: u64 = 64 << 10;
+pub(super) const MAX_RECORD_BYTES: u64 = 64 << 10;
 /// The write gate closed when another process holds this node's name.
 pub const WRITE_GATE: &str = "node-claim";
 
@@ -200,12 +200,29 @@ pub(super) fn now_ms() -> u64 {
 /// The record at `key`, if any; a record that does not parse counts as
 /// none (it names no live process).
 pub(super) async fn read(store: &ObjectStore, key: &str) -> Result<Option<NodeRecord>, S3Error> {
+    read_json(store, key).await
+}
+
+/// The JSON object at `key` (at most [`MAX_RECORD_BYTES`]), if any; one
+/// that does not parse counts as none, with a warning.
+pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
+    store: &ObjectStore,
+    key: &str,
+) -> Result<Option<T>, S3Error> {
     let Some(data) = store.get_small(key, MAX_RECORD_BYTES).await? else {
         return Ok(None);
     };
     Ok(serde_json::from_slice(&data)
-        .inspect_err(|e| tracing::warn!(key, error = %e, "a node record in the bucket does not parse; treating it as absent"))
+        .inspect_err(|e| tracing::warn!(key, error = %e, "a record of the cluster in the bucket does not parse; treating it as absent"))
         .ok())
+}
+
+/// How long `r`'s heartbeat must stand still before its process is taken
+/// for gone: two and a half refresh periods, its own or `own`, whichever
+/// is longer.
+pub(super) fn still_after(r: &NodeRecord, own: Duration) -> Duration {
+    let period = Duration::from_millis(r.refresh_ms).max(own);
+    period * 2 + period / 2
 }
 
 async fn write(store: &ObjectStore, key: &str, r: &NodeRecord) -> Result<(), S3Error> {
@@ -291,9 +308,8 @@ impl Claim {
                         if w.beat != theirs.beat {
                             return Ok(Some(theirs));
                         }
-                        let period =
-                            Duration::from_millis(theirs.refresh_ms.max(self.mine.refresh_ms));
-                        if since.elapsed() < period * 2 + period / 2 {
+                        let own = Duration::from_millis(self.mine.refresh_ms);
+                        if since.elapsed() < still_after(&theirs, own) {
                             return Ok(None);
                         }
                         tracing::warn!(key = %self.key, other = theirs.incarnation, "the process that held this node's name stopped refreshing it (killed?); taking the name over");

@@ -67,14 +67,7 @@ async fn read_objects<T: serde::de::DeserializeOwned>(
         .take(MAX_RECORDS)
         .map(|o| o.key);
     let mut reads = futures_util::stream::iter(keys)
-        .map(|key| async move {
-            let data = claim::bounded(store.get_small(&key, MAX_OBJECT_BYTES)).await?;
-            Ok::<_, S3Error>(data.and_then(|d| {
-                serde_json::from_slice(&d)
-                    .inspect_err(|e| tracing::warn!(key, error = %e, "an object of the cluster's records does not parse; leaving it out"))
-                    .ok()
-            }))
-        })
+        .map(|key| async move { claim::bounded(claim::read_json(store, &key)).await })
         .buffer_unordered(READS_AT_ONCE);
     let mut out = Vec::new();
     while let Some(r) = reads.next().await {
@@ -82,9 +75,6 @@ async fn read_objects<T: serde::de::DeserializeOwned>(
     }
     Ok(out)
 }
-
-/// Largest record object read.
-const MAX_OBJECT_BYTES: u64 = 64 << 10;
 
 /// `<prefix>_cluster/forgotten/`: nodes forgotten with `forget-node`.
 pub fn forgotten_prefix(prefix: &str) -> String {
@@ -311,8 +301,7 @@ impl Watch {
         if r.stopped {
             return Some(changed);
         }
-        let period = Duration::from_millis(r.refresh_ms).max(refresh);
-        (now.duration_since(changed) > period * 2 + period / 2).then_some(changed)
+        (now.duration_since(changed) > claim::still_after(r, refresh)).then_some(changed)
     }
 }
 

@@ -125,10 +125,11 @@ pub trait Cluster: Send + Sync + std::fmt::Debug {
     /// A node found in the bucket (bucket membership) at `address`, whose
     /// record has stood still since `still_since` (`None`: refreshed).
     fn member(&self, name: &str, address: &str, still_since: Option<std::time::Instant>);
-    /// Every node's record was read once (bucket membership): the members
+    /// Every node's record was read (bucket membership): the members
     /// found so far were told; `named_before`: this node's name was among
-    /// them (it may have written chunks before).
-    fn members_known(&self, named_before: bool);
+    /// them (it may have written chunks before). Only the first call
+    /// counts: true for it.
+    fn members_known(&self, named_before: bool) -> bool;
     /// The nodes by number (bucket membership): entry `p` holds number `p`
     /// (`""`: not known).
     fn partitions(&self, order: &[String]);
@@ -156,8 +157,6 @@ pub struct Tiering {
     claim: Mutex<Option<claim::Claim>>,
     /// When each node's record last moved (bucket membership).
     watch: Mutex<members::Watch>,
-    /// The nodes' records were read once (bucket membership).
-    members_read: AtomicBool,
     /// This node's number in the bucket, once claimed (bucket membership).
     number: Mutex<Option<u32>>,
 }
@@ -209,7 +208,6 @@ impl Tiering {
             writes_open: AtomicBool::new(false),
             claim: Mutex::new(None),
             watch: Mutex::new(members::Watch::default()),
-            members_read: AtomicBool::new(false),
             number: Mutex::new(None),
         })
     }
@@ -258,11 +256,7 @@ impl Tiering {
         if cfg.bucket_membership
             && let Some(records) = &records
         {
-            let previous = records
-                .iter()
-                .find(|r| r.node == node)
-                .and_then(|r| r.number);
-            mine.number = self.claim_number(cfg, store, previous).await;
+            mine.number = self.claim_number(cfg, store, records).await;
         }
         let mut c = claim::Claim::new(&cfg.prefix, mine);
         claim::acquire(&mut c, store, cfg.claim_refresh).await?;
@@ -295,15 +289,20 @@ impl Tiering {
             .unwrap_or_default()
     }
 
-    /// This node's number in the bucket ([`members::claim_number`]), kept
-    /// for the record's next refresh; `None` when S3 did not answer.
+    /// This node's number in the bucket ([`members::claim_number`]; the
+    /// one its record in `records` names, if any), kept for the record's
+    /// next refresh; `None` when S3 did not answer.
     async fn claim_number(
         &self,
         cfg: &S3Config,
         store: &ObjectStore,
-        previous: Option<u32>,
+        records: &[claim::NodeRecord],
     ) -> Option<u32> {
         let node = self.storage.node();
+        let previous = records
+            .iter()
+            .find(|r| r.node == node)
+            .and_then(|r| r.number);
         match members::claim_number(
             store,
             &cfg.prefix,
@@ -352,10 +351,11 @@ impl Tiering {
         )
     }
 
-    /// Tells the cluster of the bucket-membership nodes in `records`; the
-    /// first time, also that the membership is known, and whether this
-    /// node's name was among the records (read before its claim, or, if
-    /// S3 did not answer then, a conservative yes).
+    /// Tells the cluster of the bucket-membership nodes in `records`, and
+    /// that the membership is known, with whether this node's name was
+    /// among the records (the first reading counts: the one before its
+    /// claim, or, if S3 did not answer then, a later one, a conservative
+    /// yes).
     ///
     /// A node forgotten with `forget-node` whose record stands still at
     /// the incarnation that was forgotten is forgotten here too
@@ -397,10 +397,8 @@ impl Tiering {
             me.clone_into(&mut order[n]);
         }
         self.cluster.partitions(&order);
-        if !self.members_read.swap(true, Ordering::Relaxed) {
-            self.cluster
-                .members_known(records.iter().any(|r| r.node == me));
-        }
+        self.cluster
+            .members_known(records.iter().any(|r| r.node == me));
     }
 
     /// Reads the nodes' records every `--s3-claim-refresh` until `cancel`
@@ -422,9 +420,7 @@ impl Tiering {
                 Ok(records) => {
                     failing = false;
                     if self.number().is_none() {
-                        let me = self.storage.node();
-                        let previous = records.iter().find(|r| r.node == me).and_then(|r| r.number);
-                        self.claim_number(cfg, store, previous).await;
+                        self.claim_number(cfg, store, &records).await;
                     }
                     if let Some(other) =
                         members::mixed(&records, self.storage.node(), claim::Membership::Bucket)
@@ -462,7 +458,7 @@ impl Tiering {
                 _ = cancel.cancelled() => break,
             }
             let was_claimed = c.claimed;
-            c.mine.number = self.number().or(c.mine.number);
+            c.mine.number = self.number();
             match c.refresh(store).await {
                 Ok(None) => {
                     if c.claimed && !was_claimed {
@@ -627,12 +623,8 @@ impl Tiering {
                 // store that is only unreachable is waited for; one that
                 // refuses this node (no such bucket, bad credentials) names
                 // no peers it could wait for.
-                if refused
-                    && cfg.bucket_membership
-                    && !self.members_read.swap(true, Ordering::SeqCst)
-                {
+                if refused && cfg.bucket_membership && self.cluster.members_known(true) {
                     tracing::warn!(bucket = %cfg.bucket, "{why}: taking writes without knowing this node's peers (the nodes' records in the bucket cannot be read)");
-                    self.cluster.members_known(true);
                 }
             }
         };
