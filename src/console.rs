@@ -157,6 +157,7 @@ impl Console {
                 chunks.local += u64::from(m.local);
                 chunks.uploaded += u64::from(m.uploaded);
                 chunks.evicted += u64::from(m.uploaded && !m.local);
+                chunks.elsewhere += u64::from(m.elsewhere());
                 chunks.bytes += m.size;
                 if self.s3 && m.complete && !m.uploaded {
                     oldest_not_uploaded =

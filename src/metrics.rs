@@ -127,6 +127,11 @@ pub struct Metrics {
     pub copies_repaired: Family<PeerLabels, Counter>,
     /// Chunks of a peer whose copy here holds more than the peer lists.
     pub copies_disagreeing: Family<PeerLabels, Gauge>,
+    /// This node's complete chunks, not in S3, that fewer other nodes
+    /// hold than `--replicas` asks (every peer with `all`).
+    pub chunks_under_replicated: Gauge,
+    /// Bytes of chunks held elsewhere (`--replicas k`) read from their holders.
+    pub held_elsewhere_read_bytes: Counter,
     /// Bytes used on the data directory's file system.
     pub disk_used_bytes: Gauge,
     /// Size of the data directory's file system.
@@ -177,6 +182,8 @@ impl Metrics {
             peer_restarts: Family::default(),
             copies_repaired: Family::default(),
             copies_disagreeing: Family::default(),
+            chunks_under_replicated: Gauge::default(),
+            held_elsewhere_read_bytes: Counter::default(),
             disk_used_bytes: Gauge::default(),
             disk_total_bytes: Gauge::default(),
             chunks_evicted: Family::default(),
@@ -313,6 +320,16 @@ impl Metrics {
             "copies_disagreeing",
             "Chunks of the peer whose copy here holds more bytes than the peer lists (see /v1/status)",
             m.copies_disagreeing.clone(),
+        );
+        r.register(
+            "chunks_under_replicated",
+            "This node's complete chunks, not in S3, held by fewer other nodes than --replicas asks (every peer with all): the number to watch",
+            m.chunks_under_replicated.clone(),
+        );
+        r.register(
+            "held_elsewhere_read_bytes",
+            "Bytes of chunks this node lists but does not hold (--replicas k) read from the nodes that hold them",
+            m.held_elsewhere_read_bytes.clone(),
         );
         r.register(
             "disk_used_bytes",

@@ -45,6 +45,12 @@ impl Cluster for ClusterView {
         let (replication, name) = (self.0.clone(), name.to_owned());
         tokio::spawn(async move { replication.forget_member(&name).await });
     }
+    fn copied_by(&self, category: &str, owner: &str) -> Option<Vec<String>> {
+        self.0.copied_by(category, owner)
+    }
+    fn holds(&self, category: &str, owner: &str) -> bool {
+        self.0.holds(category, owner)
+    }
 }
 
 /// Why a node could not start or run.
@@ -282,9 +288,11 @@ pub async fn run(
             ca_pem: cfg.tls.as_ref().and_then(|t| t.ca_pem.clone()),
             kafka_nodes: kafka_nodes.clone(),
             bucket: cfg.bucket_membership(),
+            replicas: cfg.replicas,
         },
         metrics.clone(),
     );
+    storage.set_elsewhere_reader(replication.elsewhere_reader());
     let pullers = TaskTracker::new();
     let stop_pullers = CancellationToken::new();
     let tiering = Tiering::new(

@@ -59,6 +59,14 @@ pub struct ClusterSummary {
     pub s3_backlog_bytes: Option<u64>,
     /// Warnings and errors this node logged in the last 5 minutes.
     pub errors_last_5m: u64,
+    /// How many nodes hold each chunk (`--replicas`): `all` or a number;
+    /// empty from a node that does not say.
+    #[serde(default)]
+    pub replicas: String,
+    /// This node's complete chunks, not in S3, held by fewer other nodes
+    /// than `replicas` asks.
+    #[serde(default)]
+    pub under_replicated_chunks: u64,
 }
 
 /// One node as the node asked sees it.
@@ -125,6 +133,9 @@ pub struct ChunkCounts {
     pub uploaded: u64,
     /// In S3 and no longer on this node's disk.
     pub evicted: u64,
+    /// Listed here, held by other nodes only (`--replicas k`).
+    #[serde(default)]
+    pub elsewhere: u64,
     /// Bytes of all of them.
     pub bytes: u64,
 }

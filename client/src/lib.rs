@@ -33,6 +33,6 @@ pub use producer::{Compression, Delivery, Producer, ProducerConfig};
 pub use raw::{Client, NextBatch, NextOptions, ProduceOptions, ReadChunk};
 pub use wire::{
     AckRequest, ChukchaChunk, ChunkInfo, ChunkPosition, ConsumerDetail, ConsumerSummary,
-    DisagreeingChunk, DiskStatus, ErrorBody, FailingChunk, ForgetReport, NodeStatus, PeerStatus,
-    PositionRequest, ProduceResponse, S3Status,
+    DisagreeingChunk, DiskStatus, ErrorBody, FailingChunk, ForgetReport, NodeStatus, PairHolders,
+    PeerStatus, PositionRequest, ProduceResponse, S3Status,
 };

@@ -97,6 +97,30 @@ pub struct NodeStatus {
     /// The object-store tier; absent when S3 is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Status>,
+    /// How many nodes hold each chunk (`--replicas`): `all`, or a number;
+    /// empty from a node that does not say.
+    #[serde(default)]
+    pub replicas: String,
+    /// This node's complete chunks, not in S3, that fewer other nodes hold
+    /// than `replicas` asks (every peer not lost with `all`): the number
+    /// to watch.
+    #[serde(default)]
+    pub under_replicated_chunks: u64,
+    /// With `--replicas k`: per category and owner, the nodes that hold
+    /// the owner's chunks, the owner first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<PairHolders>,
+}
+
+/// The nodes that hold one owner's chunks of one category (`--replicas k`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairHolders {
+    /// The category.
+    pub category: String,
+    /// The node that writes the chunks.
+    pub owner: String,
+    /// The nodes that hold them (the owner first while it is a member).
+    pub nodes: Vec<String>,
 }
 
 /// The object-store tier of a node (`--s3-bucket`).

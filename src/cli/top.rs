@@ -101,7 +101,7 @@ impl Drop for Screen {
 pub fn render(v: &ConsoleView, width: Option<u16>) -> String {
     let c = &v.cluster;
     let mut out = format!(
-        "chunkbus {} · node {} · up {} · nodes {} up, {} down · in {} lines/s, {}/s · S3 backlog {} · errors (5 min) {}\n\n",
+        "chunkbus {} · node {} · up {} · nodes {} up, {} down · in {} lines/s, {}/s · S3 backlog {} · under-replicated {} · errors (5 min) {}\n\n",
         v.version,
         v.node,
         seconds(v.uptime_seconds as f64),
@@ -113,6 +113,7 @@ pub fn render(v: &ConsoleView, width: Option<u16>) -> String {
             (Some(n), Some(b)) => format!("{n} chunks, {}", bytes(b)),
             _ => "off".to_owned(),
         },
+        c.under_replicated_chunks,
         c.errors_last_5m,
     );
     let mut nodes = table(

@@ -276,6 +276,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CHUNKBUS_ADVERTISE_ADDR", value_name = "HOST:PORT")]
     pub advertise_addr: Option<String>,
 
+    /// How many nodes hold each chunk: `all`, or k (the owner and the k-1
+    /// other nodes that rendezvous hashing picks per category and owner;
+    /// every node still lists and serves every chunk) [default: all].
+    #[arg(long, env = "CHUNKBUS_REPLICAS", value_name = "all|K")]
+    pub replicas: Option<super::Replicas>,
+
     /// Complete an unreachable peer's open chunks here after this long [default: never].
     #[arg(long, env = "CHUNKBUS_OWNER_LOST_AFTER", value_name = "DURATION")]
     pub owner_lost_after: Option<HumanDuration>,
@@ -473,6 +479,7 @@ impl ServeArgs {
             peers: self.peers.or(file.peers),
             advertise_addr: self.advertise_addr.or(file.advertise_addr),
             owner_lost_after: self.owner_lost_after.or(file.owner_lost_after),
+            replicas: self.replicas.or(file.replicas),
             first_start: self.first_start,
             replication_wait: self.replication_wait.or(file.replication_wait),
             peer_timeout: self.peer_timeout.or(file.peer_timeout),

@@ -205,6 +205,40 @@ impl<'de> serde::Deserialize<'de> for DropBehind {
     }
 }
 
+/// `--replicas`: how many nodes hold each chunk (`None`: all of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replicas(pub Option<u32>);
+
+impl FromStr for Replicas {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "all" => Ok(Self(None)),
+            n => match n.parse::<u32>() {
+                Ok(k) if k >= 1 => Ok(Self(Some(k))),
+                _ => Err(format!(
+                    "{n:?} is not 'all' or a number of nodes (1 or more)"
+                )),
+            },
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Replicas {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => n.to_string().parse().map_err(serde::de::Error::custom),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// The validated configuration of a node.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -242,6 +276,8 @@ pub struct ServeConfig {
     /// Declare a peer lost (complete its open chunks here) after it has been
     /// unreachable this long; `None`: never.
     pub owner_lost_after: Option<Duration>,
+    /// How many nodes hold each chunk (`--replicas k`); `None`: all.
+    pub replicas: Option<u32>,
     /// A new data directory takes writes without asking the peers first
     /// (`--first-start`).
     pub first_start: bool,
@@ -540,6 +576,7 @@ impl ServeConfig {
             peers: Vec::new(),
             advertise_addr: args.advertise_addr,
             owner_lost_after: args.owner_lost_after.map(|d| d.0),
+            replicas: args.replicas.and_then(|r| r.0),
             first_start: args.first_start,
             replication_wait: args
                 .replication_wait
@@ -576,6 +613,7 @@ impl ServeConfig {
             args.kafka_acks_all_replicas,
             &peers,
             cfg.bucket_membership(),
+            cfg.replicas,
         )?;
         cfg.kafka_allow_anonymous = args.kafka_allow_anonymous;
         cfg.peers = others(&cfg.node, listen, peers)?;
@@ -796,6 +834,7 @@ fn kafka_settings(
     acks_all_replicas: Option<u32>,
     peers: &PeerList,
     bucket: bool,
+    replicas: Option<u32>,
 ) -> Result<Option<KafkaSettings>, ConfigError> {
     let Some(listen_raw) = listen else {
         if advertised.is_some() || acks_all_replicas.is_some() {
@@ -843,11 +882,19 @@ fn kafka_settings(
     } else {
         nodes.len() as u32 - 1
     };
-    let acks_all_replicas = acks_all_replicas.unwrap_or(others.min(1));
-    if acks_all_replicas > others {
-        return Err(ConfigError::Invalid(format!(
-            "--kafka-acks-all-replicas {acks_all_replicas}: there are only {others} other nodes"
-        )));
+    // With --replicas k, k-1 other nodes copy a chunk.
+    let holders = replicas.map_or(others, |k| others.min(k - 1));
+    let acks_all_replicas = acks_all_replicas.unwrap_or(holders.min(1));
+    if acks_all_replicas > holders {
+        return Err(ConfigError::Invalid(match replicas {
+            Some(k) if k - 1 < others => format!(
+                "--kafka-acks-all-replicas {acks_all_replicas}: with --replicas {k}, only {} other nodes hold a chunk",
+                k - 1
+            ),
+            _ => format!(
+                "--kafka-acks-all-replicas {acks_all_replicas}: there are only {others} other nodes"
+            ),
+        }));
     }
     Ok(Some(KafkaSettings {
         listen,

@@ -32,13 +32,18 @@ impl Consumers {
     }
 }
 
-/// The chunks of `category` held here that every consumer is done with.
+/// The chunks of `category` held here (or listed as held elsewhere) that
+/// every consumer is done with.
 pub fn releasable(storage: &Storage, consumers: &Consumers, category: &str) -> Vec<ChunkName> {
     storage
         .chunks(category)
         .unwrap_or_default()
         .into_iter()
-        .filter(|c| c.meta.complete && c.meta.local && consumers.passed_by_all(category, c))
+        .filter(|c| {
+            c.meta.complete
+                && (c.meta.local || c.meta.elsewhere())
+                && consumers.passed_by_all(category, c)
+        })
         .map(|c| c.name)
         .collect()
 }

@@ -36,8 +36,12 @@ pub(super) async fn status(
         categories: st.storage.categories(),
         disk: st.storage.disk().status(),
         s3: st.tiering.status(),
+        replicas: st.replication.replicas_setting(),
+        under_replicated_chunks: st.metrics.chunks_under_replicated.get().max(0) as u64,
+        holders: st.replication.pairs(),
     };
     status.categories.retain(|c| may_see(c));
+    status.holders.retain(|h| may_see(&h.category));
     for peer in &mut status.peers {
         peer.categories.retain(|c, _| may_see(c));
         peer.lag_bytes = peer.categories.values().sum();

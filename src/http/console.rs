@@ -113,6 +113,8 @@ pub(super) async fn view(
             } else {
                 0
             },
+            replicas: st.replication.replicas_setting(),
+            under_replicated_chunks: st.metrics.chunks_under_replicated.get().max(0) as u64,
         },
         nodes,
         categories,
@@ -162,7 +164,7 @@ pub(super) async fn category(
         .collect();
     Ok(Json(CategoryChunks {
         name,
-        replicas_wanted: st.replication.peer_count() as u32,
+        replicas_wanted: st.replication.other_holders() as u32,
         chunks,
         left_out: left_out as u64,
     }))

@@ -126,3 +126,44 @@ pub(super) async fn copies(
         line_ends: st.storage.line_ends_of(&node),
     }))
 }
+
+/// Query of [`held`].
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct HeldQuery {
+    offset: u64,
+    len: u64,
+}
+
+/// `GET /v1/internal/held/{category}/{chunk}?offset=&len=`: exactly `len`
+/// bytes of a chunk from `offset`, from this node's copy or S3, never
+/// from another node: what a node that lists the chunk as held elsewhere
+/// (`--replicas k`) reads. 404 when this node does not hold that range.
+pub(super) async fn held(
+    State(st): State<Arc<AppState>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<axum::extract::Query<HeldQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    let Path((category, chunk)) = path?;
+    let axum::extract::Query(q) =
+        query.map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))?;
+    validate_category(&category)?;
+    let chunk = ChunkName::parse(&chunk)?;
+    let most = crate::replication::MAX_HELD_READ_BYTES;
+    if q.len > most {
+        return Err(ApiError::BadRequest(format!(
+            "len={} is above the {most} bytes one read may ask for",
+            q.len
+        )));
+    }
+    match st
+        .storage
+        .read_held(&category, &chunk, q.offset, q.len)
+        .await
+    {
+        Ok(Some(bytes)) => Ok(axum::response::IntoResponse::into_response(bytes)),
+        Ok(None) | Err(crate::storage::StorageError::UnknownCategory(_)) => Err(
+            ApiError::NotFound(format!("{chunk}: this node does not hold that range")),
+        ),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -289,6 +289,12 @@ fn routes() -> Vec<Route> {
         ),
         route("/v1/internal/changes", M::POST, Peer, internal::changes),
         route("/v1/internal/copies/{node}", M::GET, Peer, internal::copies),
+        route(
+            "/v1/internal/held/{category}/{chunk}",
+            M::GET,
+            Peer,
+            internal::held,
+        ),
         route("/healthz", M::GET, Open, ops::healthz),
         route("/metrics", M::GET, Anyone, ops::metrics),
     ]

@@ -221,12 +221,20 @@ fn producer_of(headers: &HeaderMap) -> Result<Option<(String, u64)>, ApiError> {
 /// Refuses a write before its body is read: `min_replicas` above the
 /// peers, or the disk above its high-water mark.
 pub(super) fn check_writable(st: &AppState, opts: WriteOptions) -> Result<(), ApiError> {
-    let peers = st.replication.peer_count() as u64;
-    if opts.min_replicas > peers {
-        return Err(ApiError::BadRequest(format!(
-            "min_replicas={} asks for more nodes than this node's {peers} peers",
-            opts.min_replicas
-        )));
+    let others = st.replication.other_holders();
+    if opts.min_replicas > others {
+        let peers = st.replication.peer_count();
+        return Err(ApiError::BadRequest(if others < peers as u64 {
+            format!(
+                "min_replicas={} asks for more nodes than the {others} other nodes that hold a chunk (--replicas)",
+                opts.min_replicas
+            )
+        } else {
+            format!(
+                "min_replicas={} asks for more nodes than this node's {peers} peers",
+                opts.min_replicas
+            )
+        }));
     }
     let disk = st.storage.disk();
     if disk.over_high_water() {

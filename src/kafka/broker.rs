@@ -863,8 +863,8 @@ impl Broker {
             // All replicas: as many other nodes as configured hold them
             // (with bucket membership, at most as many as there are).
             let want = if self.st.replication.bucket_membership() {
-                let peers = self.st.replication.peer_count() as u32;
-                self.settings.acks_all_replicas.min(peers)
+                let others = self.st.replication.other_holders() as u32;
+                self.settings.acks_all_replicas.min(others)
             } else {
                 self.settings.acks_all_replicas
             };

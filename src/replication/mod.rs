@@ -19,6 +19,9 @@
 //! (`bootstrap`). The protocol is described in `docs/architecture.md`.
 
 mod bootstrap;
+mod elsewhere;
+pub use elsewhere::MAX_HELD_READ_BYTES;
+pub mod placement;
 pub mod progress;
 pub mod protocol;
 mod puller;
@@ -62,6 +65,8 @@ pub struct ReplicationConfig {
     /// appear ([`Replication::member`]), and a peer is declared lost only
     /// when its record, too, stood still for `--owner-lost-after`.
     pub bucket: bool,
+    /// How many nodes hold each chunk (`--replicas k`); `None`: every node.
+    pub replicas: Option<u32>,
 }
 
 /// Replication of one node: its pullers, their state, and its replicas'
@@ -82,6 +87,10 @@ pub struct Replication {
     /// directory has nothing to restore. `Some(true)` without bucket
     /// membership.
     members_read: tokio::sync::watch::Sender<Option<bool>>,
+    /// Moves whenever the members that hold chunks change (a peer added,
+    /// lost, or back): the pullers then list their owners' chunks again
+    /// and copy what this node holds now.
+    placement: tokio::sync::watch::Sender<u64>,
     /// What the replicas hold of this node's chunks.
     pub progress: ProgressStore,
     http: reqwest::Client,
@@ -271,6 +280,7 @@ impl Replication {
             links: RwLock::new(links),
             spawner: OnceLock::new(),
             members_read: tokio::sync::watch::Sender::new(members_read),
+            placement: tokio::sync::watch::Sender::new(0),
             progress: ProgressStore::default(),
             http,
             relay_http,
@@ -284,6 +294,7 @@ impl Replication {
     pub fn start(self: &Arc<Self>, tasks: &TaskTracker, cancel: &CancellationToken) {
         bootstrap::hold_writes(self);
         tasks.spawn(bootstrap::run(self.clone(), cancel.clone()));
+        tasks.spawn(self.clone().count_under_replicated(cancel.clone()));
         // Under the lock that `member` adds links with: a peer added
         // meanwhile gets its puller from exactly one of the two.
         let links = self.links.read().unwrap();
@@ -373,6 +384,7 @@ impl Replication {
                 tasks.spawn(puller::run(self.clone(), link, cancel.clone()));
             }
         }
+        self.placement_moved();
         self.metrics
             .peer_connected
             .get_or_create(&PeerLabels {
@@ -517,6 +529,7 @@ impl Replication {
         let n = self.storage.forget_owner(node).await?;
         if let Some(link) = self.link(node) {
             link.state.lock().unwrap().forgotten = true;
+            self.placement_moved();
         }
         Ok(n)
     }
@@ -574,6 +587,7 @@ impl Replication {
     async fn set_connected(&self, link: &PeerLink, connected: bool, error: Option<String>) {
         let returned = self.note_connected(link, connected, error);
         if returned {
+            self.placement_moved();
             tracing::info!(peer = %link.name, "a forgotten peer answers: no longer treated as lost");
             if let Err(e) = self.storage.owner_returned(&link.name).await {
                 tracing::error!(peer = %link.name, error = %e, "cannot record that a forgotten peer is back");
@@ -714,6 +728,7 @@ impl Replication {
             Ok(n) => {
                 tracing::warn!(peer = %link.name, chunks = n, after = %humantime::format_duration(after), "peer unreachable past --owner-lost-after: its open chunks are complete here");
                 link.state.lock().unwrap().forgotten = true;
+                self.placement_moved();
             }
             Err(e) => {
                 tracing::error!(peer = %link.name, error = %e, "cannot complete a lost peer's chunks")

@@ -85,6 +85,27 @@ impl ProgressStore {
             .map_or(0, |m| m.values().filter(|&&s| s >= end).count() as u32)
     }
 
+    /// How many replicas hold all `size` bytes of `chunk`: those that
+    /// reported it at that size, and those that reported a later chunk of
+    /// its owner in that category (copies are made in chunk order; reports
+    /// of older chunks are not kept).
+    pub fn copies(&self, category: &str, chunk: &ChunkName, size: u64) -> u32 {
+        let held = self.held.lock().unwrap();
+        let mut replicas = std::collections::HashSet::new();
+        let from = (category.to_owned(), chunk.clone());
+        for ((c, n), by_replica) in held.range(from..) {
+            if c != category || n.owner != chunk.owner {
+                break;
+            }
+            for (replica, &s) in by_replica {
+                if n.index > chunk.index || s >= size {
+                    replicas.insert(replica.as_str());
+                }
+            }
+        }
+        replicas.len() as u32
+    }
+
     /// Waits until `n` replicas hold `chunk` up to `end`, or `timeout`.
     /// Returns how many did.
     pub async fn wait(

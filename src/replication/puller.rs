@@ -40,6 +40,10 @@ enum PullError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The members that hold chunks changed (`--replicas k`) during the
+    /// long poll: list again, at once.
+    #[error("the holders changed")]
+    Replan,
 }
 
 /// Follows the peer of `link` until `cancel`.
@@ -59,7 +63,15 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
     let mut refused: std::collections::BTreeSet<(String, ChunkName)> = Default::default();
     let mut progress: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut backoff = BACKOFF_INITIAL;
+    let mut placement = repl.subscribe_placement();
     loop {
+        if placement.has_changed().unwrap_or(false) {
+            // Other chunks may be this node's to copy now: the full
+            // listing says which.
+            placement.borrow_and_update();
+            since = 0;
+            targets.clear();
+        }
         // With bucket membership the address follows the peer's record.
         let now = repl.peer_base(link);
         if now != base {
@@ -72,14 +84,17 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
         }
         let (base, client) = (&base, &client);
         let round = async {
-            let mut resp = changes(
+            let asked = changes(
                 &repl,
                 link,
                 base,
                 (incarnation, since, positions_since),
                 &mut progress,
-            )
-            .await?;
+            );
+            let mut resp = tokio::select! {
+                r = asked => r?,
+                _ = placement.changed() => return Err(PullError::Replan),
+            };
             repl.set_connected(link, true, None).await;
             if resp.incarnation != incarnation {
                 // A new process of the peer: it answered with its full
@@ -144,9 +159,17 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
                 if refused.contains(&(c.category.clone(), name.clone())) {
                     continue;
                 }
+                let holder = repl.holds(&c.category, &link.name);
                 if c.uploaded && c.complete && repl.storage.tiered() {
                     // In S3 already: read through it rather than copy it.
                     let held = repl.storage.chunk_meta(&c.category, &name);
+                    if !holder && held.is_some_and(|m| m.local && m.uploaded) {
+                        // A copy made before this node stopped holding the
+                        // pair (--replicas k): S3 has the chunk now.
+                        repl.storage
+                            .reclaim(&c.category, &name, crate::storage::Reclaim::NotHolder)
+                            .await?;
+                    }
                     match (held, c.line_record()) {
                         (Some(m), Some(numbers)) if m.uploaded => {
                             if m.line_record() != Some(numbers) {
@@ -162,6 +185,27 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
                                 .await?;
                         }
                     }
+                    targets.remove(&(c.category, name));
+                    continue;
+                }
+                if !holder
+                    && repl
+                        .storage
+                        .chunk_meta(&c.category, &name)
+                        .is_none_or(|m| m.elsewhere())
+                {
+                    // Other nodes hold it (--replicas k): listed here, read
+                    // from them. A copy made before this node stopped
+                    // holding the pair is kept up to date instead, until
+                    // it is uploaded.
+                    repl.storage.note_elsewhere(
+                        &c.category,
+                        &name,
+                        c.size,
+                        c.complete,
+                        c.first_line,
+                        c.line_record(),
+                    )?;
                     targets.remove(&(c.category, name));
                     continue;
                 }
@@ -182,6 +226,11 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
         };
         match result {
             Ok(()) => backoff = BACKOFF_INITIAL,
+            Err(PullError::Replan) => {
+                placement.borrow_and_update();
+                since = 0;
+                targets.clear();
+            }
             Err(e) => {
                 repl.set_connected(link, false, Some(e.to_string())).await;
                 repl.maybe_declare_lost(link).await;
@@ -294,6 +343,13 @@ async fn copy(
                 return Ok(());
             }
             let held = storage.chunk_meta(category, chunk);
+            if held.is_some_and(|m| m.elsewhere()) {
+                // Listed here as held elsewhere, this node's to hold now.
+                if !catch_up(repl, client, category, chunk, cancel).await? {
+                    break;
+                }
+                continue;
+            }
             let have = held.map_or(0, |m| m.size);
             if let (Some(first), Some(m)) = (target.first_line, held)
                 && m.first_line != Some(first)
@@ -402,6 +458,50 @@ async fn copy(
         }
     }
     Ok(())
+}
+
+/// Copies a chunk listed here as held elsewhere beside its listing, and
+/// adopts the copy once it holds what is listed (readers never see the
+/// chunk shrink). False when it could not (the owner holds less than
+/// listed, or stopping); errors end the round, and the next one starts the
+/// copy again.
+async fn catch_up(
+    repl: &Replication,
+    client: &Client,
+    category: &str,
+    chunk: &ChunkName,
+    cancel: &CancellationToken,
+) -> Result<bool, PullError> {
+    let storage = &repl.storage;
+    let (mut size, mut lines) = (0u64, 0u64);
+    loop {
+        let Some(listed) = storage
+            .chunk_meta(category, chunk)
+            .filter(|m| m.elsewhere())
+        else {
+            // Uploaded or reclaimed meanwhile: nothing to adopt.
+            return Ok(true);
+        };
+        if size >= listed.size && storage.adopt_copy(category, chunk, size, lines).await? {
+            tracing::debug!(category, chunk = %chunk, size, "a chunk held elsewhere is copied here now");
+            return Ok(true);
+        }
+        if cancel.is_cancelled() || (listed.complete && size >= listed.size) {
+            return Ok(false);
+        }
+        let read = client
+            .read_chunk(category, &chunk.to_string(), size, COPY_READ_BYTES)
+            .await?;
+        if read.data.is_empty() {
+            return Ok(false);
+        }
+        let len = read.data.len() as u64;
+        lines += memchr::memchr_iter(b'\n', &read.data).count() as u64;
+        storage
+            .catch_up_write(category, chunk, size, read.data)
+            .await?;
+        size += len;
+    }
 }
 
 fn passed_by_all(repl: &Replication, category: &str, chunk: &ChunkName, t: Target) -> bool {

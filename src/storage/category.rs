@@ -321,6 +321,45 @@ impl Category {
         self.feed.announce(version);
     }
 
+    /// Records `meta` for `chunk` under the next change version and wakes
+    /// its readers (a chunk held elsewhere, as its owner lists it).
+    pub fn put_meta(&self, chunk: &ChunkName, meta: ChunkMeta) {
+        let version = self.chunks.lock().unwrap().put(&self.feed, chunk, meta);
+        if meta.complete {
+            self.feed.completed();
+        }
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        self.feed.announce(version);
+    }
+
+    /// Makes the copy of a chunk held elsewhere (`size` bytes, `lines`
+    /// lines) the local one, when it holds what is listed (a complete
+    /// chunk: exactly its size). `Some(complete)` when adopted.
+    pub fn adopt(&self, chunk: &ChunkName, size: u64, lines: u64) -> Option<bool> {
+        let version = {
+            let mut chunks = self.chunks.lock().unwrap();
+            let m = *chunks.map.get(chunk)?;
+            let fits = if m.complete {
+                size == m.size
+            } else {
+                size >= m.size
+            };
+            if !m.elsewhere() || !fits {
+                return None;
+            }
+            let meta = ChunkMeta {
+                size,
+                local: true,
+                lines: Some(lines),
+                ..m
+            };
+            chunks.put(&self.feed, chunk, meta)
+        };
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        self.feed.announce(version);
+        Some(self.meta(chunk).is_some_and(|m| m.complete))
+    }
+
     /// Sets the number of a chunk's first line, without a new version (it
     /// comes from the owner's listing). False when unknown or unchanged.
     pub fn set_first_line(&self, chunk: &ChunkName, first_line: u64) -> bool {

@@ -47,6 +47,7 @@
 mod category;
 pub mod disk;
 mod drop_behind;
+mod elsewhere;
 mod error;
 pub mod lock;
 mod mapped;
@@ -202,6 +203,9 @@ struct Shared {
     feed: Arc<ChangeFeed>,
     /// Reads evicted chunks from the object store (set when tiered).
     remote: OnceLock<Arc<dyn RemoteChunks>>,
+    /// Reads chunks held by other nodes only (`--replicas k`; see
+    /// `elsewhere`).
+    elsewhere: OnceLock<Arc<dyn RemoteChunks>>,
     /// Why writes must wait, by gate (see [`Storage::close_writes`]);
     /// empty when they may go.
     writable: tokio::sync::watch::Sender<BTreeMap<&'static str, String>>,
@@ -271,6 +275,7 @@ impl Storage {
                 disk,
                 feed: ChangeFeed::new(),
                 remote: OnceLock::new(),
+                elsewhere: OnceLock::new(),
                 writable: tokio::sync::watch::Sender::new(BTreeMap::new()),
                 fresh,
                 incarnation: new_incarnation(),
@@ -905,7 +910,13 @@ impl Storage {
                 done => return done,
             }
         }
-        let remote = self.remote().cloned();
+        // A chunk only other nodes hold is read from them; an evicted one
+        // (or one evicted while this read starts) from the object store.
+        let remote = if meta.elsewhere() {
+            self.elsewhere_reader().cloned()
+        } else {
+            self.remote().cloned()
+        };
         let (category, chunk) = (cat.name.clone(), chunk.clone());
         tokio::task::spawn_blocking(move || {
             if local {

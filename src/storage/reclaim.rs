@@ -1,16 +1,17 @@
 //! Reclaiming space: the one way a chunk's bytes leave this node.
 //!
-//! Four policies decide *when* a chunk may go, each where its trigger is:
-//! the consumers' release of acknowledged chunks (`consumers::release`,
-//! woken by acks), the age sweep (`upload::sweep`: `--local-retention` and
-//! `--retention`, on a timer), and the disk monitor (above the high-water
-//! mark). This module decides *how*, in one place, from the reason alone:
+//! Policies decide *when* a chunk may go, each where its trigger is: the
+//! consumers' release of acknowledged chunks (`consumers::release`, woken
+//! by acks), the age sweep (`upload::sweep`: `--local-retention` and
+//! `--retention`, on a timer), the disk monitor (above the high-water
+//! mark), and replication (a pair this node no longer holds). This module decides *how*, in one place, from the reason alone:
 //!
 //! | reason | with S3 | without S3 |
 //! |---|---|---|
 //! | acknowledged by every consumer | local copy evicted once uploaded | chunk deleted |
 //! | local copy older than `--local-retention` | evicted | — |
 //! | disk above the high-water mark | evicted, oldest first | — |
+//! | no longer held here (`--replicas k`) | evicted once uploaded | — |
 //! | older than `--retention` | deleted with its upload record (its object first, by the uploader) | deleted |
 //!
 //! "Retention" means only the age limits (`--retention`,
@@ -30,6 +31,9 @@ pub enum Reclaim {
     LocalAge,
     /// The disk is above the high-water mark (S3 only).
     DiskPressure,
+    /// It is uploaded and this node no longer holds its (category, owner)
+    /// pair (`--replicas k`; S3 only).
+    NotHolder,
     /// It is older than `--retention`.
     Expired,
 }
@@ -40,6 +44,7 @@ impl Reclaim {
             Reclaim::Acknowledged => "every consumer acknowledged it",
             Reclaim::LocalAge => "local copy older than --local-retention",
             Reclaim::DiskPressure => "disk above the high-water mark",
+            Reclaim::NotHolder => "uploaded, and other nodes hold it (--replicas)",
             Reclaim::Expired => "older than --retention",
         }
     }
@@ -63,9 +68,10 @@ impl Storage {
                     false => TierOutcome::NotEligible,
                 }
             }
-            Reclaim::Acknowledged | Reclaim::LocalAge | Reclaim::DiskPressure => {
-                self.evict(category, chunk).await?
-            }
+            Reclaim::Acknowledged
+            | Reclaim::LocalAge
+            | Reclaim::DiskPressure
+            | Reclaim::NotHolder => self.evict(category, chunk).await?,
             Reclaim::Expired => self.purge(category, chunk).await?,
         };
         if outcome == TierOutcome::Done {

@@ -135,7 +135,7 @@ impl Storage {
         self.category(category).ok()?.meta(chunk)
     }
 
-    fn check_replica(&self, chunk: &ChunkName) -> Result<(), StorageError> {
+    pub(super) fn check_replica(&self, chunk: &ChunkName) -> Result<(), StorageError> {
         if chunk.owner == self.node() {
             return Err(StorageError::OwnChunk {
                 chunk: chunk.to_string(),
@@ -360,6 +360,17 @@ impl Storage {
             .map_err(|e| StorageError::io(format!("cannot create copy {chunk}"), e))?;
         }
         cat.update(chunk, size, true, None, held.is_none().then_some(0));
+        self.queue_completion(cat, chunk, size).await
+    }
+
+    /// Queues the durable record of a copy completed at `size`.
+    pub(super) async fn queue_completion(
+        &self,
+        cat: Arc<Category>,
+        chunk: &ChunkName,
+        size: u64,
+    ) -> Result<(), StorageError> {
+        let path = cat.chunk_path(chunk);
         self.shared
             .completions
             .send(Completion {

@@ -74,7 +74,8 @@ impl Storage {
         let mut out = Vec::new();
         for cat in self.all_categories() {
             for c in cat.list() {
-                if c.name.owner == owner {
+                // Chunks held elsewhere are the holders' to report.
+                if c.name.owner == owner && !c.meta.elsewhere() {
                     out.push((cat.name.clone(), c));
                 }
             }

@@ -136,6 +136,12 @@ pub trait Cluster: Send + Sync + std::fmt::Debug {
     /// A node forgotten with `forget-node` and still down (bucket
     /// membership): to be forgotten here too.
     fn forgotten(&self, name: &str);
+    /// The nodes that copied `owner`'s chunks of `category` while it was a
+    /// member (`--replicas k`); `None`: every node.
+    fn copied_by(&self, category: &str, owner: &str) -> Option<Vec<String>>;
+    /// This node holds `owner`'s chunks of `category` (always with
+    /// `--replicas all`).
+    fn holds(&self, category: &str, owner: &str) -> bool;
 }
 
 /// The tier of one node. Shared as `Arc<Tiering>`.
@@ -545,9 +551,11 @@ impl Tiering {
         })
     }
 
-    /// True when this node uploads chunks of `owner`: its own, or a lost
-    /// owner's when it is the reachable node with the smallest name.
-    fn uploads_for(&self, owner: &str) -> Responsibility {
+    /// True when this node uploads `owner`'s chunks of `category`: its
+    /// own, or a lost owner's when it is the reachable node with the
+    /// smallest name (among the nodes that held the pair, with
+    /// `--replicas k`).
+    fn uploads_for(&self, category: &str, owner: &str) -> Responsibility {
         let me = self.storage.node();
         if owner == me {
             return Responsibility::Owner;
@@ -555,11 +563,13 @@ impl Tiering {
         if !self.cluster.owner_lost(owner) {
             return Responsibility::None;
         }
+        let held_by = self.cluster.copied_by(category, owner);
         let chosen = self
             .cluster
             .reachable_peers()
             .into_iter()
             .filter(|p| p != owner)
+            .filter(|p| held_by.as_ref().is_none_or(|h| h.contains(p)))
             .all(|p| p.as_str() > me);
         if chosen {
             Responsibility::Chosen

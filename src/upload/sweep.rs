@@ -56,16 +56,21 @@ async fn sweep(tier: &Tiering) {
                 expire(tier, &category, &c.name, m.uploaded).await;
                 continue;
             }
+            // A pair this node no longer holds (--replicas k) keeps no
+            // uploaded copy here.
+            let why = if older_than(m.created_ms, tier.retention.local_retention) {
+                Some(Reclaim::LocalAge)
+            } else if !tier.cluster.holds(&category, &c.name.owner) {
+                Some(Reclaim::NotHolder)
+            } else {
+                None
+            };
             if tier.s3.is_some()
                 && m.uploaded
                 && m.local
-                && older_than(m.created_ms, tier.retention.local_retention)
+                && let Some(why) = why
             {
-                match tier
-                    .storage
-                    .reclaim(&category, &c.name, Reclaim::LocalAge)
-                    .await
-                {
+                match tier.storage.reclaim(&category, &c.name, why).await {
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(category, chunk = %c.name, error = %e, "cannot evict a chunk")
@@ -87,7 +92,7 @@ async fn expire(
     if let Some((_, store)) = &tier.s3
         && uploaded
         && matches!(
-            tier.uploads_for(&chunk.owner),
+            tier.uploads_for(category, &chunk.owner),
             Responsibility::Owner | Responsibility::Chosen
         )
     {

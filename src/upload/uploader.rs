@@ -259,7 +259,7 @@ fn pending(tier: &Tiering) -> Vec<Job> {
             if !m.complete || m.uploaded || !m.local {
                 continue;
             }
-            let role = tier.uploads_for(&c.name.owner);
+            let role = tier.uploads_for(&category, &c.name.owner);
             if role == Responsibility::None {
                 continue;
             }

@@ -34,6 +34,7 @@ pub fn config(dir: &Path) -> ServeConfig {
         peers: Vec::new(),
         advertise_addr: None,
         owner_lost_after: None,
+        replicas: None,
         first_start: false,
         replication_wait: Duration::from_secs(30),
         peer_timeout: Duration::from_secs(10),

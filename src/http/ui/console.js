@@ -115,6 +115,8 @@ function renderOverview(v) {
   $("s3-backlog").textContent = c.s3_backlog_chunks === null
     ? "S3 off" : `${c.s3_backlog_chunks} chunks, ${bytes(c.s3_backlog_bytes)}`;
   $("errors-5m").textContent = c.errors_last_5m;
+  $("under-replicated").textContent = `${c.under_replicated_chunks} (replicas: ${c.replicas || "all"})`;
+  $("under-replicated").className = "value " + (c.under_replicated_chunks ? "lagging" : "up");
 
   fill($("nodes").tBodies[0], v.nodes.map((n) => {
     const state = n.this_node ? badge("this node", "up")
@@ -173,7 +175,7 @@ function renderChunks(d) {
   $("category-title").textContent = d.name;
   fill($("chunks").tBodies[0], d.chunks.map((c) => {
     const where = [c.local ? "local" : null, c.uploaded ? (c.local ? "S3" : "S3 only (evicted)") : null]
-      .filter(Boolean).join(" + ") || "–";
+      .filter(Boolean).join(" + ") || "held elsewhere";
     return el("tr", { "data-chunk": c.name, "data-state": c.state },
       el("td", {}, c.name), el("td", {}, c.owner),
       el("td", { class: "num" }, bytes(c.size)),

@@ -1,0 +1,295 @@
+//! `--replicas k`: which chunks this node copies, reading the others from
+//! their holders, and counting this node's chunks with too few copies.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use chunkbus_client::ChunkName;
+use reqwest::StatusCode;
+
+use super::{Replication, placement};
+use crate::storage::RemoteChunks;
+
+/// Largest range one request to a holder asks for (the route's bound).
+pub const MAX_HELD_READ_BYTES: u64 = 8 << 20;
+
+/// How often the chunks with too few copies are counted.
+const UNDER_REPLICATED_EVERY: Duration = Duration::from_secs(2);
+
+impl Replication {
+    /// The nodes that hold `owner`'s chunks of `category` (see
+    /// `placement`); `None` with `--replicas all`.
+    pub fn holders(&self, category: &str, owner: &str) -> Option<Vec<String>> {
+        self.placed(category, owner, false)
+    }
+
+    /// The nodes that copied `owner`'s chunks of `category` while it was a
+    /// member (the holders were it not lost): among them, the one that
+    /// uploads a lost owner's chunks. `None` with `--replicas all`.
+    pub fn copied_by(&self, category: &str, owner: &str) -> Option<Vec<String>> {
+        self.placed(category, owner, true)
+    }
+
+    fn placed(&self, category: &str, owner: &str, owner_member: bool) -> Option<Vec<String>> {
+        let k = self.cfg.replicas? as usize;
+        let links = self.links();
+        let lost: Vec<bool> = links
+            .iter()
+            .map(|l| l.state.lock().unwrap().forgotten)
+            .collect();
+        let mut members: Vec<&str> = vec![self.node()];
+        members.extend(
+            links
+                .iter()
+                .zip(&lost)
+                .filter(|(l, lost)| !**lost || (owner_member && l.name == owner))
+                .map(|(l, _)| l.name.as_str()),
+        );
+        Some(placement::holders(category, owner, &members, k))
+    }
+
+    /// True when this node holds (copies) `owner`'s chunks of `category`.
+    pub fn holds(&self, category: &str, owner: &str) -> bool {
+        owner == self.node()
+            || self
+                .holders(category, owner)
+                .is_none_or(|h| h.iter().any(|n| n == self.node()))
+    }
+
+    /// How many other nodes copy a chunk of this node: the most
+    /// `min_replicas` may ask for.
+    pub fn other_holders(&self) -> u64 {
+        let peers = self.peer_count() as u64;
+        match self.cfg.replicas {
+            Some(k) => peers.min(u64::from(k) - 1),
+            None => peers,
+        }
+    }
+
+    /// `--replicas` as set: `all` or k.
+    pub fn replicas_setting(&self) -> String {
+        self.cfg
+            .replicas
+            .map_or_else(|| "all".to_owned(), |k| k.to_string())
+    }
+
+    /// With `--replicas k`: per category and owner known here, the nodes
+    /// that hold the owner's chunks.
+    pub fn pairs(&self) -> Vec<chunkbus_client::PairHolders> {
+        if !self.partial() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for category in self.storage.categories() {
+            let mut owners: Vec<String> = self
+                .storage
+                .chunks(&category)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| c.name.owner)
+                .collect();
+            owners.dedup();
+            for owner in owners {
+                let nodes = self.holders(&category, &owner).unwrap_or_default();
+                out.push(chunkbus_client::PairHolders {
+                    category: category.clone(),
+                    owner,
+                    nodes,
+                });
+            }
+        }
+        out
+    }
+
+    /// Keeps `chunkbus_chunks_under_replicated` current until `cancel`.
+    pub(super) async fn count_under_replicated(
+        self: Arc<Self>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(UNDER_REPLICATED_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let n = self.under_replicated();
+            self.metrics.chunks_under_replicated.set(n as i64);
+        }
+    }
+
+    /// `--replicas k` is set.
+    pub fn partial(&self) -> bool {
+        self.cfg.replicas.is_some()
+    }
+
+    /// The members that hold chunks changed: pullers list again.
+    pub(super) fn placement_moved(&self) {
+        if self.partial() {
+            self.placement.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    pub(super) fn subscribe_placement(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.placement.subscribe()
+    }
+
+    /// The reader of chunks held elsewhere, for the storage.
+    pub fn elsewhere_reader(self: &Arc<Self>) -> Arc<dyn RemoteChunks> {
+        Arc::new(HolderReader {
+            repl: Arc::downgrade(self),
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// The peers to ask for `owner`'s chunk of `category`: its holders
+    /// (the owner first), then the other peers that answer (a holder in
+    /// their view, during a change of membership).
+    fn sources(&self, category: &str, owner: &str) -> Vec<Arc<super::PeerLink>> {
+        let links = self.links();
+        let mut out: Vec<Arc<super::PeerLink>> = Vec::new();
+        for name in self.holders(category, owner).unwrap_or_default() {
+            if let Some(l) = links.iter().find(|l| l.name == name) {
+                out.push(l.clone());
+            }
+        }
+        if let Some(l) = links.iter().find(|l| l.name == owner)
+            && !out.iter().any(|o| o.name == owner)
+        {
+            out.insert(0, l.clone());
+        }
+        for l in links {
+            if !out.iter().any(|o| o.name == l.name) && l.state.lock().unwrap().connected {
+                out.push(l);
+            }
+        }
+        out
+    }
+
+    /// Exactly `buf.len()` bytes of a chunk held elsewhere, from the first
+    /// source that holds them.
+    async fn read_from_holders(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> std::io::Result<()> {
+        let sources = self.sources(category, &chunk.owner);
+        let mut failures = Vec::new();
+        for link in sources {
+            match self.read_held(&link, category, chunk, buf, offset).await {
+                Ok(()) => {
+                    self.metrics
+                        .held_elsewhere_read_bytes
+                        .inc_by(buf.len() as u64);
+                    return Ok(());
+                }
+                Err(e) => failures.push(format!("{}: {e}", link.name)),
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "no node that holds {chunk} answered ({})",
+            if failures.is_empty() {
+                "none is known".to_owned()
+            } else {
+                failures.join("; ")
+            }
+        )))
+    }
+
+    async fn read_held(
+        &self,
+        link: &super::PeerLink,
+        category: &str,
+        chunk: &ChunkName,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<(), String> {
+        let base = self.peer_base(link);
+        for (i, piece) in buf.chunks_mut(MAX_HELD_READ_BYTES as usize).enumerate() {
+            let at = offset + (i as u64) * MAX_HELD_READ_BYTES;
+            let resp = self
+                .http
+                .get(format!("{base}/v1/internal/held/{category}/{chunk}"))
+                .query(&[("offset", at), ("len", piece.len() as u64)])
+                .timeout(self.cfg.peer_timeout + Duration::from_secs(10))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            match resp.status() {
+                StatusCode::OK => {}
+                StatusCode::NOT_FOUND => return Err("does not hold that range".into()),
+                s => return Err(format!("answered {s}")),
+            }
+            let body = resp.bytes().await.map_err(|e| e.to_string())?;
+            if body.len() != piece.len() {
+                return Err(format!(
+                    "sent {} bytes for {} asked",
+                    body.len(),
+                    piece.len()
+                ));
+            }
+            piece.copy_from_slice(&body);
+        }
+        Ok(())
+    }
+
+    /// This node's complete chunks that are not in S3 and that fewer other
+    /// nodes hold than should (k-1, or every peer not lost with
+    /// `--replicas all`), as the replicas' reports say.
+    pub fn under_replicated(&self) -> u64 {
+        let wanted = match self.cfg.replicas {
+            // k, or fewer when there are fewer members.
+            Some(_) => self
+                .holders("", self.node())
+                .map_or(0, |h| h.len().saturating_sub(1)),
+            None => self
+                .links()
+                .iter()
+                .filter(|l| !l.state.lock().unwrap().forgotten)
+                .count(),
+        } as u32;
+        if wanted == 0 {
+            return 0;
+        }
+        let me = self.node();
+        let mut under = 0;
+        for category in self.storage.categories() {
+            for c in self.storage.chunks(&category).unwrap_or_default() {
+                if c.name.owner == me
+                    && c.meta.complete
+                    && !c.meta.uploaded
+                    && self.progress.copies(&category, &c.name, c.meta.size) < wanted
+                {
+                    under += 1;
+                }
+            }
+        }
+        under
+    }
+}
+
+/// Reads chunks held elsewhere from their holders, on the storage's
+/// blocking threads.
+#[derive(Debug)]
+struct HolderReader {
+    repl: Weak<Replication>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl RemoteChunks for HolderReader {
+    fn read_exact_at(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> std::io::Result<()> {
+        let Some(repl) = self.repl.upgrade() else {
+            return Err(std::io::Error::other("the node is stopping"));
+        };
+        self.runtime
+            .block_on(repl.read_from_holders(category, chunk, buf, offset))
+    }
+}
