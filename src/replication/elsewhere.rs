@@ -239,16 +239,19 @@ impl Replication {
     /// nodes hold than should (k-1, or every peer not lost with
     /// `--replicas all`), as the replicas' reports say.
     pub fn under_replicated(&self) -> u64 {
+        // Copies on lost nodes do not count.
+        let members: std::collections::HashSet<String> = self
+            .links()
+            .iter()
+            .filter(|l| !l.state.lock().unwrap().forgotten)
+            .map(|l| l.name.clone())
+            .collect();
         let wanted = match self.cfg.replicas {
             // k, or fewer when there are fewer members.
             Some(_) => self
                 .holders("", self.node())
                 .map_or(0, |h| h.len().saturating_sub(1)),
-            None => self
-                .links()
-                .iter()
-                .filter(|l| !l.state.lock().unwrap().forgotten)
-                .count(),
+            None => members.len(),
         } as u32;
         if wanted == 0 {
             return 0;
@@ -260,7 +263,10 @@ impl Replication {
                 if c.name.owner == me
                     && c.meta.complete
                     && !c.meta.uploaded
-                    && self.progress.copies(&category, &c.name, c.meta.size) < wanted
+                    && self
+                        .progress
+                        .copies(&category, &c.name, c.meta.size, |r| members.contains(r))
+                        < wanted
                 {
                     under += 1;
                 }

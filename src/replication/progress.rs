@@ -88,8 +88,14 @@ impl ProgressStore {
     /// How many replicas hold all `size` bytes of `chunk`: those that
     /// reported it at that size, and those that reported a later chunk of
     /// its owner in that category (copies are made in chunk order; reports
-    /// of older chunks are not kept).
-    pub fn copies(&self, category: &str, chunk: &ChunkName, size: u64) -> u32 {
+    /// of older chunks are not kept). Only replicas `counts` accepts count.
+    pub fn copies(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        size: u64,
+        counts: impl Fn(&str) -> bool,
+    ) -> u32 {
         let held = self.held.lock().unwrap();
         let mut replicas = std::collections::HashSet::new();
         let from = (category.to_owned(), chunk.clone());
@@ -98,7 +104,7 @@ impl ProgressStore {
                 break;
             }
             for (replica, &s) in by_replica {
-                if n.index > chunk.index || s >= size {
+                if (n.index > chunk.index || s >= size) && counts(replica) {
                     replicas.insert(replica.as_str());
                 }
             }
@@ -135,6 +141,27 @@ impl ProgressStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_count_replicas_past_a_chunk_and_only_those_that_count() {
+        let store = ProgressStore::default();
+        let c = |i| ChunkName::new("eu1", i);
+        store.record("eu2", "app", c(3), 100);
+        store.record("eu3", "app", c(3), 40);
+        assert_eq!(store.copies("app", &c(3), 100, |_| true), 1);
+        // A later chunk reported: the earlier one was copied first.
+        store.record("eu3", "app", c(4), 10);
+        assert_eq!(store.copies("app", &c(3), 100, |_| true), 2);
+        assert_eq!(store.copies("app", &c(4), 10, |_| true), 1);
+        // Nothing of another category or owner counts.
+        store.record("eu4", "web", c(9), 10);
+        store.record("eu4", "app", ChunkName::new("eu9", 9), 10);
+        assert_eq!(store.copies("app", &c(3), 100, |_| true), 2);
+        // A lost replica's copy does not count.
+        assert_eq!(store.copies("app", &c(3), 100, |r| r != "eu3"), 1);
+        // Old chunks (reports no longer kept) count the replicas past them.
+        assert_eq!(store.copies("app", &c(0), 5, |_| true), 2);
+    }
 
     #[tokio::test]
     async fn waits_for_enough_replicas() {

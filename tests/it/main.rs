@@ -22,6 +22,7 @@ mod kafka_clients;
 mod membership;
 mod otlp_loki;
 mod proxy;
+mod replicas;
 mod replication;
 mod s3_server;
 mod security;

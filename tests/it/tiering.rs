@@ -82,10 +82,11 @@ async fn read_all(client: &Client, category: &str, chunk: &ChunkInfo) -> Vec<u8>
     out
 }
 
-/// Every line a consumer named `name` gets (acking each batch) until idle.
-async fn consume_all(node: &BinNode, category: &str, name: &str) -> Vec<String> {
+/// Every line a consumer named `name` gets from the node at `url` (acking
+/// each batch) until idle.
+pub(crate) async fn consume_all(url: &str, category: &str, name: &str) -> Vec<String> {
     let consumer = chunkbus_client::Consumer::new(chunkbus_client::ConsumerConfig {
-        servers: vec![node.url("")],
+        servers: vec![url.to_owned()],
         category: category.into(),
         name: name.into(),
         until_idle: Some(Duration::from_secs(1)),
@@ -343,7 +344,7 @@ async fn acked_chunks_are_evicted_and_read_back_from_s3_everywhere() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(client.chunks("ev").await.unwrap().iter().all(|c| c.local));
-    assert_eq!(consume_all(&node, "ev", "reader").await, sent);
+    assert_eq!(consume_all(&node.url(""), "ev", "reader").await, sent);
     // ... and everything is once it has.
     let evicted = eventually(CONDITION_DEADLINE, "eviction", || async {
         let cs = client.chunks("ev").await.ok()?;
@@ -372,7 +373,7 @@ async fn acked_chunks_are_evicted_and_read_back_from_s3_everywhere() {
         assert_eq!(resp.status(), 400);
     }
     // A second consumer reads it all through `next`, from S3.
-    assert_eq!(consume_all(&node, "ev", "late").await, sent);
+    assert_eq!(consume_all(&node.url(""), "ev", "late").await, sent);
     // Chukcha's /read serves it too.
     let c = &evicted[0];
     let body = reqwest::get(node.url(&format!(
