@@ -1,4 +1,6 @@
-//! Leaderless replication: every node copies every peer's chunks.
+//! Leaderless replication: every node copies every peer's chunks (with
+//! `--replicas k`, those of the (category, owner) pairs it holds, see
+//! [`placement`]; it lists the others and reads them from their holders).
 //!
 //! One puller task per peer asks the peer's change feed
 //! (`POST /v1/internal/changes`, a long poll the owner answers as soon as it

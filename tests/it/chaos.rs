@@ -11,7 +11,9 @@
 //! The suite runs it for `CHUNKBUS_CHAOS_SECONDS` (120 by default);
 //! `scripts/chaos --minutes N` runs it longer, in release mode, and
 //! `--membership bucket` (`CHUNKBUS_CHAOS_MEMBERSHIP=bucket`) with nodes
-//! that find each other through the bucket instead of `--peers`.
+//! that find each other through the bucket instead of `--peers`, and
+//! `--replicas 2` (`CHUNKBUS_CHAOS_REPLICAS=2`) with each chunk held by two
+//! of the three nodes (the third reads it from them, or from S3).
 //!
 //! What a wipe may lose, by the durability contract: lines the wiped node
 //! acknowledged without `min_replicas` that no peer had copied and S3 did
@@ -113,6 +115,14 @@ fn task_rng(seed: u64, task: u64) -> rand::rngs::StdRng {
     rand::rngs::StdRng::seed_from_u64(seed ^ task.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
+/// `--replicas` of the soak's nodes: `CHUNKBUS_CHAOS_REPLICAS`, `all` by
+/// default.
+fn chaos_replicas() -> Option<u32> {
+    std::env::var("CHUNKBUS_CHAOS_REPLICAS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+}
+
 fn chaos_seconds() -> u64 {
     std::env::var("CHUNKBUS_CHAOS_SECONDS")
         .ok()
@@ -125,8 +135,10 @@ async fn chaos_soak_loses_no_acknowledged_line() {
     let seconds = chaos_seconds();
     let seed = chaos_seed();
     let membership = std::env::var("CHUNKBUS_CHAOS_MEMBERSHIP").unwrap_or("peers".into());
+    let replicas = chaos_replicas();
     eprintln!(
-        "chaos: seed {seed} (CHUNKBUS_CHAOS_SEED), {seconds} s of faults, membership {membership} (CHUNKBUS_CHAOS_MEMBERSHIP)"
+        "chaos: seed {seed} (CHUNKBUS_CHAOS_SEED), {seconds} s of faults, membership {membership} (CHUNKBUS_CHAOS_MEMBERSHIP), replicas {} (CHUNKBUS_CHAOS_REPLICAS)",
+        replicas.map_or("all".to_owned(), |k| k.to_string())
     );
     let s3 = TestS3::start().await;
     let mut extra: Vec<String> = s3.args();
@@ -141,6 +153,9 @@ async fn chaos_soak_loses_no_acknowledged_line() {
         ]
         .map(String::from),
     );
+    if let Some(k) = replicas {
+        extra.extend(["--replicas".to_owned(), k.to_string()]);
+    }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let env = s3
         .env()
@@ -187,7 +202,8 @@ async fn chaos_soak_loses_no_acknowledged_line() {
     let c = soak.counts.lock().unwrap();
     let acked = soak.acked.lock().unwrap().len();
     eprintln!(
-        "chaos: {seconds} s, membership {membership}, {} SIGKILLs, {} pauses ({} with a kill of another node), {} one-way cuts ({} held and delivered late), {} both-way cuts, {} S3 freezes, {} wipes ({} with an open chunk not in S3); {} writes acknowledged ({acked} lines), {} failed; {} consumer batches; lost acknowledged lines: 0 (excused: {excused} acknowledged without min_replicas by a node, not yet copied when it was wiped)",
+        "chaos: {seconds} s, membership {membership}, replicas {}, {} SIGKILLs, {} pauses ({} with a kill of another node), {} one-way cuts ({} held and delivered late), {} both-way cuts, {} S3 freezes, {} wipes ({} with an open chunk not in S3); {} writes acknowledged ({acked} lines), {} failed; {} consumer batches; lost acknowledged lines: 0 (excused: {excused} acknowledged without min_replicas by a node, not yet copied when it was wiped)",
+        replicas.map_or("all".to_owned(), |k| k.to_string()),
         c.kills + c.pause_and_kill,
         c.pauses + c.pause_and_kill,
         c.pause_and_kill,
@@ -235,7 +251,9 @@ async fn writer(soak: Arc<Soak>, w: usize, mut rng: rand::rngs::StdRng, stop: Ca
             body.push_str(l);
             body.push('\n');
         }
-        let min_replicas = *[0, 0, 1, 1, 2].choose(&mut rng).unwrap();
+        // At most the other holders of a chunk.
+        let most = chaos_replicas().map_or(NODES as u32 - 1, |k| k - 1);
+        let min_replicas = (*[0, 0, 1, 1, 2].choose(&mut rng).unwrap()).min(most);
         let opts = ProduceOptions {
             sync: *[Some(true), Some(false), None].choose(&mut rng).unwrap(),
             min_replicas: (min_replicas > 0).then_some(min_replicas),
