@@ -4,14 +4,17 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use chunkbus_client::ChunkName;
 use reqwest::StatusCode;
 
 use super::{Replication, placement};
 use crate::storage::RemoteChunks;
 
-/// Largest range one request to a holder asks for (the route's bound).
+/// Largest range one request to a holder may ask for (the route's bound).
 pub const MAX_HELD_READ_BYTES: u64 = 8 << 20;
+/// Range of one request of a larger read; the requests go at once.
+const HELD_PIECE_BYTES: u64 = 2 << 20;
 
 /// How often the chunks with too few copies are counted.
 const UNDER_REPLICATED_EVERY: Duration = Duration::from_secs(2);
@@ -166,24 +169,22 @@ impl Replication {
         out
     }
 
-    /// Exactly `buf.len()` bytes of a chunk held elsewhere, from the first
-    /// source that holds them.
+    /// Exactly `len` bytes of a chunk held elsewhere from `offset`, from
+    /// the first source that holds them.
     async fn read_from_holders(
         &self,
         category: &str,
         chunk: &ChunkName,
-        buf: &mut [u8],
+        len: usize,
         offset: u64,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<Bytes> {
         let sources = self.sources(category, &chunk.owner);
         let mut failures = Vec::new();
         for link in sources {
-            match self.read_held(&link, category, chunk, buf, offset).await {
-                Ok(()) => {
-                    self.metrics
-                        .held_elsewhere_read_bytes
-                        .inc_by(buf.len() as u64);
-                    return Ok(());
+            match self.read_held(&link, category, chunk, len, offset).await {
+                Ok(bytes) => {
+                    self.metrics.held_elsewhere_read_bytes.inc_by(len as u64);
+                    return Ok(bytes);
                 }
                 Err(e) => failures.push(format!("{}: {e}", link.name)),
             }
@@ -198,41 +199,55 @@ impl Replication {
         )))
     }
 
+    /// `len` bytes from one holder: ranges of [`HELD_PIECE_BYTES`] asked
+    /// at once, the answer handed over as it came when it is one range.
     async fn read_held(
         &self,
         link: &super::PeerLink,
         category: &str,
         chunk: &ChunkName,
-        buf: &mut [u8],
+        len: usize,
         offset: u64,
-    ) -> Result<(), String> {
+    ) -> Result<Bytes, String> {
         let base = self.peer_base(link);
-        for (i, piece) in buf.chunks_mut(MAX_HELD_READ_BYTES as usize).enumerate() {
-            let at = offset + (i as u64) * MAX_HELD_READ_BYTES;
-            let resp = self
-                .http
-                .get(format!("{base}/v1/internal/held/{category}/{chunk}"))
-                .query(&[("offset", at), ("len", piece.len() as u64)])
-                .timeout(self.cfg.peer_timeout + Duration::from_secs(10))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            match resp.status() {
-                StatusCode::OK => {}
-                StatusCode::NOT_FOUND => return Err("does not hold that range".into()),
-                s => return Err(format!("answered {s}")),
+        let url = format!("{base}/v1/internal/held/{category}/{chunk}");
+        let piece = |at: u64, n: usize| {
+            let url = &url;
+            async move {
+                let resp = self
+                    .http
+                    .get(url)
+                    .query(&[("offset", at), ("len", n as u64)])
+                    .timeout(self.cfg.peer_timeout + Duration::from_secs(10))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match resp.status() {
+                    StatusCode::OK => {}
+                    StatusCode::NOT_FOUND => return Err("does not hold that range".to_owned()),
+                    s => return Err(format!("answered {s}")),
+                }
+                let body = resp.bytes().await.map_err(|e| e.to_string())?;
+                if body.len() != n {
+                    return Err(format!("sent {} bytes for {n} asked", body.len()));
+                }
+                Ok(body)
             }
-            let body = resp.bytes().await.map_err(|e| e.to_string())?;
-            if body.len() != piece.len() {
-                return Err(format!(
-                    "sent {} bytes for {} asked",
-                    body.len(),
-                    piece.len()
-                ));
-            }
-            piece.copy_from_slice(&body);
+        };
+        let step = HELD_PIECE_BYTES as usize;
+        let pieces = (0..len.div_ceil(step).max(1)).map(|i| {
+            let at = i * step;
+            piece(offset + at as u64, step.min(len - at))
+        });
+        let mut got = futures_util::future::try_join_all(pieces).await?;
+        if got.len() == 1 {
+            return Ok(got.pop().unwrap_or_default());
         }
-        Ok(())
+        let mut all = bytes::BytesMut::with_capacity(len);
+        for p in got {
+            all.extend_from_slice(&p);
+        }
+        Ok(all.freeze())
     }
 
     /// This node's complete chunks that are not in S3 and that fewer other
@@ -292,10 +307,22 @@ impl RemoteChunks for HolderReader {
         buf: &mut [u8],
         offset: u64,
     ) -> std::io::Result<()> {
+        let bytes = self.read_bytes_at(category, chunk, buf.len(), offset)?;
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    fn read_bytes_at(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        len: usize,
+        offset: u64,
+    ) -> std::io::Result<Bytes> {
         let Some(repl) = self.repl.upgrade() else {
             return Err(std::io::Error::other("the node is stopping"));
         };
         self.runtime
-            .block_on(repl.read_from_holders(category, chunk, buf, offset))
+            .block_on(repl.read_from_holders(category, chunk, len, offset))
     }
 }

@@ -48,6 +48,20 @@ pub trait RemoteChunks: Send + Sync + std::fmt::Debug {
         buf: &mut [u8],
         offset: u64,
     ) -> std::io::Result<()>;
+
+    /// Exactly `len` bytes of `chunk` from `offset`, in a buffer of their
+    /// own (a reader that receives them in one may hand it over as it is).
+    fn read_bytes_at(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        len: usize,
+        offset: u64,
+    ) -> std::io::Result<bytes::Bytes> {
+        let mut buf = vec![0u8; len];
+        self.read_exact_at(category, chunk, &mut buf, offset)?;
+        Ok(buf.into())
+    }
 }
 
 /// The bytes of an evicted chunk, as [`super::read::ReadAt`].
@@ -61,6 +75,11 @@ impl super::read::ReadAt for RemoteFile<'_> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.remote
             .read_exact_at(self.category, self.chunk, buf, offset)
+    }
+
+    fn read_bytes_at(&self, len: usize, offset: u64) -> std::io::Result<bytes::Bytes> {
+        self.remote
+            .read_bytes_at(self.category, self.chunk, len, offset)
     }
 }
 
