@@ -206,7 +206,7 @@ async fn five_nodes_with_two_replicas_keep_each_chunk_on_two_disks_and_serve_all
                     .await
                     .unwrap();
                 assert!(
-                    &read.data[..] == &bytes[..],
+                    read.data[..] == bytes[..],
                     "{cat}/{} read on n{}",
                     chunk.name,
                     i + 1
