@@ -118,11 +118,18 @@ pub(super) async fn copies(
         .into_iter()
         .map(|(category, c)| ChangedChunk::new(category, &c))
         .collect();
+    // Names listed here but held elsewhere are not copies to restore
+    // from, but were used.
+    let mut positions = st.consumers.highest_index_of(&node);
+    for (category, index) in st.storage.highest_elsewhere_of(&node) {
+        let h = positions.entry(category).or_insert(0);
+        *h = (*h).max(index);
+    }
     Ok(Json(CopiesResponse {
         node: st.storage.node().to_owned(),
         incarnation: st.storage.incarnation(),
         chunks,
-        positions: st.consumers.highest_index_of(&node),
+        positions,
         line_ends: st.storage.line_ends_of(&node),
     }))
 }

@@ -147,7 +147,9 @@ impl Replication {
 
     /// The peers to ask for `owner`'s chunk of `category`: its holders
     /// (the owner first), then the other peers that answer (a holder in
-    /// their view, during a change of membership).
+    /// their view, during a change of membership); those whose change
+    /// feed answers before those whose does not (a paused or cut-off
+    /// holder is asked last).
     fn sources(&self, category: &str, owner: &str) -> Vec<Arc<super::PeerLink>> {
         let links = self.links();
         let mut out: Vec<Arc<super::PeerLink>> = Vec::new();
@@ -166,6 +168,8 @@ impl Replication {
                 out.push(l);
             }
         }
+        // Stable: the order above holds within each group.
+        out.sort_by_key(|l| !l.state.lock().unwrap().connected);
         out
     }
 
@@ -218,7 +222,7 @@ impl Replication {
                     .http
                     .get(url)
                     .query(&[("offset", at), ("len", n as u64)])
-                    .timeout(self.cfg.peer_timeout + Duration::from_secs(10))
+                    .timeout(self.cfg.peer_timeout)
                     .send()
                     .await
                     .map_err(|e| e.to_string())?;

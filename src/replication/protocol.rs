@@ -168,7 +168,9 @@ pub struct CopiesResponse {
     /// The chunks, by category and index (`complete`: the copy is).
     pub chunks: Vec<ChangedChunk>,
     /// Per category, the highest chunk index of `{node}` named by a consumer
-    /// position held by the asked node (its copies may be deleted since).
+    /// position held by the asked node (its copies may be deleted since),
+    /// or by a chunk it lists but does not hold (`--replicas k`): names
+    /// `{node}` must not use again.
     #[serde(default)]
     pub positions: std::collections::BTreeMap<String, u32>,
     /// Per category, the highest end of `{node}`'s line numbers the asked

@@ -188,12 +188,26 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
                     targets.remove(&(c.category, name));
                     continue;
                 }
-                if !holder
-                    && repl
-                        .storage
-                        .chunk_meta(&c.category, &name)
-                        .is_none_or(|m| m.elsewhere())
-                {
+                let held = repl.storage.chunk_meta(&c.category, &name);
+                if !holder && held.is_none_or(|m| m.elsewhere()) {
+                    if held.is_none()
+                        && c.complete
+                        && !repl.storage.tiered()
+                        && passed_by_all(
+                            &repl,
+                            &c.category,
+                            &name,
+                            Target {
+                                size: c.size,
+                                complete: true,
+                                first_line: c.first_line,
+                            },
+                        )
+                    {
+                        // Every consumer is past it: released here already
+                        // (or it would be).
+                        continue;
+                    }
                     // Other nodes hold it (--replicas k): listed here, read
                     // from them. A copy made before this node stopped
                     // holding the pair is kept up to date instead, until
@@ -345,10 +359,14 @@ async fn copy(
             let held = storage.chunk_meta(category, chunk);
             if held.is_some_and(|m| m.elsewhere()) {
                 // Listed here as held elsewhere, this node's to hold now.
-                if !catch_up(repl, client, category, chunk, cancel).await? {
-                    break;
+                match catch_up(repl, client, category, chunk, cancel).await? {
+                    CatchUp::Adopted => continue,
+                    CatchUp::NotYet => break,
+                    CatchUp::Gone => {
+                        targets.remove(&key);
+                        break;
+                    }
                 }
-                continue;
             }
             let have = held.map_or(0, |m| m.size);
             if let (Some(first), Some(m)) = (target.first_line, held)
@@ -460,18 +478,28 @@ async fn copy(
     Ok(())
 }
 
+/// How a catch-up ended.
+enum CatchUp {
+    /// The copy is this node's now (or the chunk is no longer held
+    /// elsewhere): go on as for any copy.
+    Adopted,
+    /// Not now (the owner holds less than listed, or stopping).
+    NotYet,
+    /// The owner no longer has the chunk.
+    Gone,
+}
+
 /// Copies a chunk listed here as held elsewhere beside its listing, and
 /// adopts the copy once it holds what is listed (readers never see the
-/// chunk shrink). False when it could not (the owner holds less than
-/// listed, or stopping); errors end the round, and the next one starts the
-/// copy again.
+/// chunk shrink). Errors end the round, and the next one starts the copy
+/// again.
 async fn catch_up(
     repl: &Replication,
     client: &Client,
     category: &str,
     chunk: &ChunkName,
     cancel: &CancellationToken,
-) -> Result<bool, PullError> {
+) -> Result<CatchUp, PullError> {
     let storage = &repl.storage;
     let (mut size, mut lines) = (0u64, 0u64);
     loop {
@@ -480,20 +508,36 @@ async fn catch_up(
             .filter(|m| m.elsewhere())
         else {
             // Uploaded or reclaimed meanwhile: nothing to adopt.
-            return Ok(true);
+            return Ok(CatchUp::Adopted);
         };
-        if size >= listed.size && storage.adopt_copy(category, chunk, size, lines).await? {
-            tracing::debug!(category, chunk = %chunk, size, "a chunk held elsewhere is copied here now");
-            return Ok(true);
+        if size >= listed.size {
+            if size == 0 {
+                // An empty chunk's copy is an empty file.
+                storage
+                    .catch_up_write(category, chunk, 0, Bytes::new())
+                    .await?;
+            }
+            if storage.adopt_copy(category, chunk, size, lines).await? {
+                tracing::debug!(category, chunk = %chunk, size, "a chunk held elsewhere is copied here now");
+                return Ok(CatchUp::Adopted);
+            }
         }
         if cancel.is_cancelled() || (listed.complete && size >= listed.size) {
-            return Ok(false);
+            return Ok(CatchUp::NotYet);
         }
-        let read = client
+        let read = match client
             .read_chunk(category, &chunk.to_string(), size, COPY_READ_BYTES)
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            Err(ClientError::Status { status, message }) if status == StatusCode::NOT_FOUND => {
+                tracing::warn!(category, chunk = %chunk, error = %message, "the owner no longer has a chunk it listed; not copying it");
+                return Ok(CatchUp::Gone);
+            }
+            Err(e) => return Err(e.into()),
+        };
         if read.data.is_empty() {
-            return Ok(false);
+            return Ok(CatchUp::NotYet);
         }
         let len = read.data.len() as u64;
         lines += memchr::memchr_iter(b'\n', &read.data).count() as u64;

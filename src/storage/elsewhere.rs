@@ -49,8 +49,16 @@ impl Storage {
     }
 
     /// Lists another owner's chunk whose bytes other nodes hold, as its
-    /// owner lists it. A chunk held here (or uploaded) is left alone, and a
-    /// listed size never shrinks. True when it changed.
+    /// owner lists it. A chunk held here (or uploaded) is left alone. An
+    /// open listing never shrinks it (a listing older than the last one);
+    /// a complete one is the owner's final word, and replaces it even when
+    /// smaller (an owner that lost bytes and restored the chunk from a
+    /// holder's copy). True when it changed.
+    ///
+    /// Its numbers are not recorded as this node's knowledge of the
+    /// owner's numbering (`line_ends`): only a copy vouches for lines, so
+    /// that an owner that lost its disk numbers on after what its holders
+    /// hold, as with `--replicas all`.
     pub fn note_elsewhere(
         &self,
         category: &str,
@@ -65,7 +73,9 @@ impl Storage {
         let old = cat.meta(chunk);
         let meta = match old {
             Some(m) if !m.elsewhere() => return Ok(false),
-            Some(m) if m.size > size || (m.complete && m.size == size) => return Ok(false),
+            Some(m) if (m.size > size && !complete) || (m.complete && m.size == size) => {
+                return Ok(false);
+            }
             Some(m) => m,
             None => ChunkMeta {
                 local: false,
@@ -84,9 +94,6 @@ impl Storage {
             return Ok(false);
         }
         cat.put_meta(chunk, new);
-        if let Some(r) = numbers {
-            cat.note_line_ends([(chunk.owner.as_str(), r.end())]);
-        }
         Ok(true)
     }
 

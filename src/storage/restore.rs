@@ -84,6 +84,24 @@ impl Storage {
         out
     }
 
+    /// Per category, the highest index of `owner`'s chunks listed here as
+    /// held elsewhere (`--replicas k`).
+    pub fn highest_elsewhere_of(&self, owner: &str) -> std::collections::BTreeMap<String, u32> {
+        let mut out = std::collections::BTreeMap::new();
+        for cat in self.all_categories() {
+            if let Some(i) = cat
+                .list()
+                .iter()
+                .filter(|c| c.name.owner == owner && c.meta.elsewhere())
+                .map(|c| c.name.index)
+                .max()
+            {
+                out.insert(cat.name.clone(), i);
+            }
+        }
+        out
+    }
+
     /// Makes this node number its next lines of `category` from `next` on
     /// at least (the end of its chunks that its peers hold). In memory: a
     /// restart finds the restored chunks, or asks the peers again.
