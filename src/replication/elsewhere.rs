@@ -18,6 +18,8 @@ const HELD_PIECE_BYTES: u64 = 2 << 20;
 
 /// How often the chunks with too few copies are counted.
 const UNDER_REPLICATED_EVERY: Duration = Duration::from_secs(2);
+/// How often copies of pairs no longer held here are looked at (no S3).
+const UNHELD_COPIES_EVERY: Duration = Duration::from_secs(5);
 
 impl Replication {
     /// The nodes that hold `owner`'s chunks of `category` (see
@@ -119,6 +121,78 @@ impl Replication {
             let n = self.under_replicated();
             self.metrics.chunks_under_replicated.set(n as i64);
         }
+    }
+
+    /// Without S3, drops this node's complete copies of pairs it no longer
+    /// holds (a holder came back, a node joined) once every holder holds
+    /// the chunk whole, until `cancel`. With S3 they go once uploaded.
+    pub(super) async fn drop_unheld_copies(
+        self: Arc<Self>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        if !self.partial() || self.storage.tiered() {
+            return;
+        }
+        let mut tick = tokio::time::interval(UNHELD_COPIES_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for category in self.storage.categories() {
+                for c in self.storage.chunks(&category).unwrap_or_default() {
+                    let owner = &c.name.owner;
+                    if owner == self.node()
+                        || !c.meta.local
+                        || !c.meta.complete
+                        || self.holds(&category, owner)
+                    {
+                        continue;
+                    }
+                    if cancel.is_cancelled() || !self.held_whole(&category, &c).await {
+                        continue;
+                    }
+                    let done = self
+                        .storage
+                        .reclaim(&category, &c.name, crate::storage::Reclaim::NotHolder)
+                        .await;
+                    if let Err(e) = done {
+                        tracing::warn!(category, chunk = %c.name, error = %e, "cannot drop a copy this node no longer holds");
+                    }
+                }
+            }
+        }
+    }
+
+    /// True when `k` holders (all there are, with fewer members) hold
+    /// all of `chunk`: each has its last byte.
+    async fn held_whole(&self, category: &str, chunk: &crate::storage::ChunkStatus) -> bool {
+        let (Some(k), Some(holders)) =
+            (self.cfg.replicas, self.holders(category, &chunk.name.owner))
+        else {
+            return false;
+        };
+        if holders.len() < k as usize {
+            return false;
+        }
+        let (len, at) = match chunk.meta.size {
+            0 => (0, 0),
+            n => (1, n - 1),
+        };
+        for name in holders {
+            let Some(link) = self.link(&name) else {
+                return false;
+            };
+            if self
+                .read_held(&link, category, &chunk.name, len, at)
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
     }
 
     /// `--replicas k` is set.

@@ -201,3 +201,30 @@ impl Storage {
         .map(Some)
     }
 }
+
+impl Storage {
+    /// Deletes the local copy of another owner's complete chunk, which
+    /// stays listed, held elsewhere: a pair this node no longer holds,
+    /// once its holders hold the chunk whole (`--replicas k` without S3).
+    /// Only through [`Storage::reclaim`].
+    pub(super) async fn drop_copy(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> Result<super::TierOutcome, StorageError> {
+        self.check_replica(chunk)?;
+        let cat = self.category(category)?;
+        let Some(meta) = cat.meta(chunk) else {
+            return Ok(super::TierOutcome::Unknown);
+        };
+        if !meta.complete || !meta.local || meta.uploaded {
+            return Ok(super::TierOutcome::NotEligible);
+        }
+        super::tier::remove_file(&cat.chunk_path(chunk)).await?;
+        if !cat.set_tier(chunk, None, Some(false)) {
+            return Ok(super::TierOutcome::NotEligible);
+        }
+        tracing::debug!(category, chunk = %chunk, bytes = meta.size, "copy dropped: its holders hold it");
+        Ok(super::TierOutcome::Done)
+    }
+}

@@ -11,7 +11,7 @@
 //! | acknowledged by every consumer | local copy evicted once uploaded | chunk deleted |
 //! | local copy older than `--local-retention` | evicted | — |
 //! | disk above the high-water mark | evicted, oldest first | — |
-//! | no longer held here (`--replicas k`) | evicted once uploaded | — |
+//! | no longer held here (`--replicas k`) | evicted once uploaded | deleted once its holders hold it whole (it stays listed) |
 //! | older than `--retention` | deleted with its upload record (its object first, by the uploader) | deleted |
 //!
 //! "Retention" means only the age limits (`--retention`,
@@ -31,8 +31,8 @@ pub enum Reclaim {
     LocalAge,
     /// The disk is above the high-water mark (S3 only).
     DiskPressure,
-    /// It is uploaded and this node no longer holds its (category, owner)
-    /// pair (`--replicas k`; S3 only).
+    /// This node no longer holds its (category, owner) pair (`--replicas
+    /// k`): with S3 once it is uploaded, without once its holders hold it.
     NotHolder,
     /// It is older than `--retention`.
     Expired,
@@ -44,7 +44,7 @@ impl Reclaim {
             Reclaim::Acknowledged => "every consumer acknowledged it",
             Reclaim::LocalAge => "local copy older than --local-retention",
             Reclaim::DiskPressure => "disk above the high-water mark",
-            Reclaim::NotHolder => "uploaded, and other nodes hold it (--replicas)",
+            Reclaim::NotHolder => "other nodes hold it (--replicas)",
             Reclaim::Expired => "older than --retention",
         }
     }
@@ -68,6 +68,7 @@ impl Storage {
                     false => TierOutcome::NotEligible,
                 }
             }
+            Reclaim::NotHolder if !self.tiered() => self.drop_copy(category, chunk).await?,
             Reclaim::Acknowledged
             | Reclaim::LocalAge
             | Reclaim::DiskPressure
@@ -80,6 +81,7 @@ impl Storage {
             }
             let how = match why {
                 Reclaim::Expired => "deleted",
+                Reclaim::NotHolder => "local copy dropped",
                 _ if self.tiered() => "local copy evicted",
                 _ => "deleted",
             };

@@ -429,7 +429,7 @@ impl Storage {
     }
 }
 
-async fn remove_file(path: &Path) -> Result<(), StorageError> {
+pub(super) async fn remove_file(path: &Path) -> Result<(), StorageError> {
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
         let remove = || -> std::io::Result<()> {

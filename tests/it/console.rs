@@ -102,7 +102,8 @@ async fn the_console_shows_nodes_rates_lagging_consumers_and_a_dead_node_in_a_br
             "uploaded chunks counted",
             "const r = document.querySelector(\"#categories tr[data-category='app']\"); \
              return !!r && /^\\d+: \\d+ \\/ \\d+ \\/ [1-9]\\d* \\//.test(r.cells[4].innerText) \
-             && document.getElementById('s3-backlog').textContent.startsWith('0 chunks');",
+             && document.getElementById('s3-backlog').textContent.startsWith('0 chunks') \
+             && document.getElementById('under-replicated').textContent === '0 (replicas: all)';",
             DESCRIBE,
         )
         .await;
@@ -321,7 +322,8 @@ async fn top_once_prints_the_state_of_a_cluster() {
     assert!(
         out.starts_with("chunkbus ")
             && out.contains("node n2 ·")
-            && out.contains("nodes 2 up, 0 down"),
+            && out.contains("nodes 2 up, 0 down")
+            && out.contains("under-replicated 0 ·"),
         "{out}"
     );
     assert_eq!(row(&out, &["n2"]).unwrap()[1..3], ["this", "node"], "{out}");

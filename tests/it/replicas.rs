@@ -50,9 +50,12 @@ async fn produce(client: &Client, category: &str, tag: &str, n: usize) -> Vec<St
 
 /// The chunk files of `category` on each node's disk.
 fn disks(cluster: &TestCluster, category: &str) -> Vec<BTreeMap<String, Vec<u8>>> {
-    cluster
-        .dirs
-        .iter()
+    disks_in(&cluster.dirs, category)
+}
+
+/// The chunk files of `category` in each data directory of `dirs`.
+fn disks_in(dirs: &[std::path::PathBuf], category: &str) -> Vec<BTreeMap<String, Vec<u8>>> {
+    dirs.iter()
         .map(|d| chunk_files(&d.join(category)).into_iter().collect())
         .collect()
 }
@@ -507,5 +510,90 @@ async fn a_sixth_node_joins_through_the_bucket_under_writes_and_takes_its_share(
     for (i, (_, c)) in nodes.iter().enumerate() {
         let have: BTreeSet<String> = all_lines(c, "app").await.into_iter().collect();
         assert_eq!(have, acked["app"], "app on {}", names[i]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_s3_a_replacement_drops_its_copies_once_the_holder_is_back() {
+    let mut cluster = TestCluster::start(
+        3,
+        &[
+            "--replicas",
+            "2",
+            "--max-chunk-bytes",
+            "4KiB",
+            "--rotate-after",
+            "300ms",
+            "--owner-lost-after",
+            "2s",
+        ],
+    )
+    .await;
+    let owner = cluster.client(0);
+    let mut acked: BTreeSet<String> = produce(&owner, "app", "before", 150)
+        .await
+        .into_iter()
+        .collect();
+    let holders = holders_in(&owner.status().await.unwrap(), "app", "n1").unwrap();
+    let holder = cluster.names.iter().position(|n| *n == holders[1]).unwrap();
+    let other = 3 - holder;
+    // n1's chunk files on node `i` equal the owner's.
+    let dirs = cluster.dirs.clone();
+    let copies_whole = |i: usize| {
+        let d = disks_in(&dirs, "app");
+        let mine = |j: usize| -> BTreeMap<String, Vec<u8>> {
+            d[j].iter()
+                .filter(|(k, _)| k.starts_with("n1-"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        !mine(0).is_empty() && mine(0) == mine(i)
+    };
+    let settled_on = |i: usize| {
+        let owner = owner.clone();
+        async move {
+            let complete = owner.chunks("app").await.ok()?.iter().all(|c| c.complete);
+            (complete && copies_whole(i)).then_some(())
+        }
+    };
+    eventually(CONVERGE_DEADLINE, "the holder holds n1's chunks", || {
+        settled_on(holder)
+    })
+    .await;
+    assert!(
+        disks(&cluster, "app")[other]
+            .keys()
+            .all(|k| !k.starts_with("n1-")),
+        "the third node copied a pair it does not hold"
+    );
+    cluster.kill(holder).await;
+    acked.extend(produce(&owner, "app", "during", 100).await);
+    eventually(
+        CONVERGE_DEADLINE,
+        "the third node replaces the holder",
+        || settled_on(other),
+    )
+    .await;
+    // Back: the holder takes its place again and copies what it missed;
+    // the replacement drops its copies once both holders hold them, and
+    // still lists and serves them.
+    cluster.start_node(holder).await;
+    eventually(
+        CONVERGE_DEADLINE,
+        "the replacement's copies dropped",
+        || async {
+            let gone = disks_in(&dirs, "app")[other]
+                .keys()
+                .all(|k| !k.starts_with("n1-"));
+            (gone && copies_whole(holder)).then_some(())
+        },
+    )
+    .await;
+    for i in 0..3 {
+        let have: BTreeSet<String> = all_lines(&cluster.client(i), "app")
+            .await
+            .into_iter()
+            .collect();
+        assert_eq!(have, acked, "n{}", i + 1);
     }
 }
