@@ -111,16 +111,11 @@ impl Replication {
         self: Arc<Self>,
         cancel: tokio_util::sync::CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(UNDER_REPLICATED_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        every(UNDER_REPLICATED_EVERY, &cancel, || async {
             let n = self.under_replicated();
             self.metrics.chunks_under_replicated.set(n as i64);
-        }
+        })
+        .await
     }
 
     /// Without S3, drops this node's complete copies of pairs it no longer
@@ -133,13 +128,7 @@ impl Replication {
         if !self.partial() || self.storage.tiered() {
             return;
         }
-        let mut tick = tokio::time::interval(UNHELD_COPIES_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        every(UNHELD_COPIES_EVERY, &cancel, || async {
             for category in self.storage.categories() {
                 for c in self.storage.chunks(&category).unwrap_or_default() {
                     let owner = &c.name.owner;
@@ -162,7 +151,8 @@ impl Replication {
                     }
                 }
             }
-        }
+        })
+        .await
     }
 
     /// True when `k` holders (all there are, with fewer members) hold
@@ -366,6 +356,23 @@ impl Replication {
             }
         }
         under
+    }
+}
+
+/// Runs `f` every `period` (the first time at once) until `cancel`.
+async fn every<F: Future<Output = ()>>(
+    period: Duration,
+    cancel: &tokio_util::sync::CancellationToken,
+    mut f: impl FnMut() -> F,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        f().await;
     }
 }
 

@@ -211,7 +211,8 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
                     // Other nodes hold it (--replicas k): listed here, read
                     // from them. A copy made before this node stopped
                     // holding the pair is kept up to date instead, until
-                    // it is uploaded.
+                    // it is uploaded (or, without S3, its holders hold it
+                    // whole).
                     repl.storage.note_elsewhere(
                         &c.category,
                         &name,

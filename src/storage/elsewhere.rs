@@ -18,8 +18,6 @@
 //! adopts the copy once it holds everything listed
 //! ([`Storage::adopt_copy`]): readers never see the chunk shrink.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -28,7 +26,7 @@ use chunkbus_client::ChunkName;
 use super::category::{ChunkMeta, now_ms};
 use super::numbering::LineRecord;
 use super::tier::RemoteChunks;
-use super::{Storage, StorageError, state};
+use super::{Storage, StorageError};
 
 impl ChunkMeta {
     /// Listed here, its bytes held by other nodes only (neither on this
@@ -120,23 +118,7 @@ impl Storage {
         let len = data.len() as u64;
         let (cat2, chunk2) = (cat.clone(), chunk.clone());
         tokio::task::spawn_blocking(move || {
-            if offset == 0 {
-                // As for any new copy: a record of the index as complete
-                // goes first.
-                let mut st = cat2.state.lock().unwrap();
-                if st.unmark_complete(&chunk2.owner, chunk2.index) {
-                    state::save(&cat2.dir, &st).map_err(std::io::Error::other)?;
-                }
-            }
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)?;
-            if offset == 0 {
-                file.set_len(0)?;
-            }
-            file.write_all_at(&data, offset)
+            super::replica::write_copy(&cat2, &chunk2, &path, offset, &data, offset == 0)
         })
         .await
         .map_err(|e| StorageError::io("copy task failed", std::io::Error::other(e)))?

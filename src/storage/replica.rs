@@ -89,6 +89,37 @@ async fn persist(job: Completion) {
     }
 }
 
+/// Writes `data` at `offset` of the copy of `chunk` at `path` (offset 0
+/// starts it afresh: whatever a crash left past the known size goes). On
+/// a blocking thread. `creating`: the copy is about to exist, and a record
+/// of its index as complete (its copy was deleted, or the owner was
+/// forgotten before it was copied) is removed first, so that a crash never
+/// finds a partial copy recorded complete.
+pub(super) fn write_copy(
+    cat: &Category,
+    chunk: &ChunkName,
+    path: &std::path::Path,
+    offset: u64,
+    data: &[u8],
+    creating: bool,
+) -> std::io::Result<()> {
+    if creating {
+        let mut st = cat.state.lock().unwrap();
+        if st.unmark_complete(&chunk.owner, chunk.index) {
+            state::save(&cat.dir, &st).map_err(std::io::Error::other)?;
+        }
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    if offset == 0 {
+        file.set_len(0)?;
+    }
+    file.write_all_at(data, offset)
+}
+
 /// One of this node's chunks that changed, for the replication feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnChange {
@@ -181,26 +212,7 @@ impl Storage {
         let creating = held.is_none();
         let (cat2, chunk2) = (cat.clone(), chunk.clone());
         tokio::task::spawn_blocking(move || {
-            if creating {
-                // A copy of an index recorded complete (its copy was
-                // deleted, or the owner was forgotten before it was copied)
-                // is about to exist again: the record goes first, so that a
-                // crash never finds a partial copy recorded complete.
-                let mut st = cat2.state.lock().unwrap();
-                if st.unmark_complete(&chunk2.owner, chunk2.index) {
-                    state::save(&cat2.dir, &st).map_err(std::io::Error::other)?;
-                }
-            }
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)?;
-            if offset == 0 {
-                // Whatever a crash left past the known size goes.
-                file.set_len(0)?;
-            }
-            file.write_all_at(&data, offset)
+            write_copy(&cat2, &chunk2, &path, offset, &data, creating)
         })
         .await
         .map_err(|e| StorageError::io("replica write task failed", std::io::Error::other(e)))?

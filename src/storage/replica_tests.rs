@@ -198,3 +198,30 @@ async fn an_uploaded_chunk_replaces_a_short_complete_copy_never_a_longer_one() {
     assert!(m.uploaded && !m.local && m.size == 4, "{m:?}");
     s.shutdown().await;
 }
+
+/// A copy that holds every byte of a chunk its owner uploaded before this
+/// node saw it complete is completed and kept (recorded uploaded); a
+/// shorter open copy gives way to the object.
+#[tokio::test]
+async fn an_open_copy_holding_the_whole_uploaded_chunk_is_completed_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open_tiered(dir.path()).await;
+    let (whole, short) = (ChunkName::new("eu2", 0), ChunkName::new("eu2", 1));
+    for c in [&whole, &short] {
+        s.replica_append("app", c, 0, Bytes::from_static(b"a\nb\n"))
+            .await
+            .unwrap();
+    }
+    s.add_remote("app", &whole, 4, 0, None).await.unwrap();
+    let m = s.chunk_meta("app", &whole).unwrap();
+    assert!(m.complete && m.uploaded && m.local && m.size == 4, "{m:?}");
+    s.add_remote("app", &short, 6, 0, None).await.unwrap();
+    let m = s.chunk_meta("app", &short).unwrap();
+    assert!(m.complete && m.uploaded && !m.local && m.size == 6, "{m:?}");
+    s.shutdown().await;
+    drop(s);
+    let s = open_tiered(dir.path()).await;
+    let m = s.chunk_meta("app", &whole).unwrap();
+    assert!(m.complete && m.uploaded && m.local && m.size == 4, "{m:?}");
+    s.shutdown().await;
+}

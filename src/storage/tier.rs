@@ -193,10 +193,13 @@ impl Storage {
 
     /// Records a chunk that is in the object store but not held here (found
     /// by listing the bucket, or uploaded by its owner before this node
-    /// copied it). A partial copy held here is dropped, and so is a complete
-    /// copy of another owner's chunk shorter than the object; a complete one
-    /// of the object's size is marked uploaded; a complete one longer than
-    /// the object is kept as it is. Creates the category if needed.
+    /// copied it). A copy held here that is not complete yet but holds as
+    /// many bytes as the object (every byte of the chunk: bytes never
+    /// change) is completed and marked uploaded; another partial copy is
+    /// dropped, and so is a complete copy of another owner's chunk shorter
+    /// than the object; a complete one of the object's size is marked
+    /// uploaded; a complete one longer than the object is kept as it is.
+    /// Creates the category if needed.
     ///
     /// `numbers`: the chunk's line numbers, when the caller knows them (from
     /// the owner's listing or the object's metadata); recorded with it.
@@ -212,6 +215,14 @@ impl Storage {
         let own = chunk.owner == self.node();
         match cat.meta(chunk) {
             Some(m) if m.complete && (own || m.size == size || !m.local) => {
+                let outcome = self.mark_uploaded(category, chunk).await?;
+                if let Some(numbers) = numbers {
+                    self.learn_numbers(category, chunk, numbers).await?;
+                }
+                return Ok(outcome);
+            }
+            Some(m) if !own && !m.complete && m.local && m.size == size => {
+                self.replica_complete(category, chunk, size).await?;
                 let outcome = self.mark_uploaded(category, chunk).await?;
                 if let Some(numbers) = numbers {
                     self.learn_numbers(category, chunk, numbers).await?;

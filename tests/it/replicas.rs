@@ -30,6 +30,17 @@ async fn cluster(s3: &TestS3, n: usize, flags: &[&str]) -> TestCluster {
 /// Posts `n` lines tagged `tag` to `category`, a few per request; returns
 /// them.
 async fn produce(client: &Client, category: &str, tag: &str, n: usize) -> Vec<String> {
+    produce_with(client, category, tag, n, &ProduceOptions::default()).await
+}
+
+/// Like [`produce`], with `opts`.
+async fn produce_with(
+    client: &Client,
+    category: &str,
+    tag: &str,
+    n: usize,
+    opts: &ProduceOptions,
+) -> Vec<String> {
     let lines: Vec<String> = (0..n)
         .map(|i| {
             format!(
@@ -40,10 +51,7 @@ async fn produce(client: &Client, category: &str, tag: &str, n: usize) -> Vec<St
         .collect();
     for batch in lines.chunks(5) {
         let body: String = batch.iter().map(|l| format!("{l}\n")).collect();
-        client
-            .produce(category, body, &ProduceOptions::default())
-            .await
-            .unwrap();
+        client.produce(category, body, opts).await.unwrap();
     }
     lines
 }
@@ -58,6 +66,27 @@ fn disks_in(dirs: &[std::path::PathBuf], category: &str) -> Vec<BTreeMap<String,
     dirs.iter()
         .map(|d| chunk_files(&d.join(category)).into_iter().collect())
         .collect()
+}
+
+/// True when node `i` holds every one of n1's chunks of `category` on its
+/// disk, byte for byte as n1 has them.
+fn holds_n1_whole(dirs: &[std::path::PathBuf], category: &str, i: usize) -> bool {
+    let d = disks_in(dirs, category);
+    let of_n1 = |j: usize| -> BTreeMap<&String, &Vec<u8>> {
+        d[j].iter().filter(|(k, _)| k.starts_with("n1-")).collect()
+    };
+    !of_n1(0).is_empty() && of_n1(0) == of_n1(i)
+}
+
+/// Waits until n1's chunks of `app` are complete, node `i` holds them
+/// whole and n1 counts no chunk with too few copies.
+async fn wait_holds_n1(dirs: &[std::path::PathBuf], n1: &Client, i: usize, what: &str) {
+    eventually(CONVERGE_DEADLINE, what, || async {
+        let complete = n1.chunks("app").await.ok()?.iter().all(|c| c.complete);
+        let counted = n1.status().await.ok()?.under_replicated_chunks == 0;
+        (complete && counted && holds_n1_whole(dirs, "app", i)).then_some(())
+    })
+    .await;
 }
 
 /// The holders node `status` names for `owner`'s chunks of `category`.
@@ -156,7 +185,13 @@ async fn five_nodes_with_two_replicas_keep_each_chunk_on_two_disks_and_serve_all
     let woken = waiting.await.unwrap();
     assert_eq!(&woken.data[..], b"second\n");
 
-    // Ingest on every node, into every category.
+    // Ingest on every node, into every category, each write acknowledged
+    // once the other holder has it (without, a holder that falls behind
+    // the upload reads the chunk from S3 rather than copy it).
+    let copied = ProduceOptions {
+        min_replicas: Some(1),
+        ..Default::default()
+    };
     let mut acked: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     acked
         .entry("app")
@@ -164,7 +199,7 @@ async fn five_nodes_with_two_replicas_keep_each_chunk_on_two_disks_and_serve_all
         .extend(["first".into(), "second".into()]);
     for (i, name) in cluster.names.iter().enumerate() {
         for cat in CATEGORIES {
-            let lines = produce(&cluster.client(i), cat, name, 120).await;
+            let lines = produce_with(&cluster.client(i), cat, name, 120, &copied).await;
             acked.entry(cat).or_default().extend(lines);
         }
     }
@@ -283,25 +318,8 @@ async fn a_killed_holder_is_replaced_and_drops_nothing_until_its_place_is_back()
     let holders = holders_in(&owner.status().await.unwrap(), "app", "n1").unwrap();
     let holder = cluster.names.iter().position(|n| *n == holders[1]).unwrap();
     // The holder copies every chunk, byte for byte.
-    eventually(
-        CONVERGE_DEADLINE,
-        "the holder holds n1's chunks",
-        || async {
-            let d = disks(&cluster, "app");
-            let owners: BTreeMap<_, _> =
-                d[0].iter().filter(|(k, _)| k.starts_with("n1-")).collect();
-            let copies: BTreeMap<_, _> = d[holder]
-                .iter()
-                .filter(|(k, _)| k.starts_with("n1-"))
-                .collect();
-            let complete = owner.chunks("app").await.ok()?.iter().all(|c| c.complete);
-            (complete
-                && owners == copies
-                && owner.status().await.ok()?.under_replicated_chunks == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    let dirs = cluster.dirs.clone();
+    wait_holds_n1(&dirs, &owner, holder, "the holder holds n1's chunks").await;
     cluster.kill(holder).await;
 
     // Reads on every other node go on at once (from the owner).
@@ -321,23 +339,11 @@ async fn a_killed_holder_is_replaced_and_drops_nothing_until_its_place_is_back()
             .then(|| cluster.names.iter().position(|n| *n == h[1]).unwrap())
     })
     .await;
-    eventually(
-        CONVERGE_DEADLINE,
+    wait_holds_n1(
+        &dirs,
+        &owner,
+        replacement,
         "the replacement holds n1's chunks",
-        || async {
-            let d = disks(&cluster, "app");
-            let owners: BTreeMap<_, _> =
-                d[0].iter().filter(|(k, _)| k.starts_with("n1-")).collect();
-            let copies: BTreeMap<_, _> = d[replacement]
-                .iter()
-                .filter(|(k, _)| k.starts_with("n1-"))
-                .collect();
-            let complete = owner.chunks("app").await.ok()?.iter().all(|c| c.complete);
-            (complete
-                && owners == copies
-                && owner.status().await.ok()?.under_replicated_chunks == 0)
-                .then_some(())
-        },
     )
     .await;
     let metrics = crate::harness::metrics_text(&cluster.url(0)).await;
@@ -437,8 +443,13 @@ async fn a_sixth_node_joins_through_the_bucket_under_writes_and_takes_its_share(
     for (_, c) in &nodes {
         connected(c.clone(), 5).await;
     }
-    // Every node writes to many categories: the newcomer holds its share
-    // of the pairs, and its own chunks are copied by one other node.
+    // Every node writes to many categories (each write acknowledged once
+    // the other holder has it): the newcomer holds its share of the pairs,
+    // and its own chunks are copied by one other node.
+    let copied = ProduceOptions {
+        min_replicas: Some(1),
+        ..Default::default()
+    };
     let cats: Vec<String> = (0..12).map(|i| format!("c{i}")).collect();
     let mut acked: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (i, (_, c)) in nodes.iter().enumerate() {
@@ -446,7 +457,7 @@ async fn a_sixth_node_joins_through_the_bucket_under_writes_and_takes_its_share(
             acked
                 .entry(cat.clone())
                 .or_default()
-                .extend(produce(c, cat, &names[i], 30).await);
+                .extend(produce_with(c, cat, &names[i], 30, &copied).await);
         }
     }
     stop.cancel();
@@ -537,29 +548,8 @@ async fn without_s3_a_replacement_drops_its_copies_once_the_holder_is_back() {
     let holders = holders_in(&owner.status().await.unwrap(), "app", "n1").unwrap();
     let holder = cluster.names.iter().position(|n| *n == holders[1]).unwrap();
     let other = 3 - holder;
-    // n1's chunk files on node `i` equal the owner's.
     let dirs = cluster.dirs.clone();
-    let copies_whole = |i: usize| {
-        let d = disks_in(&dirs, "app");
-        let mine = |j: usize| -> BTreeMap<String, Vec<u8>> {
-            d[j].iter()
-                .filter(|(k, _)| k.starts_with("n1-"))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        };
-        !mine(0).is_empty() && mine(0) == mine(i)
-    };
-    let settled_on = |i: usize| {
-        let owner = owner.clone();
-        async move {
-            let complete = owner.chunks("app").await.ok()?.iter().all(|c| c.complete);
-            (complete && copies_whole(i)).then_some(())
-        }
-    };
-    eventually(CONVERGE_DEADLINE, "the holder holds n1's chunks", || {
-        settled_on(holder)
-    })
-    .await;
+    wait_holds_n1(&dirs, &owner, holder, "the holder holds n1's chunks").await;
     assert!(
         disks(&cluster, "app")[other]
             .keys()
@@ -568,12 +558,7 @@ async fn without_s3_a_replacement_drops_its_copies_once_the_holder_is_back() {
     );
     cluster.kill(holder).await;
     acked.extend(produce(&owner, "app", "during", 100).await);
-    eventually(
-        CONVERGE_DEADLINE,
-        "the third node replaces the holder",
-        || settled_on(other),
-    )
-    .await;
+    wait_holds_n1(&dirs, &owner, other, "the third node replaces the holder").await;
     // Back: the holder takes its place again and copies what it missed;
     // the replacement drops its copies once both holders hold them, and
     // still lists and serves them.
@@ -585,7 +570,7 @@ async fn without_s3_a_replacement_drops_its_copies_once_the_holder_is_back() {
             let gone = disks_in(&dirs, "app")[other]
                 .keys()
                 .all(|k| !k.starts_with("n1-"));
-            (gone && copies_whole(holder)).then_some(())
+            (gone && holds_n1_whole(&dirs, "app", holder)).then_some(())
         },
     )
     .await;
