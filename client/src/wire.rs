@@ -121,6 +121,10 @@ pub struct PairHolders {
     pub owner: String,
     /// The nodes that hold them (the owner first while it is a member).
     pub nodes: Vec<String>,
+    /// For the node asked's own chunks: those complete, not in S3, that
+    /// fewer other nodes hold than `--replicas` asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub under_replicated_chunks: Option<u64>,
 }
 
 /// The object-store tier of a node (`--s3-bucket`).

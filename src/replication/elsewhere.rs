@@ -1,6 +1,7 @@
 //! `--replicas k`: which chunks this node copies, reading the others from
 //! their holders, and counting this node's chunks with too few copies.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -84,6 +85,7 @@ impl Replication {
         if !self.partial() {
             return Vec::new();
         }
+        let under = self.under_replicated_by_category();
         let mut out = Vec::new();
         for category in self.storage.categories() {
             let mut owners: Vec<String> = self
@@ -96,10 +98,13 @@ impl Replication {
             owners.dedup();
             for owner in owners {
                 let nodes = self.holders(&category, &owner).unwrap_or_default();
+                let under_replicated_chunks =
+                    (owner == self.node()).then(|| under.get(&category).copied().unwrap_or(0));
                 out.push(chunkbus_client::PairHolders {
                     category: category.clone(),
                     owner,
                     nodes,
+                    under_replicated_chunks,
                 });
             }
         }
@@ -322,6 +327,11 @@ impl Replication {
     /// nodes hold than should (k-1, or every peer not lost with
     /// `--replicas all`), as the replicas' reports say.
     pub fn under_replicated(&self) -> u64 {
+        self.under_replicated_by_category().values().sum()
+    }
+
+    /// [`Replication::under_replicated`] per category (those with any).
+    fn under_replicated_by_category(&self) -> BTreeMap<String, u64> {
         // Copies on lost nodes do not count.
         let members: std::collections::HashSet<String> = self
             .links()
@@ -336,23 +346,29 @@ impl Replication {
                 .map_or(0, |h| h.len().saturating_sub(1)),
             None => members.len(),
         } as u32;
+        let mut under = BTreeMap::new();
         if wanted == 0 {
-            return 0;
+            return under;
         }
         let me = self.node();
-        let mut under = 0;
         for category in self.storage.categories() {
-            for c in self.storage.chunks(&category).unwrap_or_default() {
-                if c.name.owner == me
-                    && c.meta.complete
-                    && !c.meta.uploaded
-                    && self
-                        .progress
-                        .copies(&category, &c.name, c.meta.size, |r| members.contains(r))
-                        < wanted
-                {
-                    under += 1;
-                }
+            let n = self
+                .storage
+                .chunks(&category)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|c| {
+                    c.name.owner == me
+                        && c.meta.complete
+                        && !c.meta.uploaded
+                        && self
+                            .progress
+                            .copies(&category, &c.name, c.meta.size, |r| members.contains(r))
+                            < wanted
+                })
+                .count() as u64;
+            if n > 0 {
+                under.insert(category, n);
             }
         }
         under

@@ -207,6 +207,10 @@ async fn five_nodes_with_two_replicas_keep_each_chunk_on_two_disks_and_serve_all
     let keys: BTreeSet<String> = s3.keys().await.into_iter().collect();
     let st = cluster.client(2).status().await.unwrap();
     assert_eq!(st.under_replicated_chunks, 0);
+    for h in &st.holders {
+        let own = h.owner == "n3";
+        assert_eq!(h.under_replicated_chunks, own.then_some(0), "{h:?}");
+    }
     for cat in CATEGORIES {
         let listed = cluster.client(0).chunks(cat).await.unwrap();
         let on_disk = disks(&cluster, cat);
