@@ -175,7 +175,7 @@ impl Storage {
         }
         // The route bounds `len`.
         let len = len as usize;
-        self.with_bytes(&cat, chunk, &meta, move |file| {
+        self.with_bytes_from(&cat, chunk, &meta, false, move |file| {
             file.read_bytes_at(len, offset)
                 .map_err(|e| StorageError::io("cannot read a held chunk", e))
         })
@@ -202,10 +202,12 @@ impl Storage {
         if !meta.complete || !meta.local || meta.uploaded {
             return Ok(super::TierOutcome::NotEligible);
         }
-        super::tier::remove_file(&cat.chunk_path(chunk)).await?;
+        // Listed as held elsewhere first: readers that find the file gone
+        // go to the holders.
         if !cat.set_tier(chunk, None, Some(false)) {
             return Ok(super::TierOutcome::NotEligible);
         }
+        super::tier::remove_file(&cat.chunk_path(chunk)).await?;
         tracing::debug!(category, chunk = %chunk, bytes = meta.size, "copy dropped: its holders hold it");
         Ok(super::TierOutcome::Done)
     }

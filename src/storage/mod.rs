@@ -886,12 +886,28 @@ impl Storage {
 
     /// Runs `f` on a blocking thread over the chunk's bytes: the local file,
     /// or the object store when the local copy is evicted (or is evicted
-    /// while this read starts).
+    /// while this read starts), or the nodes that hold it
+    /// (`elsewhere`).
     async fn with_bytes<T: Send + 'static>(
         &self,
         cat: &Arc<Category>,
         chunk: &ChunkName,
         meta: &ChunkMeta,
+        f: impl Fn(&dyn read::ReadAt) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        self.with_bytes_from(cat, chunk, meta, true, f).await
+    }
+
+    /// [`Storage::with_bytes`]; `other_nodes`: false to read only this
+    /// node's disk and the object store (what this node answers another
+    /// node that reads through it: never forwarded, so reads cannot go
+    /// round in circles).
+    async fn with_bytes_from<T: Send + 'static>(
+        &self,
+        cat: &Arc<Category>,
+        chunk: &ChunkName,
+        meta: &ChunkMeta,
+        other_nodes: bool,
         f: impl Fn(&dyn read::ReadAt) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
         let (local, complete, size) = (meta.local, meta.complete, meta.size);
@@ -910,12 +926,16 @@ impl Storage {
                 done => return done,
             }
         }
-        // A chunk only other nodes hold is read from them; an evicted one
-        // (or one evicted while this read starts) from the object store.
-        let remote = if meta.elsewhere() {
+        // Bytes not (or no longer) on this disk: an uploaded chunk's from
+        // the object store (evicted, or evicted while this read starts),
+        // another's from the nodes that hold it (held elsewhere, or its
+        // copy here dropped while this read starts).
+        let remote = if meta.uploaded {
+            self.remote().cloned()
+        } else if other_nodes {
             self.elsewhere_reader().cloned()
         } else {
-            self.remote().cloned()
+            None
         };
         let (category, chunk) = (cat.name.clone(), chunk.clone());
         tokio::task::spawn_blocking(move || {

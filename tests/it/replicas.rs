@@ -168,6 +168,20 @@ async fn five_nodes_with_two_replicas_keep_each_chunk_on_two_disks_and_serve_all
     )
     .await;
     assert!(!first.local, "{first:?}");
+    // A node answers another only from its own disk (or S3), so reads
+    // never go round in circles: the outsider does not hold that range.
+    let held = |i: usize| {
+        format!(
+            "{}/v1/internal/held/app/{}?offset=0&len=6",
+            cluster.url(i),
+            first.name
+        )
+    };
+    let asked = reqwest::get(held(outsider)).await.unwrap();
+    assert_eq!(asked.status(), reqwest::StatusCode::NOT_FOUND);
+    let asked = reqwest::get(held(0)).await.unwrap();
+    assert_eq!(asked.status(), reqwest::StatusCode::OK);
+    assert_eq!(&asked.bytes().await.unwrap()[..], b"first\n");
     let waiting = {
         let (c, name) = (cluster.client(outsider), first.name.clone());
         tokio::spawn(async move {
