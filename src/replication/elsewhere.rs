@@ -19,7 +19,8 @@ const HELD_PIECE_BYTES: u64 = 2 << 20;
 
 /// How often the chunks with too few copies are counted.
 const UNDER_REPLICATED_EVERY: Duration = Duration::from_secs(2);
-/// How often copies of pairs no longer held here are looked at (no S3).
+/// How often copies of pairs no longer held here are looked at (no S3),
+/// and lost owners' chunks this node now holds are copied.
 const UNHELD_COPIES_EVERY: Duration = Duration::from_secs(5);
 
 impl Replication {
@@ -153,6 +154,50 @@ impl Replication {
                         .await;
                     if let Err(e) = done {
                         tracing::warn!(category, chunk = %c.name, error = %e, "cannot drop a copy this node no longer holds");
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Copies the complete chunks of lost owners that this node holds now
+    /// but lists as held elsewhere (a holder of theirs was lost too, or
+    /// this node joined), from the nodes that hold them, until `cancel`:
+    /// their pullers cannot, the owner being gone.
+    pub(super) async fn copy_lost_owners(
+        self: Arc<Self>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        if !self.partial() {
+            return;
+        }
+        every(UNHELD_COPIES_EVERY, &cancel, || async {
+            for category in self.storage.categories() {
+                for c in self.storage.chunks(&category).unwrap_or_default() {
+                    let owner = &c.name.owner;
+                    if !c.meta.elsewhere()
+                        || !c.meta.complete
+                        || !self.owner_lost(owner)
+                        || !self.holds(&category, owner)
+                        || cancel.is_cancelled()
+                    {
+                        continue;
+                    }
+                    let size = c.meta.size;
+                    let (cat, chunk, repl) = (category.as_str(), &c.name, &*self);
+                    let from_holders = |at: u64| async move {
+                        let len = (size - at).min(MAX_HELD_READ_BYTES) as usize;
+                        repl.read_from_holders(cat, chunk, len, at)
+                            .await
+                            .map(Some)
+                            .map_err(|e| super::puller::PullError::Peer(e.to_string()))
+                    };
+                    match super::puller::catch_up(repl, cat, chunk, &cancel, from_holders).await {
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(category, chunk = %c.name, error = %e, "cannot copy a lost owner's chunk from its holders; retrying")
+                        }
                     }
                 }
             }

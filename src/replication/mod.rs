@@ -298,6 +298,7 @@ impl Replication {
         tasks.spawn(bootstrap::run(self.clone(), cancel.clone()));
         tasks.spawn(self.clone().count_under_replicated(cancel.clone()));
         tasks.spawn(self.clone().drop_unheld_copies(cancel.clone()));
+        tasks.spawn(self.clone().copy_lost_owners(cancel.clone()));
         // Under the lock that `member` adds links with: a peer added
         // meanwhile gets its puller from exactly one of the two.
         let links = self.links.read().unwrap();

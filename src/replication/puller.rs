@@ -33,7 +33,7 @@ struct Target {
 
 /// Why a round failed.
 #[derive(Debug, thiserror::Error)]
-enum PullError {
+pub(super) enum PullError {
     #[error("{0}")]
     Peer(String),
     #[error(transparent)]
@@ -359,8 +359,24 @@ async fn copy(
             }
             let held = storage.chunk_meta(category, chunk);
             if held.is_some_and(|m| m.elsewhere()) {
-                // Listed here as held elsewhere, this node's to hold now.
-                match catch_up(repl, client, category, chunk, cancel).await? {
+                // Listed here as held elsewhere, this node's to hold now:
+                // copied from the owner.
+                let from_owner = |at: u64| async move {
+                    match client
+                        .read_chunk(category, &chunk.to_string(), at, COPY_READ_BYTES)
+                        .await
+                    {
+                        Ok(r) => Ok(Some(r.data)),
+                        Err(ClientError::Status { status, message })
+                            if status == StatusCode::NOT_FOUND =>
+                        {
+                            tracing::warn!(category, chunk = %chunk, error = %message, "the owner no longer has a chunk it listed; not copying it");
+                            Ok(None)
+                        }
+                        Err(e) => Err(e.into()),
+                    }
+                };
+                match catch_up(repl, category, chunk, cancel, from_owner).await? {
                     CatchUp::Adopted => continue,
                     CatchUp::NotYet => break,
                     CatchUp::Gone => {
@@ -480,27 +496,32 @@ async fn copy(
 }
 
 /// How a catch-up ended.
-enum CatchUp {
+pub(super) enum CatchUp {
     /// The copy is this node's now (or the chunk is no longer held
     /// elsewhere): go on as for any copy.
     Adopted,
-    /// Not now (the owner holds less than listed, or stopping).
+    /// Not now (the source holds less than listed, or stopping).
     NotYet,
-    /// The owner no longer has the chunk.
+    /// The source no longer has the chunk.
     Gone,
 }
 
 /// Copies a chunk listed here as held elsewhere beside its listing, and
 /// adopts the copy once it holds what is listed (readers never see the
-/// chunk shrink). Errors end the round, and the next one starts the copy
-/// again.
-async fn catch_up(
+/// chunk shrink). `read(offset)` gives the next bytes from `offset` (none
+/// when the source holds no more; `None` when the chunk is gone). Errors
+/// end the catch-up, and the next one starts the copy again.
+pub(super) async fn catch_up<F, Fut>(
     repl: &Replication,
-    client: &Client,
     category: &str,
     chunk: &ChunkName,
     cancel: &CancellationToken,
-) -> Result<CatchUp, PullError> {
+    read: F,
+) -> Result<CatchUp, PullError>
+where
+    F: Fn(u64) -> Fut,
+    Fut: Future<Output = Result<Option<Bytes>, PullError>>,
+{
     let storage = &repl.storage;
     let (mut size, mut lines) = (0u64, 0u64);
     loop {
@@ -526,25 +547,15 @@ async fn catch_up(
         if cancel.is_cancelled() || (listed.complete && size >= listed.size) {
             return Ok(CatchUp::NotYet);
         }
-        let read = match client
-            .read_chunk(category, &chunk.to_string(), size, COPY_READ_BYTES)
-            .await
-        {
-            Ok(r) => r,
-            Err(ClientError::Status { status, message }) if status == StatusCode::NOT_FOUND => {
-                tracing::warn!(category, chunk = %chunk, error = %message, "the owner no longer has a chunk it listed; not copying it");
-                return Ok(CatchUp::Gone);
-            }
-            Err(e) => return Err(e.into()),
+        let Some(data) = read(size).await? else {
+            return Ok(CatchUp::Gone);
         };
-        if read.data.is_empty() {
+        if data.is_empty() {
             return Ok(CatchUp::NotYet);
         }
-        let len = read.data.len() as u64;
-        lines += memchr::memchr_iter(b'\n', &read.data).count() as u64;
-        storage
-            .catch_up_write(category, chunk, size, read.data)
-            .await?;
+        let len = data.len() as u64;
+        lines += memchr::memchr_iter(b'\n', &data).count() as u64;
+        storage.catch_up_write(category, chunk, size, data).await?;
         size += len;
     }
 }

@@ -600,3 +600,51 @@ async fn without_s3_a_replacement_drops_its_copies_once_the_holder_is_back() {
         assert_eq!(have, acked, "n{}", i + 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_owners_chunks_are_copied_from_their_holder_to_the_new_one() {
+    let mut cluster = TestCluster::start(
+        3,
+        &[
+            "--replicas",
+            "2",
+            "--max-chunk-bytes",
+            "4KiB",
+            "--rotate-after",
+            "300ms",
+            "--owner-lost-after",
+            "2s",
+        ],
+    )
+    .await;
+    let owner = cluster.client(0);
+    let acked: BTreeSet<String> = produce(&owner, "app", "n1", 150)
+        .await
+        .into_iter()
+        .collect();
+    let holders = holders_in(&owner.status().await.unwrap(), "app", "n1").unwrap();
+    let holder = cluster.names.iter().position(|n| *n == holders[1]).unwrap();
+    let other = 3 - holder;
+    let dirs = cluster.dirs.clone();
+    wait_holds_n1(&dirs, &owner, holder, "the holder holds n1's chunks").await;
+    // The owner is gone: the two nodes left hold its pair, and the one
+    // that did not copies from the one that did.
+    cluster.kill(0).await;
+    eventually(
+        CONVERGE_DEADLINE,
+        "a second copy of the lost owner's chunks",
+        || async {
+            let st = cluster.client(other).status().await.ok()?;
+            let h = holders_in(&st, "app", "n1")?;
+            (h.len() == 2 && holds_n1_whole(&dirs, "app", other)).then_some(())
+        },
+    )
+    .await;
+    for i in [holder, other] {
+        let have: BTreeSet<String> = all_lines(&cluster.client(i), "app")
+            .await
+            .into_iter()
+            .collect();
+        assert_eq!(have, acked, "n{}", i + 1);
+    }
+}
