@@ -89,6 +89,57 @@ async fn wait_holds_n1(dirs: &[std::path::PathBuf], n1: &Client, i: usize, what:
     .await;
 }
 
+/// Every line node `client` serves of `category`.
+async fn lines_on(client: &Client, category: &str) -> BTreeSet<String> {
+    all_lines(client, category).await.into_iter().collect()
+}
+
+/// Three nodes without S3, `--replicas 2`, a peer lost after 2 s; n1 has
+/// written 150 lines to `app` and the other holder of the pair copied them.
+struct N1Copied {
+    cluster: TestCluster,
+    owner: Client,
+    acked: BTreeSet<String>,
+    /// The other holder of (app, n1), and the node that does not hold it.
+    holder: usize,
+    other: usize,
+    dirs: Vec<std::path::PathBuf>,
+}
+
+async fn three_nodes_with_n1_copied() -> N1Copied {
+    let cluster = TestCluster::start(
+        3,
+        &[
+            "--replicas",
+            "2",
+            "--max-chunk-bytes",
+            "4KiB",
+            "--rotate-after",
+            "300ms",
+            "--owner-lost-after",
+            "2s",
+        ],
+    )
+    .await;
+    let owner = cluster.client(0);
+    let acked = produce(&owner, "app", "before", 150)
+        .await
+        .into_iter()
+        .collect();
+    let holders = holders_in(&owner.status().await.unwrap(), "app", "n1").unwrap();
+    let holder = cluster.names.iter().position(|n| *n == holders[1]).unwrap();
+    let dirs = cluster.dirs.clone();
+    wait_holds_n1(&dirs, &owner, holder, "the holder holds n1's chunks").await;
+    N1Copied {
+        cluster,
+        owner,
+        acked,
+        holder,
+        other: 3 - holder,
+        dirs,
+    }
+}
+
 /// The holders node `status` names for `owner`'s chunks of `category`.
 fn holders_in(status: &NodeStatus, category: &str, owner: &str) -> Option<Vec<String>> {
     status
@@ -190,7 +241,13 @@ async fn five_nodes_with_two_replicas_keep_each_chunk_on_two_disks_and_serve_all
                 .unwrap()
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Waiting on the outsider before the write.
+    crate::harness::wait_for_metric_at(
+        &reqwest::Client::new(),
+        &cluster.url(outsider),
+        "chunkbus_read_waiters 1",
+    )
+    .await;
     cluster
         .client(0)
         .produce("app", "second\n", &ProduceOptions::default())
@@ -277,11 +334,12 @@ async fn five_nodes_with_two_replicas_keep_each_chunk_on_two_disks_and_serve_all
             "{cat}: {per_node:?} of {total}"
         );
         for i in 0..5 {
-            let have: BTreeSet<String> = all_lines(&cluster.client(i), cat)
-                .await
-                .into_iter()
-                .collect();
-            assert_eq!(have, acked[cat], "{cat} on n{}", i + 1);
+            assert_eq!(
+                lines_on(&cluster.client(i), cat).await,
+                acked[cat],
+                "{cat} on n{}",
+                i + 1
+            );
         }
     }
     // Consumers on any node read everything.
@@ -342,10 +400,7 @@ async fn a_killed_holder_is_replaced_and_drops_nothing_until_its_place_is_back()
 
     // Reads on every other node go on at once (from the owner).
     for i in (0..4).filter(|&i| i != holder) {
-        let have: BTreeSet<String> = all_lines(&cluster.client(i), "app")
-            .await
-            .into_iter()
-            .collect();
+        let have = lines_on(&cluster.client(i), "app").await;
         assert_eq!(have, acked, "n{} while the holder is down", i + 1);
     }
     acked.extend(produce(&owner, "app", "during", 100).await);
@@ -394,10 +449,7 @@ async fn a_killed_holder_is_replaced_and_drops_nothing_until_its_place_is_back()
     assert!(!disks(&cluster, "app")[0].is_empty());
     settled(&cluster, &["app"]).await;
     for i in 0..4 {
-        let have: BTreeSet<String> = all_lines(&cluster.client(i), "app")
-            .await
-            .into_iter()
-            .collect();
+        let have = lines_on(&cluster.client(i), "app").await;
         assert_eq!(have, acked, "n{} after the holder came back", i + 1);
     }
 }
@@ -528,8 +580,7 @@ async fn a_sixth_node_joins_through_the_bucket_under_writes_and_takes_its_share(
             }
         }
         for (i, (_, c)) in nodes.iter().enumerate() {
-            let have: BTreeSet<String> = all_lines(c, cat).await.into_iter().collect();
-            assert_eq!(have, acked[cat], "{cat} on {}", names[i]);
+            assert_eq!(lines_on(c, cat).await, acked[cat], "{cat} on {}", names[i]);
         }
     }
     assert!(
@@ -537,39 +588,27 @@ async fn a_sixth_node_joins_through_the_bucket_under_writes_and_takes_its_share(
         "the newcomer holds no other node's chunk"
     );
     for (i, (_, c)) in nodes.iter().enumerate() {
-        let have: BTreeSet<String> = all_lines(c, "app").await.into_iter().collect();
-        assert_eq!(have, acked["app"], "app on {}", names[i]);
+        assert_eq!(
+            lines_on(c, "app").await,
+            acked["app"],
+            "app on {}",
+            names[i]
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_s3_a_replacement_drops_its_copies_once_the_holder_is_back() {
-    let mut cluster = TestCluster::start(
-        3,
-        &[
-            "--replicas",
-            "2",
-            "--max-chunk-bytes",
-            "4KiB",
-            "--rotate-after",
-            "300ms",
-            "--owner-lost-after",
-            "2s",
-        ],
-    )
-    .await;
-    let owner = cluster.client(0);
-    let mut acked: BTreeSet<String> = produce(&owner, "app", "before", 150)
-        .await
-        .into_iter()
-        .collect();
-    let holders = holders_in(&owner.status().await.unwrap(), "app", "n1").unwrap();
-    let holder = cluster.names.iter().position(|n| *n == holders[1]).unwrap();
-    let other = 3 - holder;
-    let dirs = cluster.dirs.clone();
-    wait_holds_n1(&dirs, &owner, holder, "the holder holds n1's chunks").await;
+    let N1Copied {
+        mut cluster,
+        owner,
+        mut acked,
+        holder,
+        other,
+        dirs,
+    } = three_nodes_with_n1_copied().await;
     assert!(
-        disks(&cluster, "app")[other]
+        disks_in(&dirs, "app")[other]
             .keys()
             .all(|k| !k.starts_with("n1-")),
         "the third node copied a pair it does not hold"
@@ -593,40 +632,25 @@ async fn without_s3_a_replacement_drops_its_copies_once_the_holder_is_back() {
     )
     .await;
     for i in 0..3 {
-        let have: BTreeSet<String> = all_lines(&cluster.client(i), "app")
-            .await
-            .into_iter()
-            .collect();
-        assert_eq!(have, acked, "n{}", i + 1);
+        assert_eq!(
+            lines_on(&cluster.client(i), "app").await,
+            acked,
+            "n{}",
+            i + 1
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_owners_chunks_are_copied_from_their_holder_to_the_new_one() {
-    let mut cluster = TestCluster::start(
-        3,
-        &[
-            "--replicas",
-            "2",
-            "--max-chunk-bytes",
-            "4KiB",
-            "--rotate-after",
-            "300ms",
-            "--owner-lost-after",
-            "2s",
-        ],
-    )
-    .await;
-    let owner = cluster.client(0);
-    let acked: BTreeSet<String> = produce(&owner, "app", "n1", 150)
-        .await
-        .into_iter()
-        .collect();
-    let holders = holders_in(&owner.status().await.unwrap(), "app", "n1").unwrap();
-    let holder = cluster.names.iter().position(|n| *n == holders[1]).unwrap();
-    let other = 3 - holder;
-    let dirs = cluster.dirs.clone();
-    wait_holds_n1(&dirs, &owner, holder, "the holder holds n1's chunks").await;
+    let N1Copied {
+        mut cluster,
+        acked,
+        holder,
+        other,
+        dirs,
+        ..
+    } = three_nodes_with_n1_copied().await;
     // The owner is gone: the two nodes left hold its pair, and the one
     // that did not copies from the one that did.
     cluster.kill(0).await;
@@ -641,10 +665,11 @@ async fn a_lost_owners_chunks_are_copied_from_their_holder_to_the_new_one() {
     )
     .await;
     for i in [holder, other] {
-        let have: BTreeSet<String> = all_lines(&cluster.client(i), "app")
-            .await
-            .into_iter()
-            .collect();
-        assert_eq!(have, acked, "n{}", i + 1);
+        assert_eq!(
+            lines_on(&cluster.client(i), "app").await,
+            acked,
+            "n{}",
+            i + 1
+        );
     }
 }
