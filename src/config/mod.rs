@@ -888,8 +888,7 @@ fn kafka_settings(
     if acks_all_replicas > holders {
         return Err(ConfigError::Invalid(match replicas {
             Some(k) if k - 1 < others => format!(
-                "--kafka-acks-all-replicas {acks_all_replicas}: with --replicas {k}, only {} other nodes hold a chunk",
-                k - 1
+                "--kafka-acks-all-replicas {acks_all_replicas} is above --replicas {k} minus one (the other nodes that hold a chunk)"
             ),
             _ => format!(
                 "--kafka-acks-all-replicas {acks_all_replicas}: there are only {others} other nodes"
@@ -1099,6 +1098,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("need --kafka-listen"), "{e}");
+    }
+
+    #[test]
+    fn replicas_are_all_or_a_number_and_bound_kafka_acks_all() {
+        assert_eq!("all".parse::<Replicas>().unwrap(), Replicas(None));
+        assert_eq!(" 2 ".parse::<Replicas>().unwrap(), Replicas(Some(2)));
+        for bad in ["0", "-1", "two", ""] {
+            let e = bad.parse::<Replicas>().unwrap_err();
+            assert!(e.contains("not 'all' or a number"), "{bad}: {e}");
+        }
+        // The file takes a number or a string.
+        let file: ServeArgs = toml::from_str("replicas = 3").unwrap();
+        assert_eq!(file.replicas, Some(Replicas(Some(3))));
+        let file: ServeArgs = toml::from_str(r#"replicas = "all""#).unwrap();
+        assert_eq!(file.replicas, Some(Replicas(None)));
+        assert!(toml::from_str::<ServeArgs>("replicas = 0").is_err());
+        let peers = "a=127.0.0.1:8080,b=127.0.0.1:8081,c=127.0.0.1:8082";
+        let resolve = |extra: &[&str]| {
+            let mut argv = vec!["chunkbus", "serve", "--node", "a", "--listen"];
+            argv.extend_from_slice(&["127.0.0.1:8080", "--peers", peers]);
+            argv.extend_from_slice(extra);
+            ServeConfig::resolve(serve_args(&argv))
+        };
+        assert_eq!(resolve(&[]).unwrap().replicas, None);
+        assert_eq!(resolve(&["--replicas", "2"]).unwrap().replicas, Some(2));
+        // acks=all waits for at most the k-1 other holders.
+        let kafka = ["--kafka-listen", "127.0.0.1:9092", "--replicas"];
+        let acks = |k: &str| {
+            resolve(&[&kafka[..], &[k]].concat()).map(|c| c.kafka.unwrap().acks_all_replicas)
+        };
+        assert_eq!(acks("1").unwrap(), 0);
+        assert_eq!(acks("2").unwrap(), 1);
+        let e = resolve(&[&kafka[..], &["2", "--kafka-acks-all-replicas", "2"]].concat())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("above --replicas 2 minus one"), "{e}");
     }
 
     #[test]

@@ -226,7 +226,7 @@ pub(super) fn check_writable(st: &AppState, opts: WriteOptions) -> Result<(), Ap
         let peers = st.replication.peer_count();
         return Err(ApiError::BadRequest(if others < peers as u64 {
             format!(
-                "min_replicas={} asks for more nodes than the {others} other nodes that hold a chunk (--replicas)",
+                "min_replicas={} asks for more than the {others} other node(s) that hold a chunk (--replicas)",
                 opts.min_replicas
             )
         } else {
