@@ -260,7 +260,7 @@ async fn ask_until_answered(
     let mut backoff = BACKOFF_INITIAL;
     let mut logged = false;
     loop {
-        if link.state.lock().unwrap().forgotten {
+        if link.lost() {
             tracing::warn!(peer = %link.name, "not waiting for a forgotten peer to say which of this node's chunks it holds");
             return (link, None);
         }

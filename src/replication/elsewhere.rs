@@ -40,18 +40,14 @@ impl Replication {
     fn placed(&self, category: &str, owner: &str, owner_member: bool) -> Option<Vec<String>> {
         let k = self.cfg.replicas? as usize;
         let links = self.links();
-        let lost: Vec<bool> = links
-            .iter()
-            .map(|l| l.state.lock().unwrap().forgotten)
+        let members: Vec<&str> = std::iter::once(self.node())
+            .chain(
+                links
+                    .iter()
+                    .filter(|l| !l.lost() || (owner_member && l.name == owner))
+                    .map(|l| l.name.as_str()),
+            )
             .collect();
-        let mut members: Vec<&str> = vec![self.node()];
-        members.extend(
-            links
-                .iter()
-                .zip(&lost)
-                .filter(|(l, lost)| !**lost || (owner_member && l.name == owner))
-                .map(|(l, _)| l.name.as_str()),
-        );
         Some(placement::holders(category, owner, &members, k))
     }
 
@@ -381,7 +377,7 @@ impl Replication {
         let members: std::collections::HashSet<String> = self
             .links()
             .iter()
-            .filter(|l| !l.state.lock().unwrap().forgotten)
+            .filter(|l| !l.lost())
             .map(|l| l.name.clone())
             .collect();
         let wanted = match self.cfg.replicas {

@@ -128,6 +128,11 @@ impl PeerLink {
     fn addr(&self) -> String {
         self.addr.lock().unwrap().clone()
     }
+
+    /// Treated as lost (forgotten, or unreachable past `--owner-lost-after`).
+    fn lost(&self) -> bool {
+        self.state.lock().unwrap().forgotten
+    }
 }
 
 #[derive(Debug, Default)]
@@ -569,7 +574,7 @@ impl Replication {
             return false;
         }
         match self.link(owner) {
-            Some(link) => link.state.lock().unwrap().forgotten,
+            Some(link) => link.lost(),
             None => true,
         }
     }

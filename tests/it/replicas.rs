@@ -152,12 +152,20 @@ fn holders_in(status: &NodeStatus, category: &str, owner: &str) -> Option<Vec<St
 /// Waits until every running node's chunks are complete and uploaded, and
 /// no node counts a chunk with too few copies.
 async fn settled(cluster: &TestCluster, categories: &[&str]) {
+    let running: Vec<Client> = (0..cluster.names.len())
+        .filter(|&i| cluster.nodes[i].is_some())
+        .map(|i| cluster.client(i))
+        .collect();
+    settled_on(&running, categories).await;
+}
+
+/// [`settled`] for the nodes behind `clients`.
+async fn settled_on(clients: &[Client], categories: &[&str]) {
     eventually(
         CONVERGE_DEADLINE,
         "every chunk complete and uploaded",
         || async {
-            for i in (0..cluster.names.len()).filter(|&i| cluster.nodes[i].is_some()) {
-                let c = cluster.client(i);
+            for c in clients {
                 for cat in categories {
                     let chunks = c.chunks(cat).await.ok()?;
                     if chunks.is_empty() || chunks.iter().any(|ch| !ch.complete || !ch.uploaded) {
@@ -534,26 +542,8 @@ async fn a_sixth_node_joins_through_the_bucket_under_writes_and_takes_its_share(
     writer.await.unwrap();
     acked.insert("app".into(), written.lock().unwrap().clone());
     let all_cats: Vec<&str> = acked.keys().map(String::as_str).collect();
-    eventually(
-        CONVERGE_DEADLINE,
-        "every chunk complete and uploaded",
-        || async {
-            for (_, c) in &nodes {
-                for cat in &all_cats {
-                    let chunks = c.chunks(cat).await.ok()?;
-                    if chunks.iter().any(|ch| !ch.complete || !ch.uploaded) {
-                        return None;
-                    }
-                }
-                let st = c.status().await.ok()?;
-                if st.s3.as_ref()?.backlog_chunks > 0 || st.under_replicated_chunks > 0 {
-                    return None;
-                }
-            }
-            Some(())
-        },
-    )
-    .await;
+    let clients: Vec<Client> = nodes.iter().map(|(_, c)| c.clone()).collect();
+    settled_on(&clients, &all_cats).await;
     let st = nodes[5].1.status().await.unwrap();
     let mut newcomer_holds = 0;
     for cat in &cats {
