@@ -78,7 +78,11 @@ fn produce(conn: &mut TcpStream, topic: &str, mib: u64) -> u64 {
             producer_epoch: -1,
             timestamp_type: TimestampType::Creation,
             offset: i,
-            sequence: -1,
+            // The encoder starts a new batch wherever offset - sequence
+            // changes: -1 for the first record and one more per record
+            // keeps all of them in one batch with base sequence -1 (not
+            // idempotent), as a producer sends them.
+            sequence: i as i32 - 1,
             timestamp: 0,
             key: None,
             value: Some(value.clone()),
@@ -91,6 +95,8 @@ fn produce(conn: &mut TcpStream, topic: &str, mib: u64) -> u64 {
         compression: Compression::None,
     };
     RecordBatchEncoder::encode(&mut batch, &records, &options).unwrap();
+    // One batch: a batch header is 61 bytes, a record here about 208.
+    assert!(batch.len() < records.len() * 220, "more than one batch");
     let per_request = records.len() as u64 * 200;
     let mut body = BytesMut::new();
     body.put_i16(0); // Produce

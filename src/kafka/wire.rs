@@ -213,6 +213,35 @@ mod tests {
     }
 
     #[test]
+    fn borrowed_varints_read_as_kafka_writes_them() {
+        // One byte (the inline case), two bytes, zigzag, then the end.
+        let mut r = SliceReader::new(&[0x05, 0xac, 0x02, 0x01, 0x02, 0x7f]);
+        assert_eq!(r.uvarlong().unwrap(), 5);
+        assert_eq!(r.uvarlong().unwrap(), 300);
+        assert_eq!(r.varint().unwrap(), -1);
+        assert_eq!(r.varlong().unwrap(), 1);
+        assert_eq!(r.varint().unwrap(), -64);
+        assert!(r.uvarlong().is_err(), "nothing left");
+        assert!(r.i8().is_err());
+        assert!(SliceReader::new(&[0x80]).uvarlong().is_err(), "cut short");
+        assert!(
+            SliceReader::new(&[0xff; 11]).uvarlong().is_err(),
+            "too long"
+        );
+        let max = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert_eq!(SliceReader::new(&max).uvarlong().unwrap(), u64::MAX);
+        let big = [0xff, 0xff, 0xff, 0xff, 0x1f];
+        assert!(
+            SliceReader::new(&big).varint().is_err(),
+            "more than 32 bits"
+        );
+        let mut t = SliceReader::new(b"abc");
+        assert_eq!(t.take(2).unwrap(), b"ab");
+        assert!(t.take(2).is_err());
+        assert_eq!(t.remaining(), 1);
+    }
+
+    #[test]
     fn counts_larger_than_the_frame_are_refused_before_any_allocation() {
         let mut r = Reader::new(Bytes::from_static(&[0x7f, 0xff, 0xff, 0xff, 0, 0]));
         let e = r.array_len().unwrap_err();
@@ -244,21 +273,36 @@ impl<'a> SliceReader<'a> {
     }
 
     /// The next `n` bytes.
+    #[inline]
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
         if self.buf.len() < n {
-            return Err(Malformed("a byte string is cut short".into()));
+            return Err(cut_short());
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
         Ok(head)
     }
 
+    #[inline]
     pub fn i8(&mut self) -> Result<i8, Malformed> {
         Ok(self.take(1)?[0] as i8)
     }
 
-    /// An unsigned LEB128 varint of at most 64 bits.
+    /// An unsigned LEB128 varint of at most 64 bits. Most varints of a
+    /// record (attributes, deltas, lengths under 128) are one byte: that
+    /// case is read inline, the rest by [`Self::long_uvarlong`].
+    #[inline]
     pub fn uvarlong(&mut self) -> Result<u64, Malformed> {
+        match self.buf.split_first() {
+            Some((&b, rest)) if b < 0x80 => {
+                self.buf = rest;
+                Ok(u64::from(b))
+            }
+            _ => self.long_uvarlong(),
+        }
+    }
+
+    fn long_uvarlong(&mut self) -> Result<u64, Malformed> {
         let mut v: u64 = 0;
         for (i, &b) in self.buf.iter().enumerate().take(10) {
             if i == 9 && b > 1 {
@@ -274,15 +318,26 @@ impl<'a> SliceReader<'a> {
     }
 
     /// A zigzag varint of at most 32 bits.
+    #[inline]
     pub fn varint(&mut self) -> Result<i32, Malformed> {
-        let v = u32::try_from(self.uvarlong()?)
-            .map_err(|_| Malformed("a varint is out of range".into()))?;
+        let v = u32::try_from(self.uvarlong()?).map_err(|_| out_of_range())?;
         Ok(((v >> 1) as i32) ^ -((v & 1) as i32))
     }
 
     /// A zigzag varint of at most 64 bits.
+    #[inline]
     pub fn varlong(&mut self) -> Result<i64, Malformed> {
         let v = self.uvarlong()?;
         Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
     }
+}
+
+#[cold]
+fn cut_short() -> Malformed {
+    Malformed("a byte string is cut short".into())
+}
+
+#[cold]
+fn out_of_range() -> Malformed {
+    Malformed("a varint is out of range".into())
 }
