@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::params::{parse_bool, parse_duration, parse_u64};
 use super::{ApiError, AppState, body, lines};
-use crate::storage::producers::{ProducerTag, validate_producer};
+use crate::storage::producers::{KAFKA_PRODUCER_PREFIX, ProducerTag, validate_producer};
 use tokio::sync::OwnedMutexGuard;
 
 /// Longest `timeout=` accepted for a `min_replicas` wait.
@@ -205,6 +205,11 @@ fn producer_of(headers: &HeaderMap) -> Result<Option<(String, u64)>, ApiError> {
         (Some(p), Some(s)) => {
             validate_producer(p)
                 .map_err(|e| ApiError::BadRequest(format!("Chunkbus-Producer: {e}")))?;
+            if p.starts_with(KAFKA_PRODUCER_PREFIX) {
+                return Err(ApiError::BadRequest(format!(
+                    "Chunkbus-Producer: ids starting with {KAFKA_PRODUCER_PREFIX:?} are the Kafka listener's idempotent producers"
+                )));
+            }
             let seq = s.trim().parse().map_err(|_| {
                 ApiError::BadRequest(format!(
                     "Chunkbus-Sequence {s:?} is not a number from 0 to 2^64-1"

@@ -45,6 +45,7 @@ use crate::http::AppState;
 use crate::http::body::Reservation;
 use crate::metrics::KafkaLabels;
 use crate::replication::PartitionOrder;
+use crate::storage::producers::{KAFKA_PRODUCER_PREFIX, ProducerTag};
 use crate::storage::{ChunkStatus, StorageError};
 
 /// Kafka error codes used here.
@@ -824,7 +825,14 @@ impl Broker {
             Some(s) => Some(s.lock().await),
             None => None,
         };
-        if let (Some(state), Some(seq)) = (&state, &produced.sequence) {
+        // What the storage records with an idempotent batch, so that a
+        // retry after this node restarted (its memory of the producer
+        // gone) is still found.
+        let tag = produced.sequence.map(|s| durable_tag(&s, &produced.lines));
+        if let (Some(state), Some(seq)) = (&mut state, &produced.sequence) {
+            if !state.known() {
+                self.restore(state, topic, seq.producer_id).await?;
+            }
             match state.check(seq) {
                 Check::Append => {}
                 Check::Duplicate(line) => return Ok(line),
@@ -852,7 +860,7 @@ impl Broker {
         let appended = self
             .st
             .storage
-            .append_parts(topic, vec![produced.lines], produced.count, sync)
+            .append_tagged(topic, vec![produced.lines], produced.count, sync, tag)
             .await
             .map_err(|e| (storage_code(&e), e.to_string()))?;
         if let (Some(state), Some(seq)) = (&mut state, &produced.sequence) {
@@ -885,6 +893,53 @@ impl Broker {
             }
         }
         Ok(appended.first_line)
+    }
+
+    /// What this node recorded of producer `id`'s batches of `topic` with
+    /// their lines (kept across restarts, see `storage::producers`), into
+    /// `state`: after a restart, or once the producer was forgotten, a
+    /// batch stored before is still answered as a duplicate and a gap
+    /// still refused. Each record is checked against the chunk first.
+    async fn restore(
+        &self,
+        state: &mut producers::State,
+        topic: &str,
+        id: i64,
+    ) -> Result<(), (i16, String)> {
+        let storage_error = |e: StorageError| (storage_code(&e), e.to_string());
+        let storage = &self.st.storage;
+        let producer = durable_producer(id);
+        let sequences = storage
+            .producer_sequences(topic, &producer)
+            .await
+            .map_err(storage_error)?;
+        for sequence in sequences {
+            let Some(r) = storage
+                .producer_lookup(topic, &producer, sequence)
+                .await
+                .map_err(storage_error)?
+            else {
+                continue;
+            };
+            let at = Position {
+                generation: 0,
+                index: r.chunk.index,
+                offset: r.offset,
+            };
+            let Some(line) = self
+                .line_of(topic, storage.node(), &at)
+                .await
+                .map_err(storage_error)?
+            else {
+                continue;
+            };
+            let (epoch, first) = ((sequence >> 32) as u16 as i16, sequence as u32 as i32);
+            state.stored(
+                &producers::Sequence::of_batch(id, epoch, first, r.lines),
+                line,
+            );
+        }
+        Ok(())
     }
 
     /// The lines of partition `p` of `topic` this node holds, by number.
@@ -1169,6 +1224,23 @@ impl Broker {
         }
         Ok(at)
     }
+}
+
+/// The storage's record of an idempotent batch: producer `kafka.<id>`,
+/// sequence = epoch (high 32 bits) and first sequence, and the CRC-32C of
+/// the lines.
+fn durable_tag(s: &producers::Sequence, lines: &[u8]) -> ProducerTag {
+    ProducerTag {
+        producer: durable_producer(s.producer_id),
+        sequence: (u64::from(s.epoch as u16) << 32) | u64::from(s.first as u32),
+        crc: crc32c::crc32c(lines),
+    }
+}
+
+/// A Kafka producer id as a storage producer (the native API refuses ids
+/// with this prefix).
+fn durable_producer(id: i64) -> String {
+    format!("{KAFKA_PRODUCER_PREFIX}{id}")
 }
 
 /// `host:port` split (port 9092 when missing or bad).

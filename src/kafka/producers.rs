@@ -7,12 +7,13 @@
 //! was stored at; a producer has at most that many requests in flight. A
 //! batch equal to a kept one is answered with the offset it got the first
 //! time, without storing it again; the batch after the last is stored; any
-//! other sequence is refused. The state is kept in memory only: a producer
-//! the owner does not know (new, forgotten after [`MAX_PRODUCERS`] others,
-//! or from before the owner restarted) is accepted at any sequence, which
-//! is also what Kafka does when it no longer has a producer's state. So a
-//! batch that was stored just before the owner crashed and is retried
-//! after it restarted is stored twice (docs/kafka.md).
+//! other sequence is refused. The state here is in memory; each batch is
+//! also recorded with its lines in the category's producer log
+//! (`storage::producers`), from which the broker restores a producer it
+//! does not know (forgotten after [`MAX_PRODUCERS`] others, or from before
+//! the owner restarted) before checking its batch. A producer neither
+//! knows is accepted at any sequence, which is also what Kafka does when
+//! it no longer has a producer's state (docs/kafka.md).
 //!
 //! Producer ids are random 63-bit numbers drawn by whichever node answers
 //! InitProducerId: nodes need not agree on anything to hand them out.
@@ -113,6 +114,11 @@ impl State {
         } else {
             Check::OutOfOrder { expected }
         }
+    }
+
+    /// Whether this node has seen the producer (since it started).
+    pub fn known(&self) -> bool {
+        self.epoch.is_some()
     }
 
     /// Records a batch stored at line `line`.

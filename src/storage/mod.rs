@@ -666,17 +666,7 @@ impl Storage {
         let Ok(cat) = self.category(category) else {
             return Ok(None);
         };
-        if !cat.producers.lock().unwrap().loaded {
-            let dir = cat.dir.clone();
-            let index = tokio::task::spawn_blocking(move || producers::load(&dir))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                .map_err(|e| StorageError::io("cannot read the producer log", e))?;
-            let mut held = cat.producers.lock().unwrap();
-            if !held.loaded {
-                *held = index;
-            }
-        }
+        Self::load_producers(&cat).await?;
         let Some(r) = cat
             .producers
             .lock()
@@ -716,6 +706,38 @@ impl Storage {
             index.remove(producer, sequence);
             Ok(None)
         }
+    }
+
+    /// The sequences of `producer` this node remembers in `category`,
+    /// oldest first (each still to be checked by
+    /// [`Storage::producer_lookup`]).
+    pub async fn producer_sequences(
+        &self,
+        category: &str,
+        producer: &str,
+    ) -> Result<Vec<u64>, StorageError> {
+        let Ok(cat) = self.category(category) else {
+            return Ok(Vec::new());
+        };
+        Self::load_producers(&cat).await?;
+        Ok(cat.producers.lock().unwrap().sequences(producer))
+    }
+
+    /// Reads the category's producer log into its index, once.
+    async fn load_producers(cat: &Category) -> Result<(), StorageError> {
+        if cat.producers.lock().unwrap().loaded {
+            return Ok(());
+        }
+        let dir = cat.dir.clone();
+        let index = tokio::task::spawn_blocking(move || producers::load(&dir))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|e| StorageError::io("cannot read the producer log", e))?;
+        let mut held = cat.producers.lock().unwrap();
+        if !held.loaded {
+            *held = index;
+        }
+        Ok(())
     }
 
     /// Completes this node's open chunk of `category` now, if it holds data.

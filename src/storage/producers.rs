@@ -30,6 +30,9 @@ pub const KEPT_SEQUENCES: usize = 5;
 pub const KEPT_PRODUCERS: usize = 10_000;
 /// The log is rewritten with what is kept once it holds this many records.
 pub const COMPACT_AFTER_RECORDS: usize = 100_000;
+/// Producer ids of the Kafka listener's idempotent producers
+/// (`kafka.<producer id>`); the native API refuses them.
+pub const KAFKA_PRODUCER_PREFIX: &str = "kafka.";
 /// Longest producer id.
 pub const MAX_PRODUCER_LEN: usize = 128;
 
@@ -138,6 +141,14 @@ impl ProducerIndex {
             .seqs
             .iter()
             .find(|r| r.sequence == sequence)
+    }
+
+    /// The sequences remembered of `producer`, oldest first.
+    pub fn sequences(&self, producer: &str) -> Vec<u64> {
+        self.producers
+            .get(producer)
+            .map(|p| p.seqs.iter().map(|r| r.sequence).collect())
+            .unwrap_or_default()
     }
 
     /// Remembers `r` for `producer` (replacing a record of the same

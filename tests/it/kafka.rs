@@ -514,6 +514,47 @@ async fn a_retried_idempotent_batch_is_stored_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_batch_retried_after_the_owner_restarted_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--kafka-listen", "127.0.0.1:0"];
+    let node = BinNode::start(dir.path(), &args).await;
+    let mut conn = tokio::net::TcpStream::connect(node.kafka_addr.unwrap())
+        .await
+        .unwrap();
+    let (pid, topic) = (777, "idem-restart");
+    let batches = [
+        record_batch(pid, 0, 0, &["a", "b"]),
+        record_batch(pid, 0, 2, &["c"]),
+        record_batch(pid, 0, 3, &["d", "e", "f"]),
+    ];
+    for (batch, offset) in batches.iter().zip([0, 2, 3]) {
+        assert_eq!(produce_raw(&mut conn, topic, batch).await, (0, offset));
+    }
+    // The owner dies before the producer saw the answers, and comes back
+    // with no memory of the producer but what it wrote with the lines.
+    node.kill().await;
+    let node = BinNode::start(dir.path(), &args).await;
+    let mut conn = tokio::net::TcpStream::connect(node.kafka_addr.unwrap())
+        .await
+        .unwrap();
+    // Each retry (the oldest first, as a producer resends) is answered
+    // with the offset it got, nothing stored again; a gap is still one.
+    for (batch, offset) in batches.iter().zip([0, 2, 3]) {
+        assert_eq!(produce_raw(&mut conn, topic, batch).await, (0, offset));
+    }
+    let gap = record_batch(pid, 0, 9, &["x"]);
+    assert_eq!(produce_raw(&mut conn, topic, &gap).await.0, 45);
+    let next = record_batch(pid, 0, 6, &["g"]);
+    assert_eq!(produce_raw(&mut conn, topic, &next).await, (0, 6));
+    let client = Client::new(&node.url("")).unwrap();
+    assert_eq!(
+        all_lines(&client, topic).await,
+        ["a", "b", "c", "d", "e", "f", "g"]
+    );
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_listing_the_nodes_in_another_order_is_not_named_a_leader() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (to_a, to_b) = (Proxy::start().await, Proxy::start().await);
