@@ -64,6 +64,24 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// One more in `gauge` while it lives, also when the future holding it
+/// is dropped mid-wait (a client gone, a timeout).
+#[derive(Debug)]
+pub struct GaugeHeld<'a>(&'a Gauge);
+
+impl<'a> GaugeHeld<'a> {
+    pub fn new(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeHeld<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Every metric of a node. Cheap to share (`Arc<Metrics>`).
 #[derive(Debug)]
 pub struct Metrics {

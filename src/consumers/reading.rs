@@ -117,13 +117,12 @@ impl Consumers {
             if tokio::time::Instant::now() >= deadline || stop.is_cancelled() {
                 return Ok(None);
             }
-            waiters.inc();
+            let _waiting = crate::metrics::GaugeHeld::new(waiters);
             tokio::select! {
                 _ = changes.changed() => {}
                 _ = tokio::time::sleep_until(deadline) => {}
                 _ = stop.cancelled() => {}
             }
-            waiters.dec();
         }
     }
 

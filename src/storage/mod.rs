@@ -801,14 +801,12 @@ impl Storage {
             if offset != meta.size || meta.complete || waited_out {
                 break meta;
             }
-            let waiters = &self.shared.metrics.read_waiters;
-            waiters.inc();
+            let _waiting = crate::metrics::GaugeHeld::new(&self.shared.metrics.read_waiters);
             tokio::select! {
                 r = changes.changed() => if r.is_err() { waited_out = true },
                 _ = tokio::time::sleep_until(deadline) => waited_out = true,
                 _ = stop.cancelled() => waited_out = true,
             }
-            waiters.dec();
         };
         let name = chunk.to_string();
         let (data, next_offset, lines) = self

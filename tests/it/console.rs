@@ -163,6 +163,46 @@ async fn the_console_shows_nodes_rates_lagging_consumers_and_a_dead_node_in_a_br
     browser.close().await;
 }
 
+/// `chunkbus_read_waiters` of the node at `base`.
+async fn read_waiters(base: &str) -> f64 {
+    let text = crate::harness::metrics_text(base).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("chunkbus_read_waiters ")?.parse().ok())
+        .expect("chunkbus_read_waiters")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_a_category_view_cancels_its_tail_long_polls() {
+    use crate::harness::eventually;
+    let node = TestNode::start().await;
+    let client = Client::new(&node.url("")).unwrap();
+    client
+        .produce("quiet", "x\n", &ProduceOptions::default())
+        .await
+        .unwrap();
+    let browser = Browser::start().await;
+    browser
+        .client
+        .goto(&format!("{}/ui#/category/quiet", node.url("")))
+        .await
+        .unwrap();
+    // Nothing is written: the tail's read of the owner's chunk is parked.
+    let base = node.url("");
+    eventually(Duration::from_secs(30), "the tail's long poll", || async {
+        (read_waiters(&base).await >= 1.0).then_some(())
+    })
+    .await;
+    // To the overview: the long poll (20 s) ends now, not when it times out.
+    browser.eval("location.hash = ''; return true;").await;
+    eventually(
+        Duration::from_secs(8),
+        "the long poll cancelled",
+        || async { (read_waiters(&base).await == 0.0).then_some(()) },
+    )
+    .await;
+    browser.close().await;
+}
+
 /// Types `secret` into the console's token form, as a person would, and
 /// submits it.
 async fn submit_token(browser: &Browser, secret: &str) {

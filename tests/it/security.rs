@@ -685,6 +685,56 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_leave_their_long_polls_hold_nothing() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let node = BinNode::start(dir.path(), &[]).await;
+    let http = reqwest::Client::new();
+    let put = http
+        .post(node.url("/v1/categories/lp/lines"))
+        .body("x\n")
+        .send()
+        .await
+        .unwrap();
+    let chunk: serde_json::Value = put.json().await.unwrap();
+    drop(http);
+    let path = format!(
+        "/v1/categories/lp/chunks/{}?offset=2&wait=5m",
+        chunk["chunk"].as_str().unwrap()
+    );
+    // Fifty clients each ask for what is not written yet, waiting up to
+    // five minutes, and go away.
+    let mut polls = Vec::new();
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        polls.push(s);
+    }
+    let figures = || async {
+        let text = crate::harness::metrics_text(&node.url("")).await;
+        (
+            metric(&text, "chunkbus_read_waiters"),
+            metric(&text, "chunkbus_connections"),
+        )
+    };
+    crate::harness::eventually(CONDITION_DEADLINE, "50 long polls parked", || async {
+        (figures().await.0 == 50.0).then_some(())
+    })
+    .await;
+    drop(polls);
+    // Within seconds, not minutes: no waiter and no connection is left but
+    // the one asking for the metrics.
+    crate::harness::eventually(Duration::from_secs(10), "the polls released", || async {
+        let (waiters, conns) = figures().await;
+        (waiters == 0.0 && conns <= 1.0).then_some(())
+    })
+    .await;
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_slow_senders_hold_neither_memory_nor_the_node() {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = serve_command("t1", dir.path());

@@ -10,6 +10,16 @@ const TOKEN_KEY = "chunkbus-token";
 const $ = (id) => document.getElementById(id);
 let refreshTimer = null;
 let tailGeneration = 0;
+// Aborts the tail's requests (its long polls above all) when the tail stops.
+let tailAbort = new AbortController();
+
+// Stops the tail: its loops end at their next check, and its requests in
+// flight are cancelled now rather than when their long polls time out.
+function stopTail() {
+  tailGeneration++;
+  tailAbort.abort();
+  tailAbort = new AbortController();
+}
 
 function token() { return sessionStorage.getItem(TOKEN_KEY); }
 
@@ -27,8 +37,8 @@ async function api(path, init = {}) {
   return resp;
 }
 
-async function json(path) {
-  const resp = await api(path);
+async function json(path, signal) {
+  const resp = await api(path, { signal });
   if (!resp.ok) throw new Error(`${path}: ${resp.status} ${resp.statusText}`);
   return resp.json();
 }
@@ -198,19 +208,19 @@ function appendTail(text) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-async function chunksOf(category, query) {
-  return json(`/v1/categories/${encodeURIComponent(category)}/chunks${query}`);
+async function chunksOf(category, query, signal) {
+  return json(`/v1/categories/${encodeURIComponent(category)}/chunks${query}`, signal);
 }
 
 // Follows one owner's newest chunk with long-polling reads, moving on to
 // its next chunk when one completes.
-async function followOwner(category, start, generation) {
+async function followOwner(category, start, generation, signal) {
   let { chunk, offset } = start;
   while (generation === tailGeneration) {
     let resp;
     try {
       resp = await api(`/v1/categories/${encodeURIComponent(category)}/chunks/${encodeURIComponent(chunk)}` +
-        `?offset=${offset}&max_bytes=65536&wait=20s`);
+        `?offset=${offset}&max_bytes=65536&wait=20s`, { signal });
     } catch (e) { await sleep(2000); continue; }
     if (generation !== tailGeneration) return;
     if (resp.ok) {
@@ -225,17 +235,17 @@ async function followOwner(category, start, generation) {
     }
     // The chunk is complete (or gone): the owner's next one, when it exists.
     const owner = start.owner;
-    const next = await chunksOf(category, `?owner=${encodeURIComponent(owner)}&after=${encodeURIComponent(chunk)}&limit=1`).catch(() => []);
+    const next = await chunksOf(category, `?owner=${encodeURIComponent(owner)}&after=${encodeURIComponent(chunk)}&limit=1`, signal).catch(() => []);
     if (next.length) { chunk = next[0].name; offset = 0; } else { await sleep(2000); }
   }
 }
 
-async function tail(category, generation) {
+async function tail(category, generation, signal) {
   $("tail").textContent = "";
   const followed = new Set();
   let first = true;
   while (generation === tailGeneration) {
-    const chunks = await chunksOf(category, "").catch(() => []);
+    const chunks = await chunksOf(category, "", signal).catch(() => []);
     const newest = new Map();
     for (const c of chunks) newest.set(c.owner, c); // sorted by owner, then index
     for (const [owner, c] of newest) {
@@ -243,7 +253,7 @@ async function tail(category, generation) {
       followed.add(owner);
       // Owners there at the start are followed from their end; owners that
       // appear later from their first chunk's start.
-      followOwner(category, { owner, chunk: c.name, offset: first ? c.size : 0 }, generation);
+      followOwner(category, { owner, chunk: c.name, offset: first ? c.size : 0 }, generation, signal);
     }
     first = false;
     await sleep(5000);
@@ -278,7 +288,7 @@ async function refresh() {
       // No token, or one the node does not take: ask for one.
       const refused = token() !== null;
       sessionStorage.removeItem(TOKEN_KEY);
-      tailGeneration++;
+      stopTail();
       $("login-error").textContent = refused ? "The node refused that token: " + e.message : "";
       showOnly("login");
       $("forget-token").hidden = true;
@@ -299,9 +309,9 @@ async function refresh() {
 }
 
 function navigate() {
-  tailGeneration++;
+  stopTail();
   const r = route();
-  if (r.category) tail(r.category, tailGeneration);
+  if (r.category) tail(r.category, tailGeneration, tailAbort.signal);
   refresh();
 }
 
