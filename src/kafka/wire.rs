@@ -290,7 +290,7 @@ impl<'a> SliceReader<'a> {
 
     /// An unsigned LEB128 varint of at most 64 bits. Most varints of a
     /// record (attributes, deltas, lengths under 128) are one byte: that
-    /// case is read inline, the rest by [`Self::long_uvarlong`].
+    /// case is read inline, the rest by `long_uvarlong`.
     #[inline]
     pub fn uvarlong(&mut self) -> Result<u64, Malformed> {
         match self.buf.split_first() {
