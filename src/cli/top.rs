@@ -38,14 +38,25 @@ pub async fn top(client: Client, once: bool, every: Duration) -> Result<(), Stri
             }
         }
     });
+    // In raw mode Ctrl-C is a key, not SIGINT; a SIGTERM, SIGHUP or SIGQUIT
+    // from elsewhere also ends it through the same exit, so the terminal
+    // is given back (the screen is left when dropped).
+    let signalled = terminating_signal()?;
+    tokio::pin!(signalled);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = &mut quit => return Ok(()),
+            () = &mut signalled => return Ok(()),
         }
-        let text = match client.console().await {
+        let view = tokio::select! {
+            v = client.console() => v,
+            _ = &mut quit => return Ok(()),
+            () = &mut signalled => return Ok(()),
+        };
+        let text = match view {
             Ok(view) => {
                 // A terminal too narrow (or that does not say) gets plain
                 // columns rather than tables squeezed into it.
@@ -68,6 +79,22 @@ pub async fn top(client: Client, once: bool, every: Duration) -> Result<(), Stri
         );
         let _ = out.flush();
     }
+}
+
+/// Ends at the first SIGTERM, SIGHUP or SIGQUIT (handlers set up now).
+fn terminating_signal() -> Result<impl Future<Output = ()>, String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = |kind| signal(kind).map_err(|e| format!("cannot handle signals: {e}"));
+    let mut term = listen(SignalKind::terminate())?;
+    let mut hup = listen(SignalKind::hangup())?;
+    let mut quit = listen(SignalKind::quit())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = hup.recv() => {}
+            _ = quit.recv() => {}
+        }
+    })
 }
 
 /// The alternate screen in raw mode, left when dropped.

@@ -571,6 +571,63 @@ async fn top_on_a_terminal_refreshes_until_q() {
 }
 
 #[tokio::test]
+async fn top_on_a_terminal_gives_the_terminal_back_when_terminated() {
+    use tokio::io::AsyncReadExt;
+    let node = TestNode::start().await;
+    // The shell says top's pid (it execs top, so the pid stays).
+    let mut top = tokio::process::Command::new("script")
+        .args([
+            "-qec",
+            &format!(
+                "echo pid=$$; exec {} top --interval 200ms --server {}",
+                env!("CARGO_BIN_EXE_chunkbus"),
+                node.url("")
+            ),
+            "/dev/null",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = top.stdout.take().unwrap();
+    let mut shown = Vec::new();
+    let mut buf = [0u8; 4096];
+    let pid = tokio::time::timeout(crate::harness::CONDITION_DEADLINE, async {
+        loop {
+            let n = stdout.read(&mut buf).await.unwrap();
+            assert!(n > 0, "top ended: {}", String::from_utf8_lossy(&shown));
+            shown.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&shown);
+            if text.contains("q to quit") {
+                let pid = text.split("pid=").nth(1).unwrap();
+                let digits: String = pid.chars().take_while(char::is_ascii_digit).collect();
+                return digits.parse::<i32>().unwrap();
+            }
+        }
+    })
+    .await
+    .expect("top to draw");
+    let pid = rustix::process::Pid::from_raw(pid).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = tokio::time::timeout(crate::harness::CONDITION_DEADLINE, top.wait())
+        .await
+        .expect("top to end on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).await.unwrap();
+    shown.extend_from_slice(&rest);
+    // It left the alternate screen and showed the cursor again.
+    let text = String::from_utf8_lossy(&shown);
+    let tail = &text[text.find("q to quit").unwrap()..];
+    assert!(
+        tail.contains("\x1b[?1049l") && tail.contains("\x1b[?25h"),
+        "{tail:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_browser_asking_for_the_root_is_sent_to_the_console_and_api_clients_are_not() {
     let no_redirects = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
