@@ -513,57 +513,92 @@ async fn long_cli_work_shows_progress_on_a_terminal_and_stays_quiet_otherwise() 
     ship.kill().await.unwrap();
 }
 
+/// `chunkbus top` on a terminal (`script`), what it drew so far, and its pid
+/// (the shell says it, then execs top).
+struct TopOnTerminal {
+    child: tokio::process::Child,
+    stdout: tokio::process::ChildStdout,
+    shown: Vec<u8>,
+}
+
+impl TopOnTerminal {
+    fn start(url: &str) -> Self {
+        let mut child = tokio::process::Command::new("script")
+            .args([
+                "-qec",
+                &format!(
+                    "echo pid=$$; exec {} top --interval 200ms --server {url}",
+                    env!("CARGO_BIN_EXE_chunkbus"),
+                ),
+                "/dev/null",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        Self {
+            child,
+            stdout,
+            shown: Vec::new(),
+        }
+    }
+
+    /// Reads until what was drawn satisfies `done`.
+    async fn read_until(&mut self, what: &str, done: impl Fn(&str) -> bool) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        tokio::time::timeout(crate::harness::CONDITION_DEADLINE, async {
+            while !done(&String::from_utf8_lossy(&self.shown)) {
+                let n = self.stdout.read(&mut buf).await.unwrap();
+                assert!(n > 0, "top ended: {}", String::from_utf8_lossy(&self.shown));
+                self.shown.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}"));
+    }
+
+    /// top's pid, once the shell said it.
+    fn pid(&self) -> rustix::process::Pid {
+        let text = String::from_utf8_lossy(&self.shown);
+        let after = text.split("pid=").nth(1).expect("the shell says the pid");
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        rustix::process::Pid::from_raw(digits.parse().unwrap()).unwrap()
+    }
+
+    /// Waits for top to end: its status and everything it drew.
+    async fn end(mut self, what: &str) -> (std::process::ExitStatus, String) {
+        use tokio::io::AsyncReadExt;
+        let status = tokio::time::timeout(crate::harness::CONDITION_DEADLINE, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .unwrap();
+        self.stdout.read_to_end(&mut self.shown).await.unwrap();
+        (status, String::from_utf8_lossy(&self.shown).into_owned())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_on_a_terminal_refreshes_until_q() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let node = TestNode::start().await;
     let c = Client::new(&node.url("")).unwrap();
     c.produce("shown", "x\n", &ProduceOptions::default())
         .await
         .unwrap();
-    let mut top = tokio::process::Command::new("script")
-        .args([
-            "-qec",
-            &format!(
-                "{} top --interval 200ms --server {}",
-                env!("CARGO_BIN_EXE_chunkbus"),
-                node.url("")
-            ),
-            "/dev/null",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = top.stdout.take().unwrap();
-    let mut shown = Vec::new();
-    let mut buf = [0u8; 4096];
+    let mut top = TopOnTerminal::start(&node.url(""));
     // Two refreshes (two "q to quit" footers), the category in them.
-    tokio::time::timeout(crate::harness::CONDITION_DEADLINE, async {
-        loop {
-            let n = stdout.read(&mut buf).await.unwrap();
-            assert!(n > 0, "top ended: {}", String::from_utf8_lossy(&shown));
-            shown.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&shown);
-            if text.matches("q to quit").count() >= 2 && text.contains("shown") {
-                return;
-            }
-        }
+    top.read_until("top to draw twice", |text| {
+        text.matches("q to quit").count() >= 2 && text.contains("shown")
     })
-    .await
-    .expect("top to draw twice");
-    top.stdin.as_mut().unwrap().write_all(b"q").await.unwrap();
-    let status = tokio::time::timeout(crate::harness::CONDITION_DEADLINE, top.wait())
-        .await
-        .expect("top to quit on q")
-        .unwrap();
+    .await;
+    let stdin = top.child.stdin.as_mut().unwrap();
+    stdin.write_all(b"q").await.unwrap();
+    let (status, text) = top.end("top to quit on q").await;
     assert!(status.success(), "{status:?}");
-    let mut rest = Vec::new();
-    stdout.read_to_end(&mut rest).await.unwrap();
-    shown.extend_from_slice(&rest);
     // It drew on the alternate screen and gave the terminal back.
-    let text = String::from_utf8_lossy(&shown);
     assert!(
         text.contains("\x1b[?1049h") && text.contains("\x1b[?1049l"),
         "{text:?}"
@@ -572,54 +607,14 @@ async fn top_on_a_terminal_refreshes_until_q() {
 
 #[tokio::test]
 async fn top_on_a_terminal_gives_the_terminal_back_when_terminated() {
-    use tokio::io::AsyncReadExt;
     let node = TestNode::start().await;
-    // The shell says top's pid (it execs top, so the pid stays).
-    let mut top = tokio::process::Command::new("script")
-        .args([
-            "-qec",
-            &format!(
-                "echo pid=$$; exec {} top --interval 200ms --server {}",
-                env!("CARGO_BIN_EXE_chunkbus"),
-                node.url("")
-            ),
-            "/dev/null",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = top.stdout.take().unwrap();
-    let mut shown = Vec::new();
-    let mut buf = [0u8; 4096];
-    let pid = tokio::time::timeout(crate::harness::CONDITION_DEADLINE, async {
-        loop {
-            let n = stdout.read(&mut buf).await.unwrap();
-            assert!(n > 0, "top ended: {}", String::from_utf8_lossy(&shown));
-            shown.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&shown);
-            if text.contains("q to quit") {
-                let pid = text.split("pid=").nth(1).unwrap();
-                let digits: String = pid.chars().take_while(char::is_ascii_digit).collect();
-                return digits.parse::<i32>().unwrap();
-            }
-        }
-    })
-    .await
-    .expect("top to draw");
-    let pid = rustix::process::Pid::from_raw(pid).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-    let status = tokio::time::timeout(crate::harness::CONDITION_DEADLINE, top.wait())
-        .await
-        .expect("top to end on SIGTERM")
-        .unwrap();
+    let mut top = TopOnTerminal::start(&node.url(""));
+    top.read_until("top to draw", |text| text.contains("q to quit"))
+        .await;
+    rustix::process::kill_process(top.pid(), rustix::process::Signal::TERM).unwrap();
+    let (status, text) = top.end("top to end on SIGTERM").await;
     assert!(status.success(), "{status:?}");
-    let mut rest = Vec::new();
-    stdout.read_to_end(&mut rest).await.unwrap();
-    shown.extend_from_slice(&rest);
     // It left the alternate screen and showed the cursor again.
-    let text = String::from_utf8_lossy(&shown);
     let tail = &text[text.find("q to quit").unwrap()..];
     assert!(
         tail.contains("\x1b[?1049l") && tail.contains("\x1b[?25h"),
