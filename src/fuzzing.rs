@@ -253,22 +253,25 @@ pub fn kafka_frame(data: &[u8]) {
 /// JSON holding a JSON object, within the line limit, in a valid category.
 pub fn es_bulk(data: &[u8]) {
     const MAX_LINE: u64 = 256;
-    let Ok(items) = crate::http::es::parse_bulk(data, Some("fallback"), MAX_LINE) else {
+    let Ok((items, batches)) = crate::http::es::parse_bulk(data, Some("fallback"), MAX_LINE) else {
         return;
     };
-    for item in items {
-        if let Ok(line) = item.doc {
-            assert!(!line.contains(&b'\n'), "{line:?}");
-            assert!(line.len() as u64 <= MAX_LINE);
-            // JSON as the grammar has it (numbers of any size: a
-            // `Value` would refuse what does not fit an f64).
-            let object: std::collections::HashMap<String, &serde_json::value::RawValue> =
-                serde_json::from_slice(&line).expect("a JSON object");
-            drop(object);
-            let index = item.index.expect("an index");
-            assert!(chunkbus_client::names::validate_category(&index).is_ok());
-        }
+    let mut stored = 0;
+    for (n, category, line) in batches.numbered_lines() {
+        let item = &items[n];
+        assert!(item.doc.is_ok(), "item {n} is stored and has an error");
+        assert_eq!(item.index.as_deref(), Some(category));
+        assert!(!line.contains(&b'\n'), "{line:?}");
+        assert!(line.len() as u64 <= MAX_LINE);
+        // JSON as the grammar has it (numbers of any size: a
+        // `Value` would refuse what does not fit an f64).
+        let object: std::collections::HashMap<String, &serde_json::value::RawValue> =
+            serde_json::from_slice(line).expect("a JSON object");
+        drop(object);
+        assert!(chunkbus_client::names::validate_category(category).is_ok());
+        stored += 1;
     }
+    assert_eq!(stored, items.iter().filter(|i| i.doc.is_ok()).count());
 }
 
 /// The Splunk HEC event parser: the events it keeps are one line each of

@@ -247,17 +247,21 @@ pub struct ItemError {
 pub struct Item {
     /// What it asks.
     pub action: Action,
-    /// The category: its `_index`, or the path's.
-    pub index: Option<String>,
+    /// The category: its `_index`, or the path's (shared by the items of
+    /// the same action line).
+    pub index: Option<Arc<str>>,
     /// Its `_id`, if it has one.
     pub id: Option<String>,
-    /// Its document as one line (compact JSON, no newline), for `index`
-    /// and `create`; or why it cannot be stored.
-    pub doc: Result<Vec<u8>, ItemError>,
+    /// `Ok` when its document was added to the batches, as one line
+    /// (compact JSON, no newline) numbered by the item's position; or why
+    /// it cannot be stored.
+    pub doc: Result<(), ItemError>,
+    /// The key `admit` gave it (a `create`'s id, taken).
+    pub claimed: Option<u64>,
 }
 
 /// An action line: exactly one of these is set. Read in place (the names
-/// borrowed from the body), once per action.
+/// borrowed from the body), once per distinct action line.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ActionLine<'a> {
@@ -287,17 +291,70 @@ fn item_error(status: u16, kind: &'static str, reason: impl Into<String>) -> Ite
     }
 }
 
-/// Parses a bulk body: action lines, each `index`, `create` and `update`
-/// followed by its document line. `Err` is the reason the whole request is
-/// refused (nothing of it is stored); a document that cannot be stored is
-/// an item's error. Blank lines between actions are skipped.
+/// An action line as read, kept to read the next one when it is the same
+/// bytes (agents repeat one action line for every document).
+struct Parsed<'b> {
+    line: &'b [u8],
+    action: Action,
+    index: Option<Arc<str>>,
+    id: Option<String>,
+    /// Whether `index` names a category (checked once per action line).
+    index_ok: Result<(), ItemError>,
+}
+
+/// Says whether a valid document may be stored: the token's access to its
+/// category, a `create`'s `_id` not taken before. `Ok` with the key taken
+/// for the id, if any; else the item's error.
+pub type Admit<'a> = dyn FnMut(Action, &str, Option<&str>) -> Result<Option<u64>, ItemError> + 'a;
+
+/// [`parse_bulk_into`] with every document admitted, into fresh batches
+/// (tests, fuzzing).
 pub fn parse_bulk(
     body: &[u8],
     path_index: Option<&str>,
     max_line: u64,
+) -> Result<(Vec<Item>, Batches), BulkRefusal> {
+    let mut batches = Batches::default();
+    let items = parse_bulk_into(
+        body,
+        path_index,
+        max_line,
+        &mut |_, _, _| Ok(None),
+        &mut batches,
+    )?;
+    Ok((items, batches))
+}
+
+/// Parses a bulk body: action lines, each `index`, `create` and `update`
+/// followed by its document line. Each document that can be stored and
+/// that `admit` admits is written into `batches` as one line, numbered by
+/// its item's position. `Err` is the reason the whole request is refused
+/// (the caller then stores nothing, and gives back what `admit` took); a
+/// document that cannot be stored is an item's error. Blank lines between
+/// actions are skipped.
+pub fn parse_bulk_into(
+    body: &[u8],
+    path_index: Option<&str>,
+    max_line: u64,
+    admit: &mut Admit,
+    batches: &mut Batches,
 ) -> Result<Vec<Item>, BulkRefusal> {
-    let mut lines = body.split(|&b| b == b'\n').enumerate();
+    // JSON is UTF-8; skipping a string's contents (`IgnoredAny`) does not
+    // check them. One check of the whole body spares one per document.
+    let all_utf8 = std::str::from_utf8(body).is_ok();
+    let path_index: Option<Arc<str>> = path_index.map(Arc::from);
+    // Lines found with `memchr` (a byte-at-a-time split is most of a
+    // small body's parse).
+    let mut at = 0;
+    let mut lines = std::iter::from_fn(|| {
+        let rest = body.get(at..)?;
+        let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+        at += end + 1;
+        Some(&rest[..end])
+    })
+    .enumerate();
     let mut items = Vec::new();
+    let mut last: Option<Parsed> = None;
     while let Some((n, line)) = lines.next() {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
@@ -305,23 +362,11 @@ pub fn parse_bulk(
         if items.len() == MAX_ACTIONS {
             return Err(BulkRefusal::TooManyActions);
         }
-        let malformed = |why: String| {
-            BulkRefusal::Malformed(format!("Malformed action/metadata line [{}]: {why}", n + 1))
+        let parsed = match last.take() {
+            Some(p) if p.line == line => p,
+            _ => action_line(line, n, path_index.as_ref())?,
         };
-        let parsed: ActionLine =
-            serde_json::from_slice(line).map_err(|e| malformed(e.to_string()))?;
-        let mut set = [
-            (Action::Index, parsed.index),
-            (Action::Create, parsed.create),
-            (Action::Update, parsed.update),
-            (Action::Delete, parsed.delete),
-        ]
-        .into_iter()
-        .filter_map(|(action, meta)| Some((action, meta?)));
-        let (action, meta) = match (set.next(), set.next()) {
-            (Some(one), None) => one,
-            _ => return Err(malformed("expected exactly one action".into())),
-        };
+        let action = parsed.action;
         let doc = if action == Action::Delete {
             None
         } else {
@@ -336,14 +381,26 @@ pub fn parse_bulk(
                 }
             }
         };
-        let index = meta
-            .index
-            .map(Cow::into_owned)
-            .or_else(|| path_index.map(str::to_owned));
-        let doc = match (action, doc) {
-            (Action::Index | Action::Create, Some(doc)) => {
-                document(doc, index.as_deref(), max_line)
+        let number = items.len();
+        let mut claimed = None;
+        let doc = match (action, doc, &parsed.index) {
+            (Action::Index | Action::Create, Some(doc), Some(index)) => {
+                parsed.index_ok.clone().and_then(|()| {
+                    let line = document(doc, all_utf8, max_line)?;
+                    claimed = admit(action, index, parsed.id.as_deref())?;
+                    match line {
+                        Some(line) => batches.push(index, &line, number),
+                        None => batches
+                            .push_with(index, number, |buf| super::lines::minify_into(doc, buf)),
+                    }
+                    Ok(())
+                })
             }
+            (Action::Index | Action::Create, Some(_), None) => Err(item_error(
+                400,
+                "action_request_validation_exception",
+                "Validation Failed: 1: index is missing;",
+            )),
             _ => Err(item_error(
                 400,
                 "illegal_argument_exception",
@@ -355,25 +412,62 @@ pub fn parse_bulk(
         };
         items.push(Item {
             action,
-            index,
-            id: meta.id.map(Cow::into_owned),
+            index: parsed.index.clone(),
+            id: parsed.id.clone(),
             doc,
+            claimed,
         });
+        last = Some(parsed);
     }
     Ok(items)
 }
 
-/// A document's line, or why it cannot be stored in `index`.
-fn document(doc: &[u8], index: Option<&str>, max_line: u64) -> Result<Vec<u8>, ItemError> {
-    let Some(index) = index else {
-        return Err(item_error(
-            400,
-            "action_request_validation_exception",
-            "Validation Failed: 1: index is missing;",
-        ));
+/// Reads action line `n` (from 0).
+fn action_line<'b>(
+    line: &'b [u8],
+    n: usize,
+    path_index: Option<&Arc<str>>,
+) -> Result<Parsed<'b>, BulkRefusal> {
+    let malformed = |why: String| {
+        BulkRefusal::Malformed(format!("Malformed action/metadata line [{}]: {why}", n + 1))
     };
-    validate_category(index)
-        .map_err(|e| item_error(400, "invalid_index_name_exception", e.to_string()))?;
+    let parsed: ActionLine = serde_json::from_slice(line).map_err(|e| malformed(e.to_string()))?;
+    let mut set = [
+        (Action::Index, parsed.index),
+        (Action::Create, parsed.create),
+        (Action::Update, parsed.update),
+        (Action::Delete, parsed.delete),
+    ]
+    .into_iter()
+    .filter_map(|(action, meta)| Some((action, meta?)));
+    let (action, meta) = match (set.next(), set.next()) {
+        (Some(one), None) => one,
+        _ => return Err(malformed("expected exactly one action".into())),
+    };
+    let index = match meta.index {
+        Some(i) => Some(Arc::from(i.as_ref())),
+        None => path_index.cloned(),
+    };
+    let index_ok = match &index {
+        Some(i) => validate_category(i)
+            .map_err(|e| item_error(400, "invalid_index_name_exception", e.to_string())),
+        None => Ok(()),
+    };
+    Ok(Parsed {
+        line,
+        action,
+        index,
+        id: meta.id.map(Cow::into_owned),
+        index_ok,
+    })
+}
+
+/// Checks a document: `Ok(None)` when it is a JSON object whose compact
+/// form fits the line limit without being written (it is never longer than
+/// the document), `Ok(Some(line))` when it had to be written to know;
+/// else why it cannot be stored. `utf8` when the document is known to be
+/// UTF-8.
+fn document(doc: &[u8], utf8: bool, max_line: u64) -> Result<Option<Vec<u8>>, ItemError> {
     let first = doc.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Err(item_error(
@@ -382,22 +476,25 @@ fn document(doc: &[u8], index: Option<&str>, max_line: u64) -> Result<Vec<u8>, I
             "the document is not a JSON object",
         ));
     }
-    // JSON is UTF-8; skipping a string's contents (`IgnoredAny`) does not
-    // check them, so the whole document is checked first.
-    let text = std::str::from_utf8(doc).map_err(|e| {
-        item_error(
-            400,
-            "document_parsing_exception",
-            format!("the document is not UTF-8: {e}"),
-        )
-    })?;
-    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| {
+    if !utf8 {
+        std::str::from_utf8(doc).map_err(|e| {
+            item_error(
+                400,
+                "document_parsing_exception",
+                format!("the document is not UTF-8: {e}"),
+            )
+        })?;
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(doc).map_err(|e| {
         item_error(
             400,
             "document_parsing_exception",
             format!("the document is not valid JSON: {e}"),
         )
     })?;
+    if doc.len() as u64 <= max_line {
+        return Ok(None);
+    }
     let mut line = Vec::with_capacity(doc.len());
     super::lines::minify_into(doc, &mut line);
     if line.len() as u64 > max_line {
@@ -410,7 +507,7 @@ fn document(doc: &[u8], index: Option<&str>, max_line: u64) -> Result<Vec<u8>, I
             ),
         ));
     }
-    Ok(line)
+    Ok(Some(line))
 }
 
 /// The `_id`s of the last [`KEPT_IDS`] documents created on this node, by
@@ -481,15 +578,21 @@ async fn bulk_into(
 }
 
 /// Where one stored line went.
-struct Stored {
-    /// Shared by the items of one append.
-    chunk: Arc<str>,
+struct Stored<'a> {
+    chunk: &'a str,
     offset: u64,
     shards: (u64, u64),
 }
 
+/// Gives back the ids `items` took: they were not stored after all.
+fn release_claims<'a>(st: &AppState, items: impl IntoIterator<Item = &'a Item>) {
+    for key in items.into_iter().filter_map(|i| i.claimed) {
+        st.es_ids.release(key);
+    }
+}
+
 async fn bulk_items(
-    st: &AppState,
+    st: &Arc<AppState>,
     path_index: Option<String>,
     query: Result<Query<ProduceQuery>, QueryRejection>,
     req: Request,
@@ -506,56 +609,65 @@ async fn bulk_items(
         .await
         .map_err(es_api_error)?;
     let max_line = st.limits.max_line_bytes;
+    let state = st.clone();
     let parsed = body::off_runtime_if_large(raw, "bulk parse", move |raw| {
-        parse_bulk(raw, path_index.as_deref(), max_line)
-    })
-    .await
-    .map_err(es_api_error)?;
-    let mut items = parsed.map_err(BulkRefusal::into_response)?;
-    reservation
-        .grow(items.len() as u64 * ANSWER_BYTES_PER_ACTION)
-        .inspect_err(|e| count_shed(st, e))
-        .map_err(es_api_error)?;
-
-    // Per item: may this token write there, was this id created before.
-    let mut claimed: Vec<Option<u64>> = vec![None; items.len()];
-    for (i, item) in items.iter_mut().enumerate() {
-        let Ok(_) = &item.doc else { continue };
-        let index = item.index.as_deref().unwrap_or_default();
-        if let Some(p) = &principal
-            && !p.may_see(index)
-        {
-            item.doc = Err(item_error(
-                403,
-                "security_exception",
-                format!("this token may not write to {index:?}"),
-            ));
-            continue;
-        }
-        if let (Action::Create, Some(id)) = (item.action, &item.id) {
-            let key = st.es_ids.key(index, id);
-            if !st.es_ids.claim(key) {
-                item.doc = Err(item_error(
+        // Per document: may this token write there, was this id created
+        // before (the key is taken now, given back if it is not stored).
+        let mut taken = Vec::new();
+        let mut admit = |action, index: &str, id: Option<&str>| {
+            if let Some(p) = &principal
+                && !p.may_see(index)
+            {
+                return Err(item_error(
+                    403,
+                    "security_exception",
+                    format!("this token may not write to {index:?}"),
+                ));
+            }
+            let (Action::Create, Some(id)) = (action, id) else {
+                return Ok(None);
+            };
+            let key = state.es_ids.key(index, id);
+            if !state.es_ids.claim(key) {
+                return Err(item_error(
                     409,
                     "version_conflict_engine_exception",
                     format!("[{id}]: version conflict, document already exists"),
                 ));
-                continue;
             }
-            claimed[i] = Some(key);
+            taken.push(key);
+            Ok(Some(key))
+        };
+        let mut batches = Batches::default();
+        let items = parse_bulk_into(
+            raw,
+            path_index.as_deref(),
+            max_line,
+            &mut admit,
+            &mut batches,
+        );
+        if items.is_err() {
+            for key in taken {
+                state.es_ids.release(key);
+            }
         }
+        items.map(|items| (items, batches))
+    })
+    .await
+    .map_err(es_api_error)?;
+    let (items, batches) = parsed.map_err(BulkRefusal::into_response)?;
+    if let Err(e) = reservation.grow(items.len() as u64 * ANSWER_BYTES_PER_ACTION) {
+        count_shed(st, &e);
+        release_claims(st, &items);
+        return Err(es_api_error(e));
     }
 
-    // One append per category, in the order the categories first appear.
-    let mut batches = Batches::default();
-    for (i, item) in items.iter().enumerate() {
-        if let Ok(doc) = &item.doc {
-            batches.push(item.index.as_deref().unwrap_or_default(), doc, i);
-        }
-    }
-    let mut outcome: Vec<Option<Result<Stored, ItemError>>> =
-        (0..items.len()).map(|_| None).collect();
-    for batch in batches.store(st, opts).await {
+    // One append per category, in the order the categories first appear;
+    // each item's batch and offset in its chunk.
+    const NONE: u32 = u32::MAX;
+    let mut place: Vec<(u32, u64)> = vec![(NONE, 0); items.len()];
+    let mut outcomes = Vec::new();
+    for (b, batch) in batches.store(st, opts).await.into_iter().enumerate() {
         let want = opts.min_replicas;
         let (written, shards) = match batch.written {
             Ok(w) => (Ok(w), (1 + want, 1 + want)),
@@ -567,41 +679,41 @@ async fn bulk_items(
             }
             Err(e) => (Err(e), (0, 0)),
         };
-        let chunk: Arc<str> = match &written {
-            Ok(w) => w.chunk.as_deref().unwrap_or_default().into(),
-            Err(_) => "".into(),
+        let outcome = match written {
+            Ok(w) => Ok((w.chunk.unwrap_or_default(), shards)),
+            Err(e) => {
+                release_claims(st, batch.lines.iter().map(|&(i, _)| &items[i]));
+                let status = e.status().as_u16();
+                let kind = if matches!(status, 429 | 503) {
+                    "es_rejected_execution_exception"
+                } else {
+                    "exception"
+                };
+                Err(item_error(status, kind, e.to_string()))
+            }
         };
         for (i, offset) in batch.lines {
-            outcome[i] = Some(match &written {
-                Ok(_) => Ok(Stored {
-                    chunk: chunk.clone(),
-                    offset,
-                    shards,
-                }),
-                Err(e) => {
-                    if let Some(key) = claimed[i] {
-                        st.es_ids.release(key);
-                    }
-                    let status = e.status().as_u16();
-                    let kind = if matches!(status, 429 | 503) {
-                        "es_rejected_execution_exception"
-                    } else {
-                        "exception"
-                    };
-                    Err(item_error(status, kind, e.to_string()))
-                }
-            });
+            place[i] = (b as u32, offset);
         }
+        outcomes.push(outcome);
     }
 
+    let not_stored = item_error(500, "exception", "not stored");
     let mut answer = Vec::with_capacity(items.len() * 200 + 64);
     answer.extend_from_slice(b"{\"items\":[");
     let mut errors = false;
-    for (n, (item, outcome)) in items.into_iter().zip(outcome).enumerate() {
-        let result = match (item.doc, outcome) {
-            (Err(e), _) | (Ok(_), Some(Err(e))) => Err(e),
-            (Ok(_), Some(Ok(stored))) => Ok(stored),
-            (Ok(_), None) => Err(item_error(500, "exception", "not stored")),
+    for (n, item) in items.iter().enumerate() {
+        let result = match (&item.doc, place[n]) {
+            (Err(e), _) => Err(e),
+            (Ok(()), (NONE, _)) => Err(&not_stored),
+            (Ok(()), (b, offset)) => match &outcomes[b as usize] {
+                Ok((chunk, shards)) => Ok(Stored {
+                    chunk,
+                    offset,
+                    shards: *shards,
+                }),
+                Err(e) => Err(e),
+            },
         };
         let index = item.index.as_deref().unwrap_or_default();
         if n > 0 {
@@ -656,7 +768,7 @@ async fn bulk_items(
 /// Appends a stored item's answer, byte for byte what [`ItemAnswer`]
 /// serializes to, without serde's escaping of every key (most of a bulk
 /// answer's cost): only the index and the id are strings that vary.
-fn push_created(out: &mut Vec<u8>, action: &str, index: &str, id: Option<&str>, s: &Stored) {
+fn push_created(out: &mut Vec<u8>, action: &str, index: &str, id: Option<&str>, s: &Stored<'_>) {
     let mut num = itoa::Buffer::new();
     out.extend_from_slice(b"{\"");
     out.extend_from_slice(action.as_bytes());
@@ -666,7 +778,7 @@ fn push_created(out: &mut Vec<u8>, action: &str, index: &str, id: Option<&str>, 
     match id {
         Some(id) => push_json_str(out, id),
         // `<chunk>@<offset>`.
-        None if plain(&s.chunk) => {
+        None if plain(s.chunk) => {
             out.push(b'"');
             out.extend_from_slice(s.chunk.as_bytes());
             out.push(b'@');
@@ -746,7 +858,7 @@ mod tests {
     #[test]
     fn created_items_are_written_as_serde_writes_them() {
         let stored = Stored {
-            chunk: "eu1-chunk000000042".into(),
+            chunk: "eu1-chunk000000042",
             offset: 123_456,
             shards: (3, 2),
         };
@@ -786,22 +898,34 @@ mod tests {
         }
     }
 
-    fn ok(items: &[Item]) -> Vec<String> {
-        items
+    /// Each item's stored line, or its error.
+    fn ok((items, batches): &(Vec<Item>, Batches)) -> Vec<String> {
+        let mut lines: std::collections::HashMap<usize, String> = batches
+            .numbered_lines()
+            .map(|(n, category, line)| {
+                assert_eq!(items[n].index.as_deref(), Some(category));
+                (n, String::from_utf8(line.to_vec()).unwrap())
+            })
+            .collect();
+        let answers = items
             .iter()
-            .map(|i| match &i.doc {
-                Ok(d) => String::from_utf8(d.clone()).unwrap(),
+            .enumerate()
+            .map(|(n, i)| match &i.doc {
+                Ok(()) => lines.remove(&n).expect("a stored item has its line"),
                 Err(e) => format!("{} {}", e.status, e.kind),
             })
-            .collect()
+            .collect();
+        assert!(lines.is_empty(), "lines of items with errors: {lines:?}");
+        answers
     }
 
     #[test]
     fn parses_actions_and_documents_as_compact_lines() {
         let body = b"{\"index\":{\"_index\":\"app\"}}\n{ \"msg\" : \"a b\\\" \\\\\" , \"n\": 1.50 }\r\n\n{\"create\":{\"_id\":\"x1\"}}\n{\"k\":[1, 2, {\"y\" :null}]}\n{\"delete\":{\"_index\":\"app\",\"_id\":\"1\"}}\n{\"update\":{\"_id\":\"1\"}}\n{\"doc\":{}}\n{\"index\":{}}\n[1]\n";
-        let items = parse_bulk(body, Some("dflt"), 1 << 20).unwrap();
+        let parsed = parse_bulk(body, Some("dflt"), 1 << 20).unwrap();
+        let items = &parsed.0;
         assert_eq!(
-            ok(&items),
+            ok(&parsed),
             [
                 r#"{"msg":"a b\" \\","n":1.50}"#,
                 r#"{"k":[1,2,{"y":null}]}"#,
@@ -855,35 +979,140 @@ mod tests {
     fn a_body_of_too_many_actions_is_refused_whole() {
         let body = "{\"delete\":{}}\n".repeat(MAX_ACTIONS);
         assert_eq!(
-            parse_bulk(body.as_bytes(), Some("a"), 10).unwrap().len(),
+            parse_bulk(body.as_bytes(), Some("a"), 10).unwrap().0.len(),
             MAX_ACTIONS
         );
         let more = body + "\n{\"delete\":{}}\n";
         assert_eq!(
-            parse_bulk(more.as_bytes(), Some("a"), 10),
-            Err(BulkRefusal::TooManyActions)
+            parse_bulk(more.as_bytes(), Some("a"), 10).err(),
+            Some(BulkRefusal::TooManyActions)
         );
     }
 
     #[test]
     fn a_document_that_is_not_utf8_is_not_stored() {
-        let body = b"{\"index\":{\"_index\":\"a\"}}\n{\"k\":\"\xff\xfe\"}\n";
-        let items = parse_bulk(body, None, 1 << 20).unwrap();
-        assert_eq!(ok(&items), ["400 document_parsing_exception"]);
+        let body = b"{\"index\":{\"_index\":\"a\"}}\n{\"k\":\"\xff\xfe\"}\n{\"index\":{\"_index\":\"a\"}}\n{\"k\":\"\xc3\xa9\"}\n";
+        let parsed = parse_bulk(body, None, 1 << 20).unwrap();
+        assert_eq!(
+            ok(&parsed),
+            ["400 document_parsing_exception", "{\"k\":\"\u{e9}\"}"]
+        );
     }
 
     #[test]
     fn item_errors_name_their_cause() {
         let body = b"{\"index\":{}}\n{\"a\":1}\n{\"index\":{\"_index\":\"Bad Name\"}}\n{\"a\":1}\n{\"index\":{\"_index\":\"ok\"}}\n{\"a\":\"0123456789\"}\n{\"index\":{\"_index\":\"ok\"}}\n{\"a\":1\n";
-        let items = parse_bulk(body, None, 12).unwrap();
+        let parsed = parse_bulk(body, None, 12).unwrap();
         assert_eq!(
-            ok(&items),
+            ok(&parsed),
             [
                 "400 action_request_validation_exception",
                 "400 invalid_index_name_exception",
                 "413 illegal_argument_exception",
                 "400 document_parsing_exception",
             ]
+        );
+    }
+
+    #[test]
+    fn a_repeated_action_line_is_read_once_and_means_the_same() {
+        let body = concat!(
+            "{\"index\":{\"_index\":\"a\"}}\n{\"n\":1}\n",
+            "{\"index\":{\"_index\":\"a\"}}\n{\"n\":2}\n",
+            "{\"index\":{\"_index\":\"Bad Name\"}}\n{\"n\":3}\n",
+            "{\"index\":{\"_index\":\"Bad Name\"}}\n{\"n\":4}\n",
+            "{\"create\":{\"_index\":\"b\",\"_id\":\"7\"}}\n{\"n\":5}\n",
+            "{\"create\":{\"_index\":\"b\",\"_id\":\"7\"}}\n{\"n\":6}\n",
+            "{\"index\":{\"_index\":\"a\"}}\n{\"n\":7}\n",
+            "{\"index\":{}}\n{\"n\":8}\n",
+        );
+        let parsed = parse_bulk(body.as_bytes(), Some("p"), 1 << 20).unwrap();
+        assert_eq!(
+            ok(&parsed),
+            [
+                r#"{"n":1}"#,
+                r#"{"n":2}"#,
+                "400 invalid_index_name_exception",
+                "400 invalid_index_name_exception",
+                r#"{"n":5}"#,
+                r#"{"n":6}"#,
+                r#"{"n":7}"#,
+                r#"{"n":8}"#,
+            ]
+        );
+        let of = |i: &Item| {
+            (
+                i.action,
+                i.index.as_deref().map(str::to_owned),
+                i.id.clone(),
+            )
+        };
+        let items: Vec<_> = parsed.0.iter().map(of).collect();
+        let s = |v: &str| Some(v.to_owned());
+        assert_eq!(
+            items,
+            [
+                (Action::Index, s("a"), None),
+                (Action::Index, s("a"), None),
+                (Action::Index, s("Bad Name"), None),
+                (Action::Index, s("Bad Name"), None),
+                (Action::Create, s("b"), s("7")),
+                (Action::Create, s("b"), s("7")),
+                (Action::Index, s("a"), None),
+                (Action::Index, s("p"), None),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_admitted_documents_are_written() {
+        let body = concat!(
+            "{\"index\":{\"_index\":\"open\"}}\n{\"n\":1}\n",
+            "{\"index\":{\"_index\":\"closed\"}}\n{\"n\":2}\n",
+            "{\"create\":{\"_index\":\"open\",\"_id\":\"x\"}}\n{\"n\":3}\n",
+            "{\"create\":{\"_index\":\"open\",\"_id\":\"x\"}}\n{\"n\":4}\n",
+            "{\"create\":{\"_index\":\"open\",\"_id\":\"y\"}}\nnot json\n",
+        );
+        let ids = CreatedIds::default();
+        let mut asked = Vec::new();
+        let mut admit = |action: Action, index: &str, id: Option<&str>| {
+            asked.push((action, index.to_owned(), id.map(str::to_owned)));
+            if index == "closed" {
+                return Err(item_error(403, "security_exception", "no"));
+            }
+            let Some(id) = id else { return Ok(None) };
+            let key = ids.key(index, id);
+            if ids.claim(key) {
+                Ok(Some(key))
+            } else {
+                Err(item_error(
+                    409,
+                    "version_conflict_engine_exception",
+                    "again",
+                ))
+            }
+        };
+        let mut batches = Batches::default();
+        let items =
+            parse_bulk_into(body.as_bytes(), None, 1 << 20, &mut admit, &mut batches).unwrap();
+        // Asked only for valid documents, in order.
+        assert_eq!(asked.len(), 4);
+        assert_eq!(
+            ok(&(items.clone(), batches)),
+            [
+                r#"{"n":1}"#,
+                "403 security_exception",
+                r#"{"n":3}"#,
+                "409 version_conflict_engine_exception",
+                "400 document_parsing_exception",
+            ]
+        );
+        assert_eq!(items[2].claimed, Some(ids.key("open", "x")));
+        assert!(
+            items
+                .iter()
+                .enumerate()
+                .all(|(n, i)| (n == 2) == i.claimed.is_some())
         );
     }
 

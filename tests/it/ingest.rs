@@ -120,6 +120,16 @@ async fn elasticsearch_bulk_stores_documents_and_answers_per_item() {
     assert_eq!(node_lines(&node, "web").await.len(), 3);
     assert_eq!(node_lines(&node, "other").await.len(), 1);
 
+    // A body refused whole stores nothing and takes no id: the same
+    // create in a good body is then stored.
+    let refused =
+        "{\"create\":{\"_index\":\"web\",\"_id\":\"c9\"}}\n{\"m\":1}\nnot an action\n{}\n";
+    let (status, _) = bulk(&node, "/_bulk", refused).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (_, answer) = bulk(&node, "/_bulk", &refused[..refused.find("not").unwrap()]).await;
+    assert_eq!(statuses(&answer), [("create".into(), 201)]);
+    assert_eq!(node_lines(&node, "web").await.len(), 4);
+
     // A gzip body, as Filebeat and Logstash send.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(b"{\"index\":{\"_index\":\"gz\"}}\n{\"z\":1}\n")
