@@ -35,6 +35,7 @@ use chunkbus_client::names::validate_category;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::lines::push_json_str;
 use super::produce::{Batches, ProduceQuery, check_writable, count_shed, read_records};
 use super::{ApiError, AppState, body};
 use crate::auth::Principal;
@@ -802,17 +803,6 @@ fn push_created(out: &mut Vec<u8>, action: &str, index: &str, id: Option<&str>, 
 /// only `"`, `\\` and control characters).
 fn plain(s: &str) -> bool {
     !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
-}
-
-/// Appends `s` as a JSON string.
-fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    if plain(s) {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-    } else {
-        serde_json::to_writer(&mut *out, s).expect("a string serializes");
-    }
 }
 
 /// One item of a bulk answer, as Elasticsearch writes it.

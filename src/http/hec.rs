@@ -163,6 +163,10 @@ pub fn parse_events_into(
 ) -> Option<InvalidEvent> {
     let mut stream = serde_json::Deserializer::from_slice(body).into_iter::<Envelope>();
     let invalid = |number, code, text| Some(InvalidEvent { number, code, text });
+    // One UTF-8 check of the whole body spares one per event.
+    let all_utf8 = std::str::from_utf8(body).is_ok();
+    // The last category checked and allowed (events mostly share one).
+    let mut admitted: Option<String> = None;
     for number in 0.. {
         let start = stream.byte_offset();
         let envelope = match stream.next() {
@@ -175,7 +179,7 @@ pub fn parse_events_into(
         // An object (a derived struct would also take an array, its
         // fields by position), in UTF-8 (the fields skipped over, such as
         // `fields` or `host`, are not checked by the parse).
-        if raw.first() != Some(&b'{') || std::str::from_utf8(raw).is_err() {
+        if raw.first() != Some(&b'{') || (!all_utf8 && std::str::from_utf8(raw).is_err()) {
             return invalid(number, 6, "Invalid data format");
         }
         match envelope.event.0.map(RawValue::get) {
@@ -184,11 +188,14 @@ pub fn parse_events_into(
             Some(_) => {}
         }
         let category = envelope.index.as_deref().unwrap_or(default_category);
-        if validate_category(category).is_err() {
-            return invalid(number, 7, "Incorrect index");
-        }
-        if !may_write(category) {
-            return invalid(number, 4, "Invalid token");
+        if admitted.as_deref() != Some(category) {
+            if validate_category(category).is_err() {
+                return invalid(number, 7, "Incorrect index");
+            }
+            if !may_write(category) {
+                return invalid(number, 4, "Invalid token");
+            }
+            admitted = Some(category.to_owned());
         }
         if raw.len() as u64 <= max_line {
             // Never longer without its whitespace: written in place.
@@ -363,6 +370,7 @@ mod tests {
             (r#"{"event":""}"#, 13),
             (r#"{"event":null}"#, 13),
             (r#"{"event":"x","index":"no/slash"}"#, 7),
+            (r#"{"event":"x","index":""}"#, 7),
             (r#"{"event":"x""#, 6),
             (r#"[1,2]"#, 6),
             (r#"["web",{"a":1}]"#, 6),
@@ -386,5 +394,23 @@ mod tests {
         assert_eq!(invalid.map(|i| (i.number, i.code)), Some((1, 6)));
         let long = parse_events(br#"{"event":"0123456789"}"#, "hec", 10);
         assert_eq!(long.1.unwrap().code, 6);
+    }
+
+    #[test]
+    fn each_change_of_category_is_checked_against_the_token() {
+        let body = br#"{"event":1,"index":"open"}{"event":2,"index":"open"}{"event":3}{"event":4,"index":"open"}{"event":5,"index":"shut"}{"event":6,"index":"open"}"#;
+        let asked = std::cell::RefCell::new(Vec::new());
+        let may_write = |c: &str| {
+            asked.borrow_mut().push(c.to_owned());
+            c != "shut"
+        };
+        let mut batches = Batches::default();
+        let invalid = parse_events_into(body, "hec", 1 << 20, &may_write, &mut batches);
+        assert_eq!(invalid.map(|i| (i.number, i.code)), Some((4, 4)));
+        assert_eq!(
+            batches.lines().map(|(c, _)| c).collect::<Vec<_>>(),
+            ["open", "open", "open", "hec"]
+        );
+        assert_eq!(asked.into_inner(), ["open", "hec", "open", "shut"]);
     }
 }

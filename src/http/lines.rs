@@ -97,6 +97,29 @@ pub fn minify_into(json: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// Appends `s` as a JSON string, byte for byte as `serde_json` writes it:
+/// `"` and `\\` escaped a run at a time (`memchr2`) when `s` holds no
+/// control character, which is the usual case; `serde_json` itself
+/// otherwise.
+pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    if bytes.iter().any(|&b| b < 0x20) {
+        serde_json::to_writer(&mut *out, s).expect("a string serializes");
+        return;
+    }
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut rest = bytes;
+    while let Some(i) = memchr::memchr2(b'"', b'\\', rest) {
+        out.extend_from_slice(&rest[..i]);
+        out.push(b'\\');
+        out.push(rest[i]);
+        rest = &rest[i + 1..];
+    }
+    out.extend_from_slice(rest);
+    out.push(b'"');
+}
+
 /// Checks line lengths, appends a final `\n` if missing, and counts lines.
 /// A line may span frames.
 pub fn finish_lines(body: &mut Frames, max_line: u64) -> Result<u64, ApiError> {
@@ -170,6 +193,30 @@ mod tests {
             let mut out = vec![b'x'];
             minify_into(&json, &mut out);
             prop_assert_eq!(&out[1..], &minify_reference(&json)[..]);
+        }
+    }
+
+    #[test]
+    fn json_strings_are_written_as_serde_writes_them() {
+        for s in [
+            "",
+            "plain",
+            r#"{"ts":"2026","msg":"a \"quoted\" \\ path"}"#,
+            "\"",
+            "\\\\",
+            "ends with \\",
+            "tab\tnewline\ncr\rbell\u{7}nul\u{0}esc\u{1b}\u{8}\u{c}del\u{7f}",
+            "é ✓ 𝄞 \u{2028}",
+            "unit separator \u{1f} alone \"q\"",
+        ] {
+            let mut mine = b"x".to_vec();
+            push_json_str(&mut mine, s);
+            let mut want = b"x".to_vec();
+            serde_json::to_writer(&mut want, s).unwrap();
+            assert_eq!(
+                String::from_utf8(mine).unwrap(),
+                String::from_utf8(want).unwrap()
+            );
         }
     }
 

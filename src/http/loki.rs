@@ -277,6 +277,7 @@ pub fn decode(
                 else {
                     continue;
                 };
+                let labels = labels_json(&labels)?;
                 for entry in &stream.entries {
                     let ts = entry.timestamp.map_or(0, |t| {
                         i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
@@ -309,6 +310,7 @@ pub fn decode(
                 ) else {
                     continue;
                 };
+                let labels = labels_json(&stream.stream)?;
                 for JsonEntry(ts, line, metadata) in &stream.values {
                     let ts: i128 = ts.0.parse().map_err(|_| {
                         ApiError::BadRequest(format!(
@@ -318,7 +320,7 @@ pub fn decode(
                     })?;
                     let metadata = metadata.as_ref().unwrap_or(&no_metadata);
                     out.push(&category, "an entry", |out| {
-                        write_line(out, ts, &stream.stream, &line.0, metadata)
+                        write_line(out, ts, &labels, &line.0, metadata)
                     })?;
                 }
             }
@@ -362,33 +364,34 @@ fn category_of(
 
 /// The line of one entry: `{"ts":<unix nanoseconds>,"labels":{..},
 /// "line":"..","metadata":{..}}`, `metadata` only when there is some.
+/// `labels` is the stream's labels as JSON ([`labels_json`]), the same for
+/// each of its entries; the rest is written by hand (serde escapes every
+/// key, most of a line's cost), byte for byte as serde writes it.
 pub fn write_line(
     out: &mut Vec<u8>,
     ts: i128,
-    labels: &Pairs,
+    labels: &[u8],
     line: &str,
     metadata: &Pairs,
 ) -> serde_json::Result<()> {
-    #[derive(Serialize)]
-    struct Line<'a> {
-        ts: i128,
-        labels: &'a Pairs<'a>,
-        line: &'a str,
-        #[serde(skip_serializing_if = "is_empty")]
-        metadata: &'a Pairs<'a>,
+    out.extend_from_slice(b"{\"ts\":");
+    out.extend_from_slice(itoa::Buffer::new().format(ts).as_bytes());
+    out.extend_from_slice(b",\"labels\":");
+    out.extend_from_slice(labels);
+    out.extend_from_slice(b",\"line\":");
+    super::lines::push_json_str(out, line);
+    if !metadata.0.is_empty() {
+        out.extend_from_slice(b",\"metadata\":");
+        serde_json::to_writer(&mut *out, metadata)?;
     }
-    fn is_empty(p: &&Pairs) -> bool {
-        p.0.is_empty()
-    }
-    serde_json::to_writer(
-        out,
-        &Line {
-            ts,
-            labels,
-            line,
-            metadata,
-        },
-    )
+    out.push(b'}');
+    Ok(())
+}
+
+/// A stream's labels as one JSON object, for [`write_line`].
+pub fn labels_json(labels: &Pairs) -> Result<Vec<u8>, ApiError> {
+    serde_json::to_vec(labels)
+        .map_err(|e| ApiError::Internal(format!("cannot write labels as JSON: {e}")))
 }
 
 /// Parses labels as Prometheus writes them, `{name="value", ...}`, the
@@ -650,6 +653,51 @@ mod tests {
             "{job=\"\\u12\"}",
         ] {
             assert!(parse_labels(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lines_are_written_as_serde_writes_them() {
+        #[derive(Serialize)]
+        struct Line<'a> {
+            ts: i128,
+            labels: &'a Pairs<'a>,
+            line: &'a str,
+            #[serde(skip_serializing_if = "is_empty")]
+            metadata: &'a Pairs<'a>,
+        }
+        fn is_empty(p: &&Pairs) -> bool {
+            p.0.is_empty()
+        }
+        let pairs = |kv: &[(&'static str, &'static str)]| {
+            Pairs(
+                kv.iter()
+                    .map(|&(k, v)| (Cow::from(k), Cow::from(v)))
+                    .collect(),
+            )
+        };
+        let labelsets = [pairs(&[]), pairs(&[("job", "api"), ("q\"k", "v\\\n")])];
+        let metadatas = [pairs(&[]), pairs(&[("trace_id", "abc"), ("x", "\u{1}")])];
+        for labels in &labelsets {
+            let json = labels_json(labels).unwrap();
+            for metadata in &metadatas {
+                for ts in [0, -1, i128::MAX, i128::MIN, 1_700_000_000_000_000_001] {
+                    for line in ["", "plain", "multi\nline \"quoted\" \\", "é\u{7f}\u{1f}"] {
+                        let mut mine = Vec::new();
+                        write_line(&mut mine, ts, &json, line, metadata).unwrap();
+                        let want = Line {
+                            ts,
+                            labels,
+                            line,
+                            metadata,
+                        };
+                        assert_eq!(
+                            String::from_utf8(mine).unwrap(),
+                            serde_json::to_string(&want).unwrap()
+                        );
+                    }
+                }
+            }
         }
     }
 
