@@ -703,11 +703,14 @@ async fn bulk_items(
     let mut answer = Vec::with_capacity(items.len() * 200 + 64);
     answer.extend_from_slice(b"{\"items\":[");
     let mut errors = false;
+    // The answer of the last append's items without ids, by append and action.
+    let mut created: Option<((u32, Action), Option<CreatedAnswer>)> = None;
     for (n, item) in items.iter().enumerate() {
-        let result = match (&item.doc, place[n]) {
-            (Err(e), _) => Err(e),
-            (Ok(()), (NONE, _)) => Err(&not_stored),
-            (Ok(()), (b, offset)) => match &outcomes[b as usize] {
+        let (b, offset) = place[n];
+        let result = match &item.doc {
+            Err(e) => Err(e),
+            Ok(()) if b == NONE => Err(&not_stored),
+            Ok(()) => match &outcomes[b as usize] {
                 Ok((chunk, shards)) => Ok(Stored {
                     chunk,
                     offset,
@@ -721,6 +724,20 @@ async fn bulk_items(
             answer.push(b',');
         }
         let e = match &result {
+            Ok(s) if item.id.is_none() => {
+                if created
+                    .as_ref()
+                    .is_none_or(|(key, _)| *key != (b, item.action))
+                {
+                    let made = CreatedAnswer::new(item.action.name(), index, s);
+                    created = Some(((b, item.action), made));
+                }
+                match created.as_ref().and_then(|(_, c)| c.as_ref()) {
+                    Some(c) => c.push(&mut answer, offset),
+                    None => push_created(&mut answer, item.action.name(), index, None, s),
+                }
+                continue;
+            }
             Ok(s) => {
                 push_created(
                     &mut answer,
@@ -770,12 +787,7 @@ async fn bulk_items(
 /// serializes to, without serde's escaping of every key (most of a bulk
 /// answer's cost): only the index and the id are strings that vary.
 fn push_created(out: &mut Vec<u8>, action: &str, index: &str, id: Option<&str>, s: &Stored<'_>) {
-    let mut num = itoa::Buffer::new();
-    out.extend_from_slice(b"{\"");
-    out.extend_from_slice(action.as_bytes());
-    out.extend_from_slice(b"\":{\"_index\":");
-    push_json_str(out, index);
-    out.extend_from_slice(b",\"_id\":");
+    push_created_head(out, action, index);
     match id {
         Some(id) => push_json_str(out, id),
         // `<chunk>@<offset>`.
@@ -783,20 +795,78 @@ fn push_created(out: &mut Vec<u8>, action: &str, index: &str, id: Option<&str>, 
             out.push(b'"');
             out.extend_from_slice(s.chunk.as_bytes());
             out.push(b'@');
-            out.extend_from_slice(num.format(s.offset).as_bytes());
+            out.extend_from_slice(itoa::Buffer::new().format(s.offset).as_bytes());
             out.push(b'"');
         }
         None => push_json_str(out, &format!("{}@{}", s.chunk, s.offset)),
     }
+    push_created_shards(out, s.shards);
+    push_created_end(out, s.offset);
+}
+
+/// `{"<action>":{"_index":<index>,"_id":`
+fn push_created_head(out: &mut Vec<u8>, action: &str, index: &str) {
+    out.extend_from_slice(b"{\"");
+    out.extend_from_slice(action.as_bytes());
+    out.extend_from_slice(b"\":{\"_index\":");
+    push_json_str(out, index);
+    out.extend_from_slice(b",\"_id\":");
+}
+
+/// `,"_version":1,"result":"created","_shards":{..},"_seq_no":`
+fn push_created_shards(out: &mut Vec<u8>, (total, successful): (u64, u64)) {
+    let mut num = itoa::Buffer::new();
     out.extend_from_slice(b",\"_version\":1,\"result\":\"created\",\"_shards\":{\"total\":");
-    out.extend_from_slice(num.format(s.shards.0).as_bytes());
+    out.extend_from_slice(num.format(total).as_bytes());
     out.extend_from_slice(b",\"successful\":");
-    out.extend_from_slice(num.format(s.shards.1).as_bytes());
+    out.extend_from_slice(num.format(successful).as_bytes());
     out.extend_from_slice(b",\"failed\":");
-    out.extend_from_slice(num.format(s.shards.0 - s.shards.1).as_bytes());
+    out.extend_from_slice(num.format(total - successful).as_bytes());
     out.extend_from_slice(b"},\"_seq_no\":");
-    out.extend_from_slice(num.format(s.offset).as_bytes());
+}
+
+/// `<offset>,"_primary_term":1,"status":201}}`
+fn push_created_end(out: &mut Vec<u8>, offset: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
     out.extend_from_slice(b",\"_primary_term\":1,\"status\":201}}");
+}
+
+/// The answer of a created item without an `_id` of its own, but for its
+/// offset (written twice): the same for every item of one append, so it
+/// is written once per append and copied.
+struct CreatedAnswer {
+    /// Through `"_id":"<chunk>@`.
+    head: Vec<u8>,
+    /// From the closing quote of the id through `"_seq_no":`.
+    mid: Vec<u8>,
+}
+
+impl CreatedAnswer {
+    /// For the items of `action` stored in `s.chunk`; `None` when the
+    /// chunk's name must be escaped ([`push_created`] does it).
+    fn new(action: &str, index: &str, s: &Stored<'_>) -> Option<Self> {
+        if !plain(s.chunk) {
+            return None;
+        }
+        let mut head = Vec::with_capacity(64);
+        push_created_head(&mut head, action, index);
+        head.push(b'"');
+        head.extend_from_slice(s.chunk.as_bytes());
+        head.push(b'@');
+        let mut mid = b"\"".to_vec();
+        push_created_shards(&mut mid, s.shards);
+        Some(CreatedAnswer { head, mid })
+    }
+
+    fn push(&self, out: &mut Vec<u8>, offset: u64) {
+        let mut num = itoa::Buffer::new();
+        let offset_text = num.format(offset).as_bytes();
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(offset_text);
+        out.extend_from_slice(&self.mid);
+        out.extend_from_slice(offset_text);
+        out.extend_from_slice(b",\"_primary_term\":1,\"status\":201}}");
+    }
 }
 
 /// True when JSON writes `s` as it is between quotes (serde_json escapes
@@ -861,6 +931,12 @@ mod tests {
             for index in ["app", "web.logs-2026"] {
                 let mut mine = Vec::new();
                 push_created(&mut mine, "create", index, id, &stored);
+                if id.is_none() {
+                    let mut copied = Vec::new();
+                    let template = CreatedAnswer::new("create", index, &stored).unwrap();
+                    template.push(&mut copied, stored.offset);
+                    assert_eq!(copied, mine);
+                }
                 let generated = format!("{}@{}", stored.chunk, stored.offset);
                 let body = ItemAnswer {
                     index,

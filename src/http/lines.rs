@@ -62,61 +62,80 @@ impl<'de> serde::de::Visitor<'de> for ArrayToLines<'_> {
     }
 }
 
-/// Copies valid JSON without insignificant whitespace. Strings are copied
-/// verbatim, a run at a time (they are most of a log document's bytes); a
-/// raw newline cannot occur in valid JSON strings.
+/// Copies valid JSON without insignificant whitespace, a run at a time
+/// (a run ends at whitespace between tokens); a raw newline cannot occur
+/// in valid JSON strings.
 pub fn minify_into(json: &[u8], out: &mut Vec<u8>) {
     out.reserve(json.len());
+    let mut run = 0;
     let mut i = 0;
     while let Some(&b) = json.get(i) {
-        if b == b'"' {
-            // Through the closing quote, jumping from escape to escape.
-            let mut end = i + 1;
-            loop {
-                match memchr::memchr2(b'"', b'\\', &json[end.min(json.len())..]) {
-                    None => {
-                        end = json.len();
-                        break;
-                    }
-                    Some(k) if json[end + k] == b'"' => {
-                        end += k + 1;
-                        break;
-                    }
-                    Some(k) => end += k + 2,
-                }
+        match b {
+            b'"' => i = string_end(json, i + 1),
+            b' ' | b'\n' | b'\r' | b'\t' => {
+                out.extend_from_slice(&json[run..i]);
+                i += 1;
+                run = i;
             }
-            let end = end.min(json.len());
-            out.extend_from_slice(&json[i..end]);
-            i = end;
-        } else {
-            if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
-                out.push(b);
-            }
-            i += 1;
+            _ => i += 1,
+        }
+    }
+    out.extend_from_slice(&json[run..]);
+}
+
+/// Just past the closing quote of the string whose contents start at `i`
+/// (the end of `json` if it has none): its first bytes one at a time (most
+/// keys and values are short), the rest from escape to escape (`memchr2`).
+fn string_end(json: &[u8], mut i: usize) -> usize {
+    let short = (i + 16).min(json.len());
+    while i < short {
+        match json[i] {
+            b'"' => return i + 1,
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    loop {
+        match memchr::memchr2(b'"', b'\\', json.get(i..).unwrap_or_default()) {
+            None => return json.len(),
+            Some(k) if json[i + k] == b'"' => return i + k + 1,
+            Some(k) => i += k + 2,
         }
     }
 }
 
-/// Appends `s` as a JSON string, byte for byte as `serde_json` writes it:
-/// `"` and `\\` escaped a run at a time (`memchr2`) when `s` holds no
-/// control character, which is the usual case; `serde_json` itself
-/// otherwise.
+/// Appends `s` as a JSON string, byte for byte as `serde_json` writes it
+/// (`"`, `\\` and control characters escaped, `\u00XX` in lowercase hex
+/// for those without a short form), straight into `out`: the runs between
+/// escapes are copied whole.
 pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
-    if bytes.iter().any(|&b| b < 0x20) {
-        serde_json::to_writer(&mut *out, s).expect("a string serializes");
-        return;
-    }
     out.reserve(bytes.len() + 2);
     out.push(b'"');
-    let mut rest = bytes;
-    while let Some(i) = memchr::memchr2(b'"', b'\\', rest) {
-        out.extend_from_slice(&rest[..i]);
-        out.push(b'\\');
-        out.push(rest[i]);
-        rest = &rest[i + 1..];
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short = match b {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            0x20.. => continue,
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            0x08 => b'b',
+            0x0c => b'f',
+            _ => 0,
+        };
+        out.extend_from_slice(&bytes[run..i]);
+        run = i + 1;
+        if short != 0 {
+            out.extend_from_slice(&[b'\\', short]);
+        } else {
+            out.extend_from_slice(b"\\u00");
+            out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        }
     }
-    out.extend_from_slice(rest);
+    out.extend_from_slice(&bytes[run..]);
     out.push(b'"');
 }
 
@@ -194,6 +213,21 @@ mod tests {
             minify_into(&json, &mut out);
             prop_assert_eq!(&out[1..], &minify_reference(&json)[..]);
         }
+
+        #[test]
+        fn minify_reads_long_strings_from_escape_to_escape(
+            json in proptest::collection::vec(
+                prop_oneof![
+                    1 => Just(b'"'), 1 => Just(b'\\'), 1 => Just(b' '),
+                    40 => b'a'..=b'z'
+                ],
+                0..600,
+            )
+        ) {
+            let mut out = Vec::new();
+            minify_into(&json, &mut out);
+            prop_assert_eq!(&out[..], &minify_reference(&json)[..]);
+        }
     }
 
     #[test]
@@ -208,6 +242,7 @@ mod tests {
             "tab\tnewline\ncr\rbell\u{7}nul\u{0}esc\u{1b}\u{8}\u{c}del\u{7f}",
             "é ✓ 𝄞 \u{2028}",
             "unit separator \u{1f} alone \"q\"",
+            &(0u8..0x80).map(char::from).collect::<String>(),
         ] {
             let mut mine = b"x".to_vec();
             push_json_str(&mut mine, s);
