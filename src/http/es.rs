@@ -585,10 +585,33 @@ struct Stored<'a> {
     shards: (u64, u64),
 }
 
-/// Gives back the ids `items` took: they were not stored after all.
-fn release_claims<'a>(st: &AppState, items: impl IntoIterator<Item = &'a Item>) {
-    for key in items.into_iter().filter_map(|i| i.claimed) {
-        st.es_ids.release(key);
+/// The ids a bulk request took for its `create`s, given back when this is
+/// dropped, except those [`TakenIds::stored`] says were stored. A request
+/// refused whole, whose append fails, or that is dropped before its
+/// documents are stored (its client left, even while the parse runs off
+/// the runtime) thus keeps no id: a retry of its `create`s is stored, not
+/// answered 409 for documents that never were (a retry after an append
+/// that did complete may then be stored twice: at least once, never lost).
+struct TakenIds {
+    st: Arc<AppState>,
+    keys: Vec<u64>,
+}
+
+impl TakenIds {
+    /// Keeps the ids of `items`: they are stored.
+    fn stored<'a>(&mut self, items: impl IntoIterator<Item = &'a Item>) {
+        let stored: HashSet<u64> = items.into_iter().filter_map(|i| i.claimed).collect();
+        if !stored.is_empty() {
+            self.keys.retain(|k| !stored.contains(k));
+        }
+    }
+}
+
+impl Drop for TakenIds {
+    fn drop(&mut self) {
+        for &key in &self.keys {
+            self.st.es_ids.release(key);
+        }
     }
 }
 
@@ -614,7 +637,10 @@ async fn bulk_items(
     let parsed = body::off_runtime_if_large(raw, "bulk parse", move |raw| {
         // Per document: may this token write there, was this id created
         // before (the key is taken now, given back if it is not stored).
-        let mut taken = Vec::new();
+        let mut taken = TakenIds {
+            st: state.clone(),
+            keys: Vec::new(),
+        };
         let mut admit = |action, index: &str, id: Option<&str>| {
             if let Some(p) = &principal
                 && !p.may_see(index)
@@ -636,7 +662,7 @@ async fn bulk_items(
                     format!("[{id}]: version conflict, document already exists"),
                 ));
             }
-            taken.push(key);
+            taken.keys.push(key);
             Ok(Some(key))
         };
         let mut batches = Batches::default();
@@ -647,19 +673,13 @@ async fn bulk_items(
             &mut admit,
             &mut batches,
         );
-        if items.is_err() {
-            for key in taken {
-                state.es_ids.release(key);
-            }
-        }
-        items.map(|items| (items, batches))
+        items.map(|items| (items, batches, taken))
     })
     .await
     .map_err(es_api_error)?;
-    let (items, batches) = parsed.map_err(BulkRefusal::into_response)?;
+    let (items, batches, mut taken) = parsed.map_err(BulkRefusal::into_response)?;
     if let Err(e) = reservation.grow(items.len() as u64 * ANSWER_BYTES_PER_ACTION) {
         count_shed(st, &e);
-        release_claims(st, &items);
         return Err(es_api_error(e));
     }
 
@@ -681,9 +701,11 @@ async fn bulk_items(
             Err(e) => (Err(e), (0, 0)),
         };
         let outcome = match written {
-            Ok(w) => Ok((w.chunk.unwrap_or_default(), shards)),
+            Ok(w) => {
+                taken.stored(batch.lines.iter().map(|&(i, _)| &items[i]));
+                Ok((w.chunk.unwrap_or_default(), shards))
+            }
             Err(e) => {
-                release_claims(st, batch.lines.iter().map(|&(i, _)| &items[i]));
                 let status = e.status().as_u16();
                 let kind = if matches!(status, 429 | 503) {
                     "es_rejected_execution_exception"
@@ -698,6 +720,8 @@ async fn bulk_items(
         }
         outcomes.push(outcome);
     }
+    // What was taken and not stored is given back now.
+    drop(taken);
 
     let not_stored = item_error(500, "exception", "not stored");
     let mut answer = Vec::with_capacity(items.len() * 200 + 64);

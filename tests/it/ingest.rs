@@ -9,7 +9,9 @@ use chunkbus::auth::{Role, TokenSpec};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::harness::{SyslogNg, TestNode, documented_block, node_lines, run_python};
+use crate::harness::{
+    CONDITION_DEADLINE, SyslogNg, TestNode, documented_block, eventually, node_lines, run_python,
+};
 
 async fn bulk(node: &TestNode, path: &str, body: &str) -> (StatusCode, Value) {
     let r = node
@@ -231,6 +233,61 @@ async fn a_body_that_is_not_a_bulk_request_stores_nothing() {
     assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert!(node.files("bad").is_empty(), "nothing stored");
     assert_eq!(node.get("/healthz").await.status(), StatusCode::OK);
+    node.stop().await;
+}
+
+/// A client that leaves while its bulk request is parsed (off the runtime,
+/// for a large body) takes no `_id`: a retry of its `create` is stored,
+/// never answered 409 for a document that is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_request_whose_client_left_takes_no_id() {
+    use tokio::io::AsyncWriteExt;
+    let node = TestNode::start().await;
+    let filler = "{\"index\":{\"_index\":\"gone\"}}\n{\"filler\":true}\n".repeat(50_000);
+    for round in 0..3 {
+        let create = format!(
+            "{{\"create\":{{\"_index\":\"left\",\"_id\":\"r{round}\"}}}}\n{{\"id\":\"r{round}\"}}\n"
+        );
+        // The create first: its id is taken as the parse starts.
+        let body = format!("{create}{filler}");
+        let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        let head = format!(
+            "POST /_bulk HTTP/1.1\r\nhost: t\r\ncontent-type: application/x-ndjson\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body.as_bytes()).await.unwrap();
+        // Leaves once the node has read the body and holds it for the
+        // parse (the body and twice it for its lines).
+        eventually(CONDITION_DEADLINE, "the body is read", || async {
+            let text = node.get("/metrics").await.text().await.unwrap();
+            let held: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("chunkbus_inflight_bytes ")?.parse().ok())
+                .expect("chunkbus_inflight_bytes");
+            (held >= 3.0 * body.len() as f64).then_some(())
+        })
+        .await;
+        drop(s);
+        // The retry is stored (201) once the left request's parse is over,
+        // or answered 409 only if that request's document is there.
+        let stored = format!("{{\"id\":\"r{round}\"}}");
+        let status = eventually(CONDITION_DEADLINE, "the retried create is stored", || {
+            let (create, stored) = (&create, &stored);
+            let node = &node;
+            async move {
+                let (_, answer) = bulk(node, "/_bulk", create).await;
+                let status = statuses(&answer)[0].1;
+                let there = node_lines(node, "left").await.contains(stored);
+                (status == 201 || there).then_some(status)
+            }
+        })
+        .await;
+        assert_eq!(status, 201, "the request that left stored its create");
+        // It left before anything of it was stored.
+        assert!(node.files("gone").is_empty(), "round {round}");
+    }
+    assert_eq!(node_lines(&node, "left").await.len(), 3);
     node.stop().await;
 }
 
