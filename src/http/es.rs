@@ -594,15 +594,14 @@ struct Stored<'a> {
 /// that did complete may then be stored twice: at least once, never lost).
 struct TakenIds {
     st: Arc<AppState>,
-    keys: Vec<u64>,
+    keys: HashSet<u64>,
 }
 
 impl TakenIds {
     /// Keeps the ids of `items`: they are stored.
     fn stored<'a>(&mut self, items: impl IntoIterator<Item = &'a Item>) {
-        let stored: HashSet<u64> = items.into_iter().filter_map(|i| i.claimed).collect();
-        if !stored.is_empty() {
-            self.keys.retain(|k| !stored.contains(k));
+        for key in items.into_iter().filter_map(|i| i.claimed) {
+            self.keys.remove(&key);
         }
     }
 }
@@ -639,7 +638,7 @@ async fn bulk_items(
         // before (the key is taken now, given back if it is not stored).
         let mut taken = TakenIds {
             st: state.clone(),
-            keys: Vec::new(),
+            keys: HashSet::new(),
         };
         let mut admit = |action, index: &str, id: Option<&str>| {
             if let Some(p) = &principal
@@ -662,7 +661,7 @@ async fn bulk_items(
                     format!("[{id}]: version conflict, document already exists"),
                 ));
             }
-            taken.keys.push(key);
+            taken.keys.insert(key);
             Ok(Some(key))
         };
         let mut batches = Batches::default();
