@@ -35,6 +35,7 @@ use chunkbus_client::names::validate_category;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::filter_path::{FilterPath, Member};
 use super::lines::push_json_str;
 use super::produce::{Batches, ProduceQuery, check_writable, count_shed, read_records};
 use super::{ApiError, AppState, body};
@@ -92,6 +93,16 @@ fn es_json(status: StatusCode, body: &Value) -> Response {
     es_bytes(status, body.to_string().into_bytes())
 }
 
+/// [`es_json`] of a successful answer, as the request's `filter_path`
+/// keeps it.
+fn es_filtered(body: &Value, filter: Result<Query<FilterQuery>, QueryRejection>) -> Response {
+    match FilterQuery::filter(filter) {
+        Ok(None) => es_json(StatusCode::OK, body),
+        Ok(Some(f)) => es_json(StatusCode::OK, &f.answer(body)),
+        Err(e) => es_api_error(e),
+    }
+}
+
 /// [`es_json`] of JSON already written.
 fn es_bytes(status: StatusCode, body: Vec<u8>) -> Response {
     let mut resp = (status, body).into_response();
@@ -135,9 +146,11 @@ fn es_api_error(e: ApiError) -> Response {
 
 /// `GET /` (and `HEAD /`): who this is, in the shape agents and clients
 /// read the version from.
-pub(super) async fn root(State(st): State<Arc<AppState>>) -> Response {
-    es_json(
-        StatusCode::OK,
+pub(super) async fn root(
+    State(st): State<Arc<AppState>>,
+    filter: Result<Query<FilterQuery>, QueryRejection>,
+) -> Response {
+    es_filtered(
         &json!({
             "name": st.storage.node(),
             "cluster_name": "chunkbus",
@@ -159,22 +172,25 @@ pub(super) async fn root(State(st): State<Arc<AppState>>) -> Response {
                 "note": "chunkbus answers the Elasticsearch bulk API only; see docs/ingest.md",
             },
         }),
+        filter,
     )
 }
 
 /// `GET /_license`: a basic license, which is what agents check for.
-pub(super) async fn license() -> Response {
-    es_json(
-        StatusCode::OK,
+pub(super) async fn license(filter: Result<Query<FilterQuery>, QueryRejection>) -> Response {
+    es_filtered(
         &json!({"license": {"status": "active", "type": "basic", "uid": "chunkbus", "issued_to": "chunkbus", "issuer": "chunkbus"}}),
+        filter,
     )
 }
 
 /// `GET /_cluster/health`: green while the node serves requests.
-pub(super) async fn health(State(st): State<Arc<AppState>>) -> Response {
+pub(super) async fn health(
+    State(st): State<Arc<AppState>>,
+    filter: Result<Query<FilterQuery>, QueryRejection>,
+) -> Response {
     let nodes = 1 + st.replication.peer_count();
-    es_json(
-        StatusCode::OK,
+    es_filtered(
         &json!({
             "cluster_name": "chunkbus",
             "status": "green",
@@ -187,13 +203,14 @@ pub(super) async fn health(State(st): State<Arc<AppState>>) -> Response {
             "initializing_shards": 0,
             "unassigned_shards": 0,
         }),
+        filter,
     )
 }
 
 /// `PUT` of an index template, ILM policy or ingest pipeline: accepted
 /// and not kept (chunkbus stores documents as they come).
-pub(super) async fn accepted() -> Response {
-    es_json(StatusCode::OK, &json!({"acknowledged": true}))
+pub(super) async fn accepted(filter: Result<Query<FilterQuery>, QueryRejection>) -> Response {
+    es_filtered(&json!({"acknowledged": true}), filter)
 }
 
 /// `GET` of an index template, ILM policy or ingest pipeline: there is
@@ -551,9 +568,10 @@ impl CreatedIds {
 pub(super) async fn bulk(
     State(st): State<Arc<AppState>>,
     query: Result<Query<ProduceQuery>, QueryRejection>,
+    filter: Result<Query<FilterQuery>, QueryRejection>,
     req: Request,
 ) -> Response {
-    bulk_into(st, None, query, req).await
+    bulk_into(st, None, query, filter, req).await
 }
 
 /// `POST /{index}/_bulk`.
@@ -561,18 +579,46 @@ pub(super) async fn bulk_index(
     State(st): State<Arc<AppState>>,
     Path(index): Path<String>,
     query: Result<Query<ProduceQuery>, QueryRejection>,
+    filter: Result<Query<FilterQuery>, QueryRejection>,
     req: Request,
 ) -> Response {
-    bulk_into(st, Some(index), query, req).await
+    bulk_into(st, Some(index), query, filter, req).await
+}
+
+/// `filter_path=`: the parts of a successful answer the client wants
+/// (see [`FilterPath`]).
+#[derive(Debug, Deserialize)]
+pub(super) struct FilterQuery {
+    filter_path: Option<String>,
+}
+
+impl FilterQuery {
+    /// The filter asked for, if any; 400 for one that cannot be.
+    fn filter(
+        query: Result<Query<FilterQuery>, QueryRejection>,
+    ) -> Result<Option<FilterPath>, ApiError> {
+        let Query(q) = query?;
+        q.filter_path
+            .as_deref()
+            .map(FilterPath::parse)
+            .transpose()
+            .map(Option::flatten)
+            .map_err(ApiError::BadRequest)
+    }
 }
 
 async fn bulk_into(
     st: Arc<AppState>,
     path_index: Option<String>,
     query: Result<Query<ProduceQuery>, QueryRejection>,
+    filter: Result<Query<FilterQuery>, QueryRejection>,
     req: Request,
 ) -> Response {
-    match bulk_items(&st, path_index, query, req).await {
+    let filter = match FilterQuery::filter(filter) {
+        Ok(f) => f,
+        Err(e) => return es_api_error(e),
+    };
+    match bulk_items(&st, path_index, query, filter, req).await {
         Ok(answer) => es_bytes(StatusCode::OK, answer),
         Err(e) => e,
     }
@@ -580,6 +626,8 @@ async fn bulk_into(
 
 /// Where one stored line went.
 struct Stored<'a> {
+    /// Which append of the request.
+    append: u32,
     chunk: &'a str,
     offset: u64,
     shards: (u64, u64),
@@ -618,6 +666,7 @@ async fn bulk_items(
     st: &Arc<AppState>,
     path_index: Option<String>,
     query: Result<Query<ProduceQuery>, QueryRejection>,
+    filter: Option<FilterPath>,
     req: Request,
 ) -> Result<Vec<u8>, Response> {
     let started = Instant::now();
@@ -684,7 +733,6 @@ async fn bulk_items(
 
     // One append per category, in the order the categories first appear;
     // each item's batch and offset in its chunk.
-    const NONE: u32 = u32::MAX;
     let mut place: Vec<(u32, u64)> = vec![(NONE, 0); items.len()];
     let mut outcomes = Vec::new();
     for (b, batch) in batches.store(st, opts).await.into_iter().enumerate() {
@@ -722,19 +770,50 @@ async fn bulk_items(
     // What was taken and not stored is given back now.
     drop(taken);
 
+    let took = started.elapsed().as_millis() as u64;
+    let answer = bulk_answer(&items, &place, &outcomes, filter.as_ref(), took)
+        .map_err(|e| es_api_error(ApiError::Internal(format!("cannot write the answer: {e}"))))?;
+    drop(reservation);
+    Ok(answer)
+}
+
+/// Where each action of a bulk request went: its append (`NONE` when its
+/// document was not stored) and its offset in that append's chunk.
+const NONE: u32 = u32::MAX;
+
+/// How an append ended: the chunk it went to and its shards (total,
+/// successful), or the error each of its items is answered with.
+type Outcome = Result<(String, (u64, u64)), ItemError>;
+
+/// The answer of a bulk request, as `filter` keeps it: `{"items":[..],
+/// "errors":..,"took":..}` with one item per action, in order.
+fn bulk_answer(
+    items: &[Item],
+    place: &[(u32, u64)],
+    outcomes: &[Outcome],
+    filter: Option<&FilterPath>,
+    took: u64,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let mut filter = filter.map(BulkFilter::new);
+    let keeps = |key| filter.as_ref().is_none_or(|f| f.keeps_top(key));
+    let (keep_errors, keep_took) = (keeps("errors"), keeps("took"));
     let not_stored = item_error(500, "exception", "not stored");
-    let mut answer = Vec::with_capacity(items.len() * 200 + 64);
+    let mut answer = Vec::with_capacity(match &filter {
+        None => items.len() * 200 + 64,
+        Some(_) => items.len() * 32 + 64,
+    });
     answer.extend_from_slice(b"{\"items\":[");
     let mut errors = false;
+    let mut written = 0usize;
     // The answer of the last append's items without ids, by append and action.
     let mut created: Option<((u32, Action), Option<CreatedAnswer>)> = None;
-    for (n, item) in items.iter().enumerate() {
-        let (b, offset) = place[n];
+    for (item, &(b, offset)) in items.iter().zip(place) {
         let result = match &item.doc {
             Err(e) => Err(e),
             Ok(()) if b == NONE => Err(&not_stored),
             Ok(()) => match &outcomes[b as usize] {
                 Ok((chunk, shards)) => Ok(Stored {
+                    append: b,
                     chunk,
                     offset,
                     shards: *shards,
@@ -742,68 +821,293 @@ async fn bulk_items(
                 Err(e) => Err(e),
             },
         };
-        let index = item.index.as_deref().unwrap_or_default();
-        if n > 0 {
+        errors |= result.is_err();
+        let Some(f) = &mut filter else {
+            if written > 0 {
+                answer.push(b',');
+            }
+            written += 1;
+            push_item(&mut answer, item, result, &mut created)?;
+            continue;
+        };
+        let mark = answer.len();
+        if written > 0 {
             answer.push(b',');
         }
-        let e = match &result {
-            Ok(s) if item.id.is_none() => {
-                if created
-                    .as_ref()
-                    .is_none_or(|(key, _)| *key != (b, item.action))
-                {
-                    let made = CreatedAnswer::new(item.action.name(), index, s);
-                    created = Some(((b, item.action), made));
-                }
-                match created.as_ref().and_then(|(_, c)| c.as_ref()) {
-                    Some(c) => c.push(&mut answer, offset),
-                    None => push_created(&mut answer, item.action.name(), index, None, s),
-                }
-                continue;
-            }
-            Ok(s) => {
-                push_created(
-                    &mut answer,
-                    item.action.name(),
-                    index,
-                    item.id.as_deref(),
-                    s,
-                );
-                continue;
-            }
-            Err(e) => e,
-        };
-        errors = true;
-        let body = ItemAnswer {
-            index,
-            id: item.id.as_deref(),
-            version: None,
-            result: None,
-            shards: None,
-            seq_no: None,
-            primary_term: None,
-            status: e.status,
-            error: Some(ErrorAnswer {
-                kind: e.kind,
-                reason: &e.reason,
-            }),
-        };
-        answer.extend_from_slice(b"{\"");
-        answer.extend_from_slice(item.action.name().as_bytes());
-        answer.extend_from_slice(b"\":");
-        serde_json::to_writer(&mut answer, &body).map_err(|e| {
-            es_api_error(ApiError::Internal(format!("cannot write the answer: {e}")))
-        })?;
-        answer.push(b'}');
+        if f.push_item(&mut answer, item, result)? {
+            written += 1;
+        } else {
+            answer.truncate(mark);
+        }
     }
-    answer.extend_from_slice(b"],\"errors\":");
-    answer.extend_from_slice(if errors { b"true" } else { b"false" });
-    answer.extend_from_slice(b",\"took\":");
-    let took = started.elapsed().as_millis() as u64;
-    answer.extend_from_slice(itoa::Buffer::new().format(took).as_bytes());
+    if written > 0 || filter.is_none() {
+        answer.extend_from_slice(b"]");
+    } else {
+        // An empty array is dropped by a filter.
+        answer.truncate(1);
+    }
+    let field = |answer: &mut Vec<u8>, key: &str| {
+        if answer.len() > 1 {
+            answer.push(b',');
+        }
+        answer.push(b'"');
+        answer.extend_from_slice(key.as_bytes());
+        answer.extend_from_slice(b"\":");
+    };
+    if keep_errors {
+        field(&mut answer, "errors");
+        answer.extend_from_slice(if errors { b"true" } else { b"false" });
+    }
+    if keep_took {
+        field(&mut answer, "took");
+        answer.extend_from_slice(itoa::Buffer::new().format(took).as_bytes());
+    }
     answer.push(b'}');
-    drop(reservation);
     Ok(answer)
+}
+
+/// Appends the whole answer of one item.
+fn push_item(
+    answer: &mut Vec<u8>,
+    item: &Item,
+    result: Result<Stored<'_>, &ItemError>,
+    created: &mut Option<((u32, Action), Option<CreatedAnswer>)>,
+) -> Result<(), serde_json::Error> {
+    let index = item.index.as_deref().unwrap_or_default();
+    let e = match &result {
+        Ok(s) if item.id.is_none() => {
+            let key = (s.append, item.action);
+            if created.as_ref().is_none_or(|(k, _)| *k != key) {
+                *created = Some((key, CreatedAnswer::new(item.action.name(), index, s)));
+            }
+            match created.as_ref().and_then(|(_, c)| c.as_ref()) {
+                Some(c) => c.push(answer, s.offset),
+                None => push_created(answer, item.action.name(), index, None, s),
+            }
+            return Ok(());
+        }
+        Ok(s) => {
+            push_created(answer, item.action.name(), index, item.id.as_deref(), s);
+            return Ok(());
+        }
+        Err(e) => e,
+    };
+    answer.extend_from_slice(b"{\"");
+    answer.extend_from_slice(item.action.name().as_bytes());
+    answer.extend_from_slice(b"\":");
+    serde_json::to_writer(&mut *answer, &error_answer(index, item.id.as_deref(), e))?;
+    answer.push(b'}');
+    Ok(())
+}
+
+/// The answer of an item that was not stored.
+fn error_answer<'a>(index: &'a str, id: Option<&'a str>, e: &'a ItemError) -> ItemAnswer<'a> {
+    ItemAnswer {
+        index,
+        id,
+        version: None,
+        result: None,
+        shards: None,
+        seq_no: None,
+        primary_term: None,
+        status: e.status,
+        error: Some(ErrorAnswer {
+            kind: e.kind,
+            reason: &e.reason,
+        }),
+    }
+}
+
+/// A bulk answer's `filter_path`, read once per request: what it keeps of
+/// the answer's top and of a created item of each action (the fields of
+/// an item depend only on its action, so they are decided once per
+/// action, not per item). Errors are filtered as JSON values: few, and
+/// never cut short of what the filter keeps.
+struct BulkFilter {
+    f: FilterPath,
+    items: Member,
+    /// Per action (by its discriminant): what of a created item is kept.
+    plans: [Option<CreatedPlan>; 4],
+}
+
+impl BulkFilter {
+    fn new(f: &FilterPath) -> Self {
+        BulkFilter {
+            items: f.member(&f.root(), "items"),
+            f: f.clone(),
+            plans: [None, None, None, None],
+        }
+    }
+
+    fn keeps_top(&self, key: &str) -> bool {
+        self.f.keeps_scalar(&self.f.root(), key)
+    }
+
+    /// Appends what the filter keeps of one item; false when it keeps
+    /// nothing of it (the item leaves the array).
+    fn push_item(
+        &mut self,
+        answer: &mut Vec<u8>,
+        item: &Item,
+        result: Result<Stored<'_>, &ItemError>,
+    ) -> Result<bool, serde_json::Error> {
+        let at = match &self.items {
+            Member::Drop => return Ok(false),
+            Member::Keep => {
+                push_item(answer, item, result, &mut None)?;
+                return Ok(true);
+            }
+            Member::Descend(at) => at,
+        };
+        let index = item.index.as_deref().unwrap_or_default();
+        let action = item.action.name();
+        match result {
+            Ok(s) => {
+                let f = &self.f;
+                let plan = self.plans[item.action as usize]
+                    .get_or_insert_with(|| CreatedPlan::new(f, f.member(at, action)));
+                if plan.is_empty() {
+                    return Ok(false);
+                }
+                plan.push(answer, action, index, item.id.as_deref(), &s);
+                Ok(true)
+            }
+            Err(e) => {
+                let body = serde_json::to_value(error_answer(index, item.id.as_deref(), e))?;
+                let whole = Value::Object([(action.to_owned(), body)].into_iter().collect());
+                match self.f.value(at, &whole) {
+                    Some(kept) => {
+                        serde_json::to_writer(&mut *answer, &kept)?;
+                        Ok(true)
+                    }
+                    None => Ok(false),
+                }
+            }
+        }
+    }
+}
+
+/// What a filter keeps of a created item's answer (see [`push_created`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CreatedPlan {
+    index: bool,
+    id: bool,
+    version: bool,
+    result: bool,
+    /// `total`, `successful`, `failed` of `_shards`.
+    shards: [bool; 3],
+    seq_no: bool,
+    primary_term: bool,
+    status: bool,
+}
+
+impl CreatedPlan {
+    /// For an item whose action member the filter answers `member` to.
+    fn new(f: &FilterPath, member: Member) -> Self {
+        let at = match member {
+            Member::Drop => return CreatedPlan::all(false),
+            Member::Keep => return CreatedPlan::all(true),
+            Member::Descend(at) => at,
+        };
+        let shards = match f.member(&at, "_shards") {
+            Member::Drop => [false; 3],
+            Member::Keep => [true; 3],
+            Member::Descend(s) => ["total", "successful", "failed"].map(|k| f.keeps_scalar(&s, k)),
+        };
+        let keeps = |key| f.keeps_scalar(&at, key);
+        CreatedPlan {
+            index: keeps("_index"),
+            id: keeps("_id"),
+            version: keeps("_version"),
+            result: keeps("result"),
+            shards,
+            seq_no: keeps("_seq_no"),
+            primary_term: keeps("_primary_term"),
+            status: keeps("status"),
+        }
+    }
+
+    fn all(keep: bool) -> Self {
+        CreatedPlan {
+            index: keep,
+            id: keep,
+            version: keep,
+            result: keep,
+            shards: [keep; 3],
+            seq_no: keep,
+            primary_term: keep,
+            status: keep,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == CreatedPlan::all(false)
+    }
+
+    /// Appends `{"<action>":{..}}` with the fields kept, in the order of
+    /// [`push_created`].
+    fn push(&self, out: &mut Vec<u8>, action: &str, index: &str, id: Option<&str>, s: &Stored<'_>) {
+        fn key(out: &mut Vec<u8>, first: &mut bool, key: &str) {
+            out.push(if *first { b'{' } else { b',' });
+            *first = false;
+            out.push(b'"');
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+        }
+        let mut num = itoa::Buffer::new();
+        out.extend_from_slice(b"{\"");
+        out.extend_from_slice(action.as_bytes());
+        out.extend_from_slice(b"\":");
+        let first = &mut true;
+        if self.index {
+            key(out, first, "_index");
+            push_json_str(out, index);
+        }
+        if self.id {
+            key(out, first, "_id");
+            push_id(out, id, s);
+        }
+        if self.version {
+            key(out, first, "_version");
+            out.push(b'1');
+        }
+        if self.result {
+            key(out, first, "result");
+            out.extend_from_slice(b"\"created\"");
+        }
+        if self.shards.contains(&true) {
+            key(out, first, "_shards");
+            let (total, successful) = s.shards;
+            let inner = &mut true;
+            for ((name, value), kept) in [
+                ("total", total),
+                ("successful", successful),
+                ("failed", total - successful),
+            ]
+            .into_iter()
+            .zip(self.shards)
+            {
+                if kept {
+                    key(out, inner, name);
+                    out.extend_from_slice(num.format(value).as_bytes());
+                }
+            }
+            out.push(b'}');
+        }
+        if self.seq_no {
+            key(out, first, "_seq_no");
+            out.extend_from_slice(num.format(s.offset).as_bytes());
+        }
+        if self.primary_term {
+            key(out, first, "_primary_term");
+            out.push(b'1');
+        }
+        if self.status {
+            key(out, first, "status");
+            out.extend_from_slice(b"201");
+        }
+        out.extend_from_slice(b"}}");
+    }
 }
 
 /// Appends a stored item's answer, byte for byte what [`ItemAnswer`]
@@ -811,9 +1115,15 @@ async fn bulk_items(
 /// answer's cost): only the index and the id are strings that vary.
 fn push_created(out: &mut Vec<u8>, action: &str, index: &str, id: Option<&str>, s: &Stored<'_>) {
     push_created_head(out, action, index);
+    push_id(out, id, s);
+    push_created_shards(out, s.shards);
+    push_created_end(out, s.offset);
+}
+
+/// A stored item's `_id`: its own, or `<chunk>@<offset>`.
+fn push_id(out: &mut Vec<u8>, id: Option<&str>, s: &Stored<'_>) {
     match id {
         Some(id) => push_json_str(out, id),
-        // `<chunk>@<offset>`.
         None if plain(s.chunk) => {
             out.push(b'"');
             out.extend_from_slice(s.chunk.as_bytes());
@@ -823,8 +1133,6 @@ fn push_created(out: &mut Vec<u8>, action: &str, index: &str, id: Option<&str>, 
         }
         None => push_json_str(out, &format!("{}@{}", s.chunk, s.offset)),
     }
-    push_created_shards(out, s.shards);
-    push_created_end(out, s.offset);
 }
 
 /// `{"<action>":{"_index":<index>,"_id":`
@@ -941,6 +1249,7 @@ mod tests {
     #[test]
     fn created_items_are_written_as_serde_writes_them() {
         let stored = Stored {
+            append: 0,
             chunk: "eu1-chunk000000042",
             offset: 123_456,
             shards: (3, 2),
@@ -985,6 +1294,107 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A request of every kind of item: stored with and without ids in
+    /// two appends, refused by the parse, in an append that failed, not
+    /// stored, and an action that stores nothing.
+    fn answered_items() -> (Vec<Item>, Vec<(u32, u64)>, Vec<Outcome>) {
+        let item = |action, index: &str, id: Option<&str>, doc| Item {
+            action,
+            index: Some(index.into()),
+            id: id.map(str::to_owned),
+            doc,
+            claimed: None,
+        };
+        let bad = item_error(400, "mapper_parsing_exception", "not JSON: \"x\"");
+        let items = vec![
+            item(Action::Index, "app", None, Ok(())),
+            item(Action::Index, "app", None, Ok(())),
+            item(Action::Create, "app", Some("id-1"), Ok(())),
+            item(Action::Create, "web", None, Ok(())),
+            item(Action::Index, "app", None, Err(bad)),
+            item(Action::Index, "gone", None, Ok(())),
+            item(Action::Index, "app", None, Ok(())),
+            item(
+                Action::Delete,
+                "app",
+                Some("7"),
+                Err(item_error(400, "action_request_validation_exception", "no")),
+            ),
+        ];
+        let place = vec![
+            (0, 10),
+            (0, 72),
+            (0, 134),
+            (1, 0),
+            (NONE, 0),
+            (2, 0),
+            (NONE, 0),
+            (NONE, 0),
+        ];
+        let outcomes = vec![
+            Ok(("n1-chunk000000001".to_owned(), (2, 2))),
+            Ok(("n1-chunk000000002".to_owned(), (2, 1))),
+            Err(item_error(429, "es_rejected_execution_exception", "busy")),
+        ];
+        (items, place, outcomes)
+    }
+
+    #[test]
+    fn a_filtered_answer_is_the_answer_with_the_filter_applied() {
+        let (items, place, outcomes) = answered_items();
+        let whole = bulk_answer(&items, &place, &outcomes, None, 5).unwrap();
+        let whole: Value = serde_json::from_slice(&whole).unwrap();
+        assert_eq!(whole["items"].as_array().unwrap().len(), items.len());
+        for filter in [
+            "errors,items.*.error,items.*.status",
+            "errors,items.*.error,items.*.status,items.*.failure_store",
+            "items.*._index,items.*.status,items.*.failure_store,items.*.error.type,items.*.error.reason",
+            "errors,took,items.*.error,items.*.status,items.*._index,items.*._id",
+            "items.*.error",
+            "items.create",
+            "items.index._shards.failed,items.*._seq_no",
+            "items.*._shards",
+            "-items.*._index,-took",
+            "items.**,-items.*.error.reason,-items.*._shards.total",
+            "**.status",
+            "**.type",
+            "errors",
+            "took",
+            "items",
+            "*",
+            "nothing",
+            "items.*.status.deeper",
+        ] {
+            let f = FilterPath::parse(filter).unwrap().unwrap();
+            let got = bulk_answer(&items, &place, &outcomes, Some(&f), 5).unwrap();
+            let got: Value =
+                serde_json::from_slice(&got).unwrap_or_else(|e| panic!("{filter}: not JSON ({e})"));
+            assert_eq!(got, f.answer(&whole), "{filter}");
+        }
+    }
+
+    #[test]
+    fn agents_filters_leave_one_status_per_item() {
+        let (items, place, outcomes) = answered_items();
+        let f = FilterPath::parse("errors,items.*.error,items.*.status")
+            .unwrap()
+            .unwrap();
+        let got = bulk_answer(&items, &place, &outcomes, Some(&f), 5).unwrap();
+        let got: Value = serde_json::from_slice(&got).unwrap();
+        let statuses: Vec<_> = got["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                let (_, body) = i.as_object().unwrap().iter().next().unwrap();
+                assert_eq!(body.get("error").is_some(), body["status"] != 201, "{i}");
+                body["status"].as_u64().unwrap()
+            })
+            .collect();
+        assert_eq!(statuses, [201, 201, 201, 201, 400, 429, 500, 400]);
+        assert_eq!(got["errors"], json!(true));
     }
 
     /// Each item's stored line, or its error.

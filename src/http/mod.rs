@@ -13,6 +13,7 @@ mod console;
 mod consumers;
 mod error;
 pub mod es;
+pub(crate) mod filter_path;
 pub mod hec;
 mod internal;
 pub(crate) mod lines;

@@ -189,6 +189,107 @@ async fn elasticsearch_bulk_stores_documents_and_answers_per_item() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_answer_keeps_what_filter_path_asks_for_and_errors_whole() {
+    let node = TestNode::start().await;
+    let body = concat!(
+        "{\"index\":{\"_index\":\"fp\"}}\n",
+        "{\"m\":1}\n",
+        "{\"create\":{\"_index\":\"fp\",\"_id\":\"k1\"}}\n",
+        "{\"m\":2}\n",
+        "{\"index\":{\"_index\":\"bad name\"}}\n",
+        "{\"m\":3}\n",
+    );
+    // Filebeat's, Logstash's and Elastic Agent's filter: a status per
+    // item, the error of those that failed, nothing else.
+    let filebeat = "/_bulk?filter_path=errors,items.*.error,items.*.status";
+    let (status, answer) = bulk(&node, filebeat, body).await;
+    assert_eq!(status, StatusCode::OK);
+    let reason = answer["items"][2]["index"]["error"]["reason"].clone();
+    assert!(reason.as_str().unwrap().contains("bad name"), "{answer}");
+    assert_eq!(
+        answer,
+        json!({"errors": true, "items": [
+            {"index": {"status": 201}},
+            {"create": {"status": 201}},
+            {"index": {"status": 400, "error": {"type": "invalid_index_name_exception", "reason": reason}}},
+        ]})
+    );
+    assert_eq!(node_lines(&node, "fp").await, [r#"{"m":1}"#, r#"{"m":2}"#]);
+
+    // Only the errors: stored items leave the answer; a repeated create is
+    // the one error (and is not stored again).
+    let again = concat!(
+        "{\"create\":{\"_index\":\"fp\",\"_id\":\"k1\"}}\n",
+        "{\"m\":2}\n",
+        "{\"index\":{\"_index\":\"fp\"}}\n",
+        "{\"m\":4}\n",
+    );
+    let (_, answer) = bulk(&node, "/fp/_bulk?filter_path=items.*.error.type", again).await;
+    assert_eq!(
+        answer,
+        json!({"items": [{"create": {"error": {"type": "version_conflict_engine_exception"}}}]})
+    );
+    let (_, answer) = bulk(
+        &node,
+        "/_bulk?filter_path=errors,items.*.error",
+        "{\"index\":{\"_index\":\"fp\"}}\n{\"m\":5}\n",
+    )
+    .await;
+    assert_eq!(answer, json!({"errors": false}));
+    // Excluding paths.
+    let (_, answer) = bulk(
+        &node,
+        "/_bulk?filter_path=-items.*._shards,-items.*._index,-items.*._version,-took",
+        "{\"index\":{\"_index\":\"fp\"}}\n{\"m\":6}\n",
+    )
+    .await;
+    let item = &answer["items"][0]["index"];
+    assert_eq!(answer["errors"], false);
+    assert!(answer.get("took").is_none(), "{answer}");
+    assert_eq!(item["status"], 201);
+    assert_eq!(item["result"], "created");
+    assert!(item["_id"].as_str().unwrap().contains('@'), "{answer}");
+    for gone in ["_shards", "_index", "_version"] {
+        assert!(item.get(gone).is_none(), "{gone}: {answer}");
+    }
+    assert_eq!(node_lines(&node, "fp").await.len(), 5);
+
+    // A request refused whole is answered whole: the agent reads why.
+    let (status, answer) = bulk(&node, filebeat, "not an action\n").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer["error"]["type"], "illegal_argument_exception");
+    assert_eq!(answer["status"], 400);
+    // A filter beyond the bounds is refused before the body is read.
+    let long = format!("/_bulk?filter_path={}", vec!["a"; 33].join(","));
+    let (status, answer) = bulk(&node, &long, "{\"index\":{\"_index\":\"fp\"}}\n{}\n").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        answer["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("32 paths"),
+        "{answer}"
+    );
+    assert_eq!(node_lines(&node, "fp").await.len(), 5);
+
+    // The calls agents make first take the filter too.
+    let version: Value = node
+        .http
+        .get(node.url("/?filter_path=version.number"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        version,
+        json!({"version": {"number": chunkbus::http::es::ES_VERSION}})
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_is_not_a_bulk_request_stores_nothing() {
     let node = TestNode::start_with(|cfg| cfg.max_body_bytes = 64 << 10).await;
     for body in [
@@ -350,13 +451,24 @@ async fn the_python_elasticsearch_client_bulk_helper_delivers() {
     assert_eq!(got["created"], 10);
     assert_eq!(got["again"], 0, "{got}");
     assert_eq!(got["again_statuses"], json!([409]));
+    assert_eq!(got["filtered"], 50, "{got}");
+    assert_eq!(
+        got["filtered_errors"],
+        json!(vec![json!([409, "version_conflict_engine_exception"]); 5]),
+        "{got}"
+    );
     let stored = node_lines(&node, "pyes").await;
-    assert_eq!(stored.len(), 2010);
+    assert_eq!(stored.len(), 2060);
     let ns: BTreeSet<u64> = stored
         .iter()
         .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["n"].as_u64())
         .collect();
     assert_eq!(ns.len(), 2000);
+    let filtered = stored
+        .iter()
+        .filter(|l| l.contains("\"filtered\":"))
+        .count();
+    assert_eq!(filtered, 50);
     let first: Value = serde_json::from_str(&stored[0]).unwrap();
     assert_eq!(first["tags"], json!(["a", "b"]));
     node.stop().await;

@@ -4,7 +4,8 @@ client made of the answers (one JSON object on stdout).
 
 The client checks the `X-Elastic-Product` header of every answer and reads
 per-item statuses; `create` actions with ids are sent twice so that the
-second round is answered 409 by a node that remembers them.
+second round is answered 409 by a node that remembers them; a last round
+asks for the answer filtered as Filebeat and Logstash ask for it.
 """
 
 import argparse
@@ -34,6 +35,17 @@ def main():
     ]
     first, first_errors = helpers.bulk(es, created, raise_on_error=False)
     again, again_errors = helpers.bulk(es, created, raise_on_error=False)
+    # As Filebeat and Logstash ask: a status per item and the errors only.
+    # The helper pairs the answer's items with its actions by position.
+    filtered_docs = [
+        {"_index": a.index, "_source": {"filtered": i}} for i in range(50)
+    ] + created[:5]
+    filtered, filtered_errors = helpers.bulk(
+        es,
+        filtered_docs,
+        raise_on_error=False,
+        filter_path="errors,items.*.error,items.*.status",
+    )
     print(json.dumps({
         "version": version,
         "indexed": indexed,
@@ -42,6 +54,10 @@ def main():
         "created_errors": len(first_errors),
         "again": again,
         "again_statuses": sorted({e["create"]["status"] for e in again_errors}),
+        "filtered": filtered,
+        "filtered_errors": [
+            [e["create"]["status"], e["create"]["error"]["type"]] for e in filtered_errors
+        ],
     }))
 
 
