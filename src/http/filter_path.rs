@@ -65,16 +65,22 @@ pub enum Member {
 /// each member of an answer.
 pub const MAX_PATHS: usize = 32;
 pub const MAX_FIELDS: usize = 16;
+/// Longest `filter_path` (agents send 40 to 120 bytes): with the bounds
+/// above, it bounds the cost of matching one member of an answer.
+pub const MAX_BYTES: usize = 1024;
 
 impl FilterPath {
     /// The filter `s` asks for; `None` when it names no path (an empty
     /// `filter_path` filters nothing); an error for one beyond
-    /// [`MAX_PATHS`] or [`MAX_FIELDS`].
+    /// [`MAX_BYTES`], [`MAX_PATHS`] or [`MAX_FIELDS`].
     pub fn parse(s: &str) -> Result<Option<FilterPath>, String> {
         let mut f = FilterPath {
             include: Vec::new(),
             exclude: Vec::new(),
         };
+        if s.len() > MAX_BYTES {
+            return Err(format!("filter_path is longer than {MAX_BYTES} bytes"));
+        }
         if s.split(',').count() > MAX_PATHS {
             return Err(format!("filter_path names more than {MAX_PATHS} paths"));
         }
@@ -411,5 +417,9 @@ mod tests {
         assert!(FilterPath::parse(&fields(MAX_FIELDS)).is_ok());
         let e = FilterPath::parse(&fields(MAX_FIELDS + 1)).unwrap_err();
         assert!(e.contains("more than 16 fields"), "{e}");
+        let long = "a".repeat(MAX_BYTES);
+        assert!(FilterPath::parse(&long).is_ok());
+        let e = FilterPath::parse(&format!("{long}b")).unwrap_err();
+        assert!(e.contains("longer than 1024 bytes"), "{e}");
     }
 }
