@@ -22,6 +22,7 @@
 //! delivered): a retried batch with ids is not stored twice on one node.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
@@ -614,7 +615,14 @@ async fn bulk_into(
     filter: Result<Query<FilterQuery>, QueryRejection>,
     req: Request,
 ) -> Response {
-    let filter = match FilterQuery::filter(filter) {
+    let filter = match filter.map_err(ApiError::from).and_then(|Query(q)| {
+        q.filter_path
+            .as_deref()
+            .map(BulkPlans::of)
+            .transpose()
+            .map(Option::flatten)
+            .map_err(ApiError::BadRequest)
+    }) {
         Ok(f) => f,
         Err(e) => return es_api_error(e),
     };
@@ -666,7 +674,7 @@ async fn bulk_items(
     st: &Arc<AppState>,
     path_index: Option<String>,
     query: Result<Query<ProduceQuery>, QueryRejection>,
-    filter: Option<FilterPath>,
+    filter: Option<BulkPlans>,
     req: Request,
 ) -> Result<Vec<u8>, Response> {
     let started = Instant::now();
@@ -791,12 +799,13 @@ fn bulk_answer(
     items: &[Item],
     place: &[(u32, u64)],
     outcomes: &[Outcome],
-    filter: Option<&FilterPath>,
+    filter: Option<&BulkPlans>,
     took: u64,
 ) -> Result<Vec<u8>, serde_json::Error> {
     let mut filter = filter.map(BulkFilter::new);
-    let keeps = |key| filter.as_ref().is_none_or(|f| f.keeps_top(key));
-    let (keep_errors, keep_took) = (keeps("errors"), keeps("took"));
+    let (keep_errors, keep_took) = filter
+        .as_ref()
+        .map_or((true, true), |f| (f.plans.errors, f.plans.took));
     let not_stored = item_error(500, "exception", "not stored");
     let mut answer = Vec::with_capacity(match &filter {
         None => items.len() * 200 + 64,
@@ -918,16 +927,72 @@ fn error_answer<'a>(index: &'a str, id: Option<&'a str>, e: &'a ItemError) -> It
     }
 }
 
-/// A bulk answer's `filter_path`, read once per request: what it keeps of
-/// the answer's top and of an item of each action. The fields of an item
-/// depend only on its action and on whether it was stored, so they are
-/// decided once per action, not per item (a request of 100,000 items
-/// costs 100,000 writes of what is kept, whatever the filter).
+/// What a bulk answer's `filter_path` keeps: of the answer's top and of
+/// an item of each action. The fields of an item depend only on its
+/// action and on whether it was stored, so they are decided once per
+/// filter, not per item (a request of 100,000 items costs 100,000 writes
+/// of what is kept, whatever the filter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BulkPlans {
+    /// `None`: `items` is kept whole or not at all (`whole`).
+    plans: Option<[ItemPlan; 4]>,
+    whole: bool,
+    errors: bool,
+    took: bool,
+}
+
+thread_local! {
+    /// The plans of the last `filter_path` this thread read: an agent
+    /// sends the same one with every request.
+    static LAST_PLANS: RefCell<Option<(String, BulkPlans)>> = const { RefCell::new(None) };
+}
+
+impl BulkPlans {
+    fn new(f: &FilterPath) -> Self {
+        let root = f.root();
+        let (plans, whole) = match f.member(&root, "items") {
+            Member::Drop => (None, false),
+            Member::Keep => (None, true),
+            Member::Descend(at) => (
+                Some(ACTIONS.map(|a| ItemPlan::new(f, f.member(&at, a.name())))),
+                false,
+            ),
+        };
+        BulkPlans {
+            plans,
+            whole,
+            errors: f.keeps_scalar(&root, "errors"),
+            took: f.keeps_scalar(&root, "took"),
+        }
+    }
+
+    /// The plans of the filter `s`; `None` for one that filters nothing.
+    fn of(s: &str) -> Result<Option<BulkPlans>, String> {
+        let last = LAST_PLANS.with_borrow(|l| l.as_ref().filter(|(k, _)| k == s).map(|(_, p)| *p));
+        if last.is_some() {
+            return Ok(last);
+        }
+        let Some(f) = FilterPath::parse(s)? else {
+            return Ok(None);
+        };
+        let plans = BulkPlans::new(&f);
+        LAST_PLANS.with_borrow_mut(|l| *l = Some((s.to_owned(), plans)));
+        Ok(Some(plans))
+    }
+}
+
+/// The actions, in the order of their discriminants.
+const ACTIONS: [Action; 4] = [
+    Action::Index,
+    Action::Create,
+    Action::Update,
+    Action::Delete,
+];
+
+/// A bulk answer being filtered: the plans and what is copied from item
+/// to item.
 struct BulkFilter {
-    f: FilterPath,
-    items: Member,
-    /// Per action (by its discriminant): what of its items is kept.
-    plans: [Option<ItemPlan>; 4],
+    plans: BulkPlans,
     /// The last created item written when its answer is the same for
     /// every item of an append, action and index (no `_id`, no
     /// `_seq_no`): the key and the bytes, copied for the next.
@@ -937,18 +1002,12 @@ struct BulkFilter {
 }
 
 impl BulkFilter {
-    fn new(f: &FilterPath) -> Self {
+    fn new(plans: &BulkPlans) -> Self {
         BulkFilter {
-            items: f.member(&f.root(), "items"),
-            f: f.clone(),
-            plans: [None, None, None, None],
+            plans: *plans,
             same: None,
             created: None,
         }
-    }
-
-    fn keeps_top(&self, key: &str) -> bool {
-        self.f.keeps_scalar(&self.f.root(), key)
     }
 
     /// Appends what the filter keeps of one item; false when it keeps
@@ -959,33 +1018,30 @@ impl BulkFilter {
         item: &Item,
         result: Result<Stored<'_>, &ItemError>,
     ) -> Result<bool, serde_json::Error> {
-        let at = match &self.items {
-            Member::Drop => return Ok(false),
-            Member::Keep => {
+        let plan = match &self.plans.plans {
+            None if self.plans.whole => {
                 push_item(answer, item, result, &mut self.created)?;
                 return Ok(true);
             }
-            Member::Descend(at) => at,
+            None => return Ok(false),
+            Some(plans) => plans[item.action as usize],
         };
-        let f = &self.f;
         let action = item.action.name();
-        let plan = *self.plans[item.action as usize]
-            .get_or_insert_with(|| ItemPlan::new(f, f.member(at, action)));
         let index = item.index.as_deref().unwrap_or_default();
         let id = item.id.as_deref();
         match result {
             Ok(_) if plan.created_is_empty() => Ok(false),
             Ok(s) if !plan.id && !plan.seq_no => {
-                let key = (
-                    s.append,
-                    item.action,
-                    item.index.clone().unwrap_or_default(),
-                );
                 match &self.same {
-                    Some((k, bytes)) if *k == key => answer.extend_from_slice(bytes),
+                    Some(((append, a, i), bytes))
+                        if (*append, *a) == (s.append, item.action) && **i == *index =>
+                    {
+                        answer.extend_from_slice(bytes)
+                    }
                     _ => {
                         let mark = answer.len();
                         plan.push_created(answer, action, index, id, &s);
+                        let key = (s.append, item.action, index.into());
                         self.same = Some((key, answer[mark..].to_vec()));
                     }
                 }
@@ -1005,7 +1061,7 @@ impl BulkFilter {
 }
 
 /// An append, an action and an index.
-type SameKey = (u32, Action, Arc<str>);
+type SameKey = (u32, Action, Box<str>);
 
 /// What a filter keeps of an item's answer: the fields of a created item
 /// ([`push_created`]) and of one that was not stored ([`error_answer`]).
@@ -1465,11 +1521,23 @@ mod tests {
             "items.*.status.deeper",
         ] {
             let f = FilterPath::parse(filter).unwrap().unwrap();
-            let got = bulk_answer(&items, &place, &outcomes, Some(&f), 5).unwrap();
+            let got = bulk_answer(&items, &place, &outcomes, Some(&BulkPlans::new(&f)), 5).unwrap();
             let got: Value =
                 serde_json::from_slice(&got).unwrap_or_else(|e| panic!("{filter}: not JSON ({e})"));
             assert_eq!(got, f.answer(&whole), "{filter}");
         }
+    }
+
+    #[test]
+    fn the_plans_of_the_last_filter_are_kept_for_the_next_request() {
+        let filebeat = "errors,items.*.error,items.*.status";
+        let otel = "items.*._index,items.*.status,items.*.error.type,items.*.error.reason";
+        for s in [filebeat, otel, otel, filebeat, "", filebeat] {
+            let want = FilterPath::parse(s).unwrap().map(|f| BulkPlans::new(&f));
+            assert_eq!(BulkPlans::of(s).unwrap(), want, "{s:?}");
+        }
+        assert!(BulkPlans::of(&vec!["a"; 33].join(",")).is_err());
+        assert!(BulkPlans::of(filebeat).unwrap().is_some());
     }
 
     #[test]
@@ -1478,7 +1546,7 @@ mod tests {
         let f = FilterPath::parse("errors,items.*.error,items.*.status")
             .unwrap()
             .unwrap();
-        let got = bulk_answer(&items, &place, &outcomes, Some(&f), 5).unwrap();
+        let got = bulk_answer(&items, &place, &outcomes, Some(&BulkPlans::new(&f)), 5).unwrap();
         let got: Value = serde_json::from_slice(&got).unwrap();
         let statuses: Vec<_> = got["items"]
             .as_array()
