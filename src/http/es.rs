@@ -598,10 +598,18 @@ impl FilterQuery {
     fn filter(
         query: Result<Query<FilterQuery>, QueryRejection>,
     ) -> Result<Option<FilterPath>, ApiError> {
+        Self::read(query, FilterPath::parse)
+    }
+
+    /// The filter asked for as `parse` reads it.
+    fn read<T>(
+        query: Result<Query<FilterQuery>, QueryRejection>,
+        parse: impl FnOnce(&str) -> Result<Option<T>, String>,
+    ) -> Result<Option<T>, ApiError> {
         let Query(q) = query?;
         q.filter_path
             .as_deref()
-            .map(FilterPath::parse)
+            .map(parse)
             .transpose()
             .map(Option::flatten)
             .map_err(ApiError::BadRequest)
@@ -615,14 +623,7 @@ async fn bulk_into(
     filter: Result<Query<FilterQuery>, QueryRejection>,
     req: Request,
 ) -> Response {
-    let filter = match filter.map_err(ApiError::from).and_then(|Query(q)| {
-        q.filter_path
-            .as_deref()
-            .map(BulkPlans::of)
-            .transpose()
-            .map(Option::flatten)
-            .map_err(ApiError::BadRequest)
-    }) {
+    let filter = match FilterQuery::read(filter, BulkPlans::of) {
         Ok(f) => f,
         Err(e) => return es_api_error(e),
     };
