@@ -4,7 +4,7 @@
 //! (`errors,items.*.error,items.*.status` for the first three): without it
 //! a bulk answer is about twice the size of the request it answers.
 //!
-//! Rules, as Elasticsearch applies them:
+//! Rules, as Elasticsearch documents them:
 //! - paths are separated by commas, a path's fields by dots; a field of a
 //!   path may hold `*` wildcards (`items.*.status`), and `**` stands for
 //!   any number of fields (`**.status`);
@@ -33,7 +33,7 @@ pub struct FilterPath {
 /// One field of a path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Field {
-    /// `**`: any number of fields, none included.
+    /// `**`: any number of fields, none included (`a.**` is `a` whole).
     Any,
     /// A name, with `*` matching any run of characters.
     Glob(String),
