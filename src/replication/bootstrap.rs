@@ -17,10 +17,13 @@
 //!    every consumer having acked them), is reserved durably
 //!    (`next_own_index`); then writes go through.
 //! 3. Each chunk a peer holds is restored from the peer with the largest
-//!    copy (or recorded as in S3 when it is uploaded and S3 is on), oldest
-//!    first, and becomes this node's complete chunk; peers then complete
-//!    their copies from it. `<data>/.restoring.json` marks the restore
-//!    unfinished, so a crash resumes it at the next start.
+//!    copy, oldest first, and becomes this node's complete chunk; peers
+//!    then complete their copies from it. With S3 on, a chunk is recorded as
+//!    in S3 instead when a peer says it is uploaded, or when S3 holds an
+//!    object of that name at least as long as the largest copy (this node
+//!    uploaded it before it lost its disk, and the copies fell behind): S3
+//!    is asked before writes go through. `<data>/.restoring.json` marks the
+//!    restore unfinished, so a crash resumes it at the next start.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -42,6 +45,11 @@ const WRITE_GATE: &str = "peers";
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 /// Longest retry delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a restore waits for S3 to say whether it holds this node's
+/// chunks (as long as a new data directory waits for the bucket listing).
+const S3_PATIENCE: Duration = crate::upload::FRESH_LISTING_PATIENCE;
+/// Lookups in S3 in flight.
+const S3_LOOKUPS: usize = 16;
 /// Bytes asked for in one read while restoring.
 const RESTORE_READ_BYTES: u64 = 16 << 20;
 
@@ -116,11 +124,14 @@ pub(super) async fn run(repl: Arc<Replication>, cancel: CancellationToken) {
     if fresh && let Err(e) = storage.set_restore_pending(true).await {
         tracing::error!(error = %e, "cannot record that this node restores its chunks from its peers");
     }
-    let Some((held, mut highest, mut line_ends)) =
+    let Some((mut held, mut highest, mut line_ends)) =
         ask_every_peer(&repl, &links, fresh, &cancel).await
     else {
         return;
     };
+    if storage.tiered() && !look_up_in_s3(&repl, &mut held, &cancel).await {
+        return;
+    }
     // Reserve before writes go through: retried until it is durable.
     for (category, chunk) in held.keys() {
         let h = highest.entry(category.clone()).or_insert(0);
@@ -248,6 +259,77 @@ async fn ask_every_peer(
         }
     }
     Some((best, named, line_ends))
+}
+
+/// With S3 on, asks the store what it holds under the name of each chunk
+/// whose best copy is not recorded as uploaded. This node may have uploaded
+/// it, longer than any copy (a copy falls behind while its holder is cut
+/// off or paused), before it lost its disk: such a chunk is restored from
+/// S3 (recorded at the object's size, with the object's line numbers, before
+/// writes go through, so that new lines are numbered after them). Asked
+/// again while the store does not answer, up to [`S3_PATIENCE`]; past it,
+/// or when the store refuses this node, the copies are restored as they are
+/// (an object found later under the name of a shorter restored chunk still
+/// replaces it: see `Storage::add_remote`). False when cancelled.
+async fn look_up_in_s3(
+    repl: &Arc<Replication>,
+    held: &mut BTreeMap<(String, ChunkName), Best>,
+    cancel: &CancellationToken,
+) -> bool {
+    let storage = &repl.storage;
+    let deadline = tokio::time::Instant::now() + S3_PATIENCE;
+    let logged = std::sync::atomic::AtomicBool::new(false);
+    let unknown: Vec<(String, ChunkName)> = held
+        .iter()
+        .filter(|(_, b)| !b.uploaded)
+        .map(|(k, _)| k.clone())
+        .collect();
+    let mut lookups = futures_util::stream::iter(unknown)
+        .map(|(category, chunk)| {
+            let logged = &logged;
+            async move {
+                let mut backoff = BACKOFF_INITIAL;
+                loop {
+                    match storage.remote_lookup(&category, &chunk).await {
+                        Ok(found) => return ((category, chunk), Some(found)),
+                        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                            return ((category, chunk), None);
+                        }
+                        Err(e) => {
+                            if tokio::time::Instant::now() >= deadline {
+                                tracing::warn!(category, chunk = %chunk, error = %e, "S3 did not say whether it holds this chunk; restoring it from the peers' copy");
+                                return ((category, chunk), None);
+                            }
+                            if !logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                tracing::warn!(error = %e, "cannot ask S3 whether it holds chunks this node uploaded before it lost its disk; retrying");
+                            }
+                        }
+                    }
+                    if sleep_or_cancel(&mut backoff, cancel).await {
+                        return ((category, chunk), None);
+                    }
+                }
+            }
+        })
+        .buffer_unordered(S3_LOOKUPS);
+    while let Some((key, found)) = lookups.next().await {
+        if cancel.is_cancelled() {
+            return false;
+        }
+        let (Some(Some((size, numbers))), Some(best)) = (found, held.get_mut(&key)) else {
+            continue;
+        };
+        if size < best.size {
+            tracing::warn!(category = %key.0, chunk = %key.1, in_s3 = size, copy = best.size, "S3 holds fewer bytes under this chunk's name than a peer's copy; restoring the copy");
+            continue;
+        }
+        let numbers = numbers.filter(|r| r.size == size);
+        best.size = size;
+        best.uploaded = true;
+        best.lines = numbers.map(|r| r.lines);
+        best.first_line = numbers.map(|r| r.first).or(best.first_line);
+    }
+    !cancel.is_cancelled()
 }
 
 /// Asks the peer of `link` until it answers, it is forgotten (`None`) or

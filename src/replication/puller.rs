@@ -170,7 +170,9 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
                             .reclaim(&c.category, &name, crate::storage::Reclaim::NotHolder)
                             .await?;
                     }
-                    match (held, c.line_record()) {
+                    // Held at another size: the owner's listing says
+                    // what it uploaded (see `Storage::add_remote`).
+                    match (held.filter(|m| m.size == c.size), c.line_record()) {
                         (Some(m), Some(numbers)) if m.uploaded => {
                             if m.line_record() != Some(numbers) {
                                 repl.storage

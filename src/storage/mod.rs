@@ -206,6 +206,11 @@ struct Shared {
     /// Reads chunks held by other nodes only (`--replicas k`; see
     /// `elsewhere`).
     elsewhere: OnceLock<Arc<dyn RemoteChunks>>,
+    /// Held while an entry of this node's own chunks is decided from
+    /// outside the writer: a chunk restored from a peer's copy, one found in
+    /// the object store (so that neither decides on what the other is
+    /// about to change).
+    own_entries: tokio::sync::Mutex<()>,
     /// Why writes must wait, by gate (see [`Storage::close_writes`]);
     /// empty when they may go.
     writable: tokio::sync::watch::Sender<BTreeMap<&'static str, String>>,
@@ -276,6 +281,7 @@ impl Storage {
                 feed: ChangeFeed::new(),
                 remote: OnceLock::new(),
                 elsewhere: OnceLock::new(),
+                own_entries: tokio::sync::Mutex::new(()),
                 writable: tokio::sync::watch::Sender::new(BTreeMap::new()),
                 fresh,
                 incarnation: new_incarnation(),

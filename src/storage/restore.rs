@@ -158,7 +158,7 @@ impl Storage {
         offset: u64,
         data: Bytes,
     ) -> Result<(), StorageError> {
-        let cat = self.check_restorable(category, chunk)?;
+        let cat = self.restorable(category, chunk).await?;
         let path = self.restore_path(&cat.name, chunk);
         tokio::task::spawn_blocking(move || {
             let f = OpenOptions::new()
@@ -176,7 +176,9 @@ impl Storage {
     /// Makes a restored chunk of `size` bytes this node's own, complete
     /// chunk: fsync, rename into place, fsync of the directory, listed.
     /// `first_line`: the number its first line had (from the peer's copy);
-    /// its lines are counted, and the numbers recorded.
+    /// its lines are counted, and the numbers recorded. Refused when the
+    /// chunk became known meanwhile (found in the object store): the
+    /// partial file is removed.
     pub async fn restore_finish(
         &self,
         category: &str,
@@ -184,7 +186,10 @@ impl Storage {
         size: u64,
         first_line: Option<u64>,
     ) -> Result<(), StorageError> {
-        let cat = self.check_restorable(category, chunk)?;
+        // Decided under the lock that recording an object of this name
+        // takes, so that neither overwrites the other's entry.
+        let _own = self.shared.own_entries.lock().await;
+        let cat = self.restorable(category, chunk).await?;
         // A copy that does not know its numbers (it was open when its
         // holder restarted): numbered after this node's chunk before it, as
         // start-up numbers its own chunks; the first chunk ever from 0.
@@ -235,6 +240,23 @@ impl Storage {
             cat.reserve_line(first + lines);
         }
         Ok(())
+    }
+
+    /// [`Storage::check_restorable`]; a refused chunk's partial file is
+    /// removed.
+    async fn restorable(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> Result<std::sync::Arc<super::category::Category>, StorageError> {
+        let refused = match self.check_restorable(category, chunk) {
+            Ok(cat) => return Ok(cat),
+            Err(e) => e,
+        };
+        if matches!(refused, StorageError::NotRestorable { .. }) {
+            let _ = super::tier::remove_file(&self.restore_path(category, chunk)).await;
+        }
+        Err(refused)
     }
 
     fn check_restorable(

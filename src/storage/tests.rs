@@ -578,6 +578,86 @@ impl RemoteChunks for MemRemote {
     }
 }
 
+/// This node's own chunk restored from a peer's copy that fell short of
+/// what the node had uploaded before it lost its disk gives way to the
+/// object once its bytes are found to be the object's first ones; one of
+/// other bytes under the name is kept and not recorded as uploaded; an
+/// object recorded while a restore was under way is not overwritten by it.
+#[tokio::test]
+async fn an_own_chunk_restored_short_gives_way_to_the_object_it_begins() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiered = StorageOptions {
+        tiered: true,
+        ..opts(dir.path(), 64)
+    };
+    let remote = Arc::new(MemRemote::default());
+    let s = Storage::open(tiered.clone(), Metrics::new()).await.unwrap();
+    s.set_remote(remote.clone());
+    let [short, other, raced] = [0, 1, 2].map(|i| ChunkName::new("n1", i));
+    s.reserve_own_index("app", 3).await.unwrap();
+    for (c, bytes) in [(&short, "a\n"), (&other, "x\n")] {
+        s.restore_append("app", c, 0, Bytes::from_static(bytes.as_bytes()))
+            .await
+            .unwrap();
+        s.restore_finish("app", c, 2, None).await.unwrap();
+    }
+    for (c, bytes) in [(&short, "a\nb\n"), (&other, "y\nz\n"), (&raced, "c\nd\n")] {
+        let key = format!("app/{c}");
+        remote.0.lock().unwrap().insert(key, bytes.into());
+    }
+    let numbers = numbering::LineRecord {
+        size: 4,
+        first: 0,
+        lines: 2,
+    };
+    assert_eq!(
+        s.add_remote("app", &short, 4, 0, Some(numbers))
+            .await
+            .unwrap(),
+        TierOutcome::Done
+    );
+    let m = s.chunk_meta("app", &short).unwrap();
+    assert!(m.complete && m.uploaded && !m.local && m.size == 4, "{m:?}");
+    assert_eq!(m.line_record(), Some(numbers));
+    assert_eq!(read_all(&s, "app", &short).await, b"a\nb\n");
+    assert_eq!(
+        s.add_remote("app", &other, 4, 0, None).await.unwrap(),
+        TierOutcome::NotEligible
+    );
+    let m = s.chunk_meta("app", &other).unwrap();
+    assert!(m.complete && !m.uploaded && m.local && m.size == 2, "{m:?}");
+    // Found in S3 while its restore was under way.
+    s.restore_append("app", &raced, 0, Bytes::from_static(b"c\n"))
+        .await
+        .unwrap();
+    s.add_remote("app", &raced, 4, 0, None).await.unwrap();
+    assert!(matches!(
+        s.restore_finish("app", &raced, 2, None).await,
+        Err(StorageError::NotRestorable { .. })
+    ));
+    let m = s.chunk_meta("app", &raced).unwrap();
+    assert!(m.complete && m.uploaded && !m.local && m.size == 4, "{m:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("app"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(".restore."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    s.shutdown().await;
+    drop(s);
+    // As recorded; no name used again.
+    let s = Storage::open(tiered, Metrics::new()).await.unwrap();
+    s.set_remote(remote);
+    let m = s.chunk_meta("app", &short).unwrap();
+    assert!(m.uploaded && !m.local && m.size == 4, "{m:?}");
+    let m = s.chunk_meta("app", &other).unwrap();
+    assert!(!m.uploaded && m.local && m.size == 2, "{m:?}");
+    let (d, n) = lines("new\n");
+    let next = s.append("app", d, n, true).await.unwrap().chunk;
+    assert_eq!(next, ChunkName::new("n1", 3));
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn only_uploaded_chunks_are_evicted_and_they_read_back_from_the_remote() {
     let dir = tempfile::tempdir().unwrap();

@@ -62,6 +62,20 @@ pub trait RemoteChunks: Send + Sync + std::fmt::Debug {
         self.read_exact_at(category, chunk, &mut buf, offset)?;
         Ok(buf.into())
     }
+
+    /// The size of `chunk`'s object and the line numbers recorded with it,
+    /// `None` when there is no such object. `PermissionDenied` when the
+    /// store refuses this node (it will not answer however long one
+    /// waits); other errors may pass. Readers that are not an object
+    /// store answer `Unsupported`.
+    fn lookup(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> std::io::Result<Option<(u64, Option<LineRecord>)>> {
+        let _ = (category, chunk);
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// The bytes of an evicted chunk, as [`super::read::ReadAt`].
@@ -165,6 +179,23 @@ impl Storage {
         self.shared.remote.get()
     }
 
+    /// The size of `chunk`'s object in the store and the line numbers
+    /// recorded with it; `None` when there is none. Errors as
+    /// [`RemoteChunks::lookup`]'s (`Unsupported` when no store is set).
+    pub async fn remote_lookup(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> std::io::Result<Option<(u64, Option<LineRecord>)>> {
+        let Some(remote) = self.remote().cloned() else {
+            return Err(std::io::ErrorKind::Unsupported.into());
+        };
+        let (category, chunk) = (category.to_owned(), chunk.clone());
+        tokio::task::spawn_blocking(move || remote.lookup(&category, &chunk))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
     /// Records durably that a complete chunk held here is in the object
     /// store. Its change version moves, so peers learn it through the
     /// replication feed.
@@ -193,16 +224,26 @@ impl Storage {
 
     /// Records a chunk that is in the object store but not held here (found
     /// by listing the bucket, or uploaded by its owner before this node
-    /// copied it). A copy held here that is not complete yet but holds as
-    /// many bytes as the object (every byte of the chunk: bytes never
-    /// change) is completed and marked uploaded; another partial copy is
-    /// dropped, and so is a complete copy of another owner's chunk shorter
-    /// than the object; a complete one of the object's size is marked
-    /// uploaded; a complete one longer than the object is kept as it is.
-    /// Creates the category if needed.
+    /// copied it). Bytes never change, so what is held here is at most a
+    /// prefix of the object:
     ///
-    /// `numbers`: the chunk's line numbers, when the caller knows them (from
-    /// the owner's listing or the object's metadata); recorded with it.
+    /// - a complete copy of the object's size is marked uploaded;
+    /// - a copy of another owner's chunk that is not complete yet but holds
+    ///   every byte of the object is completed and marked uploaded;
+    /// - a complete copy longer than the object is kept as it is, not
+    ///   recorded as uploaded (logged: it cannot happen);
+    /// - anything shorter (a partial copy; a complete copy that missed the
+    ///   owner's last bytes; this node's own chunk restored from a peer's
+    ///   copy that was shorter than what this node had uploaded before it
+    ///   lost its disk) is dropped, and the object read instead. This
+    ///   node's own complete chunk is dropped only once its bytes are found
+    ///   to be the object's first ones: an object of another content under
+    ///   its name (a name used again after a disk was lost while the bucket
+    ///   could not be listed) leaves it held, and not recorded as uploaded.
+    ///
+    /// Creates the category if needed. `numbers`: the chunk's line numbers,
+    /// when the caller knows them (from the owner's listing or the object's
+    /// metadata); recorded with it.
     pub async fn add_remote(
         &self,
         category: &str,
@@ -213,8 +254,13 @@ impl Storage {
     ) -> Result<TierOutcome, StorageError> {
         let cat = self.category_or_create(category)?;
         let own = chunk.owner == self.node();
+        let _own = if own {
+            Some(self.shared.own_entries.lock().await)
+        } else {
+            None
+        };
         match cat.meta(chunk) {
-            Some(m) if m.complete && (own || m.size == size || !m.local) => {
+            Some(m) if m.complete && m.size == size => {
                 let outcome = self.mark_uploaded(category, chunk).await?;
                 if let Some(numbers) = numbers {
                     self.learn_numbers(category, chunk, numbers).await?;
@@ -229,18 +275,28 @@ impl Storage {
                 }
                 return Ok(outcome);
             }
-            Some(_) if own => return Ok(TierOutcome::NotEligible),
             Some(m) if m.complete && m.size > size => {
                 // Never cut back, never recorded at another size.
                 tracing::error!(category, chunk = %chunk, held = m.size, in_s3 = size, "a complete copy holds more than the uploaded chunk; it is kept and not recorded as uploaded");
                 return Ok(TierOutcome::NotEligible);
             }
+            // This node's open chunk: the writer's.
+            Some(m) if own && !m.complete => return Ok(TierOutcome::NotEligible),
+            Some(m)
+                if own
+                    && m.local
+                    && !self.local_is_prefix_of_remote(&cat, chunk, m.size).await? =>
+            {
+                tracing::error!(category, chunk = %chunk, held = m.size, in_s3 = size, "S3 holds another chunk of this name (this node lost its disk while the bucket could not be listed?); the local one is kept, and never uploaded over it");
+                return Ok(TierOutcome::NotEligible);
+            }
             Some(m) => {
                 if m.complete {
-                    // Complete but short of what its owner uploaded (it
-                    // missed the owner's restart, or was completed by a
-                    // forget): S3 holds the whole chunk.
-                    tracing::warn!(category, chunk = %chunk, held = m.size, in_s3 = size, "a complete copy is short of the uploaded chunk; reading it through S3 instead");
+                    // Complete but short of what its owner uploaded (a copy
+                    // that missed the owner's restart or was completed by a
+                    // forget; this node's own chunk restored from a short
+                    // copy): S3 holds the whole chunk.
+                    tracing::warn!(category, chunk = %chunk, held = m.size, in_s3 = size, "a complete chunk is short of the uploaded one; reading it through S3 instead");
                 }
                 // The record goes first: a crash never leaves the index
                 // recorded complete over a missing or partial copy.
@@ -254,8 +310,13 @@ impl Storage {
                 })
                 .await
                 .map_err(|e| StorageError::io("tier task failed", std::io::Error::other(e)))??;
-                let path = cat.chunk_path(chunk);
-                remove_file(&path).await?;
+                // Found without its file at start-up, an own chunk's name
+                // stays used.
+                self.forget_own_index(&cat, chunk).await?;
+                remove_file(&cat.chunk_path(chunk)).await?;
+                if m.uploaded && m.local {
+                    self.shared.disk.sub_reclaimable(m.size);
+                }
             }
             None => {}
         }
@@ -414,6 +475,44 @@ impl Storage {
         })
         .await
         .map_err(|e| StorageError::io("upload log task failed", std::io::Error::other(e)))?
+    }
+
+    /// True when the first `len` bytes of `chunk`'s object in the store are
+    /// the bytes of its file here (compared a piece at a time); false when
+    /// the object is gone or no store is installed.
+    async fn local_is_prefix_of_remote(
+        &self,
+        cat: &Arc<Category>,
+        chunk: &ChunkName,
+        len: u64,
+    ) -> Result<bool, StorageError> {
+        const PIECE: u64 = 1 << 20;
+        let Some(remote) = self.remote().cloned() else {
+            return Ok(false);
+        };
+        let (path, category, chunk2) = (cat.chunk_path(chunk), cat.name.clone(), chunk.clone());
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path)?;
+            let piece = PIECE.min(len) as usize;
+            let (mut here, mut there) = (vec![0u8; piece], vec![0u8; piece]);
+            let mut at = 0;
+            while at < len {
+                let n = PIECE.min(len - at) as usize;
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut here[..n], at)?;
+                match remote.read_exact_at(&category, &chunk2, &mut there[..n], at) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                    other => other?,
+                }
+                if here[..n] != there[..n] {
+                    return Ok(false);
+                }
+                at += n as u64;
+            }
+            Ok(true)
+        })
+        .await
+        .map_err(|e| StorageError::io("tier task failed", std::io::Error::other(e)))?
+        .map_err(|e| StorageError::io(format!("cannot compare {chunk} with its object"), e))
     }
 
     /// Before one of this node's own chunks leaves the disk, records that

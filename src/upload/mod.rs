@@ -6,7 +6,9 @@
 //!   owner's chunks are uploaded by one replica (the reachable node with the
 //!   smallest name), after a HEAD shows the owner did not. Failures back off
 //!   (capped, jittered) and show in `/v1/status` and `/metrics`; ingestion
-//!   never waits for S3. Uploaded chunks are recorded durably by the storage
+//!   never waits for S3. Uploads only create (`If-None-Match: *`): an
+//!   object under a chunk's key is never overwritten (see
+//!   `uploader::settle_existing`). Uploaded chunks are recorded durably by the storage
 //!   (`.uploads.log`), multipart progress in `<data>/.multipart/`.
 //! - **Eviction** (`sweep` and the consumers' retention): an uploaded chunk's
 //!   local copy goes once every consumer acked it, past `--local-retention`,
@@ -37,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
+use crate::storage::numbering::LineRecord;
 use crate::storage::{RemoteChunks, Storage};
 pub use store::{ObjectStore, S3Error, S3ErrorKind};
 
@@ -154,8 +157,6 @@ pub struct Tiering {
     retention: RetentionConfig,
     metrics: Arc<Metrics>,
     status: Mutex<Status>,
-    /// True once the bucket was listed since start-up.
-    listed: AtomicBool,
     /// True once writes were let through on a fresh data directory.
     writes_open: AtomicBool,
     /// This process's claim on its node's name (S3 on, once
@@ -210,7 +211,6 @@ impl Tiering {
             retention,
             metrics,
             status: Mutex::new(Status::default()),
-            listed: AtomicBool::new(false),
             writes_open: AtomicBool::new(false),
             claim: Mutex::new(None),
             watch: Mutex::new(members::Watch::default()),
@@ -664,7 +664,6 @@ impl Tiering {
             match self.list_once(cfg, store).await {
                 Ok(found) => {
                     tracing::info!(bucket = %cfg.bucket, chunks = found, "S3 bucket listed");
-                    self.listed.store(true, Ordering::SeqCst);
                     self.writes_open.store(true, Ordering::SeqCst);
                     self.storage.open_writes(WRITE_GATE);
                     return;
@@ -695,14 +694,14 @@ impl Tiering {
                 continue;
             };
             found += 1;
-            let known = self.storage.chunk_meta(&category, &chunk);
-            match known {
-                Some(m) if m.uploaded => continue,
-                Some(m) if m.complete && m.local && m.size != o.size => {
-                    tracing::error!(category, chunk = %chunk, held = m.size, in_s3 = o.size, "S3 holds another chunk of this name (this node lost its disk?); the local one stays local");
-                    continue;
-                }
-                _ => {}
+            // Anything else (held at another size included) is the
+            // storage's to settle (see `Storage::add_remote`).
+            if self
+                .storage
+                .chunk_meta(&category, &chunk)
+                .is_some_and(|m| m.uploaded && m.size == o.size)
+            {
+                continue;
             }
             new.push((category, chunk, o));
         }
@@ -807,6 +806,22 @@ impl RemoteChunks for S3Reader {
             })?;
         self.metrics.s3_read_bytes.inc_by(buf.len() as u64);
         Ok(())
+    }
+
+    fn lookup(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+    ) -> std::io::Result<Option<(u64, Option<LineRecord>)>> {
+        let key = object_key(&self.prefix, category, chunk);
+        self.runtime
+            .block_on(self.store.head(&key))
+            .map_err(|e| match e.kind {
+                S3ErrorKind::Auth | S3ErrorKind::NoBucket => {
+                    std::io::Error::new(std::io::ErrorKind::PermissionDenied, e)
+                }
+                _ => std::io::Error::other(e),
+            })
     }
 }
 

@@ -50,6 +50,8 @@ pub enum S3ErrorKind {
     /// This chunk cannot be uploaded for a reason of its own (its local
     /// copy cannot be read, its key holds another object); others can.
     Chunk,
+    /// A write that only creates found an object under its key.
+    Exists,
 }
 
 /// One object of a listing.
@@ -78,6 +80,7 @@ where
     let status = err.raw_response().map(|r| r.status().as_u16());
     let code = err.code().map(str::to_owned);
     let kind = match (code.as_deref(), status) {
+        (Some("PreconditionFailed"), _) | (_, Some(412)) => S3ErrorKind::Exists,
         (Some("NoSuchBucket"), _) => S3ErrorKind::NoBucket,
         (Some("NoSuchKey" | "NoSuchUpload" | "NotFound"), _) => S3ErrorKind::NotFound,
         (
@@ -175,6 +178,28 @@ impl ObjectStore {
         data: Bytes,
         numbers: Option<LineRecord>,
     ) -> Result<(), S3Error> {
+        self.send_put(key, data, numbers, false).await
+    }
+
+    /// Like [`ObjectStore::put`], unless `key` holds an object already
+    /// (`If-None-Match: *`): then [`S3ErrorKind::Exists`]. A chunk upload
+    /// never overwrites an object.
+    pub async fn create(
+        &self,
+        key: &str,
+        data: Bytes,
+        numbers: Option<LineRecord>,
+    ) -> Result<(), S3Error> {
+        self.send_put(key, data, numbers, true).await
+    }
+
+    async fn send_put(
+        &self,
+        key: &str,
+        data: Bytes,
+        numbers: Option<LineRecord>,
+        create_only: bool,
+    ) -> Result<(), S3Error> {
         let mut req = self
             .client
             .put_object()
@@ -182,6 +207,9 @@ impl ObjectStore {
             .key(key)
             .content_type(CONTENT_TYPE)
             .set_metadata(numbers.map(line_metadata));
+        if create_only {
+            req = req.if_none_match("*");
+        }
         req = match self.checksum {
             ChecksumMode::Md5 => req.content_md5(md5_base64(&data)),
             ChecksumMode::Crc32c => req.checksum_algorithm(ChecksumAlgorithm::Crc32C),
@@ -207,15 +235,10 @@ impl ObjectStore {
             .body(ByteStream::from(data))
             .send()
             .await;
-        match res {
+        match res.map_err(|e| classify(&format!("cannot create {key}"), e)) {
             Ok(_) => Ok(true),
-            Err(e)
-                if e.raw_response().map(|r| r.status().as_u16()) == Some(412)
-                    || e.code() == Some("PreconditionFailed") =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(classify(&format!("cannot create {key}"), e)),
+            Err(e) if e.kind == S3ErrorKind::Exists => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -276,7 +299,9 @@ impl ObjectStore {
         })
     }
 
-    /// Completes a multipart upload from its parts, in order.
+    /// Completes a multipart upload from its parts, in order, unless `key`
+    /// holds an object already (`If-None-Match: *`): then
+    /// [`S3ErrorKind::Exists`].
     pub async fn complete_multipart(
         &self,
         key: &str,
@@ -299,6 +324,7 @@ impl ObjectStore {
             .bucket(&self.bucket)
             .key(key)
             .upload_id(upload_id)
+            .if_none_match("*")
             .multipart_upload(
                 CompletedMultipartUpload::builder()
                     .set_parts(Some(parts))

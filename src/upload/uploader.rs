@@ -284,26 +284,6 @@ async fn upload(
     job: &Job,
 ) -> Result<Done, S3Error> {
     let key = super::object_key(&cfg.prefix, &job.category, &job.chunk);
-    if job.role == Responsibility::Owner
-        && tier.storage.fresh()
-        && !tier.listed.load(std::sync::atomic::Ordering::SeqCst)
-    {
-        // A fresh data directory that could not list the bucket may hold
-        // a name it uploaded before losing its disk: never overwrite.
-        match store.size(&key).await? {
-            Some(size) if size == job.size => return Ok(Done::Uploaded { bytes: 0 }),
-            Some(size) => {
-                return Err(S3Error {
-                    message: format!(
-                        "{key} already exists in S3 with {size} bytes (this node lost its disk?); not overwriting it with the local chunk of {} bytes",
-                        job.size
-                    ),
-                    kind: S3ErrorKind::Chunk,
-                });
-            }
-            None => {}
-        }
-    }
     if job.role != Responsibility::Owner {
         // The owner may have uploaded it before it was lost.
         if store.size(&key).await? == Some(job.size) {
@@ -313,6 +293,20 @@ async fn upload(
             return Ok(Done::NotYet);
         }
     }
+    match put(tier, cfg, store, &key, job).await {
+        Err(e) if e.kind == S3ErrorKind::Exists => settle_existing(tier, store, &key, job).await,
+        other => other.map(|()| Done::Uploaded { bytes: job.size }),
+    }
+}
+
+/// Writes the chunk of `job` as `key`, never over an object.
+async fn put(
+    tier: &Tiering,
+    cfg: &S3Config,
+    store: &ObjectStore,
+    key: &str,
+    job: &Job,
+) -> Result<(), S3Error> {
     let file = tier
         .storage
         .open_chunk_file(&job.category, &job.chunk)
@@ -327,15 +321,55 @@ async fn upload(
     };
     if job.size <= cfg.part_bytes {
         let data = chunk.read(0, job.size).await?;
-        store.put(&key, data, job.numbers).await?;
-    } else {
-        let state_path = tier
-            .storage
-            .upload_progress_file(&job.category, &job.chunk)
-            .map_err(|e| local_error("no place for the upload's progress".into(), e))?;
-        multipart(store, &key, &chunk, &state_path, job, cfg.part_bytes).await?;
+        return store.create(key, data, job.numbers).await;
     }
-    Ok(Done::Uploaded { bytes: job.size })
+    let state_path = tier
+        .storage
+        .upload_progress_file(&job.category, &job.chunk)
+        .map_err(|e| local_error("no place for the upload's progress".into(), e))?;
+    multipart(store, key, &chunk, &state_path, job, cfg.part_bytes).await
+}
+
+/// The chunk's key holds an object already: this node uploaded it before a
+/// crash kept it from recording that, or before it lost its disk (and what
+/// it restored from its peers' copies may be shorter), or a node uploaded
+/// it for a lost owner. An object is never overwritten: one of the chunk's
+/// size is its upload, a longer one replaces the chunk here when the chunk
+/// is its beginning (see `Storage::add_remote`), anything else leaves the
+/// chunk failing, reported.
+async fn settle_existing(
+    tier: &Tiering,
+    store: &ObjectStore,
+    key: &str,
+    job: &Job,
+) -> Result<Done, S3Error> {
+    let Some((size, numbers)) = store.head(key).await? else {
+        return Err(S3Error {
+            message: format!("{key} was in S3 when it was uploaded, and is gone now; retrying"),
+            kind: S3ErrorKind::Other,
+        });
+    };
+    if size == job.size {
+        return Ok(Done::Uploaded { bytes: 0 });
+    }
+    if size > job.size {
+        let replaced = tier
+            .storage
+            .add_remote(&job.category, &job.chunk, size, 0, numbers)
+            .await
+            .map_err(|e| local_error(format!("cannot record {key} as in S3"), e))?;
+        if replaced == TierOutcome::Done {
+            tracing::warn!(category = %job.category, chunk = %job.chunk, held = job.size, in_s3 = size, "S3 held this chunk whole and this node only its beginning (restored from a peer's copy after this node lost its disk?); it is read from S3 now");
+            return Ok(Done::Uploaded { bytes: 0 });
+        }
+    }
+    Err(S3Error {
+        message: format!(
+            "{key} already exists in S3 with {size} bytes, and the local chunk of {} bytes is not its beginning (this node lost its disk?); not overwriting it",
+            job.size
+        ),
+        kind: S3ErrorKind::Chunk,
+    })
 }
 
 /// Durable progress of one multipart upload.
@@ -369,6 +403,13 @@ async fn multipart(
         other => {
             if let Some(old) = other {
                 let _ = store.abort_multipart(key, &old.upload_id).await;
+            }
+            // The completion would be refused: no part is sent for nothing.
+            if store.size(key).await?.is_some() {
+                return Err(S3Error {
+                    message: format!("{key} exists in S3"),
+                    kind: S3ErrorKind::Exists,
+                });
             }
             let upload_id = store.start_multipart(key, job.numbers).await?;
             MultipartState {
@@ -408,7 +449,11 @@ async fn multipart(
             Ok(())
         }
         Err(e) => {
-            if e.kind == S3ErrorKind::NotFound {
+            if e.kind == S3ErrorKind::Exists {
+                // Its parts are freed; the object is settled by the caller.
+                let _ = store.abort_multipart(key, &state.upload_id).await;
+            }
+            if matches!(e.kind, S3ErrorKind::NotFound | S3ErrorKind::Exists) {
                 remove_state(state_path).await;
             }
             Err(e)

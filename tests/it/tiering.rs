@@ -865,3 +865,125 @@ async fn a_second_process_under_a_live_node_name_refuses_to_start() {
     assert!(refused.to_string().contains("503"), "{refused}");
     third.kill().await;
 }
+
+/// A node uploaded a chunk whose end its peers never copied (they were cut
+/// off from it), then lost its disk, and at its restart the bucket cannot
+/// be listed. Before, it restored the chunk from its peers' short copies as
+/// complete, numbered its next lines after that, and uploaded the short
+/// chunk over the whole one: the lines only S3 held were gone. Now it asks
+/// S3 about each chunk its peers do not show uploaded, and takes S3's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_disk_takes_from_s3_what_its_peers_copied_short() {
+    let s3 = TestS3::start().await;
+    let mut extra = s3.args();
+    extra.extend(["--rotate-after", "1h"].map(String::from));
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let env = s3
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let mut cluster =
+        crate::cluster::TestCluster::start_with(3, &extra, vec![Vec::new(); 3], env).await;
+    let owner = 2;
+    let mut sent = Vec::new();
+    let mut post = async |cluster: &crate::cluster::TestCluster, tag: &str| {
+        let body = format!("{tag} {}\n", "y".repeat(60));
+        let p = cluster
+            .client(owner)
+            .produce("app", body.clone(), &ProduceOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("{tag}: {e}"));
+        sent.push(body.trim_end().to_owned());
+        p.chunk.unwrap()
+    };
+    let mut name = String::new();
+    for r in 0..5 {
+        name = post(&cluster, &format!("copied{r}")).await;
+    }
+    let copied = cluster.client(owner).chunks("app").await.unwrap()[0].size;
+    for peer in 0..2 {
+        eventually(
+            CONDITION_DEADLINE,
+            "both peers to copy the chunk",
+            || async {
+                let list = cluster.client(peer).chunks("app").await.ok()?;
+                list.iter()
+                    .any(|c| c.name == name && c.size == copied)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    // The peers never see the rest; the owner completes the chunk at its
+    // restart and uploads it whole.
+    cluster.set_cut(owner, true);
+    for r in 0..5 {
+        assert_eq!(post(&cluster, &format!("owner-only{r}")).await, name);
+    }
+    cluster.kill(owner).await;
+    cluster.start_node(owner).await;
+    let key = format!("app/{name}");
+    let whole = eventually(CONDITION_DEADLINE, "the whole chunk in S3", || async {
+        s3.get(&key).await.filter(|b| b.len() as u64 > copied)
+    })
+    .await;
+    for peer in 0..2 {
+        let list = cluster.client(peer).chunks("app").await.unwrap();
+        assert_eq!(list[0].size, copied, "the peers stay short: {list:?}");
+    }
+    // Its disk is lost; at the restart the bucket cannot be listed (objects
+    // can be read).
+    cluster.kill(owner).await;
+    std::fs::remove_dir_all(&cluster.dirs[owner]).unwrap();
+    s3.refuse_bucket(true);
+    cluster.set_cut(owner, false);
+    cluster.start_node(owner).await;
+    cluster.wait_writes_open(owner).await;
+    // What S3 holds was learned before writes went through: the next lines
+    // are numbered after the whole chunk's, S3 or not.
+    s3.freeze(true);
+    let next = post(&cluster, "after").await;
+    assert_ne!(next, name);
+    s3.freeze(false);
+    s3.refuse_bucket(false);
+    let lists = eventually(
+        CONDITION_DEADLINE,
+        "every node to list the chunk whole",
+        || async {
+            let mut lists = Vec::new();
+            for i in 0..3 {
+                let list = cluster.client(i).chunks("app").await.ok()?;
+                let c = list.iter().find(|c| c.name == name)?;
+                if !(c.complete && c.uploaded && c.size == whole.len() as u64) {
+                    return None;
+                }
+                lists.push(list);
+            }
+            let key = |l: &Vec<ChunkInfo>| -> Vec<_> {
+                l.iter()
+                    .map(|c| (c.name.clone(), c.size, c.first_line, c.lines))
+                    .collect()
+            };
+            lists
+                .windows(2)
+                .all(|w| key(&w[0]) == key(&w[1]))
+                .then_some(lists)
+        },
+    )
+    .await;
+    // Numbered once: the next chunk after the whole one.
+    crate::cluster::check_numbering("app", &lists[0]);
+    assert_eq!(
+        s3.get(&key).await.unwrap(),
+        whole,
+        "S3 kept the whole chunk"
+    );
+    for i in 0..3 {
+        let mut lines = all_lines(&cluster.client(i), "app").await;
+        lines.sort();
+        let mut want = sent.clone();
+        want.sort();
+        assert_eq!(lines, want, "node {i}");
+    }
+}
