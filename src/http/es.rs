@@ -644,11 +644,11 @@ struct Stored<'a> {
 
 /// The ids a bulk request took for its `create`s, given back when this is
 /// dropped, except those [`TakenIds::stored`] says were stored. A request
-/// refused whole, whose append fails, or that is dropped before its
-/// documents are stored (its client left, even while the parse runs off
-/// the runtime) thus keeps no id: a retry of its `create`s is stored, not
-/// answered 409 for documents that never were (a retry after an append
-/// that did complete may then be stored twice: at least once, never lost).
+/// refused whole, whose append fails, or that is dropped before its appends
+/// start (its client left, even while the parse runs off the runtime) thus
+/// keeps no id: a retry of its `create`s is stored, not answered 409 for
+/// documents that never were. Once its appends start they all run, client
+/// or not, so the ids of what they stored are kept.
 struct TakenIds {
     st: Arc<AppState>,
     keys: HashSet<u64>,
@@ -740,44 +740,58 @@ async fn bulk_items(
         return Err(es_api_error(e));
     }
 
-    // One append per category, in the order the categories first appear;
-    // each item's batch and offset in its chunk.
-    let mut place: Vec<(u32, u64)> = vec![(NONE, 0); items.len()];
-    let mut outcomes = Vec::new();
-    for (b, batch) in batches.store(st, opts).await.into_iter().enumerate() {
-        let want = opts.min_replicas;
-        let (written, shards) = match batch.written {
-            Ok(w) => (Ok(w), (1 + want, 1 + want)),
-            // Stored here; fewer copies than asked within the timeout:
-            // Elasticsearch's shard failure, not the item's.
-            Err(ApiError::ReplicasTimeout { written, .. }) => {
-                let have = written.replicas.unwrap_or(0) as u64;
-                (Ok(written), (1 + want, 1 + have))
+    // Once the appends start they all run, and the ids of what they stored
+    // are kept, even when the client leaves meanwhile: its retry finds its
+    // documents (409), and a `create` is never stored twice.
+    let state = st.clone();
+    let stored = tokio::spawn(async move {
+        let st = &state;
+        // One append per category, in the order the categories first appear;
+        // each item's batch and offset in its chunk.
+        let mut place: Vec<(u32, u64)> = vec![(NONE, 0); items.len()];
+        let mut outcomes = Vec::new();
+        for (b, batch) in batches.store(st, opts).await.into_iter().enumerate() {
+            let want = opts.min_replicas;
+            let (written, shards) = match batch.written {
+                Ok(w) => (Ok(w), (1 + want, 1 + want)),
+                // Stored here; fewer copies than asked within the timeout:
+                // Elasticsearch's shard failure, not the item's.
+                Err(ApiError::ReplicasTimeout { written, .. }) => {
+                    let have = written.replicas.unwrap_or(0) as u64;
+                    (Ok(written), (1 + want, 1 + have))
+                }
+                Err(e) => (Err(e), (0, 0)),
+            };
+            let outcome = match written {
+                Ok(w) => {
+                    taken.stored(batch.lines.iter().map(|&(i, _)| &items[i]));
+                    Ok((w.chunk.unwrap_or_default(), shards))
+                }
+                Err(e) => {
+                    let status = e.status().as_u16();
+                    let kind = if matches!(status, 429 | 503) {
+                        "es_rejected_execution_exception"
+                    } else {
+                        "exception"
+                    };
+                    Err(item_error(status, kind, e.to_string()))
+                }
+            };
+            for (i, offset) in batch.lines {
+                place[i] = (b as u32, offset);
             }
-            Err(e) => (Err(e), (0, 0)),
-        };
-        let outcome = match written {
-            Ok(w) => {
-                taken.stored(batch.lines.iter().map(|&(i, _)| &items[i]));
-                Ok((w.chunk.unwrap_or_default(), shards))
-            }
-            Err(e) => {
-                let status = e.status().as_u16();
-                let kind = if matches!(status, 429 | 503) {
-                    "es_rejected_execution_exception"
-                } else {
-                    "exception"
-                };
-                Err(item_error(status, kind, e.to_string()))
-            }
-        };
-        for (i, offset) in batch.lines {
-            place[i] = (b as u32, offset);
+            outcomes.push(outcome);
         }
-        outcomes.push(outcome);
-    }
-    // What was taken and not stored is given back now.
-    drop(taken);
+        // What was taken and not stored is given back now.
+        drop(taken);
+        (items, place, outcomes, reservation)
+    })
+    .await;
+    let (items, place, outcomes, reservation) = stored.map_err(|e| {
+        es_api_error(ApiError::Internal(format!(
+            "the bulk append task failed: {e}"
+        )))
+    })?;
 
     let took = started.elapsed().as_millis() as u64;
     let answer = bulk_answer(&items, &place, &outcomes, filter.as_ref(), took)
