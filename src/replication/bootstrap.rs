@@ -284,26 +284,31 @@ async fn look_up_in_s3(
         .filter(|(_, b)| !b.uploaded)
         .map(|(k, _)| k.clone())
         .collect();
+    // `None`: S3 did not say (it refuses this node, or it was not answered
+    // in time: a store that hangs is not waited for past the deadline).
     let mut lookups = futures_util::stream::iter(unknown)
         .map(|(category, chunk)| {
             let logged = &logged;
             async move {
                 let mut backoff = BACKOFF_INITIAL;
                 loop {
-                    match storage.remote_lookup(&category, &chunk).await {
-                        Ok(found) => return ((category, chunk), Some(found)),
-                        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                            return ((category, chunk), None);
+                    let asked =
+                        tokio::time::timeout_at(deadline, storage.remote_lookup(&category, &chunk));
+                    let e = match asked.await {
+                        Ok(Ok(found)) => return ((category, chunk), Some(found)),
+                        Ok(Err(e))
+                            if !matches!(
+                                e.kind(),
+                                std::io::ErrorKind::PermissionDenied
+                                    | std::io::ErrorKind::Unsupported
+                            ) =>
+                        {
+                            e
                         }
-                        Err(e) => {
-                            if tokio::time::Instant::now() >= deadline {
-                                tracing::warn!(category, chunk = %chunk, error = %e, "S3 did not say whether it holds this chunk; restoring it from the peers' copy");
-                                return ((category, chunk), None);
-                            }
-                            if !logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                                tracing::warn!(error = %e, "cannot ask S3 whether it holds chunks this node uploaded before it lost its disk; retrying");
-                            }
-                        }
+                        _ => return ((category, chunk), None),
+                    };
+                    if !logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "cannot ask S3 whether it holds chunks this node uploaded before it lost its disk; retrying");
                     }
                     if sleep_or_cancel(&mut backoff, cancel).await {
                         return ((category, chunk), None);
@@ -312,11 +317,16 @@ async fn look_up_in_s3(
             }
         })
         .buffer_unordered(S3_LOOKUPS);
+    let mut unanswered = 0;
     while let Some((key, found)) = lookups.next().await {
         if cancel.is_cancelled() {
             return false;
         }
-        let (Some(Some((size, numbers))), Some(best)) = (found, held.get_mut(&key)) else {
+        let Some(found) = found else {
+            unanswered += 1;
+            continue;
+        };
+        let (Some((size, numbers)), Some(best)) = (found, held.get_mut(&key)) else {
             continue;
         };
         if size < best.size {
@@ -328,6 +338,12 @@ async fn look_up_in_s3(
         best.uploaded = true;
         best.lines = numbers.map(|r| r.lines);
         best.first_line = numbers.map(|r| r.first).or(best.first_line);
+    }
+    if unanswered > 0 && !cancel.is_cancelled() {
+        tracing::warn!(
+            chunks = unanswered,
+            "S3 did not say whether it holds these chunks of this node (it refuses this node, or did not answer in time); they are restored from the peers' copies, and one S3 holds longer replaces its copy when S3 is found to hold it"
+        );
     }
     !cancel.is_cancelled()
 }
