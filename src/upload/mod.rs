@@ -617,27 +617,47 @@ impl Tiering {
     /// lists it until that succeeds once, recording chunks not held here.
     ///
     /// A fresh data directory takes writes once the listing is done. When
-    /// the store refuses (bad credentials, missing bucket) or stays
-    /// unreachable past [`FRESH_LISTING_PATIENCE`], it takes them anyway,
-    /// with a warning: ingestion does not wait for S3. Its own uploads then
-    /// never overwrite an object of another size (see the uploader).
+    /// the store refuses (bad credentials, missing bucket) or has not
+    /// answered within [`FRESH_LISTING_PATIENCE`] (unreachable, or a request
+    /// that hangs), it takes them anyway, with a warning: ingestion does not
+    /// wait for S3. Its own uploads never overwrite an object (see the
+    /// uploader).
     async fn discover(self: Arc<Self>, cancel: CancellationToken) {
-        let Some((cfg, store)) = &self.s3 else { return };
-        let started = tokio::time::Instant::now();
-        let give_up = |why: &str, refused: bool| {
-            if self.storage.fresh() && !self.writes_open.swap(true, Ordering::SeqCst) {
-                tracing::warn!(bucket = %cfg.bucket, "{why}: taking writes without knowing which chunk names this node uploaded before (if it lost its disk, a colliding chunk stays local, never overwrites S3)");
-                self.storage.open_writes(WRITE_GATE);
-                // With bucket membership, the peers hold this node's open
-                // chunk if it lost its disk: they must be known first. A
-                // store that is only unreachable is waited for; one that
-                // refuses this node (no such bucket, bad credentials) names
-                // no peers it could wait for.
-                if refused && cfg.bucket_membership && self.cluster.members_known(true) {
-                    tracing::warn!(bucket = %cfg.bucket, "{why}: taking writes without knowing this node's peers (the nodes' records in the bucket cannot be read)");
-                }
+        let patience = tokio::time::sleep(FRESH_LISTING_PATIENCE);
+        let listing = self.list_until_done(&cancel);
+        tokio::pin!(listing);
+        tokio::select! {
+            _ = &mut listing => return,
+            _ = cancel.cancelled() => return,
+            _ = patience => self.take_writes_anyway("S3 has not answered since start-up", false),
+        }
+        // A request that hangs does not hold the shutdown.
+        tokio::select! {
+            _ = listing => {}
+            _ = cancel.cancelled() => {}
+        }
+    }
+
+    /// Opens a fresh data directory's writes without the listing (once).
+    fn take_writes_anyway(&self, why: &str, refused: bool) {
+        let Some((cfg, _)) = &self.s3 else { return };
+        if self.storage.fresh() && !self.writes_open.swap(true, Ordering::SeqCst) {
+            tracing::warn!(bucket = %cfg.bucket, "{why}: taking writes without knowing which chunk names this node uploaded before (if it lost its disk, a colliding chunk stays local, never overwrites S3)");
+            self.storage.open_writes(WRITE_GATE);
+            // With bucket membership, the peers hold this node's open chunk
+            // if it lost its disk: they must be known first. A store that is
+            // only unreachable is waited for; one that refuses this node (no
+            // such bucket, bad credentials) names no peers it could wait for.
+            if refused && cfg.bucket_membership && self.cluster.members_known(true) {
+                tracing::warn!(bucket = %cfg.bucket, "{why}: taking writes without knowing this node's peers (the nodes' records in the bucket cannot be read)");
             }
-        };
+        }
+    }
+
+    /// The bucket's check, then its listing until one succeeds (or
+    /// `cancel`).
+    async fn list_until_done(&self, cancel: &CancellationToken) {
+        let Some((cfg, store)) = &self.s3 else { return };
         match store.check().await {
             Ok(()) => {
                 tracing::info!(bucket = %cfg.bucket, prefix = %cfg.prefix, "S3 bucket reachable")
@@ -655,7 +675,7 @@ impl Tiering {
                 tracing::error!(bucket = %cfg.bucket, error = %e, "{hint}; chunks stay on local disk and are uploaded once it works");
                 self.record_error(&e);
                 if e.kind != S3ErrorKind::Other {
-                    give_up("S3 refuses this node", true);
+                    self.take_writes_anyway("S3 refuses this node", true);
                 }
             }
         }
@@ -671,9 +691,6 @@ impl Tiering {
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot list the S3 bucket; retrying");
                     self.record_error(&e);
-                    if started.elapsed() >= FRESH_LISTING_PATIENCE {
-                        give_up("S3 has been unreachable since start-up", false);
-                    }
                 }
             }
             tokio::select! {

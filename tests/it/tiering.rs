@@ -318,6 +318,39 @@ async fn an_s3_outage_never_stops_ingestion_and_the_backlog_drains() {
     node.kill().await;
 }
 
+/// A new data directory whose store hangs (requests accepted, never
+/// answered) takes writes once the listing's patience is over, not once
+/// the hung requests time out (two minutes each, retried). Then its chunks
+/// are uploaded when the store answers. (`--peers`: with membership through
+/// the bucket, a new data directory waits for the bucket however long.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_whose_store_hangs_takes_writes_after_the_patience() {
+    let s3 = TestS3::start().await;
+    s3.freeze(true);
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let (node, client) = start(
+        &s3,
+        dir.path(),
+        &["--peers", "t1=127.0.0.1:0", "--rotate-after", "200ms"],
+    )
+    .await;
+    let patience = chunkbus::upload::FRESH_LISTING_PATIENCE;
+    eventually(patience + CONDITION_DEADLINE, "writes to open", || async {
+        status(&client).await.writes_held.is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() >= patience,
+        "writes opened before the listing or its patience: {:?}",
+        started.elapsed()
+    );
+    produce(&client, "app", 0, 3, 3).await;
+    s3.freeze(false);
+    all_uploaded(&client, "app", 1).await;
+    node.kill().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_chunks_are_evicted_and_read_back_from_s3_everywhere() {
     let s3 = TestS3::start().await;
