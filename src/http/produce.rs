@@ -436,6 +436,22 @@ impl Batches {
     /// Adds the line `write` appends to its category's buffer (without
     /// its `\n`, which is added), request number `n`.
     pub fn push_with(&mut self, category: &str, n: usize, write: impl FnOnce(&mut Vec<u8>)) {
+        let pushed = self.try_push_with(category, n, |buf| {
+            write(buf);
+            Ok::<_, std::convert::Infallible>(true)
+        });
+        debug_assert!(matches!(pushed, Ok(true)));
+    }
+
+    /// Like [`Batches::push_with`], but `write` may decline the line it
+    /// wrote (`Ok(false)`) or fail: then nothing of it stays. `Ok(true)`
+    /// when the line was added.
+    pub fn try_push_with<E>(
+        &mut self,
+        category: &str,
+        n: usize,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<bool, E>,
+    ) -> Result<bool, E> {
         let g = match self.last {
             // Most requests name one category: no lookup for it.
             Some(g) if self.groups[g].category == category => g,
@@ -453,12 +469,25 @@ impl Batches {
                 }
             },
         };
-        self.last = Some(g);
         let batch = &mut self.groups[g];
         let start = batch.lines.len();
-        write(&mut batch.lines);
+        let kept = write(&mut batch.lines);
+        if !matches!(kept, Ok(true)) {
+            batch.lines.truncate(start);
+            if batch.members.is_empty() {
+                // A category no line went to has no batch.
+                let category = self.groups.pop().map(|b| b.category);
+                debug_assert_eq!(self.groups.len(), g);
+                if let Some(c) = category {
+                    self.index.remove(&c);
+                }
+            }
+            return kept;
+        }
+        self.last = Some(g);
         batch.lines.push(b'\n');
         batch.members.push((n, (batch.lines.len() - start) as u64));
+        Ok(true)
     }
 
     /// Every line (without its `\n`) with its category, category by
@@ -541,7 +570,6 @@ pub struct PushLines<'r> {
     max_lines_bytes: u64,
     reserve: &'r mut dyn FnMut(u64) -> Result<(), ApiError>,
     out: Pushed,
-    line: Vec<u8>,
     written: u64,
     reserved: u64,
     number: usize,
@@ -559,7 +587,6 @@ impl<'r> PushLines<'r> {
             max_lines_bytes,
             reserve,
             out: Pushed::default(),
-            line: Vec::new(),
             written: 0,
             reserved: 0,
             number: 0,
@@ -591,12 +618,23 @@ impl<'r> PushLines<'r> {
         what: &str,
         write: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>,
     ) -> Result<(), ApiError> {
-        self.line.clear();
-        write(&mut self.line)
-            .map_err(|e| ApiError::Internal(format!("cannot write {what} as a line: {e}")))?;
-        let len = self.line.len() as u64;
-        if len > self.max_line {
-            let max = self.max_line;
+        // Written straight into its category's batch; taken back when too
+        // long.
+        let max = self.max_line;
+        let mut len = 0;
+        let kept = self
+            .out
+            .batches
+            .try_push_with(category, self.number, |buf| {
+                let start = buf.len();
+                write(buf)?;
+                len = (buf.len() - start) as u64;
+                Ok(len <= max)
+            })
+            .map_err(|e: serde_json::Error| {
+                ApiError::Internal(format!("cannot write {what} as a line: {e}"))
+            })?;
+        if !kept {
             self.refuse(1, || {
                 format!(
                     "{what} of {len} bytes as a line, above the limit of {max} (--max-line-bytes)"
@@ -615,7 +653,6 @@ impl<'r> PushLines<'r> {
             (self.reserve)(PUSH_RESERVE_STEP)?;
             self.reserved += PUSH_RESERVE_STEP;
         }
-        self.out.batches.push(category, &self.line, self.number);
         self.number += 1;
         Ok(())
     }
@@ -732,6 +769,50 @@ mod tests {
         }
         assert_eq!(many.groups.len(), 100_000);
         assert_eq!(many.index["c99999"], 99_999);
+    }
+
+    /// A push's line is written into its batch and taken back whole when
+    /// too long or when writing it fails; a category that got no line has
+    /// no batch; the limit and the refusals count as before.
+    #[test]
+    fn push_lines_take_back_what_they_refuse() {
+        let mut reserved = 0;
+        let mut reserve = |n| {
+            reserved += n;
+            Ok(())
+        };
+        let mut out = PushLines::new(4, 1 << 20, &mut reserve);
+        let line = |text: &'static str| {
+            move |buf: &mut Vec<u8>| {
+                buf.extend_from_slice(text.as_bytes());
+                Ok(())
+            }
+        };
+        out.push("a", "r", line("ab")).unwrap();
+        out.push("a", "r", line("toolong")).unwrap();
+        out.push("b", "r", line("waytoolong")).unwrap();
+        let failed = out.push("c", "r", |buf: &mut Vec<u8>| {
+            buf.extend_from_slice(b"pa");
+            Err(serde::ser::Error::custom("no"))
+        });
+        assert!(matches!(failed, Err(ApiError::Internal(_))));
+        out.push("b", "r", line("cd")).unwrap();
+        out.push("a", "r", line("efgh")).unwrap();
+        let pushed = out.finish();
+        assert_eq!(pushed.refused, 2);
+        assert!(pushed.reason.unwrap().contains("7 bytes"));
+        let got: Vec<_> = pushed.batches.numbered_lines().collect();
+        assert_eq!(
+            got,
+            [
+                (0, "a", &b"ab"[..]),
+                (4, "a", &b"efgh"[..]),
+                (3, "b", &b"cd"[..]),
+            ]
+        );
+        assert_eq!(pushed.batches.groups.len(), 2);
+        assert!(!pushed.batches.index.contains_key("c"));
+        assert_eq!(reserved, PUSH_RESERVE_STEP);
     }
 
     #[tokio::test]
