@@ -265,8 +265,9 @@ async fn ask_every_peer(
 /// whose best copy is not recorded as uploaded. This node may have uploaded
 /// it, longer than any copy (a copy falls behind while its holder is cut
 /// off or paused), before it lost its disk: such a chunk is restored from
-/// S3 (recorded at the object's size, with the object's line numbers, before
-/// writes go through, so that new lines are numbered after them). Asked
+/// S3 (recorded at the object's size, with the object's line numbers; those
+/// are reserved before writes go through, so that new lines are numbered
+/// after them). Asked
 /// again while the store does not answer, up to [`S3_PATIENCE`]; past it,
 /// or when the store refuses this node, the copies are restored as they are
 /// (an object found later under the name of a shorter restored chunk still
