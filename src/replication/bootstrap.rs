@@ -285,37 +285,10 @@ async fn look_up_in_s3(
         .filter(|(_, b)| !b.uploaded)
         .map(|(k, _)| k.clone())
         .collect();
-    // `None`: S3 did not say (it refuses this node, or it was not answered
-    // in time: a store that hangs is not waited for past the deadline).
     let mut lookups = futures_util::stream::iter(unknown)
-        .map(|(category, chunk)| {
-            let logged = &logged;
-            async move {
-                let mut backoff = BACKOFF_INITIAL;
-                loop {
-                    let asked =
-                        tokio::time::timeout_at(deadline, storage.remote_lookup(&category, &chunk));
-                    let e = match asked.await {
-                        Ok(Ok(found)) => return ((category, chunk), Some(found)),
-                        Ok(Err(e))
-                            if !matches!(
-                                e.kind(),
-                                std::io::ErrorKind::PermissionDenied
-                                    | std::io::ErrorKind::Unsupported
-                            ) =>
-                        {
-                            e
-                        }
-                        _ => return ((category, chunk), None),
-                    };
-                    if !logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                        tracing::warn!(error = %e, "cannot ask S3 whether it holds chunks this node uploaded before it lost its disk; retrying");
-                    }
-                    if sleep_or_cancel(&mut backoff, cancel).await {
-                        return ((category, chunk), None);
-                    }
-                }
-            }
+        .map(|key| async {
+            let found = ask_s3(storage, &key, deadline, &logged, cancel).await;
+            (key, found)
         })
         .buffer_unordered(S3_LOOKUPS);
     let mut unanswered = 0;
@@ -347,6 +320,41 @@ async fn look_up_in_s3(
         );
     }
     !cancel.is_cancelled()
+}
+
+/// What S3 holds under the name of `(category, chunk)`, asked again while
+/// it fails; `None` when it did not say (it refuses this node, or did not
+/// answer by `deadline`: a store that hangs is not waited for past it), or
+/// when cancelled. The first failure is logged once for all (`logged`).
+async fn ask_s3(
+    storage: &crate::storage::Storage,
+    (category, chunk): &(String, ChunkName),
+    deadline: tokio::time::Instant,
+    logged: &std::sync::atomic::AtomicBool,
+    cancel: &CancellationToken,
+) -> Option<Option<(u64, Option<crate::storage::numbering::LineRecord>)>> {
+    let mut backoff = BACKOFF_INITIAL;
+    loop {
+        let asked = tokio::time::timeout_at(deadline, storage.remote_lookup(category, chunk));
+        let e = match asked.await {
+            Ok(Ok(found)) => return Some(found),
+            Ok(Err(e))
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::Unsupported
+                ) =>
+            {
+                e
+            }
+            _ => return None,
+        };
+        if !logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(error = %e, "cannot ask S3 whether it holds chunks this node uploaded before it lost its disk; retrying");
+        }
+        if sleep_or_cancel(&mut backoff, cancel).await {
+            return None;
+        }
+    }
 }
 
 /// Asks the peer of `link` until it answers, it is forgotten (`None`) or

@@ -267,6 +267,17 @@ impl Category {
         self.chunks.lock().unwrap().map.get(chunk).copied()
     }
 
+    /// The chunk of `chunk`'s owner held here right after it, if any.
+    pub fn next_of_owner(&self, chunk: &ChunkName) -> Option<ChunkStatus> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let chunks = self.chunks.lock().unwrap();
+        let (name, meta) = chunks.map.range((Excluded(chunk), Unbounded)).next()?;
+        (name.owner == chunk.owner).then(|| ChunkStatus {
+            name: name.clone(),
+            meta: *meta,
+        })
+    }
+
     pub fn list(&self) -> Vec<ChunkStatus> {
         self.chunks
             .lock()

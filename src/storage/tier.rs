@@ -346,11 +346,7 @@ impl Storage {
             // Found only after lines of a later chunk were numbered (an
             // upload of this node's previous process that S3 applied late):
             // said, as no number may be given twice.
-            let next = cat
-                .list()
-                .into_iter()
-                .find(|c| c.name.owner == chunk.owner && c.name.index > chunk.index);
-            if let Some(next) = next
+            if let Some(next) = cat.next_of_owner(chunk)
                 && next.meta.first_line.is_some_and(|f| f < numbers.end())
             {
                 tracing::error!(category, chunk = %chunk, next = %next.name, ends_at = numbers.end(), next_starts_at = next.meta.first_line, "the lines of a chunk found in S3 and of this node's next chunk share numbers (S3 applied an upload of this node's previous process after this node restored the chunk shorter)");
