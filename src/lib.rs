@@ -17,7 +17,7 @@
 //! | [`tls`]     | HTTPS for clients and peers (rustls) |
 //! | [`upload`]  | the S3 tier: uploads, eviction, read-through, retention |
 //! | [`ship`]    | `chunkbus ship`: following log files into the bus |
-//! | [`serve`]   | the HTTP connection loop: header and idle timeouts, the connection cap, draining |
+//! | [`serve`]   | the HTTP connection loop: the idle timeout, the connection cap, draining |
 //! | [`server`]  | wiring: listener, storage, HTTP, signals, graceful shutdown |
 
 pub mod auth;

@@ -1,11 +1,14 @@
 //! The HTTP connection loop.
 //!
-//! Every accepted connection is served by hyper with its timer set, so that
-//! a connection that sends no complete request header within
-//! `--idle-timeout` is closed: a socket that never speaks, headers sent a
-//! byte at a time, a keep-alive connection left idle between requests.
-//! Request bodies have their own bound (`--request-timeout`, in the
-//! handlers).
+//! Every accepted connection is served by hyper. A connection with no
+//! request in progress for `--idle-timeout` is closed: a socket that never
+//! speaks, headers sent a byte at a time, a keep-alive connection left idle
+//! between requests. One sweep over the open connections finds them (a
+//! tick of a quarter of the timeout, at most a second), rather than
+//! hyper's header-read timer, which allocates, arms and cancels a timer for
+//! every request (4 % of a one-line request's user-space instructions,
+//! docs/benchmarks.md). Request bodies have their own bound
+//! (`--request-timeout`, in the handlers).
 //!
 //! At most `--max-connections` are open at once. When the cap is full and
 //! another client connects, the connection that has been idle longest (no
@@ -15,6 +18,11 @@
 //! requests waiting until their timeout. A connection with a request in
 //! progress (long polls included) is never chosen; when every connection is
 //! busy, the new one waits for a slot.
+//!
+//! Closing an idle connection: one that never had a request (silent, or
+//! part of its first header) is dropped at once; one that served requests
+//! is shut down gracefully, so an answer still being sent is finished
+//! first (hyper closes a keep-alive connection between requests at once).
 //!
 //! Shutdown: once `shutdown` is cancelled no connection is accepted; each
 //! open one finishes the request it is serving and closes (long polls
@@ -28,7 +36,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::serve::Listener;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -48,7 +56,8 @@ pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 /// How connections are bounded.
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
-    /// `--idle-timeout`: longest wait for a complete request header.
+    /// `--idle-timeout`: longest a connection stays open with no request
+    /// in progress (waiting for a complete request header).
     pub idle_timeout: Duration,
     /// `--max-connections`.
     pub max_connections: usize,
@@ -78,13 +87,18 @@ pub async fn serve<L>(
 {
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.idle_timeout)
+        // The sweep below closes idle connections: no timer per request.
+        .header_read_timeout(None)
         .max_buf_size(READ_BUFFER_MAX_BYTES)
         .keep_alive(true);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let open = Arc::new(OpenConnections::default());
     let tracker = TaskTracker::new();
+    tracker.spawn(sweep_idle(
+        open.clone(),
+        limits.idle_timeout,
+        shutdown.clone(),
+    ));
     'accept: loop {
         let (io, _addr) = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -154,8 +168,14 @@ pub async fn serve<L>(
                         }
                         break;
                     }
-                    // Finish the request in progress, if any, then close.
+                    // Finish the request in progress, if any, then close;
+                    // a connection that never had one has nothing to
+                    // finish (hyper would wait for the rest of a first
+                    // header cut short).
                     _ = conn.evict.notified(), if !closing => {
+                        if !conn.served.load(Ordering::Acquire) {
+                            break;
+                        }
                         served.as_mut().graceful_shutdown();
                         closing = true;
                     }
@@ -174,6 +194,25 @@ pub async fn serve<L>(
         .is_err()
     {
         tracing::warn!(deadline = ?DRAIN_DEADLINE, "connections still open after the shutdown deadline; closing them");
+    }
+}
+
+/// Asks every connection with no request in progress for `idle_timeout` to
+/// close, a tick of a quarter of the timeout (at most a second) at a time,
+/// until `shutdown`.
+async fn sweep_idle(
+    open: Arc<OpenConnections>,
+    idle_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let tick = (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => open.close_idle(idle_timeout),
+            _ = shutdown.cancelled() => return,
+        }
     }
 }
 
@@ -214,11 +253,27 @@ impl OpenConnections {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             requests: AtomicUsize::new(0),
             idle_since: AtomicU64::new(self.now()),
+            served: AtomicBool::new(false),
             evict: Notify::new(),
             evicted: AtomicBool::new(false),
         });
         self.conns.lock().unwrap().insert(conn.id, conn.clone());
         conn
+    }
+
+    /// Asks every connection with no request in progress for `idle_timeout`
+    /// to close.
+    fn close_idle(&self, idle_timeout: Duration) {
+        let idle_before = self.now().saturating_sub(idle_timeout.as_micros() as u64);
+        for conn in self.conns.lock().unwrap().values() {
+            if conn.requests.load(Ordering::Acquire) == 0
+                && !conn.evicted.load(Ordering::Relaxed)
+                && conn.idle_since.load(Ordering::Relaxed) <= idle_before
+            {
+                conn.evicted.store(true, Ordering::Relaxed);
+                conn.evict.notify_one();
+            }
+        }
     }
 
     /// Asks the connection idle longest, and for at least [`EVICT_GRACE`],
@@ -254,7 +309,10 @@ struct Conn {
     /// When its last request ended (or it was accepted), in µs from
     /// `OpenConnections::epoch`.
     idle_since: AtomicU64,
-    /// Signalled once, when it is chosen to close.
+    /// A request reached the service (set before `requests` counts it).
+    served: AtomicBool,
+    /// Signalled once, when it is chosen to close (idle too long, or to
+    /// make room).
     evict: Notify,
     evicted: AtomicBool,
 }
@@ -268,6 +326,7 @@ struct Busy {
 
 impl Busy {
     fn start(conn: Arc<Conn>, open: Arc<OpenConnections>) -> Self {
+        conn.served.store(true, Ordering::Release);
         conn.requests.fetch_add(1, Ordering::AcqRel);
         Self { conn, open }
     }

@@ -207,11 +207,24 @@ impl fmt::Display for ChunkName {
             digits[at] = b'0' + (n % 10) as u8;
             n /= 10;
         }
-        let start = at.min(digits.len() - 9);
+        let digits = &digits[at.min(digits.len() - 9)..];
+        // One write when the name fits a buffer on the stack (any valid
+        // owner does): `to_string` then allocates once, at its size.
+        let mut name = [0u8; MAX_NODE_NAME_BYTES + CHUNK_INFIX.len() + 10];
+        let len = self.owner.len() + CHUNK_INFIX.len() + digits.len();
+        if len <= name.len() {
+            let (owner, rest) = name.split_at_mut(self.owner.len());
+            owner.copy_from_slice(self.owner.as_bytes());
+            let (infix, rest) = rest.split_at_mut(CHUNK_INFIX.len());
+            infix.copy_from_slice(CHUNK_INFIX.as_bytes());
+            rest[..digits.len()].copy_from_slice(digits);
+            // A str, then ASCII.
+            return f.write_str(std::str::from_utf8(&name[..len]).map_err(|_| fmt::Error)?);
+        }
         f.write_str(&self.owner)?;
         f.write_str(CHUNK_INFIX)?;
         // Only ASCII digits were written.
-        f.write_str(std::str::from_utf8(&digits[start..]).map_err(|_| fmt::Error)?)
+        f.write_str(std::str::from_utf8(digits).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -276,6 +289,16 @@ mod tests {
             let name = ChunkName::new("n", index);
             assert_eq!(name.to_string(), want);
             assert_eq!(name.to_string(), format!("n-chunk{index:09}"));
+        }
+        // The longest valid owner with the longest index fits the buffer;
+        // a longer owner (not a valid name, but a public field) is written
+        // in pieces.
+        for owner in [
+            "o".repeat(MAX_NODE_NAME_BYTES),
+            "ö".repeat(MAX_NODE_NAME_BYTES),
+        ] {
+            let name = ChunkName::new(&owner, u32::MAX);
+            assert_eq!(name.to_string(), format!("{owner}-chunk4294967295"));
         }
     }
 

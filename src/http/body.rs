@@ -12,6 +12,7 @@ use axum::body::Body;
 use axum::http::HeaderMap;
 use axum::http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http_body_util::BodyExt;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -288,15 +289,21 @@ pub async fn read_body(
     let mut body = body;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break,
-            Err(_) => {
-                return Err(ApiError::RequestTimeout(format!(
-                    "the request body did not arrive within {} (--request-timeout); nothing was written",
-                    humantime::format_duration(timeout)
-                )));
-            }
+        // A frame already received (a small body comes with its head, and
+        // so does its end) is taken without making a timer.
+        let next = match body.frame().now_or_never() {
+            Some(next) => next,
+            None => tokio::time::timeout_at(deadline, body.frame())
+                .await
+                .map_err(|_| {
+                    ApiError::RequestTimeout(format!(
+                        "the request body did not arrive within {} (--request-timeout); nothing was written",
+                        humantime::format_duration(timeout)
+                    ))
+                })?,
+        };
+        let Some(frame) = next else {
+            break;
         };
         let frame = frame.map_err(|e| {
             ApiError::BadRequest(format!("the request body could not be read: {e}"))

@@ -199,6 +199,14 @@ impl Writer {
             SyncPolicy::Interval(every) => Some(tokio::time::interval(every)),
             _ => None,
         };
+        // The timers live across rounds and are moved only when their
+        // deadline changes (to a later one, which costs the timer wheel
+        // nothing until it is due): a round per batch makes no timer.
+        let rotate = tokio::time::sleep(Duration::ZERO);
+        let idle = tokio::time::sleep(Duration::ZERO);
+        let cancelled = cancel.cancelled();
+        tokio::pin!(rotate, idle, cancelled);
+        let (mut rotate_set, mut idle_set) = (None, None);
         loop {
             let rotate_at = self
                 .open
@@ -210,9 +218,20 @@ impl Writer {
                 .as_ref()
                 .filter(|o| o.file.is_some())
                 .map(|o| o.last_write + self.cfg.idle_close_after);
+            if let Some(at) = rotate_at
+                && rotate_set != rotate_at
+            {
+                rotate.as_mut().reset(at);
+            }
+            if let Some(at) = idle_at
+                && idle_set != idle_at
+            {
+                idle.as_mut().reset(at);
+            }
+            (rotate_set, idle_set) = (rotate_at, idle_at);
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => break,
+                _ = &mut cancelled => break,
                 Some(synced) = self.synced.recv() => synced.answer(&self.cfg.metrics),
                 n = rx.recv_many(&mut batch, MAX_BATCH_MESSAGES) => {
                     if n == 0 {
@@ -220,8 +239,8 @@ impl Writer {
                     }
                     self.handle(&mut batch).await;
                 }
-                _ = sleep_until_opt(rotate_at) => self.complete_open().await,
-                _ = sleep_until_opt(idle_at) => self.close_idle().await,
+                _ = &mut rotate, if rotate_at.is_some() => self.complete_open().await,
+                _ = &mut idle, if idle_at.is_some() => self.close_idle().await,
                 _ = tick_opt(&mut tick) => self.flush_in_background().await,
             }
         }
@@ -799,13 +818,6 @@ struct Run {
     bytes: u64,
     /// One of them holds a NUL byte (known only while checking).
     has_nul: bool,
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn tick_opt(tick: &mut Option<tokio::time::Interval>) {

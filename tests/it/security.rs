@@ -999,6 +999,126 @@ async fn silent_and_idle_connections_are_closed_after_the_idle_timeout() {
     }
 }
 
+/// A request in progress longer than `--idle-timeout` (a long poll) keeps
+/// its connection: its answer arrives whole and the connection takes the
+/// next request; it is closed once it has been idle that long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_longer_than_the_idle_timeout_keeps_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let node = BinNode::start(dir.path(), &["--idle-timeout", "1s"]).await;
+    let produced: chunkbus_client::ProduceResponse = reqwest::Client::new()
+        .post(node.url("/v1/categories/app/lines"))
+        .body("first\n")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chunk = produced.chunk.unwrap();
+    let mut polling = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    polling
+        .write_all(
+            format!(
+                "GET /v1/categories/app/chunks/{chunk}?offset={}&wait=1m HTTP/1.1\r\nhost: t\r\n\r\n",
+                produced.next_offset
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // Three idle timeouts with the poll parked in the node.
+    crate::harness::wait_for_metric_at(
+        &reqwest::Client::new(),
+        &node.url(""),
+        "chunkbus_read_waiters 1",
+    )
+    .await;
+    let mut buf = vec![0u8; 4096];
+    let early = tokio::time::timeout(Duration::from_secs(3), polling.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "the long poll's connection was closed or answered early: {early:?}"
+    );
+    reqwest::Client::new()
+        .post(node.url("/v1/categories/app/lines"))
+        .body("second\n")
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    let n = tokio::time::timeout(CONDITION_DEADLINE, polling.read(&mut buf))
+        .await
+        .expect("the long poll never answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("second\n"), "{answer}");
+    // Still open for the next request, which is answered.
+    assert!(
+        !answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    polling
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(CONDITION_DEADLINE, polling.read(&mut buf))
+        .await
+        .expect("the next request was not answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Idle now: closed after the timeout.
+    let closed = tokio::time::timeout(CONDITION_DEADLINE, polling.read(&mut buf))
+        .await
+        .expect("the idle connection stayed open");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+}
+
+/// A socket that sent part of its first request header is closed to make
+/// room for a new client at once: it has no request to finish (hyper's
+/// graceful shutdown alone would wait for the rest of the header).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_connection_cap_closes_a_header_cut_short_for_a_new_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let node = BinNode::start(
+        dir.path(),
+        &["--max-connections", "2", "--idle-timeout", "10m"],
+    )
+    .await;
+    let mut partial = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhos").await.unwrap();
+        partial.push(s);
+    }
+    let served = tokio::time::timeout(
+        CONDITION_DEADLINE,
+        reqwest::Client::new()
+            .get(node.url("/healthz"))
+            .header("connection", "close")
+            .send(),
+    )
+    .await
+    .expect("a new client waited behind headers cut short")
+    .unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    let mut buf = vec![0u8; 4096];
+    let mut closed = 0;
+    for s in &mut partial {
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 1, "no socket with a header cut short was closed");
+}
+
 /// With the connection cap full, a new client does not wait for the idle
 /// timeout: the connection idle longest (a silent socket, a keep-alive one
 /// between requests) is closed to make room. A connection with a request in
