@@ -154,14 +154,17 @@ pub async fn serve<L>(
             })
         };
         let served = http1.serve_connection(TokioIo::new(io), service);
-        let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let _slot = slot;
             let _guard = guard;
             tokio::pin!(served);
             let mut closing = false;
+            // One signal for every reason to close (idle, room, shutdown):
+            // each wake-up of the connection polls it beside the
+            // connection, so every signal more is a poll more per request.
             loop {
                 tokio::select! {
+                    biased;
                     ended = served.as_mut() => {
                         if let Err(e) = ended {
                             tracing::debug!(error = %e, "connection ended with an error");
@@ -179,15 +182,12 @@ pub async fn serve<L>(
                         served.as_mut().graceful_shutdown();
                         closing = true;
                     }
-                    _ = shutdown.cancelled(), if !closing => {
-                        served.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
                 }
             }
         });
     }
     drop(listener);
+    open.close_all();
     tracker.close();
     if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
         .await
@@ -276,6 +276,14 @@ impl OpenConnections {
         }
     }
 
+    /// Asks every connection to close (shutdown: none is accepted any more).
+    fn close_all(&self) {
+        for conn in self.conns.lock().unwrap().values() {
+            conn.evicted.store(true, Ordering::Relaxed);
+            conn.evict.notify_one();
+        }
+    }
+
     /// Asks the connection idle longest, and for at least [`EVICT_GRACE`],
     /// to close; false when there is none.
     fn evict_longest_idle(&self) -> bool {
@@ -311,8 +319,8 @@ struct Conn {
     idle_since: AtomicU64,
     /// A request reached the service (set before `requests` counts it).
     served: AtomicBool,
-    /// Signalled once, when it is chosen to close (idle too long, or to
-    /// make room).
+    /// Signalled when it is chosen to close (idle too long, to make room,
+    /// shutdown).
     evict: Notify,
     evicted: AtomicBool,
 }

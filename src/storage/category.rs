@@ -87,6 +87,19 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Changes the value of `tx` and wakes its receivers, when it has any: a
+/// watch notification takes eight locks (one per shard of its waiters)
+/// even when nobody waits, and every batch a writer appends sends two.
+/// The count is read under the value's lock, so a receiver that subscribes,
+/// then reads the value (`borrow_and_update`) and the state it waits on,
+/// then waits, either is counted or sees the change.
+fn wake(tx: &watch::Sender<u64>, change: impl FnOnce(&mut u64)) {
+    tx.send_if_modified(|v| {
+        change(v);
+        tx.receiver_count() > 0
+    });
+}
+
 /// The node-wide change counter: every chunk update takes the next value
 /// and wakes whoever waits for changes (replication feeds).
 #[derive(Debug)]
@@ -125,11 +138,11 @@ impl ChangeFeed {
     }
 
     pub(super) fn completed(&self) {
-        self.completed.send_modify(|v| *v = v.wrapping_add(1));
+        wake(&self.completed, |v| *v = v.wrapping_add(1));
     }
 
     fn announce(&self, v: u64) {
-        self.notify.send_modify(|cur| *cur = (*cur).max(v));
+        wake(&self.notify, |cur| *cur = (*cur).max(v));
     }
 }
 
@@ -328,7 +341,7 @@ impl Category {
         if complete {
             self.feed.completed();
         }
-        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        wake(&self.changed, |v| *v = v.wrapping_add(1));
         self.feed.announce(version);
     }
 
@@ -339,7 +352,7 @@ impl Category {
         if meta.complete {
             self.feed.completed();
         }
-        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        wake(&self.changed, |v| *v = v.wrapping_add(1));
         self.feed.announce(version);
     }
 
@@ -366,7 +379,7 @@ impl Category {
             };
             chunks.put(&self.feed, chunk, meta)
         };
-        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        wake(&self.changed, |v| *v = v.wrapping_add(1));
         self.feed.announce(version);
         Some(self.meta(chunk).is_some_and(|m| m.complete))
     }
@@ -427,7 +440,7 @@ impl Category {
         if let Some(v) = version {
             self.feed.announce(v);
         }
-        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        wake(&self.changed, |v| *v = v.wrapping_add(1));
         true
     }
 
@@ -455,7 +468,7 @@ impl Category {
             },
         );
         self.feed.completed();
-        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        wake(&self.changed, |v| *v = v.wrapping_add(1));
         self.feed.announce(version);
     }
 
@@ -486,7 +499,7 @@ impl Category {
             }
             removed
         };
-        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        wake(&self.changed, |v| *v = v.wrapping_add(1));
         removed
     }
 
