@@ -1083,7 +1083,7 @@ async fn a_request_longer_than_the_idle_timeout_keeps_its_connection() {
 /// graceful shutdown alone would wait for the rest of the header).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_connection_cap_closes_a_header_cut_short_for_a_new_client() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let node = BinNode::start(
         dir.path(),
@@ -1096,6 +1096,18 @@ async fn a_full_connection_cap_closes_a_header_cut_short_for_a_new_client() {
         s.write_all(b"GET /healthz HTTP/1.1\r\nhos").await.unwrap();
         partial.push(s);
     }
+    a_new_client_is_served_as_one_closes(&node, &mut partial, "sockets with a header cut short")
+        .await;
+}
+
+/// A new client of a node whose connection cap is full of `idle` sockets
+/// is served, and at least one of them is closed to make room for it.
+async fn a_new_client_is_served_as_one_closes(
+    node: &BinNode,
+    idle: &mut [tokio::net::TcpStream],
+    what: &str,
+) {
+    use tokio::io::AsyncReadExt;
     let served = tokio::time::timeout(
         CONDITION_DEADLINE,
         reqwest::Client::new()
@@ -1104,19 +1116,19 @@ async fn a_full_connection_cap_closes_a_header_cut_short_for_a_new_client() {
             .send(),
     )
     .await
-    .expect("a new client waited behind headers cut short")
+    .unwrap_or_else(|_| panic!("a new client waited behind {what}"))
     .unwrap();
     assert_eq!(served.status(), StatusCode::OK);
     let mut buf = vec![0u8; 4096];
     let mut closed = 0;
-    for s in &mut partial {
+    for s in idle {
         if let Ok(Ok(0) | Err(_)) =
             tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
         {
             closed += 1;
         }
     }
-    assert!(closed >= 1, "no socket with a header cut short was closed");
+    assert!(closed >= 1, "none of the {what} was closed");
 }
 
 /// With the connection cap full, a new client does not wait for the idle
@@ -1161,27 +1173,8 @@ async fn a_full_connection_cap_closes_the_longest_idle_connection_for_a_new_clie
         silent.push(tokio::net::TcpStream::connect(node.addr).await.unwrap());
     }
     // A new client is served: a silent socket made room.
-    let served = tokio::time::timeout(
-        CONDITION_DEADLINE,
-        reqwest::Client::new()
-            .get(node.url("/healthz"))
-            .header("connection", "close")
-            .send(),
-    )
-    .await
-    .expect("a new client waited behind idle sockets")
-    .unwrap();
-    assert_eq!(served.status(), StatusCode::OK);
+    a_new_client_is_served_as_one_closes(&node, &mut silent, "silent sockets").await;
     let mut buf = vec![0u8; 4096];
-    let mut closed = 0;
-    for s in &mut silent {
-        if let Ok(Ok(0) | Err(_)) =
-            tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
-        {
-            closed += 1;
-        }
-    }
-    assert!(closed >= 1, "no silent socket was closed");
     // The long poll is still in progress: a write ends it with the line.
     let written = reqwest::Client::new()
         .post(node.url("/v1/categories/app/lines"))
