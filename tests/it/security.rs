@@ -1007,27 +1007,8 @@ async fn a_request_longer_than_the_idle_timeout_keeps_its_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let node = BinNode::start(dir.path(), &["--idle-timeout", "1s"]).await;
-    let produced: chunkbus_client::ProduceResponse = reqwest::Client::new()
-        .post(node.url("/v1/categories/app/lines"))
-        .body("first\n")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let chunk = produced.chunk.unwrap();
-    let mut polling = tokio::net::TcpStream::connect(node.addr).await.unwrap();
-    polling
-        .write_all(
-            format!(
-                "GET /v1/categories/app/chunks/{chunk}?offset={}&wait=1m HTTP/1.1\r\nhost: t\r\n\r\n",
-                produced.next_offset
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
+    let produced = produce_line(&node, "first\n").await;
+    let mut polling = start_long_poll(&node, &produced).await;
     // Three idle timeouts with the poll parked in the node.
     crate::harness::wait_for_metric_at(
         &reqwest::Client::new(),
@@ -1041,21 +1022,7 @@ async fn a_request_longer_than_the_idle_timeout_keeps_its_connection() {
         early.is_err(),
         "the long poll's connection was closed or answered early: {early:?}"
     );
-    reqwest::Client::new()
-        .post(node.url("/v1/categories/app/lines"))
-        .body("second\n")
-        .send()
-        .await
-        .unwrap()
-        .error_for_status()
-        .unwrap();
-    let n = tokio::time::timeout(CONDITION_DEADLINE, polling.read(&mut buf))
-        .await
-        .expect("the long poll never answered")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.ends_with("second\n"), "{answer}");
+    let answer = long_poll_answers_with(&node, &mut polling, "second\n").await;
     // Still open for the next request, which is answered.
     assert!(
         !answer.to_ascii_lowercase().contains("connection: close"),
@@ -1098,6 +1065,57 @@ async fn a_full_connection_cap_closes_a_header_cut_short_for_a_new_client() {
     }
     a_new_client_is_served_as_one_closes(&node, &mut partial, "sockets with a header cut short")
         .await;
+}
+
+/// Writes `line` to `app` on a connection of its own (closed after it).
+async fn produce_line(node: &BinNode, line: &str) -> chunkbus_client::ProduceResponse {
+    reqwest::Client::new()
+        .post(node.url("/v1/categories/app/lines"))
+        .header("connection", "close")
+        .body(line.to_owned())
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// A connection that asks for the lines after `after`, waiting for them.
+async fn start_long_poll(
+    node: &BinNode,
+    after: &chunkbus_client::ProduceResponse,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut polling = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let chunk = after.chunk.as_deref().unwrap();
+    let request = format!(
+        "GET /v1/categories/app/chunks/{chunk}?offset={}&wait=5m HTTP/1.1\r\nhost: t\r\n\r\n",
+        after.next_offset
+    );
+    polling.write_all(request.as_bytes()).await.unwrap();
+    polling
+}
+
+/// Writes `line`, then reads the long poll's answer: 200 with the line.
+async fn long_poll_answers_with(
+    node: &BinNode,
+    polling: &mut tokio::net::TcpStream,
+    line: &str,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    produce_line(node, line).await;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(CONDITION_DEADLINE, polling.read(&mut buf))
+        .await
+        .expect("the long poll never answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with(line), "{answer}");
+    answer
 }
 
 /// A new client of a node whose connection cap is full of `idle` sockets
@@ -1146,73 +1164,27 @@ async fn a_full_connection_cap_closes_the_longest_idle_connection_for_a_new_clie
         &["--max-connections", "3", "--idle-timeout", "10m"],
     )
     .await;
-    let produced: chunkbus_client::ProduceResponse = reqwest::Client::new()
-        .post(node.url("/v1/categories/app/lines"))
-        .header("connection", "close")
-        .body("first\n")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let chunk = produced.chunk.unwrap();
-    let long_poll = |offset: u64| {
-        format!(
-            "GET /v1/categories/app/chunks/{chunk}?offset={offset}&wait=5m HTTP/1.1\r\nhost: t\r\n\r\n"
-        )
-    };
+    let produced = produce_line(&node, "first\n").await;
     // Slot 1: a long poll, in progress. Slots 2 and 3: silent sockets.
-    let mut polling = tokio::net::TcpStream::connect(node.addr).await.unwrap();
-    polling
-        .write_all(long_poll(produced.next_offset).as_bytes())
-        .await
-        .unwrap();
+    let mut polling = start_long_poll(&node, &produced).await;
     let mut silent = Vec::new();
     for _ in 0..2 {
         silent.push(tokio::net::TcpStream::connect(node.addr).await.unwrap());
     }
     // A new client is served: a silent socket made room.
     a_new_client_is_served_as_one_closes(&node, &mut silent, "silent sockets").await;
-    let mut buf = vec![0u8; 4096];
     // The long poll is still in progress: a write ends it with the line.
-    let written = reqwest::Client::new()
-        .post(node.url("/v1/categories/app/lines"))
-        .header("connection", "close")
-        .body("second\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(written.status(), StatusCode::OK);
-    let n = tokio::time::timeout(CONDITION_DEADLINE, polling.read(&mut buf))
-        .await
-        .expect("the long poll never answered")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.ends_with("second\n"), "{answer}");
+    long_poll_answers_with(&node, &mut polling, "second\n").await;
     drop((polling, silent));
     // Every slot busy with a long poll: a new client waits (past the grace
     // after which an idle connection may be closed), and is served as soon
     // as one of them ends.
-    let end: chunkbus_client::ProduceResponse = reqwest::Client::new()
-        .post(node.url("/v1/categories/app/lines"))
-        .header("connection", "close")
-        .body("third\n")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let end = produce_line(&node, "third\n").await;
     let mut polls = Vec::new();
     for _ in 0..3 {
-        let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
-        s.write_all(long_poll(end.next_offset).as_bytes())
-            .await
-            .unwrap();
-        polls.push(s);
+        polls.push(start_long_poll(&node, &end).await);
     }
+    let mut buf = vec![0u8; 4096];
     let mut waiting = tokio::net::TcpStream::connect(node.addr).await.unwrap();
     waiting
         .write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
