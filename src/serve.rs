@@ -33,7 +33,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::Body;
 use axum::serve::Listener;
 use hyper_util::rt::TokioIo;
@@ -44,6 +43,8 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service as _;
+
+use crate::http::App;
 
 /// A connection idle for less than this is not closed to make room: a
 /// client that just connected, or just got an answer, has this long to
@@ -78,7 +79,7 @@ pub const READ_BUFFER_MAX_BYTES: usize = 128 << 10;
 /// Serves `app` on every connection `listener` accepts until `shutdown`.
 pub async fn serve<L>(
     mut listener: L,
-    app: Router,
+    app: App,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) where
@@ -142,7 +143,7 @@ pub async fn serve<L>(
                 let busy = Busy::start(conn.clone(), open.clone());
                 let mut app = app.clone();
                 async move {
-                    // A router is always ready: no poll_ready needed.
+                    // The app is always ready: no poll_ready needed.
                     let resp = app.call(req.map(Body::new)).await;
                     // Busy until the handler answers (a long poll while it
                     // waits). A connection chosen while its answer is still

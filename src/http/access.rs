@@ -4,7 +4,6 @@
 //! [`crate::auth`]).
 
 use axum::extract::Request;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, AppState};
@@ -67,17 +66,20 @@ fn category_of(route: &str, req: &Request) -> Option<String> {
 /// Refuses requests without the credentials their route's `access` needs;
 /// hands the handler the [`crate::auth::Principal`] as a request extension
 /// (none when the node checks no credentials: anonymous).
-pub(super) async fn authorize(
+pub(super) async fn authorize<F>(
     st: &AppState,
     access: Access,
     route: &'static str,
     mut req: Request,
-    next: Next,
-) -> Response {
+    next: impl FnOnce(Request) -> F,
+) -> Response
+where
+    F: Future<Output = Response>,
+{
     // Without credentials to check, the handler gets no principal, which
     // it treats as anonymous (every category visible).
     if access == Access::Open || st.auth.is_open(access == Access::Peer) {
-        return next.run(req).await;
+        return next(req).await;
     }
     let category = category_of(route, &req);
     match st
@@ -86,7 +88,7 @@ pub(super) async fn authorize(
     {
         Ok(principal) => {
             req.extensions_mut().insert(principal);
-            next.run(req).await
+            next(req).await
         }
         Err(e) => {
             if let crate::auth::AuthError::Unauthenticated(why) = &e {

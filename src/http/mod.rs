@@ -205,6 +205,10 @@ fn streaming(route: Route) -> Route {
     }
 }
 
+/// The native produce route, the busiest: [`App`] serves it before the
+/// router.
+const NATIVE_PRODUCE: &str = "/v1/categories/{category}/lines";
+
 /// Every route of a node, each with the access it needs: declared here
 /// and nowhere else, so that no route can be added without one.
 fn routes() -> Vec<Route> {
@@ -212,12 +216,7 @@ fn routes() -> Vec<Route> {
     use Method as M;
     vec![
         route("/v1/categories", M::GET, Read, read::categories),
-        streaming(route(
-            "/v1/categories/{category}/lines",
-            M::POST,
-            Produce,
-            produce::produce,
-        )),
+        streaming(route(NATIVE_PRODUCE, M::POST, Produce, produce::produce)),
         route(
             "/v1/categories/{category}/chunks",
             M::GET,
@@ -394,9 +393,56 @@ fn method_name(method: &Method) -> &'static str {
     }
 }
 
+/// The node's HTTP service: every route of the node through axum's
+/// router, except that the native produce route (`POST
+/// /v1/categories/{category}/lines`, with a category that needs no
+/// percent-decoding) is recognised first and served directly, behind the
+/// same guard: the router's matching, its path parameters and the boxed
+/// layers around each route were more than half of what a one-line
+/// request cost beyond a bare appender's (docs/benchmarks.md). The router
+/// still holds the route (its 405s, `route_table`, paths with `%`).
+#[derive(Clone, Debug)]
+pub struct App {
+    router: Router,
+    /// The native produce route's guard, shared with its entry in the
+    /// router (one set of request counters).
+    produce: Arc<ops::RouteGuard>,
+}
+
+impl tower_service::Service<axum::extract::Request> for App {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::Either<
+        axum::routing::future::RouteFuture<std::convert::Infallible>,
+        futures_util::future::BoxFuture<'static, Result<Self::Response, Self::Error>>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        use futures_util::future::Either;
+        if req.method() == Method::POST && produce::native_category(req.uri().path()).is_some() {
+            let route = self.produce.clone();
+            return Either::Right(Box::pin(async move {
+                Ok(ops::guarded(&route, req, |req| async {
+                    produce::produce_native(&route.state, req).await
+                })
+                .await)
+            }));
+        }
+        Either::Left(self.router.call(req))
+    }
+}
+
 /// Every route of a node, each behind the check of its access.
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: Arc<AppState>) -> App {
     let mut router = Router::new();
+    let mut produce = None;
     for r in routes() {
         if r.api.is_some_and(|api| !state.ingest.apis.contains(&api)) {
             continue;
@@ -408,18 +454,15 @@ pub fn router(state: Arc<AppState>) -> Router {
                 ops::bounded_body,
             ));
         }
-        let guarded = handler.route_layer(axum::middleware::from_fn_with_state(
-            Arc::new(ops::RouteGuard {
-                state: state.clone(),
-                access: r.access,
-                metrics: ops::RouteMetrics::new(
-                    state.metrics.clone(),
-                    method_name(&r.method),
-                    r.path,
-                ),
-            }),
-            ops::guard,
-        ));
+        let guard = Arc::new(ops::RouteGuard {
+            state: state.clone(),
+            access: r.access,
+            metrics: ops::RouteMetrics::new(state.metrics.clone(), method_name(&r.method), r.path),
+        });
+        if r.path == NATIVE_PRODUCE && r.method == Method::POST {
+            produce = Some(guard.clone());
+        }
+        let guarded = handler.route_layer(axum::middleware::from_fn_with_state(guard, ops::guard));
         let guarded = if r.api == Some(IngestApi::Hec) {
             // HEC's own answers to a missing or refused token.
             guarded.route_layer(axum::middleware::from_fn(hec::auth_answers))
@@ -437,8 +480,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         // `/` is Elasticsearch's; without it, browsers still find the console.
         router = router.route("/", axum::routing::get(console::root));
     }
-    router
-        .fallback(ops::not_found)
-        .method_not_allowed_fallback(ops::method_not_allowed)
-        .with_state(state)
+    App {
+        router: router
+            .fallback(ops::not_found)
+            .method_not_allowed_fallback(ops::method_not_allowed)
+            .with_state(state),
+        produce: produce.expect("the native produce route is among the routes"),
+    }
 }

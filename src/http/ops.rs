@@ -177,9 +177,28 @@ pub(super) async fn guard(
     req: Request,
     next: Next,
 ) -> Response {
+    guarded(&route, req, |req| next.run(req)).await
+}
+
+/// What [`guard`] does, around any handler (also the native produce route,
+/// which is served before the router: [`super::App`]).
+pub(super) async fn guarded<F>(
+    route: &RouteGuard,
+    req: Request,
+    handler: impl FnOnce(Request) -> F,
+) -> Response
+where
+    F: Future<Output = Response>,
+{
     let started = Instant::now();
-    let resp =
-        super::access::authorize(&route.state, route.access, route.metrics.route, req, next).await;
+    let resp = super::access::authorize(
+        &route.state,
+        route.access,
+        route.metrics.route,
+        req,
+        handler,
+    )
+    .await;
     route
         .metrics
         .observe(started.elapsed().as_secs_f64(), resp.status().as_u16());

@@ -79,6 +79,40 @@ pub(super) async fn produce(
         .map(Produced)
 }
 
+/// Where the native produce route's category sits in a path it serves
+/// before the router ([`super::App`]).
+pub(super) const NATIVE_PREFIX: &str = "/v1/categories/";
+pub(super) const NATIVE_SUFFIX: &str = "/lines";
+
+/// The category of `POST /v1/categories/{category}/lines` when `path` is
+/// that route's with a segment that needs no decoding: the router's
+/// `Path` extractor would give the same name. Other paths (a segment with
+/// `%`, none, or more than one) are left to the router.
+pub(super) fn native_category(path: &str) -> Option<&str> {
+    let category = path
+        .strip_prefix(NATIVE_PREFIX)?
+        .strip_suffix(NATIVE_SUFFIX)?;
+    (!category.is_empty() && !category.contains(['/', '%'])).then_some(category)
+}
+
+/// The native produce route as [`super::App`] serves it, before the
+/// router: the same as [`produce`] without its extractors (the router's
+/// work, the route's parameters and the layers were about a fifth of a
+/// one-line request's instructions; docs/benchmarks.md).
+pub(super) async fn produce_native(st: &AppState, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let category = native_category(parts.uri.path()).unwrap_or_default();
+    let answer = async {
+        let Query(q) = Query::<ProduceQuery>::try_from_uri(&parts.uri)?;
+        let opts = q.options()?;
+        ingest(st, category, &parts.headers, body, opts).await
+    };
+    match answer.await {
+        Ok(written) => Produced(written).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 /// A produce answer as JSON, written directly rather than through a
 /// serializer: it is built for every request, and its fields are numbers
 /// and a chunk name (the same bytes `serde_json` would give; see tests).

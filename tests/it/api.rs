@@ -326,6 +326,67 @@ async fn metrics_count_requests_bytes_and_fsyncs() {
     node.stop().await;
 }
 
+/// The native produce route is served before the router (`http::App`)
+/// unless its category needs percent-decoding; both ways store, refuse and
+/// count requests alike, and the router still answers the paths and
+/// methods the early way does not take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_is_the_same_before_the_router_and_through_it() {
+    let node = TestNode::start().await;
+    // `ap%70` is `app` decoded: the router's way.
+    let early = produce(&node, "app", "one\n").await;
+    let routed = produce(&node, "ap%70", "two\n").await;
+    assert_eq!(early.chunk, routed.chunk);
+    assert_eq!((early.offset, routed.offset), (0, 4));
+    assert_eq!(node.files("app")[0].1, b"one\ntwo\n");
+    let mut refused = 0;
+    for (early, routed, query, body) in [
+        ("app", "ap%70", "?sync=maybe", "x\n"),
+        ("app", "ap%70", "?min_replicas=-1", "x\n"),
+        ("app", "ap%70", "?sync=true&sync=false", "x\n"),
+        ("app", "ap%70", "?min_replicas=1&timeout=10h", "x\n"),
+        ("a:b", "a%3Ab", "", "x\n"),
+    ] {
+        let a = node.post(early, query, body).await;
+        let b = node.post(routed, query, body).await;
+        assert_eq!(a.status(), StatusCode::BAD_REQUEST, "{early}{query}");
+        assert_eq!(b.status(), StatusCode::BAD_REQUEST, "{routed}{query}");
+        let (a, b): (ErrorBody, ErrorBody) = (json(a).await, json(b).await);
+        assert_eq!(a.error, b.error, "{query} {body:?}");
+        refused += 2;
+    }
+    assert_eq!(node.files("app")[0].1, b"one\ntwo\n");
+    for (method, path, status) in [
+        (
+            "PUT",
+            "/v1/categories/app/lines",
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        ("POST", "/v1/categories//lines", StatusCode::BAD_REQUEST),
+        ("POST", "/v1/categories/a/b/lines", StatusCode::NOT_FOUND),
+        ("POST", "/v1/categories/app/lines/", StatusCode::NOT_FOUND),
+    ] {
+        let r = node
+            .http
+            .request(method.parse().unwrap(), node.url(path))
+            .body("x\n")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{method} {path}");
+        refused += usize::from(status == StatusCode::BAD_REQUEST);
+    }
+    // One set of counters for the route, whichever way a request took.
+    let text = node.get("/metrics").await.text().await.unwrap();
+    for want in [
+        "route=\"/v1/categories/{category}/lines\",status=\"200\"} 2\n".to_owned(),
+        format!("route=\"/v1/categories/{{category}}/lines\",status=\"400\"}} {refused}\n"),
+    ] {
+        assert!(text.contains(&want), "missing {want:?} in\n{text}");
+    }
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_errors_have_their_status() {
     let node = TestNode::start().await;
