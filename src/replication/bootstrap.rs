@@ -10,12 +10,14 @@
 //!
 //! 1. Writes are held (503 with the reason) while the node asks every peer
 //!    that is not forgotten `GET /v1/internal/copies/{node}`, retrying with
-//!    backoff until each has answered. `--first-start` lets writes through
+//!    backoff until each has answered; again at each start while the
+//!    restore (3.) is unfinished. `--first-start` lets writes through
 //!    at once (the cluster's first start, with a peer that is not coming).
 //! 2. Per category, every index up to the highest one a peer holds, or one
 //!    of its consumer positions names (the copies may be deleted since,
 //!    every consumer having acked them), is reserved durably
-//!    (`next_own_index`); then writes go through.
+//!    (`next_own_index`), and so is every line number up to the highest
+//!    end the peers recorded (`next_own_line`); then writes go through.
 //! 3. Each chunk a peer holds is restored from the peer with the largest
 //!    copy, oldest first, and becomes this node's complete chunk; peers
 //!    then complete their copies from it. With S3 on, a chunk is recorded as
@@ -71,21 +73,40 @@ impl Best {
     }
 }
 
-/// Holds writes when the data directory is new (called before the node
-/// serves anything, so no write slips through before the gate).
+/// Holds writes when the data directory is new, or a restore from the
+/// peers is unfinished (called before the node serves anything, so no
+/// write slips through before the gate). An unfinished restore holds them
+/// too: the process that started it reserved the chunk names its peers
+/// named (durably) but perhaps not the line numbers, and restored only
+/// some chunks; writes taken before the peers are asked again would
+/// number new lines after the last chunk restored, giving numbers that
+/// chunks not restored yet hold (found by the chaos soak).
 pub(super) fn hold_writes(repl: &Replication) {
-    if !repl.storage.fresh() || repl.cfg.first_start {
+    let storage = &repl.storage;
+    if !(storage.fresh() || storage.restore_pending()) || repl.cfg.first_start {
         return;
     }
     if repl.members_read.borrow().is_none() {
         // Bucket membership: who the peers are is not known yet.
-        repl.storage.close_writes(
+        storage.close_writes(
             WRITE_GATE,
-            "this node's data directory is new: it takes writes once it has read the nodes' records in the S3 bucket and every peer found there has said which of this node's chunks it holds, so that no chunk name is used twice",
+            format!(
+                "{}: it takes writes once it has read the nodes' records in the S3 bucket and every peer found there has said which of this node's chunks it holds, so that no chunk name or line number is used twice",
+                why_held(storage)
+            ),
         );
         return;
     }
     hold_for_peers(repl, &repl.links());
+}
+
+/// Why writes are held: a new data directory, or an unfinished restore.
+fn why_held(storage: &crate::storage::Storage) -> &'static str {
+    if storage.fresh() {
+        "this node's data directory is new"
+    } else {
+        "this node's restore of its chunks from its peers is unfinished (the process that started it stopped)"
+    }
 }
 
 /// Holds writes until `links` have answered (unless they need not be
@@ -93,7 +114,8 @@ pub(super) fn hold_writes(repl: &Replication) {
 fn hold_for_peers(repl: &Replication, links: &[Arc<PeerLink>]) {
     if !links.is_empty() && !repl.skip_bootstrap_wait() {
         let names: Vec<&str> = links.iter().map(|l| l.name.as_str()).collect();
-        repl.storage.close_writes(WRITE_GATE, gate_reason(&names));
+        repl.storage
+            .close_writes(WRITE_GATE, gate_reason(&repl.storage, &names));
     }
 }
 
@@ -117,15 +139,12 @@ pub(super) async fn run(repl: Arc<Replication>, cancel: CancellationToken) {
         storage.open_writes(WRITE_GATE);
         return;
     }
-    if fresh {
-        // The gate's reason names the peers now known.
-        hold_for_peers(&repl, &links);
-    }
+    // The gate's reason names the peers now known.
+    hold_for_peers(&repl, &links);
     if fresh && let Err(e) = storage.set_restore_pending(true).await {
         tracing::error!(error = %e, "cannot record that this node restores its chunks from its peers");
     }
-    let Some((mut held, mut highest, mut line_ends)) =
-        ask_every_peer(&repl, &links, fresh, &cancel).await
+    let Some((mut held, mut highest, mut line_ends)) = ask_every_peer(&repl, &links, &cancel).await
     else {
         return;
     };
@@ -145,8 +164,12 @@ pub(super) async fn run(repl: Arc<Replication>, cancel: CancellationToken) {
         }
     }
     for (category, end) in line_ends {
-        if let Err(e) = storage.reserve_own_line(&category, end) {
-            tracing::error!(category = %category, error = %e, "cannot number this node's next lines after those its peers know");
+        let mut backoff = BACKOFF_INITIAL;
+        while let Err(e) = storage.reserve_own_line(&category, end).await {
+            tracing::error!(category = %category, error = %e, "cannot number this node's next lines after those its peers know; writes stay held");
+            if sleep_or_cancel(&mut backoff, &cancel).await {
+                return;
+            }
         }
     }
     for (category, index) in highest {
@@ -186,9 +209,10 @@ pub(super) async fn run(repl: Arc<Replication>, cancel: CancellationToken) {
     }
 }
 
-fn gate_reason(waiting: &[&str]) -> String {
+fn gate_reason(storage: &crate::storage::Storage, waiting: &[&str]) -> String {
     format!(
-        "this node's data directory is new: it takes writes once every peer has said which of this node's chunks it holds, so that no chunk name is used twice (waiting for {}; --first-start skips this on a cluster's first start)",
+        "{}: it takes writes once every peer has said which of this node's chunks it holds, so that no chunk name or line number is used twice (waiting for {}; --first-start skips this on a cluster's first start)",
+        why_held(storage),
         waiting.join(", ")
     )
 }
@@ -207,7 +231,6 @@ type Answers = (
 async fn ask_every_peer(
     repl: &Arc<Replication>,
     links: &[Arc<PeerLink>],
-    gated: bool,
     cancel: &CancellationToken,
 ) -> Option<Answers> {
     let mut waiting: BTreeSet<String> = links.iter().map(|l| l.name.clone()).collect();
@@ -253,9 +276,10 @@ async fn ask_every_peer(
                 *entry = this;
             }
         }
-        if gated && !waiting.is_empty() && !repl.skip_bootstrap_wait() {
+        if !waiting.is_empty() && !repl.skip_bootstrap_wait() {
             let names: Vec<&str> = waiting.iter().map(String::as_str).collect();
-            repl.storage.close_writes(WRITE_GATE, gate_reason(&names));
+            repl.storage
+                .close_writes(WRITE_GATE, gate_reason(&repl.storage, &names));
         }
     }
     Some((best, named, line_ends))

@@ -203,7 +203,8 @@ fn number_chunks(dir: &Path, node: &str, rec: &mut RecoveredCategory) -> Result<
         .values()
         .filter_map(|&(first, lines)| Some(first? + lines?))
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .max(rec.state.next_own_line.unwrap_or(0));
     let mut live: BTreeMap<ChunkName, LineRecord> = BTreeMap::new();
     let mut new = Vec::new();
     for (chunk, m) in &rec.chunks {

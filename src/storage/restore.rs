@@ -103,11 +103,44 @@ impl Storage {
     }
 
     /// Makes this node number its next lines of `category` from `next` on
-    /// at least (the end of its chunks that its peers hold). In memory: a
-    /// restart finds the restored chunks, or asks the peers again.
-    pub fn reserve_own_line(&self, category: &str, next: u64) -> Result<(), StorageError> {
-        self.category_or_create(category)?.reserve_line(next);
+    /// at least (the end of its line numbers its peers know). Durable
+    /// before it takes effect (`next_own_line` in the category state): a
+    /// restart may find neither the chunks that held those numbers (not
+    /// restored yet, or deleted) nor their records. Creates the category
+    /// if needed.
+    pub async fn reserve_own_line(&self, category: &str, next: u64) -> Result<(), StorageError> {
+        let cat = self
+            .save_own_reservation(category, move |st| {
+                let raise = st.next_own_line.is_none_or(|n| n < next);
+                if raise {
+                    st.next_own_line = Some(next);
+                }
+                raise
+            })
+            .await?;
+        cat.reserve_line(next);
         Ok(())
+    }
+
+    /// Changes the state of `category` with `change` and saves it when
+    /// `change` says it changed it. Creates the category if needed.
+    async fn save_own_reservation(
+        &self,
+        category: &str,
+        change: impl FnOnce(&mut state::CategoryState) -> bool + Send + 'static,
+    ) -> Result<std::sync::Arc<super::category::Category>, StorageError> {
+        let cat = self.category_or_create(category)?;
+        let cat2 = cat.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut st = cat2.state.lock().unwrap();
+            if change(&mut st) {
+                state::save(&cat2.dir, &st)?;
+            }
+            Ok::<(), StorageError>(())
+        })
+        .await
+        .map_err(|e| StorageError::io("reserve task failed", std::io::Error::other(e)))??;
+        Ok(cat)
     }
 
     /// Per category, the highest end of `owner`'s line numbers recorded
@@ -124,18 +157,15 @@ impl Storage {
     /// writer never names a new chunk with one of them. Durable before it
     /// takes effect. Creates the category if needed.
     pub async fn reserve_own_index(&self, category: &str, next: u32) -> Result<(), StorageError> {
-        let cat = self.category_or_create(category)?;
-        let cat2 = cat.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut st = cat2.state.lock().unwrap();
-            if st.next_own_index.is_none_or(|n| n < next) {
-                st.next_own_index = Some(next);
-                state::save(&cat2.dir, &st)?;
-            }
-            Ok::<(), StorageError>(())
-        })
-        .await
-        .map_err(|e| StorageError::io("reserve task failed", std::io::Error::other(e)))??;
+        let cat = self
+            .save_own_reservation(category, move |st| {
+                let raise = st.next_own_index.is_none_or(|n| n < next);
+                if raise {
+                    st.next_own_index = Some(next);
+                }
+                raise
+            })
+            .await?;
         cat.reserve_index(next);
         Ok(())
     }

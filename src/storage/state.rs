@@ -21,7 +21,8 @@
 //!
 //! `next_own_index` keeps chunk names unique after this node's own chunks
 //! were deleted, or after it learned from its peers which names it used
-//! before it lost its disk.
+//! before it lost its disk; `next_own_line` does the same for the numbers
+//! of its lines.
 //!
 //! Version 1 (`{"version":1,"complete_through":{"eu2":41}}`, one watermark
 //! per owner) is read as the range `[0, 41]` and written back as version 2.
@@ -132,6 +133,13 @@ pub struct CategoryState {
     /// names are never reused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_own_index: Option<u32>,
+    /// The lowest number the first line of this node's next chunk may
+    /// take: learned from its peers after it lost its disk (their records
+    /// include chunks deleted since), so that a restart before its chunks
+    /// are restored, or after the highest were deleted, numbers no line
+    /// twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_own_line: Option<u64>,
 }
 
 /// Version 1 of the file, read for upgrades.
@@ -151,6 +159,7 @@ impl Default for CategoryState {
             version: STATE_VERSION,
             complete: BTreeMap::new(),
             next_own_index: None,
+            next_own_line: None,
         }
     }
 }
@@ -211,6 +220,7 @@ pub fn load(dir: &Path) -> Result<CategoryState, StorageError> {
                     .map(|(owner, through)| (owner, IndexSet(vec![(0, through)])))
                     .collect(),
                 next_own_index: old.next_own_index,
+                next_own_line: None,
             }
         }
         other => {

@@ -805,6 +805,27 @@ async fn data_behind_the_window_is_dropped_from_the_page_cache_once_on_disk() {
     }
 }
 
+/// The line numbers a node that lost its disk learns from its peers stay
+/// reserved across a restart that finds neither the chunks that held them
+/// nor their records (not restored yet, or deleted on every peer).
+#[tokio::test]
+async fn reserved_line_numbers_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 64);
+    let s = Storage::open(o.clone(), Metrics::new()).await.unwrap();
+    s.reserve_own_index("app", 3).await.unwrap();
+    s.reserve_own_line("app", 40).await.unwrap();
+    // Never lowered.
+    s.reserve_own_line("app", 7).await.unwrap();
+    s.shutdown().await;
+    drop(s);
+    let s = Storage::open(o, Metrics::new()).await.unwrap();
+    let (d, n) = lines("a\nb\n");
+    let a = s.append("app", d, n, true).await.unwrap();
+    assert_eq!((a.chunk.index, a.first_line), (3, 40));
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn numbering_goes_on_after_every_chunk_was_deleted_and_a_restart() {
     let dir = tempfile::tempdir().unwrap();

@@ -256,6 +256,74 @@ async fn a_wiped_node_holds_writes_until_its_peers_answer() {
     }
 }
 
+/// A restart in the middle of a restore from peers (found by the chaos
+/// soak): the process before had reserved the chunk names its peers
+/// named, restored nothing yet, and was killed. The next process used to
+/// take writes at once, numbering new lines from 0 under the reserved
+/// name: numbers the chunks not restored yet held. Now it holds writes
+/// until its peers have answered again, and numbers after every line they
+/// know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_mid_restore_holds_writes_and_numbers_after_its_peers() {
+    let mut cluster = TestCluster::start(2, &["--max-chunk-bytes", "4KiB"]).await;
+    let mut acked = BTreeSet::new();
+    let mut last = None;
+    for r in 0..60 {
+        let body = format!("before{r} {}\n", "y".repeat(90));
+        let p = cluster
+            .client(1)
+            .produce("app", body.clone(), &replicated(1))
+            .await
+            .unwrap();
+        acked.insert(body.trim_end().to_owned());
+        last = p.chunk;
+    }
+    let open = ChunkName::parse(&last.unwrap()).unwrap();
+    assert!(open.index >= 1, "a complete chunk and an open one: {open}");
+    // What a restore cut short leaves on a new disk: the names reserved,
+    // the restore marked unfinished, no chunk restored yet.
+    cluster.kill(1).await;
+    cluster.kill(0).await;
+    let dir = &cluster.dirs[1];
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::create_dir_all(dir.join("app")).unwrap();
+    std::fs::write(dir.join(".restoring.json"), r#"{"version":1}"#).unwrap();
+    std::fs::write(
+        dir.join("app/.state.json"),
+        format!(
+            r#"{{"version":2,"complete":{{}},"next_own_index":{}}}"#,
+            open.index + 1
+        ),
+    )
+    .unwrap();
+    cluster.start_node(1).await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/categories/app/lines", cluster.url(1)))
+        .body("too early\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let text = r.text().await.unwrap();
+    let peer = &cluster.names[0];
+    assert!(
+        text.contains("restore") && text.contains(&format!("waiting for {peer}")),
+        "{text}"
+    );
+    cluster.start_node(0).await;
+    cluster.wait_writes_open(1).await;
+    let p = write(&cluster, 1, "app", "after", &mut acked).await;
+    let new = ChunkName::parse(&p.chunk.unwrap()).unwrap();
+    assert!(new.index > open.index, "{new} reuses a name up to {open}");
+    cluster.wait_converged(&["app"]).await;
+    for list in cluster.chunk_lists("app").await {
+        crate::cluster::check_numbering("app", &list);
+    }
+    for i in 0..2 {
+        assert_all_lines(&cluster, i, "app", &acked).await;
+    }
+}
+
 /// Every copy of a wiped node's chunks was deleted (every consumer acked
 /// them, no S3), but the consumer positions on its peers still name them:
 /// the node must not use those names again, or the consumer would take its
