@@ -76,7 +76,12 @@ fn hec_error(e: ApiError) -> Response {
 /// and 4), which Splunk agents read; everything else passes unchanged.
 pub(super) async fn auth_answers(req: Request, next: axum::middleware::Next) -> Response {
     let had_token = req.headers().contains_key(header::AUTHORIZATION);
-    let resp = next.run(req).await;
+    auth_answer(had_token, next.run(req).await)
+}
+
+/// What [`auth_answers`] makes of `resp`, the answer to a request that
+/// had an `Authorization` header or not.
+pub(super) fn auth_answer(had_token: bool, resp: Response) -> Response {
     if resp.extensions().get::<HecAnswer>().is_some() {
         return resp;
     }

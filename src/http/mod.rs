@@ -32,6 +32,8 @@ use axum::Router;
 use axum::handler::Handler;
 use axum::http::Method;
 use axum::routing::{MethodFilter, MethodRouter, on};
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 pub use access::Access;
@@ -170,7 +172,17 @@ struct Route {
     /// A browser asking for a page (`Accept: text/html`) is sent to the
     /// console instead, before any check.
     browsers_to_console: bool,
+    /// The handler, called directly: how [`App`] serves the routes it
+    /// serves before the router.
+    direct: Direct,
 }
+
+/// A handler called with the request and the state, without the router.
+type Direct = Arc<
+    dyn Fn(axum::extract::Request, Arc<AppState>) -> BoxFuture<'static, axum::response::Response>
+        + Send
+        + Sync,
+>;
 
 fn route<H, T>(path: &'static str, method: Method, access: Access, handler: H) -> Route
 where
@@ -178,6 +190,10 @@ where
     T: 'static,
 {
     let filter = MethodFilter::try_from(method.clone()).expect("a standard method");
+    let direct = {
+        let handler = handler.clone();
+        Arc::new(move |req, st| handler.clone().call(req, st).boxed()) as Direct
+    };
     Route {
         path,
         method,
@@ -186,6 +202,7 @@ where
         own_body: false,
         api: None,
         browsers_to_console: false,
+        direct,
     }
 }
 
@@ -394,19 +411,64 @@ fn method_name(method: &Method) -> &'static str {
 }
 
 /// The node's HTTP service: every route of the node through axum's
-/// router, except that the native produce route (`POST
-/// /v1/categories/{category}/lines`, with a category that needs no
-/// percent-decoding) is recognised first and served directly, behind the
-/// same guard: the router's matching, its path parameters and the boxed
-/// layers around each route were more than half of what a one-line
-/// request cost beyond a bare appender's (docs/benchmarks.md). The router
-/// still holds the route (its 405s, `route_table`, paths with `%`).
+/// router, except the routes that take data in (those that read their own
+/// body), which are recognised first and served directly behind the same
+/// guard: the router's matching, its path parameters and the boxed layers
+/// around each route were more than half of what a one-line request cost
+/// beyond a bare appender's (docs/benchmarks.md). Served first: the native
+/// produce route (`POST /v1/categories/{category}/lines`, with a category
+/// that needs no percent-decoding) and every such route without a path
+/// parameter (`/write`, `/_bulk`, `/v1/logs`, Loki's push, HEC's). The
+/// router still holds them all (their 405s, `route_table`, paths with `%`,
+/// `/{index}/_bulk`).
 #[derive(Clone, Debug)]
 pub struct App {
     router: Router,
     /// The native produce route's guard, shared with its entry in the
     /// router (one set of request counters).
     produce: Arc<ops::RouteGuard>,
+    /// The other routes served first.
+    early: Arc<[Early]>,
+}
+
+/// A route [`App`] serves before the router.
+struct Early {
+    method: Method,
+    path: &'static str,
+    /// Shared with the route's entry in the router.
+    guard: Arc<ops::RouteGuard>,
+    /// HEC's answers to a missing or refused token ([`hec::auth_answers`]).
+    hec: bool,
+    direct: Direct,
+}
+
+impl std::fmt::Debug for Early {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Early")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("hec", &self.hec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Early {
+    /// The same layers the router puts around the route (`router`).
+    async fn serve(&self, req: axum::extract::Request) -> axum::response::Response {
+        let had_token = self.hec
+            && req
+                .headers()
+                .contains_key(axum::http::header::AUTHORIZATION);
+        let resp = ops::guarded(&self.guard, req, |req| {
+            (self.direct)(req, self.guard.state.clone())
+        })
+        .await;
+        if self.hec {
+            hec::auth_answer(had_token, resp)
+        } else {
+            resp
+        }
+    }
 }
 
 impl tower_service::Service<axum::extract::Request> for App {
@@ -414,7 +476,7 @@ impl tower_service::Service<axum::extract::Request> for App {
     type Error = std::convert::Infallible;
     type Future = futures_util::future::Either<
         axum::routing::future::RouteFuture<std::convert::Infallible>,
-        futures_util::future::BoxFuture<'static, Result<Self::Response, Self::Error>>,
+        BoxFuture<'static, Result<Self::Response, Self::Error>>,
     >;
 
     fn poll_ready(
@@ -426,7 +488,8 @@ impl tower_service::Service<axum::extract::Request> for App {
 
     fn call(&mut self, req: axum::extract::Request) -> Self::Future {
         use futures_util::future::Either;
-        if req.method() == Method::POST && produce::native_category(req.uri().path()).is_some() {
+        let path = req.uri().path();
+        if req.method() == Method::POST && produce::native_category(path).is_some() {
             let route = self.produce.clone();
             return Either::Right(Box::pin(async move {
                 Ok(ops::guarded(&route, req, |req| async {
@@ -434,6 +497,14 @@ impl tower_service::Service<axum::extract::Request> for App {
                 })
                 .await)
             }));
+        }
+        if let Some(at) = self
+            .early
+            .iter()
+            .position(|e| e.path == path && e.method == req.method())
+        {
+            let early = self.early.clone();
+            return Either::Right(Box::pin(async move { Ok(early[at].serve(req).await) }));
         }
         Either::Left(self.router.call(req))
     }
@@ -443,6 +514,7 @@ impl tower_service::Service<axum::extract::Request> for App {
 pub fn router(state: Arc<AppState>) -> App {
     let mut router = Router::new();
     let mut produce = None;
+    let mut early = Vec::new();
     for r in routes() {
         if r.api.is_some_and(|api| !state.ingest.apis.contains(&api)) {
             continue;
@@ -461,6 +533,14 @@ pub fn router(state: Arc<AppState>) -> App {
         });
         if r.path == NATIVE_PRODUCE && r.method == Method::POST {
             produce = Some(guard.clone());
+        } else if r.own_body && !r.path.contains('{') && !r.browsers_to_console {
+            early.push(Early {
+                method: r.method.clone(),
+                path: r.path,
+                guard: guard.clone(),
+                hec: r.api == Some(IngestApi::Hec),
+                direct: r.direct.clone(),
+            });
         }
         let guarded = handler.route_layer(axum::middleware::from_fn_with_state(guard, ops::guard));
         let guarded = if r.api == Some(IngestApi::Hec) {
@@ -486,5 +566,6 @@ pub fn router(state: Arc<AppState>) -> App {
             .method_not_allowed_fallback(ops::method_not_allowed)
             .with_state(state),
         produce: produce.expect("the native produce route is among the routes"),
+        early: early.into(),
     }
 }

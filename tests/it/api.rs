@@ -365,6 +365,11 @@ async fn produce_is_the_same_before_the_router_and_through_it() {
         ("POST", "/v1/categories//lines", StatusCode::BAD_REQUEST),
         ("POST", "/v1/categories/a/b/lines", StatusCode::NOT_FOUND),
         ("POST", "/v1/categories/app/lines/", StatusCode::NOT_FOUND),
+        // The other routes that take data in are served first too; their
+        // other methods are still the router's.
+        ("GET", "/_bulk", StatusCode::METHOD_NOT_ALLOWED),
+        ("GET", "/v1/logs", StatusCode::METHOD_NOT_ALLOWED),
+        ("GET", "/write", StatusCode::METHOD_NOT_ALLOWED),
     ] {
         let r = node
             .http
