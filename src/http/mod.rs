@@ -223,7 +223,7 @@ fn streaming(route: Route) -> Route {
 }
 
 /// The native produce route, the busiest: [`App`] serves it before the
-/// router.
+/// router when its category needs no percent-decoding.
 const NATIVE_PRODUCE: &str = "/v1/categories/{category}/lines";
 
 /// Every route of a node, each with the access it needs: declared here
@@ -424,18 +424,18 @@ fn method_name(method: &Method) -> &'static str {
 #[derive(Clone, Debug)]
 pub struct App {
     router: Router,
-    /// The native produce route's guard, shared with its entry in the
-    /// router (one set of request counters).
-    produce: Arc<ops::RouteGuard>,
-    /// The other routes served first.
+    /// The routes served first.
     early: Arc<[Early]>,
 }
 
 /// A route [`App`] serves before the router.
 struct Early {
     method: Method,
+    /// The route's path: a request's path equal to it, or for
+    /// [`NATIVE_PRODUCE`] one [`produce::native_category`] accepts.
     path: &'static str,
-    /// Shared with the route's entry in the router.
+    /// Shared with the route's entry in the router (one set of request
+    /// counters).
     guard: Arc<ops::RouteGuard>,
     /// HEC's answers to a missing or refused token ([`hec::auth_answers`]).
     hec: bool,
@@ -453,6 +453,16 @@ impl std::fmt::Debug for Early {
 }
 
 impl Early {
+    /// True when this route serves `method` on `path`.
+    fn serves(&self, method: &Method, path: &str) -> bool {
+        self.method == method
+            && if self.path == NATIVE_PRODUCE {
+                produce::native_category(path).is_some()
+            } else {
+                self.path == path
+            }
+    }
+
     /// The same layers the router puts around the route (`router`).
     async fn serve(&self, req: axum::extract::Request) -> axum::response::Response {
         let had_token = self.hec
@@ -488,20 +498,10 @@ impl tower_service::Service<axum::extract::Request> for App {
 
     fn call(&mut self, req: axum::extract::Request) -> Self::Future {
         use futures_util::future::Either;
-        let path = req.uri().path();
-        if req.method() == Method::POST && produce::native_category(path).is_some() {
-            let route = self.produce.clone();
-            return Either::Right(Box::pin(async move {
-                Ok(ops::guarded(&route, req, |req| async {
-                    produce::produce_native(&route.state, req).await
-                })
-                .await)
-            }));
-        }
         if let Some(at) = self
             .early
             .iter()
-            .position(|e| e.path == path && e.method == req.method())
+            .position(|e| e.serves(req.method(), req.uri().path()))
         {
             let early = self.early.clone();
             return Either::Right(Box::pin(async move { Ok(early[at].serve(req).await) }));
@@ -513,7 +513,6 @@ impl tower_service::Service<axum::extract::Request> for App {
 /// Every route of a node, each behind the check of its access.
 pub fn router(state: Arc<AppState>) -> App {
     let mut router = Router::new();
-    let mut produce = None;
     let mut early = Vec::new();
     for r in routes() {
         if r.api.is_some_and(|api| !state.ingest.apis.contains(&api)) {
@@ -531,15 +530,20 @@ pub fn router(state: Arc<AppState>) -> App {
             access: r.access,
             metrics: ops::RouteMetrics::new(state.metrics.clone(), method_name(&r.method), r.path),
         });
-        if r.path == NATIVE_PRODUCE && r.method == Method::POST {
-            produce = Some(guard.clone());
-        } else if r.own_body && !r.path.contains('{') && !r.browsers_to_console {
+        let native = r.path == NATIVE_PRODUCE;
+        if native || (r.own_body && !r.path.contains('{') && !r.browsers_to_console) {
             early.push(Early {
                 method: r.method.clone(),
                 path: r.path,
                 guard: guard.clone(),
                 hec: r.api == Some(IngestApi::Hec),
-                direct: r.direct.clone(),
+                direct: if native {
+                    Arc::new(|req, st| {
+                        async move { produce::produce_native(&st, req).await }.boxed()
+                    })
+                } else {
+                    r.direct.clone()
+                },
             });
         }
         let guarded = handler.route_layer(axum::middleware::from_fn_with_state(guard, ops::guard));
@@ -565,7 +569,6 @@ pub fn router(state: Arc<AppState>) -> App {
             .fallback(ops::not_found)
             .method_not_allowed_fallback(ops::method_not_allowed)
             .with_state(state),
-        produce: produce.expect("the native produce route is among the routes"),
         early: early.into(),
     }
 }

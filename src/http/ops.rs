@@ -180,8 +180,8 @@ pub(super) async fn guard(
     guarded(&route, req, |req| next.run(req)).await
 }
 
-/// What [`guard`] does, around any handler (also the native produce route,
-/// which is served before the router: [`super::App`]).
+/// What [`guard`] does, around any handler (also around the routes
+/// [`super::App`] serves before the router).
 pub(super) async fn guarded<F>(
     route: &RouteGuard,
     req: Request,
