@@ -439,7 +439,9 @@ struct Early {
     guard: Arc<ops::RouteGuard>,
     /// HEC's answers to a missing or refused token ([`hec::auth_answers`]).
     hec: bool,
-    direct: Direct,
+    /// The route's handler; `None` for [`NATIVE_PRODUCE`], served by
+    /// [`produce::produce_native`] in the same future (no box more).
+    direct: Option<Direct>,
 }
 
 impl std::fmt::Debug for Early {
@@ -469,8 +471,11 @@ impl Early {
             && req
                 .headers()
                 .contains_key(axum::http::header::AUTHORIZATION);
-        let resp = ops::guarded(&self.guard, req, |req| {
-            (self.direct)(req, self.guard.state.clone())
+        let resp = ops::guarded(&self.guard, req, |req| async {
+            match &self.direct {
+                Some(direct) => direct(req, self.guard.state.clone()).await,
+                None => produce::produce_native(&self.guard.state, req).await,
+            }
         })
         .await;
         if self.hec {
@@ -537,13 +542,7 @@ pub fn router(state: Arc<AppState>) -> App {
                 path: r.path,
                 guard: guard.clone(),
                 hec: r.api == Some(IngestApi::Hec),
-                direct: if native {
-                    Arc::new(|req, st| {
-                        async move { produce::produce_native(&st, req).await }.boxed()
-                    })
-                } else {
-                    r.direct.clone()
-                },
+                direct: (!native).then(|| r.direct.clone()),
             });
         }
         let guarded = handler.route_layer(axum::middleware::from_fn_with_state(guard, ops::guard));
