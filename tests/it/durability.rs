@@ -181,6 +181,31 @@ async fn wipe(cluster: &mut TestCluster, i: usize) {
     cluster.start_node(i).await;
 }
 
+/// Writes 60 lines of ~100 bytes to node `i` of a cluster with 4 KiB
+/// chunks, each confirmed by `min_replicas` peers; returns the chunk the
+/// last went to, open, after at least one complete chunk.
+async fn fill_chunks(
+    cluster: &TestCluster,
+    i: usize,
+    min_replicas: u32,
+    acked: &mut BTreeSet<String>,
+) -> ChunkName {
+    let mut last = None;
+    for r in 0..60 {
+        let body = format!("before{r} {}\n", "y".repeat(90));
+        let p = cluster
+            .client(i)
+            .produce("app", body.clone(), &replicated(min_replicas))
+            .await
+            .unwrap();
+        acked.insert(body.trim_end().to_owned());
+        last = p.chunk;
+    }
+    let open = ChunkName::parse(&last.unwrap()).unwrap();
+    assert!(open.index >= 1, "a complete chunk and an open one: {open}");
+    open
+}
+
 /// A node wiped while one of its chunks was open and copied by its peers
 /// (not in S3: there is none): before, it wrote new lines into that chunk
 /// name from offset 0, and the peers' copies of acknowledged lines were
@@ -190,19 +215,7 @@ async fn wipe(cluster: &mut TestCluster, i: usize) {
 async fn a_wiped_node_restores_its_chunks_from_peers_and_reuses_no_name() {
     let mut cluster = TestCluster::start(3, &["--max-chunk-bytes", "4KiB"]).await;
     let mut acked = BTreeSet::new();
-    let mut last = None;
-    for r in 0..60 {
-        let body = format!("before{r} {}\n", "y".repeat(90));
-        let p = cluster
-            .client(2)
-            .produce("app", body.clone(), &replicated(2))
-            .await
-            .unwrap();
-        acked.insert(body.trim_end().to_owned());
-        last = p.chunk;
-    }
-    let open = ChunkName::parse(&last.unwrap()).unwrap();
-    assert!(open.index >= 1, "a complete chunk and an open one: {open}");
+    let open = fill_chunks(&cluster, 2, 2, &mut acked).await;
     wipe(&mut cluster, 2).await;
     cluster.wait_writes_open(2).await;
     let p = write(&cluster, 2, "app", "after", &mut acked).await;
@@ -267,19 +280,7 @@ async fn a_wiped_node_holds_writes_until_its_peers_answer() {
 async fn a_node_restarted_mid_restore_holds_writes_and_numbers_after_its_peers() {
     let mut cluster = TestCluster::start(2, &["--max-chunk-bytes", "4KiB"]).await;
     let mut acked = BTreeSet::new();
-    let mut last = None;
-    for r in 0..60 {
-        let body = format!("before{r} {}\n", "y".repeat(90));
-        let p = cluster
-            .client(1)
-            .produce("app", body.clone(), &replicated(1))
-            .await
-            .unwrap();
-        acked.insert(body.trim_end().to_owned());
-        last = p.chunk;
-    }
-    let open = ChunkName::parse(&last.unwrap()).unwrap();
-    assert!(open.index >= 1, "a complete chunk and an open one: {open}");
+    let open = fill_chunks(&cluster, 1, 1, &mut acked).await;
     // What a restore cut short leaves on a new disk: the names reserved,
     // the restore marked unfinished, no chunk restored yet.
     cluster.kill(1).await;
