@@ -440,7 +440,8 @@ struct Early {
     /// HEC's answers to a missing or refused token ([`hec::auth_answers`]).
     hec: bool,
     /// The route's handler; `None` for [`NATIVE_PRODUCE`], served by
-    /// [`produce::produce_native`] in the same future (no box more).
+    /// [`produce::produce_native`] inside the guard's future (no second
+    /// boxed future per request).
     direct: Option<Direct>,
 }
 
