@@ -108,19 +108,49 @@ fn string_end(json: &[u8], mut i: usize) -> usize {
 /// (`"`, `\\` and control characters escaped, `\u00XX` in lowercase hex
 /// for those without a short form), straight into `out`.
 ///
-/// Log lines are often JSON themselves, an escape every few bytes: the
-/// escaped string is staged in a buffer on the stack and appended in
-/// blocks (appending each run and each escape on its own cost four times
-/// as much), and runs without escapes are read eight bytes at a time.
+/// Runs without escapes are read eight bytes at a time. Most strings have
+/// none (keys, levels, plain text lines) and are appended whole; from the
+/// first escape on, the string is staged in a buffer on the stack and
+/// appended in blocks: log lines are often JSON themselves, an escape
+/// every few bytes, and appending each run and each escape on its own
+/// costs about four times as much.
 pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let clean = clean_prefix(bytes);
+    out.extend_from_slice(&bytes[..clean]);
+    if clean < bytes.len() {
+        push_escaped(out, &bytes[clean..]);
+    }
+    out.push(b'"');
+}
+
+/// How many bytes `bytes` starts with that a JSON string does not escape.
+fn clean_prefix(bytes: &[u8]) -> usize {
+    let mut i = 0;
+    while let Some(word) = bytes.get(i..i + 8) {
+        let first = first_escape(u64::from_le_bytes(
+            word.try_into().expect("a slice of eight bytes"),
+        ));
+        i += first;
+        if first < 8 {
+            return i;
+        }
+    }
+    i + bytes[i..]
+        .iter()
+        .position(|&b| b < 0x20 || b == b'"' || b == b'\\')
+        .unwrap_or(bytes.len() - i)
+}
+
+/// [`push_json_str`] from its first escape on, through the stack buffer.
+fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     /// Room for an eight-byte run and the longest escape (`\u00XX`).
     const ROOM: usize = 8 + 6;
-    let bytes = s.as_bytes();
-    out.reserve(bytes.len() + 2);
     let mut buf = [0u8; 256];
-    buf[0] = b'"';
-    let mut n = 1;
+    let mut n = 0;
     let mut i = 0;
     while i < bytes.len() {
         if n > buf.len() - ROOM {
@@ -171,7 +201,6 @@ pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
         }
     }
     out.extend_from_slice(&buf[..n]);
-    out.push(b'"');
 }
 
 /// The index of the first byte of `word` (eight bytes, little-endian) that

@@ -781,6 +781,12 @@ mod tests {
     fn bad_bodies_are_refused_and_memory_is_asked_for_first() {
         let good = snappy_push(vec![(r#"{job="a"}"#, vec![(1, "x", vec![]); 1000])]);
         let proto = snap::raw::Decoder::new().decompress_vec(&good).unwrap();
+        // A line that is not UTF-8 (a `string` on the wire).
+        let mut not_utf8 = snappy_push(vec![(r#"{job="a"}"#, vec![(1, "caf\u{e9}", vec![])])]);
+        not_utf8 = snap::raw::Decoder::new().decompress_vec(&not_utf8).unwrap();
+        let at = not_utf8.windows(4).position(|w| w == b"caf\xc3").unwrap();
+        not_utf8.splice(at + 3..at + 5, [0xe9, b'!']);
+        let not_utf8 = snap::raw::Encoder::new().compress_vec(&not_utf8).unwrap();
         for (body, enc) in [
             (&b"not snappy"[..], Encoding::SnappyProtobuf),
             (&good[..good.len() - 3], Encoding::SnappyProtobuf),
@@ -805,6 +811,7 @@ mod tests {
                 Encoding::Json,
             ),
             (br#"{"streams":"#, Encoding::Json),
+            (&not_utf8, Encoding::SnappyProtobuf),
         ] {
             let err = decode(body, enc, &rules(), &|_| true, &mut unlimited).unwrap_err();
             assert!(matches!(err, ApiError::BadRequest(_)), "{err:?}");

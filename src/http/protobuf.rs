@@ -119,7 +119,16 @@ fn skip(buf: &[u8], n: usize) -> Result<&[u8], Malformed> {
     buf.get(n..).ok_or(Malformed("a truncated field"))
 }
 
+#[inline]
 fn varint(buf: &mut &[u8]) -> Result<u64, Malformed> {
+    // Most varints of a log record (keys, lengths, small numbers) are one
+    // byte.
+    if let Some((&b, rest)) = buf.split_first()
+        && b < 0x80
+    {
+        *buf = rest;
+        return Ok(u64::from(b));
+    }
     let mut value = 0u64;
     for i in 0..10 {
         let Some((&b, rest)) = buf.split_first() else {
