@@ -233,6 +233,20 @@ async fn a_wiped_node_restores_its_chunks_from_peers_and_reuses_no_name() {
     }
 }
 
+/// A write to node `i` that must be held: a 503 that agents retry (with
+/// `Retry-After`); its reason.
+async fn held_write(cluster: &TestCluster, i: usize) -> String {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/categories/app/lines", cluster.url(i)))
+        .body("too early\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"));
+    r.text().await.unwrap()
+}
+
 /// Until every peer has answered, a new data directory holds writes with a
 /// clear 503; then it takes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,15 +261,7 @@ async fn a_wiped_node_holds_writes_until_its_peers_answer() {
     acked.insert("held by n1".to_owned());
     cluster.kill(0).await;
     wipe(&mut cluster, 1).await;
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/categories/app/lines", cluster.url(1)))
-        .body("too early\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
-    assert!(r.headers().contains_key("retry-after"));
-    let text = r.text().await.unwrap();
+    let text = held_write(&cluster, 1).await;
     assert!(text.contains("waiting for n1"), "{text}");
     let st = cluster.client(1).status().await.unwrap();
     assert_eq!(st.writes_held.len(), 1, "{st:?}");
@@ -298,14 +304,7 @@ async fn a_node_restarted_mid_restore_holds_writes_and_numbers_after_its_peers()
     )
     .unwrap();
     cluster.start_node(1).await;
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/categories/app/lines", cluster.url(1)))
-        .body("too early\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
-    let text = r.text().await.unwrap();
+    let text = held_write(&cluster, 1).await;
     let peer = &cluster.names[0];
     assert!(
         text.contains("restore") && text.contains(&format!("waiting for {peer}")),
