@@ -84,15 +84,25 @@ pub fn minify_into(json: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Just past the closing quote of the string whose contents start at `i`
-/// (the end of `json` if it has none): its first bytes one at a time (most
-/// keys and values are short), the rest from escape to escape (`memchr2`).
+/// (the end of `json` if it has none): its first 32 bytes eight at a time
+/// (most keys and values are short), the rest from escape to escape
+/// (`memchr2`).
 fn string_end(json: &[u8], mut i: usize) -> usize {
-    let short = (i + 16).min(json.len());
+    let short = i + 32;
     while i < short {
-        match json[i] {
-            b'"' => return i + 1,
-            b'\\' => i += 2,
-            _ => i += 1,
+        if let Some(word) = json.get(i..i + 8) {
+            let w = u64::from_le_bytes(word.try_into().expect("a slice of eight bytes"));
+            let first = first_flagged(equal_bytes(w, b'"') | equal_bytes(w, b'\\'));
+            i += first;
+            if first == 8 {
+                continue;
+            }
+        }
+        match json.get(i) {
+            Some(b'"') => return i + 1,
+            Some(b'\\') => i += 2,
+            Some(_) => i += 1,
+            None => return json.len(),
         }
     }
     loop {
@@ -204,17 +214,25 @@ fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// The index of the first byte of `word` (eight bytes, little-endian) that
-/// a JSON string escapes (`"`, `\\`, below 0x20), 8 when none does. Each
-/// test flags the first such byte exactly (a borrow runs only upwards, so
-/// a false flag can only sit above a true one).
+/// a JSON string escapes (`"`, `\\`, below 0x20), 8 when none does.
 fn first_escape(word: u64) -> usize {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
     let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
-    let flags = control
-        | zero_byte(word ^ (ONES * u64::from(b'"')))
-        | zero_byte(word ^ (ONES * u64::from(b'\\')));
+    first_flagged(control | equal_bytes(word, b'"') | equal_bytes(word, b'\\'))
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// The high bit of each byte of `word` equal to `b`. Exact up to the first
+/// such byte, which is all [`first_flagged`] reads: a borrow runs only
+/// upwards, so a false flag can only sit above a true one.
+fn equal_bytes(word: u64, b: u8) -> u64 {
+    let v = word ^ (ONES * u64::from(b));
+    v.wrapping_sub(ONES) & !v & HIGH
+}
+
+/// The index of the byte of the lowest flag (8 when none).
+fn first_flagged(flags: u64) -> usize {
     (flags.trailing_zeros() / 8) as usize
 }
 
