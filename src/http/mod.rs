@@ -459,10 +459,9 @@ impl Early {
     /// True when this route serves `method` on `path`.
     fn serves(&self, method: &Method, path: &str) -> bool {
         self.method == method
-            && if self.path == NATIVE_PRODUCE {
-                produce::native_category(path).is_some()
-            } else {
-                self.path == path
+            && match self.direct {
+                None => produce::native_category(path).is_some(),
+                Some(_) => self.path == path,
             }
     }
 
@@ -536,7 +535,7 @@ pub fn router(state: Arc<AppState>) -> App {
             access: r.access,
             metrics: ops::RouteMetrics::new(state.metrics.clone(), method_name(&r.method), r.path),
         });
-        let native = r.path == NATIVE_PRODUCE;
+        let native = r.path == NATIVE_PRODUCE && r.method == Method::POST;
         if native || (r.own_body && !r.path.contains('{') && !r.browsers_to_console) {
             early.push(Early {
                 method: r.method.clone(),
