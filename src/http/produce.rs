@@ -13,7 +13,9 @@ use serde::Deserialize;
 
 use super::params::{parse_bool, parse_duration, parse_u64};
 use super::{ApiError, AppState, body, lines};
-use crate::storage::producers::{KAFKA_PRODUCER_PREFIX, ProducerTag, validate_producer};
+use crate::storage::producers::{
+    INTERNAL_PRODUCER_PREFIX, KAFKA_PRODUCER_PREFIX, ProducerTag, validate_producer,
+};
 use tokio::sync::OwnedMutexGuard;
 
 /// Longest `timeout=` accepted for a `min_replicas` wait.
@@ -258,6 +260,11 @@ fn producer_of(headers: &HeaderMap) -> Result<Option<(String, u64)>, ApiError> {
             if p.starts_with(KAFKA_PRODUCER_PREFIX) {
                 return Err(ApiError::BadRequest(format!(
                     "Chunkbus-Producer: ids starting with {KAFKA_PRODUCER_PREFIX:?} are the Kafka listener's idempotent producers"
+                )));
+            }
+            if p.starts_with(INTERNAL_PRODUCER_PREFIX) {
+                return Err(ApiError::BadRequest(format!(
+                    "Chunkbus-Producer: ids starting with {INTERNAL_PRODUCER_PREFIX:?} are the node's own"
                 )));
             }
             let seq = s.trim().parse().map_err(|_| {

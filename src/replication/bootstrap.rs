@@ -294,8 +294,10 @@ async fn ask_every_peer(
 /// after them). Asked
 /// again while the store does not answer, up to [`S3_PATIENCE`]; past it,
 /// or when the store refuses this node, the copies are restored as they are
-/// (an object found later under the name of a shorter restored chunk still
-/// replaces it: see `Storage::add_remote`). False when cancelled.
+/// (an object found later under the name of a shorter restored chunk
+/// replaces it while no later line took the numbers of its further lines,
+/// and is replaced by it otherwise, its lines stored again: see
+/// `Storage::add_remote`). False when cancelled.
 async fn look_up_in_s3(
     repl: &Arc<Replication>,
     held: &mut BTreeMap<(String, ChunkName), Best>,
@@ -340,7 +342,7 @@ async fn look_up_in_s3(
     if unanswered > 0 && !cancel.is_cancelled() {
         tracing::warn!(
             chunks = unanswered,
-            "S3 did not say whether it holds these chunks of this node (it refuses this node, or did not answer in time); they are restored from the peers' copies, and one S3 holds longer replaces its copy when S3 is found to hold it"
+            "S3 did not say whether it holds these chunks of this node (it refuses this node, or did not answer in time); they are restored from the peers' copies, and settled with what S3 holds under their names when it answers"
         );
     }
     !cancel.is_cancelled()

@@ -241,6 +241,20 @@ impl Category {
         self.reserved_line.fetch_max(next, Ordering::SeqCst);
     }
 
+    /// [`Category::reserve_line`], saved in the state first (`next_own_line`)
+    /// when it raises it; blocking.
+    pub fn reserve_line_durably(&self, next: u64) -> Result<(), super::StorageError> {
+        {
+            let mut st = self.state.lock().unwrap();
+            if st.next_own_line.is_none_or(|n| n < next) {
+                st.next_own_line = Some(next);
+                super::state::save(&self.dir, &st)?;
+            }
+        }
+        self.reserve_line(next);
+        Ok(())
+    }
+
     /// Appends line records to the category's line log, durably; called
     /// with the state lock held (records never interleave).
     pub fn record_numbers(

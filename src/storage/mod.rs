@@ -659,6 +659,47 @@ impl Storage {
         Ok(appended)
     }
 
+    /// Stores again, durably, lines of this node's `chunk` that only an
+    /// object of its name in the store holds (see
+    /// `TierOutcome::Conflicting`), read `read` of those lines: new lines,
+    /// numbered after every line this node numbered so far. Tagged as an
+    /// idempotent request (the producer `chunkbus.rescue.<chunk>.<read>`,
+    /// the sequence from the lines' length and checksum), so that a retry
+    /// after a crash finds them stored instead of storing them twice.
+    /// `data` ends a line.
+    pub async fn rescue_lines(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        read: u64,
+        data: Bytes,
+        lines: u64,
+    ) -> Result<(), StorageError> {
+        let producer = format!(
+            "{}rescue.{chunk}.{read}",
+            producers::INTERNAL_PRODUCER_PREFIX
+        );
+        let crc = crc32c::crc32c(&data);
+        let sequence = (u64::from(crc) << 32) | (data.len() as u64 & u64::from(u32::MAX));
+        // A node name is at most 64 bytes of letters, digits, `_` and `-`.
+        debug_assert!(producers::validate_producer(&producer).is_ok());
+        if self
+            .producer_lookup(category, &producer, sequence)
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let tag = producers::ProducerTag {
+            producer,
+            sequence,
+            crc,
+        };
+        self.append_tagged(category, vec![data], lines, true, Some(tag))
+            .await?;
+        Ok(())
+    }
+
     /// Where this node stored `sequence` of `producer` in `category`, if
     /// it remembers: `None` for a request to store. A record read back
     /// from the log is first checked against the bytes at its position

@@ -33,6 +33,10 @@ pub const COMPACT_AFTER_RECORDS: usize = 100_000;
 /// Producer ids of the Kafka listener's idempotent producers
 /// (`kafka.<producer id>`); the native API refuses them.
 pub const KAFKA_PRODUCER_PREFIX: &str = "kafka.";
+/// Producer ids of this node's own idempotent writes (the lines it
+/// rescues from an object it cannot take as its chunk,
+/// `chunkbus.rescue.<chunk>.<read>`); the native API refuses them.
+pub const INTERNAL_PRODUCER_PREFIX: &str = "chunkbus.";
 /// Longest producer id.
 pub const MAX_PRODUCER_LEN: usize = 128;
 

@@ -109,17 +109,10 @@ impl Storage {
     /// restored yet, or deleted) nor their records. Creates the category
     /// if needed.
     pub async fn reserve_own_line(&self, category: &str, next: u64) -> Result<(), StorageError> {
-        let cat = self
-            .save_own_reservation(category, move |st| {
-                let raise = st.next_own_line.is_none_or(|n| n < next);
-                if raise {
-                    st.next_own_line = Some(next);
-                }
-                raise
-            })
-            .await?;
-        cat.reserve_line(next);
-        Ok(())
+        let cat = self.category_or_create(category)?;
+        tokio::task::spawn_blocking(move || cat.reserve_line_durably(next))
+            .await
+            .map_err(|e| StorageError::io("reserve task failed", std::io::Error::other(e)))?
     }
 
     /// Changes the state of `category` with `change` and saves it when

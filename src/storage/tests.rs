@@ -580,9 +580,11 @@ impl RemoteChunks for MemRemote {
 
 /// This node's own chunk restored from a peer's copy that fell short of
 /// what the node had uploaded before it lost its disk gives way to the
-/// object once its bytes are found to be the object's first ones; one of
-/// other bytes under the name is kept and not recorded as uploaded; an
-/// object recorded while a restore was under way is not overwritten by it.
+/// object once its bytes are found to be the object's first ones (and the
+/// numbers of its further lines are free: see the next test); one of
+/// other bytes under the name is kept, not recorded as uploaded, and said
+/// to conflict; an object recorded while a restore was under way is not
+/// overwritten by it.
 #[tokio::test]
 async fn an_own_chunk_restored_short_gives_way_to_the_object_it_begins() {
     let dir = tempfile::tempdir().unwrap();
@@ -595,11 +597,13 @@ async fn an_own_chunk_restored_short_gives_way_to_the_object_it_begins() {
     s.set_remote(remote.clone());
     let [short, other, raced] = [0, 1, 2].map(|i| ChunkName::new("n1", i));
     s.reserve_own_index("app", 3).await.unwrap();
-    for (c, bytes) in [(&short, "a\n"), (&other, "x\n")] {
+    // The copy of the next chunk knows its first number: after the whole
+    // of the short one's lines.
+    for (c, bytes, first) in [(&short, "a\n", None), (&other, "x\n", Some(2))] {
         s.restore_append("app", c, 0, Bytes::from_static(bytes.as_bytes()))
             .await
             .unwrap();
-        s.restore_finish("app", c, 2, None).await.unwrap();
+        s.restore_finish("app", c, 2, first).await.unwrap();
     }
     for (c, bytes) in [(&short, "a\nb\n"), (&other, "y\nz\n"), (&raced, "c\nd\n")] {
         let key = format!("app/{c}");
@@ -622,7 +626,7 @@ async fn an_own_chunk_restored_short_gives_way_to_the_object_it_begins() {
     assert_eq!(read_all(&s, "app", &short).await, b"a\nb\n");
     assert_eq!(
         s.add_remote("app", &other, 4, 0, None).await.unwrap(),
-        TierOutcome::NotEligible
+        TierOutcome::Conflicting { unique_from: 0 }
     );
     let m = s.chunk_meta("app", &other).unwrap();
     assert!(m.complete && !m.uploaded && m.local && m.size == 2, "{m:?}");
@@ -655,6 +659,101 @@ async fn an_own_chunk_restored_short_gives_way_to_the_object_it_begins() {
     let (d, n) = lines("new\n");
     let next = s.append("app", d, n, true).await.unwrap().chunk;
     assert_eq!(next, ChunkName::new("n1", 3));
+    s.shutdown().await;
+}
+
+/// Every line of `category` held here, in chunk order.
+async fn category_lines(s: &Storage, category: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in s.chunks(category).unwrap() {
+        let bytes = read_all(s, category, &c.name).await;
+        out.extend(String::from_utf8(bytes).unwrap().lines().map(str::to_owned));
+    }
+    out
+}
+
+/// An object that starts with this node's chunk restored short, and
+/// numbers its further lines on from the chunk's: taken, and those numbers
+/// reserved, while this node numbered no line after the chunk; once it did
+/// (S3 applied the upload of its previous process late), the chunk is kept
+/// and the object conflicts, as does one of other bytes at the chunk's
+/// size. The lines only such an object holds are stored again once, also
+/// when asked again after a restart.
+#[tokio::test]
+async fn a_longer_object_is_taken_only_while_the_numbers_of_its_lines_are_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiered = StorageOptions {
+        tiered: true,
+        ..opts(dir.path(), 64)
+    };
+    let remote = Arc::new(MemRemote::default());
+    let s = Storage::open(tiered.clone(), Metrics::new()).await.unwrap();
+    s.set_remote(remote.clone());
+    let chunk = ChunkName::new("n1", 0);
+    let whole = numbering::LineRecord {
+        size: 4,
+        first: 0,
+        lines: 2,
+    };
+    for category in ["free", "taken"] {
+        s.reserve_own_index(category, 1).await.unwrap();
+        s.restore_append(category, &chunk, 0, Bytes::from_static(b"a\n"))
+            .await
+            .unwrap();
+        s.restore_finish(category, &chunk, 2, Some(0))
+            .await
+            .unwrap();
+        remote
+            .0
+            .lock()
+            .unwrap()
+            .insert(format!("{category}/{chunk}"), b"a\nb\n".to_vec());
+    }
+    assert_eq!(
+        s.add_remote("free", &chunk, 4, 0, Some(whole))
+            .await
+            .unwrap(),
+        TierOutcome::Done
+    );
+    let (d, n) = lines("c\n");
+    let next = s.append("free", d, n, true).await.unwrap().chunk;
+    assert_eq!(s.chunk_meta("free", &next).unwrap().first_line, Some(2));
+    // A line numbered after the restored chunk: the object's further lines
+    // cannot have their numbers, nor can an object's whose are not known.
+    let (d, n) = lines("new\n");
+    let next = s.append("taken", d, n, true).await.unwrap().chunk;
+    assert_eq!(s.chunk_meta("taken", &next).unwrap().first_line, Some(1));
+    for numbers in [Some(whole), None] {
+        assert_eq!(
+            s.add_remote("taken", &chunk, 4, 0, numbers).await.unwrap(),
+            TierOutcome::Conflicting { unique_from: 2 }
+        );
+    }
+    let m = s.chunk_meta("taken", &chunk).unwrap();
+    assert!(m.complete && m.local && !m.uploaded && m.size == 2, "{m:?}");
+    assert_eq!(m.line_record().map(|r| r.end()), Some(1));
+    remote
+        .0
+        .lock()
+        .unwrap()
+        .insert(format!("taken/{chunk}"), b"z\n".to_vec());
+    assert_eq!(
+        s.add_remote("taken", &chunk, 2, 0, None).await.unwrap(),
+        TierOutcome::Conflicting { unique_from: 0 }
+    );
+    for _ in 0..2 {
+        s.rescue_lines("taken", &chunk, 0, Bytes::from_static(b"b\n"), 1)
+            .await
+            .unwrap();
+    }
+    assert_eq!(category_lines(&s, "taken").await, ["a", "new", "b"]);
+    s.shutdown().await;
+    drop(s);
+    let s = Storage::open(tiered, Metrics::new()).await.unwrap();
+    s.rescue_lines("taken", &chunk, 0, Bytes::from_static(b"b\n"), 1)
+        .await
+        .unwrap();
+    assert_eq!(category_lines(&s, "taken").await, ["a", "new", "b"]);
     s.shutdown().await;
 }
 

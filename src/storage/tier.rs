@@ -162,6 +162,13 @@ pub enum TierOutcome {
     /// The chunk is not in a state that allows it (not complete, not
     /// uploaded, already evicted...).
     NotEligible,
+    /// The object cannot become this node's chunk of its name, which is
+    /// kept as it is: the object holds other bytes, or more bytes whose
+    /// line numbers this node gave to later lines since (this node's
+    /// previous process wrote it before this node lost its disk, and S3
+    /// applied the upload late or could not be asked at the restore). Its
+    /// bytes from `unique_from` on are lines that only it holds.
+    Conflicting { unique_from: u64 },
 }
 
 impl Storage {
@@ -240,6 +247,11 @@ impl Storage {
     ///   to be the object's first ones: an object of another content under
     ///   its name (a name used again after a disk was lost while the bucket
     ///   could not be listed) leaves it held, and not recorded as uploaded.
+    ///   So does a longer object whose line numbers past the chunk's end
+    ///   this node gave to later lines since; else those numbers are
+    ///   reserved before the chunk is dropped. Both are
+    ///   [`TierOutcome::Conflicting`], and so is an object of the size of a
+    ///   complete chunk held here but of other bytes.
     ///
     /// Creates the category if needed. `numbers`: the chunk's line numbers,
     /// when the caller knows them (from the owner's listing or the object's
@@ -259,6 +271,12 @@ impl Storage {
         } else {
             None
         };
+        if own
+            && let Some(m) = cat.meta(chunk).filter(|m| m.complete && m.local)
+            && let Some(conflict) = self.against_own(&cat, chunk, m, size, numbers).await?
+        {
+            return Ok(conflict);
+        }
         match cat.meta(chunk) {
             Some(m) if m.complete && m.size == size => {
                 let outcome = self.mark_uploaded(category, chunk).await?;
@@ -282,14 +300,6 @@ impl Storage {
             }
             // This node's open chunk: the writer's.
             Some(m) if own && !m.complete => return Ok(TierOutcome::NotEligible),
-            Some(m)
-                if own
-                    && m.local
-                    && !self.local_is_prefix_of_remote(&cat, chunk, m.size).await? =>
-            {
-                tracing::error!(category, chunk = %chunk, held = m.size, in_s3 = size, "S3 holds another chunk of this name (this node lost its disk while the bucket could not be listed?); the local one is kept, and never uploaded over it");
-                return Ok(TierOutcome::NotEligible);
-            }
             Some(m) => {
                 if m.complete {
                     // Complete but short of what its owner uploaded (a copy
@@ -483,6 +493,50 @@ impl Storage {
         })
         .await
         .map_err(|e| StorageError::io("upload log task failed", std::io::Error::other(e)))?
+    }
+
+    /// One of this node's complete chunks held here against an object of
+    /// its name of `size` bytes: `None` when the object is the chunk, or
+    /// starts with it and the numbers of its further lines are now
+    /// reserved (free: no later chunk of this node took one); else
+    /// [`TierOutcome::Conflicting`]. Reads both up to the shorter's end.
+    async fn against_own(
+        &self,
+        cat: &Arc<Category>,
+        chunk: &ChunkName,
+        held: ChunkMeta,
+        size: u64,
+        numbers: Option<LineRecord>,
+    ) -> Result<Option<TierOutcome>, StorageError> {
+        let category = &cat.name;
+        if !self
+            .local_is_prefix_of_remote(cat, chunk, size.min(held.size))
+            .await?
+        {
+            tracing::warn!(category, chunk = %chunk, held = held.size, in_s3 = size, "S3 holds other bytes under the name of one of this node's chunks (written by this node before it lost its disk, the name being used again since); the chunk here is kept");
+            return Ok(Some(TierOutcome::Conflicting { unique_from: 0 }));
+        }
+        if size <= held.size {
+            return Ok((size < held.size).then_some(TierOutcome::Conflicting { unique_from: size }));
+        }
+        let end = numbers.filter(|r| r.size == size).map(|r| r.end());
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let ask = super::writer::WriterMsg::ReserveAfter {
+            after: chunk.clone(),
+            end,
+            reply,
+        };
+        cat.writer
+            .send(ask)
+            .await
+            .map_err(|_| StorageError::ShuttingDown)?;
+        if answer.await.map_err(|_| StorageError::ShuttingDown)?? {
+            return Ok(None);
+        }
+        tracing::warn!(category, chunk = %chunk, held = held.size, in_s3 = size, ends_at = ?end, "S3 holds more of one of this node's chunks than this node restored, and this node numbered later lines after what it restored (S3 applied an upload of its previous process late, or could not be asked at the restore); the chunk here is kept");
+        Ok(Some(TierOutcome::Conflicting {
+            unique_from: held.size,
+        }))
     }
 
     /// True when the first `len` bytes of `chunk`'s object in the store are

@@ -60,6 +60,15 @@ pub(crate) enum WriterMsg {
     Append(AppendRequest),
     /// Complete the open chunk now (if it holds data).
     Rotate(oneshot::Sender<()>),
+    /// Number this node's next lines from `end` on, unless a chunk after
+    /// `after` (one of this node's) already took a number below `end`:
+    /// answers whether the numbers up to `end` are free (see
+    /// `Storage::add_remote`). `end: None` (not known) is never free.
+    ReserveAfter {
+        after: ChunkName,
+        end: Option<u64>,
+        reply: oneshot::Sender<Result<bool, StorageError>>,
+    },
 }
 
 /// One request's lines, validated: whole lines, ending with `\n`, not empty.
@@ -317,6 +326,11 @@ impl Writer {
                     self.write_run(std::mem::take(&mut run)).await;
                     self.complete_open().await;
                     let _ = done.send(());
+                }
+                WriterMsg::ReserveAfter { after, end, reply } => {
+                    // The requests before it may open a chunk.
+                    self.write_run(std::mem::take(&mut run)).await;
+                    let _ = reply.send(self.reserve_after(&after, end).await);
                 }
                 WriterMsg::Append(req) => {
                     // A chunk with a runway takes no NUL byte: such a
@@ -596,6 +610,30 @@ impl Writer {
                 Runway::Failed
             }
         };
+    }
+
+    /// See [`WriterMsg::ReserveAfter`]. Decided here, where chunks are
+    /// opened, so that none opens between the check and the reservation.
+    async fn reserve_after(
+        &mut self,
+        after: &ChunkName,
+        end: Option<u64>,
+    ) -> Result<bool, StorageError> {
+        let Some(end) = end else {
+            return Ok(false);
+        };
+        // Numbers grow with the index: the next chunk has the lowest.
+        if let Some(next) = self.cat.next_of_owner(after)
+            && next.meta.first_line.is_none_or(|first| first < end)
+        {
+            return Ok(false);
+        }
+        let cat = self.cat.clone();
+        tokio::task::spawn_blocking(move || cat.reserve_line_durably(end))
+            .await
+            .map_err(|e| StorageError::io("reserve task failed", std::io::Error::other(e)))??;
+        self.next_line = self.next_line.max(end);
+        Ok(true)
     }
 
     /// Creates the next chunk file if none is open; `has_nul`: for requests

@@ -294,7 +294,9 @@ async fn upload(
         }
     }
     match put(tier, cfg, store, &key, job).await {
-        Err(e) if e.kind == S3ErrorKind::Exists => settle_existing(tier, store, &key, job).await,
+        Err(e) if e.kind == S3ErrorKind::Exists => {
+            settle_existing(tier, cfg, store, &key, job).await
+        }
         other => other.map(|()| Done::Uploaded { bytes: job.size }),
     }
 }
@@ -332,13 +334,16 @@ async fn put(
 
 /// The chunk's key holds an object already: this node uploaded it before a
 /// crash kept it from recording that, or before it lost its disk (and what
-/// it restored from its peers' copies may be shorter), or a node uploaded
-/// it for a lost owner. An object is never overwritten: one of the chunk's
-/// size is its upload, a longer one replaces the chunk here when the chunk
-/// is its beginning (see `Storage::add_remote`), anything else leaves the
-/// chunk failing, reported.
+/// it restored from its peers' copies may be shorter, or the name was used
+/// again), or a node uploaded it for a lost owner. The storage settles it
+/// (see `Storage::add_remote`): an object that is the chunk is its upload;
+/// a longer one replaces the chunk here when the chunk is its beginning
+/// and the numbers of its further lines are free. One of this node's
+/// chunks that the object cannot become is kept, and the object replaced
+/// ([`rescue`]); a lost owner's chunk is left failing, reported.
 async fn settle_existing(
     tier: &Tiering,
+    cfg: &S3Config,
     store: &ObjectStore,
     key: &str,
     job: &Job,
@@ -349,27 +354,113 @@ async fn settle_existing(
             kind: S3ErrorKind::Other,
         });
     };
-    if size == job.size {
+    let own = job.role == Responsibility::Owner;
+    if !own && size == job.size {
         return Ok(Done::Uploaded { bytes: 0 });
     }
-    if size > job.size {
-        let replaced = tier
+    if own || size > job.size {
+        let settled = tier
             .storage
             .add_remote(&job.category, &job.chunk, size, 0, numbers)
             .await
             .map_err(|e| local_error(format!("cannot record {key} as in S3"), e))?;
-        if replaced == TierOutcome::Done {
-            tracing::warn!(category = %job.category, chunk = %job.chunk, held = job.size, in_s3 = size, "S3 held this chunk whole and this node only its beginning (restored from a peer's copy after this node lost its disk?); it is read from S3 now");
-            return Ok(Done::Uploaded { bytes: 0 });
+        match settled {
+            TierOutcome::Done if size > job.size => {
+                tracing::warn!(category = %job.category, chunk = %job.chunk, held = job.size, in_s3 = size, "S3 held this chunk whole and this node only its beginning (restored from a peer's copy after this node lost its disk?); it is read from S3 now");
+                return Ok(Done::Uploaded { bytes: 0 });
+            }
+            TierOutcome::Done => return Ok(Done::Uploaded { bytes: 0 }),
+            TierOutcome::Conflicting { unique_from } if own => {
+                return rescue(tier, cfg, store, key, job, size, unique_from).await;
+            }
+            _ => {}
         }
     }
     Err(S3Error {
         message: format!(
-            "{key} already exists in S3 with {size} bytes, and the local chunk of {} bytes is not its beginning (this node lost its disk?); not overwriting it",
+            "{key} already exists in S3 with {size} bytes, and the local chunk of {} bytes is not its beginning; not overwriting it",
             job.size
         ),
         kind: S3ErrorKind::Chunk,
     })
+}
+
+/// Bytes asked for in one read of an object's lines to rescue; each read's
+/// whole lines are stored as one request.
+const RESCUE_READ_BYTES: u64 = 8 << 20;
+/// Longest line rescued (held whole in memory): as long as the longest
+/// body a node takes by default.
+const RESCUE_MAX_LINE_BYTES: usize = 64 << 20;
+
+/// `key` holds an object that cannot become this node's chunk of that name
+/// (`TierOutcome::Conflicting`: this node's previous process wrote it
+/// before this node lost its disk). Its lines from byte `unique_from` on
+/// are acknowledged lines that only it holds: they are appended to the
+/// category again, durably, as new lines (numbered after every line this
+/// node numbered so far), read by read, each read's lines once (see
+/// `Storage::rescue_lines`: a crash before the end does not store them
+/// twice). Then the object is deleted and the chunk as held here uploaded
+/// in its place, so that S3 and every copy hold the same bytes and no line
+/// number is given twice. An object that does not end a line is no chunk,
+/// and is left as it is.
+async fn rescue(
+    tier: &Tiering,
+    cfg: &S3Config,
+    store: &ObjectStore,
+    key: &str,
+    job: &Job,
+    size: u64,
+    unique_from: u64,
+) -> Result<Done, S3Error> {
+    let not_a_chunk = |why: &str| S3Error {
+        message: format!(
+            "{key} holds {size} bytes under the name of this node's chunk of {} bytes, and {why}: not a chunk, left as it is",
+            job.size
+        ),
+        kind: S3ErrorKind::Chunk,
+    };
+    if unique_from < size && store.get_range(key, size - 1, 1).await?.as_ref() != b"\n" {
+        return Err(not_a_chunk("does not end a line"));
+    }
+    let (mut at, mut read, mut rescued) = (unique_from, 0, 0);
+    let mut partial = bytes::BytesMut::new();
+    while at < size {
+        let piece = store
+            .get_range(key, at, RESCUE_READ_BYTES.min(size - at))
+            .await?;
+        if piece.is_empty() {
+            return Err(S3Error {
+                message: format!("{key} ended at {at} of its {size} bytes while read"),
+                kind: S3ErrorKind::Other,
+            });
+        }
+        at += piece.len() as u64;
+        partial.extend_from_slice(&piece);
+        let Some(last) = memchr::memrchr(b'\n', &partial) else {
+            if partial.len() > RESCUE_MAX_LINE_BYTES {
+                return Err(not_a_chunk("holds a line longer than 64 MiB"));
+            }
+            continue;
+        };
+        let lines = partial.split_to(last + 1).freeze();
+        let n = memchr::memchr_iter(b'\n', &lines).count() as u64;
+        tier.storage
+            .rescue_lines(&job.category, &job.chunk, read, lines, n)
+            .await
+            .map_err(|e| local_error(format!("cannot store the lines only {key} holds"), e))?;
+        read += 1;
+        rescued += n;
+    }
+    store.delete(key).await?;
+    tracing::warn!(category = %job.category, chunk = %job.chunk, held = job.size, in_s3 = size, rescued_lines = rescued, "S3 held, under the name of one of this node's chunks, what this node's previous process wrote before this node lost its disk; its lines that only it held are stored again as new lines, and the chunk as held here replaces it");
+    match put(tier, cfg, store, key, job).await {
+        Ok(()) => Ok(Done::Uploaded { bytes: job.size }),
+        Err(e) if e.kind == S3ErrorKind::Exists => Err(S3Error {
+            message: format!("{key} was written again while it was replaced; retrying"),
+            kind: S3ErrorKind::Other,
+        }),
+        Err(e) => Err(e),
+    }
 }
 
 /// Durable progress of one multipart upload.

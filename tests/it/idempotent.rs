@@ -86,8 +86,9 @@ async fn a_repeated_sequence_is_answered_with_the_original_position_and_stored_o
         (None, Some("3")),
         (Some("a b"), Some("1")),
         (Some("p1"), Some("x")),
-        // The Kafka listener's producers.
+        // The Kafka listener's producers, and the node's own.
         (Some("kafka.42"), Some("1")),
+        (Some("chunkbus.rescue.n1-chunk000000000"), Some("1")),
     ] {
         let mut req = node
             .http

@@ -499,26 +499,38 @@ async fn a_node_that_lost_its_disk_serves_everything_from_s3_and_reuses_no_name(
     node.kill().await;
 }
 
+/// A node that lost its disk and cannot list the bucket uses its chunk
+/// names again. Under its second name S3 holds a chunk its previous process
+/// wrote: its lines are stored again as new lines, and the object replaced
+/// by the chunk of that name. Under its first name S3 holds an object that
+/// is no chunk (it does not end a line): never overwritten, that chunk
+/// fails alone and is reported while the others are uploaded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_that_cannot_be_uploaded_fails_alone_and_is_reported() {
     let s3 = TestS3::start().await;
-    // A node that lost its disk and cannot list the bucket: its first chunk
-    // name already holds another object, which it must never overwrite.
-    let taken = key("app", "t1-chunk000000000");
-    s3.client()
-        .put_object()
-        .bucket(BUCKET)
-        .key(&taken)
-        .body(b"uploaded before the disk was lost\n".to_vec().into())
-        .send()
-        .await
-        .unwrap();
-    let before = s3.get(&taken).await.unwrap();
+    let (foreign, previous) = (
+        key("app", "t1-chunk000000000"),
+        key("app", "t1-chunk000000001"),
+    );
+    for (k, body) in [
+        (&foreign, &b"not lines: no newline at the end"[..]),
+        (&previous, &b"uploaded before the disk was lost\n"[..]),
+    ] {
+        s3.client()
+            .put_object()
+            .bucket(BUCKET)
+            .key(k)
+            .body(body.to_vec().into())
+            .send()
+            .await
+            .unwrap();
+    }
+    let before = s3.get(&foreign).await.unwrap();
     s3.refuse_bucket(true);
     let dir = tempfile::tempdir().unwrap();
     let args = ["--max-chunk-bytes", "4KiB", "--rotate-after", "300ms"];
     let (node, client) = start(&s3, dir.path(), &args).await;
-    produce(&client, "app", 0, 300, 20).await;
+    let mut sent = produce(&client, "app", 0, 300, 20).await;
     // Every other chunk is uploaded while the colliding one keeps failing.
     let (failing, chunks) = eventually(CONDITION_DEADLINE, "the others uploaded", || async {
         let chunks = client.chunks("app").await.ok()?;
@@ -534,7 +546,7 @@ async fn a_chunk_that_cannot_be_uploaded_fails_alone_and_is_reported() {
         ("app", "t1-chunk000000000")
     );
     assert!(
-        failing.error.contains("already exists in S3") && failing.error.contains("not overwriting"),
+        failing.error.contains("does not end a line") && failing.error.contains("left as it is"),
         "{failing:?}"
     );
     let first = chunks
@@ -545,7 +557,7 @@ async fn a_chunk_that_cannot_be_uploaded_fails_alone_and_is_reported() {
         first.complete && !first.uploaded && first.local,
         "{first:?}"
     );
-    assert_eq!(s3.get(&taken).await.unwrap(), before);
+    assert_eq!(s3.get(&foreign).await.unwrap(), before);
     let st = status(&client).await.s3.unwrap();
     assert_eq!(
         (st.backlog_chunks, st.failing_chunks.len()),
@@ -557,6 +569,22 @@ async fn a_chunk_that_cannot_be_uploaded_fails_alone_and_is_reported() {
         metrics.contains("chunkbus_s3_failing_chunks 1"),
         "{metrics}"
     );
+    // The previous process's line is kept once; S3 holds the chunk of its
+    // name as the node does.
+    let second = chunks
+        .iter()
+        .find(|c| c.name == "t1-chunk000000001")
+        .unwrap();
+    assert_eq!(
+        s3.get(&previous).await.unwrap(),
+        read_all(&client, "app", second).await
+    );
+    sent.push("uploaded before the disk was lost".to_owned());
+    sent.sort();
+    let mut lines = all_lines(&client, "app").await;
+    lines.sort();
+    assert_eq!(lines, sent);
+    crate::cluster::check_numbering("app", &chunks);
     node.kill().await;
 }
 
@@ -1018,5 +1046,158 @@ async fn a_node_that_lost_its_disk_takes_from_s3_what_its_peers_copied_short() {
         let mut want = sent.clone();
         want.sort();
         assert_eq!(lines, want, "node {i}");
+    }
+}
+
+/// A node lost its disk while S3 had not yet applied its upload of a chunk
+/// whose end its peer never copied. Restarted, it restored the chunk short
+/// from the peer's copy (S3 held nothing under the name yet) and numbered
+/// new lines after it; then S3 applied the dead process's upload of the
+/// whole chunk (here: written by the test while the node's own upload of
+/// the restored chunk cannot complete). Before, the node took the longer
+/// object as its chunk: the lines past the restored end and the new lines
+/// had the same numbers (two lines at one Kafka offset). Now the chunk stays
+/// as restored, the lines only the object held are stored again as new
+/// lines, and the object is replaced by the chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_applied_late_after_a_lost_disk_gives_no_number_twice_and_loses_no_line() {
+    let s3 = TestS3::start().await;
+    let mut extra = s3.args();
+    // A chunk past one part goes in a multipart upload, whose completion
+    // the test can hold back.
+    extra.extend(["--rotate-after", "1h", "--s3-part-size", "5MiB"].map(String::from));
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let env = s3
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let mut cluster =
+        crate::cluster::TestCluster::start_with(2, &extra, vec![Vec::new(); 2], env).await;
+    let (owner, peer) = (1, 0);
+    let lines_of = |tag: &str, n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("{tag}{i:05} {}", "z".repeat(1000)))
+            .collect()
+    };
+    let mut sent = Vec::new();
+    let mut name = String::new();
+    for b in 0..64 {
+        let batch = lines_of(&format!("copied{b:02}-"), 100);
+        let p = cluster
+            .client(owner)
+            .produce("app", batch.join("\n") + "\n", &ProduceOptions::default())
+            .await
+            .unwrap();
+        name = p.chunk.unwrap();
+        sent.extend(batch);
+    }
+    let copied = cluster.client(owner).chunks("app").await.unwrap()[0].size;
+    assert!(copied > 5 << 20, "{copied}");
+    eventually(CONDITION_DEADLINE, "the peer to copy the chunk", || async {
+        let list = cluster.client(peer).chunks("app").await.ok()?;
+        list.iter()
+            .any(|c| c.name == name && c.size == copied)
+            .then_some(())
+    })
+    .await;
+    // The disk is lost; the restart restores the chunk from the peer's copy
+    // and completes it, and its upload cannot complete.
+    cluster.kill(owner).await;
+    std::fs::remove_dir_all(&cluster.dirs[owner]).unwrap();
+    s3.refuse_completes(true);
+    cluster.start_node(owner).await;
+    cluster.wait_writes_open(owner).await;
+    let key = format!("app/{name}");
+    eventually(
+        CONDITION_DEADLINE,
+        "the restored chunk's upload to start",
+        || async { (s3.parts(&key) >= 2).then_some(()) },
+    )
+    .await;
+    let after = lines_of("after-", 10);
+    let next = cluster
+        .client(owner)
+        .produce("app", after.join("\n") + "\n", &ProduceOptions::default())
+        .await
+        .unwrap();
+    assert_ne!(next.chunk.unwrap(), name);
+    sent.extend(after);
+    // The dead process's upload lands: the chunk whole, with lines the peer
+    // never copied, numbered on from the chunk's.
+    let restored = cluster.client(owner).chunks("app").await.unwrap()[0].clone();
+    assert_eq!(
+        (restored.name.as_str(), restored.size),
+        (name.as_str(), copied)
+    );
+    let mut whole = Vec::new();
+    while (whole.len() as u64) < copied {
+        let r = cluster
+            .client(owner)
+            .read_chunk("app", &name, whole.len() as u64, 16 << 20)
+            .await
+            .unwrap();
+        whole.extend_from_slice(&r.data);
+    }
+    let only_in_s3 = lines_of("only-in-s3-", 20);
+    for l in &only_in_s3 {
+        whole.extend_from_slice(l.as_bytes());
+        whole.push(b'\n');
+    }
+    sent.extend(only_in_s3);
+    let lines_whole = restored.lines.unwrap() + 20;
+    s3.client()
+        .put_object()
+        .bucket(BUCKET)
+        .key(&key)
+        .metadata(
+            "chunkbus-first-line",
+            restored.first_line.unwrap().to_string(),
+        )
+        .metadata("chunkbus-lines", lines_whole.to_string())
+        .body(whole.into())
+        .send()
+        .await
+        .unwrap();
+    s3.refuse_completes(false);
+    let lists = eventually(
+        CONDITION_DEADLINE,
+        "both nodes to list the chunk uploaded as restored, and the same chunks",
+        || async {
+            let mut lists = Vec::new();
+            for i in 0..2 {
+                let list = cluster.client(i).chunks("app").await.ok()?;
+                let c = list.iter().find(|c| c.name == name)?;
+                if !(c.complete && c.uploaded && c.size == copied) {
+                    return None;
+                }
+                lists.push(list);
+            }
+            let key = |l: &Vec<ChunkInfo>| -> Vec<_> {
+                l.iter()
+                    .map(|c| (c.name.clone(), c.size, c.first_line, c.lines))
+                    .collect()
+            };
+            (key(&lists[0]) == key(&lists[1])).then_some(lists)
+        },
+    )
+    .await;
+    // Every number once, and S3 holds what every node holds.
+    crate::cluster::check_numbering("app", &lists[0]);
+    assert_eq!(
+        s3.get(&key).await.map(|b| b.len() as u64),
+        Some(copied),
+        "the object is the chunk as restored"
+    );
+    // Every line once, the ones only S3 held included.
+    sent.sort();
+    for i in 0..2 {
+        let got = eventually(CONDITION_DEADLINE, "every line on the node", || async {
+            let mut lines = all_lines(&cluster.client(i), "app").await;
+            lines.sort();
+            (lines.len() >= sent.len()).then_some(lines)
+        })
+        .await;
+        assert_eq!(got, sent, "node {i}");
     }
 }
