@@ -151,6 +151,62 @@ async fn copying_a_recorded_index_again_removes_its_record_first() {
     s.shutdown().await;
 }
 
+/// An object longer than a complete copy, whose numbers run into the
+/// owner's next chunk held here (the owner's previous process uploaded it
+/// before the owner lost its disk, and S3 applied that late): the copy is
+/// kept, and so is the next chunk's numbering; the owner replaces the
+/// object. Without numbers, or when they end where the next chunk starts,
+/// the object is taken.
+#[tokio::test]
+async fn a_copy_gives_way_to_no_object_whose_numbers_run_into_the_next_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open_tiered(dir.path()).await;
+    let chunks = [0, 1, 2, 3].map(|i| ChunkName::new("eu2", i));
+    for (i, c) in chunks.iter().enumerate() {
+        s.replica_append("app", c, 0, Bytes::from_static(b"a\n"))
+            .await
+            .unwrap();
+        s.replica_complete("app", c, 2).await.unwrap();
+        // Chunk 1 starts where the longer object of chunk 0 would end.
+        let first = [0, 2, 3, 4][i];
+        s.learn_numbers(
+            "app",
+            c,
+            numbering::LineRecord {
+                size: 2,
+                first,
+                lines: 1,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let longer = |first| numbering::LineRecord {
+        size: 4,
+        first,
+        lines: 2,
+    };
+    // Chunk 2's object would end at 5; chunk 3 starts at 4.
+    assert_eq!(
+        s.add_remote("app", &chunks[2], 4, 0, Some(longer(3)))
+            .await
+            .unwrap(),
+        TierOutcome::NotEligible
+    );
+    let m = s.chunk_meta("app", &chunks[2]).unwrap();
+    assert!(m.complete && m.local && !m.uploaded && m.size == 2, "{m:?}");
+    assert_eq!(m.line_record().map(|r| r.end()), Some(4));
+    for (c, numbers) in [(&chunks[0], Some(longer(0))), (&chunks[1], None)] {
+        assert_eq!(
+            s.add_remote("app", c, 4, 0, numbers).await.unwrap(),
+            TierOutcome::Done
+        );
+        let m = s.chunk_meta("app", c).unwrap();
+        assert!(m.uploaded && !m.local && m.size == 4, "{m:?}");
+    }
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn forgetting_an_owner_records_only_its_open_chunks() {
     let dir = tempfile::tempdir().unwrap();

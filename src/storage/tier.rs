@@ -251,7 +251,10 @@ impl Storage {
     ///   this node gave to later lines since; else those numbers are
     ///   reserved before the chunk is dropped. Both are
     ///   [`TierOutcome::Conflicting`], and so is an object of the size of a
-    ///   complete chunk held here but of other bytes.
+    ///   complete chunk held here but of other bytes;
+    /// - another owner's object longer than what is held here, whose
+    ///   numbers run into that owner's next chunk known here, is not taken
+    ///   (its owner replaces it).
     ///
     /// Creates the category if needed. `numbers`: the chunk's line numbers,
     /// when the caller knows them (from the owner's listing or the object's
@@ -276,6 +279,19 @@ impl Storage {
             && let Some(conflict) = self.against_own(&cat, chunk, m, size, numbers).await?
         {
             return Ok(conflict);
+        }
+        // Another owner's object longer than what is held here, whose
+        // numbers run into the owner's next chunk known here: its owner's
+        // previous process wrote it before the owner lost its disk, and
+        // the owner replaces it (see `TierOutcome::Conflicting`).
+        if !own
+            && let Some(end) = numbers.filter(|r| r.size == size).map(|r| r.end())
+            && cat.meta(chunk).is_none_or(|m| m.size < size)
+            && let Some(next) = cat.next_of_owner(chunk)
+            && next.meta.first_line.is_some_and(|first| first < end)
+        {
+            tracing::warn!(category, chunk = %chunk, in_s3 = size, ends_at = end, next = %next.name, next_starts_at = next.meta.first_line, "S3 holds more of another node's chunk than that node numbered before its next chunk (written by its process before it lost its disk, and applied late); not taken: that node replaces it");
+            return Ok(TierOutcome::NotEligible);
         }
         match cat.meta(chunk) {
             Some(m) if m.complete && m.size == size => {

@@ -1056,8 +1056,9 @@ async fn a_node_that_lost_its_disk_takes_from_s3_what_its_peers_copied_short() {
 /// whole chunk (here: written by the test while the node's own upload of
 /// the restored chunk cannot complete). Before, the node took the longer
 /// object as its chunk: the lines past the restored end and the new lines
-/// had the same numbers (two lines at one Kafka offset). Now the chunk stays
-/// as restored, the lines only the object held are stored again as new
+/// had the same numbers (two lines at one Kafka offset), and so did a peer
+/// that listed the bucket meanwhile. Now the chunk stays as restored
+/// everywhere, the lines only the object held are stored again as new
 /// lines, and the object is replaced by the chunk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_applied_late_after_a_lost_disk_gives_no_number_twice_and_loses_no_line() {
@@ -1121,8 +1122,20 @@ async fn an_upload_applied_late_after_a_lost_disk_gives_no_number_twice_and_lose
         .produce("app", after.join("\n") + "\n", &ProduceOptions::default())
         .await
         .unwrap();
-    assert_ne!(next.chunk.unwrap(), name);
+    let next = next.chunk.unwrap();
+    assert_ne!(next, name);
     sent.extend(after);
+    eventually(
+        CONDITION_DEADLINE,
+        "the peer to copy the next chunk",
+        || async {
+            let list = cluster.client(peer).chunks("app").await.ok()?;
+            list.iter()
+                .any(|c| c.name == next && c.first_line.is_some())
+                .then_some(())
+        },
+    )
+    .await;
     // The dead process's upload lands: the chunk whole, with lines the peer
     // never copied, numbered on from the chunk's.
     let restored = cluster.client(owner).chunks("app").await.unwrap()[0].clone();
@@ -1159,6 +1172,11 @@ async fn an_upload_applied_late_after_a_lost_disk_gives_no_number_twice_and_lose
         .send()
         .await
         .unwrap();
+    // A peer restarted now finds the object in the bucket: it keeps its
+    // copy, whose numbers its next chunk continues.
+    cluster.kill(peer).await;
+    cluster.start_node(peer).await;
+    cluster.wait_writes_open(peer).await;
     s3.refuse_completes(false);
     let lists = eventually(
         CONDITION_DEADLINE,
