@@ -677,8 +677,9 @@ async fn category_lines(s: &Storage, category: &str) -> Vec<String> {
 /// reserved, while this node numbered no line after the chunk; once it did
 /// (S3 applied the upload of its previous process late), the chunk is kept
 /// and the object conflicts, as does one of other bytes at the chunk's
-/// size. The lines only such an object holds are stored again once, also
-/// when asked again after a restart.
+/// size; one not held here is then not recorded. The lines only such an
+/// object holds are stored again once, also when asked again after a
+/// restart.
 #[tokio::test]
 async fn a_longer_object_is_taken_only_while_the_numbers_of_its_lines_are_free() {
     let dir = tempfile::tempdir().unwrap();
@@ -740,6 +741,31 @@ async fn a_longer_object_is_taken_only_while_the_numbers_of_its_lines_are_free()
     assert_eq!(
         s.add_remote("taken", &chunk, 2, 0, None).await.unwrap(),
         TierOutcome::Conflicting { unique_from: 0 }
+    );
+    // Not held here (its restore to come): its numbers are reserved while
+    // free, else it is not recorded.
+    s.reserve_own_index("unheld", 1).await.unwrap();
+    s.reserve_own_line("unheld", 1).await.unwrap();
+    let (d, n) = lines("new\n");
+    let next = s.append("unheld", d, n, true).await.unwrap().chunk;
+    assert_eq!(s.chunk_meta("unheld", &next).unwrap().first_line, Some(1));
+    assert_eq!(
+        s.add_remote("unheld", &chunk, 4, 0, Some(whole))
+            .await
+            .unwrap(),
+        TierOutcome::NotEligible
+    );
+    assert_eq!(s.chunk_meta("unheld", &chunk), None);
+    let one = numbering::LineRecord {
+        size: 2,
+        first: 0,
+        lines: 1,
+    };
+    assert_eq!(
+        s.add_remote("unheld", &chunk, 2, 0, Some(one))
+            .await
+            .unwrap(),
+        TierOutcome::Done
     );
     for _ in 0..2 {
         s.rescue_lines("taken", &chunk, 0, Bytes::from_static(b"b\n"), 1)

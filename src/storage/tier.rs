@@ -274,18 +274,31 @@ impl Storage {
         } else {
             None
         };
+        let end = numbers.filter(|r| r.size == size).map(|r| r.end());
         if own
             && let Some(m) = cat.meta(chunk).filter(|m| m.complete && m.local)
-            && let Some(conflict) = self.against_own(&cat, chunk, m, size, numbers).await?
+            && let Some(conflict) = self.against_own(&cat, chunk, m, size, end).await?
         {
             return Ok(conflict);
+        }
+        // One of this node's chunks not held here (not restored yet): its
+        // numbers are reserved, unless later lines took them since; then
+        // it is settled once restored (as above).
+        if own
+            && cat.meta(chunk).is_none()
+            && end.is_some()
+            // The object's numbers are recorded durably next.
+            && !self.reserve_lines_after(&cat, chunk, end, false).await?
+        {
+            tracing::warn!(category, chunk = %chunk, in_s3 = size, ends_at = end, "S3 holds one of this node's chunks, not held here, whose numbers this node gave to later lines since (S3 applied an upload of its previous process late, or could not be asked at the restore); not recorded: restored from a peer's copy, the chunk is settled with it then");
+            return Ok(TierOutcome::NotEligible);
         }
         // Another owner's object longer than what is held here, whose
         // numbers run into the owner's next chunk known here: its owner's
         // previous process wrote it before the owner lost its disk, and
         // the owner replaces it (see `TierOutcome::Conflicting`).
         if !own
-            && let Some(end) = numbers.filter(|r| r.size == size).map(|r| r.end())
+            && let Some(end) = end
             && cat.meta(chunk).is_none_or(|m| m.size < size)
             && let Some(next) = cat.next_of_owner(chunk)
             && next.meta.first_line.is_some_and(|first| first < end)
@@ -369,13 +382,12 @@ impl Storage {
         if let Some(numbers) = numbers.filter(|_| own) {
             // A node that lost its disk numbers its next lines after these.
             cat.reserve_line(numbers.end());
-            // Found only after lines of a later chunk were numbered (an
-            // upload of this node's previous process that S3 applied late):
-            // said, as no number may be given twice.
+            // Not expected (the writer reserved them above, where it could
+            // still refuse): said, as no number may be given twice.
             if let Some(next) = cat.next_of_owner(chunk)
                 && next.meta.first_line.is_some_and(|f| f < numbers.end())
             {
-                tracing::error!(category, chunk = %chunk, next = %next.name, ends_at = numbers.end(), next_starts_at = next.meta.first_line, "the lines of a chunk found in S3 and of this node's next chunk share numbers (S3 applied an upload of this node's previous process after this node restored the chunk shorter)");
+                tracing::error!(category, chunk = %chunk, next = %next.name, ends_at = numbers.end(), next_starts_at = next.meta.first_line, "the lines of a chunk found in S3 and of this node's next chunk share numbers");
             }
         }
         Ok(TierOutcome::Done)
@@ -512,17 +524,18 @@ impl Storage {
     }
 
     /// One of this node's complete chunks held here against an object of
-    /// its name of `size` bytes: `None` when the object is the chunk, or
-    /// starts with it and the numbers of its further lines are now
-    /// reserved (free: no later chunk of this node took one); else
-    /// [`TierOutcome::Conflicting`]. Reads both up to the shorter's end.
+    /// its name of `size` bytes, whose numbers end before `end` (when
+    /// known): `None` when the object is the chunk, or starts with it and
+    /// the numbers of its further lines are now reserved (free: no later
+    /// chunk of this node took one); else [`TierOutcome::Conflicting`].
+    /// Reads both up to the shorter's end.
     async fn against_own(
         &self,
         cat: &Arc<Category>,
         chunk: &ChunkName,
         held: ChunkMeta,
         size: u64,
-        numbers: Option<LineRecord>,
+        end: Option<u64>,
     ) -> Result<Option<TierOutcome>, StorageError> {
         let category = &cat.name;
         if !self
@@ -535,24 +548,39 @@ impl Storage {
         if size <= held.size {
             return Ok((size < held.size).then_some(TierOutcome::Conflicting { unique_from: size }));
         }
-        let end = numbers.filter(|r| r.size == size).map(|r| r.end());
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let ask = super::writer::WriterMsg::ReserveAfter {
-            after: chunk.clone(),
-            end,
-            reply,
-        };
-        cat.writer
-            .send(ask)
-            .await
-            .map_err(|_| StorageError::ShuttingDown)?;
-        if answer.await.map_err(|_| StorageError::ShuttingDown)?? {
+        // Durable first: the chunk here is deleted before the object's
+        // numbers are recorded.
+        if self.reserve_lines_after(cat, chunk, end, true).await? {
             return Ok(None);
         }
         tracing::warn!(category, chunk = %chunk, held = held.size, in_s3 = size, ends_at = ?end, "S3 holds more of one of this node's chunks than this node restored, and this node numbered later lines after what it restored (S3 applied an upload of its previous process late, or could not be asked at the restore); the chunk here is kept");
         Ok(Some(TierOutcome::Conflicting {
             unique_from: held.size,
         }))
+    }
+
+    /// Asks the category's writer to number this node's next lines from
+    /// `end` on unless a chunk of this node after `chunk` took a number
+    /// below it (see `WriterMsg::ReserveAfter`); true when reserved.
+    async fn reserve_lines_after(
+        &self,
+        cat: &Category,
+        chunk: &ChunkName,
+        end: Option<u64>,
+        durable: bool,
+    ) -> Result<bool, StorageError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let ask = super::writer::WriterMsg::ReserveAfter {
+            after: chunk.clone(),
+            end,
+            durable,
+            reply,
+        };
+        cat.writer
+            .send(ask)
+            .await
+            .map_err(|_| StorageError::ShuttingDown)?;
+        answer.await.map_err(|_| StorageError::ShuttingDown)?
     }
 
     /// True when the first `len` bytes of `chunk`'s object in the store are

@@ -62,11 +62,14 @@ pub(crate) enum WriterMsg {
     Rotate(oneshot::Sender<()>),
     /// Number this node's next lines from `end` on, unless a chunk after
     /// `after` (one of this node's) already took a number below `end`:
-    /// answers whether the numbers up to `end` are free (see
+    /// answers whether the numbers up to `end` were free (see
     /// `Storage::add_remote`). `end: None` (not known) is never free.
+    /// `durable`: saved in the category's state before the answer (else
+    /// the caller's record of the numbers makes it durable).
     ReserveAfter {
         after: ChunkName,
         end: Option<u64>,
+        durable: bool,
         reply: oneshot::Sender<Result<bool, StorageError>>,
     },
 }
@@ -327,10 +330,15 @@ impl Writer {
                     self.complete_open().await;
                     let _ = done.send(());
                 }
-                WriterMsg::ReserveAfter { after, end, reply } => {
+                WriterMsg::ReserveAfter {
+                    after,
+                    end,
+                    durable,
+                    reply,
+                } => {
                     // The requests before it may open a chunk.
                     self.write_run(std::mem::take(&mut run)).await;
-                    let _ = reply.send(self.reserve_after(&after, end).await);
+                    let _ = reply.send(self.reserve_after(&after, end, durable).await);
                 }
                 WriterMsg::Append(req) => {
                     // A chunk with a runway takes no NUL byte: such a
@@ -618,6 +626,7 @@ impl Writer {
         &mut self,
         after: &ChunkName,
         end: Option<u64>,
+        durable: bool,
     ) -> Result<bool, StorageError> {
         let Some(end) = end else {
             return Ok(false);
@@ -628,10 +637,14 @@ impl Writer {
         {
             return Ok(false);
         }
-        let cat = self.cat.clone();
-        tokio::task::spawn_blocking(move || cat.reserve_line_durably(end))
-            .await
-            .map_err(|e| StorageError::io("reserve task failed", std::io::Error::other(e)))??;
+        if durable {
+            let cat = self.cat.clone();
+            tokio::task::spawn_blocking(move || cat.reserve_line_durably(end))
+                .await
+                .map_err(|e| StorageError::io("reserve task failed", std::io::Error::other(e)))??;
+        } else {
+            self.cat.reserve_line(end);
+        }
         self.next_line = self.next_line.max(end);
         Ok(true)
     }
