@@ -161,6 +161,7 @@ pub struct Metrics {
     pub s3_uploads: Counter,
     pub s3_upload_bytes: Counter,
     pub s3_errors: Counter,
+    pub s3_rescued_lines: Counter,
     pub s3_last_success_seconds: Gauge<f64, AtomicU64>,
     pub s3_read_bytes: Counter,
 }
@@ -211,6 +212,7 @@ impl Metrics {
             s3_uploads: Counter::default(),
             s3_upload_bytes: Counter::default(),
             s3_errors: Counter::default(),
+            s3_rescued_lines: Counter::default(),
             s3_last_success_seconds: Gauge::default(),
             s3_read_bytes: Counter::default(),
         };
@@ -389,6 +391,11 @@ impl Metrics {
             "s3_errors",
             "Failed S3 requests of the uploader (each retried with backoff)",
             m.s3_errors.clone(),
+        );
+        r.register(
+            "s3_rescued_lines",
+            "Lines stored again as new lines because only an object under the name of one of this node's chunks held them (written by its process before it lost its disk)",
+            m.s3_rescued_lines.clone(),
         );
         r.register(
             "s3_last_success_seconds",

@@ -666,7 +666,7 @@ impl Storage {
     /// idempotent request (the producer `chunkbus.rescue.<chunk>.<read>`,
     /// the sequence from the lines' length and checksum), so that a retry
     /// after a crash finds them stored instead of storing them twice.
-    /// `data` ends a line.
+    /// `data` ends a line. True when stored now (false: stored before).
     pub async fn rescue_lines(
         &self,
         category: &str,
@@ -674,7 +674,7 @@ impl Storage {
         read: u64,
         data: Bytes,
         lines: u64,
-    ) -> Result<(), StorageError> {
+    ) -> Result<bool, StorageError> {
         let producer = format!(
             "{}rescue.{chunk}.{read}",
             producers::INTERNAL_PRODUCER_PREFIX
@@ -688,7 +688,7 @@ impl Storage {
             .await?
             .is_some()
         {
-            return Ok(());
+            return Ok(false);
         }
         let tag = producers::ProducerTag {
             producer,
@@ -697,7 +697,7 @@ impl Storage {
         };
         self.append_tagged(category, vec![data], lines, true, Some(tag))
             .await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Where this node stored `sequence` of `producer` in `category`, if

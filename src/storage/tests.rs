@@ -767,18 +767,23 @@ async fn a_longer_object_is_taken_only_while_the_numbers_of_its_lines_are_free()
             .unwrap(),
         TierOutcome::Done
     );
-    for _ in 0..2 {
-        s.rescue_lines("taken", &chunk, 0, Bytes::from_static(b"b\n"), 1)
-            .await
-            .unwrap();
+    for stored in [true, false] {
+        assert_eq!(
+            s.rescue_lines("taken", &chunk, 0, Bytes::from_static(b"b\n"), 1)
+                .await
+                .unwrap(),
+            stored
+        );
     }
     assert_eq!(category_lines(&s, "taken").await, ["a", "new", "b"]);
     s.shutdown().await;
     drop(s);
     let s = Storage::open(tiered, Metrics::new()).await.unwrap();
-    s.rescue_lines("taken", &chunk, 0, Bytes::from_static(b"b\n"), 1)
-        .await
-        .unwrap();
+    assert!(
+        !s.rescue_lines("taken", &chunk, 0, Bytes::from_static(b"b\n"), 1)
+            .await
+            .unwrap()
+    );
     assert_eq!(category_lines(&s, "taken").await, ["a", "new", "b"]);
     s.shutdown().await;
 }

@@ -444,10 +444,14 @@ async fn rescue(
         };
         let lines = partial.split_to(last + 1).freeze();
         let n = memchr::memchr_iter(b'\n', &lines).count() as u64;
-        tier.storage
+        let stored = tier
+            .storage
             .rescue_lines(&job.category, &job.chunk, read, lines, n)
             .await
             .map_err(|e| local_error(format!("cannot store the lines only {key} holds"), e))?;
+        if stored {
+            tier.metrics.s3_rescued_lines.inc_by(n);
+        }
         read += 1;
         rescued += n;
     }

@@ -585,6 +585,11 @@ async fn a_chunk_that_cannot_be_uploaded_fails_alone_and_is_reported() {
     lines.sort();
     assert_eq!(lines, sent);
     crate::cluster::check_numbering("app", &chunks);
+    let metrics = metrics_text(&node.url("")).await;
+    assert!(
+        metrics.contains("chunkbus_s3_rescued_lines_total 1\n"),
+        "{metrics}"
+    );
     node.kill().await;
 }
 
