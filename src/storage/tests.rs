@@ -578,6 +578,19 @@ impl RemoteChunks for MemRemote {
     }
 }
 
+/// Tiered storage on `dir` reading evicted chunks from an in-memory store;
+/// also its options (to open it again) and the store.
+async fn open_with_remote(dir: &Path) -> (StorageOptions, Arc<MemRemote>, Storage) {
+    let tiered = StorageOptions {
+        tiered: true,
+        ..opts(dir, 64)
+    };
+    let remote = Arc::new(MemRemote::default());
+    let s = Storage::open(tiered.clone(), Metrics::new()).await.unwrap();
+    s.set_remote(remote.clone());
+    (tiered, remote, s)
+}
+
 /// This node's own chunk restored from a peer's copy that fell short of
 /// what the node had uploaded before it lost its disk gives way to the
 /// object once its bytes are found to be the object's first ones (and the
@@ -588,13 +601,7 @@ impl RemoteChunks for MemRemote {
 #[tokio::test]
 async fn an_own_chunk_restored_short_gives_way_to_the_object_it_begins() {
     let dir = tempfile::tempdir().unwrap();
-    let tiered = StorageOptions {
-        tiered: true,
-        ..opts(dir.path(), 64)
-    };
-    let remote = Arc::new(MemRemote::default());
-    let s = Storage::open(tiered.clone(), Metrics::new()).await.unwrap();
-    s.set_remote(remote.clone());
+    let (tiered, remote, s) = open_with_remote(dir.path()).await;
     let [short, other, raced] = [0, 1, 2].map(|i| ChunkName::new("n1", i));
     s.reserve_own_index("app", 3).await.unwrap();
     // The copy of the next chunk knows its first number: after the whole
@@ -683,13 +690,7 @@ async fn category_lines(s: &Storage, category: &str) -> Vec<String> {
 #[tokio::test]
 async fn a_longer_object_is_taken_only_while_the_numbers_of_its_lines_are_free() {
     let dir = tempfile::tempdir().unwrap();
-    let tiered = StorageOptions {
-        tiered: true,
-        ..opts(dir.path(), 64)
-    };
-    let remote = Arc::new(MemRemote::default());
-    let s = Storage::open(tiered.clone(), Metrics::new()).await.unwrap();
-    s.set_remote(remote.clone());
+    let (tiered, remote, s) = open_with_remote(dir.path()).await;
     let chunk = ChunkName::new("n1", 0);
     let whole = numbering::LineRecord {
         size: 4,

@@ -932,6 +932,52 @@ async fn a_second_process_under_a_live_node_name_refuses_to_start() {
     third.kill().await;
 }
 
+/// A cluster of `nodes` nodes using `s3`, with `args`.
+async fn s3_cluster(s3: &TestS3, nodes: usize, args: &[&str]) -> crate::cluster::TestCluster {
+    let mut extra = s3.args();
+    extra.extend(args.iter().map(|a| a.to_string()));
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let env = s3
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    crate::cluster::TestCluster::start_with(nodes, &extra, vec![Vec::new(); nodes], env).await
+}
+
+/// Waits until nodes `0..nodes` of `cluster` list chunk `name` of `app`
+/// complete and uploaded at `size`, and list the same chunks of `app` (names,
+/// sizes, numbers); returns their lists.
+async fn uploaded_everywhere(
+    cluster: &crate::cluster::TestCluster,
+    nodes: usize,
+    name: &str,
+    size: u64,
+) -> Vec<Vec<ChunkInfo>> {
+    let what = format!("every node to list {name} uploaded at {size} bytes, and the same chunks");
+    eventually(CONDITION_DEADLINE, &what, || async {
+        let mut lists = Vec::new();
+        for i in 0..nodes {
+            let list = cluster.client(i).chunks("app").await.ok()?;
+            let c = list.iter().find(|c| c.name == name)?;
+            if !(c.complete && c.uploaded && c.size == size) {
+                return None;
+            }
+            lists.push(list);
+        }
+        let key = |l: &Vec<ChunkInfo>| -> Vec<_> {
+            l.iter()
+                .map(|c| (c.name.clone(), c.size, c.first_line, c.lines))
+                .collect()
+        };
+        lists
+            .windows(2)
+            .all(|w| key(&w[0]) == key(&w[1]))
+            .then_some(lists)
+    })
+    .await
+}
+
 /// A node uploaded a chunk whose end its peers never copied (they were cut
 /// off from it), then lost its disk, and at its restart the bucket cannot
 /// be listed. Before, it restored the chunk from its peers' short copies as
@@ -941,16 +987,7 @@ async fn a_second_process_under_a_live_node_name_refuses_to_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_its_disk_takes_from_s3_what_its_peers_copied_short() {
     let s3 = TestS3::start().await;
-    let mut extra = s3.args();
-    extra.extend(["--rotate-after", "1h"].map(String::from));
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let env = s3
-        .env()
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-    let mut cluster =
-        crate::cluster::TestCluster::start_with(3, &extra, vec![Vec::new(); 3], env).await;
+    let mut cluster = s3_cluster(&s3, 3, &["--rotate-after", "1h"]).await;
     let owner = 2;
     let mut sent = Vec::new();
     let mut post = async |cluster: &crate::cluster::TestCluster, tag: &str| {
@@ -1013,31 +1050,7 @@ async fn a_node_that_lost_its_disk_takes_from_s3_what_its_peers_copied_short() {
     assert_ne!(next, name);
     s3.freeze(false);
     s3.refuse_bucket(false);
-    let lists = eventually(
-        CONDITION_DEADLINE,
-        "every node to list the chunk whole",
-        || async {
-            let mut lists = Vec::new();
-            for i in 0..3 {
-                let list = cluster.client(i).chunks("app").await.ok()?;
-                let c = list.iter().find(|c| c.name == name)?;
-                if !(c.complete && c.uploaded && c.size == whole.len() as u64) {
-                    return None;
-                }
-                lists.push(list);
-            }
-            let key = |l: &Vec<ChunkInfo>| -> Vec<_> {
-                l.iter()
-                    .map(|c| (c.name.clone(), c.size, c.first_line, c.lines))
-                    .collect()
-            };
-            lists
-                .windows(2)
-                .all(|w| key(&w[0]) == key(&w[1]))
-                .then_some(lists)
-        },
-    )
-    .await;
+    let lists = uploaded_everywhere(&cluster, 3, &name, whole.len() as u64).await;
     // Numbered once: the next chunk after the whole one.
     crate::cluster::check_numbering("app", &lists[0]);
     assert_eq!(
@@ -1068,18 +1081,10 @@ async fn a_node_that_lost_its_disk_takes_from_s3_what_its_peers_copied_short() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_applied_late_after_a_lost_disk_gives_no_number_twice_and_loses_no_line() {
     let s3 = TestS3::start().await;
-    let mut extra = s3.args();
     // A chunk past one part goes in a multipart upload, whose completion
     // the test can hold back.
-    extra.extend(["--rotate-after", "1h", "--s3-part-size", "5MiB"].map(String::from));
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let env = s3
-        .env()
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-    let mut cluster =
-        crate::cluster::TestCluster::start_with(2, &extra, vec![Vec::new(); 2], env).await;
+    let args = ["--rotate-after", "1h", "--s3-part-size", "5MiB"];
+    let mut cluster = s3_cluster(&s3, 2, &args).await;
     let (owner, peer) = (1, 0);
     let lines_of = |tag: &str, n: usize| -> Vec<String> {
         (0..n)
@@ -1183,28 +1188,7 @@ async fn an_upload_applied_late_after_a_lost_disk_gives_no_number_twice_and_lose
     cluster.start_node(peer).await;
     cluster.wait_writes_open(peer).await;
     s3.refuse_completes(false);
-    let lists = eventually(
-        CONDITION_DEADLINE,
-        "both nodes to list the chunk uploaded as restored, and the same chunks",
-        || async {
-            let mut lists = Vec::new();
-            for i in 0..2 {
-                let list = cluster.client(i).chunks("app").await.ok()?;
-                let c = list.iter().find(|c| c.name == name)?;
-                if !(c.complete && c.uploaded && c.size == copied) {
-                    return None;
-                }
-                lists.push(list);
-            }
-            let key = |l: &Vec<ChunkInfo>| -> Vec<_> {
-                l.iter()
-                    .map(|c| (c.name.clone(), c.size, c.first_line, c.lines))
-                    .collect()
-            };
-            (key(&lists[0]) == key(&lists[1])).then_some(lists)
-        },
-    )
-    .await;
+    let lists = uploaded_everywhere(&cluster, 2, &name, copied).await;
     // Every number once, and S3 holds what every node holds.
     crate::cluster::check_numbering("app", &lists[0]);
     assert_eq!(
