@@ -631,9 +631,10 @@ impl Writer {
         let Some(end) = end else {
             return Ok(false);
         };
-        // Numbers grow with the index: the next chunk has the lowest.
+        // Numbers grow with the index: the next chunk has the lowest. One
+        // whose number is not known yet takes it after the chunk before it.
         if let Some(next) = self.cat.next_of_owner(after)
-            && next.meta.first_line.is_none_or(|first| first < end)
+            && next.meta.first_line.is_some_and(|first| first < end)
         {
             return Ok(false);
         }
