@@ -185,6 +185,14 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
                             repl.storage
                                 .add_remote(&c.category, &name, c.size, 0, c.line_record())
                                 .await?;
+                            if repl
+                                .storage
+                                .chunk_meta(&c.category, &name)
+                                .is_some_and(|m| m.uploaded && m.size == c.size)
+                            {
+                                // Settled as its owner uploaded it.
+                                repl.set_disagreeing(link, &c.category, &c.chunk, None);
+                            }
                         }
                     }
                     targets.remove(&(c.category, name));
@@ -424,6 +432,16 @@ async fn copy(
                 // Only a complete listing gives a final size; an open one
                 // may be older than the bytes copied since.
                 let longer = target.complete && m.size > target.size;
+                if longer && !m.local {
+                    // Not a copy: a record of a longer object of the
+                    // chunk, taken from the bucket. Its owner's previous
+                    // process wrote it before the owner lost its disk; the
+                    // owner replaces it with its chunk, and the record
+                    // follows its upload (see `Storage::add_remote`).
+                    tracing::warn!(peer = %link.name, category, chunk = %chunk, in_s3 = m.size, owner_size = target.size, "S3 holds more of a chunk than its owner (its process before it lost its disk wrote it); waiting for the owner to replace it");
+                    targets.remove(&key);
+                    break;
+                }
                 repl.set_disagreeing(
                     link,
                     category,

@@ -207,6 +207,49 @@ async fn a_copy_gives_way_to_no_object_whose_numbers_run_into_the_next_chunk() {
     s.shutdown().await;
 }
 
+/// Another owner's object taken here without its bytes before the owner's
+/// next chunk was known (so the guard above could not see that its numbers
+/// run into it), then replaced by the owner with a shorter one: the record
+/// follows the shorter object and its numbers, and keeps them across a
+/// restart. A complete copy held here is never cut back (above).
+#[tokio::test]
+async fn a_record_without_bytes_follows_an_object_its_owner_made_shorter() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open_tiered(dir.path()).await;
+    let chunk = ChunkName::new("eu2", 0);
+    let late = numbering::LineRecord {
+        size: 4,
+        first: 0,
+        lines: 2,
+    };
+    let replaced = numbering::LineRecord {
+        size: 2,
+        first: 0,
+        lines: 1,
+    };
+    assert_eq!(
+        s.add_remote("app", &chunk, 4, 0, Some(late)).await.unwrap(),
+        TierOutcome::Done
+    );
+    assert_eq!(
+        s.add_remote("app", &chunk, 2, 0, Some(replaced))
+            .await
+            .unwrap(),
+        TierOutcome::Done
+    );
+    let check = |s: &Storage| {
+        let m = s.chunk_meta("app", &chunk).unwrap();
+        assert!(m.complete && m.uploaded && !m.local && m.size == 2, "{m:?}");
+        assert_eq!(m.line_record(), Some(replaced));
+    };
+    check(&s);
+    s.shutdown().await;
+    drop(s);
+    let s = open_tiered(dir.path()).await;
+    check(&s);
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn forgetting_an_owner_records_only_its_open_chunks() {
     let dir = tempfile::tempdir().unwrap();

@@ -254,7 +254,10 @@ impl Storage {
     ///   complete chunk held here but of other bytes;
     /// - another owner's object longer than what is held here, whose
     ///   numbers run into that owner's next chunk known here, is not taken
-    ///   (its owner replaces it).
+    ///   (its owner replaces it); a record here of another owner's chunk
+    ///   without its bytes (`local: false`) follows the object (from the
+    ///   bucket or the owner's listing) when it became shorter: the owner
+    ///   replaced one that this node took before it knew the next chunk.
     ///
     /// Creates the category if needed. `numbers`: the chunk's line numbers,
     /// when the caller knows them (from the owner's listing or the object's
@@ -322,7 +325,8 @@ impl Storage {
                 }
                 return Ok(outcome);
             }
-            Some(m) if m.complete && m.size > size => {
+            // A copy (bytes held here) or one of this node's own chunks.
+            Some(m) if m.complete && m.size > size && (m.local || own) => {
                 // Never cut back, never recorded at another size.
                 tracing::error!(category, chunk = %chunk, held = m.size, in_s3 = size, "a complete copy holds more than the uploaded chunk; it is kept and not recorded as uploaded");
                 return Ok(TierOutcome::NotEligible);
@@ -330,7 +334,14 @@ impl Storage {
             // This node's open chunk: the writer's.
             Some(m) if own && !m.complete => return Ok(TierOutcome::NotEligible),
             Some(m) => {
-                if m.complete {
+                if !m.local && m.size > size {
+                    // Only a record, of an object that was longer: its
+                    // owner replaced it (its previous process's upload,
+                    // applied late after the owner lost its disk, which
+                    // this node took before it knew the owner's next
+                    // chunk; see `TierOutcome::Conflicting`).
+                    tracing::warn!(category, chunk = %chunk, recorded = m.size, in_s3 = size, "another node's chunk is now shorter in S3 than recorded here (its owner replaced an object that its previous process wrote before it lost its disk); recorded at the new size");
+                } else if m.complete {
                     // Complete but short of what its owner uploaded (a copy
                     // that missed the owner's restart or was completed by a
                     // forget; this node's own chunk restored from a short

@@ -1068,8 +1068,8 @@ async fn a_node_that_lost_its_disk_takes_from_s3_what_its_peers_copied_short() {
 }
 
 /// A node lost its disk while S3 had not yet applied its upload of a chunk
-/// whose end its peer never copied. Restarted, it restored the chunk short
-/// from the peer's copy (S3 held nothing under the name yet) and numbered
+/// whose end its peers never copied. Restarted, it restored the chunk short
+/// from a peer's copy (S3 held nothing under the name yet) and numbered
 /// new lines after it; then S3 applied the dead process's upload of the
 /// whole chunk (here: written by the test while the node's own upload of
 /// the restored chunk cannot complete). Before, the node took the longer
@@ -1077,15 +1077,17 @@ async fn a_node_that_lost_its_disk_takes_from_s3_what_its_peers_copied_short() {
 /// had the same numbers (two lines at one Kafka offset), and so did a peer
 /// that listed the bucket meanwhile. Now the chunk stays as restored
 /// everywhere, the lines only the object held are stored again as new
-/// lines, and the object is replaced by the chunk.
+/// lines, and the object is replaced by the chunk. A peer restarted then
+/// keeps its copy; one that lost its disk too, and listed the bucket before
+/// it could reach the owner, took the object and follows the replacement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_applied_late_after_a_lost_disk_gives_no_number_twice_and_loses_no_line() {
     let s3 = TestS3::start().await;
     // A chunk past one part goes in a multipart upload, whose completion
     // the test can hold back.
     let args = ["--rotate-after", "1h", "--s3-part-size", "5MiB"];
-    let mut cluster = s3_cluster(&s3, 2, &args).await;
-    let (owner, peer) = (1, 0);
+    let mut cluster = s3_cluster(&s3, 3, &args).await;
+    let (owner, peer, wiped) = (1, 0, 2);
     let lines_of = |tag: &str, n: usize| -> Vec<String> {
         (0..n)
             .map(|i| format!("{tag}{i:05} {}", "z".repeat(1000)))
@@ -1105,12 +1107,17 @@ async fn an_upload_applied_late_after_a_lost_disk_gives_no_number_twice_and_lose
     }
     let copied = cluster.client(owner).chunks("app").await.unwrap()[0].size;
     assert!(copied > 5 << 20, "{copied}");
-    eventually(CONDITION_DEADLINE, "the peer to copy the chunk", || async {
-        let list = cluster.client(peer).chunks("app").await.ok()?;
-        list.iter()
-            .any(|c| c.name == name && c.size == copied)
-            .then_some(())
-    })
+    eventually(
+        CONDITION_DEADLINE,
+        "the peers to copy the chunk",
+        || async {
+            for i in [peer, wiped] {
+                let list = cluster.client(i).chunks("app").await.ok()?;
+                list.iter().find(|c| c.name == name && c.size == copied)?;
+            }
+            Some(())
+        },
+    )
     .await;
     // The disk is lost; the restart restores the chunk from the peer's copy
     // and completes it, and its upload cannot complete.
@@ -1168,6 +1175,7 @@ async fn an_upload_applied_late_after_a_lost_disk_gives_no_number_twice_and_lose
         whole.push(b'\n');
     }
     sent.extend(only_in_s3);
+    let whole_size = whole.len() as u64;
     let lines_whole = restored.lines.unwrap() + 20;
     s3.client()
         .put_object()
@@ -1187,8 +1195,36 @@ async fn an_upload_applied_late_after_a_lost_disk_gives_no_number_twice_and_lose
     cluster.kill(peer).await;
     cluster.start_node(peer).await;
     cluster.wait_writes_open(peer).await;
+    // Another peer, which lost its disk too, lists the bucket before it can
+    // reach the owner (so it knows nothing of the next chunk): it takes the
+    // object, and follows the owner's replacement of it.
+    cluster.kill(wiped).await;
+    std::fs::remove_dir_all(&cluster.dirs[wiped]).unwrap();
+    cluster.set_cut(wiped, true);
+    cluster.start_node(wiped).await;
+    eventually(
+        CONDITION_DEADLINE,
+        "the peer that lost its disk to take the object",
+        || async {
+            let list = cluster.client(wiped).chunks("app").await.ok()?;
+            list.iter()
+                .any(|c| c.name == name && c.uploaded && c.size == whole_size)
+                .then_some(())
+        },
+    )
+    .await;
+    cluster.set_cut(wiped, false);
+    cluster.wait_writes_open(wiped).await;
     s3.refuse_completes(false);
-    let lists = uploaded_everywhere(&cluster, 2, &name, copied).await;
+    let lists = uploaded_everywhere(&cluster, 3, &name, copied).await;
+    // No node reports a copy at odds with its owner: the object was
+    // replaced, not a copy's bytes.
+    for i in 0..3 {
+        let status = cluster.client(i).status().await.unwrap();
+        for p in &status.peers {
+            assert!(p.disagreeing_chunks.is_empty(), "node {i}: {p:?}");
+        }
+    }
     // Every number once, and S3 holds what every node holds.
     crate::cluster::check_numbering("app", &lists[0]);
     assert_eq!(
@@ -1198,7 +1234,7 @@ async fn an_upload_applied_late_after_a_lost_disk_gives_no_number_twice_and_lose
     );
     // Every line once, the ones only S3 held included.
     sent.sort();
-    for i in 0..2 {
+    for i in 0..3 {
         let got = eventually(CONDITION_DEADLINE, "every line on the node", || async {
             let mut lines = all_lines(&cluster.client(i), "app").await;
             lines.sort();
