@@ -51,6 +51,13 @@ impl Cluster for ClusterView {
     fn holds(&self, category: &str, owner: &str) -> bool {
         self.0.holds(category, owner)
     }
+    fn catch_up_lost_copy<'a>(
+        &'a self,
+        category: &'a str,
+        chunk: &'a chunkbus_client::ChunkName,
+    ) -> futures_util::future::BoxFuture<'a, Result<u64, String>> {
+        Box::pin(self.0.catch_up_lost_copy(category, chunk))
+    }
 }
 
 /// Why a node could not start or run.

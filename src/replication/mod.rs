@@ -22,6 +22,7 @@
 
 mod bootstrap;
 mod elsewhere;
+mod lost;
 pub use elsewhere::MAX_HELD_READ_BYTES;
 pub mod placement;
 pub mod progress;
@@ -304,6 +305,7 @@ impl Replication {
         tasks.spawn(self.clone().count_under_replicated(cancel.clone()));
         tasks.spawn(self.clone().drop_unheld_copies(cancel.clone()));
         tasks.spawn(self.clone().copy_lost_owners(cancel.clone()));
+        tasks.spawn(self.clone().complete_forgotten());
         // Under the lock that `member` adds links with: a peer added
         // meanwhile gets its puller from exactly one of the two.
         let links = self.links.read().unwrap();

@@ -145,6 +145,14 @@ pub trait Cluster: Send + Sync + std::fmt::Debug {
     /// This node holds `owner`'s chunks of `category` (always with
     /// `--replicas all`).
     fn holds(&self, category: &str, owner: &str) -> bool;
+    /// Brings this node's complete copy of a lost owner's `chunk` up to
+    /// the longest copy a reachable peer holds, before this node uploads
+    /// it; the bytes added.
+    fn catch_up_lost_copy<'a>(
+        &'a self,
+        category: &'a str,
+        chunk: &'a ChunkName,
+    ) -> futures_util::future::BoxFuture<'a, Result<u64, String>>;
 }
 
 /// The tier of one node. Shared as `Arc<Tiering>`.

@@ -34,7 +34,11 @@ use crate::storage::{StorageError, TierOutcome};
 const BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 /// Longest retry delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// How often a lost owner's chunk, left to another node, is looked up.
+/// How soon a lost owner's chunk, left to another node, is looked up
+/// again: first soon (that node uploads it as soon as this one would), then
+/// less and less often.
+const WATCH_FIRST: Duration = Duration::from_secs(1);
+/// Longest time between two looks.
 const WATCH_INTERVAL: Duration = Duration::from_secs(30);
 /// Longest time between two scans: who uploads a lost owner's chunks
 /// changes with which peers answer, which is no storage event.
@@ -89,6 +93,9 @@ enum Done {
     Uploaded { bytes: u64 },
     /// Another node is to upload it and it is not there yet.
     NotYet,
+    /// A lost owner's chunk whose copy here grew to a peer's longer copy:
+    /// uploaded at its new size next.
+    Grew,
 }
 
 /// Runs until `cancel`. In-flight uploads are dropped at shutdown; a single
@@ -100,7 +107,8 @@ pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
     let mut completed = tier.storage.subscribe_completed();
     let mut running: JoinSet<Result<Done, S3Error>> = JoinSet::new();
     let mut in_flight: HashMap<tokio::task::Id, Key> = HashMap::new();
-    let mut watch_after: BTreeMap<Key, Instant> = BTreeMap::new();
+    // When each watched chunk is looked up next, and the delay before.
+    let mut watch_after: BTreeMap<Key, (Instant, Duration)> = BTreeMap::new();
     let mut backoff = Backoff::default();
     let mut paused_until: Option<Instant> = None;
     let mut failing: BTreeMap<Key, Failing> = BTreeMap::new();
@@ -129,7 +137,7 @@ pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
                 let key = (job.category.clone(), job.chunk.clone());
                 let busy = in_flight.values().any(|k| *k == key);
                 if busy
-                    || watch_after.get(&key).is_some_and(|t| now < *t)
+                    || watch_after.get(&key).is_some_and(|(t, _)| now < *t)
                     || failing.get(&key).is_some_and(|f| now < f.retry_at)
                 {
                     continue;
@@ -143,7 +151,7 @@ pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
         let next_timer = paused_until
             .or_else(|| {
                 let retries = failing.values().map(|f| f.retry_at);
-                watch_after.values().copied().chain(retries).min()
+                watch_after.values().map(|(t, _)| *t).chain(retries).min()
             })
             .map_or(rescan, |t| t.min(rescan));
         tokio::select! {
@@ -166,8 +174,12 @@ pub(super) async fn run(tier: Arc<Tiering>, cancel: CancellationToken) {
                         record(&tier, &key, bytes).await;
                     }
                     Ok(Done::NotYet) => {
-                        watch_after.insert(key, Instant::now() + WATCH_INTERVAL);
+                        let delay = watch_after
+                            .get(&key)
+                            .map_or(WATCH_FIRST, |(_, d)| (*d * 2).min(WATCH_INTERVAL));
+                        watch_after.insert(key, (Instant::now() + delay, delay));
                     }
+                    Ok(Done::Grew) => {}
                     Err(e) if e.kind == S3ErrorKind::Chunk => {
                         tier.record_error(&e);
                         let f = failing.entry(key.clone()).or_insert_with(Failing::new);
@@ -285,12 +297,31 @@ async fn upload(
 ) -> Result<Done, S3Error> {
     let key = super::object_key(&cfg.prefix, &job.category, &job.chunk);
     if job.role != Responsibility::Owner {
-        // The owner may have uploaded it before it was lost.
-        if store.size(&key).await? == Some(job.size) {
-            return Ok(Done::Uploaded { bytes: 0 });
+        // The owner may have uploaded it before it was lost, or another
+        // replica did: a copy as long is uploaded, a shorter one gives way
+        // to it, a longer one is reported (`settle_existing`).
+        match store.size(&key).await? {
+            Some(size) if size == job.size => return Ok(Done::Uploaded { bytes: 0 }),
+            Some(_) => return settle_existing(tier, cfg, store, &key, job).await,
+            None if job.role == Responsibility::Watch => return Ok(Done::NotYet),
+            None => {}
         }
-        if job.role == Responsibility::Watch {
-            return Ok(Done::NotYet);
+        // The copies of a lost owner's chunk may differ in length: this
+        // one is brought up to the longest first, then uploaded at its new
+        // size (the next round, once it is complete again).
+        let added = tier
+            .cluster
+            .catch_up_lost_copy(&job.category, &job.chunk)
+            .await
+            .map_err(|e| S3Error {
+                message: format!(
+                    "cannot ask the peers whether they hold more of {key} before uploading it: {e}"
+                ),
+                // This chunk's alone: the others go on.
+                kind: S3ErrorKind::Chunk,
+            })?;
+        if added > 0 {
+            return Ok(Done::Grew);
         }
     }
     match put(tier, cfg, store, &key, job).await {
@@ -376,11 +407,22 @@ async fn settle_existing(
             _ => {}
         }
     }
-    Err(S3Error {
-        message: format!(
+    let message = if !own && size < job.size {
+        // A lost owner's chunk uploaded by another replica while this one
+        // could not be reached: the lines past the object's end are here
+        // alone. Kept, served, never evicted, and reported.
+        format!(
+            "{key} holds {size} bytes of a lost owner's chunk, and the copy here holds {}: the lines past the object's end are only here (the replica that uploaded it could not reach this node); the copy is kept",
+            job.size
+        )
+    } else {
+        format!(
             "{key} already exists in S3 with {size} bytes, and the local chunk of {} bytes is not its beginning; not overwriting it",
             job.size
-        ),
+        )
+    };
+    Err(S3Error {
+        message,
         kind: S3ErrorKind::Chunk,
     })
 }

@@ -733,6 +733,96 @@ async fn replicas_read_uploaded_chunks_through_s3_and_upload_for_a_lost_owner() 
     assert_eq!(all_lines(&n2, "orphan").await, orphans_sent);
 }
 
+/// An owner is lost while the chunk uploader for it (the smallest name)
+/// holds a shorter copy of its open chunk than the other replica: it was
+/// cut off from the owner while the other copied lines acknowledged with
+/// `min_replicas` 1, and each completes its copy where it stands when the
+/// owner is forgotten. The uploader brings its copy up to the longer one
+/// first: S3 holds every acknowledged line. Before, it uploaded its shorter
+/// copy, and the lines past its end were on the other node's disk only
+/// (which waited for an object of its own length for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_owners_chunk_is_uploaded_from_its_longest_copy() {
+    lost_owner_with_copies_of_two_lengths(0).await;
+}
+
+/// As above, the other replica cut off: its copy is shorter than the
+/// object the uploader wrote, and gives way to it (read through S3).
+/// Before, it waited for an object of its own length for ever, never
+/// evicted, and served fewer lines than the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shorter_copy_of_a_lost_owners_chunk_gives_way_to_its_upload() {
+    lost_owner_with_copies_of_two_lengths(1).await;
+}
+
+/// Nodes 0 and 1 copy node 2's open chunk; node `cut_off` is cut off from
+/// node 2 while the other copies 50 more lines (`min_replicas` 1); node 2
+/// is killed and forgotten. Checks that S3 holds every acknowledged line
+/// and both nodes list and serve the same chunk.
+async fn lost_owner_with_copies_of_two_lengths(cut_off: usize) {
+    let s3 = TestS3::start().await;
+    let mut cluster = s3_cluster(&s3, 3, &["--rotate-after", "1h"]).await;
+    let owner = 2;
+    let acked = ProduceOptions {
+        min_replicas: Some(1),
+        ..ProduceOptions::default()
+    };
+    let post = |tag: &'static str| {
+        let client = cluster.client(owner);
+        let acked = acked.clone();
+        async move {
+            let lines: Vec<String> = (0..50).map(|i| format!("{tag} {i:03}")).collect();
+            let p = client
+                .produce("app", lines.join("\n") + "\n", &acked)
+                .await
+                .unwrap();
+            (p.chunk.unwrap(), lines)
+        }
+    };
+    let (name, mut sent) = post("both").await;
+    eventually(CONDITION_DEADLINE, "both replicas to copy", || async {
+        for i in [0, 1] {
+            let list = cluster.client(i).chunks("app").await.ok()?;
+            list.iter()
+                .find(|c| c.name == name && c.lines == Some(50))?;
+        }
+        Some(())
+    })
+    .await;
+    cluster.link(cut_off, owner).set_cut(true);
+    let (again, more) = post("one").await;
+    assert_eq!(again, name);
+    sent.extend(more);
+    let whole = cluster.client(owner).chunks("app").await.unwrap()[0].size;
+    // The owner is lost: each replica completes its copy where it stands.
+    cluster.kill(owner).await;
+    for i in [0, 1] {
+        cluster.client(i).forget_node("n3").await.unwrap();
+    }
+    let what = "the chunk in S3 whole and listed so on both replicas";
+    let lists = eventually(CONDITION_DEADLINE, what, || async {
+        let mut lists = Vec::new();
+        for i in [0, 1] {
+            let list = cluster.client(i).chunks("app").await.ok()?;
+            let c = list.iter().find(|c| c.name == name)?;
+            (c.complete && c.uploaded && c.size == whole).then_some(())?;
+            lists.push(list);
+        }
+        Some(lists)
+    })
+    .await;
+    assert_eq!(
+        s3.get(&key("app", &name)).await.map(|b| b.len() as u64),
+        Some(whole)
+    );
+    crate::cluster::check_numbering("app", &lists[0]);
+    let sizes = |l: &Vec<ChunkInfo>| -> Vec<_> { l.iter().map(|c| (c.size, c.lines)).collect() };
+    assert_eq!(sizes(&lists[0]), sizes(&lists[1]));
+    for i in [0, 1] {
+        assert_eq!(all_lines(&cluster.client(i), "app").await, sent, "node {i}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_old_chunks_everywhere_s3_included() {
     let s3 = TestS3::start().await;
