@@ -394,7 +394,7 @@ impl Metrics {
         );
         r.register(
             "s3_rescued_lines",
-            "Lines stored again as new lines because only an object under the name of one of this node's chunks held them (written by its process before it lost its disk)",
+            "Lines stored again as new lines because only one place held them: an object under the name of one of this node's chunks (written by its process before it lost its disk), or this node's copy of a lost owner's chunk past a shorter object another replica uploaded",
             m.s3_rescued_lines.clone(),
         );
         r.register(

@@ -432,7 +432,7 @@ async fn copy(
                 // Only a complete listing gives a final size; an open one
                 // may be older than the bytes copied since.
                 let longer = target.complete && m.size > target.size;
-                if longer && !m.local {
+                if longer && !m.local && m.uploaded {
                     // Not a copy: a record of a longer object of the
                     // chunk, taken from the bucket. Its owner's previous
                     // process wrote it before the owner lost its disk; the

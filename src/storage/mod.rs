@@ -659,9 +659,11 @@ impl Storage {
         Ok(appended)
     }
 
-    /// Stores again, durably, lines of this node's `chunk` that only an
-    /// object of its name in the store holds (see
-    /// `TierOutcome::Conflicting`), read `read` of those lines: new lines,
+    /// Stores again, durably, lines of `chunk` that only one place holds
+    /// (an object of the name of this node's chunk, see
+    /// `TierOutcome::Conflicting`; or this node's copy of a lost owner's
+    /// chunk past the object another replica uploaded, see
+    /// [`Storage::give_way_to_object`]), read `read` of those lines: new lines,
     /// numbered after every line this node numbered so far. Tagged as an
     /// idempotent request (the producer `chunkbus.rescue.<chunk>.<read>`,
     /// the sequence from the lines' length and checksum), so that a retry

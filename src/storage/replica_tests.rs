@@ -211,12 +211,22 @@ async fn a_copy_gives_way_to_no_object_whose_numbers_run_into_the_next_chunk() {
 /// next chunk was known (so the guard above could not see that its numbers
 /// run into it), then replaced by the owner with a shorter one: the record
 /// follows the shorter object and its numbers, and keeps them across a
-/// restart. A complete copy held here is never cut back (above).
+/// restart. A complete copy held here is never cut back (above), nor is a
+/// chunk listed as held elsewhere (its owner's word, not an object's).
 #[tokio::test]
 async fn a_record_without_bytes_follows_an_object_its_owner_made_shorter() {
     let dir = tempfile::tempdir().unwrap();
     let s = open_tiered(dir.path()).await;
     let chunk = ChunkName::new("eu2", 0);
+    let listed = ChunkName::new("eu2", 1);
+    s.note_elsewhere("app", &listed, 4, true, None, None)
+        .unwrap();
+    assert_eq!(
+        s.add_remote("app", &listed, 2, 0, None).await.unwrap(),
+        TierOutcome::NotEligible
+    );
+    let m = s.chunk_meta("app", &listed).unwrap();
+    assert!(m.elsewhere() && m.size == 4, "{m:?}");
     let late = numbering::LineRecord {
         size: 4,
         first: 0,

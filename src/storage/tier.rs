@@ -254,8 +254,8 @@ impl Storage {
     ///   complete chunk held here but of other bytes;
     /// - another owner's object longer than what is held here, whose
     ///   numbers run into that owner's next chunk known here, is not taken
-    ///   (its owner replaces it); a record here of another owner's chunk
-    ///   without its bytes (`local: false`) follows the object (from the
+    ///   (its owner replaces it); a record here of another owner's object
+    ///   (`local: false`, `uploaded: true`) follows the object (from the
     ///   bucket or the owner's listing) when it became shorter: the owner
     ///   replaced one that this node took before it knew the next chunk.
     ///
@@ -309,7 +309,8 @@ impl Storage {
             tracing::warn!(category, chunk = %chunk, in_s3 = size, ends_at = end, next = %next.name, next_starts_at = next.meta.first_line, "S3 holds more of another node's chunk than that node numbered before its next chunk (written by its process before it lost its disk, and applied late); not taken: that node replaces it");
             return Ok(TierOutcome::NotEligible);
         }
-        match cat.meta(chunk) {
+        let held = cat.meta(chunk);
+        match held {
             Some(m) if m.complete && m.size == size => {
                 let outcome = self.mark_uploaded(category, chunk).await?;
                 if let Some(numbers) = numbers {
@@ -325,8 +326,10 @@ impl Storage {
                 }
                 return Ok(outcome);
             }
-            // A copy (bytes held here) or one of this node's own chunks.
-            Some(m) if m.complete && m.size > size && (m.local || own) => {
+            // A copy (bytes held here), one of this node's own chunks, or
+            // another owner's chunk listed as held elsewhere (its owner's
+            // word, not an object's).
+            Some(m) if m.complete && m.size > size && (m.local || own || !m.uploaded) => {
                 // Never cut back, never recorded at another size.
                 tracing::error!(category, chunk = %chunk, held = m.size, in_s3 = size, "a complete copy holds more than the uploaded chunk; it is kept and not recorded as uploaded");
                 return Ok(TierOutcome::NotEligible);
@@ -334,7 +337,7 @@ impl Storage {
             // This node's open chunk: the writer's.
             Some(m) if own && !m.complete => return Ok(TierOutcome::NotEligible),
             Some(m) => {
-                if !m.local && m.size > size {
+                if !m.local && m.uploaded && m.size > size {
                     // Only a record, of an object that was longer: its
                     // owner replaced it (its previous process's upload,
                     // applied late after the owner lost its disk, which
@@ -348,27 +351,70 @@ impl Storage {
                     // copy): S3 holds the whole chunk.
                     tracing::warn!(category, chunk = %chunk, held = m.size, in_s3 = size, "a complete chunk is short of the uploaded one; reading it through S3 instead");
                 }
-                // The record goes first: a crash never leaves the index
-                // recorded complete over a missing or partial copy.
-                let (cat2, chunk2) = (cat.clone(), chunk.clone());
-                tokio::task::spawn_blocking(move || {
-                    let mut st = cat2.state.lock().unwrap();
-                    if st.unmark_complete(&chunk2.owner, chunk2.index) {
-                        state::save(&cat2.dir, &st)?;
-                    }
-                    Ok::<(), StorageError>(())
-                })
-                .await
-                .map_err(|e| StorageError::io("tier task failed", std::io::Error::other(e)))??;
-                // Found without its file at start-up, an own chunk's name
-                // stays used.
-                self.forget_own_index(&cat, chunk).await?;
-                remove_file(&cat.chunk_path(chunk)).await?;
-                if m.uploaded && m.local {
-                    self.shared.disk.sub_reclaimable(m.size);
-                }
             }
             None => {}
+        }
+        self.take_object(&cat, chunk, held, size, created_ms, numbers)
+            .await
+    }
+
+    /// Replaces a complete copy of another owner's chunk by the shorter
+    /// object of `size` bytes that S3 holds under its name (its beginning):
+    /// a lost owner's chunk uploaded by another replica while this node
+    /// could not be reached, once the lines of the copy past the object's
+    /// end are stored again as this node's own (the uploader's
+    /// `rescue_copy`). Never the only place of a line: only then. Readers
+    /// of this node see the chunk end at the object's end; a consumer
+    /// position past it counts as past the chunk.
+    pub async fn give_way_to_object(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        size: u64,
+        numbers: Option<LineRecord>,
+    ) -> Result<TierOutcome, StorageError> {
+        self.check_replica(chunk)?;
+        let cat = self.category(category)?;
+        let held = cat.meta(chunk);
+        if !held.is_some_and(|m| m.complete && m.local && !m.uploaded && m.size > size) {
+            return Ok(TierOutcome::NotEligible);
+        }
+        self.take_object(&cat, chunk, held, size, 0, numbers).await
+    }
+
+    /// Drops what is held here of `chunk` (`held`: its entry, if any), and
+    /// records the object of `size` bytes that S3 holds under its name in
+    /// its place, with `numbers`.
+    async fn take_object(
+        &self,
+        cat: &Arc<Category>,
+        chunk: &ChunkName,
+        held: Option<ChunkMeta>,
+        size: u64,
+        created_ms: u64,
+        numbers: Option<LineRecord>,
+    ) -> Result<TierOutcome, StorageError> {
+        let (category, own) = (cat.name.as_str(), chunk.owner == self.node());
+        if let Some(m) = held {
+            // The record goes first: a crash never leaves the index
+            // recorded complete over a missing or partial copy.
+            let (cat2, chunk2) = (cat.clone(), chunk.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut st = cat2.state.lock().unwrap();
+                if st.unmark_complete(&chunk2.owner, chunk2.index) {
+                    state::save(&cat2.dir, &st)?;
+                }
+                Ok::<(), StorageError>(())
+            })
+            .await
+            .map_err(|e| StorageError::io("tier task failed", std::io::Error::other(e)))??;
+            // Found without its file at start-up, an own chunk's name
+            // stays used.
+            self.forget_own_index(cat, chunk).await?;
+            remove_file(&cat.chunk_path(chunk)).await?;
+            if m.uploaded && m.local {
+                self.shared.disk.sub_reclaimable(m.size);
+            }
         }
         let rec = UploadRecord {
             size,
@@ -388,7 +434,7 @@ impl Storage {
             .await
             .map_err(|e| StorageError::io("line log task failed", std::io::Error::other(e)))??;
         }
-        self.write_record(&cat, chunk, Some(rec)).await?;
+        self.write_record(cat, chunk, Some(rec)).await?;
         cat.insert_remote(chunk, rec.size, rec.created_ms, numbers);
         if let Some(numbers) = numbers.filter(|_| own) {
             // A node that lost its disk numbers its next lines after these.

@@ -407,22 +407,14 @@ async fn settle_existing(
             _ => {}
         }
     }
-    let message = if !own && size < job.size {
-        // A lost owner's chunk uploaded by another replica while this one
-        // could not be reached: the lines past the object's end are here
-        // alone. Kept, served, never evicted, and reported.
-        format!(
-            "{key} holds {size} bytes of a lost owner's chunk, and the copy here holds {}: the lines past the object's end are only here (the replica that uploaded it could not reach this node); the copy is kept",
-            job.size
-        )
-    } else {
-        format!(
+    if !own && size < job.size {
+        return rescue_copy(tier, store, key, job, size, numbers).await;
+    }
+    Err(S3Error {
+        message: format!(
             "{key} already exists in S3 with {size} bytes, and the local chunk of {} bytes is not its beginning; not overwriting it",
             job.size
-        )
-    };
-    Err(S3Error {
-        message,
+        ),
         kind: S3ErrorKind::Chunk,
     })
 }
@@ -464,39 +456,14 @@ async fn rescue(
     if unique_from < size && store.get_range(key, size - 1, 1).await?.as_ref() != b"\n" {
         return Err(not_a_chunk("does not end a line"));
     }
-    let (mut at, mut read, mut rescued) = (unique_from, 0, 0);
-    let mut partial = bytes::BytesMut::new();
-    while at < size {
-        let piece = store
-            .get_range(key, at, RESCUE_READ_BYTES.min(size - at))
-            .await?;
-        if piece.is_empty() {
-            return Err(S3Error {
-                message: format!("{key} ended at {at} of its {size} bytes while read"),
-                kind: S3ErrorKind::Other,
-            });
-        }
-        at += piece.len() as u64;
-        partial.extend_from_slice(&piece);
-        let Some(last) = memchr::memrchr(b'\n', &partial) else {
-            if partial.len() > RESCUE_MAX_LINE_BYTES {
-                return Err(not_a_chunk("holds a line longer than 64 MiB"));
-            }
-            continue;
-        };
-        let lines = partial.split_to(last + 1).freeze();
-        let n = memchr::memchr_iter(b'\n', &lines).count() as u64;
-        let stored = tier
-            .storage
-            .rescue_lines(&job.category, &job.chunk, read, lines, n)
-            .await
-            .map_err(|e| local_error(format!("cannot store the lines only {key} holds"), e))?;
-        if stored {
-            tier.metrics.s3_rescued_lines.inc_by(n);
-        }
-        read += 1;
-        rescued += n;
-    }
+    let rescued = store_lines_again(tier, job, key, (unique_from, size), |at, len| {
+        store.get_range(key, at, len)
+    })
+    .await
+    .map_err(|e| match e {
+        Rescue::LineTooLong => not_a_chunk("holds a line longer than 64 MiB"),
+        Rescue::Failed(e) => e,
+    })?;
     store.delete(key).await?;
     tracing::warn!(category = %job.category, chunk = %job.chunk, held = job.size, in_s3 = size, rescued_lines = rescued, "S3 held, under the name of one of this node's chunks, what this node's previous process wrote before this node lost its disk; its lines that only it held are stored again as new lines, and the chunk as held here replaces it");
     match put(tier, cfg, store, key, job).await {
@@ -507,6 +474,135 @@ async fn rescue(
         }),
         Err(e) => Err(e),
     }
+}
+
+/// Why lines could not all be stored again.
+enum Rescue {
+    /// A line longer than [`RESCUE_MAX_LINE_BYTES`]: no chunk holds one.
+    LineTooLong,
+    Failed(S3Error),
+}
+
+impl From<S3Error> for Rescue {
+    fn from(e: S3Error) -> Self {
+        Self::Failed(e)
+    }
+}
+
+/// Stores bytes `from..to` of `source` (read with `read(offset, len)`,
+/// which ends a line at `to`) again as new lines of this node, in reads of
+/// [`RESCUE_READ_BYTES`], each read's whole lines once (see
+/// `Storage::rescue_lines`: numbered by read, so a retry after a crash
+/// finds them stored). Returns the lines.
+async fn store_lines_again<F, Fut>(
+    tier: &Tiering,
+    job: &Job,
+    source: &str,
+    (from, to): (u64, u64),
+    read: F,
+) -> Result<u64, Rescue>
+where
+    F: Fn(u64, u64) -> Fut,
+    Fut: Future<Output = Result<Bytes, S3Error>>,
+{
+    let (mut at, mut reads, mut rescued) = (from, 0, 0);
+    let mut partial = bytes::BytesMut::new();
+    while at < to {
+        let piece = read(at, RESCUE_READ_BYTES.min(to - at)).await?;
+        if piece.is_empty() {
+            return Err(Rescue::Failed(S3Error {
+                message: format!("{source} ended at {at} of its {to} bytes while read"),
+                kind: S3ErrorKind::Other,
+            }));
+        }
+        at += piece.len() as u64;
+        partial.extend_from_slice(&piece);
+        let Some(last) = memchr::memrchr(b'\n', &partial) else {
+            if partial.len() > RESCUE_MAX_LINE_BYTES {
+                return Err(Rescue::LineTooLong);
+            }
+            continue;
+        };
+        let lines = partial.split_to(last + 1).freeze();
+        let n = memchr::memchr_iter(b'\n', &lines).count() as u64;
+        let stored = tier
+            .storage
+            .rescue_lines(&job.category, &job.chunk, reads, lines, n)
+            .await
+            .map_err(|e| local_error(format!("cannot store the lines only {source} holds"), e))?;
+        if stored {
+            tier.metrics.s3_rescued_lines.inc_by(n);
+        }
+        reads += 1;
+        rescued += n;
+    }
+    Ok(rescued)
+}
+
+/// This node's complete copy of a lost owner's chunk is longer than the
+/// object of `size` bytes under its name: another replica uploaded its
+/// shorter copy while it could not reach this node, and the lines past the
+/// object's end are here alone (acknowledged with `min_replicas`, perhaps).
+/// Once the object is found to be the copy's beginning, those lines are
+/// stored again as new lines of this node (durably, once, even across a
+/// crash; replicated and uploaded as any), and the copy gives way to the
+/// object, so every node and S3 hold the same chunk.
+async fn rescue_copy(
+    tier: &Tiering,
+    store: &ObjectStore,
+    key: &str,
+    job: &Job,
+    size: u64,
+    numbers: Option<crate::storage::numbering::LineRecord>,
+) -> Result<Done, S3Error> {
+    let kept = |why: &str| S3Error {
+        message: format!(
+            "{key} holds {size} bytes of a lost owner's chunk, and the copy here holds {} bytes, {why}; the copy is kept",
+            job.size
+        ),
+        kind: S3ErrorKind::Chunk,
+    };
+    let file = tier
+        .storage
+        .open_chunk_file(&job.category, &job.chunk)
+        .await
+        .map_err(|e| S3Error {
+            message: e.to_string(),
+            kind: S3ErrorKind::Chunk,
+        })?;
+    let copy = LocalCopy {
+        file: Arc::new(file),
+        name: job.chunk.to_string(),
+    };
+    if size > 0 && copy.read(size - 1, 1).await?.as_ref() != b"\n" {
+        return Err(kept("whose end is not a line's end in the copy"));
+    }
+    let mut at = 0;
+    while at < size {
+        let len = RESCUE_READ_BYTES.min(size - at);
+        if store.get_range(key, at, len).await? != copy.read(at, len).await? {
+            return Err(kept("of other bytes than the copy's beginning"));
+        }
+        at += len;
+    }
+    let rescued = store_lines_again(
+        tier,
+        job,
+        &format!("the copy of {key}"),
+        (size, job.size),
+        |at, len| copy.read(at, len),
+    )
+    .await
+    .map_err(|e| match e {
+        Rescue::LineTooLong => kept("past whose end the copy holds a line longer than 64 MiB"),
+        Rescue::Failed(e) => e,
+    })?;
+    tier.storage
+        .give_way_to_object(&job.category, &job.chunk, size, numbers)
+        .await
+        .map_err(|e| local_error(format!("cannot record {key} as in S3"), e))?;
+    tracing::warn!(category = %job.category, chunk = %job.chunk, held = job.size, in_s3 = size, rescued_lines = rescued, "another replica uploaded a lost owner's chunk shorter than the copy here (it could not reach this node); the lines past the object's end are stored again as new lines of this node, and the copy gives way to the object");
+    Ok(Done::Uploaded { bytes: 0 })
 }
 
 /// Durable progress of one multipart upload.

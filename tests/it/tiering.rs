@@ -755,6 +755,117 @@ async fn a_shorter_copy_of_a_lost_owners_chunk_gives_way_to_its_upload() {
     lost_owner_with_copies_of_two_lengths(1).await;
 }
 
+/// As above (the uploader's copy shorter), but the replica with the
+/// longer copy cannot be reached while the uploader writes the object, and
+/// cannot reach S3 itself. Once back, it finds the object shorter than its
+/// copy: it stores the lines past the object's end again as its own new
+/// lines (replicated and uploaded like any), and its copy gives way to the
+/// object. Before, the lines past the object's end stayed on its disk
+/// alone, the copy never uploaded nor evicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_longer_copy_of_a_lost_owners_chunk_stores_its_lines_again_and_gives_way() {
+    let s3 = TestS3::start().await;
+    // Node 1 reaches S3 through a proxy the test can cut.
+    let to_s3 = crate::proxy::Proxy::start().await;
+    to_s3.set_target(s3.addr);
+    let endpoint =
+        |addr: std::net::SocketAddr| vec!["--s3-endpoint".to_owned(), format!("http://{addr}")];
+    let env = s3
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let mut cluster = crate::cluster::TestCluster::start_with(
+        3,
+        &["--s3-bucket", BUCKET, "--rotate-after", "1h"],
+        vec![endpoint(s3.addr), endpoint(to_s3.addr), endpoint(s3.addr)],
+        env,
+    )
+    .await;
+    let (uploader, longer, owner) = (0, 1, 2);
+    let acked = ProduceOptions {
+        min_replicas: Some(1),
+        ..ProduceOptions::default()
+    };
+    let post = |tag: &str| {
+        let lines: Vec<String> = (0..50).map(|i| format!("{tag} {i:03}")).collect();
+        let client = cluster.client(owner);
+        let acked = acked.clone();
+        async move {
+            let p = client
+                .produce("app", lines.join("\n") + "\n", &acked)
+                .await
+                .unwrap();
+            (p.chunk.unwrap(), lines)
+        }
+    };
+    let (name, mut sent) = post("both").await;
+    eventually(CONDITION_DEADLINE, "both replicas to copy", || async {
+        for i in [uploader, longer] {
+            let list = cluster.client(i).chunks("app").await.ok()?;
+            list.iter()
+                .find(|c| c.name == name && c.lines == Some(50))?;
+        }
+        Some(())
+    })
+    .await;
+    cluster.link(uploader, owner).set_cut(true);
+    let (_, only_on_one) = post("one").await;
+    sent.extend(only_on_one);
+    let short = cluster.client(uploader).chunks("app").await.unwrap()[0].size;
+    // The owner is lost while the longer copy's node is cut off from the
+    // others and from S3: the uploader writes its shorter copy.
+    cluster.kill(owner).await;
+    cluster.set_cut(longer, true);
+    to_s3.set_cut(true);
+    for i in [uploader, longer] {
+        cluster.client(i).forget_node("n3").await.unwrap();
+    }
+    let key = key("app", &name);
+    eventually(CONDITION_DEADLINE, "the shorter copy uploaded", || async {
+        (s3.get(&key).await?.len() as u64 == short).then_some(())
+    })
+    .await;
+    cluster.set_cut(longer, false);
+    to_s3.set_cut(false);
+    // Every acknowledged line on both nodes, once; the chunk as in S3.
+    sent.sort();
+    for i in [uploader, longer] {
+        let got = eventually(CONDITION_DEADLINE, "every line on the node", || async {
+            let list = cluster.client(i).chunks("app").await.ok()?;
+            let c = list.iter().find(|c| c.name == name)?;
+            (c.uploaded && c.size == short).then_some(())?;
+            let mut lines = all_lines(&cluster.client(i), "app").await;
+            lines.sort();
+            (lines == sent).then_some(lines)
+        })
+        .await;
+        assert_eq!(got, sent, "node {i}");
+    }
+    // The same chunks, sizes and numbers on both.
+    let list = eventually(
+        CONDITION_DEADLINE,
+        "both nodes to list the same",
+        || async {
+            let key = |l: Vec<ChunkInfo>| -> Vec<_> {
+                l.into_iter()
+                    .map(|c| (c.name, c.size, c.first_line, c.lines))
+                    .collect()
+            };
+            let a = cluster.client(uploader).chunks("app").await.ok()?;
+            let b = cluster.client(longer).chunks("app").await.ok()?;
+            (key(a.clone()) == key(b)).then_some(a)
+        },
+    )
+    .await;
+    crate::cluster::check_numbering("app", &list);
+    let metrics = metrics_text(&cluster.url(longer)).await;
+    assert!(
+        metrics.contains("chunkbus_s3_rescued_lines_total 50\n"),
+        "{metrics}"
+    );
+}
+
 /// Nodes 0 and 1 copy node 2's open chunk; node `cut_off` is cut off from
 /// node 2 while the other copies 50 more lines (`min_replicas` 1); node 2
 /// is killed and forgotten. Checks that S3 holds every acknowledged line
@@ -794,6 +905,8 @@ async fn lost_owner_with_copies_of_two_lengths(cut_off: usize) {
     assert_eq!(again, name);
     sent.extend(more);
     let whole = cluster.client(owner).chunks("app").await.unwrap()[0].size;
+    let short = cluster.client(cut_off).chunks("app").await.unwrap()[0].size;
+    assert!(short < whole, "{short} {whole}");
     // The owner is lost: each replica completes its copy where it stands.
     cluster.kill(owner).await;
     for i in [0, 1] {
