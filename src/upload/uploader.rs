@@ -340,18 +340,7 @@ async fn put(
     key: &str,
     job: &Job,
 ) -> Result<(), S3Error> {
-    let file = tier
-        .storage
-        .open_chunk_file(&job.category, &job.chunk)
-        .await
-        .map_err(|e| S3Error {
-            message: e.to_string(),
-            kind: S3ErrorKind::Chunk,
-        })?;
-    let chunk = LocalCopy {
-        file: Arc::new(file),
-        name: job.chunk.to_string(),
-    };
+    let chunk = LocalCopy::open(tier, job).await?;
     if job.size <= cfg.part_bytes {
         let data = chunk.read(0, job.size).await?;
         return store.create(key, data, job.numbers).await;
@@ -562,18 +551,7 @@ async fn rescue_copy(
         ),
         kind: S3ErrorKind::Chunk,
     };
-    let file = tier
-        .storage
-        .open_chunk_file(&job.category, &job.chunk)
-        .await
-        .map_err(|e| S3Error {
-            message: e.to_string(),
-            kind: S3ErrorKind::Chunk,
-        })?;
-    let copy = LocalCopy {
-        file: Arc::new(file),
-        name: job.chunk.to_string(),
-    };
+    let copy = LocalCopy::open(tier, job).await?;
     if size > 0 && copy.read(size - 1, 1).await?.as_ref() != b"\n" {
         return Err(kept("whose end is not a line's end in the copy"));
     }
@@ -708,6 +686,22 @@ struct LocalCopy {
 }
 
 impl LocalCopy {
+    /// The chunk file of `job`.
+    async fn open(tier: &Tiering, job: &Job) -> Result<Self, S3Error> {
+        let file = tier
+            .storage
+            .open_chunk_file(&job.category, &job.chunk)
+            .await
+            .map_err(|e| S3Error {
+                message: e.to_string(),
+                kind: S3ErrorKind::Chunk,
+            })?;
+        Ok(Self {
+            file: Arc::new(file),
+            name: job.chunk.to_string(),
+        })
+    }
+
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, S3Error> {
         let (file, name) = (self.file.clone(), self.name.clone());
         tokio::task::spawn_blocking(move || {

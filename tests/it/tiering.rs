@@ -657,29 +657,8 @@ async fn a_missing_bucket_is_reported_clearly() {
 async fn replicas_read_uploaded_chunks_through_s3_and_upload_for_a_lost_owner() {
     let s3 = TestS3::start().await;
     // n1 reaches S3 through a proxy that the test can cut.
-    let to_s3 = crate::proxy::Proxy::start().await;
-    to_s3.set_target(s3.addr);
-    let endpoint =
-        |addr: std::net::SocketAddr| vec!["--s3-endpoint".to_owned(), format!("http://{addr}")];
-    let env = s3
-        .env()
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-    let mut cluster = crate::cluster::TestCluster::start_with(
-        2,
-        &[
-            "--s3-bucket",
-            BUCKET,
-            "--max-chunk-bytes",
-            "16KiB",
-            "--rotate-after",
-            "300ms",
-        ],
-        vec![endpoint(to_s3.addr), endpoint(s3.addr)],
-        env,
-    )
-    .await;
+    let args = ["--max-chunk-bytes", "16KiB", "--rotate-after", "300ms"];
+    let (mut cluster, to_s3) = s3_cluster_through_proxy(&s3, 2, 0, &args).await;
     let (n1, n2) = (cluster.client(0), cluster.client(1));
     // The owner uploads; the replica learns it and reads through S3.
     let sent = produce(&n1, "app", 0, 800, 100).await;
@@ -765,41 +744,11 @@ async fn a_shorter_copy_of_a_lost_owners_chunk_gives_way_to_its_upload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_longer_copy_of_a_lost_owners_chunk_stores_its_lines_again_and_gives_way() {
     let s3 = TestS3::start().await;
-    // Node 1 reaches S3 through a proxy the test can cut.
-    let to_s3 = crate::proxy::Proxy::start().await;
-    to_s3.set_target(s3.addr);
-    let endpoint =
-        |addr: std::net::SocketAddr| vec!["--s3-endpoint".to_owned(), format!("http://{addr}")];
-    let env = s3
-        .env()
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-    let mut cluster = crate::cluster::TestCluster::start_with(
-        3,
-        &["--s3-bucket", BUCKET, "--rotate-after", "1h"],
-        vec![endpoint(s3.addr), endpoint(to_s3.addr), endpoint(s3.addr)],
-        env,
-    )
-    .await;
     let (uploader, longer, owner) = (0, 1, 2);
-    let acked = ProduceOptions {
-        min_replicas: Some(1),
-        ..ProduceOptions::default()
-    };
-    let post = |tag: &str| {
-        let lines: Vec<String> = (0..50).map(|i| format!("{tag} {i:03}")).collect();
-        let client = cluster.client(owner);
-        let acked = acked.clone();
-        async move {
-            let p = client
-                .produce("app", lines.join("\n") + "\n", &acked)
-                .await
-                .unwrap();
-            (p.chunk.unwrap(), lines)
-        }
-    };
-    let (name, mut sent) = post("both").await;
+    // The longer copy's node reaches S3 through a proxy the test can cut.
+    let (mut cluster, to_s3) =
+        s3_cluster_through_proxy(&s3, 3, longer, &["--rotate-after", "1h"]).await;
+    let (name, mut sent) = post_fifty(&cluster.client(owner), "both").await;
     eventually(CONDITION_DEADLINE, "both replicas to copy", || async {
         for i in [uploader, longer] {
             let list = cluster.client(i).chunks("app").await.ok()?;
@@ -810,7 +759,7 @@ async fn a_longer_copy_of_a_lost_owners_chunk_stores_its_lines_again_and_gives_w
     })
     .await;
     cluster.link(uploader, owner).set_cut(true);
-    let (_, only_on_one) = post("one").await;
+    let (_, only_on_one) = post_fifty(&cluster.client(owner), "one").await;
     sent.extend(only_on_one);
     let short = cluster.client(uploader).chunks("app").await.unwrap()[0].size;
     // The owner is lost while the longer copy's node is cut off from the
@@ -874,23 +823,7 @@ async fn lost_owner_with_copies_of_two_lengths(cut_off: usize) {
     let s3 = TestS3::start().await;
     let mut cluster = s3_cluster(&s3, 3, &["--rotate-after", "1h"]).await;
     let owner = 2;
-    let acked = ProduceOptions {
-        min_replicas: Some(1),
-        ..ProduceOptions::default()
-    };
-    let post = |tag: &'static str| {
-        let client = cluster.client(owner);
-        let acked = acked.clone();
-        async move {
-            let lines: Vec<String> = (0..50).map(|i| format!("{tag} {i:03}")).collect();
-            let p = client
-                .produce("app", lines.join("\n") + "\n", &acked)
-                .await
-                .unwrap();
-            (p.chunk.unwrap(), lines)
-        }
-    };
-    let (name, mut sent) = post("both").await;
+    let (name, mut sent) = post_fifty(&cluster.client(owner), "both").await;
     eventually(CONDITION_DEADLINE, "both replicas to copy", || async {
         for i in [0, 1] {
             let list = cluster.client(i).chunks("app").await.ok()?;
@@ -901,7 +834,7 @@ async fn lost_owner_with_copies_of_two_lengths(cut_off: usize) {
     })
     .await;
     cluster.link(cut_off, owner).set_cut(true);
-    let (again, more) = post("one").await;
+    let (again, more) = post_fifty(&cluster.client(owner), "one").await;
     assert_eq!(again, name);
     sent.extend(more);
     let whole = cluster.client(owner).chunks("app").await.unwrap()[0].size;
@@ -1133,6 +1066,52 @@ async fn a_second_process_under_a_live_node_name_refuses_to_start() {
         .unwrap_err();
     assert!(refused.to_string().contains("503"), "{refused}");
     third.kill().await;
+}
+
+/// A cluster of `nodes` on the test S3 in which node `proxied` reaches S3
+/// through a proxy the test can cut (returned with it).
+async fn s3_cluster_through_proxy(
+    s3: &TestS3,
+    nodes: usize,
+    proxied: usize,
+    args: &[&str],
+) -> (crate::cluster::TestCluster, crate::proxy::Proxy) {
+    let to_s3 = crate::proxy::Proxy::start().await;
+    to_s3.set_target(s3.addr);
+    let endpoint = |i: usize| {
+        let addr = if i == proxied { to_s3.addr } else { s3.addr };
+        vec!["--s3-endpoint".to_owned(), format!("http://{addr}")]
+    };
+    let env = s3
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let mut extra = vec!["--s3-bucket", BUCKET];
+    extra.extend_from_slice(args);
+    let cluster = crate::cluster::TestCluster::start_with(
+        nodes,
+        &extra,
+        (0..nodes).map(endpoint).collect(),
+        env,
+    )
+    .await;
+    (cluster, to_s3)
+}
+
+/// Posts 50 lines tagged `tag` to `app` with `min_replicas` 1; the chunk
+/// they went to and the lines.
+async fn post_fifty(client: &Client, tag: &str) -> (String, Vec<String>) {
+    let lines: Vec<String> = (0..50).map(|i| format!("{tag} {i:03}")).collect();
+    let acked = ProduceOptions {
+        min_replicas: Some(1),
+        ..ProduceOptions::default()
+    };
+    let p = client
+        .produce("app", lines.join("\n") + "\n", &acked)
+        .await
+        .unwrap();
+    (p.chunk.unwrap(), lines)
 }
 
 /// A cluster of `nodes` nodes using `s3`, with `args`.
