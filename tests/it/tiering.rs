@@ -748,19 +748,7 @@ async fn a_longer_copy_of_a_lost_owners_chunk_stores_its_lines_again_and_gives_w
     // The longer copy's node reaches S3 through a proxy the test can cut.
     let (mut cluster, to_s3) =
         s3_cluster_through_proxy(&s3, 3, longer, &["--rotate-after", "1h"]).await;
-    let (name, mut sent) = post_fifty(&cluster.client(owner), "both").await;
-    eventually(CONDITION_DEADLINE, "both replicas to copy", || async {
-        for i in [uploader, longer] {
-            let list = cluster.client(i).chunks("app").await.ok()?;
-            list.iter()
-                .find(|c| c.name == name && c.lines == Some(50))?;
-        }
-        Some(())
-    })
-    .await;
-    cluster.link(uploader, owner).set_cut(true);
-    let (_, only_on_one) = post_fifty(&cluster.client(owner), "one").await;
-    sent.extend(only_on_one);
+    let (name, mut sent) = copies_of_two_lengths(&cluster, uploader).await;
     let short = cluster.client(uploader).chunks("app").await.unwrap()[0].size;
     // The owner is lost while the longer copy's node is cut off from the
     // others and from S3: the uploader writes its shorter copy.
@@ -823,20 +811,7 @@ async fn lost_owner_with_copies_of_two_lengths(cut_off: usize) {
     let s3 = TestS3::start().await;
     let mut cluster = s3_cluster(&s3, 3, &["--rotate-after", "1h"]).await;
     let owner = 2;
-    let (name, mut sent) = post_fifty(&cluster.client(owner), "both").await;
-    eventually(CONDITION_DEADLINE, "both replicas to copy", || async {
-        for i in [0, 1] {
-            let list = cluster.client(i).chunks("app").await.ok()?;
-            list.iter()
-                .find(|c| c.name == name && c.lines == Some(50))?;
-        }
-        Some(())
-    })
-    .await;
-    cluster.link(cut_off, owner).set_cut(true);
-    let (again, more) = post_fifty(&cluster.client(owner), "one").await;
-    assert_eq!(again, name);
-    sent.extend(more);
+    let (name, sent) = copies_of_two_lengths(&cluster, cut_off).await;
     let whole = cluster.client(owner).chunks("app").await.unwrap()[0].size;
     let short = cluster.client(cut_off).chunks("app").await.unwrap()[0].size;
     assert!(short < whole, "{short} {whole}");
@@ -1097,6 +1072,31 @@ async fn s3_cluster_through_proxy(
     )
     .await;
     (cluster, to_s3)
+}
+
+/// Nodes 0 and 1 copy 50 lines of node 2's open chunk of `app`; then node
+/// `cut_off` (0 or 1) is cut off from node 2 while the other copies 50 more
+/// (acknowledged with `min_replicas` 1). The chunk and the lines.
+async fn copies_of_two_lengths(
+    cluster: &crate::cluster::TestCluster,
+    cut_off: usize,
+) -> (String, Vec<String>) {
+    let owner = 2;
+    let (name, mut sent) = post_fifty(&cluster.client(owner), "both").await;
+    eventually(CONDITION_DEADLINE, "both replicas to copy", || async {
+        for i in [0, 1] {
+            let list = cluster.client(i).chunks("app").await.ok()?;
+            list.iter()
+                .find(|c| c.name == name && c.lines == Some(50))?;
+        }
+        Some(())
+    })
+    .await;
+    cluster.link(cut_off, owner).set_cut(true);
+    let (again, more) = post_fifty(&cluster.client(owner), "one").await;
+    assert_eq!(again, name);
+    sent.extend(more);
+    (name, sent)
 }
 
 /// Posts 50 lines tagged `tag` to `app` with `min_replicas` 1; the chunk
