@@ -6,7 +6,9 @@
 //! shorter copy, those lines would be in no object, and gone with that
 //! replica's disk. So the replica chosen first brings its copy up to the
 //! longest one a reachable peer holds; the others then give way to the
-//! object, which is at least as long as their copies.
+//! object, which is at least as long as their copies (one that could not
+//! be reached and holds more stores its extra lines again first: the
+//! uploader's `rescue_copy`).
 
 use chunkbus_client::{ChunkName, Client, ClientError};
 
