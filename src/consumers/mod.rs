@@ -309,27 +309,18 @@ pub fn lag_bytes(pos: Option<&Position>, chunks: &[ChunkStatus]) -> u64 {
         .sum()
 }
 
-/// The position just past `chunk` up to `offset`: the next chunk's start
-/// when `offset` is the final size of a complete chunk.
-pub fn position_after(
-    generation: u64,
-    chunk: &ChunkName,
-    offset: u64,
-    size: u64,
-    complete: bool,
-) -> Position {
-    if complete && offset >= size {
-        Position {
-            generation,
-            index: chunk.index + 1,
-            offset: 0,
-        }
-    } else {
-        Position {
-            generation,
-            index: chunk.index,
-            offset,
-        }
+/// The position just past `chunk` up to `offset`. At the end of a
+/// complete chunk too, it stays in that chunk (which [`fully_read`] and
+/// [`next_unread`] then pass): a complete copy can still grow, when its
+/// owner comes back after a forget froze it short (the copy is repaired,
+/// or follows the owner's longer upload), and the lines it gains are then
+/// still ahead of every position that reached its old end. (Positions
+/// written before kept the next chunk's start; they mean the same.)
+pub fn position_after(generation: u64, chunk: &ChunkName, offset: u64) -> Position {
+    Position {
+        generation,
+        index: chunk.index,
+        offset,
     }
 }
 

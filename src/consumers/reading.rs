@@ -85,11 +85,12 @@ impl Consumers {
                 entry = self.move_all(category, consumer, true, false).await?;
             }
             if let Some((chunk, offset)) = &opts.after
-                && let Some(meta) = self.storage.chunk_meta(category, chunk)
+                && self.storage.chunk_meta(category, chunk).is_some()
             {
-                let p =
-                    position_after(entry.generation(), chunk, *offset, meta.size, meta.complete);
-                entry.raise(&chunk.owner, p);
+                entry.raise(
+                    &chunk.owner,
+                    position_after(entry.generation(), chunk, *offset),
+                );
             }
             let pick = chunks_by_owner(&self.storage, category)
                 .iter()
@@ -135,8 +136,7 @@ impl Consumers {
         chunk: &ChunkName,
         offset: u64,
     ) -> Result<ConsumerEntry, AckError> {
-        let meta = self
-            .storage
+        self.storage
             .check_boundary(category, chunk, offset)
             .await
             .map_err(|e| match e {
@@ -152,8 +152,7 @@ impl Consumers {
                 e => AckError::Storage(e),
             })?;
         self.update(category, consumer, |e| {
-            let p = position_after(e.generation(), chunk, offset, meta.size, meta.complete);
-            e.raise(&chunk.owner, p)
+            e.raise(&chunk.owner, position_after(e.generation(), chunk, offset))
         })
         .await
         .map_err(AckError::Storage)
@@ -184,13 +183,7 @@ impl Consumers {
                         index: first.name.index,
                         offset: 0,
                     },
-                    (true, _, Some(last)) => position_after(
-                        generation,
-                        &last.name,
-                        last.meta.size,
-                        last.meta.size,
-                        last.meta.complete,
-                    ),
+                    (true, _, Some(last)) => position_after(generation, &last.name, last.meta.size),
                     _ => continue,
                 };
                 changed |= e.raise(owner, p);

@@ -642,7 +642,7 @@ impl Storage {
 
     /// True when the first `len` bytes of `chunk`'s object in the store are
     /// the bytes of its file here (compared a piece at a time); false when
-    /// the object is gone or no store is installed.
+    /// no store is installed, an error when the object is gone.
     async fn local_is_prefix_of_remote(
         &self,
         cat: &Arc<Category>,
@@ -662,10 +662,9 @@ impl Storage {
             while at < len {
                 let n = PIECE.min(len - at) as usize;
                 std::os::unix::fs::FileExt::read_exact_at(&file, &mut here[..n], at)?;
-                match remote.read_exact_at(&category, &chunk2, &mut there[..n], at) {
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-                    other => other?,
-                }
+                // Gone (deleted since it was listed): an error, not other
+                // bytes.
+                remote.read_exact_at(&category, &chunk2, &mut there[..n], at)?;
                 if here[..n] != there[..n] {
                     return Ok(false);
                 }

@@ -416,8 +416,10 @@ const RESCUE_READ_BYTES: u64 = 8 << 20;
 const RESCUE_MAX_LINE_BYTES: usize = 64 << 20;
 
 /// `key` holds an object that cannot become this node's chunk of that name
-/// (`TierOutcome::Conflicting`: this node's previous process wrote it
-/// before this node lost its disk). Its lines from byte `unique_from` on
+/// (`TierOutcome::Conflicting`): this node's previous process wrote it
+/// before this node lost its disk, or a peer uploaded the beginning of the
+/// chunk for this node while it was forgotten (nothing to store again
+/// then: the object is replaced). Its lines from byte `unique_from` on
 /// are acknowledged lines that only it holds: they are appended to the
 /// category again, durably, as new lines (numbered after every line this
 /// node numbered so far), read by read, each read's lines once (see
@@ -454,7 +456,11 @@ async fn rescue(
         Rescue::Failed(e) => e,
     })?;
     store.delete(key).await?;
-    tracing::warn!(category = %job.category, chunk = %job.chunk, held = job.size, in_s3 = size, rescued_lines = rescued, "S3 held, under the name of one of this node's chunks, what this node's previous process wrote before this node lost its disk; its lines that only it held are stored again as new lines, and the chunk as held here replaces it");
+    if unique_from == size && size < job.size {
+        tracing::warn!(category = %job.category, chunk = %job.chunk, held = job.size, in_s3 = size, "S3 held the beginning of one of this node's chunks, uploaded for it by a peer while this node was forgotten; the chunk as held here replaces it (the peers' copies follow)");
+    } else {
+        tracing::warn!(category = %job.category, chunk = %job.chunk, held = job.size, in_s3 = size, rescued_lines = rescued, "S3 held, under the name of one of this node's chunks, what this node's previous process wrote before this node lost its disk; its lines that only it held are stored again as new lines, and the chunk as held here replaces it");
+    }
     match put(tier, cfg, store, key, job).await {
         Ok(()) => Ok(Done::Uploaded { bytes: job.size }),
         Err(e) if e.kind == S3ErrorKind::Exists => Err(S3Error {

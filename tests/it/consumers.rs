@@ -103,21 +103,23 @@ async fn next_returns_the_same_lines_until_acked() {
     assert_eq!(d.lag_bytes, 6 + 3);
     let (chunk, _, end, lines) = next(&http, &base, "app", "c1", "").await.unwrap();
     assert_eq!(lines, "b1\nb2\n");
-    // Acking the end of a complete chunk moves to the owner's next chunk.
+    // Acking the end of a complete chunk passes it (the position stays at
+    // its end).
     let d: ConsumerDetail = ack(&http, &base, "app", "c1", &chunk, end)
         .await
         .json()
         .await
         .unwrap();
-    assert_eq!(d.positions["t1"].chunk, "t1-chunk000000001");
-    assert_eq!(d.positions["t1"].offset, 0);
+    assert_eq!(d.positions["t1"].chunk, chunk);
+    assert_eq!(d.positions["t1"].offset, end);
     // An ack behind the position changes nothing.
     let d: ConsumerDetail = ack(&http, &base, "app", "c1", "t1-chunk000000000", 3)
         .await
         .json()
         .await
         .unwrap();
-    assert_eq!(d.positions["t1"].chunk, "t1-chunk000000001");
+    assert_eq!(d.positions["t1"].chunk, chunk);
+    assert_eq!(d.positions["t1"].offset, end);
     // Bad acks are 400 and change nothing.
     for (chunk, offset) in [
         ("t1-chunk000000001", 1),
@@ -304,7 +306,8 @@ async fn chukcha_ack_hides_fully_acknowledged_chunks() {
         .json()
         .await
         .unwrap();
-    assert_eq!(d.positions["t1"].chunk, "t1-chunk000000001");
+    assert_eq!(d.positions["t1"].chunk, "t1-chunk000000000");
+    assert_eq!(d.positions["t1"].offset, 4);
     node.stop().await;
 }
 

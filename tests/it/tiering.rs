@@ -844,6 +844,88 @@ async fn lost_owner_with_copies_of_two_lengths(cut_off: usize) {
     }
 }
 
+/// A forgotten owner that was not really gone comes back with more of its
+/// chunk than the object its replicas uploaded for it: 50 lines it
+/// acknowledged without `min_replicas` while no replica could copy them.
+/// Afterwards every acknowledged line is on every node once and in S3,
+/// every node lists the same chunks, sizes and numbers, and a consumer that
+/// read the frozen chunk to its end on a replica before the owner came back
+/// gets the 50 lines too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_owner_that_returns_with_more_of_its_chunk_loses_no_line() {
+    let s3 = TestS3::start().await;
+    let mut cluster = s3_cluster(&s3, 3, &["--rotate-after", "1h"]).await;
+    let owner = 2;
+    let (name, mut sent) = copied_fifty(&cluster).await;
+    for i in [0, 1] {
+        cluster.link(i, owner).set_cut(true);
+    }
+    let more: Vec<String> = (0..50).map(|i| format!("owner only {i:03}")).collect();
+    let body = more.join("\n") + "\n";
+    let default = ProduceOptions::default();
+    cluster
+        .client(owner)
+        .produce("app", body, &default)
+        .await
+        .unwrap();
+    sent.extend(more);
+    sent.sort();
+    let short = cluster.client(0).chunks("app").await.unwrap()[0].size;
+    // Lost: the replicas complete their copies and upload one.
+    cluster.kill(owner).await;
+    for i in [0, 1] {
+        cluster.client(i).forget_node("n3").await.unwrap();
+        cluster.link(i, owner).set_cut(false);
+    }
+    let object = key("app", &name);
+    eventually(CONDITION_DEADLINE, "the frozen chunk uploaded", || async {
+        (s3.get(&object).await?.len() as u64 == short).then_some(())
+    })
+    .await;
+    let early = consume_all(&cluster.url(0), "app", "reader").await;
+    assert_eq!(early.len(), 50, "{early:?}");
+    // Back, with its disk.
+    cluster.start_node(owner).await;
+    let what = "every node to list the same chunks, each complete one uploaded";
+    let list = eventually(CONDITION_DEADLINE, what, || async {
+        let mut lists = Vec::new();
+        for i in 0..3 {
+            let list = cluster.client(i).chunks("app").await.ok()?;
+            list.iter()
+                .all(|c| !c.complete || c.uploaded)
+                .then_some(())?;
+            lists.push(list);
+        }
+        let key = |l: &Vec<ChunkInfo>| -> Vec<_> {
+            l.iter()
+                .map(|c| (c.name.clone(), c.size, c.complete, c.first_line, c.lines))
+                .collect()
+        };
+        (key(&lists[0]) == key(&lists[1]) && key(&lists[1]) == key(&lists[2]))
+            .then(|| lists.swap_remove(0))
+    })
+    .await;
+    crate::cluster::check_numbering("app", &list);
+    for i in 0..3 {
+        let mut lines = all_lines(&cluster.client(i), "app").await;
+        lines.sort();
+        assert_eq!(lines, sent, "node {i}");
+    }
+    for c in list.iter().filter(|c| c.complete) {
+        let held = read_all(&cluster.client(0), "app", c).await;
+        assert!(
+            s3.get(&key("app", &c.name)).await == Some(held),
+            "{}",
+            c.name
+        );
+    }
+    let late = consume_all(&cluster.url(0), "app", "reader").await;
+    let mut seen: Vec<String> = early.into_iter().chain(late).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, sent, "the consumer");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_old_chunks_everywhere_s3_included() {
     let s3 = TestS3::start().await;
@@ -1082,7 +1164,18 @@ async fn copies_of_two_lengths(
     cut_off: usize,
 ) -> (String, Vec<String>) {
     let owner = 2;
-    let (name, mut sent) = post_fifty(&cluster.client(owner), "both").await;
+    let (name, mut sent) = copied_fifty(cluster).await;
+    cluster.link(cut_off, owner).set_cut(true);
+    let (again, more) = post_fifty(&cluster.client(owner), "one").await;
+    assert_eq!(again, name);
+    sent.extend(more);
+    (name, sent)
+}
+
+/// Posts 50 lines tagged `both` to node 2's `app` with `min_replicas` 1,
+/// and waits until nodes 0 and 1 both copied them; the chunk and the lines.
+async fn copied_fifty(cluster: &crate::cluster::TestCluster) -> (String, Vec<String>) {
+    let (name, sent) = post_fifty(&cluster.client(2), "both").await;
     eventually(CONDITION_DEADLINE, "both replicas to copy", || async {
         for i in [0, 1] {
             let list = cluster.client(i).chunks("app").await.ok()?;
@@ -1092,10 +1185,6 @@ async fn copies_of_two_lengths(
         Some(())
     })
     .await;
-    cluster.link(cut_off, owner).set_cut(true);
-    let (again, more) = post_fifty(&cluster.client(owner), "one").await;
-    assert_eq!(again, name);
-    sent.extend(more);
     (name, sent)
 }
 
