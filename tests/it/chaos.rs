@@ -56,7 +56,7 @@ const SETTLE_DEADLINE: Duration = Duration::from_secs(240);
 /// Shortest time between two wipes (a wiped node restores from its peers).
 const WIPE_EVERY: Duration = Duration::from_secs(25);
 /// Shortest time between two forgets.
-const FORGET_EVERY: Duration = Duration::from_secs(30);
+const FORGET_EVERY: Duration = Duration::from_secs(20);
 
 /// An acknowledged line: which node took it, with which `min_replicas`, and
 /// how many times that node had been wiped when it was sent.
@@ -409,7 +409,7 @@ async fn nemesis(soak: &Soak, mut rng: rand::rngs::StdRng, run_for: Duration) {
                 soak.s3.freeze(false);
                 soak.counts.lock().unwrap().s3_freezes += 1;
             }
-            90..95 if last_forget.elapsed() >= FORGET_EVERY => {
+            90..96 if last_forget.elapsed() >= FORGET_EVERY => {
                 forget(soak, i, &mut rng).await;
                 last_forget = tokio::time::Instant::now();
             }
@@ -476,7 +476,9 @@ async fn forget(soak: &Soak, i: usize, rng: &mut rand::rngs::StdRng) {
         soak.cluster.read().await.link(j, i).set_mode(Cut::Reset);
     }
     if !behind.is_empty() {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(300..2500))).await;
+        // Mostly shorter than a rotation (3 s), so that the copies of the
+        // open chunk fall behind rather than miss the next chunk.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..1000))).await;
     }
     let name = {
         let mut cluster = soak.cluster.write().await;
