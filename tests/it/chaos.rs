@@ -424,16 +424,12 @@ async fn nemesis(soak: &Soak, mut rng: rand::rngs::StdRng, run_for: Duration) {
 
 /// Kills node `i`, removes its data directory and starts it again.
 async fn wipe(soak: &Soak, i: usize) {
+    let name = soak.cluster.read().await.names[i].clone();
+    let hot = open_chunks(soak, i, &name)
+        .await
+        .iter()
+        .any(|(_, _, size)| *size > 0);
     let mut cluster = soak.cluster.write().await;
-    let name = cluster.names[i].clone();
-    let mut hot = false;
-    for cat in CATEGORIES {
-        if let Ok(list) = cluster.client(i).chunks(cat).await {
-            hot |= list
-                .iter()
-                .any(|c: &ChunkInfo| c.owner == name && !c.complete && c.size > 0);
-        }
-    }
     cluster.kill(i).await;
     remove_disk(soak, &cluster, i);
     cluster.start_node(i).await;
@@ -459,6 +455,23 @@ fn remove_disk(soak: &Soak, cluster: &TestCluster, i: usize) {
     std::fs::remove_dir_all(&cluster.dirs[i]).unwrap();
 }
 
+/// The open chunks of `name` as node `i` (named so) lists them:
+/// (category, chunk, size).
+async fn open_chunks(soak: &Soak, i: usize, name: &str) -> Vec<(&'static str, String, u64)> {
+    let client = soak.cluster.read().await.client(i);
+    let mut out = Vec::new();
+    for cat in CATEGORIES {
+        if let Ok(list) = client.chunks(cat).await {
+            out.extend(
+                list.iter()
+                    .filter(|c| c.owner == name && !c.complete)
+                    .map(|c| (cat, c.name.clone(), c.size)),
+            );
+        }
+    }
+    out
+}
+
 /// Kills node `i` and forgets it on every other node (they complete its
 /// open chunks where their copies stand and upload its chunks), then,
 /// after a while, starts it again: with its disk (it was not really gone)
@@ -480,11 +493,9 @@ async fn forget(soak: &Soak, i: usize, rng: &mut rand::rngs::StdRng) {
         // open chunk fall behind rather than miss the next chunk.
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..1000))).await;
     }
-    let name = {
-        let mut cluster = soak.cluster.write().await;
-        cluster.kill(i).await;
-        cluster.names[i].clone()
-    };
+    let name = soak.cluster.read().await.names[i].clone();
+    let before = open_chunks(soak, i, &name).await;
+    soak.cluster.write().await.kill(i).await;
     for &j in &others {
         let client = soak.cluster.read().await.client(j);
         let asked = tokio::time::timeout(WRITE_DEADLINE, client.forget_node(&name)).await;
@@ -494,6 +505,22 @@ async fn forget(soak: &Soak, i: usize, rng: &mut rand::rngs::StdRng) {
         );
         soak.cluster.read().await.link(j, i).set_mode(Cut::Open);
     }
+    // What the schedule made (in the soak's log): the forgotten node's
+    // open chunks as it held them and as each other node completed them.
+    let mut copies = Vec::new();
+    for &j in &others {
+        let client = soak.cluster.read().await.client(j);
+        for (cat, chunk, _) in &before {
+            let size = match client.chunks(cat).await {
+                Ok(list) => list.iter().find(|c| c.name == *chunk).map(|c| c.size),
+                Err(_) => None,
+            };
+            copies.push(format!("{chunk} of {cat} on node {j}: {size:?}"));
+        }
+    }
+    eprintln!(
+        "chaos: node {i} forgotten (copying from it held back on {behind:?}); its open chunks {before:?}; copies {copies:?}"
+    );
     tokio::time::sleep(Duration::from_millis(rng.random_range(0..8000))).await;
     let wiped = rng.random_bool(1.0 / 3.0);
     let mut cluster = soak.cluster.write().await;
