@@ -477,14 +477,16 @@ async fn open_chunks(soak: &Soak, i: usize, name: &str) -> Vec<(&'static str, St
 /// after a while, starts it again: with its disk (it was not really gone)
 /// or, one time in three, wiped (its machine was replaced). Most times
 /// some of the others stop copying from it for a moment before it is
-/// killed, so that their copies fall behind (and differ in length).
+/// killed, so that their copies fall behind it (and differ in length).
 async fn forget(soak: &Soak, i: usize, rng: &mut rand::rngs::StdRng) {
     let others: Vec<usize> = (0..NODES).filter(|&j| j != i).collect();
-    let behind: Vec<usize> = others
-        .iter()
-        .copied()
-        .filter(|_| rng.random_bool(0.6))
-        .collect();
+    // Half the time every other node (the owner's open chunk then ends
+    // with lines only it holds), else one of them or none.
+    let behind: Vec<usize> = match rng.random_range(0..10) {
+        0..5 => others.clone(),
+        5..8 => vec![*others.choose(rng).unwrap()],
+        _ => Vec::new(),
+    };
     for &j in &behind {
         soak.cluster.read().await.link(j, i).set_mode(Cut::Reset);
     }
