@@ -315,7 +315,8 @@ pub fn lag_bytes(pos: Option<&Position>, chunks: &[ChunkStatus]) -> u64 {
 /// owner comes back after a forget froze it short (the copy is repaired,
 /// or follows the owner's longer upload), and the lines it gains are then
 /// still ahead of every position that reached its old end. (Positions
-/// written before kept the next chunk's start; they mean the same.)
+/// written by earlier versions hold the next chunk's start, which passes
+/// the chunk too.)
 pub fn position_after(generation: u64, chunk: &ChunkName, offset: u64) -> Position {
     Position {
         generation,
