@@ -599,8 +599,19 @@ impl Broker {
             let n = self.count_lines(topic, &c.name, pos.offset).await?;
             return Ok(Some(start + n));
         }
-        // The chunk is gone (deleted) or not made yet: past the last
-        // chunk before it, or before everything held.
+        // The chunk is gone (deleted) or not made yet. A position within
+        // it (an ack stays at the end of a complete chunk it passed) stands
+        // at the next chunk's start when there is one.
+        if pos.offset > 0
+            && let Some(first) = part
+                .chunks
+                .iter()
+                .find(|c| c.name.index > pos.index)
+                .and_then(|c| c.meta.first_line)
+        {
+            return Ok(Some(first));
+        }
+        // Else past the last chunk before it, or before everything held.
         if let Some(c) = part
             .chunks
             .iter()
