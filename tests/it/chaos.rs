@@ -6,9 +6,9 @@
 //! node's disk, and forgets a killed node (`forget-node` on the others,
 //! then it comes back, with its disk or wiped). Then everything is healed
 //! and checked: every acknowledged line readable from every node exactly
-//! once, every chunk byte-identical
-//! on every node and in S3, the consumer saw every acknowledged line, no
-//! line that was never written (no partial lines), no panic in any log.
+//! once, every chunk byte-identical on every node and in S3, the consumer
+//! saw every acknowledged line, no line that was never written (no partial
+//! lines), no panic in any log.
 //!
 //! The suite runs it for `CHUNKBUS_CHAOS_SECONDS` (120 by default);
 //! `scripts/chaos --minutes N` runs it longer, in release mode, and
