@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::category::Category;
 use super::drop_behind::{self, DropBehind};
-use super::{ChunkMeta, Storage, StorageError, fsync_dir, numbering, state};
+use super::{ChunkMeta, Storage, StorageError, fsync_dir, numbering, state, tier};
 
 /// A copy is flushed in the background each time it grows past a multiple
 /// of this many bytes.
@@ -29,11 +29,11 @@ const REPLICA_FLUSH_EVERY_BYTES: u64 = 16 << 20;
 /// A completed copy whose durable record is still to be written.
 #[derive(Debug)]
 pub(super) struct Completion {
-    cat: Arc<Category>,
-    chunk: ChunkName,
-    path: PathBuf,
+    pub(super) cat: Arc<Category>,
+    pub(super) chunk: ChunkName,
+    pub(super) path: PathBuf,
     /// The size it was completed at.
-    size: u64,
+    pub(super) size: u64,
 }
 
 /// Writes completion records in order until `cancel`, then drains.
@@ -53,40 +53,56 @@ pub(super) async fn run_completions(mut rx: mpsc::Receiver<Completion>, cancel: 
 }
 
 async fn persist(job: Completion) {
+    let name = job.chunk.to_string();
+    match tokio::task::spawn_blocking(move || record_completion(&job)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(chunk = %name, error = %e, "cannot record a completed copy; it will be completed again after a restart")
+        }
+        Err(e) => tracing::error!(chunk = %name, error = %e, "completion task failed"),
+    }
+}
+
+/// Flushes a completed copy and records it complete, unless it changed
+/// since it was queued: reopened for repair, or gone from this node (taken
+/// over by its object, evicted, released: a copy not on disk is never
+/// recorded complete). True when recorded. On a blocking thread.
+pub(super) fn record_completion(job: &Completion) -> Result<bool, StorageError> {
     let Completion {
         cat,
         chunk,
         path,
         size,
     } = job;
-    let name = chunk.to_string();
-    let result = tokio::task::spawn_blocking(move || {
-        std::fs::File::open(&path)
-            .and_then(|f| f.sync_all())
-            .and_then(|()| fsync_dir(&cat.dir))
-            .map_err(|e| StorageError::io(format!("cannot flush copy {}", path.display()), e))?;
-        // Under the state lock, as a reopening for repair is: a copy
-        // reopened since it was queued is not recorded complete.
-        let mut st = cat.state.lock().unwrap();
-        let meta = cat
-            .meta(&chunk)
-            .filter(|m| m.complete && m.local && m.size == size);
-        if let Some(numbers) = meta.and_then(|m| m.line_record()) {
-            cat.record_numbers(&[(chunk.clone(), numbers)])?;
+    let flushed = std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .and_then(|()| fsync_dir(&cat.dir));
+    match flushed {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::debug!(chunk = %chunk, "a completed copy left this node before its completion was recorded");
+            return Ok(false);
         }
-        if meta.is_some() && st.mark_complete(&chunk.owner, chunk.index) {
-            state::save(&cat.dir, &st)?;
+        Err(e) => {
+            return Err(StorageError::io(
+                format!("cannot flush copy {}", path.display()),
+                e,
+            ));
         }
-        Ok::<(), StorageError>(())
-    })
-    .await;
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::error!(chunk = %name, error = %e, "cannot record a completed copy; it will be completed again after a restart")
-        }
-        Err(e) => tracing::error!(chunk = %name, error = %e, "completion task failed"),
     }
+    // Under the state lock, as a reopening for repair is: a copy reopened
+    // since it was queued is not recorded complete.
+    let mut st = cat.state.lock().unwrap();
+    let meta = cat
+        .meta(chunk)
+        .filter(|m| m.complete && m.local && m.size == *size);
+    if let Some(numbers) = meta.and_then(|m| m.line_record()) {
+        cat.record_numbers(&[(chunk.clone(), numbers)])?;
+    }
+    if meta.is_some() && st.mark_complete(&chunk.owner, chunk.index) {
+        state::save(&cat.dir, &st)?;
+    }
+    Ok(meta.is_some())
 }
 
 /// Writes `data` at `offset` of the copy of `chunk` at `path` (offset 0
@@ -399,7 +415,11 @@ impl Storage {
     /// chunk (it missed its owner's restart, or the owner was forgotten and
     /// came back): its completion record is removed durably, then it is
     /// incomplete again, so the puller copies the rest and completes it at
-    /// the owner's size. Returns the bytes held.
+    /// the owner's size. A copy uploaded at its short size (for its
+    /// forgotten owner) loses its upload record first: until the owner's
+    /// upload of the whole chunk is known, the copy is no upload's, so it
+    /// is not evicted, and a restart keeps it open rather than taking it
+    /// for a partial copy of the short object. Returns the bytes held.
     pub async fn replica_reopen(
         &self,
         category: &str,
@@ -408,7 +428,7 @@ impl Storage {
         self.check_replica(chunk)?;
         let cat = self.category(category)?;
         let (cat2, chunk2) = (cat.clone(), chunk.clone());
-        tokio::task::spawn_blocking(move || {
+        let reopened = tokio::task::spawn_blocking(move || {
             // Under the state lock, as the completion records are written:
             // a pending record of the old completion sees the copy open.
             let mut st = cat2.state.lock().unwrap();
@@ -416,20 +436,32 @@ impl Storage {
                 return Ok(None);
             };
             if !m.complete || !m.local {
-                return Ok(Some(m.size));
+                return Ok(Some((m.size, false)));
+            }
+            // The upload record goes first: a crash never leaves the copy
+            // open under it.
+            if m.uploaded {
+                tier::unrecord(&cat2.dir, &chunk2)?;
             }
             if st.unmark_complete(&chunk2.owner, chunk2.index) {
                 state::save(&cat2.dir, &st)?;
             }
+            cat2.set_tier(&chunk2, Some(false), None);
             cat2.update(&chunk2, m.size, false, None, None);
-            Ok::<_, StorageError>(Some(m.size))
+            Ok::<_, StorageError>(Some((m.size, m.uploaded)))
         })
         .await
-        .map_err(|e| StorageError::io("reopen task failed", std::io::Error::other(e)))??
-        .ok_or_else(|| StorageError::UnknownChunk {
-            category: category.to_owned(),
-            chunk: chunk.to_string(),
-        })
+        .map_err(|e| StorageError::io("reopen task failed", std::io::Error::other(e)))??;
+        let Some((size, was_uploaded)) = reopened else {
+            return Err(StorageError::UnknownChunk {
+                category: category.to_owned(),
+                chunk: chunk.to_string(),
+            });
+        };
+        if was_uploaded {
+            self.shared.disk.sub_reclaimable(size);
+        }
+        Ok(size)
     }
 
     /// Marks every incomplete chunk of `owner` complete, in every category,

@@ -42,6 +42,13 @@ async fn restart(s: Storage, dir: &Path) -> Storage {
     open(dir).await
 }
 
+/// Stops `s` cleanly and opens its directory again, with S3 tiering on.
+async fn restart_tiered(s: Storage, dir: &Path) -> Storage {
+    s.shutdown().await;
+    drop(s);
+    open_tiered(dir).await
+}
+
 /// A copy of `chunk` holding `data`, completed at its size.
 async fn complete_copy(s: &Storage, chunk: &ChunkName, data: &'static [u8]) {
     s.replica_append("app", chunk, 0, Bytes::from_static(data))
@@ -102,6 +109,76 @@ async fn a_short_complete_copy_is_reopened_and_completed_at_the_owners_size() {
     assert_eq!(state_of(&s, "app"), [(0, 4, true)]);
     let data = std::fs::read(dir.path().join("app").join(c.to_string())).unwrap();
     assert_eq!(data, b"a\nb\n");
+    s.shutdown().await;
+}
+
+/// A copy that was uploaded short (a forget completed it; its owner came
+/// back with more) is reopened to copy the rest: the upload no longer
+/// describes it. It must not stay evictable, nor be taken at a restart for
+/// a partial copy of the short object (and dropped), and once completed at
+/// the owner's size it is recorded uploaded at that size only when it is.
+#[tokio::test]
+async fn a_reopened_copy_is_no_longer_recorded_as_uploaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open_tiered(dir.path()).await;
+    let c = ChunkName::new("eu2", 0);
+    complete_copy(&s, &c, b"a\n").await;
+    assert_eq!(s.mark_uploaded("app", &c).await.unwrap(), TierOutcome::Done);
+    assert_eq!(s.evictable().len(), 1);
+    assert_eq!(s.disk().reclaimable(), 2);
+    assert_eq!(s.replica_reopen("app", &c).await.unwrap(), 2);
+    let m = s.chunk_meta("app", &c).unwrap();
+    assert!(!m.complete && !m.uploaded && m.local, "{m:?}");
+    assert!(s.evictable().is_empty());
+    assert_eq!(s.disk().reclaimable(), 0);
+    // A restart in the middle of the repair keeps the copy, open.
+    s.replica_append("app", &c, 2, Bytes::from_static(b"b\n"))
+        .await
+        .unwrap();
+    let s = restart_tiered(s, dir.path()).await;
+    let m = s.chunk_meta("app", &c).unwrap();
+    assert!(
+        !m.complete && !m.uploaded && m.local && m.size == 4,
+        "{m:?}"
+    );
+    s.replica_append("app", &c, 4, Bytes::from_static(b"c\n"))
+        .await
+        .unwrap();
+    s.replica_complete("app", &c, 6).await.unwrap();
+    let m = s.chunk_meta("app", &c).unwrap();
+    assert!(m.complete && !m.uploaded && m.local, "{m:?}");
+    assert!(s.evictable().is_empty());
+    // Recorded again once the owner's upload of the whole chunk is known.
+    assert_eq!(s.mark_uploaded("app", &c).await.unwrap(), TierOutcome::Done);
+    let s = restart_tiered(s, dir.path()).await;
+    let m = s.chunk_meta("app", &c).unwrap();
+    assert!(m.complete && m.uploaded && m.local && m.size == 6, "{m:?}");
+    assert_eq!(s.disk().reclaimable(), 6);
+    let data = std::fs::read(dir.path().join("app").join(c.to_string())).unwrap();
+    assert_eq!(data, b"a\nb\nc\n");
+    s.shutdown().await;
+}
+
+/// A copy completed, then gone before its completion was recorded in the
+/// background (its object took its place, it was evicted or released):
+/// nothing to record, and nothing failed.
+#[tokio::test]
+async fn a_completion_of_a_copy_gone_since_records_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path()).await;
+    let (kept, gone) = (ChunkName::new("eu2", 0), ChunkName::new("eu2", 1));
+    complete_copy(&s, &kept, b"a\n").await;
+    complete_copy(&s, &gone, b"b\n").await;
+    let cat = s.category("app").unwrap();
+    let job = |chunk: &ChunkName| replica::Completion {
+        cat: cat.clone(),
+        chunk: chunk.clone(),
+        path: cat.chunk_path(chunk),
+        size: 2,
+    };
+    assert!(replica::record_completion(&job(&kept)).unwrap());
+    std::fs::remove_file(cat.chunk_path(&gone)).unwrap();
+    assert!(!replica::record_completion(&job(&gone)).unwrap());
     s.shutdown().await;
 }
 

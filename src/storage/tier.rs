@@ -9,7 +9,8 @@
 //! ```text
 //! chunkbus-uploads 1
 //! u eu1-chunk000000007 4096 1767225600000     uploaded: name, size, created (ms)
-//! d eu1-chunk000000003                        deleted everywhere (retention)
+//! d eu1-chunk000000003                        no longer uploaded as held (retention
+//!                                             deleted it, or a copy was reopened)
 //! ```
 //!
 //! Records are idempotent, so replaying the log rebuilds the set; a torn last
@@ -150,6 +151,13 @@ fn record_line(chunk: &ChunkName, rec: Option<UploadRecord>) -> String {
 /// Appends one record durably (with the category's state lock held).
 fn append(dir: &Path, line: &str) -> Result<(), StorageError> {
     LOG.append(dir, line)
+}
+
+/// Removes `chunk`'s upload record durably (with the category's state lock
+/// held): a copy reopened to copy the rest of its owner's chunk is no longer
+/// what was uploaded.
+pub(super) fn unrecord(dir: &Path, chunk: &ChunkName) -> Result<(), StorageError> {
+    append(dir, &record_line(chunk, None))
 }
 
 /// Why a tier operation did nothing.
