@@ -735,7 +735,7 @@ impl Tiering {
         let mut heads = futures_util::stream::iter(new)
             .map(|(category, chunk, o)| async move {
                 let numbers = match store.head(&o.key).await {
-                    Ok(Some((size, numbers))) if size == o.size => numbers,
+                    Ok(Some(h)) if h.size == o.size => h.numbers,
                     Ok(_) => None,
                     Err(e) => {
                         tracing::warn!(key = %o.key, error = %e, "cannot read the line numbers of a chunk in S3");
@@ -841,6 +841,7 @@ impl RemoteChunks for S3Reader {
         let key = object_key(&self.prefix, category, chunk);
         self.runtime
             .block_on(self.store.head(&key))
+            .map(|h| h.map(|h| (h.size, h.numbers)))
             .map_err(|e| match e.kind {
                 S3ErrorKind::Auth | S3ErrorKind::NoBucket => {
                     std::io::Error::new(std::io::ErrorKind::PermissionDenied, e)

@@ -50,8 +50,34 @@ pub enum S3ErrorKind {
     /// This chunk cannot be uploaded for a reason of its own (its local
     /// copy cannot be read, its key holds another object); others can.
     Chunk,
-    /// A write that only creates found an object under its key.
+    /// A conditional write's condition did not hold: a write that only
+    /// creates found an object under its key, or one that replaces an
+    /// object found another (or none).
     Exists,
+    /// The store does not implement the request as sent (HTTP 501): a
+    /// conditional overwrite (`If-Match`) on a store without it.
+    Unsupported,
+}
+
+/// What a write requires of the object under its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition<'a> {
+    /// None there (`If-None-Match: *`): a chunk upload never overwrites.
+    Absent,
+    /// The object of this entity tag there (`If-Match`): it is replaced in
+    /// one step, never deleted first, and only as it was looked at.
+    Matches(&'a str),
+}
+
+/// What a lookup of an object tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectHead {
+    /// Bytes.
+    pub size: u64,
+    /// The line numbers its metadata holds (uploaded with them).
+    pub numbers: Option<LineRecord>,
+    /// Its entity tag, for a conditional overwrite.
+    pub etag: Option<String>,
 }
 
 /// One object of a listing.
@@ -81,6 +107,7 @@ where
     let code = err.code().map(str::to_owned);
     let kind = match (code.as_deref(), status) {
         (Some("PreconditionFailed"), _) | (_, Some(412)) => S3ErrorKind::Exists,
+        (Some("NotImplemented"), _) | (_, Some(501)) => S3ErrorKind::Unsupported,
         (Some("NoSuchBucket"), _) => S3ErrorKind::NoBucket,
         (Some("NoSuchKey" | "NoSuchUpload" | "NotFound"), _) => S3ErrorKind::NotFound,
         (
@@ -178,19 +205,20 @@ impl ObjectStore {
         data: Bytes,
         numbers: Option<LineRecord>,
     ) -> Result<(), S3Error> {
-        self.send_put(key, data, numbers, false).await
+        self.send_put(key, data, numbers, None).await
     }
 
-    /// Like [`ObjectStore::put`], unless `key` holds an object already
-    /// (`If-None-Match: *`): then [`S3ErrorKind::Exists`]. A chunk upload
-    /// never overwrites an object.
-    pub async fn create(
+    /// Like [`ObjectStore::put`], if `condition` holds (else
+    /// [`S3ErrorKind::Exists`]): a chunk upload never overwrites an object
+    /// unless it replaces one it looked at.
+    pub async fn put_if(
         &self,
         key: &str,
         data: Bytes,
         numbers: Option<LineRecord>,
+        condition: Condition<'_>,
     ) -> Result<(), S3Error> {
-        self.send_put(key, data, numbers, true).await
+        self.send_put(key, data, numbers, Some(condition)).await
     }
 
     async fn send_put(
@@ -198,7 +226,7 @@ impl ObjectStore {
         key: &str,
         data: Bytes,
         numbers: Option<LineRecord>,
-        create_only: bool,
+        condition: Option<Condition<'_>>,
     ) -> Result<(), S3Error> {
         let mut req = self
             .client
@@ -207,8 +235,10 @@ impl ObjectStore {
             .key(key)
             .content_type(CONTENT_TYPE)
             .set_metadata(numbers.map(line_metadata));
-        if create_only {
-            req = req.if_none_match("*");
+        match condition {
+            Some(Condition::Absent) => req = req.if_none_match("*"),
+            Some(Condition::Matches(etag)) => req = req.if_match(etag),
+            None => {}
         }
         req = match self.checksum {
             ChecksumMode::Md5 => req.content_md5(md5_base64(&data)),
@@ -299,14 +329,14 @@ impl ObjectStore {
         })
     }
 
-    /// Completes a multipart upload from its parts, in order, unless `key`
-    /// holds an object already (`If-None-Match: *`): then
-    /// [`S3ErrorKind::Exists`].
+    /// Completes a multipart upload from its parts, in order, if
+    /// `condition` holds: else [`S3ErrorKind::Exists`].
     pub async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
         parts: &[UploadedPart],
+        condition: Condition<'_>,
     ) -> Result<(), S3Error> {
         let parts = parts
             .iter()
@@ -319,21 +349,25 @@ impl ObjectStore {
                     .build()
             })
             .collect();
-        self.client
+        let req = self
+            .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
-            .upload_id(upload_id)
-            .if_none_match("*")
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| classify(&format!("cannot complete the multipart upload of {key}"), e))
+            .upload_id(upload_id);
+        let req = match condition {
+            Condition::Absent => req.if_none_match("*"),
+            Condition::Matches(etag) => req.if_match(etag),
+        };
+        req.multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| classify(&format!("cannot complete the multipart upload of {key}"), e))
     }
 
     /// Abandons a multipart upload (its parts are freed by the store).
@@ -351,12 +385,11 @@ impl ObjectStore {
 
     /// The size of `key`, or `None` when it does not exist.
     pub async fn size(&self, key: &str) -> Result<Option<u64>, S3Error> {
-        Ok(self.head(key).await?.map(|(size, _)| size))
+        Ok(self.head(key).await?.map(|h| h.size))
     }
 
-    /// The size of `key` and the line numbers its metadata holds (when
-    /// uploaded with them), or `None` when it does not exist.
-    pub async fn head(&self, key: &str) -> Result<Option<(u64, Option<LineRecord>)>, S3Error> {
+    /// What a lookup of `key` tells, or `None` when it does not exist.
+    pub async fn head(&self, key: &str) -> Result<Option<ObjectHead>, S3Error> {
         match self
             .client
             .head_object()
@@ -372,7 +405,11 @@ impl ObjectStore {
                     (Some(first), Some(lines)) => Some(LineRecord { size, first, lines }),
                     _ => None,
                 };
-                Ok(Some((size, numbers)))
+                Ok(Some(ObjectHead {
+                    size,
+                    numbers,
+                    etag: out.e_tag().map(str::to_owned),
+                }))
             }
             Err(e) => {
                 let e = classify(&format!("cannot look up {key}"), e);

@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::store::{S3ErrorKind, UploadedPart};
+use super::store::{Condition, S3ErrorKind, UploadedPart};
 use super::{ObjectStore, Responsibility, S3Config, S3Error, Tiering};
 use crate::storage::{StorageError, TierOutcome};
 
@@ -324,7 +324,7 @@ async fn upload(
             return Ok(Done::Grew);
         }
     }
-    match put(tier, cfg, store, &key, job).await {
+    match put(tier, cfg, store, &key, job, Condition::Absent).await {
         Err(e) if e.kind == S3ErrorKind::Exists => {
             settle_existing(tier, cfg, store, &key, job).await
         }
@@ -332,24 +332,31 @@ async fn upload(
     }
 }
 
-/// Writes the chunk of `job` as `key`, never over an object.
+/// Writes the chunk of `job` as `key` if `condition` holds: never over an
+/// object, unless it replaces the one it names.
 async fn put(
     tier: &Tiering,
     cfg: &S3Config,
     store: &ObjectStore,
     key: &str,
     job: &Job,
+    condition: Condition<'_>,
 ) -> Result<(), S3Error> {
     let chunk = LocalCopy::open(tier, job).await?;
     if job.size <= cfg.part_bytes {
         let data = chunk.read(0, job.size).await?;
-        return store.create(key, data, job.numbers).await;
+        return store.put_if(key, data, job.numbers, condition).await;
     }
     let state_path = tier
         .storage
         .upload_progress_file(&job.category, &job.chunk)
         .map_err(|e| local_error("no place for the upload's progress".into(), e))?;
-    multipart(store, key, &chunk, &state_path, job, cfg.part_bytes).await
+    let to = Destination {
+        key,
+        state_path: &state_path,
+        condition,
+    };
+    multipart(store, &to, &chunk, job, cfg.part_bytes).await
 }
 
 /// The chunk's key holds an object already: this node uploaded it before a
@@ -368,12 +375,13 @@ async fn settle_existing(
     key: &str,
     job: &Job,
 ) -> Result<Done, S3Error> {
-    let Some((size, numbers)) = store.head(key).await? else {
+    let Some(object) = store.head(key).await? else {
         return Err(S3Error {
             message: format!("{key} was in S3 when it was uploaded, and is gone now; retrying"),
             kind: S3ErrorKind::Other,
         });
     };
+    let (size, numbers) = (object.size, object.numbers);
     let own = job.role == Responsibility::Owner;
     if !own && size == job.size {
         return Ok(Done::Uploaded { bytes: 0 });
@@ -391,7 +399,12 @@ async fn settle_existing(
             }
             TierOutcome::Done => return Ok(Done::Uploaded { bytes: 0 }),
             TierOutcome::Conflicting { unique_from } if own => {
-                return rescue(tier, cfg, store, key, job, size, unique_from).await;
+                let found = Found {
+                    size,
+                    etag: object.etag.as_deref(),
+                    unique_from,
+                };
+                return rescue(tier, cfg, store, key, job, found).await;
             }
             _ => {}
         }
@@ -424,19 +437,27 @@ const RESCUE_MAX_LINE_BYTES: usize = 64 << 20;
 /// category again, durably, as new lines (numbered after every line this
 /// node numbered so far), read by read, each read's lines once (see
 /// `Storage::rescue_lines`: a crash before the end does not store them
-/// twice). Then the object is deleted and the chunk as held here uploaded
-/// in its place, so that S3 and every copy hold the same bytes and no line
-/// number is given twice. An object that does not end a line is no chunk,
-/// and is left as it is.
+/// twice). Then the chunk as held here replaces the object, so that S3 and
+/// every copy hold the same bytes and no line number is given twice: in
+/// one conditional write (`If-Match` the object as looked at), so that the
+/// key never stands empty (a crash there would leave the chunk's beginning
+/// only here, when the other copies were evicted) and a write by anyone
+/// else meanwhile is never overwritten. A store without conditional
+/// overwrites has the object deleted and the chunk created instead. An
+/// object that does not end a line is no chunk, and is left as it is.
 async fn rescue(
     tier: &Tiering,
     cfg: &S3Config,
     store: &ObjectStore,
     key: &str,
     job: &Job,
-    size: u64,
-    unique_from: u64,
+    found: Found<'_>,
 ) -> Result<Done, S3Error> {
+    let Found {
+        size,
+        etag,
+        unique_from,
+    } = found;
     let not_a_chunk = |why: &str| S3Error {
         message: format!(
             "{key} holds {size} bytes under the name of this node's chunk of {} bytes, and {why}: not a chunk, left as it is",
@@ -455,13 +476,29 @@ async fn rescue(
         Rescue::LineTooLong => not_a_chunk("holds a line longer than 64 MiB"),
         Rescue::Failed(e) => e,
     })?;
-    store.delete(key).await?;
     if unique_from == size && size < job.size {
         tracing::warn!(category = %job.category, chunk = %job.chunk, held = job.size, in_s3 = size, "S3 held the beginning of one of this node's chunks, uploaded for it by a peer while this node was forgotten; the chunk as held here replaces it (the peers' copies follow)");
     } else {
         tracing::warn!(category = %job.category, chunk = %job.chunk, held = job.size, in_s3 = size, rescued_lines = rescued, "S3 held, under the name of one of this node's chunks, what this node's previous process wrote before this node lost its disk; its lines that only it held are stored again as new lines, and the chunk as held here replaces it");
     }
-    match put(tier, cfg, store, key, job).await {
+    let replaced = match etag {
+        Some(etag) => match put(tier, cfg, store, key, job, Condition::Matches(etag)).await {
+            Err(e) if e.kind == S3ErrorKind::Unsupported => {
+                tracing::warn!(key, error = %e, "the store does not replace an object conditionally (If-Match); deleting it and creating the chunk instead");
+                None
+            }
+            other => Some(other),
+        },
+        None => None,
+    };
+    let replaced = match replaced {
+        Some(done) => done,
+        None => {
+            store.delete(key).await?;
+            put(tier, cfg, store, key, job, Condition::Absent).await
+        }
+    };
+    match replaced {
         Ok(()) => Ok(Done::Uploaded { bytes: job.size }),
         Err(e) if e.kind == S3ErrorKind::Exists => Err(S3Error {
             message: format!("{key} was written again while it was replaced; retrying"),
@@ -469,6 +506,17 @@ async fn rescue(
         }),
         Err(e) => Err(e),
     }
+}
+
+/// The object found under the name of one of this node's chunks that it
+/// cannot become (see [`rescue`]).
+struct Found<'a> {
+    /// Its bytes.
+    size: u64,
+    /// Its entity tag, when the store gave one.
+    etag: Option<&'a str>,
+    /// Where the lines that only it holds start.
+    unique_from: u64,
 }
 
 /// Why lines could not all be stored again.
@@ -597,19 +645,34 @@ struct MultipartState {
     size: u64,
     part_bytes: u64,
     parts: Vec<UploadedPart>,
+    /// The entity tag of the object it replaces; none when it creates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replaces: Option<String>,
+}
+
+/// Where a multipart upload goes: its key, the file of its progress, and
+/// what it requires of the object there.
+struct Destination<'a> {
+    key: &'a str,
+    state_path: &'a Path,
+    condition: Condition<'a>,
 }
 
 async fn multipart(
     store: &ObjectStore,
-    key: &str,
+    to: &Destination<'_>,
     chunk: &LocalCopy,
-    state_path: &Path,
     job: &Job,
     part_bytes: u64,
 ) -> Result<(), S3Error> {
+    let (key, state_path) = (to.key, to.state_path);
+    let replaces = match to.condition {
+        Condition::Absent => None,
+        Condition::Matches(etag) => Some(etag.to_owned()),
+    };
     let size = job.size;
     let mut state = match load_state(state_path).await {
-        Some(st) if st.size == size && st.part_bytes == part_bytes => {
+        Some(st) if st.size == size && st.part_bytes == part_bytes && st.replaces == replaces => {
             tracing::info!(
                 key,
                 parts_done = st.parts.len(),
@@ -619,10 +682,13 @@ async fn multipart(
         }
         other => {
             if let Some(old) = other {
+                // Of another size, or of a replacement of another object (or
+                // of none): its parts are not this upload's.
                 let _ = store.abort_multipart(key, &old.upload_id).await;
+                remove_state(state_path).await;
             }
             // The completion would be refused: no part is sent for nothing.
-            if store.size(key).await?.is_some() {
+            if replaces.is_none() && store.size(key).await?.is_some() {
                 return Err(S3Error {
                     message: format!("{key} exists in S3"),
                     kind: S3ErrorKind::Exists,
@@ -635,6 +701,7 @@ async fn multipart(
                 size,
                 part_bytes,
                 parts: Vec::new(),
+                replaces,
             }
         }
     };
@@ -658,7 +725,7 @@ async fn multipart(
         save_state(state_path, &state).await?;
     }
     match store
-        .complete_multipart(key, &state.upload_id, &state.parts)
+        .complete_multipart(key, &state.upload_id, &state.parts, to.condition)
         .await
     {
         Ok(()) => {

@@ -2,8 +2,8 @@
 //! files under a root directory) behind SigV4 authentication, served over
 //! HTTP on 127.0.0.1. It can be stopped and restarted on the same port, and
 //! it counts completed uploads per key (PutObject and
-//! CompleteMultipartUpload answered 2xx), so tests can tell a repeated
-//! upload from a single one.
+//! CompleteMultipartUpload answered 2xx) and deletions, so tests can tell
+//! a repeated upload from a single one and a replacement from a deletion.
 //!
 //! Also compiled into `examples/s3_server.rs` (the benchmark's store).
 
@@ -36,6 +36,11 @@ struct Counters {
     uploads: BTreeMap<String, u32>,
     /// Parts uploaded (UploadPart answered 2xx) per key.
     parts: BTreeMap<String, u32>,
+    /// Objects deleted (DeleteObject answered 2xx) per key.
+    deletes: BTreeMap<String, u32>,
+    /// When set, conditional overwrites (`If-Match` on PutObject or
+    /// CompleteMultipartUpload) answer 501, as on a store without them.
+    refuse_if_match: bool,
     /// When set, CompleteMultipartUpload answers 503.
     refuse_completes: bool,
     /// When set, requests on the bucket itself (check, listing) answer 403;
@@ -177,6 +182,18 @@ impl TestS3 {
         counts
     }
 
+    /// How many times `key` was deleted.
+    pub fn deletes(&self, key: &str) -> u32 {
+        let c = self.counts.lock().unwrap();
+        c.deletes.get(key).copied().unwrap_or(0)
+    }
+
+    /// Makes conditional overwrites answer 501 Not Implemented (or work
+    /// again), as a store without them does.
+    pub fn refuse_if_match(&self, refuse: bool) {
+        self.counts.lock().unwrap().refuse_if_match = refuse;
+    }
+
     /// How many parts of `key` were uploaded (all multipart uploads).
     pub fn parts(&self, key: &str) -> u32 {
         let c = self.counts.lock().unwrap();
@@ -306,8 +323,20 @@ async fn counted(
         *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
         return Ok(resp);
     }
+    let writes = (method == hyper::Method::PUT && !is_part) || is_complete;
+    if writes
+        && req.headers().contains_key(hyper::header::IF_MATCH)
+        && counts.lock().unwrap().refuse_if_match
+    {
+        let mut resp = hyper::Response::new(s3s::Body::from(
+            "<Error><Code>NotImplemented</Code><Message>A header you provided implies functionality that is not implemented</Message></Error>"
+                .to_owned(),
+        ));
+        *resp.status_mut() = hyper::StatusCode::NOT_IMPLEMENTED;
+        return Ok(resp);
+    }
+    let deletes = method == hyper::Method::DELETE && !query.contains("uploadId");
     let resp = hyper::service::Service::call(service, req).await?;
-    let completes = (method == hyper::Method::PUT && !is_part) || is_complete;
     if resp.status().is_success()
         && let Some(key) = path.strip_prefix(&format!("/{BUCKET}/"))
         && !key.is_empty()
@@ -315,8 +344,10 @@ async fn counted(
         let mut c = counts.lock().unwrap();
         let map = if is_part {
             &mut c.parts
-        } else if completes {
+        } else if writes {
             &mut c.uploads
+        } else if deletes {
+            &mut c.deletes
         } else {
             return Ok(resp);
         };

@@ -850,17 +850,59 @@ async fn lost_owner_with_copies_of_two_lengths(cut_off: usize) {
 /// Afterwards every acknowledged line is on every node once and in S3,
 /// every node lists the same chunks, sizes and numbers, and a consumer that
 /// read the frozen chunk to its end on a replica before the owner came back
-/// gets the 50 lines too.
+/// gets the 50 lines too. The owner replaces the object in one conditional
+/// write: S3 never deletes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forgotten_owner_that_returns_with_more_of_its_chunk_loses_no_line() {
     let s3 = TestS3::start().await;
-    let mut cluster = s3_cluster(&s3, 3, &["--rotate-after", "1h"]).await;
+    let object = forgotten_owner_returns(&s3, 50, &[]).await;
+    assert_eq!(s3.deletes(&object), 0);
+}
+
+/// The same, with the owner's chunk larger than a part: the multipart
+/// upload replaces the object, conditionally, at its completion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_owner_replaces_the_object_by_a_multipart_upload() {
+    let s3 = TestS3::start().await;
+    let object = forgotten_owner_returns(&s3, 6 * 1024, &["--s3-part-size", "5MiB"]).await;
+    assert_eq!(s3.deletes(&object), 0);
+    assert_eq!(s3.parts(&object), 2);
+}
+
+/// The same against a store without conditional overwrites (`If-Match`
+/// answered 501): the owner deletes the object and creates its chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_owner_replaces_the_object_on_a_store_without_if_match() {
+    let s3 = TestS3::start().await;
+    s3.refuse_if_match(true);
+    let object = forgotten_owner_returns(&s3, 50, &[]).await;
+    assert_eq!(s3.deletes(&object), 1);
+}
+
+/// The schedule of the tests above: `lines` lines that only the owner
+/// holds (of 1 KiB each when there are more than 50), nodes started with
+/// `args`. Checks all but how the object was replaced, and that it was
+/// uploaded twice (for the forgotten owner, then by the owner); its key.
+async fn forgotten_owner_returns(s3: &TestS3, lines: usize, args: &[&str]) -> String {
+    let args: Vec<&str> = ["--rotate-after", "1h"]
+        .iter()
+        .chain(args)
+        .copied()
+        .collect();
+    let mut cluster = s3_cluster(s3, 3, &args).await;
     let owner = 2;
     let (name, mut sent) = copied_fifty(&cluster).await;
     for i in [0, 1] {
         cluster.link(i, owner).set_cut(true);
     }
-    let more: Vec<String> = (0..50).map(|i| format!("owner only {i:03}")).collect();
+    let pad = if lines > 50 {
+        "x".repeat(1000)
+    } else {
+        String::new()
+    };
+    let more: Vec<String> = (0..lines)
+        .map(|i| format!("owner only {i:05}{pad}"))
+        .collect();
     let body = more.join("\n") + "\n";
     let default = ProduceOptions::default();
     cluster
@@ -884,6 +926,7 @@ async fn a_forgotten_owner_that_returns_with_more_of_its_chunk_loses_no_line() {
     .await;
     let early = consume_all(&cluster.url(0), "app", "reader").await;
     assert_eq!(early.len(), 50, "{early:?}");
+    assert_eq!(s3.uploads(&object), 1);
     // Back, with its disk.
     cluster.start_node(owner).await;
     let what = "every node to list the same chunks, each complete one uploaded";
@@ -924,6 +967,8 @@ async fn a_forgotten_owner_that_returns_with_more_of_its_chunk_loses_no_line() {
     seen.sort();
     seen.dedup();
     assert_eq!(seen, sent, "the consumer");
+    assert_eq!(s3.uploads(&object), 2);
+    object
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
