@@ -602,14 +602,13 @@ impl Broker {
         // The chunk is gone (deleted) or not made yet. A position within
         // it (an ack stays at the end of a complete chunk it passed) stands
         // at the next chunk's start when there is one.
-        if pos.offset > 0
-            && let Some(first) = part
-                .chunks
-                .iter()
-                .find(|c| c.name.index > pos.index)
-                .and_then(|c| c.meta.first_line)
-        {
-            return Ok(Some(first));
+        let next_start = part
+            .chunks
+            .iter()
+            .find(|c| c.name.index > pos.index)
+            .and_then(|c| c.meta.first_line);
+        if pos.offset > 0 && next_start.is_some() {
+            return Ok(next_start);
         }
         // Else past the last chunk before it, or before everything held.
         if let Some(c) = part
@@ -620,11 +619,7 @@ impl Broker {
         {
             return Ok(c.meta.line_record().map(|r| r.end()));
         }
-        Ok(part
-            .chunks
-            .iter()
-            .find(|c| c.name.index > pos.index)
-            .and_then(|c| c.meta.first_line))
+        Ok(next_start)
     }
 
     async fn offset_fetch(&self, (group, topics): requests::OffsetFetch) -> OffsetFetchResponse {
