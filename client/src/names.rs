@@ -152,6 +152,13 @@ impl ChunkName {
         }
     }
 
+    /// What every chunk name of `owner` starts with (`owner-chunk`). Chunk
+    /// names of a node whose name starts with it do too (`owner-chunkx`):
+    /// parse what it prefixes.
+    pub fn prefix_of(owner: &str) -> String {
+        format!("{owner}{CHUNK_INFIX}")
+    }
+
     /// Parses and validates a chunk name.
     pub fn parse(name: &str) -> Result<Self, NameError> {
         let suffix_len = CHUNK_INFIX.len() + CHUNK_INDEX_DIGITS;

@@ -28,6 +28,7 @@
 //!    restore unfinished, so a crash resumes it at the next start.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -285,19 +286,28 @@ async fn ask_every_peer(
     Some((best, named, line_ends))
 }
 
-/// With S3 on, asks the store what it holds under the name of each chunk
-/// whose best copy is not recorded as uploaded. This node may have uploaded
-/// it, longer than any copy (a copy falls behind while its holder is cut
-/// off or paused), before it lost its disk: such a chunk is restored from
-/// S3 (recorded at the object's size, with the object's line numbers; those
-/// are reserved before writes go through, so that new lines are numbered
-/// after them). Asked
-/// again while the store does not answer, up to [`S3_PATIENCE`]; past it,
-/// or when the store refuses this node, the copies are restored as they are
-/// (an object found later under the name of a shorter restored chunk
-/// replaces it while no later line took the numbers of its further lines,
-/// and is replaced by it otherwise, its lines stored again: see
-/// `Storage::add_remote`). False when cancelled.
+/// With S3 on, asks the store what it holds under the names of this node's
+/// chunks that the peers hold: one listing per category, then a lookup of
+/// each object whose size no peer records as uploaded (its line numbers).
+/// - A chunk whose best copy is not recorded as uploaded: this node may
+///   have uploaded it, longer than any copy (a copy falls behind while its
+///   holder is cut off or paused), before it lost its disk.
+/// - A chunk the peers record as uploaded, of an object that is longer
+///   now: this node replaced the object its peers uploaded for it while it
+///   was forgotten (their copies frozen short), and lost its disk before
+///   they heard of it. Their record is stale; trusted, it would number the
+///   lines of the next chunk restored after its end, giving numbers that
+///   the object's last lines hold (found by the chaos soak).
+///
+/// Either is restored from S3 (recorded at the object's size, with the
+/// object's line numbers; those are reserved before writes go through, so
+/// that new lines are numbered after them). Asked again while the store
+/// does not answer, up to [`S3_PATIENCE`]; past it, or when the store
+/// refuses this node, the copies are restored as they are, and the peers'
+/// records kept (an object found later under the name of a shorter
+/// restored chunk replaces it while no later line took the numbers of its
+/// further lines, and is replaced by it otherwise, its lines stored again:
+/// see `Storage::add_remote`). False when cancelled.
 async fn look_up_in_s3(
     repl: &Arc<Replication>,
     held: &mut BTreeMap<(String, ChunkName), Best>,
@@ -306,17 +316,41 @@ async fn look_up_in_s3(
     let storage = &repl.storage;
     let deadline = tokio::time::Instant::now() + S3_PATIENCE;
     let logged = std::sync::atomic::AtomicBool::new(false);
+    let categories: BTreeSet<String> = held.keys().map(|(c, _)| c.clone()).collect();
+    let mut listings = futures_util::stream::iter(categories)
+        .map(|category| async {
+            let ask = || storage.remote_sizes(&category, repl.node());
+            let sizes = ask_s3(ask, deadline, &logged, cancel).await;
+            (category, sizes)
+        })
+        .buffer_unordered(S3_LOOKUPS);
+    let mut listed = BTreeMap::new();
+    while let Some((category, sizes)) = listings.next().await {
+        if cancel.is_cancelled() {
+            return false;
+        }
+        listed.insert(category, sizes);
+    }
+    drop(listings);
     let unknown: Vec<(String, ChunkName)> = held
         .iter()
-        .filter(|(_, b)| !b.uploaded)
+        .filter(|((category, chunk), b)| match listed.get(category) {
+            Some(Some(sizes)) => sizes
+                .get(chunk)
+                .is_some_and(|&size| !b.uploaded || size > b.size),
+            // Not listed: each chunk not recorded as uploaded is looked up.
+            _ => !b.uploaded,
+        })
         .map(|(k, _)| k.clone())
         .collect();
     let mut lookups = futures_util::stream::iter(unknown)
         .map(|key| async {
-            let found = ask_s3(storage, &key, deadline, &logged, cancel).await;
+            let ask = || storage.remote_lookup(&key.0, &key.1);
+            let found = ask_s3(ask, deadline, &logged, cancel).await;
             (key, found)
         })
         .buffer_unordered(S3_LOOKUPS);
+    let unlisted = listed.values().filter(|s| s.is_none()).count();
     let mut unanswered = 0;
     while let Some((key, found)) = lookups.next().await {
         if cancel.is_cancelled() {
@@ -333,36 +367,42 @@ async fn look_up_in_s3(
             tracing::warn!(category = %key.0, chunk = %key.1, in_s3 = size, copy = best.size, "S3 holds fewer bytes under this chunk's name than a peer's copy; restoring the copy");
             continue;
         }
+        if best.uploaded && size > best.size {
+            tracing::warn!(category = %key.0, chunk = %key.1, in_s3 = size, recorded = best.size, "S3 holds more of this chunk than the peers record as uploaded (this node replaced the object they uploaded for it while it was forgotten, and lost its disk before they heard of it); restored as S3 holds it");
+        }
         let numbers = numbers.filter(|r| r.size == size);
         best.size = size;
         best.uploaded = true;
         best.lines = numbers.map(|r| r.lines);
         best.first_line = numbers.map(|r| r.first).or(best.first_line);
     }
-    if unanswered > 0 && !cancel.is_cancelled() {
+    if (unlisted > 0 || unanswered > 0) && !cancel.is_cancelled() {
         tracing::warn!(
+            categories = unlisted,
             chunks = unanswered,
-            "S3 did not say whether it holds these chunks of this node (it refuses this node, or did not answer in time); they are restored from the peers' copies, and settled with what S3 holds under their names when it answers"
+            "S3 did not say what it holds of this node's chunks in these categories, or under these chunks' names (it refuses this node, or did not answer in time); they are restored from the peers' copies and records, and settled with what S3 holds under their names when it answers"
         );
     }
     !cancel.is_cancelled()
 }
 
-/// What S3 holds under the name of `(category, chunk)`, asked again while
-/// it fails; `None` when it did not say (it refuses this node, or did not
-/// answer by `deadline`: a store that hangs is not waited for past it), or
-/// when cancelled. The first failure is logged once for all (`logged`).
-async fn ask_s3(
-    storage: &crate::storage::Storage,
-    (category, chunk): &(String, ChunkName),
+/// Asks S3 (`ask`) again while it fails; `None` when it did not say (it
+/// refuses this node, or did not answer by `deadline`: a store that hangs
+/// is not waited for past it), or when cancelled. The first failure is
+/// logged once for all (`logged`).
+async fn ask_s3<T, F, Fut>(
+    ask: F,
     deadline: tokio::time::Instant,
     logged: &std::sync::atomic::AtomicBool,
     cancel: &CancellationToken,
-) -> Option<Option<(u64, Option<crate::storage::numbering::LineRecord>)>> {
+) -> Option<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = std::io::Result<T>>,
+{
     let mut backoff = BACKOFF_INITIAL;
     loop {
-        let asked = tokio::time::timeout_at(deadline, storage.remote_lookup(category, chunk));
-        let e = match asked.await {
+        let e = match tokio::time::timeout_at(deadline, ask()).await {
             Ok(Ok(found)) => return Some(found),
             Ok(Err(e))
                 if !matches!(
@@ -375,7 +415,7 @@ async fn ask_s3(
             _ => return None,
         };
         if !logged.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tracing::warn!(error = %e, "cannot ask S3 whether it holds chunks this node uploaded before it lost its disk; retrying");
+            tracing::warn!(error = %e, "cannot ask S3 what it holds of this node's chunks, uploaded before it lost its disk; retrying");
         }
         if sleep_or_cancel(&mut backoff, cancel).await {
             return None;
@@ -454,9 +494,26 @@ async fn restore(
         if cancel.is_cancelled() {
             return false;
         }
-        if storage.chunk_meta(category, chunk).is_some() {
+        if let Some(m) = storage.chunk_meta(category, chunk) {
             // Listed from S3 meanwhile, or restored before a restart; the
-            // peer's copy may know its numbers.
+            // peer's copy may know its numbers. Recorded short of what S3
+            // holds (by a process that trusted a stale record of the
+            // peers, or could not ask S3): settled with the object.
+            if best.uploaded && storage.tiered() && m.size < best.size {
+                match storage
+                    .add_remote(category, chunk, best.size, 0, best.line_record())
+                    .await
+                {
+                    Ok(_) => return true,
+                    Err(e) => {
+                        tracing::warn!(category, chunk = %chunk, error = %e, "cannot record a restored chunk as S3 holds it; retrying");
+                        if sleep_or_cancel(&mut backoff, cancel).await {
+                            return false;
+                        }
+                        continue;
+                    }
+                }
+            }
             if let Some(numbers) = best.line_record()
                 && let Err(e) = storage.learn_numbers(category, chunk, numbers).await
             {

@@ -77,6 +77,14 @@ pub trait RemoteChunks: Send + Sync + std::fmt::Debug {
         let _ = (category, chunk);
         Err(std::io::ErrorKind::Unsupported.into())
     }
+
+    /// The size of the object of each chunk of `owner` in `category`, from
+    /// one listing (no line numbers: [`RemoteChunks::lookup`] says them).
+    /// Errors as `lookup`'s.
+    fn sizes(&self, category: &str, owner: &str) -> std::io::Result<BTreeMap<ChunkName, u64>> {
+        let _ = (category, owner);
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// The bytes of an evicted chunk, as [`super::read::ReadAt`].
@@ -207,6 +215,23 @@ impl Storage {
         };
         let (category, chunk) = (category.to_owned(), chunk.clone());
         tokio::task::spawn_blocking(move || remote.lookup(&category, &chunk))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// The size of the object of each chunk of `owner` in `category` in the
+    /// store. Errors as [`RemoteChunks::sizes`]'s (`Unsupported` when no
+    /// store is set).
+    pub async fn remote_sizes(
+        &self,
+        category: &str,
+        owner: &str,
+    ) -> std::io::Result<BTreeMap<ChunkName, u64>> {
+        let Some(remote) = self.remote().cloned() else {
+            return Err(std::io::ErrorKind::Unsupported.into());
+        };
+        let (category, owner) = (category.to_owned(), owner.to_owned());
+        tokio::task::spawn_blocking(move || remote.sizes(&category, &owner))
             .await
             .map_err(std::io::Error::other)?
     }

@@ -842,12 +842,37 @@ impl RemoteChunks for S3Reader {
         self.runtime
             .block_on(self.store.head(&key))
             .map(|h| h.map(|h| (h.size, h.numbers)))
-            .map_err(|e| match e.kind {
-                S3ErrorKind::Auth | S3ErrorKind::NoBucket => {
-                    std::io::Error::new(std::io::ErrorKind::PermissionDenied, e)
-                }
-                _ => std::io::Error::other(e),
+            .map_err(lookup_error)
+    }
+
+    fn sizes(
+        &self,
+        category: &str,
+        owner: &str,
+    ) -> std::io::Result<std::collections::BTreeMap<ChunkName, u64>> {
+        let under = format!("{}{category}/{}", self.prefix, ChunkName::prefix_of(owner));
+        let listed = self
+            .runtime
+            .block_on(self.store.list(&under))
+            .map_err(lookup_error)?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|o| {
+                let (c, chunk) = parse_key(&self.prefix, &o.key)?;
+                (c == category && chunk.owner == owner).then_some((chunk, o.size))
             })
+            .collect())
+    }
+}
+
+/// An error of the store as [`RemoteChunks::lookup`] gives it:
+/// `PermissionDenied` when the store refuses this node.
+fn lookup_error(e: S3Error) -> std::io::Error {
+    match e.kind {
+        S3ErrorKind::Auth | S3ErrorKind::NoBucket => {
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, e)
+        }
+        _ => std::io::Error::other(e),
     }
 }
 

@@ -46,6 +46,9 @@ struct Counters {
     /// When set, requests on the bucket itself (check, listing) answer 403;
     /// requests on objects are served.
     refuse_bucket: bool,
+    /// When set, listings of the whole bucket (no prefix, or an empty one)
+    /// answer 503; listings under a prefix are served.
+    refuse_full_listings: bool,
 }
 
 type Counts = Arc<Mutex<Counters>>;
@@ -215,6 +218,13 @@ impl TestS3 {
         self.counts.lock().unwrap().refuse_bucket = refuse;
     }
 
+    /// Makes listings of the whole bucket answer 503 (or work again), while
+    /// listings under a prefix are served: a node's start-up listing fails
+    /// (it is retried), lookups of chunks by name prefix do not.
+    pub fn refuse_full_listings(&self, refuse: bool) {
+        self.counts.lock().unwrap().refuse_full_listings = refuse;
+    }
+
     /// An S3 client with the accepted credentials, for checking objects.
     pub fn client(&self) -> aws_sdk_s3::Client {
         let conf = aws_sdk_s3::Config::builder()
@@ -316,6 +326,19 @@ async fn counted(
                 .to_owned(),
         ));
         *resp.status_mut() = hyper::StatusCode::FORBIDDEN;
+        return Ok(resp);
+    }
+    let full_listing = on_bucket
+        && method == hyper::Method::GET
+        && query.split('&').any(|q| q.starts_with("list-type="))
+        && !query
+            .split('&')
+            .any(|q| q.strip_prefix("prefix=").is_some_and(|p| !p.is_empty()));
+    if full_listing && counts.lock().unwrap().refuse_full_listings {
+        let mut resp = hyper::Response::new(s3s::Body::from(
+            "<Error><Code>SlowDown</Code><Message>refused by the test</Message></Error>".to_owned(),
+        ));
+        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
         return Ok(resp);
     }
     if is_complete && counts.lock().unwrap().refuse_completes {
