@@ -494,26 +494,9 @@ async fn restore(
         if cancel.is_cancelled() {
             return false;
         }
-        if let Some(m) = storage.chunk_meta(category, chunk) {
+        if storage.chunk_meta(category, chunk).is_some() {
             // Listed from S3 meanwhile, or restored before a restart; the
-            // peer's copy may know its numbers. Recorded short of what S3
-            // holds (by a process that trusted a stale record of the
-            // peers, or could not ask S3): settled with the object.
-            if best.uploaded && storage.tiered() && m.size < best.size {
-                match storage
-                    .add_remote(category, chunk, best.size, 0, best.line_record())
-                    .await
-                {
-                    Ok(_) => return true,
-                    Err(e) => {
-                        tracing::warn!(category, chunk = %chunk, error = %e, "cannot record a restored chunk as S3 holds it; retrying");
-                        if sleep_or_cancel(&mut backoff, cancel).await {
-                            return false;
-                        }
-                        continue;
-                    }
-                }
-            }
+            // peer's copy may know its numbers.
             if let Some(numbers) = best.line_record()
                 && let Err(e) = storage.learn_numbers(category, chunk, numbers).await
             {

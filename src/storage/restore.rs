@@ -163,7 +163,7 @@ impl Storage {
         Ok(())
     }
 
-    fn restore_path(&self, category: &str, chunk: &ChunkName) -> PathBuf {
+    pub(super) fn restore_path(&self, category: &str, chunk: &ChunkName) -> PathBuf {
         self.shared
             .opts
             .data_dir

@@ -789,6 +789,84 @@ async fn a_longer_object_is_taken_only_while_the_numbers_of_its_lines_are_free()
     s.shutdown().await;
 }
 
+/// One of this node's chunks restored only as a record of its peers'
+/// shorter object (S3 could not be asked), then a line numbered after it:
+/// the longer object found later is not taken (the numbers of its further
+/// lines are given). The chunk is fetched from the object's beginning,
+/// held here and no longer recorded as uploaded, so that the uploader
+/// settles it, also after a restart. A chunk held here and recorded as
+/// uploaded (a crash between the fetch and the record's removal) is
+/// unrecorded the same way.
+#[tokio::test]
+async fn an_own_record_whose_object_grew_into_later_numbers_is_fetched_and_unrecorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tiered, remote, s) = open_with_remote(dir.path()).await;
+    let chunk = ChunkName::new("n1", 0);
+    let key = format!("app/{chunk}");
+    let short = numbering::LineRecord {
+        size: 2,
+        first: 0,
+        lines: 1,
+    };
+    let whole = numbering::LineRecord {
+        size: 4,
+        first: 0,
+        lines: 2,
+    };
+    s.reserve_own_index("app", 1).await.unwrap();
+    remote
+        .0
+        .lock()
+        .unwrap()
+        .insert(key.clone(), b"a\n".to_vec());
+    assert_eq!(
+        s.add_remote("app", &chunk, 2, 0, Some(short))
+            .await
+            .unwrap(),
+        TierOutcome::Done
+    );
+    let (d, n) = lines("new\n");
+    let next = s.append("app", d, n, true).await.unwrap().chunk;
+    assert_eq!(s.chunk_meta("app", &next).unwrap().first_line, Some(1));
+    remote.0.lock().unwrap().insert(key, b"a\nb\n".to_vec());
+    let conflict = TierOutcome::Conflicting { unique_from: 2 };
+    for _ in 0..2 {
+        assert_eq!(
+            s.add_remote("app", &chunk, 4, 0, Some(whole))
+                .await
+                .unwrap(),
+            conflict
+        );
+        let m = s.chunk_meta("app", &chunk).unwrap();
+        assert!(m.complete && m.local && !m.uploaded && m.size == 2, "{m:?}");
+        assert_eq!(m.line_record(), Some(short));
+        assert_eq!(read_all(&s, "app", &chunk).await, b"a\n");
+    }
+    s.shutdown().await;
+    drop(s);
+    let s = Storage::open(tiered.clone(), Metrics::new()).await.unwrap();
+    s.set_remote(remote.clone());
+    let m = s.chunk_meta("app", &chunk).unwrap();
+    assert!(m.complete && m.local && !m.uploaded && m.size == 2, "{m:?}");
+    // Held and recorded as uploaded, as a crash after the fetch leaves it.
+    s.mark_uploaded("app", &chunk).await.unwrap();
+    assert!(s.chunk_meta("app", &chunk).unwrap().uploaded);
+    assert_eq!(
+        s.add_remote("app", &chunk, 4, 0, Some(whole))
+            .await
+            .unwrap(),
+        conflict
+    );
+    assert!(!s.chunk_meta("app", &chunk).unwrap().uploaded);
+    s.shutdown().await;
+    drop(s);
+    let s = Storage::open(tiered, Metrics::new()).await.unwrap();
+    let m = s.chunk_meta("app", &chunk).unwrap();
+    assert!(m.complete && m.local && !m.uploaded && m.size == 2, "{m:?}");
+    assert_eq!(category_lines(&s, "app").await, ["a", "new"]);
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn only_uploaded_chunks_are_evicted_and_they_read_back_from_the_remote() {
     let dir = tempfile::tempdir().unwrap();

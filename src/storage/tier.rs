@@ -161,6 +161,10 @@ fn append(dir: &Path, line: &str) -> Result<(), StorageError> {
     LOG.append(dir, line)
 }
 
+/// Bytes of an object read at a time while fetching one of this node's
+/// chunks from it (`Storage::fetch_own`).
+const FETCH_PIECE_BYTES: u64 = 8 << 20;
+
 /// Removes `chunk`'s upload record durably (with the category's state lock
 /// held): a copy reopened to copy the rest of its owner's chunk is no longer
 /// what was uploaded.
@@ -290,7 +294,18 @@ impl Storage {
     ///   (its owner replaces it); a record here of another owner's object
     ///   (`local: false`, `uploaded: true`) follows the object (from the
     ///   bucket or the owner's listing) when it became shorter: the owner
-    ///   replaced one that this node took before it knew the next chunk.
+    ///   replaced one that this node took before it knew the next chunk;
+    /// - one of this node's chunks held only as a record (`local: false`)
+    ///   of a shorter object than the one now under its name, whose further
+    ///   lines' numbers this node gave to later lines since, is fetched
+    ///   from the object's beginning to be held here again, and settled as
+    ///   such a chunk held here ([`TierOutcome::Conflicting`]). This is a
+    ///   wiped node whose restore could not ask S3, and trusted its peers'
+    ///   record of an object it had replaced before it lost its disk.
+    ///
+    /// A chunk of this node held here and recorded as uploaded, that the
+    /// object cannot become, is no longer recorded so: the uploader then
+    /// settles it (stores the object's own lines again, and replaces it).
     ///
     /// Creates the category if needed. `numbers`: the chunk's line numbers,
     /// when the caller knows them (from the owner's listing or the object's
@@ -312,9 +327,22 @@ impl Storage {
         };
         let end = numbers.filter(|r| r.size == size).map(|r| r.end());
         if own
+            && let Some(m) = cat
+                .meta(chunk)
+                .filter(|m| m.complete && !m.local && m.size < size)
+            && end.is_some()
+            && !self.reserve_lines_after(&cat, chunk, end, false).await?
+        {
+            tracing::warn!(category, chunk = %chunk, recorded = m.size, in_s3 = size, ends_at = end, "S3 holds more of one of this node's chunks than recorded here, and this node numbered later lines after the record (it restored the record from its peers while S3 could not be asked, after it had replaced their shorter object); fetching the recorded bytes from S3, to keep the chunk as recorded and store the object's further lines again");
+            self.fetch_own(&cat, chunk, m.size).await?;
+        }
+        if own
             && let Some(m) = cat.meta(chunk).filter(|m| m.complete && m.local)
             && let Some(conflict) = self.against_own(&cat, chunk, m, size, end).await?
         {
+            if m.uploaded {
+                self.unrecord_own(&cat, chunk, m.size).await?;
+            }
             return Ok(conflict);
         }
         // One of this node's chunks not held here (not restored yet): its
@@ -389,6 +417,66 @@ impl Storage {
         }
         self.take_object(&cat, chunk, held, size, created_ms, numbers)
             .await
+    }
+
+    /// Fetches the first `size` bytes of the object of one of this node's
+    /// chunks, held here only as a record of that size, into its chunk file,
+    /// and records it as held here and not uploaded (the object is not the
+    /// chunk: see `add_remote`). The file goes first: a crash before the
+    /// upload record is removed leaves the chunk held and recorded as
+    /// uploaded, which the next listing of the bucket settles as here.
+    async fn fetch_own(
+        &self,
+        cat: &Arc<Category>,
+        chunk: &ChunkName,
+        size: u64,
+    ) -> Result<(), StorageError> {
+        let Some(remote) = self.remote().cloned() else {
+            return Err(StorageError::io(
+                "no object store to fetch a chunk from",
+                std::io::ErrorKind::Unsupported.into(),
+            ));
+        };
+        let (tmp, path) = (self.restore_path(&cat.name, chunk), cat.chunk_path(chunk));
+        let (cat2, chunk2) = (cat.clone(), chunk.clone());
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::create(&tmp)?;
+            let mut buf = vec![0u8; FETCH_PIECE_BYTES.min(size) as usize];
+            let mut at = 0;
+            while at < size {
+                let piece = &mut buf[..FETCH_PIECE_BYTES.min(size - at) as usize];
+                remote.read_exact_at(&cat2.name, &chunk2, piece, at)?;
+                f.write_all_at(piece, at)?;
+                at += piece.len() as u64;
+            }
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            fsync_dir(&cat2.dir)
+        })
+        .await
+        .map_err(|e| StorageError::io("fetch task failed", std::io::Error::other(e)))?
+        .map_err(|e| StorageError::io(format!("cannot fetch chunk {chunk} from S3"), e))?;
+        self.write_record(cat, chunk, None).await?;
+        // Never evictable: held and uploaded at once.
+        cat.set_tier(chunk, Some(false), Some(true));
+        Ok(())
+    }
+
+    /// Removes the upload record of one of this node's chunks held here, of
+    /// `size` bytes, that the object under its name is not: durably, so
+    /// that the uploader settles it, also after a restart.
+    async fn unrecord_own(
+        &self,
+        cat: &Arc<Category>,
+        chunk: &ChunkName,
+        size: u64,
+    ) -> Result<(), StorageError> {
+        self.write_record(cat, chunk, None).await?;
+        if cat.set_tier(chunk, Some(false), None) {
+            self.shared.disk.sub_reclaimable(size);
+        }
+        Ok(())
     }
 
     /// Replaces a complete copy of another owner's chunk by the shorter

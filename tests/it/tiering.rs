@@ -984,21 +984,92 @@ async fn forgotten_owner_returns(s3: &TestS3, lines: usize, args: &[&str]) -> St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_owner_restores_the_object_it_replaced_not_its_peers_short_record() {
     let s3 = TestS3::start().await;
-    let mut cluster = s3_cluster(&s3, 3, &["--rotate-after", "1h"]).await;
+    let mut w = replaced_then_wiped(&s3).await;
+    s3.refuse_full_listings(true);
+    w.cluster.start_node(w.owner).await;
+    let restored = eventually(CONDITION_DEADLINE, "the chunk restored", || async {
+        let list = w.cluster.client(w.owner).chunks("app").await.ok()?;
+        list.into_iter().find(|c| c.name == w.name)
+    })
+    .await;
+    assert_eq!(
+        (restored.size, restored.first_line, restored.lines),
+        (w.full, Some(0), Some(70)),
+        "{restored:?}"
+    );
+    s3.refuse_full_listings(false);
+    w.cluster.wait_writes_open(w.owner).await;
+    let next = w.produce_one().await;
+    assert_eq!(next.first_line, Some(70), "{next:?}");
+    w.settles(&s3, w.full).await;
+}
+
+/// The schedule of the test above, where the wiped owner cannot ask S3 at
+/// its restore (the bucket refuses it): it restores its peers' record of
+/// the short object and numbers its next lines after it. Once S3 answers,
+/// the object under the chunk's name is found longer, with numbers those
+/// lines took: the owner fetches the chunk as recorded from the object's
+/// beginning, stores the object's further lines again as new lines, and
+/// replaces the object with the chunk, so that no number is given twice
+/// and no line is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_owner_that_could_not_ask_s3_stores_again_what_its_replacement_held_more() {
+    let s3 = TestS3::start().await;
+    let mut w = replaced_then_wiped(&s3).await;
+    s3.refuse_bucket(true);
+    w.cluster.start_node(w.owner).await;
+    w.cluster.wait_writes_open(w.owner).await;
+    let restored = w.cluster.client(w.owner).chunks("app").await.unwrap()[0].clone();
+    assert_eq!(
+        (
+            restored.size,
+            restored.first_line,
+            restored.lines,
+            restored.local
+        ),
+        (w.short, Some(0), Some(50), false),
+        "{restored:?}"
+    );
+    let next = w.produce_one().await;
+    assert_eq!(next.first_line, Some(50), "{next:?}");
+    s3.refuse_bucket(false);
+    w.settles(&s3, w.short).await;
+    let logs = w.cluster.logs(w.owner);
+    assert!(
+        logs.contains("fetching the recorded bytes from S3"),
+        "{logs}"
+    );
+}
+
+/// A cluster whose node `owner` replaced the object of its chunk `name`
+/// (`full` bytes; its peers uploaded its first `short` bytes while it was
+/// forgotten, and record their copies so), then was killed and wiped.
+struct ReplacedThenWiped {
+    cluster: crate::cluster::TestCluster,
+    owner: usize,
+    name: String,
+    full: u64,
+    short: u64,
+    /// Every line acknowledged, sorted.
+    sent: Vec<String>,
+}
+
+async fn replaced_then_wiped(s3: &TestS3) -> ReplacedThenWiped {
+    let mut cluster = s3_cluster(s3, 3, &["--rotate-after", "1h"]).await;
     let owner = 2;
     let (name, mut sent) = copied_fifty(&cluster).await;
-    // The peers stay cut off from the owner to the end of the restore.
+    // The peers stay cut off from the owner until the test heals them.
     for i in [0, 1] {
         cluster.link(i, owner).set_cut(true);
     }
     let more: Vec<String> = (0..20).map(|i| format!("owner only {i:03}")).collect();
-    let default = ProduceOptions::default();
     cluster
         .client(owner)
-        .produce("app", more.join("\n") + "\n", &default)
+        .produce("app", more.join("\n") + "\n", &ProduceOptions::default())
         .await
         .unwrap();
     sent.extend(more);
+    sent.sort();
     let full = cluster.client(owner).chunks("app").await.unwrap()[0].size;
     let short = cluster.client(0).chunks("app").await.unwrap()[0].size;
     assert!(short < full);
@@ -1028,63 +1099,80 @@ async fn a_wiped_owner_restores_the_object_it_replaced_not_its_peers_short_recor
     }
     cluster.kill(owner).await;
     std::fs::remove_dir_all(&cluster.dirs[owner]).unwrap();
-    s3.refuse_full_listings(true);
-    cluster.start_node(owner).await;
-    let restored = eventually(CONDITION_DEADLINE, "the chunk restored", || async {
-        let list = cluster.client(owner).chunks("app").await.ok()?;
-        list.into_iter().find(|c| c.name == name)
-    })
-    .await;
-    assert_eq!(
-        (restored.size, restored.first_line, restored.lines),
-        (full, Some(0), Some(70)),
-        "{restored:?}"
-    );
-    s3.refuse_full_listings(false);
-    cluster.wait_writes_open(owner).await;
-    let after = "after the wipe".to_owned();
-    let p = cluster
-        .client(owner)
-        .produce("app", format!("{after}\n"), &default)
-        .await
-        .unwrap();
-    sent.push(after);
-    sent.sort();
-    let next = cluster.client(owner).chunks("app").await.unwrap();
-    let next = next
-        .iter()
-        .find(|c| Some(&c.name) == p.chunk.as_ref())
-        .unwrap();
-    assert_eq!(next.first_line, Some(70), "{next:?}");
-    for i in [0, 1] {
-        cluster.link(i, owner).set_cut(false);
+    ReplacedThenWiped {
+        cluster,
+        owner,
+        name,
+        full,
+        short,
+        sent,
     }
-    let list = eventually(
-        CONDITION_DEADLINE,
-        "every node to list the same chunks",
-        || async {
+}
+
+impl ReplacedThenWiped {
+    /// Writes one line to the owner; the chunk it went to, as listed.
+    async fn produce_one(&mut self) -> ChunkInfo {
+        let line = "after the wipe".to_owned();
+        let client = self.cluster.client(self.owner);
+        let p = client
+            .produce("app", format!("{line}\n"), &ProduceOptions::default())
+            .await
+            .unwrap();
+        self.sent.push(line);
+        self.sent.sort();
+        let list = client.chunks("app").await.unwrap();
+        list.into_iter()
+            .find(|c| Some(&c.name) == p.chunk.as_ref())
+            .unwrap()
+    }
+
+    /// Waits until S3 holds the chunk `name` at `size` bytes, heals the
+    /// links, then checks that every node lists the same chunks, numbered
+    /// without a gap or a number given twice, every line once, and the
+    /// chunk in S3 as every node holds it.
+    async fn settles(&self, s3: &TestS3, size: u64) {
+        let cluster = &self.cluster;
+        let object = key("app", &self.name);
+        eventually(
+            CONDITION_DEADLINE,
+            "the object of the chunk settled",
+            || async { (s3.get(&object).await?.len() as u64 == size).then_some(()) },
+        )
+        .await;
+        for i in [0, 1] {
+            cluster.link(i, self.owner).set_cut(false);
+        }
+        let what = "every node to list the same chunks, each complete one uploaded";
+        let list = eventually(CONDITION_DEADLINE, what, || async {
             let mut lists = Vec::new();
             for i in 0..3 {
-                lists.push(cluster.client(i).chunks("app").await.ok()?);
+                let list = cluster.client(i).chunks("app").await.ok()?;
+                list.iter()
+                    .all(|c| !c.complete || c.uploaded)
+                    .then_some(())?;
+                lists.push(list);
             }
             let key = |l: &Vec<ChunkInfo>| -> Vec<_> {
                 l.iter()
-                    .map(|c| (c.name.clone(), c.size, c.first_line, c.lines))
+                    .map(|c| (c.name.clone(), c.size, c.complete, c.first_line, c.lines))
                     .collect()
             };
             (key(&lists[0]) == key(&lists[1]) && key(&lists[1]) == key(&lists[2]))
                 .then(|| lists.swap_remove(0))
-        },
-    )
-    .await;
-    crate::cluster::check_numbering("app", &list);
-    for i in 0..3 {
-        let mut lines = all_lines(&cluster.client(i), "app").await;
-        lines.sort();
-        assert_eq!(lines, sent, "node {i}");
+        })
+        .await;
+        crate::cluster::check_numbering("app", &list);
+        assert_eq!(list[0].size, size, "{list:?}");
+        for i in 0..3 {
+            let mut lines = all_lines(&cluster.client(i), "app").await;
+            lines.sort();
+            assert_eq!(lines, self.sent, "node {i}");
+        }
+        let held = read_all(&cluster.client(0), "app", &list[0]).await;
+        assert!(s3.get(&object).await == Some(held));
+        let logs = cluster.logs(self.owner);
+        assert!(!logs.contains("share numbers"), "{logs}");
     }
-    let logs = cluster.logs(owner);
-    assert!(!logs.contains("share numbers"), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
