@@ -23,7 +23,9 @@
 //!    then complete their copies from it. With S3 on, a chunk is recorded as
 //!    in S3 instead when a peer says it is uploaded, or when S3 holds an
 //!    object of that name at least as long as the largest copy (this node
-//!    uploaded it before it lost its disk, and the copies fell behind): S3
+//!    uploaded it before it lost its disk, and the copies fell behind), at
+//!    the object's size when that is longer than the peers' record (this
+//!    node replaced the object they uploaded while it was forgotten): S3
 //!    is asked before writes go through. `<data>/.restoring.json` marks the
 //!    restore unfinished, so a crash resumes it at the next start.
 

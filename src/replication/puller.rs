@@ -183,7 +183,7 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
                         (Some(m), None) if m.uploaded => {}
                         _ => {
                             repl.storage
-                                .add_remote(&c.category, &name, c.size, 0, c.line_record())
+                                .add_owners_upload(&c.category, &name, c.size, c.line_record())
                                 .await?;
                             if repl
                                 .storage

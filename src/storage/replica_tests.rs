@@ -337,6 +337,56 @@ async fn a_record_without_bytes_follows_an_object_its_owner_made_shorter() {
     s.shutdown().await;
 }
 
+/// A chunk listed here as held by other nodes, complete at 4 bytes, whose
+/// owner then lists it as uploaded at 2 (it lost its disk and restored it
+/// as its peers or S3 held it: the chaos soak's `--replicas 2`, where this
+/// node did not hold the chunk): the listing follows its owner's word, and
+/// is recorded as in S3 at 2 bytes with its numbers, also across a
+/// restart. An object alone does not shrink it (above); nor does the
+/// owner's word shrink a copy held here.
+#[tokio::test]
+async fn a_listing_held_elsewhere_follows_its_owners_shorter_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open_tiered(dir.path()).await;
+    let [listed, copied] = [0, 1].map(|i| ChunkName::new("eu2", i));
+    s.note_elsewhere("app", &listed, 4, true, Some(0), None)
+        .unwrap();
+    s.replica_append("app", &copied, 0, Bytes::from_static(b"a\nb\n"))
+        .await
+        .unwrap();
+    s.replica_complete("app", &copied, 4).await.unwrap();
+    let numbers = numbering::LineRecord {
+        size: 2,
+        first: 0,
+        lines: 1,
+    };
+    assert_eq!(
+        s.add_owners_upload("app", &listed, 2, Some(numbers))
+            .await
+            .unwrap(),
+        TierOutcome::Done
+    );
+    assert_eq!(
+        s.add_owners_upload("app", &copied, 2, Some(numbers))
+            .await
+            .unwrap(),
+        TierOutcome::NotEligible
+    );
+    let check = |s: &Storage| {
+        let m = s.chunk_meta("app", &listed).unwrap();
+        assert!(m.complete && m.uploaded && !m.local && m.size == 2, "{m:?}");
+        assert_eq!(m.line_record(), Some(numbers));
+        let m = s.chunk_meta("app", &copied).unwrap();
+        assert!(m.complete && !m.uploaded && m.local && m.size == 4, "{m:?}");
+    };
+    check(&s);
+    s.shutdown().await;
+    drop(s);
+    let s = open_tiered(dir.path()).await;
+    check(&s);
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn forgetting_an_owner_records_only_its_open_chunks() {
     let dir = tempfile::tempdir().unwrap();

@@ -479,6 +479,31 @@ impl Storage {
         Ok(())
     }
 
+    /// Records another owner's chunk that its owner lists as uploaded at
+    /// `size` bytes (its word, from its listing), as [`Storage::add_remote`]
+    /// does, except that a listing here of the chunk as held by other nodes
+    /// (no bytes here) at more bytes follows it. The owner lost its disk
+    /// and restored the chunk as its peers or S3 held it: the bytes past
+    /// that were on no node that answered it. A copy held here is never
+    /// cut back.
+    pub async fn add_owners_upload(
+        &self,
+        category: &str,
+        chunk: &ChunkName,
+        size: u64,
+        numbers: Option<LineRecord>,
+    ) -> Result<TierOutcome, StorageError> {
+        if let Some(m) = self.chunk_meta(category, chunk)
+            && m.elsewhere()
+            && m.size > size
+        {
+            tracing::warn!(category, chunk = %chunk, listed = m.size, uploaded = size, "another node lists one of its chunks, listed here before at more bytes as held by other nodes, as uploaded shorter (it lost its disk, and restored the chunk as its peers or S3 held it); following it");
+            // Its numbers are recorded with its upload, next.
+            self.note_elsewhere(category, chunk, size, true, None, None)?;
+        }
+        self.add_remote(category, chunk, size, 0, numbers).await
+    }
+
     /// Replaces a complete copy of another owner's chunk by the shorter
     /// object of `size` bytes that S3 holds under its name (its beginning):
     /// a lost owner's chunk uploaded by another replica while this node
