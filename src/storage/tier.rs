@@ -214,13 +214,8 @@ impl Storage {
         category: &str,
         chunk: &ChunkName,
     ) -> std::io::Result<Option<(u64, Option<LineRecord>)>> {
-        let Some(remote) = self.remote().cloned() else {
-            return Err(std::io::ErrorKind::Unsupported.into());
-        };
         let (category, chunk) = (category.to_owned(), chunk.clone());
-        tokio::task::spawn_blocking(move || remote.lookup(&category, &chunk))
-            .await
-            .map_err(std::io::Error::other)?
+        self.ask_remote(move |r| r.lookup(&category, &chunk)).await
     }
 
     /// The size of the object of each chunk of `owner` in `category` in the
@@ -231,11 +226,20 @@ impl Storage {
         category: &str,
         owner: &str,
     ) -> std::io::Result<BTreeMap<ChunkName, u64>> {
+        let (category, owner) = (category.to_owned(), owner.to_owned());
+        self.ask_remote(move |r| r.sizes(&category, &owner)).await
+    }
+
+    /// Runs `ask` on the object store's reader, off the async threads (it
+    /// blocks); `Unsupported` when no store is set.
+    async fn ask_remote<T: Send + 'static>(
+        &self,
+        ask: impl FnOnce(&dyn RemoteChunks) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
         let Some(remote) = self.remote().cloned() else {
             return Err(std::io::ErrorKind::Unsupported.into());
         };
-        let (category, owner) = (category.to_owned(), owner.to_owned());
-        tokio::task::spawn_blocking(move || remote.sizes(&category, &owner))
+        tokio::task::spawn_blocking(move || ask(remote.as_ref()))
             .await
             .map_err(std::io::Error::other)?
     }

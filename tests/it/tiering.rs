@@ -929,31 +929,7 @@ async fn forgotten_owner_returns(s3: &TestS3, lines: usize, args: &[&str]) -> St
     assert_eq!(s3.uploads(&object), 1);
     // Back, with its disk.
     cluster.start_node(owner).await;
-    let what = "every node to list the same chunks, each complete one uploaded";
-    let list = eventually(CONDITION_DEADLINE, what, || async {
-        let mut lists = Vec::new();
-        for i in 0..3 {
-            let list = cluster.client(i).chunks("app").await.ok()?;
-            list.iter()
-                .all(|c| !c.complete || c.uploaded)
-                .then_some(())?;
-            lists.push(list);
-        }
-        let key = |l: &Vec<ChunkInfo>| -> Vec<_> {
-            l.iter()
-                .map(|c| (c.name.clone(), c.size, c.complete, c.first_line, c.lines))
-                .collect()
-        };
-        (key(&lists[0]) == key(&lists[1]) && key(&lists[1]) == key(&lists[2]))
-            .then(|| lists.swap_remove(0))
-    })
-    .await;
-    crate::cluster::check_numbering("app", &list);
-    for i in 0..3 {
-        let mut lines = all_lines(&cluster.client(i), "app").await;
-        lines.sort();
-        assert_eq!(lines, sent, "node {i}");
-    }
+    let list = settled_alike(&cluster, &sent).await;
     for c in list.iter().filter(|c| c.complete) {
         let held = read_all(&cluster.client(0), "app", c).await;
         assert!(
@@ -987,11 +963,7 @@ async fn a_wiped_owner_restores_the_object_it_replaced_not_its_peers_short_recor
     let mut w = replaced_then_wiped(&s3).await;
     s3.refuse_full_listings(true);
     w.cluster.start_node(w.owner).await;
-    let restored = eventually(CONDITION_DEADLINE, "the chunk restored", || async {
-        let list = w.cluster.client(w.owner).chunks("app").await.ok()?;
-        list.into_iter().find(|c| c.name == w.name)
-    })
-    .await;
+    let restored = w.restored().await;
     assert_eq!(
         (restored.size, restored.first_line, restored.lines),
         (w.full, Some(0), Some(70)),
@@ -1018,8 +990,7 @@ async fn a_wiped_owner_that_could_not_ask_s3_stores_again_what_its_replacement_h
     let mut w = replaced_then_wiped(&s3).await;
     s3.refuse_bucket(true);
     w.cluster.start_node(w.owner).await;
-    w.cluster.wait_writes_open(w.owner).await;
-    let restored = w.cluster.client(w.owner).chunks("app").await.unwrap()[0].clone();
+    let restored = w.restored().await;
     assert_eq!(
         (
             restored.size,
@@ -1030,6 +1001,7 @@ async fn a_wiped_owner_that_could_not_ask_s3_stores_again_what_its_replacement_h
         (w.short, Some(0), Some(50), false),
         "{restored:?}"
     );
+    w.cluster.wait_writes_open(w.owner).await;
     let next = w.produce_one().await;
     assert_eq!(next.first_line, Some(50), "{next:?}");
     s3.refuse_bucket(false);
@@ -1039,6 +1011,39 @@ async fn a_wiped_owner_that_could_not_ask_s3_stores_again_what_its_replacement_h
         logs.contains("fetching the recorded bytes from S3"),
         "{logs}"
     );
+}
+
+/// Waits until the three nodes of `cluster` list the same chunks of `app`
+/// (names, sizes, completeness, numbers), each complete one uploaded; then
+/// checks their numbering, and that each node serves exactly the lines
+/// `sent` (sorted). Their list.
+async fn settled_alike(cluster: &crate::cluster::TestCluster, sent: &[String]) -> Vec<ChunkInfo> {
+    let what = "every node to list the same chunks, each complete one uploaded";
+    let list = eventually(CONDITION_DEADLINE, what, || async {
+        let mut lists = Vec::new();
+        for i in 0..3 {
+            let list = cluster.client(i).chunks("app").await.ok()?;
+            list.iter()
+                .all(|c| !c.complete || c.uploaded)
+                .then_some(())?;
+            lists.push(list);
+        }
+        let key = |l: &Vec<ChunkInfo>| -> Vec<_> {
+            l.iter()
+                .map(|c| (c.name.clone(), c.size, c.complete, c.first_line, c.lines))
+                .collect()
+        };
+        (key(&lists[0]) == key(&lists[1]) && key(&lists[1]) == key(&lists[2]))
+            .then(|| lists.swap_remove(0))
+    })
+    .await;
+    crate::cluster::check_numbering("app", &list);
+    for i in 0..3 {
+        let mut lines = all_lines(&cluster.client(i), "app").await;
+        lines.sort();
+        assert_eq!(lines, sent, "node {i}");
+    }
+    list
 }
 
 /// A cluster whose node `owner` replaced the object of its chunk `name`
@@ -1110,6 +1115,16 @@ async fn replaced_then_wiped(s3: &TestS3) -> ReplacedThenWiped {
 }
 
 impl ReplacedThenWiped {
+    /// The chunk `name` as the owner lists it once restored (writes open
+    /// before the restore, which goes on in the background).
+    async fn restored(&self) -> ChunkInfo {
+        eventually(CONDITION_DEADLINE, "the chunk restored", || async {
+            let list = self.cluster.client(self.owner).chunks("app").await.ok()?;
+            list.into_iter().find(|c| c.name == self.name)
+        })
+        .await
+    }
+
     /// Writes one line to the owner; the chunk it went to, as listed.
     async fn produce_one(&mut self) -> ChunkInfo {
         let line = "after the wipe".to_owned();
@@ -1142,32 +1157,8 @@ impl ReplacedThenWiped {
         for i in [0, 1] {
             cluster.link(i, self.owner).set_cut(false);
         }
-        let what = "every node to list the same chunks, each complete one uploaded";
-        let list = eventually(CONDITION_DEADLINE, what, || async {
-            let mut lists = Vec::new();
-            for i in 0..3 {
-                let list = cluster.client(i).chunks("app").await.ok()?;
-                list.iter()
-                    .all(|c| !c.complete || c.uploaded)
-                    .then_some(())?;
-                lists.push(list);
-            }
-            let key = |l: &Vec<ChunkInfo>| -> Vec<_> {
-                l.iter()
-                    .map(|c| (c.name.clone(), c.size, c.complete, c.first_line, c.lines))
-                    .collect()
-            };
-            (key(&lists[0]) == key(&lists[1]) && key(&lists[1]) == key(&lists[2]))
-                .then(|| lists.swap_remove(0))
-        })
-        .await;
-        crate::cluster::check_numbering("app", &list);
+        let list = settled_alike(cluster, &self.sent).await;
         assert_eq!(list[0].size, size, "{list:?}");
-        for i in 0..3 {
-            let mut lines = all_lines(&cluster.client(i), "app").await;
-            lines.sort();
-            assert_eq!(lines, self.sent, "node {i}");
-        }
         let held = read_all(&cluster.client(0), "app", &list[0]).await;
         assert!(s3.get(&object).await == Some(held));
         let logs = cluster.logs(self.owner);
