@@ -40,7 +40,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 use crate::storage::numbering::LineRecord;
-use crate::storage::{RemoteChunks, Storage};
+use crate::storage::{RemoteChunks, Storage, StorageError};
 pub use store::{ObjectStore, S3Error, S3ErrorKind};
 
 /// Default age after which an uploaded chunk's local copy is evicted.
@@ -688,13 +688,13 @@ impl Tiering {
             }
         }
         let mut backoff = uploader::Backoff::default();
-        loop {
+        let mut failed = loop {
             match self.list_once(cfg, store).await {
-                Ok(found) => {
+                Ok((found, failed)) => {
                     tracing::info!(bucket = %cfg.bucket, chunks = found, "S3 bucket listed");
                     self.writes_open.store(true, Ordering::SeqCst);
                     self.storage.open_writes(WRITE_GATE);
-                    return;
+                    break failed;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot list the S3 bucket; retrying");
@@ -705,12 +705,49 @@ impl Tiering {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
+        };
+        // A chunk that could not be recorded (S3 failed between the listing
+        // and a lookup or download, the disk refused its record) is tried
+        // again: nothing else revisits it until the next start, and one of
+        // this node's own may be held short of what its object holds.
+        let mut backoff = uploader::Backoff::default();
+        while !failed.is_empty() {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+            // As the bucket holds them now: an object may have been
+            // replaced (or deleted) since.
+            let mut again = Vec::new();
+            let mut unlisted = Vec::new();
+            for (category, chunk, o) in failed {
+                match store.list(&o.key).await {
+                    Ok(listed) => again.extend(
+                        listed
+                            .into_iter()
+                            .find(|l| l.key == o.key)
+                            .map(|l| (category, chunk, l)),
+                    ),
+                    Err(e) => {
+                        tracing::warn!(key = %o.key, error = %e, "cannot look up a chunk in S3; trying again");
+                        self.record_error(&e);
+                        unlisted.push((category, chunk, o));
+                    }
+                }
+            }
+            failed = self.record_found(store, again).await;
+            failed.extend(unlisted);
         }
     }
 
-    /// Records every chunk object under the prefix that is not held here;
-    /// returns how many objects were chunks.
-    async fn list_once(&self, cfg: &S3Config, store: &ObjectStore) -> Result<usize, S3Error> {
+    /// Records every chunk object under the prefix that is not held here.
+    /// Returns how many objects were chunks, and the objects that could not
+    /// be recorded.
+    async fn list_once(
+        &self,
+        cfg: &S3Config,
+        store: &ObjectStore,
+    ) -> Result<(usize, Vec<Found>), S3Error> {
         let listed = store.list(&cfg.prefix).await?;
         let mut found = 0;
         let mut new = Vec::new();
@@ -719,17 +756,22 @@ impl Tiering {
                 continue;
             };
             found += 1;
-            // Anything else (held at another size included) is the
-            // storage's to settle (see `Storage::add_remote`).
-            if self
-                .storage
-                .chunk_meta(&category, &chunk)
-                .is_some_and(|m| m.uploaded && m.size == o.size)
-            {
-                continue;
-            }
             new.push((category, chunk, o));
         }
+        Ok((found, self.record_found(store, new).await))
+    }
+
+    /// Records the objects `found` that are not held here as they are;
+    /// returns those that could not be.
+    async fn record_found(&self, store: &ObjectStore, found: Vec<Found>) -> Vec<Found> {
+        // Anything else (held at another size included) is the storage's to
+        // settle (see `Storage::add_remote`).
+        let new = found.into_iter().filter(|(category, chunk, o)| {
+            !self
+                .storage
+                .chunk_meta(category, chunk)
+                .is_some_and(|m| m.uploaded && m.size == o.size)
+        });
         // The objects' metadata numbers their lines (uploads by earlier
         // versions have none): a few lookups at a time.
         let mut heads = futures_util::stream::iter(new)
@@ -745,18 +787,34 @@ impl Tiering {
                 (category, chunk, o, numbers)
             })
             .buffered(LIST_LOOKUPS);
+        let mut failed = Vec::new();
         while let Some((category, chunk, o, numbers)) = heads.next().await {
             if let Err(e) = self
                 .storage
                 .add_remote(&category, &chunk, o.size, o.modified_ms, numbers)
                 .await
             {
-                tracing::warn!(category, chunk = %chunk, error = %e, "cannot record a chunk found in S3");
+                // A name or limit refused stays refused.
+                if matches!(
+                    e,
+                    StorageError::Io { .. }
+                        | StorageError::DiskFull(_)
+                        | StorageError::OutOfFiles { .. }
+                        | StorageError::Remote { .. }
+                ) {
+                    tracing::warn!(category, chunk = %chunk, error = %e, "cannot record a chunk found in S3; trying again");
+                    failed.push((category, chunk, o));
+                } else {
+                    tracing::warn!(category, chunk = %chunk, error = %e, "cannot record a chunk found in S3");
+                }
             }
         }
-        Ok(found)
+        failed
     }
 }
+
+/// A chunk object found in the bucket: its category, name and listing.
+type Found = (String, ChunkName, store::Listed);
 
 /// Object lookups in flight while recording the chunks found in S3.
 const LIST_LOOKUPS: usize = 16;

@@ -49,6 +49,9 @@ struct Counters {
     /// When set, listings of the whole bucket (no prefix, or an empty one)
     /// answer 503; listings under a prefix are served.
     refuse_full_listings: bool,
+    /// When set, reads of objects (GET on a key) answer 503; lookups
+    /// (HEAD) and listings are served.
+    refuse_object_reads: bool,
 }
 
 type Counts = Arc<Mutex<Counters>>;
@@ -225,6 +228,13 @@ impl TestS3 {
         self.counts.lock().unwrap().refuse_full_listings = refuse;
     }
 
+    /// Makes reads of objects answer 503 (or work again), while lookups
+    /// and listings are served: a node finds a chunk, but cannot download
+    /// it.
+    pub fn refuse_object_reads(&self, refuse: bool) {
+        self.counts.lock().unwrap().refuse_object_reads = refuse;
+    }
+
     /// An S3 client with the accepted credentials, for checking objects.
     pub fn client(&self) -> aws_sdk_s3::Client {
         let conf = aws_sdk_s3::Config::builder()
@@ -335,6 +345,13 @@ async fn counted(
             .split('&')
             .any(|q| q.strip_prefix("prefix=").is_some_and(|p| !p.is_empty()));
     if full_listing && counts.lock().unwrap().refuse_full_listings {
+        let mut resp = hyper::Response::new(s3s::Body::from(
+            "<Error><Code>SlowDown</Code><Message>refused by the test</Message></Error>".to_owned(),
+        ));
+        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+        return Ok(resp);
+    }
+    if method == hyper::Method::GET && !on_bucket && counts.lock().unwrap().refuse_object_reads {
         let mut resp = hyper::Response::new(s3s::Body::from(
             "<Error><Code>SlowDown</Code><Message>refused by the test</Message></Error>".to_owned(),
         ));

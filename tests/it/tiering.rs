@@ -1013,6 +1013,37 @@ async fn a_wiped_owner_that_could_not_ask_s3_stores_again_what_its_replacement_h
     );
 }
 
+/// As above, but when S3 answers again it serves lookups and refuses
+/// downloads: the start-up listing finds the object and cannot fetch the
+/// recorded bytes. The node tries again (it is not left short until its next
+/// start), and the chunk settles as above once S3 serves reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_owner_tries_again_the_fetch_that_s3_refused() {
+    let s3 = TestS3::start().await;
+    let mut w = replaced_then_wiped(&s3).await;
+    s3.refuse_bucket(true);
+    w.cluster.start_node(w.owner).await;
+    let restored = w.restored().await;
+    assert_eq!(
+        (restored.size, restored.local),
+        (w.short, false),
+        "{restored:?}"
+    );
+    w.cluster.wait_writes_open(w.owner).await;
+    let next = w.produce_one().await;
+    assert_eq!(next.first_line, Some(50), "{next:?}");
+    s3.refuse_object_reads(true);
+    s3.refuse_bucket(false);
+    eventually(CONDITION_DEADLINE, "the fetch refused", || async {
+        let logs = w.cluster.logs(w.owner);
+        logs.contains("cannot record a chunk found in S3; trying again")
+            .then_some(())
+    })
+    .await;
+    s3.refuse_object_reads(false);
+    w.settles(&s3, w.short).await;
+}
+
 /// Waits until the three nodes of `cluster` list the same chunks of `app`
 /// (names, sizes, completeness, numbers), each complete one uploaded; then
 /// checks their numbering, and that each node serves exactly the lines
