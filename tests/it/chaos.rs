@@ -2,8 +2,10 @@
 //! mix of `sync`, `min_replicas` and body encodings (lines holding NUL, CR
 //! and TAB), a consumer that hops between nodes, and a nemesis that
 //! SIGKILLs and restarts nodes, pauses them, cuts peer links one way or
-//! both (a held link delivers its bytes late), freezes S3, and wipes a
-//! node's disk, and forgets a killed node (`forget-node` on the others,
+//! both (a held link delivers its bytes late), freezes S3 (for a few
+//! seconds, and in long runs every 150 s for longer than a new data
+//! directory waits for it, wiping a node as it starts), and wipes a node's
+//! disk, and forgets a killed node (`forget-node` on the others,
 //! then it comes back, with its disk or wiped). Then everything is healed
 //! and checked: every acknowledged line readable from every node exactly
 //! once, every chunk byte-identical on every node and in S3, the consumer
@@ -57,6 +59,12 @@ const SETTLE_DEADLINE: Duration = Duration::from_secs(240);
 const WIPE_EVERY: Duration = Duration::from_secs(25);
 /// Shortest time between two forgets.
 const FORGET_EVERY: Duration = Duration::from_secs(20);
+/// Time between two S3 outages (the suite's 2-minute run has none).
+const OUTAGE_EVERY: Duration = Duration::from_secs(150);
+/// How long an S3 outage lasts, in seconds: longer than a node with a new
+/// data directory waits for S3 before it takes writes, and than a restore
+/// waits for S3 to say what it holds of the node's chunks.
+const OUTAGE_SECONDS: std::ops::Range<u64> = 32..45;
 
 /// An acknowledged line: which node took it, with which `min_replicas`, and
 /// how many times that node had been wiped when it was sent.
@@ -77,6 +85,7 @@ struct Counts {
     held_cuts: u64,
     both_way_cuts: u64,
     s3_freezes: u64,
+    s3_outages: u64,
     wipes: u64,
     hot_wipes: u64,
     forgets: u64,
@@ -212,7 +221,7 @@ async fn chaos_soak_loses_no_acknowledged_line() {
     let c = soak.counts.lock().unwrap();
     let acked = soak.acked.lock().unwrap().len();
     eprintln!(
-        "chaos: {seconds} s, membership {membership}, replicas {}, {} SIGKILLs, {} pauses ({} with a kill of another node), {} one-way cuts ({} held and delivered late), {} both-way cuts, {} S3 freezes, {} wipes ({} with an open chunk not in S3), {} forgets ({} with copies held behind, {} then wiped); {} writes acknowledged ({acked} lines), {} failed; {} consumer batches; lost acknowledged lines: 0 (excused: {excused} acknowledged without min_replicas by a node, not yet copied when it was wiped)",
+        "chaos: {seconds} s, membership {membership}, replicas {}, {} SIGKILLs, {} pauses ({} with a kill of another node), {} one-way cuts ({} held and delivered late), {} both-way cuts, {} S3 freezes, {} S3 outages (each with a wipe at its start), {} wipes ({} with an open chunk not in S3), {} forgets ({} with copies held behind, {} then wiped); {} writes acknowledged ({acked} lines), {} failed; {} consumer batches; lost acknowledged lines: 0 (excused: {excused} acknowledged without min_replicas by a node, not yet copied when it was wiped)",
         replicas.map_or("all".to_owned(), |k| k.to_string()),
         c.kills + c.pause_and_kill,
         c.pauses + c.pause_and_kill,
@@ -221,6 +230,7 @@ async fn chaos_soak_loses_no_acknowledged_line() {
         c.held_cuts,
         c.both_way_cuts,
         c.s3_freezes,
+        c.s3_outages,
         c.wipes,
         c.hot_wipes,
         c.forgets,
@@ -358,11 +368,33 @@ async fn nemesis(soak: &Soak, mut rng: rand::rngs::StdRng, run_for: Duration) {
     let end = tokio::time::Instant::now() + run_for;
     let mut last_wipe = tokio::time::Instant::now();
     let mut last_forget = tokio::time::Instant::now();
+    let mut last_outage = tokio::time::Instant::now();
+    // While S3 is out: when it comes back.
+    let mut outage_ends: Option<tokio::time::Instant> = None;
     let short = |rng: &mut rand::rngs::StdRng| Duration::from_millis(rng.random_range(300..2500));
     while tokio::time::Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..800))).await;
         let i = rng.random_range(0..NODES);
         let j = (i + rng.random_range(1..NODES)) % NODES;
+        let now = tokio::time::Instant::now();
+        if outage_ends.is_some_and(|t| now >= t) {
+            soak.s3.freeze(false);
+            outage_ends = None;
+            last_outage = now;
+        }
+        // S3 out for longer than a wiped node waits for it: the node
+        // restores from its peers alone (or, with bucket membership, waits
+        // to learn who they are), and settles with S3 once it is back.
+        // Other faults go on meanwhile.
+        if outage_ends.is_none() && last_outage.elapsed() >= OUTAGE_EVERY {
+            soak.s3.freeze(true);
+            outage_ends = Some(now + Duration::from_secs(rng.random_range(OUTAGE_SECONDS)));
+            wipe(soak, i).await;
+            last_wipe = tokio::time::Instant::now();
+            soak.counts.lock().unwrap().s3_outages += 1;
+            continue;
+        }
+        let out = outage_ends.is_some();
         match rng.random_range(0..100) {
             0..35 => {
                 soak.cluster.write().await.kill(i).await;
@@ -403,13 +435,14 @@ async fn nemesis(soak: &Soak, mut rng: rand::rngs::StdRng, run_for: Duration) {
                 soak.cluster.read().await.set_cut(i, false);
                 soak.counts.lock().unwrap().both_way_cuts += 1;
             }
-            80..90 => {
+            80..90 if !out => {
                 soak.s3.freeze(true);
                 tokio::time::sleep(Duration::from_millis(rng.random_range(500..4000))).await;
                 soak.s3.freeze(false);
                 soak.counts.lock().unwrap().s3_freezes += 1;
             }
-            90..96 if last_forget.elapsed() >= FORGET_EVERY => {
+            // A forget with bucket membership is a record in the bucket.
+            90..96 if !out && last_forget.elapsed() >= FORGET_EVERY => {
                 forget(soak, i, &mut rng).await;
                 last_forget = tokio::time::Instant::now();
             }
