@@ -123,7 +123,10 @@ struct Partition {
     chunks: Vec<ChunkStatus>,
     /// Number of the first line still held (retention deleted those below).
     log_start: u64,
-    /// Number of the line after the last one held here.
+    /// Number of the line after the last one held here; with no chunk held
+    /// (retention deleted them all), the owner's next number as recorded
+    /// here, which is then the log start too: an empty log does not go
+    /// back to 0.
     end: u64,
 }
 
@@ -497,6 +500,19 @@ impl Broker {
             match self.position_of(topic, owner, line).await {
                 Ok(Some(at)) => break at,
                 Ok(None) if line == 0 => return code::NONE,
+                // No line is held (retention deleted every chunk): the
+                // position is the end, wherever it was stored.
+                Ok(None)
+                    if self
+                        .partition(topic, owner)
+                        .chunks
+                        .is_empty()
+                        .then(|| self.st.storage.line_end_of(topic, owner))
+                        .flatten()
+                        .is_some_and(|end| line <= end) =>
+                {
+                    return code::NONE;
+                }
                 Ok(None) => {}
                 Err(e) => return storage_code(&e),
             }
@@ -618,6 +634,10 @@ impl Broker {
             .find(|c| c.name.index < pos.index && c.meta.complete)
         {
             return Ok(c.meta.line_record().map(|r| r.end()));
+        }
+        // Nothing held (retention deleted every chunk): at the end.
+        if part.chunks.is_empty() {
+            return Ok(Some(part.end));
         }
         Ok(next_start)
     }
@@ -958,16 +978,17 @@ impl Broker {
             .into_iter()
             .filter(|c| c.name.owner == owner && c.meta.first_line.is_some())
             .collect();
+        let recorded = || self.st.storage.line_end_of(topic, owner).unwrap_or(0);
         let log_start = chunks
             .iter()
             .filter_map(|c| c.meta.first_line)
             .min()
-            .unwrap_or(0);
+            .unwrap_or_else(recorded);
         let end = chunks
             .iter()
             .filter_map(|c| Some(c.meta.first_line? + c.meta.lines?))
             .max()
-            .unwrap_or(0);
+            .unwrap_or_else(recorded);
         Partition {
             chunks,
             log_start,

@@ -146,6 +146,13 @@ impl Storage {
             .collect()
     }
 
+    /// The highest end of `owner`'s line numbers of `category` recorded
+    /// here, chunks deleted since included: the number of its next line,
+    /// as far as this node knows.
+    pub fn line_end_of(&self, category: &str, owner: &str) -> Option<u64> {
+        self.category(category).ok()?.line_end_of(owner)
+    }
+
     /// Reserves this node's chunk indices of `category` below `next`: the
     /// writer never names a new chunk with one of them. Durable before it
     /// takes effect. Creates the category if needed.

@@ -676,3 +676,172 @@ async fn with_bucket_membership_partitions_are_the_nodes_numbers_and_grow_as_nod
     let meta = kcat(&["-b", &broker, "-L", "-t", "app"], b"").await;
     assert!(meta.contains("3 partitions"), "{meta}");
 }
+
+/// Asks one request (non-flexible `version` of `api`) with `body` on
+/// `conn`; the answer after its correlation id.
+async fn ask(
+    conn: &mut tokio::net::TcpStream,
+    api: i16,
+    version: i16,
+    body: &[u8],
+) -> bytes::Bytes {
+    let mut p = BytesMut::new();
+    p.put_i16(api);
+    p.put_i16(version);
+    p.put_i32(21);
+    p.put_i16(-1); // client id: null
+    p.put_slice(body);
+    conn.write_all(&frame(&p)).await.unwrap();
+    let len = conn.read_i32().await.unwrap();
+    let mut answer = vec![0u8; len as usize];
+    conn.read_exact(&mut answer).await.unwrap();
+    assert_eq!(i32::from_be_bytes(answer[..4].try_into().unwrap()), 21);
+    bytes::Bytes::from(answer).slice(4..)
+}
+
+/// A Kafka string.
+fn put_str(b: &mut BytesMut, s: &str) {
+    b.put_i16(s.len() as i16);
+    b.put_slice(s.as_bytes());
+}
+
+/// Skips a Kafka string (or a null one).
+fn skip_str(r: &mut bytes::Bytes) {
+    use bytes::Buf;
+    let len = r.get_i16();
+    r.advance(len.max(0) as usize);
+}
+
+/// ListOffsets v1 of partition 0 of `topic` at `timestamp` (-2 the log
+/// start, -1 its end): the error code and the offset.
+async fn list_offset(conn: &mut tokio::net::TcpStream, topic: &str, timestamp: i64) -> (i16, i64) {
+    use bytes::Buf;
+    let mut b = BytesMut::new();
+    b.put_i32(-1); // replica id
+    b.put_i32(1);
+    put_str(&mut b, topic);
+    b.put_i32(1);
+    b.put_i32(0);
+    b.put_i64(timestamp);
+    let mut r = ask(conn, 2, 1, &b).await;
+    assert_eq!(r.get_i32(), 1);
+    skip_str(&mut r);
+    assert_eq!((r.get_i32(), r.get_i32()), (1, 0));
+    let code = r.get_i16();
+    let _timestamp = r.get_i64();
+    (code, r.get_i64())
+}
+
+/// OffsetFetch v1 of partition 0 of `topic` for `group`: the error code
+/// and the committed offset.
+async fn committed(conn: &mut tokio::net::TcpStream, group: &str, topic: &str) -> (i16, i64) {
+    use bytes::Buf;
+    let mut b = BytesMut::new();
+    put_str(&mut b, group);
+    b.put_i32(1);
+    put_str(&mut b, topic);
+    b.put_i32(1);
+    b.put_i32(0);
+    let mut r = ask(conn, 9, 1, &b).await;
+    assert_eq!(r.get_i32(), 1);
+    skip_str(&mut r);
+    assert_eq!((r.get_i32(), r.get_i32()), (1, 0));
+    let offset = r.get_i64();
+    skip_str(&mut r);
+    (r.get_i16(), offset)
+}
+
+/// OffsetCommit v2 of `offset` in partition 0 of `topic` for `group`, as a
+/// consumer outside any group's generation: the error code.
+async fn commit(conn: &mut tokio::net::TcpStream, group: &str, topic: &str, offset: i64) -> i16 {
+    use bytes::Buf;
+    let mut b = BytesMut::new();
+    put_str(&mut b, group);
+    b.put_i32(-1); // generation
+    put_str(&mut b, ""); // member
+    b.put_i64(-1); // retention
+    b.put_i32(1);
+    put_str(&mut b, topic);
+    b.put_i32(1);
+    b.put_i32(0);
+    b.put_i64(offset);
+    b.put_i16(-1); // metadata: null
+    let mut r = ask(conn, 8, 2, &b).await;
+    assert_eq!(r.get_i32(), 1);
+    skip_str(&mut r);
+    assert_eq!((r.get_i32(), r.get_i32()), (1, 0));
+    r.get_i16()
+}
+
+/// Retention deletes every chunk of a partition: the log is empty at the
+/// owner's next offset, not back at 0 (a consumer at its end is not out
+/// of range, and one reset to the end does not skip what comes next);
+/// positions in the deleted chunk stand there, a commit there is taken at
+/// once, and the lines written later go on from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_emptied_by_retention_keeps_its_offsets() {
+    use crate::harness::{CONDITION_DEADLINE, eventually};
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--kafka-listen",
+        "127.0.0.1:0",
+        "--rotate-after",
+        "300ms",
+        "--retention",
+        "5s",
+    ];
+    let node = BinNode::start(dir.path(), &args).await;
+    let broker = node.kafka_addr.unwrap().to_string();
+    let client = Client::new(&node.url("")).unwrap();
+    let topic = "expiring";
+    let old: String = (0..10).map(|i| format!("old {i}\n")).collect();
+    client
+        .produce(topic, old, &ProduceOptions::default())
+        .await
+        .unwrap();
+    let chunk = eventually(CONDITION_DEADLINE, "the chunk complete", || async {
+        let list = client.chunks(topic).await.ok()?;
+        list.into_iter().find(|c| c.complete)
+    })
+    .await;
+    // One consumer passed the whole chunk, one its first four lines.
+    client
+        .ack(topic, "end", &chunk.name, chunk.size)
+        .await
+        .unwrap();
+    client.ack(topic, "mid", &chunk.name, 24).await.unwrap();
+    let mut conn = tokio::net::TcpStream::connect(&broker).await.unwrap();
+    assert_eq!(committed(&mut conn, "mid", topic).await, (0, 4));
+    eventually(CONDITION_DEADLINE, "retention", || async {
+        client.chunks(topic).await.ok()?.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(list_offset(&mut conn, topic, -2).await, (0, 10));
+    assert_eq!(list_offset(&mut conn, topic, -1).await, (0, 10));
+    assert_eq!(committed(&mut conn, "end", topic).await, (0, 10));
+    assert_eq!(committed(&mut conn, "mid", topic).await, (0, 10));
+    let asked = tokio::time::Instant::now();
+    assert_eq!(commit(&mut conn, "mid", topic, 10).await, 0);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "the commit waited"
+    );
+    let new: String = (0..5).map(|i| format!("new {i}\n")).collect();
+    let p = client
+        .produce(topic, new, &ProduceOptions::default())
+        .await
+        .unwrap();
+    let list = client.chunks(topic).await.unwrap();
+    let next = list
+        .iter()
+        .find(|c| Some(&c.name) == p.chunk.as_ref())
+        .unwrap();
+    assert_eq!(next.first_line, Some(10), "{list:?}");
+    assert_eq!(committed(&mut conn, "end", topic).await, (0, 10));
+    assert_eq!(committed(&mut conn, "mid", topic).await, (0, 10));
+    assert_eq!(list_offset(&mut conn, topic, -2).await, (0, 10));
+    let read = consume(&broker, topic, 0).await;
+    let want: Vec<(u64, String)> = (0..5).map(|i| (10 + i, format!("new {i}"))).collect();
+    assert_eq!(read, want);
+    node.kill().await;
+}
