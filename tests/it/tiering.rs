@@ -988,22 +988,7 @@ async fn a_wiped_owner_restores_the_object_it_replaced_not_its_peers_short_recor
 async fn a_wiped_owner_that_could_not_ask_s3_stores_again_what_its_replacement_held_more() {
     let s3 = TestS3::start().await;
     let mut w = replaced_then_wiped(&s3).await;
-    s3.refuse_bucket(true);
-    w.cluster.start_node(w.owner).await;
-    let restored = w.restored().await;
-    assert_eq!(
-        (
-            restored.size,
-            restored.first_line,
-            restored.lines,
-            restored.local
-        ),
-        (w.short, Some(0), Some(50), false),
-        "{restored:?}"
-    );
-    w.cluster.wait_writes_open(w.owner).await;
-    let next = w.produce_one().await;
-    assert_eq!(next.first_line, Some(50), "{next:?}");
+    w.restart_refused(&s3).await;
     s3.refuse_bucket(false);
     w.settles(&s3, w.short).await;
     let logs = w.cluster.logs(w.owner);
@@ -1021,17 +1006,7 @@ async fn a_wiped_owner_that_could_not_ask_s3_stores_again_what_its_replacement_h
 async fn a_wiped_owner_tries_again_the_fetch_that_s3_refused() {
     let s3 = TestS3::start().await;
     let mut w = replaced_then_wiped(&s3).await;
-    s3.refuse_bucket(true);
-    w.cluster.start_node(w.owner).await;
-    let restored = w.restored().await;
-    assert_eq!(
-        (restored.size, restored.local),
-        (w.short, false),
-        "{restored:?}"
-    );
-    w.cluster.wait_writes_open(w.owner).await;
-    let next = w.produce_one().await;
-    assert_eq!(next.first_line, Some(50), "{next:?}");
+    w.restart_refused(&s3).await;
     s3.refuse_object_reads(true);
     s3.refuse_bucket(false);
     eventually(CONDITION_DEADLINE, "the fetch refused", || async {
@@ -1154,6 +1129,28 @@ impl ReplacedThenWiped {
             list.into_iter().find(|c| c.name == self.name)
         })
         .await
+    }
+
+    /// Starts the owner again while the bucket refuses it (left so): it
+    /// restores its peers' record of the short object, no bytes, and
+    /// numbers its next line after that record.
+    async fn restart_refused(&mut self, s3: &TestS3) {
+        s3.refuse_bucket(true);
+        self.cluster.start_node(self.owner).await;
+        let restored = self.restored().await;
+        assert_eq!(
+            (
+                restored.size,
+                restored.first_line,
+                restored.lines,
+                restored.local
+            ),
+            (self.short, Some(0), Some(50), false),
+            "{restored:?}"
+        );
+        self.cluster.wait_writes_open(self.owner).await;
+        let next = self.produce_one().await;
+        assert_eq!(next.first_line, Some(50), "{next:?}");
     }
 
     /// Writes one line to the owner; the chunk it went to, as listed.
