@@ -319,6 +319,15 @@ impl TestS3 {
     }
 }
 
+/// An S3 error answer with `code`, refused by the test.
+fn refused(status: hyper::StatusCode, code: &str) -> hyper::Response<s3s::Body> {
+    let mut resp = hyper::Response::new(s3s::Body::from(format!(
+        "<Error><Code>{code}</Code><Message>refused by the test</Message></Error>"
+    )));
+    *resp.status_mut() = status;
+    resp
+}
+
 async fn counted(
     service: &s3s::service::S3Service,
     counts: &Counts,
@@ -331,12 +340,7 @@ async fn counted(
     let is_complete = method == hyper::Method::POST && query.contains("uploadId");
     let on_bucket = path.trim_end_matches('/') == format!("/{BUCKET}");
     if on_bucket && counts.lock().unwrap().refuse_bucket {
-        let mut resp = hyper::Response::new(s3s::Body::from(
-            "<Error><Code>AccessDenied</Code><Message>refused by the test</Message></Error>"
-                .to_owned(),
-        ));
-        *resp.status_mut() = hyper::StatusCode::FORBIDDEN;
-        return Ok(resp);
+        return Ok(refused(hyper::StatusCode::FORBIDDEN, "AccessDenied"));
     }
     let full_listing = on_bucket
         && method == hyper::Method::GET
@@ -345,18 +349,10 @@ async fn counted(
             .split('&')
             .any(|q| q.strip_prefix("prefix=").is_some_and(|p| !p.is_empty()));
     if full_listing && counts.lock().unwrap().refuse_full_listings {
-        let mut resp = hyper::Response::new(s3s::Body::from(
-            "<Error><Code>SlowDown</Code><Message>refused by the test</Message></Error>".to_owned(),
-        ));
-        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
-        return Ok(resp);
+        return Ok(refused(hyper::StatusCode::SERVICE_UNAVAILABLE, "SlowDown"));
     }
     if method == hyper::Method::GET && !on_bucket && counts.lock().unwrap().refuse_object_reads {
-        let mut resp = hyper::Response::new(s3s::Body::from(
-            "<Error><Code>SlowDown</Code><Message>refused by the test</Message></Error>".to_owned(),
-        ));
-        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
-        return Ok(resp);
+        return Ok(refused(hyper::StatusCode::SERVICE_UNAVAILABLE, "SlowDown"));
     }
     if is_complete && counts.lock().unwrap().refuse_completes {
         let mut resp = hyper::Response::new(s3s::Body::from("slow down".to_owned()));
