@@ -106,6 +106,12 @@ pub struct NodeStatus {
     /// to watch.
     #[serde(default)]
     pub under_replicated_chunks: u64,
+    /// While this node restores its chunks from its peers (it lost its
+    /// disk, or its data directory is new): the chunks it has still to
+    /// restore, 0 while its peers have not all said which they hold.
+    /// Absent when no restore is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restoring_chunks: Option<u64>,
     /// With `--replicas k`: per category and owner, the nodes that hold
     /// the owner's chunks, the owner first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

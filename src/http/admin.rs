@@ -38,6 +38,7 @@ pub(super) async fn status(
         s3: st.tiering.status(),
         replicas: st.replication.replicas_setting(),
         under_replicated_chunks: st.metrics.chunks_under_replicated.get().max(0) as u64,
+        restoring_chunks: st.replication.restoring_chunks(),
         holders: st.replication.pairs(),
     };
     status.categories.retain(|c| may_see(c));

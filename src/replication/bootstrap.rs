@@ -140,6 +140,7 @@ pub(super) async fn run(repl: Arc<Replication>, cancel: CancellationToken) {
     let links = repl.links();
     if links.is_empty() || repl.name_is_new() {
         storage.open_writes(WRITE_GATE);
+        repl.set_restoring(None);
         return;
     }
     // The gate's reason names the peers now known.
@@ -186,6 +187,7 @@ pub(super) async fn run(repl: Arc<Replication>, cancel: CancellationToken) {
     }
     storage.open_writes(WRITE_GATE);
     let total = held.len();
+    repl.set_restoring(Some(total as u64));
     if total > 0 {
         tracing::info!(
             chunks = total,
@@ -196,11 +198,14 @@ pub(super) async fn run(repl: Arc<Replication>, cancel: CancellationToken) {
         if !restore(&repl, &category, &chunk, best, &cancel).await {
             return;
         }
+        repl.set_restoring(Some((total - n - 1) as u64));
         if (n + 1) % 100 == 0 {
             tracing::info!(done = n + 1, of = total, "restoring chunks from peers");
         }
     }
-    match storage.set_restore_pending(false).await {
+    let ended = storage.set_restore_pending(false).await;
+    repl.set_restoring(None);
+    match ended {
         Ok(()) if total > 0 => {
             tracing::info!(
                 chunks = total,

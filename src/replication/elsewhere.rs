@@ -69,6 +69,16 @@ impl Replication {
         }
     }
 
+    /// While this node restores its chunks from its peers: how many are
+    /// left (0 while the peers have not all said which they hold).
+    pub fn restoring_chunks(&self) -> Option<u64> {
+        *self.restoring.lock().unwrap()
+    }
+
+    pub(super) fn set_restoring(&self, left: Option<u64>) {
+        *self.restoring.lock().unwrap() = left;
+    }
+
     /// `--replicas` as set: `all` or k.
     pub fn replicas_setting(&self) -> String {
         self.cfg

@@ -94,6 +94,10 @@ pub struct Replication {
     /// lost, or back): the pullers then list their owners' chunks again
     /// and copy what this node holds now.
     placement: tokio::sync::watch::Sender<u64>,
+    /// While this node restores its chunks from its peers (its data
+    /// directory is new, or a restore is unfinished): the chunks left to
+    /// restore, 0 while the peers have not all said which they hold.
+    restoring: Mutex<Option<u64>>,
     /// What the replicas hold of this node's chunks.
     pub progress: ProgressStore,
     http: reqwest::Client,
@@ -281,6 +285,7 @@ impl Replication {
                 .set(0);
         }
         let members_read = (!cfg.bucket).then_some(true);
+        let restoring = (storage.fresh() || storage.restore_pending()).then_some(0);
         Arc::new(Self {
             storage,
             consumers,
@@ -289,6 +294,7 @@ impl Replication {
             spawner: OnceLock::new(),
             members_read: tokio::sync::watch::Sender::new(members_read),
             placement: tokio::sync::watch::Sender::new(0),
+            restoring: Mutex::new(restoring),
             progress: ProgressStore::default(),
             http,
             relay_http,

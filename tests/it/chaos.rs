@@ -22,10 +22,16 @@
 //! What a wipe may lose, by the durability contract: lines the wiped node
 //! acknowledged without `min_replicas` that no peer had copied and S3 did
 //! not hold yet. Those are excused (and counted); every other acknowledged
-//! line must survive. A forget freezes the forgotten node's open chunk
-//! where each copy stands (the soak often keeps some replicas from copying
-//! first); when the node comes back with its disk, the copies grow again,
-//! and the consumer must still see every line.
+//! line must survive. So one disk is lost at a time: a wipe (plain, at an
+//! S3 outage's start, or after a forget) waits until no node restores its
+//! chunks from its peers (status `restoring_chunks`), and `WIPE_EVERY`
+//! after that and after the last wipe; an outage or a forget then goes
+//! without its wipe.
+//!
+//! A forget freezes the forgotten node's open chunk where each copy stands
+//! (the soak often keeps some replicas from copying first); when the node
+//! comes back with its disk, the copies grow again, and the consumer must
+//! still see every line.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
@@ -55,7 +61,10 @@ const CONSUMED: &str = "app";
 const WRITE_DEADLINE: Duration = Duration::from_secs(20);
 /// How long the healed cluster may take to converge and upload.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(240);
-/// Shortest time between two wipes (a wiped node restores from its peers).
+/// Shortest time between two wipes (a wiped node restores from its peers),
+/// counted from the end of the wiped node's restore: a second disk lost
+/// while the first node restores may be the one it restores from, and two
+/// disks lost before S3 holds their lines is beyond the contract.
 const WIPE_EVERY: Duration = Duration::from_secs(25);
 /// Shortest time between two forgets.
 const FORGET_EVERY: Duration = Duration::from_secs(20);
@@ -86,6 +95,7 @@ struct Counts {
     both_way_cuts: u64,
     s3_freezes: u64,
     s3_outages: u64,
+    outage_wipes: u64,
     wipes: u64,
     hot_wipes: u64,
     forgets: u64,
@@ -180,7 +190,12 @@ async fn chaos_soak_loses_no_acknowledged_line() {
         .env()
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
-        .chain([("RUST_LOG".to_owned(), "warn".to_owned())])
+        .chain([(
+            "RUST_LOG".to_owned(),
+            // A replay can ask the nodes for more, e.g.
+            // `CHUNKBUS_CHAOS_LOG=warn,chunkbus=debug`.
+            std::env::var("CHUNKBUS_CHAOS_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )])
         .collect();
     // `CHUNKBUS_CHAOS_MEMBERSHIP=bucket`: the nodes find each other through
     // the bucket instead of `--peers` (a cut link to a node is then every
@@ -221,7 +236,7 @@ async fn chaos_soak_loses_no_acknowledged_line() {
     let c = soak.counts.lock().unwrap();
     let acked = soak.acked.lock().unwrap().len();
     eprintln!(
-        "chaos: {seconds} s, membership {membership}, replicas {}, {} SIGKILLs, {} pauses ({} with a kill of another node), {} one-way cuts ({} held and delivered late), {} both-way cuts, {} S3 freezes, {} S3 outages (each with a wipe at its start), {} wipes ({} with an open chunk not in S3), {} forgets ({} with copies held behind, {} then wiped); {} writes acknowledged ({acked} lines), {} failed; {} consumer batches; lost acknowledged lines: 0 (excused: {excused} acknowledged without min_replicas by a node, not yet copied when it was wiped)",
+        "chaos: {seconds} s, membership {membership}, replicas {}, {} SIGKILLs, {} pauses ({} with a kill of another node), {} one-way cuts ({} held and delivered late), {} both-way cuts, {} S3 freezes, {} S3 outages ({} with a wipe at its start), {} wipes ({} with an open chunk not in S3), {} forgets ({} with copies held behind, {} then wiped); {} writes acknowledged ({acked} lines), {} failed; {} consumer batches; lost acknowledged lines: 0 (excused: {excused} acknowledged without min_replicas by a node, not yet copied when it was wiped)",
         replicas.map_or("all".to_owned(), |k| k.to_string()),
         c.kills + c.pause_and_kill,
         c.pauses + c.pause_and_kill,
@@ -231,6 +246,7 @@ async fn chaos_soak_loses_no_acknowledged_line() {
         c.both_way_cuts,
         c.s3_freezes,
         c.s3_outages,
+        c.outage_wipes,
         c.wipes,
         c.hot_wipes,
         c.forgets,
@@ -366,7 +382,7 @@ async fn consume_once(soak: &Soak, rng: &mut impl Rng) -> bool {
 
 async fn nemesis(soak: &Soak, mut rng: rand::rngs::StdRng, run_for: Duration) {
     let end = tokio::time::Instant::now() + run_for;
-    let mut last_wipe = tokio::time::Instant::now();
+    let mut disk_losses = DiskLosses::new();
     let mut last_forget = tokio::time::Instant::now();
     let mut last_outage = tokio::time::Instant::now();
     // While S3 is out: when it comes back.
@@ -389,9 +405,14 @@ async fn nemesis(soak: &Soak, mut rng: rand::rngs::StdRng, run_for: Duration) {
         if outage_ends.is_none() && last_outage.elapsed() >= OUTAGE_EVERY {
             soak.s3.freeze(true);
             outage_ends = Some(now + Duration::from_secs(rng.random_range(OUTAGE_SECONDS)));
-            wipe(soak, i).await;
-            last_wipe = tokio::time::Instant::now();
-            soak.counts.lock().unwrap().s3_outages += 1;
+            let wiped = disk_losses.allowed(soak).await;
+            if wiped {
+                wipe(soak, i).await;
+                disk_losses.lost();
+            }
+            let mut c = soak.counts.lock().unwrap();
+            c.s3_outages += 1;
+            c.outage_wipes += u64::from(wiped);
             continue;
         }
         let out = outage_ends.is_some();
@@ -443,15 +464,73 @@ async fn nemesis(soak: &Soak, mut rng: rand::rngs::StdRng, run_for: Duration) {
             }
             // A forget with bucket membership is a record in the bucket.
             90..96 if !out && last_forget.elapsed() >= FORGET_EVERY => {
-                forget(soak, i, &mut rng).await;
+                let may_wipe = disk_losses.allowed(soak).await;
+                if forget(soak, i, may_wipe, &mut rng).await {
+                    disk_losses.lost();
+                }
                 last_forget = tokio::time::Instant::now();
             }
-            _ if last_wipe.elapsed() >= WIPE_EVERY => {
+            _ if disk_losses.allowed(soak).await => {
                 wipe(soak, i).await;
-                last_wipe = tokio::time::Instant::now();
+                disk_losses.lost();
             }
             _ => {}
         }
+    }
+}
+
+/// When a node's disk may be lost: `WIPE_EVERY` after the last wipe and
+/// after the end of every restore from peers.
+struct DiskLosses {
+    /// The last wipe, or the last time a restore was seen ending.
+    since: tokio::time::Instant,
+    /// A node was restoring when last asked.
+    restoring: bool,
+}
+
+impl DiskLosses {
+    /// How often nodes are asked again while one restores.
+    const RECHECK: Duration = Duration::from_secs(2);
+
+    fn new() -> Self {
+        Self {
+            since: tokio::time::Instant::now(),
+            restoring: false,
+        }
+    }
+
+    /// A disk was lost now.
+    fn lost(&mut self) {
+        self.since = tokio::time::Instant::now();
+    }
+
+    /// True when a disk may be lost now. A node that does not answer its
+    /// status counts as restoring.
+    async fn allowed(&mut self, soak: &Soak) -> bool {
+        if self.since.elapsed() < WIPE_EVERY {
+            return false;
+        }
+        let mut restoring = false;
+        for i in 0..NODES {
+            let Some((client, _)) = soak.node(i).await else {
+                continue;
+            };
+            let status = tokio::time::timeout(WRITE_DEADLINE, client.status()).await;
+            if !matches!(status, Ok(Ok(ref st)) if st.restoring_chunks.is_none()) {
+                restoring = true;
+                break;
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if restoring {
+            // Asked again soon, so that the time counts from the end.
+            self.since = now.checked_sub(WIPE_EVERY - Self::RECHECK).unwrap_or(now);
+        } else if self.restoring {
+            self.since = now;
+        }
+        let ended_long_ago = !restoring && !self.restoring;
+        self.restoring = restoring;
+        ended_long_ago
     }
 }
 
@@ -508,10 +587,11 @@ async fn open_chunks(soak: &Soak, i: usize, name: &str) -> Vec<(&'static str, St
 /// Kills node `i` and forgets it on every other node (they complete its
 /// open chunks where their copies stand and upload its chunks), then,
 /// after a while, starts it again: with its disk (it was not really gone)
-/// or, one time in three, wiped (its machine was replaced). Most times
+/// or, one time in three when `may_wipe`, wiped (its machine was
+/// replaced); true when it was wiped. Most times
 /// some of the others stop copying from it for a moment before it is
 /// killed, so that their copies fall behind it (and differ in length).
-async fn forget(soak: &Soak, i: usize, rng: &mut rand::rngs::StdRng) {
+async fn forget(soak: &Soak, i: usize, may_wipe: bool, rng: &mut rand::rngs::StdRng) -> bool {
     let others: Vec<usize> = (0..NODES).filter(|&j| j != i).collect();
     // Half the time every other node (the owner's open chunk then ends
     // with lines only it holds), else one of them or none.
@@ -557,7 +637,7 @@ async fn forget(soak: &Soak, i: usize, rng: &mut rand::rngs::StdRng) {
         "chaos: node {i} forgotten (copying from it held back on {behind:?}); its open chunks {before:?}; copies {copies:?}"
     );
     tokio::time::sleep(Duration::from_millis(rng.random_range(0..8000))).await;
-    let wiped = rng.random_bool(1.0 / 3.0);
+    let wiped = rng.random_bool(1.0 / 3.0) && may_wipe;
     let mut cluster = soak.cluster.write().await;
     if wiped {
         remove_disk(soak, &cluster, i);
@@ -567,6 +647,7 @@ async fn forget(soak: &Soak, i: usize, rng: &mut rand::rngs::StdRng) {
     c.forgets += 1;
     c.forgets_behind += u64::from(!behind.is_empty());
     c.forgets_wiped += u64::from(wiped);
+    wiped
 }
 
 /// Every node running, every link open, S3 answering.

@@ -265,8 +265,33 @@ async fn a_wiped_node_holds_writes_until_its_peers_answer() {
     assert!(text.contains("waiting for n1"), "{text}");
     let st = cluster.client(1).status().await.unwrap();
     assert_eq!(st.writes_held.len(), 1, "{st:?}");
+    // A restore under way, the chunks to restore not known yet.
+    assert_eq!(st.restoring_chunks, Some(0), "{st:?}");
     cluster.start_node(0).await;
     cluster.wait_writes_open(1).await;
+    // The one chunk n0 held a copy of is restored, and the status says so.
+    let client = cluster.client(1);
+    crate::harness::eventually(
+        crate::harness::CONDITION_DEADLINE,
+        "the end of the restore in the status",
+        || async {
+            client
+                .status()
+                .await
+                .ok()?
+                .restoring_chunks
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert_all_lines(
+        &cluster,
+        1,
+        "app",
+        &BTreeSet::from(["held by n1".to_owned()]),
+    )
+    .await;
     let p = write(&cluster, 1, "app", "later", &mut acked).await;
     assert_ne!(p.chunk, first.chunk);
     cluster.wait_converged(&["app"]).await;
