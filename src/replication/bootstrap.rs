@@ -20,7 +20,10 @@
 //!    end the peers recorded (`next_own_line`); then writes go through.
 //! 3. Each chunk a peer holds is restored from the peer with the largest
 //!    copy, oldest first, and becomes this node's complete chunk; peers
-//!    then complete their copies from it. With S3 on, a chunk is recorded as
+//!    then complete their copies from it. A peer that answers without the
+//!    copy it listed (it lost its disk too) makes the restore ask the peers
+//!    again: the largest copy left is restored, or none (the lines on the
+//!    two lost disks only are lost). With S3 on, a chunk is recorded as
 //!    in S3 instead when a peer says it is uploaded, or when S3 holds an
 //!    object of that name at least as long as the largest copy (this node
 //!    uploaded it before it lost its disk, and the copies fell behind), at
@@ -492,7 +495,7 @@ async fn restore(
     repl: &Replication,
     category: &str,
     chunk: &ChunkName,
-    best: Best,
+    mut best: Best,
     cancel: &CancellationToken,
 ) -> bool {
     let storage = &repl.storage;
@@ -516,18 +519,124 @@ async fn restore(
                 .add_remote(category, chunk, best.size, 0, best.line_record())
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(|e| CopyFailed::here(e.to_string()))
         } else {
             copy_from(repl, category, chunk, &best).await
         };
-        match result {
+        let peer_answered = match result {
             Ok(()) => return true,
             Err(e) => {
-                tracing::warn!(category, chunk = %chunk, peer = %best.peer.name, error = %e, "cannot restore a chunk from its peer copy; retrying")
+                tracing::warn!(category, chunk = %chunk, peer = %best.peer.name, error = %e.error, "cannot restore a chunk from its peer copy; retrying");
+                e.peer_answered
             }
-        }
+        };
         if sleep_or_cancel(&mut backoff, cancel).await {
             return false;
+        }
+        if !peer_answered {
+            continue;
+        }
+        // The peer answered, but not with its copy: it may have lost it
+        // since it was asked (its disk too). Without asking the peers
+        // again, the restore would retry it until this process stops.
+        match ask_again(repl, category, chunk, &best).await {
+            Again::Keep => {}
+            Again::Copy(other) => {
+                tracing::warn!(category, chunk = %chunk, peer = %best.peer.name, bytes = best.size, other = %other.peer.name, other_bytes = other.size, "the peer with the largest copy of this chunk holds it no longer, or less of it (it lost its disk too); restoring the largest copy left (lines past it were held nowhere else)");
+                best = other;
+                backoff = BACKOFF_INITIAL;
+            }
+            Again::Gone => {
+                storage.restore_abandon(category, chunk).await;
+                tracing::warn!(category, chunk = %chunk, peer = %best.peer.name, bytes = best.size, "no peer holds a copy of this chunk any more (the one that did lost its disk too): its lines held nowhere else are lost; an object S3 holds under its name is recorded when listed");
+                return true;
+            }
+        }
+    }
+}
+
+/// What the peers hold of a chunk whose restore from the best copy failed.
+enum Again {
+    /// Go on with the same copy: its peer did not answer (it may come back
+    /// with it), it still holds as much, or a peer that may hold more did
+    /// not answer.
+    Keep,
+    /// The peer of the best copy answered without it (or with less): the
+    /// largest copy the others hold now.
+    Copy(Best),
+    /// Every peer answered and none holds it.
+    Gone,
+}
+
+/// Asks every peer that is not forgotten, once, which copy of `chunk` it
+/// holds now (see [`Again`]).
+async fn ask_again(repl: &Replication, category: &str, chunk: &ChunkName, best: &Best) -> Again {
+    let links: Vec<Arc<PeerLink>> = repl.links().into_iter().filter(|l| !l.lost()).collect();
+    let answers = futures_util::future::join_all(links.iter().map(|link| {
+        let url = format!(
+            "{}/v1/internal/copies/{}",
+            repl.peer_base(link),
+            repl.node()
+        );
+        async move { (link.clone(), ask(repl, link, &url).await.ok()) }
+    }))
+    .await;
+    let name = chunk.to_string();
+    let mut found: Option<Best> = None;
+    let mut unanswered = false;
+    for (link, answer) in answers {
+        let Some(answer) = answer else {
+            if Arc::ptr_eq(&link, &best.peer) {
+                return Again::Keep;
+            }
+            unanswered = true;
+            continue;
+        };
+        let copy = answer
+            .chunks
+            .into_iter()
+            .find(|c| c.category == category && c.chunk == name);
+        let Some(c) = copy else { continue };
+        if Arc::ptr_eq(&link, &best.peer) && c.size >= best.size {
+            return Again::Keep;
+        }
+        if found
+            .as_ref()
+            .is_none_or(|f| c.size > f.size || (c.size == f.size && c.uploaded))
+        {
+            found = Some(Best {
+                size: c.size,
+                uploaded: c.uploaded,
+                first_line: c.first_line,
+                lines: c.lines,
+                peer: link,
+            });
+        }
+    }
+    match found {
+        // As much elsewhere (or in S3 by a peer's record).
+        Some(f) if f.size >= best.size => Again::Copy(f),
+        // A peer that did not answer may hold more.
+        _ if unanswered => Again::Keep,
+        Some(f) => Again::Copy(f),
+        None => Again::Gone,
+    }
+}
+
+/// Why a restore of a chunk failed.
+struct CopyFailed {
+    error: String,
+    /// The peer answered, but not with the copy it listed (an error status,
+    /// or fewer bytes).
+    peer_answered: bool,
+}
+
+impl CopyFailed {
+    /// A failure on this node (its disk).
+    fn here(error: String) -> Self {
+        Self {
+            error,
+            peer_answered: false,
         }
     }
 }
@@ -538,39 +647,45 @@ async fn copy_from(
     category: &str,
     chunk: &ChunkName,
     best: &Best,
-) -> Result<(), String> {
+) -> Result<(), CopyFailed> {
     let link = &best.peer;
-    let client =
-        Client::with_http(&repl.peer_base(link), repl.http.clone()).map_err(|e| e.to_string())?;
+    let client = Client::with_http(&repl.peer_base(link), repl.http.clone())
+        .map_err(|e| CopyFailed::here(e.to_string()))?;
     let name = chunk.to_string();
     let mut offset = 0;
     if best.size == 0 {
         repl.storage
             .restore_append(category, chunk, 0, bytes::Bytes::new())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| CopyFailed::here(e.to_string()))?;
     }
     while offset < best.size {
         let read = client
             .read_chunk(category, &name, offset, RESTORE_READ_BYTES)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| CopyFailed {
+                peer_answered: matches!(e, chunkbus_client::ClientError::Status { .. }),
+                error: e.to_string(),
+            })?;
         if read.data.is_empty() || read.next_offset > best.size {
-            return Err(format!(
-                "the peer's copy ended at {offset} of the {} bytes it listed",
-                best.size
-            ));
+            return Err(CopyFailed {
+                error: format!(
+                    "the peer's copy ended at {offset} of the {} bytes it listed",
+                    best.size
+                ),
+                peer_answered: true,
+            });
         }
         repl.storage
             .restore_append(category, chunk, offset, read.data)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| CopyFailed::here(e.to_string()))?;
         offset = read.next_offset;
     }
     repl.storage
         .restore_finish(category, chunk, best.size, best.first_line)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| CopyFailed::here(e.to_string()))
 }
 
 /// Sleeps a jittered `backoff` (then doubles it, capped); true when

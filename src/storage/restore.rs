@@ -203,6 +203,18 @@ impl Storage {
         .map_err(|e| StorageError::io(format!("cannot write restored chunk {chunk}"), e))
     }
 
+    /// Removes what a restore of `chunk` wrote so far: no copy of it is
+    /// left to restore.
+    pub async fn restore_abandon(&self, category: &str, chunk: &ChunkName) {
+        let path = self.restore_path(category, chunk);
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_file(&path)).await;
+        if let Ok(Err(e)) = removed
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(category, chunk = %chunk, error = %e, "cannot remove the partial file of a restore given up");
+        }
+    }
+
     /// Makes a restored chunk of `size` bytes this node's own, complete
     /// chunk: fsync, rename into place, fsync of the directory, listed.
     /// `first_line`: the number its first line had (from the peer's copy);

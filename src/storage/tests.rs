@@ -578,6 +578,29 @@ impl RemoteChunks for MemRemote {
     }
 }
 
+/// A restore given up (no copy left) leaves no partial file, and the chunk
+/// stays unknown here.
+#[tokio::test]
+async fn a_restore_given_up_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(opts(dir.path(), 64), Metrics::new())
+        .await
+        .unwrap();
+    let chunk = ChunkName::new("n1", 0);
+    s.reserve_own_index("app", 1).await.unwrap();
+    s.restore_append("app", &chunk, 0, Bytes::from_static(b"a\n"))
+        .await
+        .unwrap();
+    let partial = s.restore_path("app", &chunk);
+    assert!(partial.exists());
+    s.restore_abandon("app", &chunk).await;
+    assert!(!partial.exists());
+    assert!(s.chunk_meta("app", &chunk).is_none());
+    // Given up twice (nothing written the second time): no error.
+    s.restore_abandon("app", &chunk).await;
+    s.shutdown().await;
+}
+
 /// Tiered storage on `dir` reading evicted chunks from an in-memory store;
 /// also its options (to open it again) and the store.
 async fn open_with_remote(dir: &Path) -> (StorageOptions, Arc<MemRemote>, Storage) {

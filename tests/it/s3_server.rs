@@ -38,6 +38,9 @@ struct Counters {
     parts: BTreeMap<String, u32>,
     /// Objects deleted (DeleteObject answered 2xx) per key.
     deletes: BTreeMap<String, u32>,
+    /// Listings asked for, per prefix, counted as they arrive (also while
+    /// the store is frozen).
+    listings: BTreeMap<String, u32>,
     /// When set, conditional overwrites (`If-Match` on PutObject or
     /// CompleteMultipartUpload) answer 501, as on a store without them.
     refuse_if_match: bool,
@@ -67,6 +70,19 @@ fn cluster_record(key: &str) -> bool {
     ]
     .iter()
     .any(|p| key.contains(p))
+}
+
+/// The prefix of a listing (a GET on the bucket), `""` for the whole bucket.
+fn listing_prefix<B>(req: &hyper::Request<B>) -> Option<String> {
+    let on_bucket = req.uri().path().trim_matches('/') == BUCKET;
+    if req.method() != hyper::Method::GET || !on_bucket {
+        return None;
+    }
+    let query = req.uri().query().unwrap_or("");
+    let prefix = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "prefix")
+        .map(|(_, v)| v.into_owned());
+    Some(prefix.unwrap_or_default())
 }
 
 /// A running (or stopped) S3 server.
@@ -140,6 +156,9 @@ impl TestS3 {
                 let svc = hyper::service::service_fn(move |req| {
                     let (service, counts) = (service.clone(), counts.clone());
                     let mut thawed = frozen.subscribe();
+                    if let Some(prefix) = listing_prefix(&req) {
+                        *counts.lock().unwrap().listings.entry(prefix).or_insert(0) += 1;
+                    }
                     async move {
                         let _ = thawed.wait_for(|f| !*f).await;
                         counted(&service, &counts, req).await
@@ -172,6 +191,13 @@ impl TestS3 {
     /// `http://ADDR`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Listings under exactly `prefix` asked for so far (counted as they
+    /// arrive, also while frozen).
+    pub fn listings(&self, prefix: &str) -> u32 {
+        let c = self.counts.lock().unwrap();
+        c.listings.get(prefix).copied().unwrap_or(0)
     }
 
     /// How many times `key` was uploaded completely.

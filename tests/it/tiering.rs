@@ -1019,6 +1019,121 @@ async fn a_wiped_owner_tries_again_the_fetch_that_s3_refused() {
     w.settles(&s3, w.short).await;
 }
 
+/// A wiped owner restores its open chunk from the peer with the largest
+/// copy, and that peer loses its disk too while the restore waits for S3
+/// (found by the chaos soak with an S3 outage). The restore used to read
+/// that peer's copy again until the process stopped ("does not exist on
+/// this node"), the chunk never restored. Now, once the peer answers
+/// without it, it asks the peers again and restores the largest copy left;
+/// the lines past it were on the two lost disks only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_whose_best_copy_was_lost_too_takes_the_largest_left() {
+    let s3 = TestS3::start().await;
+    let lost = best_copy_lost(&s3, &[1]).await;
+    let logs = lost.cluster.logs(lost.owner);
+    assert!(logs.contains("restoring the largest copy left"), "{logs}");
+    // Node 0's copy, everywhere: the 50 lines the two lost disks did not
+    // alone hold.
+    uploaded_everywhere(&lost.cluster, 3, &lost.name, lost.short).await;
+    let mut lines = all_lines(&lost.cluster.client(1), "app").await;
+    lines.sort();
+    assert_eq!(lines, lost.sent);
+}
+
+/// As above, with node 0's disk lost as well: no copy is left, and the
+/// restore gives the chunk up instead of trying it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_with_no_copy_left_gives_the_chunk_up() {
+    let s3 = TestS3::start().await;
+    let lost = best_copy_lost(&s3, &[0, 1]).await;
+    let logs = lost.cluster.logs(lost.owner);
+    assert!(
+        logs.contains("no peer holds a copy of this chunk any more"),
+        "{logs}"
+    );
+    for i in 0..3 {
+        let list = lost.cluster.client(i).chunks("app").await.unwrap();
+        assert!(
+            list.iter().all(|c| c.name != lost.name),
+            "node {i}: {list:?}"
+        );
+    }
+    let partial: Vec<_> = std::fs::read_dir(lost.cluster.dirs[lost.owner].join("app"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(".restore."))
+        .collect();
+    assert!(partial.is_empty(), "{partial:?}");
+}
+
+/// What [`best_copy_lost`] leaves: the owner's restore ended.
+struct BestCopyLost {
+    cluster: crate::cluster::TestCluster,
+    owner: usize,
+    /// The owner's chunk.
+    name: String,
+    /// Node 0's copy of it: its first 50 lines.
+    short: u64,
+    /// Those 50 lines.
+    sent: Vec<String>,
+}
+
+/// The owner (node 2) writes 100 lines to one chunk, node 1 copies them
+/// all and node 0 the first 50; the owner loses its disk and restarts
+/// while S3 does not answer, and once its restore has asked its peers
+/// (node 1's copy the largest) and waits for S3, the nodes `wiped` lose
+/// theirs. Returns once the owner says its restore ended.
+async fn best_copy_lost(s3: &TestS3, wiped: &[usize]) -> BestCopyLost {
+    let mut cluster = s3_cluster(s3, 3, &["--rotate-after", "1h"]).await;
+    let owner = 2;
+    let (name, sent) = copied_fifty(&cluster).await;
+    // Node 0 falls behind: node 1 alone copies the next 50 lines.
+    cluster.link(0, owner).set_cut(true);
+    post_fifty(&cluster.client(owner), "node 1 only").await;
+    let short = cluster.client(0).chunks("app").await.unwrap()[0].size;
+    eventually(CONDITION_DEADLINE, "node 1's copy of 100 lines", || async {
+        let copy = cluster.client(1).chunks("app").await.ok()?[0].clone();
+        (copy.lines == Some(100)).then_some(())
+    })
+    .await;
+    s3.freeze(true);
+    cluster.kill(owner).await;
+    std::fs::remove_dir_all(&cluster.dirs[owner]).unwrap();
+    cluster.start_node(owner).await;
+    let listing = format!("app/{}", chunkbus_client::ChunkName::prefix_of("n3"));
+    eventually(
+        CONDITION_DEADLINE,
+        "the restore's listing of S3",
+        || async { (s3.listings(&listing) > 0).then_some(()) },
+    )
+    .await;
+    for &i in wiped {
+        cluster.kill(i).await;
+        std::fs::remove_dir_all(&cluster.dirs[i]).unwrap();
+        cluster.start_node(i).await;
+    }
+    s3.freeze(false);
+    cluster.link(0, owner).set_cut(false);
+    let client = cluster.client(owner);
+    eventually(CONDITION_DEADLINE, "the end of the restore", || async {
+        client
+            .status()
+            .await
+            .ok()?
+            .restoring_chunks
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    BestCopyLost {
+        cluster,
+        owner,
+        name,
+        short,
+        sent,
+    }
+}
+
 /// Waits until the three nodes of `cluster` list the same chunks of `app`
 /// (names, sizes, completeness, numbers), each complete one uploaded; then
 /// checks their numbering, and that each node serves exactly the lines
