@@ -25,8 +25,9 @@
 //! line must survive. So one disk is lost at a time: a wipe (plain, at an
 //! S3 outage's start, or after a forget) waits until no node restores its
 //! chunks from its peers (status `restoring_chunks`), and `WIPE_EVERY`
-//! after that and after the last wipe; an outage or a forget then goes
-//! without its wipe.
+//! after that and after the last wipe. A due outage waits for that up to
+//! `OUTAGE_WAITS_FOR_WIPE`, then starts without its wipe; a forget then
+//! brings its node back with its disk.
 //!
 //! A forget freezes the forgotten node's open chunk where each copy stands
 //! (the soak often keeps some replicas from copying first); when the node
@@ -70,6 +71,9 @@ const WIPE_EVERY: Duration = Duration::from_secs(25);
 const FORGET_EVERY: Duration = Duration::from_secs(20);
 /// Time between two S3 outages (the suite's 2-minute run has none).
 const OUTAGE_EVERY: Duration = Duration::from_secs(150);
+/// How long a due S3 outage waits for a wipe to be allowed before it
+/// starts without one.
+const OUTAGE_WAITS_FOR_WIPE: Duration = Duration::from_secs(60);
 /// How long an S3 outage lasts, in seconds: longer than a node with a new
 /// data directory waits for S3 before it takes writes, and than a restore
 /// waits for S3 to say what it holds of the node's chunks.
@@ -402,10 +406,16 @@ async fn nemesis(soak: &Soak, mut rng: rand::rngs::StdRng, run_for: Duration) {
         // restores from its peers alone (or, with bucket membership, waits
         // to learn who they are), and settles with S3 once it is back.
         // Other faults go on meanwhile.
-        if outage_ends.is_none() && last_outage.elapsed() >= OUTAGE_EVERY {
+        // It waits for a disk to be allowed to go (up to
+        // `OUTAGE_WAITS_FOR_WIPE`), so that it starts with its wipe.
+        let due = last_outage.elapsed().checked_sub(OUTAGE_EVERY);
+        let wiped = match due {
+            Some(_) if outage_ends.is_none() => disk_losses.allowed(soak).await,
+            _ => false,
+        };
+        if outage_ends.is_none() && due.is_some_and(|d| wiped || d >= OUTAGE_WAITS_FOR_WIPE) {
             soak.s3.freeze(true);
             outage_ends = Some(now + Duration::from_secs(rng.random_range(OUTAGE_SECONDS)));
-            let wiped = disk_losses.allowed(soak).await;
             if wiped {
                 wipe(soak, i).await;
                 disk_losses.lost();
