@@ -74,6 +74,17 @@ struct Best {
 }
 
 impl Best {
+    /// The copy a peer's answer lists.
+    fn of(c: &super::protocol::ChangedChunk, peer: Arc<PeerLink>) -> Self {
+        Self {
+            size: c.size,
+            uploaded: c.uploaded,
+            first_line: c.first_line,
+            lines: c.lines,
+            peer,
+        }
+    }
+
     fn line_record(&self) -> Option<crate::storage::numbering::LineRecord> {
         crate::storage::numbering::LineRecord::known(self.size, self.first_line, self.lines)
     }
@@ -275,13 +286,7 @@ async fn ask_every_peer(
             if name.owner != repl.node() || validate_category(&c.category).is_err() {
                 continue;
             }
-            let this = Best {
-                size: c.size,
-                uploaded: c.uploaded,
-                first_line: c.first_line,
-                lines: c.lines,
-                peer: link.clone(),
-            };
+            let this = Best::of(&c, link.clone());
             let entry = best.entry((c.category, name)).or_insert(this.clone());
             if c.size > entry.size || (c.size == entry.size && c.uploaded) {
                 *entry = this;
@@ -448,12 +453,7 @@ async fn ask_until_answered(
             return (link, None);
         }
         // Asked again each time: the address may follow its record.
-        let url = format!(
-            "{}/v1/internal/copies/{}",
-            repl.peer_base(&link),
-            repl.node()
-        );
-        match ask(repl, &link, &url).await {
+        match ask(repl, &link).await {
             Ok(answer) => return (link, Some(answer)),
             Err(e) if !logged => {
                 tracing::warn!(peer = %link.name, error = %e, "cannot ask a peer which of this node's chunks it holds; retrying");
@@ -467,10 +467,16 @@ async fn ask_until_answered(
     }
 }
 
-async fn ask(repl: &Replication, link: &PeerLink, url: &str) -> Result<CopiesResponse, String> {
+/// Asks the peer of `link` which of this node's chunks it holds.
+async fn ask(repl: &Replication, link: &PeerLink) -> Result<CopiesResponse, String> {
+    let url = format!(
+        "{}/v1/internal/copies/{}",
+        repl.peer_base(link),
+        repl.node()
+    );
     let resp = repl
         .http
-        .get(url)
+        .get(&url)
         .timeout(repl.cfg.peer_timeout)
         .send()
         .await
@@ -572,14 +578,11 @@ enum Again {
 /// holds now (see [`Again`]).
 async fn ask_again(repl: &Replication, category: &str, chunk: &ChunkName, best: &Best) -> Again {
     let links: Vec<Arc<PeerLink>> = repl.links().into_iter().filter(|l| !l.lost()).collect();
-    let answers = futures_util::future::join_all(links.iter().map(|link| {
-        let url = format!(
-            "{}/v1/internal/copies/{}",
-            repl.peer_base(link),
-            repl.node()
-        );
-        async move { (link.clone(), ask(repl, link, &url).await.ok()) }
-    }))
+    let answers = futures_util::future::join_all(
+        links
+            .iter()
+            .map(|link| async move { (link.clone(), ask(repl, link).await.ok()) }),
+    )
     .await;
     let name = chunk.to_string();
     let mut found: Option<Best> = None;
@@ -604,13 +607,7 @@ async fn ask_again(repl: &Replication, category: &str, chunk: &ChunkName, best: 
             .as_ref()
             .is_none_or(|f| c.size > f.size || (c.size == f.size && c.uploaded))
         {
-            found = Some(Best {
-                size: c.size,
-                uploaded: c.uploaded,
-                first_line: c.first_line,
-                lines: c.lines,
-                peer: link,
-            });
+            found = Some(Best::of(&c, link));
         }
     }
     match found {

@@ -137,6 +137,17 @@ impl TestCluster {
         }
     }
 
+    /// Waits until node `i` says it restores nothing from its peers
+    /// (`restoring_chunks` absent from its status).
+    pub async fn wait_restored(&self, i: usize) {
+        let client = self.client(i);
+        crate::harness::eventually(CONDITION_DEADLINE, "the end of the restore", || async {
+            let st = client.status().await.ok()?;
+            st.restoring_chunks.is_none().then_some(())
+        })
+        .await;
+    }
+
     /// Starts (or restarts) node `i` and points its inbound proxies at it.
     /// With `--kafka-listen` among the flags, `--peers` names every node,
     /// this one too (at its own `--listen`), in the same order everywhere:

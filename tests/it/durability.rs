@@ -270,21 +270,7 @@ async fn a_wiped_node_holds_writes_until_its_peers_answer() {
     cluster.start_node(0).await;
     cluster.wait_writes_open(1).await;
     // The one chunk n0 held a copy of is restored, and the status says so.
-    let client = cluster.client(1);
-    crate::harness::eventually(
-        crate::harness::CONDITION_DEADLINE,
-        "the end of the restore in the status",
-        || async {
-            client
-                .status()
-                .await
-                .ok()?
-                .restoring_chunks
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    cluster.wait_restored(1).await;
     assert_all_lines(
         &cluster,
         1,

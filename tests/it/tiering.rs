@@ -1114,17 +1114,7 @@ async fn best_copy_lost(s3: &TestS3, wiped: &[usize]) -> BestCopyLost {
     }
     s3.freeze(false);
     cluster.link(0, owner).set_cut(false);
-    let client = cluster.client(owner);
-    eventually(CONDITION_DEADLINE, "the end of the restore", || async {
-        client
-            .status()
-            .await
-            .ok()?
-            .restoring_chunks
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    cluster.wait_restored(owner).await;
     BestCopyLost {
         cluster,
         owner,
