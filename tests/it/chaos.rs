@@ -408,22 +408,22 @@ async fn nemesis(soak: &Soak, mut rng: rand::rngs::StdRng, run_for: Duration) {
         // Other faults go on meanwhile.
         // It waits for a disk to be allowed to go (up to
         // `OUTAGE_WAITS_FOR_WIPE`), so that it starts with its wipe.
-        let due = last_outage.elapsed().checked_sub(OUTAGE_EVERY);
-        let wiped = match due {
-            Some(_) if outage_ends.is_none() => disk_losses.allowed(soak).await,
-            _ => false,
-        };
-        if outage_ends.is_none() && due.is_some_and(|d| wiped || d >= OUTAGE_WAITS_FOR_WIPE) {
-            soak.s3.freeze(true);
-            outage_ends = Some(now + Duration::from_secs(rng.random_range(OUTAGE_SECONDS)));
-            if wiped {
-                wipe(soak, i).await;
-                disk_losses.lost();
+        if let (None, Some(overdue)) =
+            (outage_ends, last_outage.elapsed().checked_sub(OUTAGE_EVERY))
+        {
+            let wiped = disk_losses.allowed(soak).await;
+            if wiped || overdue >= OUTAGE_WAITS_FOR_WIPE {
+                soak.s3.freeze(true);
+                outage_ends = Some(now + Duration::from_secs(rng.random_range(OUTAGE_SECONDS)));
+                if wiped {
+                    wipe(soak, i).await;
+                    disk_losses.lost();
+                }
+                let mut c = soak.counts.lock().unwrap();
+                c.s3_outages += 1;
+                c.outage_wipes += u64::from(wiped);
+                continue;
             }
-            let mut c = soak.counts.lock().unwrap();
-            c.s3_outages += 1;
-            c.outage_wipes += u64::from(wiped);
-            continue;
         }
         let out = outage_ends.is_some();
         match rng.random_range(0..100) {

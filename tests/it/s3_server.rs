@@ -72,14 +72,18 @@ fn cluster_record(key: &str) -> bool {
     .any(|p| key.contains(p))
 }
 
-/// The prefix of a listing (a GET on the bucket), `""` for the whole bucket.
+/// The prefix of a listing (ListObjectsV2: a GET on the bucket with
+/// `list-type`), `""` for the whole bucket.
 fn listing_prefix<B>(req: &hyper::Request<B>) -> Option<String> {
     let on_bucket = req.uri().path().trim_matches('/') == BUCKET;
-    if req.method() != hyper::Method::GET || !on_bucket {
+    let mut query = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes());
+    if req.method() != hyper::Method::GET
+        || !on_bucket
+        || !query.clone().any(|(k, _)| k == "list-type")
+    {
         return None;
     }
-    let query = req.uri().query().unwrap_or("");
-    let prefix = form_urlencoded::parse(query.as_bytes())
+    let prefix = query
         .find(|(k, _)| k == "prefix")
         .map(|(_, v)| v.into_owned());
     Some(prefix.unwrap_or_default())
@@ -368,12 +372,7 @@ async fn counted(
     if on_bucket && counts.lock().unwrap().refuse_bucket {
         return Ok(refused(hyper::StatusCode::FORBIDDEN, "AccessDenied"));
     }
-    let full_listing = on_bucket
-        && method == hyper::Method::GET
-        && query.split('&').any(|q| q.starts_with("list-type="))
-        && !query
-            .split('&')
-            .any(|q| q.strip_prefix("prefix=").is_some_and(|p| !p.is_empty()));
+    let full_listing = listing_prefix(&req).is_some_and(|p| p.is_empty());
     if full_listing && counts.lock().unwrap().refuse_full_listings {
         return Ok(refused(hyper::StatusCode::SERVICE_UNAVAILABLE, "SlowDown"));
     }
