@@ -93,6 +93,11 @@ pub(super) async fn changes(
                     version: env!("CARGO_PKG_VERSION").to_owned(),
                     disk: st.storage.disk().status(),
                 }),
+                line_ends: if since == 0 {
+                    st.storage.line_ends_of(st.storage.node())
+                } else {
+                    Default::default()
+                },
             }));
         }
         tokio::select! {

@@ -90,6 +90,13 @@ pub struct ChangesResponse {
     /// from earlier versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub about: Option<NodeAbout>,
+    /// In a full listing (`since` 0): per category, the end of the owner's
+    /// line numbers as recorded by it (the number its next chunk's first
+    /// line takes at least, its deleted chunks included). A node that
+    /// holds none of the owner's chunks (retention deleted them before it
+    /// joined or lost its disk) still knows where its numbering stands.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub line_ends: std::collections::BTreeMap<String, u64>,
 }
 
 /// What a node says of itself in its replication answers.

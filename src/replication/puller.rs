@@ -140,6 +140,10 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
             positions_since = resp.positions_version;
             repl.note_kafka(link, resp.kafka_addr.clone(), resp.kafka_nodes.clone());
             repl.note_answer(link, resp.about.take());
+            for category in resp.line_ends.keys() {
+                validate_category(category).map_err(|e| PullError::Peer(e.to_string()))?;
+            }
+            repl.storage.learn_line_ends(&link.name, &resp.line_ends)?;
             for p in resp.positions {
                 validate_category(&p.category).map_err(|e| PullError::Peer(e.to_string()))?;
                 validate_consumer(&p.consumer).map_err(|e| PullError::Peer(e.to_string()))?;

@@ -182,7 +182,8 @@ pub(crate) struct Category {
     /// `numbering`): known at start-up, or learned from the peers.
     reserved_line: AtomicU64,
     /// Per owner, the highest end of the numbers recorded here (see
-    /// `numbering`), deleted chunks included.
+    /// `numbering`), deleted chunks included, or given by the owner's full
+    /// listing.
     line_ends: Mutex<BTreeMap<String, u64>>,
     /// The tagged requests stored here (idempotent produce), read from
     /// the log when first needed.

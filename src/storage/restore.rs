@@ -142,7 +142,7 @@ impl Storage {
     pub fn line_ends_of(&self, owner: &str) -> std::collections::BTreeMap<String, u64> {
         self.all_categories()
             .into_iter()
-            .filter_map(|cat| Some((cat.name.clone(), cat.line_end_of(owner)?)))
+            .filter_map(|cat| Some((cat.name.clone(), self.line_end_in(&cat, owner)?)))
             .collect()
     }
 
@@ -150,7 +150,40 @@ impl Storage {
     /// here, chunks deleted since included: the number of its next line,
     /// as far as this node knows.
     pub fn line_end_of(&self, category: &str, owner: &str) -> Option<u64> {
-        self.category(category).ok()?.line_end_of(owner)
+        self.line_end_in(&*self.category(category).ok()?, owner)
+    }
+
+    /// [`Storage::line_end_of`] in `cat`. For this node's own numbers, the
+    /// number its next chunk's first line takes at least counts too: found
+    /// at start-up where no record is left (a node that lost its disk and
+    /// whose chunks were deleted since keeps only that), or learned from
+    /// its peers after it lost its disk.
+    fn line_end_in(&self, cat: &super::category::Category, owner: &str) -> Option<u64> {
+        let recorded = cat.line_end_of(owner);
+        if owner != self.node() {
+            return recorded;
+        }
+        recorded.max(Some(cat.reserved_line()).filter(|&n| n > 0))
+    }
+
+    /// Raises the ends of `owner`'s line numbers known here to those its
+    /// full listing gives, per category (creating a category not held here
+    /// yet, as a copy would). Kept in memory only: every full listing of
+    /// the owner says them again, and records of the chunks copied here
+    /// keep theirs.
+    pub fn learn_line_ends(
+        &self,
+        owner: &str,
+        ends: &std::collections::BTreeMap<String, u64>,
+    ) -> Result<(), StorageError> {
+        for (category, &end) in ends {
+            if end == 0 || self.line_end_of(category, owner).is_some_and(|e| e >= end) {
+                continue;
+            }
+            self.category_or_create(category)?
+                .note_line_ends([(owner, end)]);
+        }
+        Ok(())
     }
 
     /// Reserves this node's chunk indices of `category` below `next`: the

@@ -715,18 +715,28 @@ fn skip_str(r: &mut bytes::Bytes) {
 /// ListOffsets v1 of partition 0 of `topic` at `timestamp` (-2 the log
 /// start, -1 its end): the error code and the offset.
 async fn list_offset(conn: &mut tokio::net::TcpStream, topic: &str, timestamp: i64) -> (i16, i64) {
+    list_offset_of(conn, topic, 0, timestamp).await
+}
+
+/// [`list_offset`] of partition `p`.
+async fn list_offset_of(
+    conn: &mut tokio::net::TcpStream,
+    topic: &str,
+    p: i32,
+    timestamp: i64,
+) -> (i16, i64) {
     use bytes::Buf;
     let mut b = BytesMut::new();
     b.put_i32(-1); // replica id
     b.put_i32(1);
     put_str(&mut b, topic);
     b.put_i32(1);
-    b.put_i32(0);
+    b.put_i32(p);
     b.put_i64(timestamp);
     let mut r = ask(conn, 2, 1, &b).await;
     assert_eq!(r.get_i32(), 1);
     skip_str(&mut r);
-    assert_eq!((r.get_i32(), r.get_i32()), (1, 0));
+    assert_eq!((r.get_i32(), r.get_i32()), (1, p));
     let code = r.get_i16();
     let _timestamp = r.get_i64();
     (code, r.get_i64())
@@ -844,4 +854,106 @@ async fn a_partition_emptied_by_retention_keeps_its_offsets() {
     let want: Vec<(u64, String)> = (0..5).map(|i| (10 + i, format!("new {i}"))).collect();
     assert_eq!(read, want);
     node.kill().await;
+}
+
+/// Both partitions' log start and end through node `i`'s listener, each
+/// with its error code: `[(start, end) of partition 0, of partition 1]`.
+async fn offsets_through(cluster: &TestCluster, i: usize, topic: &str) -> Vec<[(i16, i64); 2]> {
+    let mut conn = tokio::net::TcpStream::connect(cluster.kafka_addr(i))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for p in 0..2 {
+        out.push([
+            list_offset_of(&mut conn, topic, p, -2).await,
+            list_offset_of(&mut conn, topic, p, -1).await,
+        ]);
+    }
+    out
+}
+
+/// Retention deletes every chunk of both partitions, then one node loses
+/// its disk: it answers every partition's offsets as its peer does. Its
+/// own numbering it learns from its peer's records (and keeps across a
+/// restart), its peer's from its peer's listing, although no chunk of
+/// either is left to vouch for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_node_knows_where_emptied_partitions_stand() {
+    use crate::harness::{CONDITION_DEADLINE, eventually};
+    let mut cluster = TestCluster::start(
+        2,
+        &[
+            "--kafka-listen",
+            "127.0.0.1:0",
+            "--rotate-after",
+            "300ms",
+            "--retention",
+            "5s",
+        ],
+    )
+    .await;
+    let topic = "expiring";
+    for (i, n) in [(0, 10), (1, 7)] {
+        let lines: String = (0..n).map(|j| format!("line {j}\n")).collect();
+        cluster
+            .client(i)
+            .produce(topic, lines, &ProduceOptions::default())
+            .await
+            .unwrap();
+    }
+    // Each node's chunk is copied before retention deletes it.
+    eventually(
+        CONDITION_DEADLINE,
+        "both chunks complete on both nodes",
+        || async {
+            for i in 0..2 {
+                let list = cluster.client(i).chunks(topic).await.ok()?;
+                (list.iter().filter(|c| c.complete).count() == 2).then_some(())?;
+            }
+            Some(())
+        },
+    )
+    .await;
+    eventually(CONDITION_DEADLINE, "retention on both nodes", || async {
+        for i in 0..2 {
+            cluster
+                .client(i)
+                .chunks(topic)
+                .await
+                .ok()?
+                .is_empty()
+                .then_some(())?;
+        }
+        Some(())
+    })
+    .await;
+    // Log start and end, code 0: n1's partition at 10, n2's at 7.
+    let want = vec![[(0, 10), (0, 10)], [(0, 7), (0, 7)]];
+    for i in 0..2 {
+        assert_eq!(offsets_through(&cluster, i, topic).await, want, "node {i}");
+    }
+    cluster.kill(1).await;
+    std::fs::remove_dir_all(&cluster.dirs[1]).unwrap();
+    cluster.start_node(1).await;
+    cluster.wait_writes_open(1).await;
+    eventually(
+        CONDITION_DEADLINE,
+        "the wiped node's offsets as its peer's",
+        || async { (offsets_through(&cluster, 1, topic).await == want).then_some(()) },
+    )
+    .await;
+    cluster.kill(1).await;
+    cluster.start_node(1).await;
+    // Its own partition's end survives the restart at once; its peer's
+    // comes again with its peer's listing.
+    let mut conn = tokio::net::TcpStream::connect(cluster.kafka_addr(1))
+        .await
+        .unwrap();
+    assert_eq!(list_offset_of(&mut conn, topic, 1, -1).await, (0, 7));
+    eventually(
+        CONDITION_DEADLINE,
+        "the restarted node's offsets as its peer's",
+        || async { (offsets_through(&cluster, 1, topic).await == want).then_some(()) },
+    )
+    .await;
 }
