@@ -143,7 +143,8 @@ pub struct Metrics {
     pub peer_restarts: Family<PeerLabels, Counter>,
     /// Complete copies found shorter than the owner's chunk and reopened.
     pub copies_repaired: Family<PeerLabels, Counter>,
-    /// Chunks of a peer whose copy here holds more than the peer lists.
+    /// Chunks of a peer whose copy here holds more than the peer lists, or
+    /// other bytes under a name it reused.
     pub copies_disagreeing: Family<PeerLabels, Gauge>,
     /// This node's complete chunks, not in S3, that fewer other nodes
     /// hold than `--replicas` asks (every peer with `all`).
@@ -338,7 +339,7 @@ impl Metrics {
         );
         r.register(
             "copies_disagreeing",
-            "Chunks of the peer whose copy here holds more bytes than the peer lists (see /v1/status)",
+            "Chunks of the peer whose copy here holds more bytes than the peer lists, or other bytes under a name it reused (see /v1/status)",
             m.copies_disagreeing.clone(),
         );
         r.register(

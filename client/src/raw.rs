@@ -19,6 +19,9 @@ pub const HEADER_CHUNK_SIZE: &str = "chunkbus-chunk-size";
 pub const HEADER_CHUNK: &str = "chunkbus-chunk";
 /// Header of `next`: the offset of the first line.
 pub const HEADER_OFFSET: &str = "chunkbus-offset";
+/// Header of a chunk read: the incarnation of the server process that read
+/// the bytes (a number drawn at its start-up).
+pub const HEADER_INCARNATION: &str = "chunkbus-incarnation";
 
 /// A handle on one chunkbus server. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -86,6 +89,10 @@ pub struct ReadChunk {
     pub complete: bool,
     /// Bytes of the chunk the server holds.
     pub chunk_size: u64,
+    /// The incarnation of the server process that read the bytes (absent
+    /// from servers before it was sent): a node copying from its peer
+    /// takes bytes only from the process whose listing it follows.
+    pub incarnation: Option<u64>,
 }
 
 impl Client {
@@ -467,6 +474,11 @@ impl Client {
         let next_offset = header_u64(&resp, HEADER_NEXT_OFFSET, &url)?;
         let chunk_size = header_u64(&resp, HEADER_CHUNK_SIZE, &url)?;
         let complete = header_str(&resp, HEADER_COMPLETE, &url)? == "true";
+        let incarnation = resp
+            .headers()
+            .get(HEADER_INCARNATION)
+            .map(|_| header_u64(&resp, HEADER_INCARNATION, &url))
+            .transpose()?;
         let data = resp
             .bytes()
             .await
@@ -479,6 +491,7 @@ impl Client {
             next_offset,
             complete,
             chunk_size,
+            incarnation,
         })
     }
 

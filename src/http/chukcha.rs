@@ -97,14 +97,17 @@ pub(super) async fn read(
         && !meta.complete
         && off > meta.size
     {
-        return Ok(chunk_response(ReadResult {
-            data: bytes::Bytes::new(),
-            next_offset: off,
-            meta,
-        }));
+        return Ok(chunk_response(
+            ReadResult {
+                data: bytes::Bytes::new(),
+                next_offset: off,
+                meta,
+            },
+            st.storage.incarnation(),
+        ));
     }
     let r = read_lines(&st, category, &chunk, off, max, Duration::ZERO).await?;
-    Ok(chunk_response(r))
+    Ok(chunk_response(r, st.storage.incarnation()))
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,7 +10,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chunkbus_client::names::{validate_category, validate_node};
-use chunkbus_client::raw::{HEADER_CHUNK_SIZE, HEADER_COMPLETE, HEADER_NEXT_OFFSET};
+use chunkbus_client::raw::{
+    HEADER_CHUNK_SIZE, HEADER_COMPLETE, HEADER_INCARNATION, HEADER_NEXT_OFFSET,
+};
 use chunkbus_client::{ChunkInfo, ChunkName};
 use serde::Deserialize;
 
@@ -140,7 +142,7 @@ pub(super) async fn read_chunk(
     let max_bytes = parse_max_bytes("max_bytes", q.max_bytes.as_deref())?;
     let wait = parse_wait(q.wait.as_deref())?;
     let r = read(&st, &category, &chunk, offset, max_bytes, wait).await?;
-    Ok(chunk_response(r))
+    Ok(chunk_response(r, st.storage.incarnation()))
 }
 
 /// Reads with 404 for a category this node does not hold.
@@ -163,8 +165,9 @@ pub(super) async fn read(
         })
 }
 
-/// 200 with the lines and the `Chunkbus-*` headers.
-pub(super) fn chunk_response(r: ReadResult) -> Response {
+/// 200 with the lines and the `Chunkbus-*` headers; `incarnation`: this
+/// process's, which read them.
+pub(super) fn chunk_response(r: ReadResult, incarnation: u64) -> Response {
     let mut resp = (StatusCode::OK, Body::from(r.data)).into_response();
     let h = resp.headers_mut();
     h.insert(
@@ -177,5 +180,6 @@ pub(super) fn chunk_response(r: ReadResult) -> Response {
         HeaderValue::from_static(if r.meta.complete { "true" } else { "false" }),
     );
     h.insert(HEADER_CHUNK_SIZE, HeaderValue::from(r.meta.size));
+    h.insert(HEADER_INCARNATION, HeaderValue::from(incarnation));
     resp
 }

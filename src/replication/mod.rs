@@ -693,8 +693,9 @@ impl Replication {
         st.lag = lag;
     }
 
-    /// Records whether the copy here of the peer's `chunk` holds more than
-    /// the peer lists (`Some((owner_size, local_size))`) or not (`None`).
+    /// Records whether the copy here of the peer's `chunk` disagrees with
+    /// the peer's listing (`Some((owner_size, local_size))`: it holds more,
+    /// or other bytes under a reused name) or not (`None`).
     fn set_disagreeing(
         &self,
         link: &PeerLink,
@@ -708,7 +709,7 @@ impl Replication {
             Some(s) => {
                 let new = st.disagreeing.insert(key, s) != Some(s);
                 if new {
-                    tracing::error!(peer = %link.name, category, chunk, owner_size = s.0, local_size = s.1, "the copy here holds more than its owner lists (the owner lost bytes or reused the name); the copy is kept as it is");
+                    tracing::error!(peer = %link.name, category, chunk, owner_size = s.0, local_size = s.1, "the copy here does not match its owner's chunk (the owner lost bytes or reused the name after it lost its disk); the copy is kept as it is");
                 }
                 new
             }

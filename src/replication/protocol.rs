@@ -19,6 +19,14 @@
 //! resynchronises with its next request. The replica sends its own
 //! incarnation too, so that the owner drops what it knew of an earlier
 //! process of that replica (its progress, for `min_replicas`).
+//!
+//! The chunk read route names the incarnation of the process that read the
+//! bytes (`Chunkbus-Incarnation`). A replica takes bytes only from the
+//! process whose listing it follows: the owner may have restarted between
+//! its listing and the read (and, having lost its disk, reused the chunk's
+//! name for other lines), so bytes from another process go, and the
+//! replica asks for changes again at once, which brings the new process's
+//! full listing.
 
 use serde::{Deserialize, Serialize};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chunkbus_client::names::{validate_category, validate_consumer};
-use chunkbus_client::{ChunkName, Client, ClientError};
+use chunkbus_client::{ChunkName, Client, ClientError, ReadChunk};
 use reqwest::StatusCode;
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +44,12 @@ pub(super) enum PullError {
     /// long poll: list again, at once.
     #[error("the holders changed")]
     Replan,
+    /// Another process of the peer than the one whose listing is followed
+    /// read a chunk's bytes: they are not taken, and the peer is asked
+    /// again, at once, as the process it was (it answers with its full
+    /// listing).
+    #[error("the peer restarted since its listing")]
+    Restarted,
 }
 
 /// Follows the peer of `link` until `cancel`.
@@ -63,6 +69,8 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
     let mut refused: std::collections::BTreeSet<(String, ChunkName)> = Default::default();
     let mut progress: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut backoff = BACKOFF_INITIAL;
+    // Rounds in a row whose reads another process of the peer answered.
+    let mut stale_rounds = 0u32;
     let mut placement = repl.subscribe_placement();
     loop {
         if placement.has_changed().unwrap_or(false) {
@@ -143,7 +151,7 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
             for category in resp.line_ends.keys() {
                 validate_category(category).map_err(|e| PullError::Peer(e.to_string()))?;
             }
-            repl.storage.learn_line_ends(&link.name, &resp.line_ends)?;
+            repl.storage.learn_line_ends(&link.name, &resp.line_ends);
             for p in resp.positions {
                 validate_category(&p.category).map_err(|e| PullError::Peer(e.to_string()))?;
                 validate_consumer(&p.consumer).map_err(|e| PullError::Peer(e.to_string()))?;
@@ -247,18 +255,47 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
                     },
                 );
             }
-            copy(&repl, link, client, &mut targets, &mut progress, &cancel).await
+            let listed_by = incarnation;
+            copy(
+                &repl,
+                (link, listed_by),
+                client,
+                &mut targets,
+                &mut progress,
+                &cancel,
+            )
+            .await
         };
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
             r = round => r,
         };
         match result {
-            Ok(()) => backoff = BACKOFF_INITIAL,
+            Ok(()) => (backoff, stale_rounds) = (BACKOFF_INITIAL, 0),
             Err(PullError::Replan) => {
                 placement.borrow_and_update();
                 since = 0;
                 targets.clear();
+            }
+            Err(PullError::Restarted) => {
+                // A full listing, whichever process answers.
+                since = 0;
+                targets.clear();
+                stale_rounds += 1;
+                if stale_rounds == 1 {
+                    // Asked again at once.
+                    tracing::debug!(peer = %link.name, "a chunk was read by another process of the peer than the one it was listed by; asking for its listing");
+                } else {
+                    // Not a restart, then (listings and reads answered by
+                    // different processes, as behind a balancer): no spin.
+                    tracing::warn!(peer = %link.name, "the peer's chunks are read by another process of it than the one that lists them, round after round; retrying with backoff");
+                    let delay = jitter(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
             }
             Err(e) => {
                 repl.set_connected(link, false, Some(e.to_string())).await;
@@ -353,10 +390,21 @@ fn recent_progress(progress: &BTreeMap<(String, String), u64>) -> Vec<Progress> 
     out
 }
 
-/// Copies what `targets` says is missing, in chunk order per category.
+/// The bytes of a read of the owner's chunk, when the process that read
+/// them is the one whose listing the copy follows (`listed_by`); a server
+/// that does not say is taken at its word.
+fn from_listed_process(read: ReadChunk, listed_by: u64) -> Result<Bytes, PullError> {
+    match read.incarnation {
+        Some(i) if i != listed_by => Err(PullError::Restarted),
+        _ => Ok(read.data),
+    }
+}
+
+/// Copies what `targets` says is missing, in chunk order per category, from
+/// the owner's process `listed_by` (its incarnation) that listed them.
 async fn copy(
     repl: &Replication,
-    link: &PeerLink,
+    (link, listed_by): (&PeerLink, u64),
     client: &Client,
     targets: &mut BTreeMap<(String, ChunkName), Target>,
     progress: &mut BTreeMap<(String, String), u64>,
@@ -380,7 +428,7 @@ async fn copy(
                         .read_chunk(category, &chunk.to_string(), at, COPY_READ_BYTES)
                         .await
                     {
-                        Ok(r) => Ok(Some(r.data)),
+                        Ok(r) => Ok(Some(from_listed_process(r, listed_by)?)),
                         Err(ClientError::Status { status, message })
                             if status == StatusCode::NOT_FOUND =>
                         {
@@ -494,12 +542,12 @@ async fn copy(
                     }
                     Err(e) => return Err(e.into()),
                 };
-                if read.data.is_empty() {
+                let data = from_listed_process(read, listed_by)?;
+                if data.is_empty() {
                     // The owner holds less than it listed (it lost unsynced
                     // bytes); its completion will say how much.
                     break;
                 }
-                let data: Bytes = read.data;
                 let size = storage.replica_append(category, chunk, have, data).await?;
                 progress.insert((category.clone(), chunk.to_string()), size);
                 continue;

@@ -170,20 +170,21 @@ impl Storage {
     /// full listing gives, per category (creating a category not held here
     /// yet, as a copy would). Kept in memory only: every full listing of
     /// the owner says them again, and records of the chunks copied here
-    /// keep theirs.
-    pub fn learn_line_ends(
-        &self,
-        owner: &str,
-        ends: &std::collections::BTreeMap<String, u64>,
-    ) -> Result<(), StorageError> {
+    /// keep theirs. A category that cannot be created is logged and
+    /// skipped: replication goes on.
+    pub fn learn_line_ends(&self, owner: &str, ends: &std::collections::BTreeMap<String, u64>) {
         for (category, &end) in ends {
             if end == 0 || self.line_end_of(category, owner).is_some_and(|e| e >= end) {
                 continue;
             }
-            self.category_or_create(category)?
-                .note_line_ends([(owner, end)]);
+            match self.category_or_create(category) {
+                Ok(cat) => cat.note_line_ends([(owner, end)]),
+                Err(StorageError::ShuttingDown) => return,
+                Err(e) => {
+                    tracing::warn!(category = %category, owner, error = %e, "cannot create a category to keep where its owner's line numbers stand; its Kafka offsets here follow the chunks copied")
+                }
+            }
         }
-        Ok(())
     }
 
     /// Reserves this node's chunk indices of `category` below `next`: the

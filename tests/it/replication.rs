@@ -384,3 +384,244 @@ async fn owner_lost_after_completes_an_unreachable_peers_chunks() {
     let n3 = st.peers.iter().find(|p| p.name == "n3").unwrap();
     assert!(!n3.connected);
 }
+
+/// A fake owner `n1` whose process restarts between a listing and the read
+/// of what it listed, at an exact moment. Process 1 (incarnation 1) holds
+/// chunk `c` with the line "old 1", lists it, then lists a second line; the
+/// read of that line is answered by process 2 (incarnation 2), which lost
+/// its disk and wrote other lines under the same name.
+/// Or, `balanced`, an owner whose listings process 1 always answers and
+/// whose reads process 2 does, as two processes behind a balancer would.
+#[derive(Default)]
+struct RestartingOwner {
+    balanced: bool,
+    /// Process 2 answers from now on.
+    restarted: AtomicBool,
+    /// Reads process 2 answered for a listing of process 1.
+    stale_reads: std::sync::atomic::AtomicU32,
+    /// Reads answered.
+    reads: std::sync::atomic::AtomicU32,
+}
+
+const RESTARTING_CHUNK: &str = "n1-chunk000000000";
+/// Process 1's chunk as first listed, then as listed again.
+const BEFORE: &str = "old 1\n";
+const BEFORE_LONGER: &str = "old 1\nold 2\n";
+/// Process 2's chunk under the same name.
+const AFTER: &str = "new 1\nnew 2\n";
+
+impl RestartingOwner {
+    /// The routes of `n1` a node asks.
+    fn router(self: Arc<Self>) -> axum::Router {
+        use axum::routing::{get, post};
+        axum::Router::new()
+            .route("/v1/internal/changes", post(Self::changes))
+            .route("/v1/internal/copies/{node}", get(Self::copies))
+            .route("/v1/categories/{category}/chunks/{chunk}", get(Self::read))
+            .with_state(self)
+    }
+
+    /// The process that reads.
+    fn incarnation(&self) -> u64 {
+        if self.balanced || self.restarted.load(Ordering::SeqCst) {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Serves `n1`'s routes on loopback; its address.
+    async fn serve(self: &Arc<Self>) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = self.clone().router();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    /// A node `n2` whose only peer is `n1` at `addr`.
+    async fn follower(
+        addr: std::net::SocketAddr,
+        dir: &std::path::Path,
+    ) -> crate::harness::BinNode {
+        let mut cmd = crate::harness::serve_command("n2", dir);
+        cmd.args(["--peers", &format!("n1={addr}")]).args([
+            "--replication-wait",
+            "2s",
+            "--peer-timeout",
+            "1s",
+        ]);
+        crate::harness::BinNode::spawn(cmd).await
+    }
+
+    /// A changes answer of process `incarnation` at `version`, listing `c`
+    /// open at `held` (if any).
+    fn listing(incarnation: u64, version: u64, held: Option<&str>) -> serde_json::Value {
+        let chunks: Vec<serde_json::Value> = held
+            .map(|h| {
+                serde_json::json!({
+                    "category": "app",
+                    "chunk": RESTARTING_CHUNK,
+                    "size": h.len(),
+                    "complete": false,
+                    "first_line": 0,
+                    "lines": h.lines().count(),
+                })
+            })
+            .into_iter()
+            .collect();
+        serde_json::json!({
+            "node": "n1",
+            "incarnation": incarnation,
+            "version": version,
+            "chunks": chunks,
+        })
+    }
+
+    async fn changes(
+        axum::extract::State(me): axum::extract::State<Arc<Self>>,
+        axum::Json(req): axum::Json<serde_json::Value>,
+    ) -> axum::Json<serde_json::Value> {
+        let asked = req["incarnation"].as_u64().unwrap_or(0);
+        let since = req["since"].as_u64().unwrap_or(0);
+        let wait = Duration::from_millis(req["wait_ms"].as_u64().unwrap_or(0).min(200));
+        if me.balanced {
+            if asked == 1 && since == 1 {
+                tokio::time::sleep(wait).await;
+                return axum::Json(Self::listing(1, 1, None));
+            }
+            return axum::Json(Self::listing(1, 1, Some(BEFORE_LONGER)));
+        }
+        if me.restarted.load(Ordering::SeqCst) {
+            if asked == 2 {
+                tokio::time::sleep(wait).await;
+                return axum::Json(Self::listing(2, 1, None));
+            }
+            return axum::Json(Self::listing(2, 1, Some(AFTER)));
+        }
+        if asked != 1 || since == 0 {
+            return axum::Json(Self::listing(1, 1, Some(BEFORE)));
+        }
+        let copied = req["progress"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["chunk"] == RESTARTING_CHUNK && p["size"] == BEFORE.len())
+        });
+        if !copied {
+            tokio::time::sleep(wait).await;
+            return axum::Json(Self::listing(1, 1, None));
+        }
+        // The listing is process 1's last word: process 2 reads from now on.
+        me.restarted.store(true, Ordering::SeqCst);
+        axum::Json(Self::listing(1, 2, Some(BEFORE_LONGER)))
+    }
+
+    async fn copies(
+        axum::extract::State(me): axum::extract::State<Arc<Self>>,
+    ) -> axum::Json<serde_json::Value> {
+        axum::Json(serde_json::json!({
+            "node": "n1",
+            "incarnation": me.incarnation(),
+            "chunks": [],
+        }))
+    }
+
+    async fn read(
+        axum::extract::State(me): axum::extract::State<Arc<Self>>,
+        axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let offset: usize = q.get("offset").and_then(|o| o.parse().ok()).unwrap_or(0);
+        me.reads.fetch_add(1, Ordering::SeqCst);
+        let incarnation = me.incarnation();
+        let held = if incarnation == 2 { AFTER } else { BEFORE };
+        if incarnation == 2 && offset == BEFORE.len() {
+            me.stale_reads.fetch_add(1, Ordering::SeqCst);
+        }
+        let data = held.get(offset..).unwrap_or("").to_owned();
+        let next = offset + data.len();
+        (
+            [
+                ("chunkbus-next-offset", next.to_string()),
+                ("chunkbus-complete", "false".to_owned()),
+                ("chunkbus-chunk-size", held.len().to_string()),
+                ("chunkbus-incarnation", incarnation.to_string()),
+            ],
+            data,
+        )
+            .into_response()
+    }
+}
+
+/// The owner restarts (having lost its disk, it reuses a chunk's name for
+/// other lines) between its listing and the read of what it listed: the
+/// replica does not append the new process's bytes to the old process's
+/// copy. It asks again, gets the new listing, and keeps its copy as it was,
+/// reported as disagreeing with its owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_read_by_a_restarted_owner_are_not_added_to_its_earlier_lines() {
+    let owner = Arc::new(RestartingOwner::default());
+    let dir = tempfile::tempdir().unwrap();
+    let node = RestartingOwner::follower(owner.serve().await, dir.path()).await;
+    let client = Client::new(&node.url("")).unwrap();
+    crate::harness::eventually(
+        crate::harness::CONDITION_DEADLINE,
+        "the copy reported as disagreeing with its owner",
+        || async {
+            let st = client.status().await.ok()?;
+            st.peers
+                .iter()
+                .flat_map(|p| &p.disagreeing_chunks)
+                .any(|d| d.chunk == RESTARTING_CHUNK)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        owner.stale_reads.load(Ordering::SeqCst) > 0,
+        "the read after the listing did not reach the new process"
+    );
+    let copy = client
+        .read_chunk("app", RESTARTING_CHUNK, 0, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(copy.data, BEFORE, "the copy took bytes of another process");
+    node.kill().await;
+}
+
+/// Listings answered by one process of the owner and reads by another,
+/// round after round (as behind a balancer): the replica takes none of
+/// those bytes, and asks with backoff rather than at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_answered_by_another_process_round_after_round_are_asked_with_backoff() {
+    let owner = Arc::new(RestartingOwner {
+        balanced: true,
+        ..RestartingOwner::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let node = RestartingOwner::follower(owner.serve().await, dir.path()).await;
+    crate::harness::eventually(
+        crate::harness::CONDITION_DEADLINE,
+        "the backoff's warning",
+        || async {
+            node.stderr
+                .lock()
+                .unwrap()
+                .contains("round after round")
+                .then_some(())
+        },
+    )
+    .await;
+    // Without the backoff a replica asks thousands of times a second; with
+    // it, at most a few times in the window, whatever this machine's speed.
+    let before = owner.reads.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let asked = owner.reads.load(Ordering::SeqCst) - before;
+    assert!(asked <= 20, "{asked} reads in 3 s");
+    let client = Client::new(&node.url("")).unwrap();
+    let held = client.read_chunk("app", RESTARTING_CHUNK, 0, 1 << 20).await;
+    assert!(
+        matches!(&held, Err(chunkbus_client::ClientError::Status { status, .. }) if *status == StatusCode::NOT_FOUND),
+        "the replica took bytes: {held:?}"
+    );
+    node.kill().await;
+}
