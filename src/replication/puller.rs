@@ -45,9 +45,9 @@ pub(super) enum PullError {
     #[error("the holders changed")]
     Replan,
     /// Another process of the peer than the one whose listing is followed
-    /// read a chunk's bytes: they are not taken, and the peer is asked
-    /// again, at once, as the process it was (it answers with its full
-    /// listing).
+    /// read a chunk's bytes: they are not taken, and the peer is asked for
+    /// its full listing again (at once the first time; a new process also
+    /// answers so to the old incarnation).
     #[error("the peer restarted since its listing")]
     Restarted,
 }
