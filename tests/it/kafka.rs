@@ -783,6 +783,17 @@ async fn commit(conn: &mut tokio::net::TcpStream, group: &str, topic: &str, offs
     r.get_i16()
 }
 
+/// A Kafka listener, and chunks that complete at once and that retention
+/// deletes soon after.
+const EXPIRING: [&str; 6] = [
+    "--kafka-listen",
+    "127.0.0.1:0",
+    "--rotate-after",
+    "300ms",
+    "--retention",
+    "5s",
+];
+
 /// Retention deletes every chunk of a partition: the log is empty at the
 /// owner's next offset, not back at 0 (a consumer at its end is not out
 /// of range, and one reset to the end does not skip what comes next);
@@ -792,15 +803,7 @@ async fn commit(conn: &mut tokio::net::TcpStream, group: &str, topic: &str, offs
 async fn a_partition_emptied_by_retention_keeps_its_offsets() {
     use crate::harness::{CONDITION_DEADLINE, eventually};
     let dir = tempfile::tempdir().unwrap();
-    let args = [
-        "--kafka-listen",
-        "127.0.0.1:0",
-        "--rotate-after",
-        "300ms",
-        "--retention",
-        "5s",
-    ];
-    let node = BinNode::start(dir.path(), &args).await;
+    let node = BinNode::start(dir.path(), &EXPIRING).await;
     let broker = node.kafka_addr.unwrap().to_string();
     let client = Client::new(&node.url("")).unwrap();
     let topic = "expiring";
@@ -880,18 +883,7 @@ async fn offsets_through(cluster: &TestCluster, i: usize, topic: &str) -> Vec<[(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_node_knows_where_emptied_partitions_stand() {
     use crate::harness::{CONDITION_DEADLINE, eventually};
-    let mut cluster = TestCluster::start(
-        2,
-        &[
-            "--kafka-listen",
-            "127.0.0.1:0",
-            "--rotate-after",
-            "300ms",
-            "--retention",
-            "5s",
-        ],
-    )
-    .await;
+    let mut cluster = TestCluster::start(2, &EXPIRING).await;
     let topic = "expiring";
     for (i, n) in [(0, 10), (1, 7)] {
         let lines: String = (0..n).map(|j| format!("line {j}\n")).collect();
