@@ -168,20 +168,34 @@ impl Storage {
 
     /// Raises the ends of `owner`'s line numbers known here to those its
     /// full listing gives, per category (creating a category not held here
-    /// yet, as a copy would). Kept in memory only: every full listing of
-    /// the owner says them again, and records of the chunks copied here
-    /// keep theirs. A category that cannot be created is logged and
-    /// skipped: replication goes on.
-    pub fn learn_line_ends(&self, owner: &str, ends: &std::collections::BTreeMap<String, u64>) {
+    /// yet, as a copy would), durably. A category whose end cannot be kept
+    /// is logged and skipped: replication goes on.
+    pub async fn learn_line_ends(
+        &self,
+        owner: &str,
+        ends: &std::collections::BTreeMap<String, u64>,
+    ) {
         for (category, &end) in ends {
             if end == 0 || self.line_end_of(category, owner).is_some_and(|e| e >= end) {
                 continue;
             }
-            match self.category_or_create(category) {
-                Ok(cat) => cat.note_line_ends([(owner, end)]),
+            let learned = match self.category_or_create(category) {
+                Ok(cat) => {
+                    let owner = owner.to_owned();
+                    tokio::task::spawn_blocking(move || cat.learn_line_end(&owner, end))
+                        .await
+                        .map_err(|e| {
+                            StorageError::io("line end task failed", std::io::Error::other(e))
+                        })
+                        .and_then(|r| r)
+                }
+                Err(e) => Err(e),
+            };
+            match learned {
+                Ok(()) => {}
                 Err(StorageError::ShuttingDown) => return,
                 Err(e) => {
-                    tracing::warn!(category = %category, owner, error = %e, "cannot create a category to keep where its owner's line numbers stand; its Kafka offsets here follow the chunks copied")
+                    tracing::warn!(category = %category, owner, error = %e, "cannot keep where an owner's line numbers stand; its Kafka offsets here follow the chunks copied")
                 }
             }
         }

@@ -22,7 +22,10 @@
 //! `next_own_index` keeps chunk names unique after this node's own chunks
 //! were deleted, or after it learned from its peers which names it used
 //! before it lost its disk; `next_own_line` does the same for the numbers
-//! of its lines.
+//! of its lines. `line_ends[owner]` is the end of another owner's line
+//! numbers as its full listing gave it, for when no chunk of that owner's
+//! is held here to say it (retention deleted them before this node joined
+//! or lost its disk).
 //!
 //! Version 1 (`{"version":1,"complete_through":{"eu2":41}}`, one watermark
 //! per owner) is read as the range `[0, 41]` and written back as version 2.
@@ -140,6 +143,10 @@ pub struct CategoryState {
     /// twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_own_line: Option<u64>,
+    /// Per other owner, the end of its line numbers as its full listing
+    /// gave it (see `numbering`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub line_ends: BTreeMap<String, u64>,
 }
 
 /// Version 1 of the file, read for upgrades.
@@ -160,6 +167,7 @@ impl Default for CategoryState {
             complete: BTreeMap::new(),
             next_own_index: None,
             next_own_line: None,
+            line_ends: BTreeMap::new(),
         }
     }
 }
@@ -221,6 +229,7 @@ pub fn load(dir: &Path) -> Result<CategoryState, StorageError> {
                     .collect(),
                 next_own_index: old.next_own_index,
                 next_own_line: None,
+                line_ends: BTreeMap::new(),
             }
         }
         other => {

@@ -1058,6 +1058,26 @@ async fn reserved_line_numbers_survive_a_restart() {
     s.shutdown().await;
 }
 
+/// Another owner's line end given by its listing survives a restart, is
+/// never lowered, and creates the category it names.
+#[tokio::test]
+async fn line_ends_learned_from_a_listing_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 64);
+    let s = Storage::open(o.clone(), Metrics::new()).await.unwrap();
+    let ends = |n: u64| BTreeMap::from([("app".to_owned(), n)]);
+    s.learn_line_ends("eu2", &ends(40)).await;
+    s.learn_line_ends("eu2", &ends(7)).await;
+    assert_eq!(s.line_end_of("app", "eu2"), Some(40));
+    assert_eq!(s.line_end_of("app", "eu3"), None);
+    s.shutdown().await;
+    drop(s);
+    let s = Storage::open(o, Metrics::new()).await.unwrap();
+    assert_eq!(s.categories(), ["app"]);
+    assert_eq!(s.line_end_of("app", "eu2"), Some(40));
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn numbering_goes_on_after_every_chunk_was_deleted_and_a_restart() {
     let dir = tempfile::tempdir().unwrap();
