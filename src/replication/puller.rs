@@ -151,8 +151,9 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
             for category in resp.line_ends.keys() {
                 validate_category(category).map_err(|e| PullError::Peer(e.to_string()))?;
             }
+            let listed = resp.chunks.iter().map(|c| c.category.as_str()).collect();
             repl.storage
-                .learn_line_ends(&link.name, &resp.line_ends)
+                .learn_line_ends(&link.name, &resp.line_ends, &listed)
                 .await;
             for p in resp.positions {
                 validate_category(&p.category).map_err(|e| PullError::Peer(e.to_string()))?;

@@ -167,16 +167,26 @@ impl Storage {
     }
 
     /// Raises the ends of `owner`'s line numbers known here to those its
-    /// full listing gives, per category (creating a category not held here
-    /// yet, as a copy would), durably. A category whose end cannot be kept
-    /// is logged and skipped: replication goes on.
+    /// full listing gives, per category. Where the listing names none of
+    /// the owner's chunks (`listed`: the categories where it does),
+    /// nothing else will say it here: it is kept durably, creating the
+    /// category if needed (one whose end cannot be kept is logged and
+    /// skipped: replication goes on). Elsewhere the records of the copies
+    /// will say it; meanwhile it is noted in memory, in a category held.
     pub async fn learn_line_ends(
         &self,
         owner: &str,
         ends: &std::collections::BTreeMap<String, u64>,
+        listed: &std::collections::BTreeSet<&str>,
     ) {
         for (category, &end) in ends {
             if end == 0 || self.line_end_of(category, owner).is_some_and(|e| e >= end) {
+                continue;
+            }
+            if listed.contains(category.as_str()) {
+                if let Ok(cat) = self.category(category) {
+                    cat.note_line_ends([(owner, end)]);
+                }
                 continue;
             }
             let learned = match self.category_or_create(category) {

@@ -1058,23 +1058,32 @@ async fn reserved_line_numbers_survive_a_restart() {
     s.shutdown().await;
 }
 
-/// Another owner's line end given by its listing survives a restart, is
-/// never lowered, and creates the category it names.
+/// Another owner's line end given by its listing, in a category where it
+/// lists no chunk, survives a restart, is never lowered, and creates the
+/// category it names; in a category where it lists chunks (their records
+/// will say it), it is noted in memory only, in a category held.
 #[tokio::test]
 async fn line_ends_learned_from_a_listing_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let o = opts(dir.path(), 64);
     let s = Storage::open(o.clone(), Metrics::new()).await.unwrap();
-    let ends = |n: u64| BTreeMap::from([("app".to_owned(), n)]);
-    s.learn_line_ends("eu2", &ends(40)).await;
-    s.learn_line_ends("eu2", &ends(7)).await;
+    let (d, n) = lines("a\n");
+    s.append("web", d, n, true).await.unwrap();
+    let ends = |n: u64| BTreeMap::from([("app".to_owned(), n), ("web".to_owned(), n + 1)]);
+    let listed = std::collections::BTreeSet::from(["web", "db"]);
+    s.learn_line_ends("eu2", &ends(40), &listed).await;
+    s.learn_line_ends("eu2", &ends(7), &listed).await;
     assert_eq!(s.line_end_of("app", "eu2"), Some(40));
+    assert_eq!(s.line_end_of("web", "eu2"), Some(41));
     assert_eq!(s.line_end_of("app", "eu3"), None);
+    let more = BTreeMap::from([("db".to_owned(), 5)]);
+    s.learn_line_ends("eu2", &more, &listed).await;
     s.shutdown().await;
     drop(s);
     let s = Storage::open(o, Metrics::new()).await.unwrap();
-    assert_eq!(s.categories(), ["app"]);
+    assert_eq!(s.categories(), ["app", "web"]);
     assert_eq!(s.line_end_of("app", "eu2"), Some(40));
+    assert_eq!(s.line_end_of("web", "eu2"), None);
     s.shutdown().await;
 }
 
