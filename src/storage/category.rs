@@ -216,7 +216,7 @@ impl Category {
             feed,
             reserved: AtomicU32::new(state.next_own_index.unwrap_or(0)),
             reserved_line: AtomicU64::new(0),
-            line_ends: Mutex::new(state.line_ends.clone()),
+            line_ends: Mutex::default(),
             producers: Mutex::default(),
             state: Mutex::new(state),
         }
@@ -281,16 +281,15 @@ impl Category {
     }
 
     /// Raises the end of `owner`'s numbers to `end`, as its full listing
-    /// gives it: durable (the state's `line_ends`) before it counts;
-    /// blocking.
+    /// gives it: durable (`.line_ends.json`) before it counts; blocking.
     pub fn learn_line_end(&self, owner: &str, end: u64) -> Result<(), super::StorageError> {
         {
-            let mut st = self.state.lock().unwrap();
-            if st.line_ends.get(owner).is_none_or(|&e| e < end) {
-                let mut raised = st.clone();
-                raised.line_ends.insert(owner.to_owned(), end);
-                super::state::save(&self.dir, &raised)?;
-                *st = raised;
+            // One writer of the file at a time.
+            let _serial = self.state.lock().unwrap();
+            let mut ends = super::state::load_line_ends(&self.dir)?;
+            if ends.get(owner).is_none_or(|&e| e < end) {
+                ends.insert(owner.to_owned(), end);
+                super::state::save_line_ends(&self.dir, &ends)?;
             }
         }
         self.note_line_ends([(owner, end)]);

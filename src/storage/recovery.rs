@@ -37,7 +37,8 @@ pub(crate) struct RecoveredCategory {
     pub state: CategoryState,
     /// Number of the next line this node writes to the category.
     pub next_line: u64,
-    /// Per owner, the highest end of the numbers recorded.
+    /// Per owner, the highest end of the numbers recorded, or learned from
+    /// its listing (`state::LINE_ENDS_FILE`).
     pub line_ends: BTreeMap<String, u64>,
 }
 
@@ -67,10 +68,12 @@ pub(crate) fn scan(
         if entry.depth() == 1 {
             if entry.file_type().is_dir() && validate_category(&name).is_ok() {
                 let state = state::load(entry.path())?;
+                let line_ends = state::load_line_ends(entry.path())?;
                 out.insert(
                     name.into_owned(),
                     RecoveredCategory {
                         state,
+                        line_ends,
                         ..RecoveredCategory::default()
                     },
                 );
@@ -227,10 +230,10 @@ fn number_chunks(dir: &Path, node: &str, rec: &mut RecoveredCategory) -> Result<
             *h = (chunk, r);
         }
     }
-    rec.line_ends = highest
-        .iter()
-        .map(|(owner, (_, r))| ((*owner).to_owned(), r.end()))
-        .collect();
+    for (owner, (_, r)) in &highest {
+        let e = rec.line_ends.entry((*owner).to_owned()).or_insert(0);
+        *e = (*e).max(r.end());
+    }
     let kept: Vec<_> = highest
         .into_values()
         .map(|(c, r)| (c.clone(), *r))

@@ -22,10 +22,7 @@
 //! `next_own_index` keeps chunk names unique after this node's own chunks
 //! were deleted, or after it learned from its peers which names it used
 //! before it lost its disk; `next_own_line` does the same for the numbers
-//! of its lines. `line_ends[owner]` is the end of another owner's line
-//! numbers as its full listing gave it, for when no chunk of that owner's
-//! is held here to say it (retention deleted them before this node joined
-//! or lost its disk).
+//! of its lines.
 //!
 //! Version 1 (`{"version":1,"complete_through":{"eu2":41}}`, one watermark
 //! per owner) is read as the range `[0, 41]` and written back as version 2.
@@ -143,10 +140,6 @@ pub struct CategoryState {
     /// twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_own_line: Option<u64>,
-    /// Per other owner, the end of its line numbers as its full listing
-    /// gave it (see `numbering`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub line_ends: BTreeMap<String, u64>,
 }
 
 /// Version 1 of the file, read for upgrades.
@@ -167,7 +160,6 @@ impl Default for CategoryState {
             complete: BTreeMap::new(),
             next_own_index: None,
             next_own_line: None,
-            line_ends: BTreeMap::new(),
         }
     }
 }
@@ -229,7 +221,6 @@ pub fn load(dir: &Path) -> Result<CategoryState, StorageError> {
                     .collect(),
                 next_own_index: old.next_own_index,
                 next_own_line: None,
-                line_ends: BTreeMap::new(),
             }
         }
         other => {
@@ -335,6 +326,48 @@ pub fn save_forgotten(
     write_atomic(data_dir, FORGOTTEN_FILE, &value).map_err(|e| {
         StorageError::io(
             format!("cannot write {}", data_dir.join(FORGOTTEN_FILE).display()),
+            e,
+        )
+    })
+}
+
+/// File name, in a category directory, of the ends of other owners' line
+/// numbers as their full listings gave them, for when no chunk of theirs is
+/// held here to say it (retention deleted them before this node joined or
+/// lost its disk; see `numbering`). A file of its own, so that a version
+/// before it, which ignores the category's dot files, still starts.
+pub const LINE_ENDS_FILE: &str = ".line_ends.json";
+/// Version of the line ends' file.
+const LINE_ENDS_VERSION: u32 = 1;
+
+/// The on-disk form of the learned line ends: `{"version":1,"ends":{"eu2":40}}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineEnds {
+    version: u32,
+    ends: BTreeMap<String, u64>,
+}
+
+/// The line ends learned in the category at `dir` (none when absent).
+pub fn load_line_ends(dir: &Path) -> Result<BTreeMap<String, u64>, StorageError> {
+    let file = read_versioned(
+        &dir.join(LINE_ENDS_FILE),
+        LINE_ENDS_VERSION,
+        |f: &LineEnds| f.version,
+    )?;
+    Ok(file.map(|f| f.ends).unwrap_or_default())
+}
+
+/// Records `ends` as the line ends learned in the category at `dir`,
+/// atomically.
+pub fn save_line_ends(dir: &Path, ends: &BTreeMap<String, u64>) -> Result<(), StorageError> {
+    let value = LineEnds {
+        version: LINE_ENDS_VERSION,
+        ends: ends.clone(),
+    };
+    write_atomic(dir, LINE_ENDS_FILE, &value).map_err(|e| {
+        StorageError::io(
+            format!("cannot write {}", dir.join(LINE_ENDS_FILE).display()),
             e,
         )
     })

@@ -1078,6 +1078,7 @@ async fn line_ends_learned_from_a_listing_survive_a_restart() {
     assert_eq!(s.line_end_of("app", "eu3"), None);
     let more = BTreeMap::from([("db".to_owned(), 5)]);
     s.learn_line_ends("eu2", &more, &listed).await;
+    assert!(!dir.path().join("web").join(".line_ends.json").exists());
     s.shutdown().await;
     drop(s);
     let s = Storage::open(o, Metrics::new()).await.unwrap();
