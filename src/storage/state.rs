@@ -323,12 +323,13 @@ pub fn save_forgotten(
         version: FORGOTTEN_VERSION,
         owners: owners.clone(),
     };
-    write_atomic(data_dir, FORGOTTEN_FILE, &value).map_err(|e| {
-        StorageError::io(
-            format!("cannot write {}", data_dir.join(FORGOTTEN_FILE).display()),
-            e,
-        )
-    })
+    save_file(data_dir, FORGOTTEN_FILE, &value)
+}
+
+/// Writes `value` as JSON to `dir/name` atomically; the error names the file.
+fn save_file<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), StorageError> {
+    write_atomic(dir, name, value)
+        .map_err(|e| StorageError::io(format!("cannot write {}", dir.join(name).display()), e))
 }
 
 /// File name, in a category directory, of the ends of other owners' line
@@ -365,12 +366,7 @@ pub fn save_line_ends(dir: &Path, ends: &BTreeMap<String, u64>) -> Result<(), St
         version: LINE_ENDS_VERSION,
         ends: ends.clone(),
     };
-    write_atomic(dir, LINE_ENDS_FILE, &value).map_err(|e| {
-        StorageError::io(
-            format!("cannot write {}", dir.join(LINE_ENDS_FILE).display()),
-            e,
-        )
-    })
+    save_file(dir, LINE_ENDS_FILE, &value)
 }
 
 #[cfg(test)]
