@@ -258,10 +258,10 @@ pub(super) async fn run(repl: Arc<Replication>, link: Arc<PeerLink>, cancel: Can
                     },
                 );
             }
-            let listed_by = incarnation;
             copy(
                 &repl,
-                (link, listed_by),
+                link,
+                incarnation,
                 client,
                 &mut targets,
                 &mut progress,
@@ -407,7 +407,8 @@ fn from_listed_process(read: ReadChunk, listed_by: u64) -> Result<Bytes, PullErr
 /// the owner's process `listed_by` (its incarnation) that listed them.
 async fn copy(
     repl: &Replication,
-    (link, listed_by): (&PeerLink, u64),
+    link: &PeerLink,
+    listed_by: u64,
     client: &Client,
     targets: &mut BTreeMap<(String, ChunkName), Target>,
     progress: &mut BTreeMap<(String, String), u64>,
