@@ -15,6 +15,26 @@
 //!                         kernel's into the socket; FILE must not change)
 //! ```
 //!
+//! And for `scripts/bench ingest`, the least a server of each stock agent
+//! API must do to store a request's records as lines: decode the request
+//! with the crates chunkbus uses, write each record's line into one buffer,
+//! one write(2) of it to FILE under a mutex, and the API's answer. No
+//! names, auth, limits on what a request decodes into, categories or
+//! metrics:
+//!
+//! ```text
+//! bare es FILE      Elasticsearch `_bulk`: each action line parsed (or the
+//!                   same as the one before), each document checked to be
+//!                   JSON and stored as sent; an item per document
+//! bare otlp FILE    OTLP/HTTP logs (protobuf, the published types): each
+//!                   record's time, severity, string body and resource
+//!                   attributes as a JSON line; the empty answer
+//! bare loki FILE    Loki push (snappy, protobuf): each entry as
+//!                   {"ts":..,"labels":"..","line":".."}; 204
+//! bare hec FILE     Splunk HEC events: each JSON object checked and
+//!                   stored as sent; HEC's success answer
+//! ```
+//!
 //! Each listens on 127.0.0.1 (an ephemeral port) and prints
 //! `bare listening on http://ADDR`.
 #![allow(unsafe_code)]
@@ -56,7 +76,7 @@ struct GroupCommit {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [mode, path] = &args[..] else {
-        return Err("usage: bare append|groupcommit|pread FILE".into());
+        return Err("usage: bare append|groupcommit|pread|mmap|es|otlp|loki|hec FILE".into());
     };
     let app = match mode.as_str() {
         "append" | "groupcommit" => {
@@ -84,6 +104,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "mmap" => Router::new()
             .fallback(get(mapped))
             .with_state(Bytes::from_owner(Mapped::new(&File::open(path)?)?)),
+        "es" | "otlp" | "loki" | "hec" => {
+            let file = OpenOptions::new().create(true).append(true).open(path)?;
+            let size = file.metadata()?.len();
+            let state = Arc::new(Appender {
+                file: Mutex::new((file, size)),
+                commit: None,
+            });
+            let handler = match mode.as_str() {
+                "es" => post(bulk),
+                "otlp" => post(otlp),
+                "loki" => post(loki),
+                _ => post(hec),
+            };
+            Router::new().fallback(handler).with_state(state)
+        }
         other => return Err(format!("unknown mode {other}").into()),
     };
     tokio::runtime::Runtime::new()?.block_on(async move {
@@ -105,13 +140,9 @@ async fn append(State(s): State<Arc<Appender>>, body: Bytes) -> Response {
         }
         start = end + 1;
     }
-    let end = {
-        let mut f = s.file.lock().unwrap();
-        if let Err(e) = f.0.write_all(&body) {
-            return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
-        }
-        f.1 += body.len() as u64;
-        f.1
+    let end = match write_lines(&s, &body) {
+        Ok(end) => end,
+        Err(e) => return write_failed(e),
     };
     if let Some(commit) = &s.commit {
         let mut synced = commit.synced.subscribe();
@@ -196,4 +227,203 @@ async fn mapped(State(file): State<Bytes>, Query(q): Query<ReadQuery>) -> Respon
     let start = q.offset.min(file.len() as u64) as usize;
     let end = q.offset.saturating_add(q.max_bytes).min(file.len() as u64) as usize;
     file.slice(start..end).into_response()
+}
+
+/// Appends `lines` to the file in one write; its end offset.
+fn write_lines(s: &Appender, lines: &[u8]) -> std::io::Result<u64> {
+    let mut f = s.file.lock().unwrap();
+    f.0.write_all(lines)?;
+    f.1 += lines.len() as u64;
+    Ok(f.1)
+}
+
+fn write_failed(e: std::io::Error) -> Response {
+    (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+}
+
+fn bad_request(what: impl std::fmt::Display) -> Response {
+    (StatusCode::BAD_REQUEST, what.to_string()).into_response()
+}
+
+/// A bulk action line: `{"index":{..}}` or `{"create":{..}}`.
+#[derive(serde::Deserialize)]
+struct BulkAction {
+    index: Option<serde::de::IgnoredAny>,
+    create: Option<serde::de::IgnoredAny>,
+}
+
+async fn bulk(State(s): State<Arc<Appender>>, body: Bytes) -> Response {
+    let mut lines = Vec::with_capacity(body.len());
+    let mut items = 0usize;
+    let mut last_action: &[u8] = &[];
+    let mut rest = &body[..];
+    while !rest.is_empty() {
+        let (action, after) = split_line(rest);
+        let (doc, after) = split_line(after);
+        rest = after;
+        if action.is_empty() {
+            continue;
+        }
+        if action != last_action {
+            match serde_json::from_slice::<BulkAction>(action) {
+                Ok(a) if a.index.is_some() || a.create.is_some() => last_action = action,
+                _ => return bad_request("not an index or create action"),
+            }
+        }
+        if serde_json::from_slice::<serde::de::IgnoredAny>(doc).is_err() {
+            return bad_request("a document is not JSON");
+        }
+        lines.extend_from_slice(doc);
+        lines.push(b'\n');
+        items += 1;
+    }
+    if let Err(e) = write_lines(&s, &lines) {
+        return write_failed(e);
+    }
+    let mut answer = Vec::with_capacity(40 + items * 27);
+    answer.extend_from_slice(br#"{"took":0,"errors":false,"items":["#);
+    for i in 0..items {
+        if i > 0 {
+            answer.push(b',');
+        }
+        answer.extend_from_slice(br#"{"create":{"status":201}}"#);
+    }
+    answer.extend_from_slice(b"]}");
+    (
+        StatusCode::OK,
+        [
+            ("content-type", "application/json"),
+            ("x-elastic-product", "Elasticsearch"),
+        ],
+        answer,
+    )
+        .into_response()
+}
+
+/// The first line of `buf` (without its `\n`) and what follows it.
+fn split_line(buf: &[u8]) -> (&[u8], &[u8]) {
+    match memchr::memchr(b'\n', buf) {
+        Some(i) => (&buf[..i], &buf[i + 1..]),
+        None => (buf, &[]),
+    }
+}
+
+async fn otlp(State(s): State<Arc<Appender>>, body: Bytes) -> Response {
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use prost::Message;
+    let request = match ExportLogsServiceRequest::decode(body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    let mut lines = Vec::new();
+    for rl in &request.resource_logs {
+        // The resource's string attributes, the same in each line.
+        let mut resource = std::collections::BTreeMap::new();
+        for kv in rl.resource.iter().flat_map(|r| &r.attributes) {
+            if let Some(Value::StringValue(v)) = kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                resource.insert(kv.key.as_str(), v.as_str());
+            }
+        }
+        let resource = serde_json::to_vec(&resource).expect("a map of strings");
+        for sl in &rl.scope_logs {
+            for r in &sl.log_records {
+                let body = match r.body.as_ref().and_then(|b| b.value.as_ref()) {
+                    Some(Value::StringValue(v)) => v.as_str(),
+                    _ => "",
+                };
+                let line = OtlpLine {
+                    time_unix_nano: r.time_unix_nano,
+                    severity_number: r.severity_number,
+                    severity_text: &r.severity_text,
+                    body,
+                };
+                serde_json::to_writer(&mut lines, &line).expect("a line");
+                lines.pop();
+                lines.extend_from_slice(br#","resource":"#);
+                lines.extend_from_slice(&resource);
+                lines.extend_from_slice(b"}\n");
+            }
+        }
+    }
+    if let Err(e) = write_lines(&s, &lines) {
+        return write_failed(e);
+    }
+    // An empty ExportLogsServiceResponse encodes to no bytes.
+    (
+        StatusCode::OK,
+        [("content-type", "application/x-protobuf")],
+        Vec::new(),
+    )
+        .into_response()
+}
+
+#[derive(serde::Serialize)]
+struct OtlpLine<'a> {
+    time_unix_nano: u64,
+    severity_number: i32,
+    severity_text: &'a str,
+    body: &'a str,
+}
+
+async fn loki(State(s): State<Arc<Appender>>, body: Bytes) -> Response {
+    use chunkbus::http::loki_push::PushRequest;
+    use prost::Message;
+    let raw = match snap::raw::Decoder::new().decompress_vec(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    let push = match PushRequest::decode(&raw[..]) {
+        Ok(p) => p,
+        Err(e) => return bad_request(e),
+    };
+    let mut lines = Vec::new();
+    for stream in &push.streams {
+        let labels = serde_json::to_vec(&stream.labels).expect("a string");
+        for e in &stream.entries {
+            let ts = e
+                .timestamp
+                .map_or(0, |t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128);
+            lines.extend_from_slice(br#"{"ts":"#);
+            serde_json::to_writer(&mut lines, &ts).expect("a number");
+            lines.extend_from_slice(br#","labels":"#);
+            lines.extend_from_slice(&labels);
+            lines.extend_from_slice(br#","line":"#);
+            serde_json::to_writer(&mut lines, &e.line).expect("a string");
+            lines.extend_from_slice(b"}\n");
+        }
+    }
+    if let Err(e) = write_lines(&s, &lines) {
+        return write_failed(e);
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn hec(State(s): State<Arc<Appender>>, body: Bytes) -> Response {
+    let mut lines = Vec::with_capacity(body.len());
+    let mut events =
+        serde_json::Deserializer::from_slice(&body).into_iter::<serde::de::IgnoredAny>();
+    let mut start = 0;
+    while let Some(event) = events.next() {
+        if let Err(e) = event {
+            return bad_request(e);
+        }
+        let end = events.byte_offset();
+        let object = body[start..end].trim_ascii_start();
+        if object.first() != Some(&b'{') {
+            return bad_request("an event is not a JSON object");
+        }
+        lines.extend_from_slice(object);
+        lines.push(b'\n');
+        start = end;
+    }
+    if let Err(e) = write_lines(&s, &lines) {
+        return write_failed(e);
+    }
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        r#"{"text":"Success","code":0}"#,
+    )
+        .into_response()
 }

@@ -11,6 +11,7 @@
 //! (`{"ts":..,"lvl":"info","msg":"GET /a 200"}`): the OTLP record has a
 //! time, a severity and that body, the Loki entry a time and that line.
 
+use chunkbus::http::loki_push::{EntryAdapter, PushRequest, StreamAdapter, Timestamp};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
@@ -18,36 +19,6 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 
 const LINE: &str = r#"{"ts":"2026-11-22T01:00:00Z","lvl":"info","msg":"GET /a 200"}"#;
-
-#[derive(Clone, PartialEq, Message)]
-struct PushRequest {
-    #[prost(message, repeated, tag = "1")]
-    streams: Vec<Stream>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct Stream {
-    #[prost(string, tag = "1")]
-    labels: String,
-    #[prost(message, repeated, tag = "2")]
-    entries: Vec<Entry>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct Entry {
-    #[prost(message, optional, tag = "1")]
-    timestamp: Option<Timestamp>,
-    #[prost(string, tag = "2")]
-    line: String,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct Timestamp {
-    #[prost(int64, tag = "1")]
-    seconds: i64,
-    #[prost(int32, tag = "2")]
-    nanos: i32,
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -87,17 +58,19 @@ fn main() {
     };
     std::fs::write(otlp_path, otlp.encode_to_vec()).expect("write the OTLP body");
     let push = PushRequest {
-        streams: vec![Stream {
+        streams: vec![StreamAdapter {
             labels: r#"{job="bench", host="h1"}"#.into(),
             entries: (0..docs)
-                .map(|i| Entry {
+                .map(|i| EntryAdapter {
                     timestamp: Some(Timestamp {
                         seconds: 1_795_000_000,
                         nanos: i as i32,
                     }),
                     line: LINE.into(),
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         }],
     };
     let snappy = snap::raw::Encoder::new()

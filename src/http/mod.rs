@@ -37,6 +37,11 @@ use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 pub use access::Access;
+/// Loki's push messages (`logproto.PushRequest`), also for the benchmark's
+/// bodies and bare reference (`examples/`).
+pub mod loki_push {
+    pub use super::loki::{EntryAdapter, LabelPairAdapter, PushRequest, StreamAdapter, Timestamp};
+}
 pub use body::Inflight;
 pub use error::ApiError;
 
