@@ -259,11 +259,12 @@ async fn bulk(State(s): State<Arc<Appender>>, body: Bytes) -> Response {
     let mut rest = &body[..];
     while !rest.is_empty() {
         let (action, after) = split_line(rest);
-        let (doc, after) = split_line(after);
-        rest = after;
         if action.is_empty() {
+            rest = after;
             continue;
         }
+        let (doc, after) = split_line(after);
+        rest = after;
         if action != last_action {
             match serde_json::from_slice::<BulkAction>(action) {
                 Ok(a) if a.index.is_some() || a.create.is_some() => last_action = action,

@@ -37,11 +37,6 @@ use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 pub use access::Access;
-/// Loki's push messages (`logproto.PushRequest`), also for the benchmark's
-/// bodies and bare reference (`examples/`).
-pub mod loki_push {
-    pub use super::loki::{EntryAdapter, LabelPairAdapter, PushRequest, StreamAdapter, Timestamp};
-}
 pub use body::Inflight;
 pub use error::ApiError;
 
@@ -52,6 +47,12 @@ use crate::metrics::Metrics;
 use crate::replication::Replication;
 use crate::storage::{Storage, SyncPolicy};
 use crate::upload::Tiering;
+
+/// Loki's push messages (`logproto.PushRequest`), also for the benchmark's
+/// bodies and bare reference (`examples/`).
+pub mod loki_push {
+    pub use super::loki::{EntryAdapter, LabelPairAdapter, PushRequest, StreamAdapter, Timestamp};
+}
 
 /// Stripes of [`AppState::producer_lock`].
 const PRODUCER_LOCK_STRIPES: usize = 256;
